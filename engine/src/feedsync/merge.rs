@@ -1,0 +1,170 @@
+//! FeedSync merge (spec 3.3) with the winner rule, the deterministic tie-break and the twins rule.
+//!
+//! Merge is total: merging two valid items or feeds cannot fail (only the dialect check can, and
+//! it happens before any item is touched). The result never depends on which side is local.
+
+use std::cmp::Ordering;
+
+use super::canonical::encode_version;
+use super::limits;
+use super::model::{Feed, Item, Version};
+use super::FeedsyncError;
+
+/// The winner rule: "X beats Y". A strict total order on distinct versions.
+///
+/// 1. greater `updates`;
+/// 2. a topmost entry with `when` beats one without, else the later `when` (as instants);
+/// 3. a topmost entry with `by` beats one without, else the greater `by` (code-point order);
+/// 4. the greater canonical encoding ([`encode_version`]).
+pub fn beats(x: &Version, y: &Version) -> bool {
+    compare(x, y) == Ordering::Greater
+}
+
+/// The winner rule as an ordering: `Greater` means `x` beats `y`; `Equal` only for the same version.
+pub fn compare(x: &Version, y: &Version) -> Ordering {
+    let by_updates = x.updates.cmp(&y.updates);
+    if by_updates != Ordering::Equal {
+        return by_updates;
+    }
+    let (tx, ty) = (x.topmost(), y.topmost());
+    let by_when = match (&tx.when, &ty.when) {
+        (Some(a), Some(b)) => a.cmp_instant(b),
+        (Some(_), None) => Ordering::Greater,
+        (None, Some(_)) => Ordering::Less,
+        (None, None) => Ordering::Equal,
+    };
+    if by_when != Ordering::Equal {
+        return by_when;
+    }
+    let by_by = match (&tx.by, &ty.by) {
+        (Some(a), Some(b)) => a.as_str().cmp(b.as_str()),
+        (Some(_), None) => Ordering::Greater,
+        (None, Some(_)) => Ordering::Less,
+        (None, None) => Ordering::Equal,
+    };
+    if by_by != Ordering::Equal {
+        return by_by;
+    }
+    if x == y {
+        return Ordering::Equal;
+    }
+    encode_version(x).cmp(&encode_version(y))
+}
+
+/// Twins: two different versions that subsume each other (a reused sequence number).
+#[inline]
+fn twins(x: &Version, y: &Version) -> bool {
+    x.subsumed_by(y) && y.subsumed_by(x) && x != y
+}
+
+/// `x` is dropped in steps 3/4 when some `y` of the other side subsumes it and is not its twin.
+#[inline]
+fn dropped_by(x: &Version, others: &[&Version]) -> bool {
+    others.iter().any(|y| x.subsumed_by(y) && !twins(x, y))
+}
+
+/// What a merge did to one item, for callers that count or log.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum MergeOutcome {
+    /// The local item was already the result.
+    Unchanged,
+    /// The result differs from the local item.
+    Changed,
+}
+
+/// Merges an incoming item into a local one (spec 3.3 steps 2-6, with the twins rule).
+pub fn merge_item(local: &Item, incoming: &Item) -> (Item, MergeOutcome) {
+    // Fast path: the usual case of one side strictly newer and without conflicts on either side.
+    if local.conflicts.is_empty() && incoming.conflicts.is_empty() {
+        let (l, i) = (&local.version, &incoming.version);
+        let l_sub = l.subsumed_by(i);
+        let i_sub = i.subsumed_by(l);
+        match (l_sub, i_sub) {
+            (true, false) => return (incoming.clone(), MergeOutcome::Changed),
+            (false, true) => return (local.clone(), MergeOutcome::Unchanged),
+            (true, true) if l == i => return (local.clone(), MergeOutcome::Unchanged),
+            _ => {}
+        }
+    }
+
+    // Step 2: each side as a list of versions (conflicts, then the item without its conflicts).
+    let l_all: Vec<&Version> = local.conflicts.iter().chain(std::iter::once(&local.version)).collect();
+    let i_all: Vec<&Version> = incoming.conflicts.iter().chain(std::iter::once(&incoming.version)).collect();
+
+    // Step 3: local versions not subsumed by an incoming one.
+    let l_kept: Vec<&Version> = l_all.iter().copied().filter(|x| !dropped_by(x, &i_all)).collect();
+    // Step 4: incoming versions not subsumed by what is left of local.
+    let i_kept: Vec<&Version> = i_all.iter().copied().filter(|x| !dropped_by(x, &l_kept)).collect();
+
+    let mut m: Vec<&Version> = l_kept;
+    m.extend(i_kept);
+    // M is non-empty: a version is only dropped for a non-twin subsumer, and the best version by
+    // the winner rule among all of them cannot be dropped by both... but be total regardless.
+    debug_assert!(!m.is_empty());
+    if m.is_empty() {
+        return (local.clone(), MergeOutcome::Unchanged);
+    }
+
+    // Step 5: the winner. Losers best first, without duplicates.
+    m.sort_by(|a, b| compare(b, a));
+    m.dedup_by(|a, b| a == b);
+    let winner = m[0].clone();
+    let conflicts: Vec<Version> = if winner.noconflicts {
+        Vec::new()
+    } else {
+        // Step 6: keep the rest as conflicts, bounded (the worst are dropped past the bound,
+        // deterministically, so the merge stays total and convergent).
+        m[1..].iter().take(limits::CONFLICTS_PER_ITEM_MAX).map(|v| (*v).clone()).collect()
+    };
+    let merged = Item { version: winner, conflicts };
+    let outcome = if merged == *local { MergeOutcome::Unchanged } else { MergeOutcome::Changed };
+    (merged, outcome)
+}
+
+/// Counts of what a feed merge did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct MergeStats {
+    pub added: u64,
+    pub changed: u64,
+    pub unchanged: u64,
+}
+
+/// Merges every synced item of `incoming` into `local` (spec 3.3 step 1 for new items).
+///
+/// `local`'s dialect, envelope, `sx:sharing` and plain items are kept; incoming items without
+/// `sx:sync` take no part. Items only `local` has are kept; items only `incoming` has are appended
+/// in `incoming`'s order. Refuses feeds of different dialects before touching anything.
+pub fn merge_feed(local: &mut Feed, incoming: &Feed) -> Result<MergeStats, FeedsyncError> {
+    if local.dialect != incoming.dialect {
+        return Err(FeedsyncError::DialectMismatch { local: local.dialect, incoming: incoming.dialect });
+    }
+    let new_items = incoming.items().filter(|item| local.item(item.id()).is_none()).count();
+    if local.len() + new_items > limits::ITEMS_PER_FEED_MAX {
+        return Err(FeedsyncError::TooManyItems);
+    }
+    let mut stats = MergeStats::default();
+    for item in incoming.items() {
+        merge_one(local, item, &mut stats);
+    }
+    Ok(stats)
+}
+
+/// Merges one incoming item into a feed. The item count bound is the caller's to check.
+pub fn merge_one(local: &mut Feed, incoming: &Item, stats: &mut MergeStats) {
+    match local.items.get_mut(incoming.id()) {
+        None => {
+            local.items.insert(incoming.id().clone(), incoming.clone());
+            stats.added += 1;
+        }
+        Some(slot) => {
+            let (merged, outcome) = merge_item(slot, incoming);
+            match outcome {
+                MergeOutcome::Unchanged => stats.unchanged += 1,
+                MergeOutcome::Changed => {
+                    *slot = merged;
+                    stats.changed += 1;
+                }
+            }
+        }
+    }
+}

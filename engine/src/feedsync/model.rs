@@ -1,0 +1,531 @@
+//! The FeedSync data model: item ids, endpoints, history entries, versions, items and feeds.
+//!
+//! A *version* is one `sx:sync` (without its conflicts) plus the item's content; an *item* is the
+//! winning version plus the losing versions kept in `sx:conflicts`; a *feed* is an ordered set of
+//! items plus whatever else the document holds (kept as raw XML so it survives a round trip).
+//! Payloads sit behind `Arc`, so cloning a version or an item never copies content or history.
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::sync::Arc;
+
+use indexmap::IndexMap;
+
+use super::limits;
+use super::FeedsyncError;
+
+/// The `sx:sync/@id` of an item: unique in a feed, the same everywhere, never changed.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ItemId(Arc<str>);
+
+impl ItemId {
+    /// Checks the id against RFC 2141's NSS characters and [`limits::ID_BYTES_MAX`].
+    pub fn new(text: &str) -> Result<Self, FeedsyncError> {
+        validate_id(text)?;
+        Ok(Self(Arc::from(text)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ItemId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
+impl fmt::Display for ItemId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// RFC 2141 NSS: letters, digits, `()+,-.:=@;$_!*'`, reserved `/?#`, and `%` followed by two hex digits.
+fn validate_id(text: &str) -> Result<(), FeedsyncError> {
+    if text.is_empty() {
+        return Err(FeedsyncError::IdEmpty);
+    }
+    if text.len() > limits::ID_BYTES_MAX {
+        return Err(FeedsyncError::IdTooLong { len: text.len() });
+    }
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let ok = b.is_ascii_alphanumeric() || b"()+,-.:=@;$_!*'/?#".contains(&b);
+        if b == b'%' {
+            let hex = |j: usize| bytes.get(j).is_some_and(|c| c.is_ascii_hexdigit());
+            if !(hex(i + 1) && hex(i + 2)) {
+                return Err(FeedsyncError::IdCharacter { id: text.into(), at: i });
+            }
+            i += 3;
+            continue;
+        }
+        if !ok {
+            return Err(FeedsyncError::IdCharacter { id: text.into(), at: i });
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// An endpoint id (`sx:history/@by`): who made a change. Not a person's name.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint(Arc<str>);
+
+impl Endpoint {
+    pub fn new(text: &str) -> Result<Self, FeedsyncError> {
+        if text.is_empty() {
+            return Err(FeedsyncError::ByEmpty);
+        }
+        if text.len() > limits::BY_BYTES_MAX {
+            return Err(FeedsyncError::ByTooLong { len: text.len() });
+        }
+        Ok(Self(Arc::from(text)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Equality with a pointer fast path: endpoints are usually shared `Arc`s.
+    #[inline]
+    pub(crate) fn same(&self, other: &Endpoint) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An instant (`sx:history/@when`) at full precision, plus the text it was read from when that text
+/// is not what [`When::to_rfc3339`] would write (so a feed is written back exactly as read).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct When {
+    unix_secs: i64,
+    nanos: u32,
+    text: Option<Box<str>>,
+}
+
+impl When {
+    /// A `when` at whole seconds (how this project writes its own entries).
+    pub fn from_unix_secs(unix_secs: i64) -> Result<Self, FeedsyncError> {
+        // Years 0000..=9999 keep RFC 3339 formatting total.
+        if !(limits::WHEN_SECS_MIN..=limits::WHEN_SECS_MAX).contains(&unix_secs) {
+            return Err(FeedsyncError::WhenOutOfRange { unix_secs });
+        }
+        Ok(Self { unix_secs, nanos: 0, text: None })
+    }
+
+    /// Parses RFC 3339 (any offset, any fraction). Keeps the text when it is not canonical.
+    pub fn parse(text: &str) -> Result<Self, FeedsyncError> {
+        use time::format_description::well_known::Rfc3339;
+        if text.len() > limits::WHEN_BYTES_MAX {
+            return Err(FeedsyncError::WhenNotRfc3339 { text: truncate(text) });
+        }
+        let parsed = time::OffsetDateTime::parse(text, &Rfc3339)
+            .map_err(|_| FeedsyncError::WhenNotRfc3339 { text: truncate(text) })?;
+        let unix_secs = parsed.unix_timestamp();
+        if !(limits::WHEN_SECS_MIN..=limits::WHEN_SECS_MAX).contains(&unix_secs) {
+            return Err(FeedsyncError::WhenNotRfc3339 { text: truncate(text) });
+        }
+        let mut when = Self { unix_secs, nanos: parsed.nanosecond(), text: None };
+        if when.to_rfc3339() != text {
+            when.text = Some(text.into());
+        }
+        Ok(when)
+    }
+
+    /// The same instant, truncated to whole seconds (how our own new entries are written).
+    pub fn whole_seconds(&self) -> Self {
+        Self { unix_secs: self.unix_secs, nanos: 0, text: None }
+    }
+
+    pub fn unix_secs(&self) -> i64 {
+        self.unix_secs
+    }
+
+    pub fn nanos(&self) -> u32 {
+        self.nanos
+    }
+
+    /// The text as read, or else `YYYY-MM-DDTHH:MM:SS[.fraction]Z` in UTC.
+    pub fn to_rfc3339(&self) -> String {
+        if let Some(text) = &self.text {
+            return text.to_string();
+        }
+        let date = time::OffsetDateTime::from_unix_timestamp(self.unix_secs)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        let mut out = format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+            date.year(),
+            u8::from(date.month()),
+            date.day(),
+            date.hour(),
+            date.minute(),
+            date.second()
+        );
+        if self.nanos != 0 {
+            let frac = format!("{:09}", self.nanos);
+            out.push('.');
+            out.push_str(frac.trim_end_matches('0'));
+        }
+        out.push('Z');
+        out
+    }
+
+    /// Orders by instant only (the text is presentation).
+    pub fn cmp_instant(&self, other: &When) -> Ordering {
+        (self.unix_secs, self.nanos).cmp(&(other.unix_secs, other.nanos))
+    }
+}
+
+impl fmt::Debug for When {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_rfc3339())
+    }
+}
+
+fn truncate(text: &str) -> String {
+    text.chars().take(64).collect()
+}
+
+/// One `sx:history` entry. At least one of `when` and `by` is present.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct HistoryEntry {
+    pub sequence: u32,
+    pub when: Option<When>,
+    pub by: Option<Endpoint>,
+}
+
+impl HistoryEntry {
+    /// Subsumption of history entries (FeedSync 3.2): `self` is subsumed by `other`.
+    #[inline]
+    pub fn subsumed_by(&self, other: &HistoryEntry) -> bool {
+        match (&self.by, &other.by) {
+            (Some(mine), Some(theirs)) => theirs.same(mine) && other.sequence >= self.sequence,
+            (Some(_), None) => false,
+            (None, Some(_)) => false,
+            (None, None) => {
+                other.sequence == self.sequence
+                    && match (&self.when, &other.when) {
+                        (Some(a), Some(b)) => a.cmp_instant(b) == Ordering::Equal,
+                        _ => false,
+                    }
+            }
+        }
+    }
+}
+
+/// The XML namespace bindings in scope where an item sits (inherited from `<rss>`, `<channel>` or
+/// `<feed>`), so that its raw content can be written into another document correctly.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct NsScope {
+    /// `(prefix, uri)`; the empty prefix is the default namespace. Sorted by prefix, unique.
+    pub bindings: Vec<(Box<str>, Box<str>)>,
+}
+
+impl NsScope {
+    pub fn uri(&self, prefix: &str) -> Option<&str> {
+        self.bindings.binary_search_by(|(p, _)| (**p).cmp(prefix)).ok().map(|i| &*self.bindings[i].1)
+    }
+}
+
+/// Everything of an item except its `sx:sync`: the raw attributes of the `<item>`/`<entry>` start
+/// tag and its other children as raw XML (whitespace-only text between children is dropped).
+#[derive(Clone, Debug)]
+pub struct Content {
+    pub attrs: Box<str>,
+    pub inner: Box<str>,
+    pub scope: Arc<NsScope>,
+}
+
+impl PartialEq for Content {
+    /// Two contents are the same when their XML text is; the scope is where it came from.
+    fn eq(&self, other: &Self) -> bool {
+        self.attrs == other.attrs && self.inner == other.inner
+    }
+}
+impl Eq for Content {}
+
+impl Content {
+    pub fn empty() -> Self {
+        Self { attrs: "".into(), inner: "".into(), scope: Arc::new(NsScope::default()) }
+    }
+}
+
+/// One version of an item: its sync metadata (without conflicts) and its content.
+#[derive(Clone, Debug)]
+pub struct Version {
+    pub id: ItemId,
+    pub updates: u32,
+    pub deleted: bool,
+    pub noconflicts: bool,
+    /// Topmost (most recent) first. Never empty.
+    pub history: Arc<[HistoryEntry]>,
+    pub content: Arc<Content>,
+}
+
+impl PartialEq for Version {
+    /// Same version: same `sx:sync` (id, updates, flags, history) and same content.
+    fn eq(&self, other: &Self) -> bool {
+        self.updates == other.updates
+            && self.deleted == other.deleted
+            && self.noconflicts == other.noconflicts
+            && self.id == other.id
+            && (Arc::ptr_eq(&self.history, &other.history) || self.history == other.history)
+            && (Arc::ptr_eq(&self.content, &other.content) || self.content == other.content)
+    }
+}
+impl Eq for Version {}
+
+impl Version {
+    /// The topmost history entry. `history` is never empty (checked on every construction path).
+    pub fn topmost(&self) -> &HistoryEntry {
+        &self.history[0]
+    }
+
+    /// Item subsumption: this version's topmost entry is subsumed by some entry of `other`'s history.
+    #[inline]
+    pub fn subsumed_by(&self, other: &Version) -> bool {
+        let top = self.topmost();
+        other.history.iter().any(|entry| top.subsumed_by(entry))
+    }
+
+    /// Checks the invariants a version must hold whatever path built it.
+    pub fn check_invariants(&self) -> Result<(), FeedsyncError> {
+        if self.history.is_empty() {
+            return Err(FeedsyncError::HistoryEmpty { id: self.id.clone() });
+        }
+        if self.history.len() > limits::HISTORY_PER_VERSION_MAX {
+            return Err(FeedsyncError::HistoryTooLong { id: self.id.clone() });
+        }
+        if self.updates == 0 {
+            return Err(FeedsyncError::UpdatesZero { id: self.id.clone() });
+        }
+        for entry in self.history.iter() {
+            if entry.sequence == 0 {
+                return Err(FeedsyncError::SequenceZero { id: self.id.clone() });
+            }
+            if entry.when.is_none() && entry.by.is_none() {
+                return Err(FeedsyncError::HistoryAnonymous { id: self.id.clone() });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A synchronized item: the winning version and the losing versions kept as conflicts
+/// (best first, by the winner rule; none of them equal to the winner or to each other).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Item {
+    pub version: Version,
+    pub conflicts: Vec<Version>,
+}
+
+impl Item {
+    pub fn new(version: Version) -> Self {
+        Self { version, conflicts: Vec::new() }
+    }
+
+    pub fn id(&self) -> &ItemId {
+        &self.version.id
+    }
+
+    pub fn check_invariants(&self) -> Result<(), FeedsyncError> {
+        self.version.check_invariants()?;
+        if self.conflicts.len() > limits::CONFLICTS_PER_ITEM_MAX {
+            return Err(FeedsyncError::TooManyConflicts { id: self.id().clone() });
+        }
+        let mut previous: Option<&Version> = None;
+        for conflict in &self.conflicts {
+            conflict.check_invariants()?;
+            if conflict.id != self.version.id {
+                return Err(FeedsyncError::ConflictIdMismatch { id: self.id().clone() });
+            }
+            if *conflict == self.version {
+                return Err(FeedsyncError::ConflictEqualsWinner { id: self.id().clone() });
+            }
+            if super::merge::beats(conflict, &self.version) {
+                return Err(FeedsyncError::ConflictBeatsWinner { id: self.id().clone() });
+            }
+            if let Some(previous) = previous {
+                if !super::merge::beats(previous, conflict) {
+                    return Err(FeedsyncError::ConflictsUnordered { id: self.id().clone() });
+                }
+            }
+            previous = Some(conflict);
+        }
+        Ok(())
+    }
+}
+
+/// RSS 2.0 or Atom 1.0.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Dialect {
+    Rss,
+    Atom,
+}
+
+impl fmt::Display for Dialect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Dialect::Rss => "RSS",
+            Dialect::Atom => "Atom",
+        })
+    }
+}
+
+/// `sx:related`.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Related {
+    pub link: String,
+    pub kind: RelatedKind,
+    pub title: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RelatedKind {
+    Complete,
+    Aggregated,
+}
+
+/// `sx:sharing`: bounds of a partial feed and links to related feeds.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct Sharing {
+    /// `since` and `until`: both or neither.
+    pub window: Option<(String, String)>,
+    pub expires: Option<When>,
+    pub related: Vec<Related>,
+}
+
+/// An item without `sx:sync`: takes no part in sync, kept as raw XML where it stood.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct PlainItem {
+    /// How many synced items precede it in document order.
+    pub position: u32,
+    pub raw: Box<str>,
+    pub scope: Arc<NsScope>,
+}
+
+/// The document around the items: root and channel start tags and other channel/feed children.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct Envelope {
+    /// Qualified names of the root (`rss`/`feed`), channel (RSS only) and item (`item`/`entry`)
+    /// elements, as the document spelled them (an Atom feed may use a prefix).
+    pub root_name: Box<str>,
+    pub channel_name: Box<str>,
+    pub item_name: Box<str>,
+    /// Raw attributes of `<rss>` or `<feed>`, with any `xmlns:sx` removed (the writer declares it).
+    pub root_attrs: Box<str>,
+    /// Raw attributes of `<channel>` (RSS only).
+    pub channel_attrs: Box<str>,
+    /// Children of `<channel>`/`<feed>` other than items and `sx:sharing`, as raw XML, in order.
+    pub head: Vec<Box<str>>,
+    /// Bindings in scope for items (root plus channel declarations).
+    pub scope: Arc<NsScope>,
+}
+
+/// A FeedSync feed: items in document order, keyed by id.
+#[derive(Clone, Debug)]
+pub struct Feed {
+    pub dialect: Dialect,
+    pub envelope: Envelope,
+    pub sharing: Option<Sharing>,
+    pub(crate) items: IndexMap<ItemId, Item>,
+    pub plain: Vec<PlainItem>,
+}
+
+impl Feed {
+    /// An empty feed of the given dialect, with a minimal valid envelope.
+    pub fn new(dialect: Dialect) -> Self {
+        let mut scope = NsScope::default();
+        if dialect == Dialect::Atom {
+            scope.bindings.push(("".into(), super::xml::ATOM_NS.into()));
+        }
+        let envelope = match dialect {
+            Dialect::Rss => Envelope {
+                root_name: "rss".into(),
+                channel_name: "channel".into(),
+                item_name: "item".into(),
+                root_attrs: r#" version="2.0""#.into(),
+                channel_attrs: "".into(),
+                head: vec![
+                    "<title>feedmesh</title>".into(),
+                    "<link>urn:feedmesh</link>".into(),
+                    "<description>feedmesh feed</description>".into(),
+                ],
+                scope: Arc::new(scope),
+            },
+            Dialect::Atom => Envelope {
+                root_name: "feed".into(),
+                channel_name: "".into(),
+                item_name: "entry".into(),
+                root_attrs: format!(r#" xmlns="{}""#, super::xml::ATOM_NS).into(),
+                channel_attrs: "".into(),
+                head: vec![
+                    "<title>feedmesh</title>".into(),
+                    "<id>urn:feedmesh</id>".into(),
+                    "<updated>1970-01-01T00:00:00Z</updated>".into(),
+                ],
+                scope: Arc::new(scope),
+            },
+        };
+        Self { dialect, envelope, sharing: None, items: IndexMap::new(), plain: Vec::new() }
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn item(&self, id: &ItemId) -> Option<&Item> {
+        self.items.get(id)
+    }
+
+    /// Synced items in document order.
+    pub fn items(&self) -> impl ExactSizeIterator<Item = &Item> {
+        self.items.values()
+    }
+
+    /// Inserts or replaces an item (keeps its position when replacing).
+    pub fn put(&mut self, item: Item) -> Result<(), FeedsyncError> {
+        if !self.items.contains_key(item.id()) && self.items.len() >= limits::ITEMS_PER_FEED_MAX {
+            return Err(FeedsyncError::TooManyItems);
+        }
+        self.items.insert(item.id().clone(), item);
+        Ok(())
+    }
+
+    /// The synced items as a canonical, order-independent value: sorted by id. Two feeds hold the
+    /// same FeedSync state exactly when their `canonical_items()` are equal.
+    pub fn canonical_items(&self) -> Vec<&Item> {
+        let mut items: Vec<&Item> = self.items.values().collect();
+        items.sort_unstable_by(|a, b| a.id().cmp(b.id()));
+        items
+    }
+
+    pub fn check_invariants(&self) -> Result<(), FeedsyncError> {
+        for (id, item) in &self.items {
+            if id != item.id() {
+                return Err(FeedsyncError::ConflictIdMismatch { id: id.clone() });
+            }
+            item.check_invariants()?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,156 @@
+//! Local operations (create, update, delete, resolve) and sparse purge. Pure: the caller passes
+//! the endpoint (`by`) and the time (`when`); nothing here reads a clock.
+
+use std::sync::Arc;
+
+use super::limits;
+use super::merge::compare;
+use super::model::{Content, Endpoint, Feed, HistoryEntry, Item, ItemId, Version, When};
+use super::FeedsyncError;
+
+/// What a local change sets besides the sync metadata.
+#[derive(Clone, Debug, Default)]
+pub struct Edit {
+    /// New content; `None` keeps the current content.
+    pub content: Option<Arc<Content>>,
+    /// Make the result a tombstone (`deleted = true`); otherwise the result is live.
+    pub delete: bool,
+    /// Resolve every conflict of the item (spec 3.4).
+    pub resolve: bool,
+}
+
+impl Item {
+    /// Create (spec 3.1): `updates = 1`, history `(1, when, by)`.
+    pub fn create(id: ItemId, by: &Endpoint, when: &When, content: Arc<Content>, noconflicts: bool) -> Item {
+        let entry = HistoryEntry { sequence: 1, when: Some(when.whole_seconds()), by: Some(by.clone()) };
+        Item::new(Version {
+            id,
+            updates: 1,
+            deleted: false,
+            noconflicts,
+            history: Arc::from(vec![entry]),
+            content,
+        })
+    }
+
+    /// Update (spec 3.2), delete (an update with `deleted`), or resolve (spec 3.4), by `edit`.
+    pub fn update(&self, by: &Endpoint, when: &When, edit: &Edit) -> Result<Item, FeedsyncError> {
+        let current = &self.version;
+        let updates = current
+            .updates
+            .checked_add(1)
+            .ok_or(FeedsyncError::UpdatesOverflow { id: current.id.clone() })?;
+        let top = HistoryEntry { sequence: updates, when: Some(when.whole_seconds()), by: Some(by.clone()) };
+        let mut history: Vec<HistoryEntry> = Vec::with_capacity(current.history.len() + 1);
+        history.push(top);
+        history.extend(current.history.iter().cloned());
+
+        let mut conflicts = Vec::new();
+        if edit.resolve {
+            // Fold each conflict's unsubsumed entries in right after the topmost one, keeping their
+            // order; check against the history as it grows, so nothing is folded twice.
+            let mut at = 1;
+            for conflict in &self.conflicts {
+                for entry in conflict.history.iter() {
+                    if !history.iter().any(|h| entry.subsumed_by(h)) {
+                        history.insert(at, entry.clone());
+                        at += 1;
+                    }
+                }
+            }
+        } else {
+            // Drop every conflict whose topmost `by` is us: our new version subsumes it.
+            conflicts.extend(
+                self.conflicts
+                    .iter()
+                    .filter(|c| c.topmost().by.as_ref().is_none_or(|b| !b.same(by)))
+                    .cloned(),
+            );
+        }
+        if history.len() > limits::HISTORY_PER_VERSION_MAX {
+            history = sparse_purge(&history);
+            if history.len() > limits::HISTORY_PER_VERSION_MAX {
+                return Err(FeedsyncError::HistoryTooLong { id: current.id.clone() });
+            }
+        }
+        let version = Version {
+            id: current.id.clone(),
+            updates,
+            deleted: edit.delete,
+            noconflicts: current.noconflicts,
+            history: Arc::from(history),
+            content: edit.content.clone().unwrap_or_else(|| current.content.clone()),
+        };
+        // The winner has the greatest `updates` of its item, so ours (one more) beats every
+        // conflict; the conflicts keep their best-first order.
+        let item = Item { version, conflicts };
+        debug_assert!(item.conflicts.iter().all(|c| compare(&item.version, c).is_gt()));
+        Ok(item)
+    }
+
+    /// Sparse purge of the item and of each of its conflicts.
+    pub fn purged(&self) -> Item {
+        let purge = |v: &Version| Version { history: Arc::from(sparse_purge(&v.history)), ..v.clone() };
+        Item { version: purge(&self.version), conflicts: self.conflicts.iter().map(purge).collect() }
+    }
+}
+
+/// Keeps only the highest-`sequence` entry per `by` (the first such, topmost first) and every entry
+/// without `by`, in their order. `updates` is not touched.
+pub fn sparse_purge(history: &[HistoryEntry]) -> Vec<HistoryEntry> {
+    // For each endpoint, the index of its entry with the highest sequence (topmost on ties).
+    let mut best: std::collections::BTreeMap<&str, (u32, usize)> = std::collections::BTreeMap::new();
+    for (i, entry) in history.iter().enumerate() {
+        if let Some(by) = &entry.by {
+            let slot = best.entry(by.as_str()).or_insert((entry.sequence, i));
+            if entry.sequence > slot.0 {
+                *slot = (entry.sequence, i);
+            }
+        }
+    }
+    history
+        .iter()
+        .enumerate()
+        .filter(|(i, entry)| match &entry.by {
+            None => true,
+            Some(by) => best.get(by.as_str()).is_some_and(|&(_, j)| j == *i),
+        })
+        .map(|(_, entry)| entry.clone())
+        .collect()
+}
+
+impl Feed {
+    /// Creates the item if absent (then applies `edit.delete`), otherwise updates it.
+    pub fn change(
+        &mut self,
+        id: &ItemId,
+        by: &Endpoint,
+        when: &When,
+        edit: &Edit,
+    ) -> Result<&Item, FeedsyncError> {
+        let next = match self.items.get(id) {
+            Some(item) => item.update(by, when, edit)?,
+            None => {
+                let content = edit.content.clone().unwrap_or_else(|| {
+                    Arc::new(Content {
+                        attrs: "".into(),
+                        inner: "".into(),
+                        scope: self.envelope.scope.clone(),
+                    })
+                });
+                let mut item = Item::create(id.clone(), by, when, content, false);
+                item.version.deleted = edit.delete;
+                item
+            }
+        };
+        self.put(next)?;
+        Ok(&self.items[id])
+    }
+
+    /// Sparse purge of every synced item.
+    pub fn purge(&mut self) {
+        for item in self.items.values_mut() {
+            *item = item.purged();
+        }
+    }
+}
