@@ -228,6 +228,14 @@ impl HistoryEntry {
     }
 }
 
+impl HistoryEntry {
+    /// Whether some entry of `history` subsumes this one.
+    #[inline]
+    pub fn known_in(&self, history: &[HistoryEntry]) -> bool {
+        history.iter().any(|entry| self.subsumed_by(entry))
+    }
+}
+
 /// The XML namespace bindings in scope where an item sits (inherited from `<rss>`, `<channel>` or
 /// `<feed>`), so that its raw content can be written into another document correctly.
 #[derive(Clone, PartialEq, Eq, Debug, Default)]
@@ -296,11 +304,11 @@ impl Version {
         &self.history[0]
     }
 
-    /// Item subsumption: this version's topmost entry is subsumed by some entry of `other`'s history.
+    /// Item subsumption: this version's topmost entry is subsumed by some entry of `other`'s
+    /// history.
     #[inline]
     pub fn subsumed_by(&self, other: &Version) -> bool {
-        let top = self.topmost();
-        other.history.iter().any(|entry| top.subsumed_by(entry))
+        self.topmost().known_in(&other.history)
     }
 
     /// Checks the invariants a version must hold whatever path built it.

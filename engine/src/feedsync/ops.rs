@@ -45,28 +45,35 @@ impl Item {
         history.push(top);
         history.extend(current.history.iter().cloned());
 
-        let mut conflicts = Vec::new();
-        if edit.resolve {
-            // Fold each conflict's unsubsumed entries in right after the topmost one, keeping their
-            // order; check against the history as it grows, so nothing is folded twice.
-            let mut at = 1;
-            for conflict in &self.conflicts {
+        // Resolve (3.4) folds every conflict into the new version. A plain update drops the
+        // conflicts whose topmost `by` is us and (our deviation, see the profile) folds their
+        // history in the same way, and does the same for every conflict the new version now
+        // subsumes (a twin of a version in its history): the new version has seen them, its
+        // history must say so, and no conflict may be subsumed by its winner, or subsumption
+        // stops being transitive and merges stop converging.
+        let mut pending: Vec<&Version> = self.conflicts.iter().collect();
+        let mut at = 1;
+        loop {
+            let covers = |c: &Version| c.topmost().known_in(&history);
+            let (fold, keep): (Vec<&Version>, Vec<&Version>) = pending.into_iter().partition(|c| {
+                edit.resolve || c.topmost().by.as_ref().is_some_and(|b| b.same(by)) || covers(c)
+            });
+            pending = keep;
+            if fold.is_empty() {
+                break;
+            }
+            // Fold each one's unsubsumed entries in right after the topmost entry, keeping
+            // their order; check against the history as it grows, so nothing is folded twice.
+            for conflict in fold {
                 for entry in conflict.history.iter() {
-                    if !history.iter().any(|h| entry.subsumed_by(h)) {
+                    if !entry.known_in(&history) {
                         history.insert(at, entry.clone());
                         at += 1;
                     }
                 }
             }
-        } else {
-            // Drop every conflict whose topmost `by` is us: our new version subsumes it.
-            conflicts.extend(
-                self.conflicts
-                    .iter()
-                    .filter(|c| c.topmost().by.as_ref().is_none_or(|b| !b.same(by)))
-                    .cloned(),
-            );
         }
+        let conflicts: Vec<Version> = pending.into_iter().cloned().collect();
         if history.len() > limits::HISTORY_PER_VERSION_MAX {
             history = sparse_purge(&history);
             if history.len() > limits::HISTORY_PER_VERSION_MAX {
