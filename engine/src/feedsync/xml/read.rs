@@ -504,6 +504,7 @@ impl<'i> Parser<'i> {
         };
 
         let mut history: Vec<HistoryEntry> = Vec::new();
+        let mut history_seen = false;
         let mut conflicts: Vec<Version> = Vec::new();
         if !empty {
             loop {
@@ -517,6 +518,7 @@ impl<'i> Parser<'i> {
                         if !child_empty {
                             reader.read_to_end(child.name()).map_err(|e| malformed(reader, e))?;
                         }
+                        history_seen = true;
                         if history.len() >= limits::HISTORY_PER_VERSION_MAX {
                             return Err(Stop {
                                 offset: at,
@@ -558,7 +560,7 @@ impl<'i> Parser<'i> {
                 }
             }
         }
-        if history.is_empty() {
+        if !history_seen {
             self.problem(offset, ProblemKind::MissingHistory)?;
             ok = false;
         }
