@@ -97,14 +97,53 @@ impl<'i> Parser<'i> {
         Ok(())
     }
 
-    fn next<'r>(&self, reader: &'r mut Reader<'i>) -> Result<(Ns, Event<'i>), Stop> {
+    /// The next event, with where its element name resolves. An element whose prefix is not
+    /// bound is malformed (XML Namespaces 1.0).
+    fn next(&self, reader: &mut Reader<'i>) -> Result<(Ns, Event<'i>), Stop> {
         let offset = reader.buffer_position();
         match reader.read_resolved_event() {
+            Ok((ResolveResult::Unknown(prefix), Event::Start(_) | Event::Empty(_) | Event::End(_))) => {
+                Err(Stop {
+                    offset,
+                    kind: ProblemKind::Malformed(format!("unbound namespace prefix {:?}", prefix)),
+                })
+            }
             Ok((resolved, event)) => Ok((ns_of(&resolved), event)),
             Err(err) => Err(Stop {
                 offset: reader.error_position().max(offset),
                 kind: ProblemKind::Malformed(err.to_string()),
             }),
+        }
+    }
+
+    /// Reads past the end of the element whose start tag was just read, checking what it holds
+    /// (well-formed, prefixes bound, nesting within [`limits::DEPTH_MAX`]).
+    fn skip(&self, reader: &mut Reader<'i>) -> Result<(), Stop> {
+        let mut depth = 1usize;
+        loop {
+            let offset = reader.buffer_position();
+            let (_, event) = self.next(reader)?;
+            match event {
+                Event::Start(_) => {
+                    depth += 1;
+                    if depth > limits::DEPTH_MAX {
+                        return Err(Stop { offset, kind: ProblemKind::Limit("element nesting depth") });
+                    }
+                }
+                Event::End(_) => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return Ok(());
+                    }
+                }
+                Event::Eof => {
+                    return Err(Stop {
+                        offset,
+                        kind: ProblemKind::Malformed("unexpected end of document".into()),
+                    })
+                }
+                _ => {}
+            }
         }
     }
 
@@ -167,7 +206,7 @@ impl<'i> Parser<'i> {
         };
         let mut scope = NsScope::default();
         add_bindings(&mut scope, &root);
-        let root_attrs = attrs_without_sx(&root);
+        let root_attrs = raw_attrs(&root);
         let root_name: Box<str> = utf8(root.name().as_ref());
 
         let mut envelope = Envelope { root_attrs, root_name, ..Envelope::default() };
@@ -200,9 +239,9 @@ impl<'i> Parser<'i> {
                             envelope.scope = Arc::new(scope);
                             feed = Some(self.container(reader, dialect, envelope)?);
                         }
-                        Event::Start(start) => {
+                        Event::Start(_) => {
                             // Unknown children of <rss> are skipped (RSS 2.0 allows none).
-                            reader.read_to_end(start.name()).map_err(|e| malformed(reader, e))?;
+                            self.skip(reader)?;
                         }
                         Event::End(_) => break,
                         Event::Eof => {
@@ -287,8 +326,8 @@ impl<'i> Parser<'i> {
                     let sharing = self.sharing(reader, &start, true, offset)?;
                     self.set_sharing(&mut feed, sharing, &mut sharing_seen, offset)?;
                 }
-                Event::Start(start) => {
-                    reader.read_to_end(start.name()).map_err(|e| malformed(reader, e))?;
+                Event::Start(_) => {
+                    self.skip(reader)?;
                     envelope.head.push(self.slice(offset, reader.buffer_position()));
                 }
                 Event::End(_) => break,
@@ -299,7 +338,8 @@ impl<'i> Parser<'i> {
                     })
                 }
                 Event::Text(text) if is_blank(&text) => {}
-                _ => envelope.head.push(self.slice(offset, reader.buffer_position())),
+                // Text directly in <channel>/<feed> means nothing to RSS or Atom; kept trimmed.
+                _ => envelope.head.push(self.slice(offset, reader.buffer_position()).trim().into()),
             }
         }
         feed.envelope = envelope;
@@ -377,7 +417,7 @@ impl<'i> Parser<'i> {
                     {
                         if sync.is_some() {
                             if !child_empty {
-                                reader.read_to_end(child.name()).map_err(|e| malformed(reader, e))?;
+                                self.skip(reader)?;
                             }
                             self.problem(
                                 at,
@@ -396,8 +436,8 @@ impl<'i> Parser<'i> {
                             in_conflicts,
                         )?);
                     }
-                    Event::Start(child) => {
-                        reader.read_to_end(child.name()).map_err(|e| malformed(reader, e))?;
+                    Event::Start(_) => {
+                        self.skip(reader)?;
                         inner.push_str(&self.slice(at, reader.buffer_position()));
                     }
                     Event::End(_) => break,
@@ -516,7 +556,7 @@ impl<'i> Parser<'i> {
                         if ns == Ns::Sx && child.local_name().as_ref() == "history" =>
                     {
                         if !child_empty {
-                            reader.read_to_end(child.name()).map_err(|e| malformed(reader, e))?;
+                            self.skip(reader)?;
                         }
                         history_seen = true;
                         if history.len() >= limits::HISTORY_PER_VERSION_MAX {
@@ -535,7 +575,7 @@ impl<'i> Parser<'i> {
                     {
                         if in_conflicts {
                             if !child_empty {
-                                reader.read_to_end(child.name()).map_err(|e| malformed(reader, e))?;
+                                self.skip(reader)?;
                             }
                             self.problem(at, ProblemKind::NestedConflicts)?;
                             ok = false;
@@ -545,9 +585,9 @@ impl<'i> Parser<'i> {
                             self.conflicts(reader, item_ns, item_local, scope, &mut conflicts, &mut ok)?;
                         }
                     }
-                    Event::Start(child) => {
+                    Event::Start(_) => {
                         // Other extension elements inside sx:sync are not part of this profile.
-                        reader.read_to_end(child.name()).map_err(|e| malformed(reader, e))?;
+                        self.skip(reader)?;
                     }
                     Event::End(_) => break,
                     Event::Eof => {
@@ -621,8 +661,8 @@ impl<'i> Parser<'i> {
                         }
                     }
                 }
-                Event::Start(child) => {
-                    reader.read_to_end(child.name()).map_err(|e| malformed(reader, e))?;
+                Event::Start(_) => {
+                    self.skip(reader)?;
                 }
                 Event::End(_) => return Ok(()),
                 Event::Eof => {
@@ -756,7 +796,7 @@ impl<'i> Parser<'i> {
                         if ns == Ns::Sx && child.local_name().as_ref() == "related" =>
                     {
                         if !child_empty {
-                            reader.read_to_end(child.name()).map_err(|e| malformed(reader, e))?;
+                            self.skip(reader)?;
                         }
                         if related.len() >= limits::RELATED_MAX {
                             return Err(Stop {
@@ -769,8 +809,8 @@ impl<'i> Parser<'i> {
                             None => ok = false,
                         }
                     }
-                    Event::Start(child) => {
-                        reader.read_to_end(child.name()).map_err(|e| malformed(reader, e))?;
+                    Event::Start(_) => {
+                        self.skip(reader)?;
                     }
                     Event::End(_) => break,
                     Event::Eof => {
@@ -849,10 +889,6 @@ fn normalize(version: Version, mut conflicts: Vec<Version>) -> Item {
     Item { version: winner, conflicts }
 }
 
-fn malformed(reader: &Reader<'_>, err: quick_xml::Error) -> Stop {
-    Stop { offset: reader.error_position(), kind: ProblemKind::Malformed(err.to_string()) }
-}
-
 fn is_blank(text: &quick_xml::events::BytesText<'_>) -> bool {
     text.as_ref().bytes().all(|b| b.is_ascii_whitespace())
 }
@@ -897,25 +933,6 @@ fn raw_attrs(start: &BytesStart<'_>) -> Box<str> {
         return "".into();
     }
     format!(" {}", trimmed.trim_start()).into()
-}
-
-/// Root attributes without a declaration of the `sx` prefix (the writer declares it).
-fn attrs_without_sx(start: &BytesStart<'_>) -> Box<str> {
-    let mut out = String::new();
-    for attr in start.attributes().flatten() {
-        if attr.key.as_ref() == "xmlns:sx" {
-            continue;
-        }
-        let value = &attr.value;
-        let quote = if value.contains('"') { '\'' } else { '"' };
-        out.push(' ');
-        out.push_str(attr.key.as_ref());
-        out.push('=');
-        out.push(quote);
-        out.push_str(&value);
-        out.push(quote);
-    }
-    out.into()
 }
 
 fn parse_bool(text: &str) -> Option<bool> {

@@ -15,7 +15,11 @@ pub fn write_feed(feed: &Feed) -> String {
     out.push_str("<?xml version=\"1.0\" encoding=\"utf-8\"?>\n");
     let root_name = name_or(&env.root_name, feed.dialect, "rss", "feed");
     let item_name = name_or(&env.item_name, feed.dialect, "item", "entry");
-    let _ = write!(out, "<{root_name}{} xmlns:sx=\"{FEEDSYNC_NS}\">\n", env.root_attrs);
+    // Our prefix for FeedSync elements: `sx` unless the document binds it to something else.
+    let sx = feedsync_prefix(&env.scope);
+    let declare =
+        if env.scope.uri(&sx).is_none() { format!(" xmlns:{sx}=\"{FEEDSYNC_NS}\"") } else { String::new() };
+    let _ = write!(out, "<{root_name}{}{declare}>\n", env.root_attrs);
     let indent = match feed.dialect {
         Dialect::Rss => {
             let channel = if env.channel_name.is_empty() { "channel" } else { &env.channel_name };
@@ -25,7 +29,7 @@ pub fn write_feed(feed: &Feed) -> String {
         Dialect::Atom => "  ",
     };
     if let Some(sharing) = &feed.sharing {
-        write_sharing(&mut out, sharing, indent);
+        write_sharing(&mut out, sharing, indent, &sx);
     }
     for head in &env.head {
         out.push_str(indent);
@@ -35,23 +39,23 @@ pub fn write_feed(feed: &Feed) -> String {
     let mut plain = feed.plain.iter().peekable();
     for (index, item) in feed.items.values().enumerate() {
         while let Some(p) = plain.next_if(|p| p.position as usize <= index) {
-            write_plain(&mut out, &p.raw, &p.scope, &env.scope, indent);
+            write_plain(&mut out, &p.raw, &p.scope, &env.scope, indent, &sx);
         }
         let inner_indent = format!("{indent}  ");
-        open_item(&mut out, item_name, &item.version.content, &env.scope, indent);
-        write_sync(&mut out, &item.version, &inner_indent, |out, conflict_indent| {
+        open_item(&mut out, item_name, &item.version.content, &env.scope, indent, &sx);
+        write_sync(&mut out, &sx, &item.version, &inner_indent, |out, conflict_indent| {
             for conflict in &item.conflicts {
                 let deeper = format!("{conflict_indent}  ");
-                open_item(out, item_name, &conflict.content, &env.scope, conflict_indent);
-                write_sync(out, conflict, &deeper, |_, _| false);
-                close_item(out, item_name, &conflict.content, &deeper, conflict_indent);
+                open_item(out, item_name, &conflict.content, &env.scope, conflict_indent, &sx);
+                write_sync(out, &sx, conflict, &deeper, |_, _| false);
+                close_item(out, item_name, &conflict.content);
             }
             !item.conflicts.is_empty()
         });
-        close_item(&mut out, item_name, &item.version.content, &inner_indent, indent);
+        close_item(&mut out, item_name, &item.version.content);
     }
     for p in plain {
-        write_plain(&mut out, &p.raw, &p.scope, &env.scope, indent);
+        write_plain(&mut out, &p.raw, &p.scope, &env.scope, indent, &sx);
     }
     if feed.dialect == Dialect::Rss {
         let channel = if env.channel_name.is_empty() { "channel" } else { &env.channel_name };
@@ -59,6 +63,19 @@ pub fn write_feed(feed: &Feed) -> String {
     }
     let _ = writeln!(out, "</{root_name}>");
     out
+}
+
+/// `sx`, or the first of `fs`, `feedsync`, `sx1`, `sx2`, ... that the document leaves unbound or
+/// binds to the FeedSync namespace.
+fn feedsync_prefix(scope: &NsScope) -> String {
+    let usable = |p: &str| scope.uri(p).is_none_or(|uri| uri == FEEDSYNC_NS);
+    for candidate in ["sx", "fs", "feedsync"] {
+        if usable(candidate) {
+            return candidate.to_string();
+        }
+    }
+    // The scope is finite, so some numbered prefix is free.
+    (1..).map(|n| format!("sx{n}")).find(|p| usable(p)).unwrap_or_default()
 }
 
 fn name_or<'a>(name: &'a str, dialect: Dialect, rss: &'a str, atom: &'a str) -> &'a str {
@@ -71,13 +88,13 @@ fn name_or<'a>(name: &'a str, dialect: Dialect, rss: &'a str, atom: &'a str) -> 
 
 /// Namespace declarations an item needs where it lands: bindings of its source scope that the
 /// output scope lacks or binds differently, and an undeclared default namespace.
-fn scope_fix(item: &NsScope, output: &NsScope) -> String {
+fn scope_fix(item: &NsScope, output: &NsScope, sx: &str) -> String {
     let mut out = String::new();
     if item == output {
         return out;
     }
     for (prefix, uri) in &item.bindings {
-        if &**prefix == "sx" || output.uri(prefix) == Some(&**uri) {
+        if &**prefix == sx || output.uri(prefix) == Some(&**uri) {
             continue;
         }
         let value = escape(&**uri);
@@ -93,24 +110,25 @@ fn scope_fix(item: &NsScope, output: &NsScope) -> String {
     out
 }
 
-fn open_item(out: &mut String, name: &str, content: &Content, output: &Arc<NsScope>, indent: &str) {
-    let fix =
-        if Arc::ptr_eq(&content.scope, output) { String::new() } else { scope_fix(&content.scope, output) };
+fn open_item(out: &mut String, name: &str, content: &Content, output: &Arc<NsScope>, indent: &str, sx: &str) {
+    let fix = if Arc::ptr_eq(&content.scope, output) {
+        String::new()
+    } else {
+        scope_fix(&content.scope, output, sx)
+    };
     let _ = writeln!(out, "{indent}<{name}{}{fix}>", content.attrs);
 }
 
-fn close_item(out: &mut String, name: &str, content: &Content, inner_indent: &str, indent: &str) {
-    if !content.inner.is_empty() {
-        out.push_str(inner_indent);
-        out.push_str(&content.inner);
-        out.push('\n');
-    }
-    let _ = writeln!(out, "{indent}</{name}>");
+/// Raw content follows `sx:sync` directly and the end tag follows it directly, so that any text
+/// at its edges is written back exactly as read.
+fn close_item(out: &mut String, name: &str, content: &Content) {
+    out.push_str(&content.inner);
+    let _ = writeln!(out, "</{name}>");
 }
 
-fn write_plain(out: &mut String, raw: &str, scope: &NsScope, output: &NsScope, indent: &str) {
+fn write_plain(out: &mut String, raw: &str, scope: &NsScope, output: &NsScope, indent: &str, sx: &str) {
     out.push_str(indent);
-    let fix = scope_fix(scope, output);
+    let fix = scope_fix(scope, output, sx);
     if fix.is_empty() {
         out.push_str(raw);
     } else if let Some(end) = start_tag_name_end(raw) {
@@ -134,13 +152,14 @@ fn start_tag_name_end(raw: &str) -> Option<usize> {
 /// wrote any, given the indent to use inside `sx:conflicts`).
 fn write_sync(
     out: &mut String,
+    sx: &str,
     version: &Version,
     indent: &str,
     conflicts: impl FnOnce(&mut String, &str) -> bool,
 ) {
     let _ = write!(
         out,
-        "{indent}<sx:sync id=\"{}\" updates=\"{}\"",
+        "{indent}<{sx}:sync id=\"{}\" updates=\"{}\"",
         escape(version.id.as_str()),
         version.updates
     );
@@ -152,7 +171,7 @@ fn write_sync(
     }
     out.push_str(">\n");
     for entry in version.history.iter() {
-        let _ = write!(out, "{indent}  <sx:history sequence=\"{}\"", entry.sequence);
+        let _ = write!(out, "{indent}  <{sx}:history sequence=\"{}\"", entry.sequence);
         if let Some(when) = &entry.when {
             let _ = write!(out, " when=\"{}\"", escape(&when.to_rfc3339()));
         }
@@ -162,19 +181,21 @@ fn write_sync(
         out.push_str("/>\n");
     }
     let mark = out.len();
-    let _ = writeln!(out, "{indent}  <sx:conflicts>");
+    let _ = writeln!(out, "{indent}  <{sx}:conflicts>");
     let body = out.len();
     if conflicts(out, &format!("{indent}    ")) && out.len() > body {
-        let _ = writeln!(out, "{indent}  </sx:conflicts>");
+        let _ = writeln!(out, "{indent}  </{sx}:conflicts>");
     } else {
         out.truncate(mark);
     }
-    let _ = writeln!(out, "{indent}</sx:sync>");
+    let _ = write!(out, "{indent}</{sx}:sync>");
 }
 
-fn write_sharing(out: &mut String, sharing: &Sharing, indent: &str) {
+fn write_sharing(out: &mut String, sharing: &Sharing, indent: &str, sx: &str) {
     out.push_str(indent);
-    out.push_str("<sx:sharing");
+    out.push('<');
+    out.push_str(sx);
+    out.push_str(":sharing");
     if let Some((since, until)) = &sharing.window {
         let _ = write!(out, " since=\"{}\" until=\"{}\"", escape(since.as_str()), escape(until.as_str()));
     }
@@ -191,11 +212,11 @@ fn write_sharing(out: &mut String, sharing: &Sharing, indent: &str) {
             RelatedKind::Complete => "complete",
             RelatedKind::Aggregated => "aggregated",
         };
-        let _ = write!(out, "{indent}  <sx:related link=\"{}\" type=\"{kind}\"", escape(link.as_str()));
+        let _ = write!(out, "{indent}  <{sx}:related link=\"{}\" type=\"{kind}\"", escape(link.as_str()));
         if let Some(title) = title {
             let _ = write!(out, " title=\"{}\"", escape(title.as_str()));
         }
         out.push_str("/>\n");
     }
-    let _ = writeln!(out, "{indent}</sx:sharing>");
+    let _ = writeln!(out, "{indent}</{sx}:sharing>");
 }
