@@ -52,3 +52,26 @@ fn the_seed_is_valid() {
     check(SEED.as_bytes());
     assert!(xml::read_feed(SEED.as_bytes()).is_ok());
 }
+
+/// Inputs the fuzzer once crashed on (`fuzz/`): every file in `tests/fuzz-regressions/`.
+#[test]
+fn fuzz_regressions() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-regressions");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).expect("regressions folder") {
+        let bytes = std::fs::read(entry.expect("entry").path()).expect("readable");
+        check(&bytes);
+        seen += 1;
+    }
+    assert!(seen > 0);
+}
+
+#[test]
+fn characters_xml_forbids_are_refused() {
+    for bad in ["<rss>\u{0}</rss>", "<rss>\u{b}</rss>", "<rss>\u{ffff}</rss>"] {
+        let err = xml::read_feed(bad.as_bytes()).unwrap_err();
+        assert!(err.problems[0].to_string().contains("is not allowed in XML"), "{bad:?}: {err}");
+    }
+    // Tab, LF and CR are fine; a form feed in channel text is not XML white space.
+    check(b"<rss version=\"2.0\"><channel>\t\r\n<title>t</title></channel></rss>");
+}

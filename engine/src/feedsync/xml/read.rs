@@ -151,8 +151,22 @@ impl<'i> Parser<'i> {
         if self.input.len() > limits::FEED_BYTES_MAX {
             return Err(Stop { offset: 0, kind: ProblemKind::TooLarge { bytes: self.input.len() as u64 } });
         }
-        if let Err(err) = std::str::from_utf8(self.input) {
-            return Err(Stop { offset: err.valid_up_to() as u64, kind: ProblemKind::NotUtf8 });
+        let text = match std::str::from_utf8(self.input) {
+            Ok(text) => text,
+            Err(err) => return Err(Stop { offset: err.valid_up_to() as u64, kind: ProblemKind::NotUtf8 }),
+        };
+        // XML 1.0 Char: no C0 controls but tab, LF and CR; no U+FFFE or U+FFFF.
+        if let Some(at) = text.find(|c: char| {
+            (c < ' ' && !matches!(c, '\t' | '\n' | '\r')) || c == '\u{fffe}' || c == '\u{ffff}'
+        }) {
+            let c = text[at..].chars().next().unwrap_or_default();
+            return Err(Stop {
+                offset: at as u64,
+                kind: ProblemKind::Malformed(format!(
+                    "character U+{:04X} is not allowed in XML",
+                    u32::from(c)
+                )),
+            });
         }
         let mut reader: Reader<'i> = NsReader::from_reader(self.input);
         let config = reader.config_mut();
@@ -339,7 +353,9 @@ impl<'i> Parser<'i> {
                 }
                 Event::Text(text) if is_blank(&text) => {}
                 // Text directly in <channel>/<feed> means nothing to RSS or Atom; kept trimmed.
-                _ => envelope.head.push(self.slice(offset, reader.buffer_position()).trim().into()),
+                _ => envelope
+                    .head
+                    .push(self.slice(offset, reader.buffer_position()).trim_matches(is_xml_space).into()),
             }
         }
         feed.envelope = envelope;
@@ -889,8 +905,13 @@ fn normalize(version: Version, mut conflicts: Vec<Version>) -> Item {
     Item { version: winner, conflicts }
 }
 
+/// XML's white space: space, tab, LF, CR (not form feed or vertical tab).
+fn is_xml_space(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\n' | '\r')
+}
+
 fn is_blank(text: &quick_xml::events::BytesText<'_>) -> bool {
-    text.as_ref().bytes().all(|b| b.is_ascii_whitespace())
+    text.as_ref().chars().all(is_xml_space)
 }
 
 fn utf8(text: &str) -> Box<str> {
