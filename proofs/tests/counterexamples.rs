@@ -21,7 +21,11 @@ fn version(history: Vec<HistoryEntry>, title: &str) -> Version {
         deleted: false,
         noconflicts: false,
         history: Arc::from(history),
-        content: Arc::new(Content { attrs: "".into(), inner: format!("<title>{title}</title>").into(), ..Content::empty() }),
+        content: Arc::new(Content {
+            attrs: "".into(),
+            inner: format!("<title>{title}</title>").into(),
+            ..Content::empty()
+        }),
     }
 }
 
@@ -104,7 +108,7 @@ fn crash_then_continue_needs_a_new_endpoint_id() {
         if new_id_after_crash {
             assert_eq!(state_bytes(&first), state_bytes(&second), "a new endpoint id converges");
             let item = first.item(&id).unwrap();
-            assert!(item.conflicts.iter().any(|v| *v == lost.version), "and the lost change survives");
+            assert!(item.conflicts.contains(&lost.version), "and the lost change survives");
         } else {
             assert_ne!(state_bytes(&first), state_bytes(&second), "the same id diverges");
         }

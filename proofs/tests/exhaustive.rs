@@ -175,6 +175,7 @@ fn explore(budget: [u8; ENDPOINTS]) -> (Report, Universe) {
                 }
             }
         }
+        #[allow(clippy::needless_range_loop)] // e indexes three arrays
         for e in 0..ENDPOINTS {
             if state.ops_done[e] >= budget[e] {
                 continue;

@@ -19,7 +19,7 @@ pub fn write_feed(feed: &Feed) -> String {
     let sx = feedsync_prefix(&env.scope);
     let declare =
         if env.scope.uri(&sx).is_none() { format!(" xmlns:{sx}=\"{FEEDSYNC_NS}\"") } else { String::new() };
-    let _ = write!(out, "<{root_name}{}{declare}>\n", env.root_attrs);
+    let _ = writeln!(out, "<{root_name}{}{declare}>", env.root_attrs);
     let indent = match feed.dialect {
         Dialect::Rss => {
             let channel = if env.channel_name.is_empty() { "channel" } else { &env.channel_name };
@@ -173,7 +173,7 @@ fn write_sync(
     for entry in version.history.iter() {
         let _ = write!(out, "{indent}  <{sx}:history sequence=\"{}\"", entry.sequence);
         if let Some(when) = &entry.when {
-            let _ = write!(out, " when=\"{}\"", escape(&when.to_rfc3339()));
+            let _ = write!(out, " when=\"{}\"", escape(when.to_rfc3339()));
         }
         if let Some(by) = &entry.by {
             let _ = write!(out, " by=\"{}\"", escape(by.as_str()));
@@ -200,7 +200,7 @@ fn write_sharing(out: &mut String, sharing: &Sharing, indent: &str, sx: &str) {
         let _ = write!(out, " since=\"{}\" until=\"{}\"", escape(since.as_str()), escape(until.as_str()));
     }
     if let Some(expires) = &sharing.expires {
-        let _ = write!(out, " expires=\"{}\"", escape(&expires.to_rfc3339()));
+        let _ = write!(out, " expires=\"{}\"", escape(expires.to_rfc3339()));
     }
     if sharing.related.is_empty() {
         out.push_str("/>\n");
