@@ -108,7 +108,18 @@ impl<'i> Parser<'i> {
                     kind: ProblemKind::Malformed(format!("unbound namespace prefix {:?}", prefix)),
                 })
             }
-            Ok((resolved, event)) => Ok((ns_of(&resolved), event)),
+            Ok((resolved, event)) => {
+                // Every start tag's attributes must be well-formed and unique, also in content
+                // we keep raw (quick-xml checks them only when asked).
+                if let Event::Start(start) | Event::Empty(start) = &event {
+                    for attr in start.attributes() {
+                        if let Err(err) = attr {
+                            return Err(Stop { offset, kind: ProblemKind::Malformed(err.to_string()) });
+                        }
+                    }
+                }
+                Ok((ns_of(&resolved), event))
+            }
             Err(err) => Err(Stop {
                 offset: reader.error_position().max(offset),
                 kind: ProblemKind::Malformed(err.to_string()),
