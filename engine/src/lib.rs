@@ -2,5 +2,13 @@
 //! from the caller, so the simulator and the real binaries run the very same code.
 //!
 //! - [`feedsync`]: the FeedSync model, local operations, merge, canonical encoding and XML.
+//! - [`replica`]: one feed's items, change log (epoch + sequence) and digest.
+//! - [`riblt`]: rateless IBLT over 64-bit fingerprints, for set reconciliation.
+//! - [`sync`]: the sans-IO sync session (incremental by cursors, or full reconciliation).
+//! - [`wire`]: the versioned, bounded wire codec (serde + postcard).
 
 pub mod feedsync;
+pub mod replica;
+pub mod riblt;
+pub mod sync;
+pub mod wire;

@@ -147,6 +147,29 @@ impl When {
         Ok(when)
     }
 
+    /// Rebuilds a `when` from its parts (as the wire carries it), checking them: the instant in
+    /// range, nanoseconds below one second, and the text (if any) naming the same instant.
+    pub fn from_parts(unix_secs: i64, nanos: u32, text: Option<&str>) -> Result<Self, FeedsyncError> {
+        if !(limits::WHEN_SECS_MIN..=limits::WHEN_SECS_MAX).contains(&unix_secs) || nanos >= 1_000_000_000 {
+            return Err(FeedsyncError::WhenOutOfRange { unix_secs });
+        }
+        match text {
+            None => Ok(Self { unix_secs, nanos, text: None }),
+            Some(text) => {
+                let parsed = Self::parse(text)?;
+                if (parsed.unix_secs, parsed.nanos) != (unix_secs, nanos) {
+                    return Err(FeedsyncError::WhenNotRfc3339 { text: truncate(text) });
+                }
+                Ok(parsed)
+            }
+        }
+    }
+
+    /// The text as read, when it differs from what [`When::to_rfc3339`] would make of the instant.
+    pub fn text_as_read(&self) -> Option<&str> {
+        self.text.as_deref()
+    }
+
     /// The same instant, truncated to whole seconds (how our own new entries are written).
     pub fn whole_seconds(&self) -> Self {
         Self { unix_secs: self.unix_secs, nanos: 0, text: None }

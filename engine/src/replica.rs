@@ -1,0 +1,232 @@
+//! A replica: one feed's items, a local change sequence and an order-independent digest.
+//!
+//! Every accepted change (a local operation, or a merge that changed an item) gets the next
+//! sequence number of the replica's *epoch*, so a peer can ask "what changed since N of epoch E".
+//! A replica that restarts without its full change log starts a new epoch (the caller picks it),
+//! so no old cursor can skip a change. The log keeps only each item's latest change, so it is as
+//! large as the item set. Items are `Arc`s: replicas of the same feed share every payload.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::feedsync::{self, Edit, Endpoint, FeedsyncError, Item, ItemId, MergeOutcome, When};
+
+/// A 64-bit fingerprint of an item's whole state (id, winner, conflicts).
+pub type Fingerprint = u64;
+
+/// Sequence numbers of a replica's change log, within one epoch.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+pub struct Seq(pub u64);
+
+/// Where a peer is in a replica's change log: everything up to `seq` of `epoch`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Cursor {
+    pub epoch: u64,
+    pub seq: Seq,
+}
+
+/// Fingerprint of an item: BLAKE3 (keyed with a fixed domain key) over the canonical encodings of
+/// its winner and conflicts, truncated to 64 bits.
+pub fn fingerprint(item: &Item) -> Fingerprint {
+    const KEY: [u8; 32] = *b"feedmesh item fingerprint v1 ###";
+    let mut bytes = Vec::with_capacity(256);
+    feedsync::encode_version_into(&item.version, &mut bytes);
+    for conflict in &item.conflicts {
+        bytes.push(b'C');
+        feedsync::encode_version_into(conflict, &mut bytes);
+    }
+    let hash = blake3::keyed_hash(&KEY, &bytes);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash.as_bytes()[..8]);
+    u64::from_le_bytes(first)
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    item: Arc<Item>,
+    fp: Fingerprint,
+    seq: Seq,
+}
+
+/// One feed's replica.
+#[derive(Clone, Debug)]
+pub struct Replica {
+    epoch: u64,
+    head: Seq,
+    items: BTreeMap<ItemId, Entry>,
+    /// The change log: the latest change of each item, by sequence.
+    log: BTreeMap<Seq, ItemId>,
+    /// Fingerprint to item, for answering a peer's "send me these".
+    by_fp: BTreeMap<Fingerprint, ItemId>,
+    digest: u64,
+}
+
+impl Replica {
+    /// An empty replica in `epoch` (the caller's choice: a fresh random value per incarnation).
+    pub fn new(epoch: u64) -> Self {
+        Self {
+            epoch,
+            head: Seq(0),
+            items: BTreeMap::new(),
+            log: BTreeMap::new(),
+            by_fp: BTreeMap::new(),
+            digest: 0,
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The last sequence number given out.
+    pub fn head(&self) -> Seq {
+        self.head
+    }
+
+    pub fn cursor(&self) -> Cursor {
+        Cursor { epoch: self.epoch, seq: self.head }
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Order-independent digest: the wrapping sum of the items' fingerprints.
+    pub fn digest(&self) -> u64 {
+        self.digest
+    }
+
+    pub fn item(&self, id: &ItemId) -> Option<&Arc<Item>> {
+        self.items.get(id).map(|e| &e.item)
+    }
+
+    /// Items by id.
+    pub fn items(&self) -> impl Iterator<Item = &Arc<Item>> {
+        self.items.values().map(|e| &e.item)
+    }
+
+    /// The fingerprints of all items (ascending by id).
+    pub fn fingerprints(&self) -> impl Iterator<Item = Fingerprint> + '_ {
+        self.items.values().map(|e| e.fp)
+    }
+
+    pub fn by_fingerprint(&self, fp: Fingerprint) -> Option<&Arc<Item>> {
+        self.by_fp.get(&fp).and_then(|id| self.item(id))
+    }
+
+    pub fn fingerprint_of(&self, id: &ItemId) -> Option<Fingerprint> {
+        self.items.get(id).map(|e| e.fp)
+    }
+
+    /// Items changed after `since` (in this epoch), oldest first.
+    pub fn changes_since(&self, since: Seq) -> impl Iterator<Item = (Seq, &Arc<Item>)> {
+        self.log
+            .range(Seq(since.0.saturating_add(1))..)
+            .filter_map(|(seq, id)| self.item(id).map(|i| (*seq, i)))
+    }
+
+    /// Records a new state for an item: next sequence number, log, digest, index.
+    fn store(&mut self, item: Arc<Item>) -> Seq {
+        let fp = fingerprint(&item);
+        let id = item.id().clone();
+        self.head = Seq(self.head.0 + 1);
+        let seq = self.head;
+        if let Some(old) = self.items.insert(id.clone(), Entry { item, fp, seq }) {
+            self.log.remove(&old.seq);
+            self.by_fp.remove(&old.fp);
+            self.digest = self.digest.wrapping_sub(old.fp);
+        }
+        self.log.insert(seq, id.clone());
+        self.by_fp.insert(fp, id);
+        self.digest = self.digest.wrapping_add(fp);
+        seq
+    }
+
+    /// A local change (create, update, delete, resolve) by endpoint `by` at `when`.
+    pub fn change(
+        &mut self,
+        id: &ItemId,
+        by: &Endpoint,
+        when: &When,
+        edit: &Edit,
+    ) -> Result<Seq, FeedsyncError> {
+        let next = match self.item(id) {
+            Some(item) => item.update(by, when, edit)?,
+            None => {
+                let content = edit.content.clone().unwrap_or_else(|| Arc::new(feedsync::Content::empty()));
+                let mut item = Item::create(id.clone(), by, when, content, false);
+                item.version.deleted = edit.delete;
+                item
+            }
+        };
+        if self.item(id).is_none() && self.items.len() >= feedsync::limits::ITEMS_PER_FEED_MAX {
+            return Err(FeedsyncError::TooManyItems);
+        }
+        Ok(self.store(Arc::new(next)))
+    }
+
+    /// Merges an incoming item (FeedSync 3.3). Returns whether the replica changed.
+    pub fn merge(&mut self, incoming: &Arc<Item>) -> Result<bool, FeedsyncError> {
+        match self.item(incoming.id()) {
+            None => {
+                if self.items.len() >= feedsync::limits::ITEMS_PER_FEED_MAX {
+                    return Err(FeedsyncError::TooManyItems);
+                }
+                self.store(incoming.clone());
+                Ok(true)
+            }
+            Some(local) => {
+                if Arc::ptr_eq(local, incoming) {
+                    return Ok(false);
+                }
+                let (merged, outcome) = feedsync::merge_item(local, incoming);
+                match outcome {
+                    MergeOutcome::Unchanged => Ok(false),
+                    MergeOutcome::Changed => {
+                        // Share the incoming Arc when the result is exactly it.
+                        let merged = if merged == **incoming { incoming.clone() } else { Arc::new(merged) };
+                        self.store(merged);
+                        Ok(true)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks the replica's invariants: index, log and digest agree with the items.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut digest = 0u64;
+        if self.log.len() != self.items.len() || self.by_fp.len() > self.items.len() {
+            return Err(format!(
+                "log {} / index {} / items {}",
+                self.log.len(),
+                self.by_fp.len(),
+                self.items.len()
+            ));
+        }
+        for (id, entry) in &self.items {
+            if entry.item.id() != id {
+                return Err(format!("item {id} stored under another id"));
+            }
+            if fingerprint(&entry.item) != entry.fp {
+                return Err(format!("item {id}: stale fingerprint"));
+            }
+            if self.log.get(&entry.seq) != Some(id) {
+                return Err(format!("item {id}: not in the log at its sequence"));
+            }
+            if entry.seq > self.head {
+                return Err(format!("item {id}: sequence past the head"));
+            }
+            entry.item.check_invariants().map_err(|e| e.to_string())?;
+            digest = digest.wrapping_add(entry.fp);
+        }
+        if digest != self.digest {
+            return Err("digest differs from the items".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,670 @@
+//! A sans-IO sync session between two replicas of one feed.
+//!
+//! Shape (quinn-proto's): `handle_message(now, replica, bytes)` and `handle_timeout(now, replica)`
+//! take input; `poll_transmit()` and `poll_timeout()` give output; time is the caller's.
+//!
+//! Messages strictly alternate (initiator steps 0, 2, 4, ...; responder 1, 3, 5, ...). A side that
+//! sent a message and waits retransmits it when its timer fires (exponential backoff, bounded);
+//! a duplicate of the peer's previous message makes it resend its last reply; anything else out of
+//! order is dropped. Merging is idempotent, so loss, duplication and reordering cannot corrupt a
+//! replica; every received item is validated before it is merged.
+//!
+//! Two paths, chosen in the first message:
+//! - **incremental** (both cursors retained): `Hello{push, cursor}` carries the initiator's changes
+//!   since the responder's acknowledgement; `Changes` answers with the responder's since the
+//!   initiator's cursor. One round trip.
+//! - **full reconciliation**: `Hello{symbols}` carries the first coded symbols of the initiator's
+//!   fingerprint set (rateless IBLT, [`crate::riblt`]); the responder asks for `More` until the
+//!   difference decodes, then `Diff` sends its missing items and the fingerprints it wants, the
+//!   initiator answers with `Items`, and `Done` closes. Two round trips when the difference is
+//!   small; bytes beyond the payload about 1.4 coded symbols (17-19 bytes) per difference.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use crate::feedsync::Item;
+use crate::replica::{Cursor, Fingerprint, Replica, Seq};
+use crate::riblt::{self, Decoder, Symbol};
+use crate::wire::{
+    self, Body, Fixed64, Message, Push, WireCursor, WireError, WireItem, WireSymbol, WIRE_VERSION,
+};
+
+/// Microseconds of the caller's clock.
+pub type Micros = u64;
+
+/// Session limits and timers.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Largest message either side sends or accepts.
+    pub max_message_bytes: usize,
+    /// Coded symbols in the first message of a full reconciliation.
+    pub initial_symbols: u64,
+    /// Most coded symbols one reconciliation may use (then it fails).
+    pub max_symbols: u64,
+    /// First retransmission timeout; doubles with each retry up to 16 times this.
+    pub rto_us: Micros,
+    /// Retransmissions of one message before the session fails.
+    pub max_retries: u32,
+    /// How long the side that sent the last message keeps answering duplicates (longer than the
+    /// peer's whole retransmission schedule).
+    pub linger_us: Micros,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 1 << 20,
+            initial_symbols: 16,
+            max_symbols: 1 << 22,
+            rto_us: 200_000,
+            max_retries: 10,
+            linger_us: 60_000_000,
+        }
+    }
+}
+
+/// Why a session failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SyncError {
+    #[error("peer did not answer after {0} retransmissions")]
+    Timeout(u32),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("peer aborted: {0}")]
+    Aborted(String),
+    #[error("reconciliation needs more than {0} coded symbols")]
+    TooManySymbols(u64),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
+/// What a caller keeps per peer between sessions (from the initiator's point of view).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retained {
+    /// How far I have the peer's log.
+    pub peer_log: Option<Cursor>,
+    /// How far the peer has acknowledged mine.
+    pub acked: Option<Cursor>,
+}
+
+/// Counters of one session, for reports and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub messages_sent: u64,
+    pub bytes_sent: u64,
+    pub retransmissions: u64,
+    /// Encoded bytes of the items sent.
+    pub payload_bytes_sent: u64,
+    pub items_sent: u64,
+    pub items_received: u64,
+    pub items_changed: u64,
+    pub symbols_sent: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Running,
+    /// Finished. `retained` is what to keep for the next session with this peer (meaningful for
+    /// the initiator; the responder learns only `peer_log`). `digests_equal` is false only when a
+    /// replica changed during the session.
+    Done {
+        retained: Retained,
+        digests_equal: bool,
+    },
+    Failed(SyncError),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Initiator,
+    Responder,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the peer's next message.
+    Waiting,
+    /// Sent the last message; answering duplicates until the linger deadline.
+    Lingering,
+    Finished,
+}
+
+/// One sync session.
+#[derive(Debug)]
+pub struct Session {
+    role: Role,
+    id: u64,
+    cfg: Config,
+    /// Step of my next message; the peer's next is `next_step` - 1 + 2 = `next_step` + 1 ... see
+    /// `expect`.
+    next_step: u32,
+    expect: u32,
+    last_sent: Option<Vec<u8>>,
+    phase: Phase,
+    deadline: Option<Micros>,
+    retries: u32,
+    transmit: VecDeque<Vec<u8>>,
+    /// My (fingerprint, id) set when reconciliation started, by fingerprint.
+    snapshot: BTreeMap<Fingerprint, crate::feedsync::ItemId>,
+    decoder: Decoder,
+    symbols_sent: u64,
+    /// Items I still have to send, as ids (the current version is sent).
+    outbox: VecDeque<crate::feedsync::ItemId>,
+    /// Whether my outbox is the last thing I send (responder: then `Done` follows the peer's).
+    my_log_at_start: Cursor,
+    peer_log: Option<Cursor>,
+    acked: Option<Cursor>,
+    /// Fingerprints of items the initiator pushed (not echoed back).
+    pushed: Vec<Fingerprint>,
+    /// Initiator: the responder's items are all in; now sending mine.
+    sending_mine: bool,
+    known_of_peer: Option<Cursor>,
+    stats: Stats,
+    outcome: Outcome,
+}
+
+impl Session {
+    fn new(role: Role, id: u64, cfg: Config, replica: &Replica) -> Self {
+        let (next_step, expect) = match role {
+            Role::Initiator => (0, 1),
+            Role::Responder => (1, 0),
+        };
+        Self {
+            role,
+            id,
+            cfg,
+            next_step,
+            expect,
+            last_sent: None,
+            phase: Phase::Waiting,
+            deadline: None,
+            retries: 0,
+            transmit: VecDeque::new(),
+            snapshot: BTreeMap::new(),
+            decoder: Decoder::new(),
+            symbols_sent: 0,
+            outbox: VecDeque::new(),
+            my_log_at_start: replica.cursor(),
+            peer_log: None,
+            acked: None,
+            pushed: Vec::new(),
+            sending_mine: false,
+            known_of_peer: None,
+            stats: Stats::default(),
+            outcome: Outcome::Running,
+        }
+    }
+
+    /// Starts a session as the initiator. `retained` is what this side kept from the last
+    /// session with the peer; with both cursors (and the same epoch), the incremental path.
+    pub fn initiate(id: u64, now: Micros, replica: &Replica, cfg: Config, retained: Retained) -> Self {
+        let mut s = Self::new(Role::Initiator, id, cfg, replica);
+        let mine = replica.cursor();
+        let incremental = match (retained.peer_log, retained.acked) {
+            (Some(_), Some(acked)) => acked.epoch == mine.epoch && acked.seq <= mine.seq,
+            _ => false,
+        };
+        let mut push = None;
+        let mut symbols = Vec::new();
+        if incremental {
+            let from = retained.acked.map(|c| c.seq).unwrap_or_default();
+            let items: Vec<WireItem> =
+                replica.changes_since(from).map(|(_, item)| wire::to_wire(item)).collect();
+            let bytes: usize = items.iter().map(wire::encoded_len).sum();
+            if bytes + 256 <= s.cfg.max_message_bytes {
+                s.stats.payload_bytes_sent += bytes as u64;
+                s.stats.items_sent += items.len() as u64;
+                push = Some(Push { epoch: mine.epoch, from: from.0, items });
+            }
+        }
+        if push.is_none() {
+            s.take_snapshot(replica);
+            symbols = s.next_symbols(s.cfg.initial_symbols);
+        }
+        let body = Body::Hello {
+            log: wire_cursor(mine),
+            count: replica.len() as u64,
+            digest: replica.digest().into(),
+            cursor: if push.is_some() { retained.peer_log.map(wire_cursor) } else { None },
+            push,
+            symbols,
+        };
+        s.send(now, body);
+        s
+    }
+
+    /// A responder session, made when the first message of a new session arrives (then pass that
+    /// message to [`Session::handle_message`]). `known_of_peer` is how far this side has the
+    /// initiator's log.
+    pub fn respond(id: u64, replica: &Replica, cfg: Config, known_of_peer: Option<Cursor>) -> Self {
+        let mut s = Self::new(Role::Responder, id, cfg, replica);
+        s.known_of_peer = known_of_peer;
+        s
+    }
+
+    /// The session id a message belongs to (for routing), if it decodes.
+    pub fn session_of(bytes: &[u8], max_bytes: usize) -> Result<u64, WireError> {
+        wire::decode(bytes, max_bytes).map(|m| m.session)
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn outcome(&self) -> &Outcome {
+        &self.outcome
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// The next message to send.
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.transmit.pop_front()
+    }
+
+    /// When to call [`Session::handle_timeout`].
+    pub fn poll_timeout(&self) -> Option<Micros> {
+        match self.phase {
+            Phase::Finished => None,
+            _ => self.deadline,
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Micros) {
+        let Some(deadline) = self.deadline else { return };
+        if now < deadline {
+            return;
+        }
+        match self.phase {
+            Phase::Finished => {}
+            Phase::Lingering => {
+                self.phase = Phase::Finished;
+                self.deadline = None;
+            }
+            Phase::Waiting => {
+                if self.retries >= self.cfg.max_retries {
+                    self.fail(SyncError::Timeout(self.retries));
+                    return;
+                }
+                self.retries += 1;
+                if let Some(last) = self.last_sent.clone() {
+                    self.stats.retransmissions += 1;
+                    self.stats.bytes_sent += last.len() as u64;
+                    self.transmit.push_back(last);
+                }
+                self.deadline = Some(now + (self.cfg.rto_us << self.retries.min(4)));
+            }
+        }
+    }
+
+    /// Handles a message from the peer. An error is returned for bytes that do not decode or
+    /// break the protocol; the replica is never left half-changed by a bad message.
+    pub fn handle_message(
+        &mut self,
+        now: Micros,
+        replica: &mut Replica,
+        bytes: &[u8],
+    ) -> Result<(), SyncError> {
+        let message = wire::decode(bytes, self.cfg.max_message_bytes)?;
+        if message.session != self.id || message.version != WIRE_VERSION {
+            return Ok(());
+        }
+        if self.phase == Phase::Finished {
+            return Ok(());
+        }
+        if message.step != self.expect {
+            // The peer repeated its previous message: our answer was lost. Send it again.
+            if message.step.wrapping_add(2) == self.expect {
+                if let Some(last) = self.last_sent.clone() {
+                    self.stats.retransmissions += 1;
+                    self.stats.bytes_sent += last.len() as u64;
+                    self.transmit.push_back(last);
+                }
+            }
+            return Ok(());
+        }
+        if self.phase == Phase::Lingering {
+            return Ok(());
+        }
+        self.expect += 2;
+        self.retries = 0;
+        let result = match self.role {
+            Role::Initiator => self.initiator(now, replica, message.body),
+            Role::Responder => self.responder(now, replica, message.body),
+        };
+        if let Err(err) = &result {
+            let reason = err.to_string();
+            self.send(now, Body::Abort { reason });
+            self.fail(err.clone());
+        }
+        result
+    }
+
+    fn initiator(&mut self, now: Micros, replica: &mut Replica, body: Body) -> Result<(), SyncError> {
+        match body {
+            Body::Changes { log, items, more } => {
+                self.merge_all(replica, &items)?;
+                self.peer_log = Some(cursor(log));
+                if more {
+                    self.send(now, Body::Continue);
+                } else {
+                    self.acked = Some(self.my_log_at_start);
+                    self.finish(replica, None);
+                }
+            }
+            Body::More { upto } => {
+                if upto > self.cfg.max_symbols {
+                    return Err(SyncError::TooManySymbols(upto));
+                }
+                if self.snapshot.is_empty() && self.symbols_sent == 0 {
+                    self.take_snapshot(replica);
+                }
+                let want = upto.saturating_sub(self.symbols_sent);
+                let from = self.symbols_sent;
+                let symbols = self.next_symbols(want);
+                self.send(now, Body::Symbols { from, symbols });
+            }
+            Body::Diff { log, want, items, more } => {
+                self.merge_all(replica, &items)?;
+                self.peer_log = Some(cursor(log));
+                for fp in want {
+                    let fp = u64::from(fp);
+                    match self.snapshot.get(&fp) {
+                        Some(id) => self.outbox.push_back(id.clone()),
+                        None => {
+                            return Err(SyncError::Protocol("peer wants a fingerprint we do not have".into()))
+                        }
+                    }
+                }
+                if more {
+                    self.send(now, Body::Continue);
+                } else {
+                    self.sending_mine = true;
+                    self.send_chunk(now, replica);
+                }
+            }
+            Body::Items { items, more } => {
+                if self.sending_mine {
+                    return Err(SyncError::Protocol("items while we are sending ours".into()));
+                }
+                self.merge_all(replica, &items)?;
+                if more {
+                    self.send(now, Body::Continue);
+                } else {
+                    self.sending_mine = true;
+                    self.send_chunk(now, replica);
+                }
+            }
+            Body::Continue => {
+                if !self.sending_mine {
+                    return Err(SyncError::Protocol("continue out of turn".into()));
+                }
+                self.send_chunk(now, replica);
+            }
+            Body::Done { log, digest } => {
+                self.peer_log = Some(cursor(log));
+                self.acked = Some(self.my_log_at_start);
+                self.finish(replica, Some(u64::from(digest)));
+            }
+            Body::Abort { reason } => self.fail(SyncError::Aborted(reason)),
+            other => return Err(SyncError::Protocol(format!("initiator got {}", name(&other)))),
+        }
+        Ok(())
+    }
+
+    fn responder(&mut self, now: Micros, replica: &mut Replica, body: Body) -> Result<(), SyncError> {
+        match body {
+            Body::Hello { log, count: _, digest, cursor: their_cursor, push, symbols } => {
+                let initiator_log = cursor(log);
+                self.peer_log = Some(initiator_log);
+                // The initiator's changes since our acknowledgement. We acknowledged them in this
+                // epoch of ours (its cursor of our log says so), and a replica that loses state
+                // changes epoch, so we still have everything before `from`. A record of our own
+                // that says otherwise wins.
+                let mine = replica.cursor();
+                let same_epoch = their_cursor.is_some_and(|c| c.epoch == mine.epoch && c.seq <= mine.seq.0);
+                let mut push_ok = false;
+                if let Some(push) = push {
+                    let contradicted =
+                        self.known_of_peer.is_some_and(|k| k.epoch == push.epoch && k.seq.0 < push.from);
+                    push_ok = push.epoch == initiator_log.epoch && same_epoch && !contradicted;
+                    let items = decode_items(&push.items)?;
+                    self.pushed = items.iter().map(|i| crate::replica::fingerprint(i)).collect();
+                    self.merge_items(replica, items)?;
+                }
+                let mine = replica.cursor();
+                let serve = their_cursor.map(cursor).filter(|c| c.epoch == mine.epoch && c.seq <= mine.seq);
+                if let (true, Some(since)) = (push_ok, serve) {
+                    for (_, item) in replica.changes_since(since.seq) {
+                        if !self.pushed.contains(&crate::replica::fingerprint(item)) {
+                            self.outbox.push_back(item.id().clone());
+                        }
+                    }
+                    self.send_changes(now, replica);
+                    return Ok(());
+                }
+                if u64::from(digest) == replica.digest() {
+                    self.send_done(now, replica);
+                    return Ok(());
+                }
+                self.take_snapshot(replica);
+                self.absorb_symbols(now, replica, 0, &symbols)?;
+            }
+            Body::Symbols { from, symbols } => self.absorb_symbols(now, replica, from, &symbols)?,
+            Body::Continue => {
+                if self.outbox.is_empty() && !self.sending_mine {
+                    return Err(SyncError::Protocol("continue with nothing to send".into()));
+                }
+                if self.sending_mine {
+                    self.send_changes_or_items(now, replica);
+                }
+            }
+            Body::Items { items, more } => {
+                self.merge_all(replica, &items)?;
+                if more {
+                    self.send(now, Body::Continue);
+                } else {
+                    self.send_done(now, replica);
+                }
+            }
+            Body::Abort { reason } => self.fail(SyncError::Aborted(reason)),
+            other => return Err(SyncError::Protocol(format!("responder got {}", name(&other)))),
+        }
+        Ok(())
+    }
+
+    /// Responder: add the initiator's symbols starting at `from`; answer `Diff` or `More`.
+    fn absorb_symbols(
+        &mut self,
+        now: Micros,
+        replica: &Replica,
+        from: u64,
+        symbols: &[WireSymbol],
+    ) -> Result<(), SyncError> {
+        if from != self.decoder.len() {
+            return Err(SyncError::Protocol(format!("symbols from {from}, expected {}", self.decoder.len())));
+        }
+        let total = from + symbols.len() as u64;
+        if total > self.cfg.max_symbols {
+            return Err(SyncError::TooManySymbols(total));
+        }
+        let remote: Vec<Symbol> = symbols.iter().map(|s| Symbol::from(*s)).collect();
+        let local = riblt::encode(self.snapshot.keys().copied(), from, remote.len());
+        let decoded = !remote.is_empty() && self.decoder.add(&remote, &local);
+        if !decoded {
+            let upto = (total.max(self.cfg.initial_symbols / 2) * 2).min(self.cfg.max_symbols);
+            if upto <= total {
+                return Err(SyncError::TooManySymbols(total));
+            }
+            self.send(now, Body::More { upto });
+            return Ok(());
+        }
+        let difference = self.decoder.difference().clone();
+        let want: Vec<Fixed64> = difference.remote.iter().map(|&fp| Fixed64::from(fp)).collect();
+        if want.len() * 9 + 256 > self.cfg.max_message_bytes {
+            return Err(SyncError::Protocol("difference too large for one message".into()));
+        }
+        for fp in &difference.local {
+            if let Some(id) = self.snapshot.get(fp) {
+                self.outbox.push_back(id.clone());
+            }
+        }
+        let budget = self.cfg.max_message_bytes.saturating_sub(want.len() * 9 + 256);
+        let items = self.take_chunk(replica, budget);
+        let more = !self.outbox.is_empty();
+        self.sending_mine = more;
+        let log = wire_cursor(replica.cursor());
+        self.send(now, Body::Diff { log, want, items, more });
+        Ok(())
+    }
+
+    fn send_changes(&mut self, now: Micros, replica: &Replica) {
+        self.sending_mine = true;
+        self.send_changes_or_items(now, replica);
+    }
+
+    /// Responder: the next chunk of `Changes` (incremental) or `Items` (after `Diff`).
+    fn send_changes_or_items(&mut self, now: Micros, replica: &Replica) {
+        let incremental = self.snapshot.is_empty() && self.decoder.is_empty();
+        let items = self.take_chunk(replica, self.cfg.max_message_bytes.saturating_sub(256));
+        let more = !self.outbox.is_empty();
+        if incremental {
+            let log = wire_cursor(replica.cursor());
+            self.send(now, Body::Changes { log, items, more });
+            if !more {
+                self.linger(now);
+            }
+        } else {
+            self.sending_mine = more;
+            self.send(now, Body::Items { items, more });
+        }
+    }
+
+    /// Initiator: the next chunk of my items.
+    fn send_chunk(&mut self, now: Micros, replica: &Replica) {
+        let items = self.take_chunk(replica, self.cfg.max_message_bytes.saturating_sub(256));
+        let more = !self.outbox.is_empty();
+        self.send(now, Body::Items { items, more });
+    }
+
+    fn send_done(&mut self, now: Micros, replica: &Replica) {
+        let log = wire_cursor(replica.cursor());
+        self.send(now, Body::Done { log, digest: replica.digest().into() });
+        self.linger(now);
+    }
+
+    fn linger(&mut self, now: Micros) {
+        self.phase = Phase::Lingering;
+        self.deadline = Some(now + self.cfg.linger_us);
+        let retained = Retained { peer_log: self.peer_log, acked: None };
+        self.outcome = Outcome::Done { retained, digests_equal: true };
+    }
+
+    fn finish(&mut self, replica: &Replica, peer_digest: Option<u64>) {
+        self.phase = Phase::Finished;
+        self.deadline = None;
+        let digests_equal = peer_digest.is_none_or(|d| d == replica.digest());
+        self.outcome = Outcome::Done {
+            retained: Retained { peer_log: self.peer_log, acked: self.acked },
+            digests_equal,
+        };
+    }
+
+    fn fail(&mut self, err: SyncError) {
+        self.phase = Phase::Finished;
+        self.deadline = None;
+        self.outcome = Outcome::Failed(err);
+    }
+
+    /// Items from the outbox, up to `budget` encoded bytes (at least one, if any).
+    fn take_chunk(&mut self, replica: &Replica, budget: usize) -> Vec<WireItem> {
+        let mut items = Vec::new();
+        let mut used = 0usize;
+        while let Some(id) = self.outbox.front() {
+            let Some(item) = replica.item(id) else {
+                self.outbox.pop_front();
+                continue;
+            };
+            let wire_item = wire::to_wire(item);
+            let len = wire::encoded_len(&wire_item);
+            if !items.is_empty() && used + len > budget {
+                break;
+            }
+            used += len;
+            self.outbox.pop_front();
+            items.push(wire_item);
+        }
+        self.stats.payload_bytes_sent += used as u64;
+        self.stats.items_sent += items.len() as u64;
+        items
+    }
+
+    fn take_snapshot(&mut self, replica: &Replica) {
+        self.snapshot =
+            replica.items().map(|item| (crate::replica::fingerprint(item), item.id().clone())).collect();
+    }
+
+    fn next_symbols(&mut self, count: u64) -> Vec<WireSymbol> {
+        let per_message = (self.cfg.max_message_bytes.saturating_sub(256) / 20) as u64;
+        let count = count.min(per_message).min(self.cfg.max_symbols.saturating_sub(self.symbols_sent));
+        let symbols = riblt::encode(self.snapshot.keys().copied(), self.symbols_sent, count as usize);
+        self.symbols_sent += count;
+        self.stats.symbols_sent += count;
+        symbols.into_iter().map(WireSymbol::from).collect()
+    }
+
+    fn merge_all(&mut self, replica: &mut Replica, items: &[WireItem]) -> Result<(), SyncError> {
+        let items = decode_items(items)?;
+        self.merge_items(replica, items)
+    }
+
+    fn merge_items(&mut self, replica: &mut Replica, items: Vec<Arc<Item>>) -> Result<(), SyncError> {
+        for item in items {
+            self.stats.items_received += 1;
+            if replica.merge(&item).map_err(|e| SyncError::Protocol(e.to_string()))? {
+                self.stats.items_changed += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, now: Micros, body: Body) {
+        let message = Message { version: WIRE_VERSION, session: self.id, step: self.next_step, body };
+        self.next_step += 2;
+        let bytes = wire::encode(&message);
+        self.stats.messages_sent += 1;
+        self.stats.bytes_sent += bytes.len() as u64;
+        self.transmit.push_back(bytes.clone());
+        self.last_sent = Some(bytes);
+        self.deadline = Some(now + self.cfg.rto_us);
+    }
+}
+
+/// Validates every item of a message before any is merged (all or nothing).
+fn decode_items(items: &[WireItem]) -> Result<Vec<Arc<Item>>, SyncError> {
+    items.iter().map(|w| wire::from_wire(w).map(Arc::new).map_err(SyncError::from)).collect()
+}
+
+fn wire_cursor(c: Cursor) -> WireCursor {
+    WireCursor { epoch: c.epoch, seq: c.seq.0 }
+}
+
+fn cursor(c: WireCursor) -> Cursor {
+    Cursor { epoch: c.epoch, seq: Seq(c.seq) }
+}
+
+fn name(body: &Body) -> &'static str {
+    match body {
+        Body::Hello { .. } => "Hello",
+        Body::Changes { .. } => "Changes",
+        Body::More { .. } => "More",
+        Body::Symbols { .. } => "Symbols",
+        Body::Diff { .. } => "Diff",
+        Body::Items { .. } => "Items",
+        Body::Continue => "Continue",
+        Body::Done { .. } => "Done",
+        Body::Abort { .. } => "Abort",
+    }
+}

@@ -1,0 +1,335 @@
+//! The sync wire codec: serde + postcard, versioned, bounded, with typed decode errors. A
+//! simulated node and a real one send exactly these bytes. Decoding arbitrary bytes never panics,
+//! and every item that decodes is a valid FeedSync item (ids, endpoints, times, invariants).
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::feedsync::{self, Content, Endpoint, HistoryEntry, Item, ItemId, NsScope, Version, When};
+use crate::riblt::Symbol;
+
+/// The wire format version this engine speaks.
+pub const WIRE_VERSION: u8 = 1;
+
+/// Errors decoding a message. A peer's bytes produce these, never a panic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("message of {len} bytes is over the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("wire version {0} is not supported (this engine speaks {WIRE_VERSION})")]
+    Version(u8),
+    #[error("undecodable message: {0}")]
+    Decode(String),
+    #[error("trailing bytes after the message")]
+    Trailing,
+    #[error("invalid item in message: {0}")]
+    Item(String),
+}
+
+/// A fingerprint, digest or check value: always 8 bytes on the wire (a varint would take 10).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Fixed64(pub [u8; 8]);
+
+impl From<u64> for Fixed64 {
+    fn from(v: u64) -> Self {
+        Self(v.to_le_bytes())
+    }
+}
+
+impl From<Fixed64> for u64 {
+    fn from(v: Fixed64) -> Self {
+        u64::from_le_bytes(v.0)
+    }
+}
+
+/// A coded symbol of the rateless IBLT: 8 + 8 bytes plus a zigzag varint count.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct WireSymbol {
+    pub sum: Fixed64,
+    pub check: Fixed64,
+    pub count: i64,
+}
+
+impl From<Symbol> for WireSymbol {
+    fn from(s: Symbol) -> Self {
+        Self { sum: s.sum.into(), check: s.check.into(), count: s.count }
+    }
+}
+
+impl From<WireSymbol> for Symbol {
+    fn from(s: WireSymbol) -> Self {
+        Self { sum: s.sum.into(), check: s.check.into(), count: s.count }
+    }
+}
+
+/// A replica's log position on the wire.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct WireCursor {
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct WireWhen {
+    pub secs: i64,
+    pub nanos: u32,
+    pub text: Option<String>,
+}
+
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct WireEntry {
+    pub sequence: u32,
+    pub when: Option<WireWhen>,
+    pub by: Option<String>,
+}
+
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct WireVersion {
+    pub id: String,
+    pub updates: u32,
+    /// bit 0 deleted, bit 1 noconflicts.
+    pub flags: u8,
+    pub history: Vec<WireEntry>,
+    pub attrs: String,
+    pub inner: String,
+    /// Namespace bindings the content needs, `(prefix, uri)`.
+    pub scope: Vec<(String, String)>,
+}
+
+/// One item (winner and conflicts) on the wire.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct WireItem {
+    pub version: WireVersion,
+    pub conflicts: Vec<WireVersion>,
+}
+
+/// Changes from the sender's log after `from` (exclusive), in `epoch`.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Push {
+    pub epoch: u64,
+    pub from: u64,
+    pub items: Vec<WireItem>,
+}
+
+/// What a message says. See `sync.rs` for who sends what when.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Body {
+    /// Initiator, first: its log position, set size and digest; its cursor of the responder's log
+    /// and its changes since the responder's last acknowledgement (incremental), or the first
+    /// coded symbols of its set (full reconciliation).
+    Hello {
+        log: WireCursor,
+        count: u64,
+        digest: Fixed64,
+        cursor: Option<WireCursor>,
+        push: Option<Push>,
+        symbols: Vec<WireSymbol>,
+    },
+    /// Responder: its changes since the initiator's cursor (`more`: another chunk follows).
+    Changes { log: WireCursor, items: Vec<WireItem>, more: bool },
+    /// Responder: send coded symbols until there are `upto` in all.
+    More { upto: u64 },
+    /// Initiator: coded symbols starting at index `from`.
+    Symbols { from: u64, symbols: Vec<WireSymbol> },
+    /// Responder: decoded. The fingerprints of the initiator's items it wants, and a first chunk of
+    /// its own items the initiator lacks.
+    Diff { log: WireCursor, want: Vec<Fixed64>, items: Vec<WireItem>, more: bool },
+    /// Either: a further chunk of items.
+    Items { items: Vec<WireItem>, more: bool },
+    /// Either: go on (answers a chunk with `more`).
+    Continue,
+    /// Responder: finished (the sets were equal, or the initiator's last items are merged); its log
+    /// position and digest now.
+    Done { log: WireCursor, digest: Fixed64 },
+    /// Either: giving up.
+    Abort { reason: String },
+}
+
+/// One session message.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Message {
+    pub version: u8,
+    pub session: u64,
+    pub step: u32,
+    pub body: Body,
+}
+
+/// Encodes a message.
+pub fn encode(message: &Message) -> Vec<u8> {
+    // Serialising plain data into a Vec cannot fail.
+    postcard::to_allocvec(message).unwrap_or_default()
+}
+
+/// The encoded size of a value (for budgeting chunks).
+pub fn encoded_len<T: Serialize>(value: &T) -> usize {
+    postcard::experimental::serialized_size(value).unwrap_or(usize::MAX)
+}
+
+/// Decodes a message of at most `max_bytes`.
+pub fn decode(bytes: &[u8], max_bytes: usize) -> Result<Message, WireError> {
+    if bytes.len() > max_bytes {
+        return Err(WireError::TooLarge { len: bytes.len(), max: max_bytes });
+    }
+    if let Some(&version) = bytes.first() {
+        if version != WIRE_VERSION {
+            return Err(WireError::Version(version));
+        }
+    }
+    let (message, rest): (Message, &[u8]) =
+        postcard::take_from_bytes(bytes).map_err(|e| WireError::Decode(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(WireError::Trailing);
+    }
+    Ok(message)
+}
+
+fn wire_version(v: &Version) -> WireVersion {
+    WireVersion {
+        id: v.id.as_str().to_string(),
+        updates: v.updates,
+        flags: u8::from(v.deleted) | (u8::from(v.noconflicts) << 1),
+        history: v
+            .history
+            .iter()
+            .map(|h| WireEntry {
+                sequence: h.sequence,
+                when: h.when.as_ref().map(|w| WireWhen {
+                    secs: w.unix_secs(),
+                    nanos: w.nanos(),
+                    text: w.text_as_read().map(str::to_string),
+                }),
+                by: h.by.as_ref().map(|b| b.as_str().to_string()),
+            })
+            .collect(),
+        attrs: v.content.attrs.to_string(),
+        inner: v.content.inner.to_string(),
+        scope: v.content.scope.bindings.iter().map(|(p, u)| (p.to_string(), u.to_string())).collect(),
+    }
+}
+
+/// An item as it travels.
+pub fn to_wire(item: &Item) -> WireItem {
+    WireItem {
+        version: wire_version(&item.version),
+        conflicts: item.conflicts.iter().map(wire_version).collect(),
+    }
+}
+
+fn from_wire_version(w: &WireVersion) -> Result<Version, String> {
+    let id = ItemId::new(&w.id).map_err(|e| e.to_string())?;
+    if w.flags > 3 {
+        return Err(format!("unknown flags {}", w.flags));
+    }
+    if w.history.len() > feedsync::limits::HISTORY_PER_VERSION_MAX {
+        return Err("too many history entries".into());
+    }
+    let mut history = Vec::with_capacity(w.history.len());
+    for h in &w.history {
+        let when = match &h.when {
+            None => None,
+            Some(t) => Some(When::from_parts(t.secs, t.nanos, t.text.as_deref()).map_err(|e| e.to_string())?),
+        };
+        let by = match &h.by {
+            None => None,
+            Some(b) => Some(Endpoint::new(b).map_err(|e| e.to_string())?),
+        };
+        history.push(HistoryEntry { sequence: h.sequence, when, by });
+    }
+    let mut bindings: Vec<(Box<str>, Box<str>)> =
+        w.scope.iter().map(|(p, u)| (p.as_str().into(), u.as_str().into())).collect();
+    bindings.sort();
+    bindings.dedup_by(|a, b| a.0 == b.0);
+    let version = Version {
+        id,
+        updates: w.updates,
+        deleted: w.flags & 1 != 0,
+        noconflicts: w.flags & 2 != 0,
+        history: Arc::from(history),
+        content: Arc::new(Content {
+            attrs: w.attrs.as_str().into(),
+            inner: w.inner.as_str().into(),
+            scope: Arc::new(NsScope { bindings }),
+        }),
+    };
+    version.check_invariants().map_err(|e| e.to_string())?;
+    Ok(version)
+}
+
+/// A received item, checked: valid ids, endpoints and times, and every item invariant.
+pub fn from_wire(w: &WireItem) -> Result<Item, WireError> {
+    if w.conflicts.len() > feedsync::limits::CONFLICTS_PER_ITEM_MAX {
+        return Err(WireError::Item("too many conflicts".into()));
+    }
+    let version = from_wire_version(&w.version).map_err(WireError::Item)?;
+    let conflicts =
+        w.conflicts.iter().map(from_wire_version).collect::<Result<Vec<_>, _>>().map_err(WireError::Item)?;
+    let item = Item { version, conflicts };
+    item.check_invariants().map_err(|e| WireError::Item(e.to_string()))?;
+    Ok(item)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn items_round_trip() {
+        let mut feed = feedsync::Feed::new(feedsync::Dialect::Atom);
+        let id = ItemId::new("a").unwrap();
+        let by = Endpoint::new("me").unwrap();
+        let when = When::parse("2020-01-02T03:04:05.5+01:00").unwrap();
+        feed.change(&id, &by, &when, &feedsync::Edit::default()).unwrap();
+        let item = feed.item(&id).unwrap().clone();
+        let back = from_wire(&to_wire(&item)).unwrap();
+        assert_eq!(back, item);
+        let message = Message {
+            version: WIRE_VERSION,
+            session: 7,
+            step: 3,
+            body: Body::Items { items: vec![to_wire(&item)], more: false },
+        };
+        assert_eq!(decode(&encode(&message), 1 << 20).unwrap(), message);
+    }
+
+    #[test]
+    fn limits_and_versions_are_typed_errors() {
+        assert_eq!(decode(&[0u8; 100], 10), Err(WireError::TooLarge { len: 100, max: 10 }));
+        assert_eq!(decode(&[9, 0, 0], 10), Err(WireError::Version(9)));
+        let mut bytes = encode(&Message { version: WIRE_VERSION, session: 1, step: 0, body: Body::Continue });
+        bytes.push(0);
+        assert_eq!(decode(&bytes, 100), Err(WireError::Trailing));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            if let Ok(message) = decode(&bytes, 1 << 16) {
+                if let Body::Items { items, .. } = &message.body {
+                    for item in items {
+                        let _ = from_wire(item);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn arbitrary_wire_items_are_checked(
+            id in "[a-z]{0,4}", updates in 0u32..3, flags in 0u8..6, seq in 0u32..3,
+            by in proptest::option::of("[a-z]{0,3}"), secs in proptest::option::of(-1i64..3),
+        ) {
+            let item = WireItem {
+                version: WireVersion {
+                    id, updates, flags,
+                    history: vec![WireEntry { sequence: seq, when: secs.map(|s| WireWhen { secs: s * 1_000_000_000_000, nanos: 0, text: None }), by }],
+                    attrs: String::new(), inner: String::new(), scope: vec![],
+                },
+                conflicts: vec![],
+            };
+            if let Ok(decoded) = from_wire(&item) {
+                decoded.check_invariants().unwrap();
+            }
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Sync sessions through the public API: a channel that loses, duplicates and reorders; the byte
+//! and round-trip targets; retained cursors; an adversarial peer.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use engine::feedsync::{Content, Edit, Endpoint, ItemId, When};
+use engine::replica::Replica;
+use engine::sync::{Config, Micros, Outcome, Retained, Session, Stats};
+use proptest::prelude::*;
+
+fn content(text: &str) -> Edit {
+    Edit {
+        content: Some(Arc::new(Content {
+            attrs: "".into(),
+            inner: format!("<title>{text}</title>").into(),
+            ..Content::empty()
+        })),
+        ..Edit::default()
+    }
+}
+
+/// Two replicas sharing `common` items, then `only_a` / `only_b` new items each and `both`
+/// concurrent edits of common items.
+fn pair(common: usize, only_a: usize, only_b: usize, both: usize) -> (Replica, Replica) {
+    let (mut a, mut b) = (Replica::new(1), Replica::new(2));
+    let origin = Endpoint::new("origin").unwrap();
+    let t0 = When::from_unix_secs(1_600_000_000).unwrap();
+    let mut base = Replica::new(0);
+    for i in 0..common {
+        base.change(&ItemId::new(&format!("c{i}")).unwrap(), &origin, &t0, &content(&format!("c{i}")))
+            .unwrap();
+    }
+    for item in base.items() {
+        a.merge(item).unwrap();
+        b.merge(item).unwrap();
+    }
+    let (ea, eb) = (Endpoint::new("a").unwrap(), Endpoint::new("b").unwrap());
+    let t1 = When::from_unix_secs(1_600_000_100).unwrap();
+    for i in 0..only_a {
+        a.change(&ItemId::new(&format!("a{i}")).unwrap(), &ea, &t1, &content("a")).unwrap();
+    }
+    for i in 0..only_b {
+        b.change(&ItemId::new(&format!("b{i}")).unwrap(), &eb, &t1, &content("b")).unwrap();
+    }
+    for i in 0..both.min(common) {
+        let id = ItemId::new(&format!("c{i}")).unwrap();
+        a.change(&id, &ea, &t1, &content("edit a")).unwrap();
+        b.change(&id, &eb, &t1, &content("edit b")).unwrap();
+    }
+    (a, b)
+}
+
+/// Channel faults, in parts per million.
+#[derive(Clone, Copy, Debug)]
+struct Faults {
+    loss_ppm: u64,
+    dup_ppm: u64,
+    jitter_us: u64,
+}
+
+const CLEAN: Faults = Faults { loss_ppm: 0, dup_ppm: 0, jitter_us: 0 };
+
+struct Run {
+    a: Stats,
+    b: Stats,
+    messages: u64,
+    a_outcome: Outcome,
+}
+
+/// Runs one session, `a` initiating, over a faulty channel with a virtual clock.
+fn run(a: &mut Replica, b: &mut Replica, retained: Retained, faults: Faults, seed: u64, cfg: Config) -> Run {
+    let mut rng = seed;
+    let mut next = move || {
+        rng = rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut now: Micros = 0;
+    let mut sa = Session::initiate(7, now, a, cfg.clone(), retained);
+    let mut sb = Session::respond(7, b, cfg, None);
+    // (deliver at, sequence) -> (to_b, bytes)
+    let mut wire: BTreeMap<(Micros, u64), (bool, Vec<u8>)> = BTreeMap::new();
+    let mut seq = 0u64;
+    let mut messages = 0u64;
+    for _ in 0..100_000 {
+        for (to_b, session) in [(true, &mut sa), (false, &mut sb)] {
+            while let Some(bytes) = session.poll_transmit() {
+                messages += 1;
+                let copies = if next() % 1_000_000 < faults.dup_ppm { 2 } else { 1 };
+                for _ in 0..copies {
+                    if next() % 1_000_000 < faults.loss_ppm {
+                        continue;
+                    }
+                    let delay = 1_000 + if faults.jitter_us > 0 { next() % faults.jitter_us } else { 0 };
+                    seq += 1;
+                    wire.insert((now + delay, seq), (to_b, bytes.clone()));
+                }
+            }
+        }
+        let a_done = !matches!(sa.outcome(), Outcome::Running) && sa.poll_timeout().is_none();
+        let b_done = !matches!(sb.outcome(), Outcome::Running) && sb.poll_timeout().is_none();
+        if a_done && (b_done || matches!(sb.outcome(), Outcome::Done { .. })) && wire.is_empty() {
+            break;
+        }
+        let next_message = wire.keys().next().map(|k| k.0);
+        let next_timer = [sa.poll_timeout(), sb.poll_timeout()].into_iter().flatten().min();
+        let message_first = match (next_message, next_timer) {
+            (Some(m), Some(t)) => m <= t,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        match (message_first, next_timer) {
+            (true, _) => {
+                let (key, (to_b, bytes)) = wire.pop_first().expect("non-empty");
+                now = key.0;
+                if to_b {
+                    let _ = sb.handle_message(now, b, &bytes);
+                } else {
+                    let _ = sa.handle_message(now, a, &bytes);
+                }
+            }
+            (false, Some(t)) => {
+                now = t;
+                sa.handle_timeout(now);
+                sb.handle_timeout(now);
+            }
+            (false, None) => break,
+        }
+    }
+    Run { a: sa.stats(), b: sb.stats(), messages, a_outcome: sa.outcome().clone() }
+}
+
+fn item_sets_equal(a: &Replica, b: &Replica) -> bool {
+    a.len() == b.len() && a.items().zip(b.items()).all(|(x, y)| x == y)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// After a completed session under loss, duplication and reordering, both replicas have
+    /// identical digests and equal item sets.
+    #[test]
+    fn converges_under_loss_duplication_and_reordering(
+        common in 0usize..200, only_a in 0usize..40, only_b in 0usize..40, both in 0usize..20,
+        loss_ppm in 0u64..300_000, dup_ppm in 0u64..300_000, jitter_us in 0u64..50_000,
+        seed in any::<u64>(), retained in any::<bool>(),
+    ) {
+        let (mut a, mut b) = pair(common, only_a, only_b, both);
+        let cfg = Config { max_retries: 30, initial_symbols: 4, max_message_bytes: 16 * 1024, linger_us: 3_600_000_000, ..Config::default() };
+        // A first clean session, so that a retained-cursor session can follow.
+        let mut keep = Retained::default();
+        if retained {
+            let first = run(&mut a, &mut b, Retained::default(), CLEAN, seed, cfg.clone());
+            if let Outcome::Done { retained, .. } = first.a_outcome { keep = retained; }
+            let ea = Endpoint::new("a").unwrap();
+            let t2 = When::from_unix_secs(1_600_000_200).unwrap();
+            for i in 0..only_a { a.change(&ItemId::new(&format!("n{i}")).unwrap(), &ea, &t2, &content("new")).unwrap(); }
+            let eb = Endpoint::new("b").unwrap();
+            for i in 0..both.min(common) { b.change(&ItemId::new(&format!("c{i}")).unwrap(), &eb, &t2, &content("again")).unwrap(); }
+        }
+        let faults = Faults { loss_ppm, dup_ppm, jitter_us };
+        let r = run(&mut a, &mut b, keep, faults, seed, cfg);
+        prop_assert!(matches!(r.a_outcome, Outcome::Done { .. }), "session did not finish: {:?}", r.a_outcome);
+        a.check_invariants().unwrap();
+        b.check_invariants().unwrap();
+        prop_assert_eq!(a.digest(), b.digest());
+        prop_assert!(item_sets_equal(&a, &b));
+    }
+}
+
+fn round_trips(r: &Run) -> u64 {
+    r.messages.div_ceil(2)
+}
+
+/// d = 1, no retained state: at most 3 round trips and 2 kB in total.
+#[test]
+fn one_difference_in_a_large_set_is_cheap() {
+    let n = 100_000;
+    let (mut a, mut b) = pair(n, 1, 0, 0);
+    let r = run(&mut a, &mut b, Retained::default(), CLEAN, 1, Config::default());
+    let total = r.a.bytes_sent + r.b.bytes_sent;
+    println!(
+        "sync: n={n} d=1 full: {} round trips, {total} bytes, payload {}",
+        round_trips(&r),
+        r.a.payload_bytes_sent + r.b.payload_bytes_sent
+    );
+    assert_eq!(a.digest(), b.digest());
+    assert!(round_trips(&r) <= 3);
+    assert!(total <= 2_000, "{total} bytes");
+}
+
+/// With retained cursors: one round trip, and at most 64 B + 8 B per changed item beyond the payload.
+#[test]
+fn retained_cursors_take_one_round_trip() {
+    let (mut a, mut b) = pair(10_000, 0, 0, 0);
+    let first = run(&mut a, &mut b, Retained::default(), CLEAN, 1, Config::default());
+    let Outcome::Done { retained, .. } = first.a_outcome else { panic!("first session failed") };
+    let (ea, eb) = (Endpoint::new("a").unwrap(), Endpoint::new("b").unwrap());
+    let t = When::from_unix_secs(1_700_000_000).unwrap();
+    for i in 0..10 {
+        a.change(&ItemId::new(&format!("c{i}")).unwrap(), &ea, &t, &content("x")).unwrap();
+        b.change(&ItemId::new(&format!("c{}", 100 + i)).unwrap(), &eb, &t, &content("y")).unwrap();
+    }
+    let r = run(&mut a, &mut b, retained, CLEAN, 2, Config::default());
+    let total = r.a.bytes_sent + r.b.bytes_sent;
+    let payload = r.a.payload_bytes_sent + r.b.payload_bytes_sent;
+    let changed = r.a.items_sent + r.b.items_sent;
+    println!(
+        "sync: retained, {changed} changed items: {} round trips, {total} bytes, {} beyond payload",
+        round_trips(&r),
+        total - payload
+    );
+    assert_eq!(a.digest(), b.digest());
+    assert_eq!(round_trips(&r), 1);
+    assert!(total - payload <= 64 + 8 * changed, "{} beyond payload for {changed} items", total - payload);
+}
