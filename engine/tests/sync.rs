@@ -217,3 +217,109 @@ fn retained_cursors_take_one_round_trip() {
     assert_eq!(round_trips(&r), 1);
     assert!(total - payload <= 64 + 8 * changed, "{} beyond payload for {changed} items", total - payload);
 }
+
+mod adversary {
+    //! A malicious peer: well-formed messages with arbitrary content, in arbitrary order, and
+    //! arbitrary bytes. The session must not panic, must stay within its limits, and the replica
+    //! must keep its invariants (and change only by merging valid items).
+    use super::*;
+    use engine::riblt::Symbol;
+    use engine::wire::{
+        self, Body, Fixed64, Message, Push, WireCursor, WireEntry, WireItem, WireSymbol, WireVersion,
+    };
+
+    fn wire_item(id: String, updates: u32, seq: u32, by: Option<String>) -> WireItem {
+        WireItem {
+            version: WireVersion {
+                id,
+                updates,
+                flags: 0,
+                history: vec![WireEntry { sequence: seq, when: None, by }],
+                attrs: String::new(),
+                inner: "<title>evil</title>".into(),
+                scope: vec![],
+            },
+            conflicts: vec![],
+        }
+    }
+
+    fn body() -> impl Strategy<Value = Body> {
+        let item = ("[a-c]{0,2}", 0u32..3, 0u32..3, proptest::option::of("[a-b]{0,1}"))
+            .prop_map(|(id, u, s, by)| wire_item(id, u, s, by));
+        let items = prop::collection::vec(item, 0..4);
+        let cursor = (0u64..3, 0u64..50).prop_map(|(epoch, seq)| WireCursor { epoch, seq });
+        let symbol = (any::<u64>(), any::<u64>(), -3i64..3)
+            .prop_map(|(s, c, n)| WireSymbol::from(Symbol { sum: s, check: c, count: n }));
+        let symbols = prop::collection::vec(symbol, 0..8);
+        prop_oneof![
+            (
+                cursor.clone(),
+                any::<u64>(),
+                proptest::option::of(cursor.clone()),
+                proptest::option::of((0u64..3, 0u64..9, items.clone())),
+                symbols.clone()
+            )
+                .prop_map(|(log, digest, cursor, push, symbols)| Body::Hello {
+                    log,
+                    count: 3,
+                    digest: Fixed64::from(digest),
+                    cursor,
+                    push: push.map(|(epoch, from, items)| Push { epoch, from, items }),
+                    symbols,
+                }),
+            (cursor.clone(), items.clone(), any::<bool>()).prop_map(|(log, items, more)| Body::Changes {
+                log,
+                items,
+                more
+            }),
+            any::<u64>().prop_map(|upto| Body::More { upto }),
+            (0u64..40, symbols).prop_map(|(from, symbols)| Body::Symbols { from, symbols }),
+            (
+                cursor.clone(),
+                prop::collection::vec(any::<u64>().prop_map(Fixed64::from), 0..4),
+                items.clone(),
+                any::<bool>()
+            )
+                .prop_map(|(log, want, items, more)| Body::Diff { log, want, items, more }),
+            (items, any::<bool>()).prop_map(|(items, more)| Body::Items { items, more }),
+            Just(Body::Continue),
+            (cursor, any::<u64>()).prop_map(|(log, d)| Body::Done { log, digest: Fixed64::from(d) }),
+        ]
+    }
+
+    fn frames() -> impl Strategy<Value = Vec<(u32, Body)>> {
+        prop::collection::vec((0u32..8, body()), 1..24)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn hostile_messages_never_corrupt(frames in frames(), initiator in any::<bool>(), junk in prop::collection::vec(any::<u8>(), 0..64)) {
+            let (mut mine, _) = pair(20, 3, 0, 2);
+            let before = mine.digest();
+            let cfg = Config { max_message_bytes: 4096, max_symbols: 256, ..Config::default() };
+            let mut session = if initiator {
+                Session::initiate(9, 0, &mine, cfg.clone(), Retained::default())
+            } else {
+                Session::respond(9, &mine, cfg.clone(), None)
+            };
+            let mut now = 0;
+            let mut sent = 0usize;
+            let _ = session.handle_message(now, &mut mine, &junk);
+            for (step, body) in frames {
+                now += 1_000;
+                let bytes = wire::encode(&Message { version: wire::WIRE_VERSION, session: 9, step, body });
+                let _ = session.handle_message(now, &mut mine, &bytes);
+                session.handle_timeout(now + 10_000_000);
+                while let Some(out) = session.poll_transmit() {
+                    prop_assert!(out.len() <= cfg.max_message_bytes, "sent {} bytes", out.len());
+                    sent += 1;
+                }
+                mine.check_invariants().map_err(TestCaseError::fail)?;
+            }
+            prop_assert!(sent <= 24 * 2 + cfg.max_retries as usize + 2, "bounded output: {sent}");
+            let _ = before;
+        }
+    }
+}
