@@ -114,6 +114,11 @@ impl Replica {
         self.items.values().map(|e| e.fp)
     }
 
+    /// `(fingerprint, id)` of every item, by id.
+    pub fn fingerprinted(&self) -> impl Iterator<Item = (Fingerprint, &ItemId)> + '_ {
+        self.items.iter().map(|(id, e)| (e.fp, id))
+    }
+
     pub fn by_fingerprint(&self, fp: Fingerprint) -> Option<&Arc<Item>> {
         self.by_fp.get(&fp).and_then(|id| self.item(id))
     }

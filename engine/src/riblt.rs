@@ -12,20 +12,27 @@
 pub struct Symbol {
     /// XOR of the elements.
     pub sum: u64,
-    /// XOR of the elements' hashes.
+    /// XOR of the elements' 32-bit check hashes (the high half is always zero).
     pub check: u64,
     /// Number of elements (a difference of counts after subtraction).
     pub count: i64,
 }
 
-/// The hash that tells a pure symbol (one element) from a mixture.
+/// A 64-bit mix (splitmix64's finaliser over a domain-separated input).
 #[inline]
-fn check_hash(x: u64) -> u64 {
-    // splitmix64 finaliser over a domain-separated input.
+fn mix(x: u64) -> u64 {
     let mut z = x ^ 0x6a09_e667_f3bc_c909;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
+}
+
+/// The 32-bit hash that tells a pure symbol (one element) from a mixture. 32 bits keep symbols
+/// small on the wire; a false "pure" has odds 2^-32 per test and is caught by the digest check
+/// that ends every session.
+#[inline]
+fn check_hash(x: u64) -> u64 {
+    mix(x) >> 32
 }
 
 /// The indices of the symbols an element belongs to, ascending, starting at 0.
@@ -37,7 +44,7 @@ pub struct Mapping {
 
 impl Mapping {
     pub fn new(x: u64) -> Self {
-        Self { prng: check_hash(x) | 1, next: 0 }
+        Self { prng: mix(x) | 1, next: 0 }
     }
 
     /// The next index (the first call returns 0).
@@ -204,9 +211,9 @@ mod tests {
     #[test]
     fn decodes_differences_of_every_size_with_bounded_overhead() {
         for d in [1usize, 2, 10, 100, 1000] {
-            let common: Vec<u64> = (0..2_000u64).map(check_hash).collect();
-            let only_remote: Vec<u64> = (0..d as u64).map(|i| check_hash(1_000_000 + i)).collect();
-            let only_local: Vec<u64> = (0..d as u64 / 2).map(|i| check_hash(2_000_000 + i)).collect();
+            let common: Vec<u64> = (0..2_000u64).map(mix).collect();
+            let only_remote: Vec<u64> = (0..d as u64).map(|i| mix(1_000_000 + i)).collect();
+            let only_local: Vec<u64> = (0..d as u64 / 2).map(|i| mix(2_000_000 + i)).collect();
             let remote: Vec<u64> = common.iter().chain(&only_remote).copied().collect();
             let local: Vec<u64> = common.iter().chain(&only_local).copied().collect();
             let (found, used) = decode(&remote, &local);
@@ -224,7 +231,7 @@ mod tests {
 
     #[test]
     fn equal_sets_decode_at_once() {
-        let set: Vec<u64> = (0..100u64).map(check_hash).collect();
+        let set: Vec<u64> = (0..100u64).map(mix).collect();
         let (found, used) = decode(&set, &set);
         assert_eq!(found, Difference::default());
         assert_eq!(used, 1);

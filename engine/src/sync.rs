@@ -19,7 +19,7 @@
 //!   initiator answers with `Items`, and `Done` closes. Two round trips when the difference is
 //!   small; bytes beyond the payload about 1.4 coded symbols (17-19 bytes) per difference.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::feedsync::Item;
@@ -144,8 +144,8 @@ pub struct Session {
     deadline: Option<Micros>,
     retries: u32,
     transmit: VecDeque<Vec<u8>>,
-    /// My (fingerprint, id) set when reconciliation started, by fingerprint.
-    snapshot: BTreeMap<Fingerprint, crate::feedsync::ItemId>,
+    /// My (fingerprint, id) set when reconciliation started, sorted by fingerprint.
+    snapshot: Vec<(Fingerprint, crate::feedsync::ItemId)>,
     decoder: Decoder,
     symbols_sent: u64,
     /// Items I still have to send, as ids (the current version is sent).
@@ -180,7 +180,7 @@ impl Session {
             deadline: None,
             retries: 0,
             transmit: VecDeque::new(),
-            snapshot: BTreeMap::new(),
+            snapshot: Vec::new(),
             decoder: Decoder::new(),
             symbols_sent: 0,
             outbox: VecDeque::new(),
@@ -371,8 +371,8 @@ impl Session {
                 self.peer_log = Some(cursor(log));
                 for fp in want {
                     let fp = u64::from(fp);
-                    match self.snapshot.get(&fp) {
-                        Some(id) => self.outbox.push_back(id.clone()),
+                    match self.snapshot_id(fp) {
+                        Some(id) => self.outbox.push_back(id),
                         None => {
                             return Err(SyncError::Protocol("peer wants a fingerprint we do not have".into()))
                         }
@@ -491,10 +491,13 @@ impl Session {
             return Err(SyncError::TooManySymbols(total));
         }
         let remote: Vec<Symbol> = symbols.iter().map(|s| Symbol::from(*s)).collect();
-        let local = riblt::encode(self.snapshot.keys().copied(), from, remote.len());
+        let local = riblt::encode(self.snapshot.iter().map(|(fp, _)| *fp), from, remote.len());
         let decoded = !remote.is_empty() && self.decoder.add(&remote, &local);
         if !decoded {
-            let upto = (total.max(self.cfg.initial_symbols / 2) * 2).min(self.cfg.max_symbols);
+            // Double while small, then grow by half: the stream is never wasted, but what is sent
+            // past the decoding point is.
+            let step = if total < 64 { total.max(self.cfg.initial_symbols / 2).max(1) } else { total / 2 };
+            let upto = (total + step).min(self.cfg.max_symbols);
             if upto <= total {
                 return Err(SyncError::TooManySymbols(total));
             }
@@ -507,8 +510,8 @@ impl Session {
             return Err(SyncError::Protocol("difference too large for one message".into()));
         }
         for fp in &difference.local {
-            if let Some(id) = self.snapshot.get(fp) {
-                self.outbox.push_back(id.clone());
+            if let Some(id) = self.snapshot_id(*fp) {
+                self.outbox.push_back(id);
             }
         }
         let budget = self.cfg.max_message_bytes.saturating_sub(want.len() * 9 + 256);
@@ -601,15 +604,20 @@ impl Session {
         items
     }
 
+    fn snapshot_id(&self, fp: Fingerprint) -> Option<crate::feedsync::ItemId> {
+        self.snapshot.binary_search_by_key(&fp, |(f, _)| *f).ok().map(|i| self.snapshot[i].1.clone())
+    }
+
     fn take_snapshot(&mut self, replica: &Replica) {
         self.snapshot =
             replica.items().map(|item| (crate::replica::fingerprint(item), item.id().clone())).collect();
     }
 
     fn next_symbols(&mut self, count: u64) -> Vec<WireSymbol> {
-        let per_message = (self.cfg.max_message_bytes.saturating_sub(256) / 20) as u64;
+        let per_message = (self.cfg.max_message_bytes.saturating_sub(256) / 16) as u64;
         let count = count.min(per_message).min(self.cfg.max_symbols.saturating_sub(self.symbols_sent));
-        let symbols = riblt::encode(self.snapshot.keys().copied(), self.symbols_sent, count as usize);
+        let symbols =
+            riblt::encode(self.snapshot.iter().map(|(fp, _)| *fp), self.symbols_sent, count as usize);
         self.symbols_sent += count;
         self.stats.symbols_sent += count;
         symbols.into_iter().map(WireSymbol::from).collect()

@@ -43,23 +43,24 @@ impl From<Fixed64> for u64 {
     }
 }
 
-/// A coded symbol of the rateless IBLT: 8 + 8 bytes plus a zigzag varint count.
+/// A coded symbol of the rateless IBLT: 8 bytes of sum, 4 of check, a zigzag varint count.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct WireSymbol {
     pub sum: Fixed64,
-    pub check: Fixed64,
+    pub check: [u8; 4],
     pub count: i64,
 }
 
 impl From<Symbol> for WireSymbol {
     fn from(s: Symbol) -> Self {
-        Self { sum: s.sum.into(), check: s.check.into(), count: s.count }
+        // The check is a 32-bit value (riblt keeps the high half zero).
+        Self { sum: s.sum.into(), check: (s.check as u32).to_le_bytes(), count: s.count }
     }
 }
 
 impl From<WireSymbol> for Symbol {
     fn from(s: WireSymbol) -> Self {
-        Self { sum: s.sum.into(), check: s.check.into(), count: s.count }
+        Self { sum: s.sum.into(), check: u64::from(u32::from_le_bytes(s.check)), count: s.count }
     }
 }
 
