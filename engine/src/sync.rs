@@ -609,8 +609,8 @@ impl Session {
     }
 
     fn take_snapshot(&mut self, replica: &Replica) {
-        self.snapshot =
-            replica.items().map(|item| (crate::replica::fingerprint(item), item.id().clone())).collect();
+        self.snapshot = replica.fingerprinted().map(|(fp, id)| (fp, id.clone())).collect();
+        self.snapshot.sort_unstable_by_key(|(fp, _)| *fp);
     }
 
     fn next_symbols(&mut self, count: u64) -> Vec<WireSymbol> {
