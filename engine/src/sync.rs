@@ -147,6 +147,8 @@ pub struct Session {
     /// My (fingerprint, id) set when reconciliation started, sorted by fingerprint.
     snapshot: Vec<(Fingerprint, crate::feedsync::ItemId)>,
     decoder: Decoder,
+    /// My symbol stream (initiator: what I send; responder: what I subtract).
+    encoder: riblt::Encoder,
     symbols_sent: u64,
     /// Items I still have to send, as ids (the current version is sent).
     outbox: VecDeque<crate::feedsync::ItemId>,
@@ -182,6 +184,7 @@ impl Session {
             transmit: VecDeque::new(),
             snapshot: Vec::new(),
             decoder: Decoder::new(),
+            encoder: riblt::Encoder::default(),
             symbols_sent: 0,
             outbox: VecDeque::new(),
             my_log_at_start: replica.cursor(),
@@ -491,7 +494,7 @@ impl Session {
             return Err(SyncError::TooManySymbols(total));
         }
         let remote: Vec<Symbol> = symbols.iter().map(|s| Symbol::from(*s)).collect();
-        let local = riblt::encode(self.snapshot.iter().map(|(fp, _)| *fp), from, remote.len());
+        let local = self.encoder.next_symbols(remote.len());
         let decoded = !remote.is_empty() && self.decoder.add(&remote, &local);
         if !decoded {
             // Double while small, then grow by half: the stream is never wasted, but what is sent
@@ -611,13 +614,13 @@ impl Session {
     fn take_snapshot(&mut self, replica: &Replica) {
         self.snapshot = replica.fingerprinted().map(|(fp, id)| (fp, id.clone())).collect();
         self.snapshot.sort_unstable_by_key(|(fp, _)| *fp);
+        self.encoder = riblt::Encoder::new(self.snapshot.iter().map(|(fp, _)| *fp));
     }
 
     fn next_symbols(&mut self, count: u64) -> Vec<WireSymbol> {
         let per_message = (self.cfg.max_message_bytes.saturating_sub(256) / 16) as u64;
         let count = count.min(per_message).min(self.cfg.max_symbols.saturating_sub(self.symbols_sent));
-        let symbols =
-            riblt::encode(self.snapshot.iter().map(|(fp, _)| *fp), self.symbols_sent, count as usize);
+        let symbols = self.encoder.next_symbols(count as usize);
         self.symbols_sent += count;
         self.stats.symbols_sent += count;
         symbols.into_iter().map(WireSymbol::from).collect()
