@@ -29,6 +29,9 @@ use crate::wire::{
     self, Body, Fixed64, Message, Push, WireCursor, WireError, WireItem, WireSymbol, WIRE_VERSION,
 };
 
+/// Most changes the incremental path pushes in its first message; more means reconciliation.
+const PUSH_ITEMS_MAX: usize = 64;
+
 /// Microseconds of the caller's clock.
 pub type Micros = u64;
 
@@ -161,6 +164,10 @@ pub struct Session {
     /// Initiator: the responder's items are all in; now sending mine.
     sending_mine: bool,
     known_of_peer: Option<Cursor>,
+    /// Responder: my log position when I fixed what to send (a snapshot for reconciliation, or
+    /// the changes for the incremental path). The peer's cursor must not pass it: changes after
+    /// it were not sent.
+    served_log: Option<Cursor>,
     stats: Stats,
     outcome: Outcome,
 }
@@ -193,6 +200,7 @@ impl Session {
             pushed: Vec::new(),
             sending_mine: false,
             known_of_peer: None,
+            served_log: None,
             stats: Stats::default(),
             outcome: Outcome::Running,
         }
@@ -214,7 +222,9 @@ impl Session {
             let items: Vec<WireItem> =
                 replica.changes_since(from).map(|(_, item)| wire::to_wire(item)).collect();
             let bytes: usize = items.iter().map(wire::encoded_len).sum();
-            if bytes + 256 <= s.cfg.max_message_bytes {
+            // Pushing costs an item each even when the peer has it; past a few dozen changes a
+            // reconciliation (about 18 bytes per actual difference) is cheaper.
+            if items.len() <= PUSH_ITEMS_MAX && bytes + 256 <= s.cfg.max_message_bytes {
                 s.stats.payload_bytes_sent += bytes as u64;
                 s.stats.items_sent += items.len() as u64;
                 push = Some(Push { epoch: mine.epoch, from: from.0, items });
@@ -353,7 +363,7 @@ impl Session {
                 if more {
                     self.send(now, Body::Continue);
                 } else {
-                    self.acked = Some(self.my_log_at_start);
+                    self.acked = Some(self.acknowledged(replica));
                     self.finish(replica, None);
                 }
             }
@@ -408,11 +418,11 @@ impl Session {
             }
             Body::Done { log, digest } => {
                 self.peer_log = Some(cursor(log));
-                self.acked = Some(self.my_log_at_start);
+                self.acked = Some(self.acknowledged(replica));
                 self.finish(replica, Some(u64::from(digest)));
             }
             Body::Abort { reason } => self.fail(SyncError::Aborted(reason)),
-            other => return Err(SyncError::Protocol(format!("initiator got {}", name(&other)))),
+            other => return Err(SyncError::Protocol(format!("initiator got {}", other.kind()))),
         }
         Ok(())
     }
@@ -424,15 +434,12 @@ impl Session {
                 self.peer_log = Some(initiator_log);
                 // The initiator's changes since our acknowledgement. We acknowledged them in this
                 // epoch of ours (its cursor of our log says so), and a replica that loses state
-                // changes epoch, so we still have everything before `from`. A record of our own
-                // that says otherwise wins.
+                // changes epoch, so we still have everything before `from`.
                 let mine = replica.cursor();
                 let same_epoch = their_cursor.is_some_and(|c| c.epoch == mine.epoch && c.seq <= mine.seq.0);
                 let mut push_ok = false;
                 if let Some(push) = push {
-                    let contradicted =
-                        self.known_of_peer.is_some_and(|k| k.epoch == push.epoch && k.seq.0 < push.from);
-                    push_ok = push.epoch == initiator_log.epoch && same_epoch && !contradicted;
+                    push_ok = push.epoch == initiator_log.epoch && same_epoch;
                     let items = decode_items(&push.items)?;
                     self.pushed = items.iter().map(|i| crate::replica::fingerprint(i)).collect();
                     self.merge_items(replica, items)?;
@@ -440,6 +447,7 @@ impl Session {
                 let mine = replica.cursor();
                 let serve = their_cursor.map(cursor).filter(|c| c.epoch == mine.epoch && c.seq <= mine.seq);
                 if let (true, Some(since)) = (push_ok, serve) {
+                    self.served_log = Some(replica.cursor());
                     for (_, item) in replica.changes_since(since.seq) {
                         if !self.pushed.contains(&crate::replica::fingerprint(item)) {
                             self.outbox.push_back(item.id().clone());
@@ -473,7 +481,7 @@ impl Session {
                 }
             }
             Body::Abort { reason } => self.fail(SyncError::Aborted(reason)),
-            other => return Err(SyncError::Protocol(format!("responder got {}", name(&other)))),
+            other => return Err(SyncError::Protocol(format!("responder got {}", other.kind()))),
         }
         Ok(())
     }
@@ -521,7 +529,7 @@ impl Session {
         let items = self.take_chunk(replica, budget);
         let more = !self.outbox.is_empty();
         self.sending_mine = more;
-        let log = wire_cursor(replica.cursor());
+        let log = wire_cursor(self.served_log.unwrap_or(replica.cursor()));
         self.send(now, Body::Diff { log, want, items, more });
         Ok(())
     }
@@ -537,7 +545,7 @@ impl Session {
         let items = self.take_chunk(replica, self.cfg.max_message_bytes.saturating_sub(256));
         let more = !self.outbox.is_empty();
         if incremental {
-            let log = wire_cursor(replica.cursor());
+            let log = wire_cursor(self.served_log.unwrap_or(replica.cursor()));
             self.send(now, Body::Changes { log, items, more });
             if !more {
                 self.linger(now);
@@ -556,7 +564,7 @@ impl Session {
     }
 
     fn send_done(&mut self, now: Micros, replica: &Replica) {
-        let log = wire_cursor(replica.cursor());
+        let log = wire_cursor(self.served_log.unwrap_or(replica.cursor()));
         self.send(now, Body::Done { log, digest: replica.digest().into() });
         self.linger(now);
     }
@@ -566,6 +574,20 @@ impl Session {
         self.deadline = Some(now + self.cfg.linger_us);
         let retained = Retained { peer_log: self.peer_log, acked: None };
         self.outcome = Outcome::Done { retained, digests_equal: true };
+    }
+
+    /// How far the peer now has my log: my head when the session started, or my head now when
+    /// every change since then came from this session (the peer has those: it sent them, or
+    /// merged my version of them too). Without this, the next session would push back everything
+    /// the peer just sent.
+    fn acknowledged(&self, replica: &Replica) -> Cursor {
+        let now = replica.cursor();
+        let start = self.my_log_at_start;
+        if now.epoch == start.epoch && now.seq.0 - start.seq.0 == self.stats.items_changed {
+            now
+        } else {
+            start
+        }
     }
 
     fn finish(&mut self, replica: &Replica, peer_digest: Option<u64>) {
@@ -615,6 +637,9 @@ impl Session {
         self.snapshot = replica.fingerprinted().map(|(fp, id)| (fp, id.clone())).collect();
         self.snapshot.sort_unstable_by_key(|(fp, _)| *fp);
         self.encoder = riblt::Encoder::new(self.snapshot.iter().map(|(fp, _)| *fp));
+        if self.role == Role::Responder {
+            self.served_log = Some(replica.cursor());
+        }
     }
 
     fn next_symbols(&mut self, count: u64) -> Vec<WireSymbol> {
@@ -664,18 +689,4 @@ fn wire_cursor(c: Cursor) -> WireCursor {
 
 fn cursor(c: WireCursor) -> Cursor {
     Cursor { epoch: c.epoch, seq: Seq(c.seq) }
-}
-
-fn name(body: &Body) -> &'static str {
-    match body {
-        Body::Hello { .. } => "Hello",
-        Body::Changes { .. } => "Changes",
-        Body::More { .. } => "More",
-        Body::Symbols { .. } => "Symbols",
-        Body::Diff { .. } => "Diff",
-        Body::Items { .. } => "Items",
-        Body::Continue => "Continue",
-        Body::Done { .. } => "Done",
-        Body::Abort { .. } => "Abort",
-    }
 }

@@ -147,6 +147,23 @@ pub enum Body {
     Abort { reason: String },
 }
 
+impl Body {
+    /// The message kind, for reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Body::Hello { .. } => "Hello",
+            Body::Changes { .. } => "Changes",
+            Body::More { .. } => "More",
+            Body::Symbols { .. } => "Symbols",
+            Body::Diff { .. } => "Diff",
+            Body::Items { .. } => "Items",
+            Body::Continue => "Continue",
+            Body::Done { .. } => "Done",
+            Body::Abort { .. } => "Abort",
+        }
+    }
+}
+
 /// One session message.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct Message {
@@ -154,6 +171,24 @@ pub struct Message {
     pub session: u64,
     pub step: u32,
     pub body: Body,
+}
+
+/// The header of a message (version, session, step, kind), read without decoding the body.
+pub fn peek(bytes: &[u8]) -> Option<(u64, u32, &'static str)> {
+    #[derive(Deserialize)]
+    struct Header {
+        version: u8,
+        session: u64,
+        step: u32,
+        variant: u32,
+    }
+    let (h, _): (Header, _) = postcard::take_from_bytes(bytes).ok()?;
+    if h.version != WIRE_VERSION {
+        return None;
+    }
+    const KINDS: [&str; 9] =
+        ["Hello", "Changes", "More", "Symbols", "Diff", "Items", "Continue", "Done", "Abort"];
+    Some((h.session, h.step, KINDS.get(h.variant as usize)?))
 }
 
 /// Encodes a message.
@@ -292,6 +327,7 @@ mod tests {
             body: Body::Items { items: vec![to_wire(&item)], more: false },
         };
         assert_eq!(decode(&encode(&message), 1 << 20).unwrap(), message);
+        assert_eq!(peek(&encode(&message)), Some((7, 3, "Items")));
     }
 
     #[test]

@@ -1,8 +1,11 @@
-//! The deterministic discrete-event simulator that will drive engine state machines over a
-//! virtual network. A placeholder until the simulator lands; it links the engine so the
-//! workspace's dependency shape is real.
+//! feedmesh's deterministic network simulator: engine replicas and sync sessions (the very code
+//! the binaries run) over a modelled network with latency, loss, duplication, reordering,
+//! partitions, NATs, crashes and clock skew. Time and randomness come from the scenario's seed.
 
-/// The engine version this simulator drives (the same crate the binaries use).
-pub fn engine_crate() -> &'static str {
-    std::any::type_name::<engine::feedsync::Feed>()
-}
+pub mod checker;
+pub mod net;
+pub mod scenario;
+pub mod sim;
+
+pub use scenario::Scenario;
+pub use sim::{run, Report};

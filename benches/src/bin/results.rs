@@ -1,0 +1,127 @@
+//! `results`: reads criterion's output and writes `papers/results/merge.json` and `xml.json`.
+//!
+//! Usage: `results [--criterion-dir DIR] [--out-dir DIR] [--conditions TEXT]`. `--conditions`
+//! records how the run was made (machine load, priority) in the results. The criterion directory
+//! defaults to `$CARGO_TARGET_DIR/criterion`, else the workspace's `target/criterion`; the output
+//! directory to the workspace's `papers/results`. Exit code 1 on any error, 2 on a usage error.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use benches::report::{merge_results, scan, to_json, xml_results, Machine};
+
+/// The workspace root: this crate's parent directory.
+fn workspace_dir() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+struct Args {
+    criterion_dir: PathBuf,
+    out_dir: PathBuf,
+    conditions: String,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut criterion_dir = None;
+    let mut out_dir = None;
+    let mut conditions = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let slot = match arg.as_str() {
+            "--criterion-dir" => &mut criterion_dir,
+            "--out-dir" => &mut out_dir,
+            "--conditions" => &mut conditions,
+            _ => bail!(
+                "unknown argument {arg:?}; usage: results [--criterion-dir DIR] [--out-dir DIR] \
+                 [--conditions TEXT]"
+            ),
+        };
+        *slot = Some(args.next().with_context(|| format!("{arg} needs a value"))?);
+    }
+    let criterion_dir = criterion_dir.map(PathBuf::from).unwrap_or_else(|| {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_dir().join("target"));
+        target.join("criterion")
+    });
+    let out_dir =
+        out_dir.map(PathBuf::from).unwrap_or_else(|| workspace_dir().join("papers").join("results"));
+    Ok(Args { criterion_dir, out_dir, conditions: conditions.unwrap_or_default() })
+}
+
+/// `HEAD` of the workspace, `-dirty` if `engine/` or `benches/` differ from it. Read-only git
+/// commands (`rev-parse`, `diff-index`), which never write the index.
+fn commit() -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git").arg("-C").arg(workspace_dir()).args(args).output().ok()
+    };
+    let Some(head) = git(&["rev-parse", "HEAD"]).filter(|out| out.status.success()) else {
+        return "unknown".to_string();
+    };
+    let mut commit = String::from_utf8_lossy(&head.stdout).trim().to_string();
+    let clean = git(&["diff-index", "--quiet", "HEAD", "--", "engine", "benches"])
+        .is_some_and(|out| out.status.success());
+    if !clean {
+        commit.push_str("-dirty");
+    }
+    commit
+}
+
+/// CPU model from /proc/cpuinfo (Linux), the CPUs this process may use, and the commit.
+fn machine(conditions: &str) -> Machine {
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|line| {
+                line.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim().to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown".to_string());
+    let cpus = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
+    Machine { cpu_model, cpus, commit: commit(), conditions: conditions.to_string() }
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    // The error names the directory or file it could not read.
+    let measured = scan(&args.criterion_dir)?;
+    let machine = machine(&args.conditions);
+    let merge = merge_results(&measured, machine.clone());
+    let xml = xml_results(&measured, machine);
+    std::fs::create_dir_all(&args.out_dir).with_context(|| format!("creating {}", args.out_dir.display()))?;
+    let mut written = 0;
+    if !merge.cells.is_empty() {
+        let path = args.out_dir.join("merge.json");
+        std::fs::write(&path, to_json(&merge)).with_context(|| format!("writing {}", path.display()))?;
+        println!("{}: {} cells", path.display(), merge.cells.len());
+        written += 1;
+    }
+    if !xml.cells.is_empty() {
+        let path = args.out_dir.join("xml.json");
+        std::fs::write(&path, to_json(&xml)).with_context(|| format!("writing {}", path.display()))?;
+        println!("{}: {} cells", path.display(), xml.cells.len());
+        written += 1;
+    }
+    if written == 0 {
+        bail!("no merge/ or xml/ benchmarks in {}", args.criterion_dir.display());
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(err) => {
+            eprintln!("results: {err:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("results: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

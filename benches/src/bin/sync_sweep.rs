@@ -1,0 +1,288 @@
+//! The sync sweep: round trips, bytes, bytes beyond the payload and time of one session between two
+//! replicas, feedmesh beside automerge's sync protocol on the same workload, written to
+//! `papers/results/sync.json`.
+//!
+//! Workload: `n` items shared by both sides; `d` differences: one-sided (A has `d` items B lacks)
+//! or two-sided (A has `ceil(d/2)` new items, B `floor(d/2)`); fresh (no sync state) or retained
+//! (a first session synced the common items, then the differences were made). automerge: each item
+//! is a map under ROOT made by one change; the same differences as changes; `sync::State` fresh or
+//! kept from the first sync.
+//!
+//! Usage: `cargo run --release -p feedmesh-benches --bin sync_sweep [--quick] [--sizes N,N] [--out FILE]`.
+//! `--quick` (or `FEEDMESH_BENCH_QUICK=1`) stops at n = 10^4. automerge runs up to n = 10^5: its
+//! document of 10^6 one-change items takes too long to build on 2 cores.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use automerge::sync::{self as am_sync, SyncDoc as _};
+use automerge::transaction::Transactable as _;
+use automerge::{ActorId, Automerge, ObjType, ROOT};
+use engine::feedsync::{Content, Edit, Endpoint, ItemId, When};
+use engine::replica::Replica;
+use engine::sync::{Config, Outcome, Retained, Session};
+use serde_json::{json, Value};
+
+fn edit(text: &str) -> Edit {
+    Edit {
+        content: Some(Arc::new(Content {
+            attrs: "".into(),
+            inner: format!("<title>{text}</title><description>item {text}</description>").into(),
+            ..Content::empty()
+        })),
+        ..Edit::default()
+    }
+}
+
+fn base(n: usize) -> Replica {
+    let mut r = Replica::new(0);
+    let by = Endpoint::new("origin").expect("valid endpoint");
+    let when = When::from_unix_secs(1_600_000_000).expect("in range");
+    for i in 0..n {
+        let id = ItemId::new(&format!("item-{i}")).expect("valid id");
+        r.change(&id, &by, &when, &edit(&i.to_string())).expect("within limits");
+    }
+    r
+}
+
+/// Adds `count` new items named `prefix-k` on one side.
+fn diverge(r: &mut Replica, prefix: &str, count: usize) {
+    let by = Endpoint::new(prefix).expect("valid endpoint");
+    let when = When::from_unix_secs(1_700_000_000).expect("in range");
+    for k in 0..count {
+        let id = ItemId::new(&format!("{prefix}-{k}")).expect("valid id");
+        r.change(&id, &by, &when, &edit(&format!("{prefix}{k}"))).expect("within limits");
+    }
+}
+
+struct Measured {
+    messages: u64,
+    bytes: u64,
+    payload: u64,
+    micros: u128,
+    retained: Retained,
+    converged: bool,
+}
+
+/// One session on a clean in-order channel.
+fn session(a: &mut Replica, b: &mut Replica, retained: Retained) -> Measured {
+    let cfg = Config::default();
+    let start = Instant::now();
+    let mut sa = Session::initiate(1, 0, a, cfg.clone(), retained);
+    let mut sb = Session::respond(1, b, cfg, None);
+    let mut messages = 0u64;
+    loop {
+        let mut moved = false;
+        while let Some(bytes) = sa.poll_transmit() {
+            messages += 1;
+            moved = true;
+            let _ = sb.handle_message(0, b, &bytes);
+        }
+        while let Some(bytes) = sb.poll_transmit() {
+            messages += 1;
+            moved = true;
+            let _ = sa.handle_message(0, a, &bytes);
+        }
+        if !moved {
+            break;
+        }
+    }
+    let micros = start.elapsed().as_micros();
+    let (x, y) = (sa.stats(), sb.stats());
+    let retained = match sa.outcome() {
+        Outcome::Done { retained, .. } => *retained,
+        _ => Retained::default(),
+    };
+    Measured {
+        messages,
+        bytes: x.bytes_sent + y.bytes_sent,
+        payload: x.payload_bytes_sent + y.payload_bytes_sent,
+        micros,
+        retained,
+        converged: a.digest() == b.digest(),
+    }
+}
+
+/// d (64 - log2 d + 1.44) / 8 bytes: the information needed to name d of 2^64 fingerprints.
+fn lower_bound(d: usize) -> f64 {
+    let d = d as f64;
+    d * (64.0 - d.log2() + 1.44) / 8.0
+}
+
+fn feedmesh_cell(base_replica: &Replica, d: usize, two_sided: bool, retained: bool) -> Value {
+    // Both sides start as clones of one replica (payloads shared, as in a simulator).
+    let mut a = base_replica.clone();
+    let mut b = base_replica.clone();
+    let mut keep = Retained::default();
+    if retained {
+        keep = session(&mut a, &mut b, Retained::default()).retained;
+    }
+    let (da, db) = if two_sided { (d.div_ceil(2), d / 2) } else { (d, 0) };
+    diverge(&mut a, "a", da);
+    diverge(&mut b, "b", db);
+    let m = session(&mut a, &mut b, keep);
+    let beyond = m.bytes - m.payload;
+    json!({
+        "round_trips": m.messages.div_ceil(2),
+        "messages": m.messages,
+        "bytes": m.bytes,
+        "payload_bytes": m.payload,
+        "beyond_payload_bytes": beyond,
+        "lower_bound_bytes": (lower_bound(d) * 10.0).round() / 10.0,
+        "beyond_over_lower_bound": ((beyond as f64 / lower_bound(d)) * 100.0).round() / 100.0,
+        "micros": m.micros,
+        "converged": m.converged,
+    })
+}
+
+struct AmPair {
+    a: Automerge,
+    b: Automerge,
+}
+
+fn am_base(n: usize) -> Automerge {
+    let mut doc = Automerge::new();
+    doc.set_actor(ActorId::from(b"origin".as_slice()));
+    for i in 0..n {
+        let mut tx = doc.transaction();
+        // Writing plain data into a fresh transaction cannot fail.
+        let obj = tx.put_object(ROOT, format!("item-{i}"), ObjType::Map).expect("put map");
+        tx.put(&obj, "title", i.to_string()).expect("put title");
+        tx.put(&obj, "description", format!("item {i}")).expect("put description");
+        tx.commit();
+    }
+    doc
+}
+
+fn am_diverge(doc: &mut Automerge, prefix: &str, count: usize) {
+    doc.set_actor(ActorId::from(prefix.as_bytes()));
+    for k in 0..count {
+        let mut tx = doc.transaction();
+        let obj = tx.put_object(ROOT, format!("{prefix}-{k}"), ObjType::Map).expect("put map");
+        tx.put(&obj, "title", format!("{prefix}{k}")).expect("put title");
+        tx.put(&obj, "description", format!("item {prefix}{k}")).expect("put description");
+        tx.commit();
+    }
+}
+
+/// Runs automerge sync to quiescence; returns (messages, bytes, micros).
+fn am_sync(p: &mut AmPair, sa: &mut am_sync::State, sb: &mut am_sync::State) -> (u64, u64, u128) {
+    let start = Instant::now();
+    let (mut messages, mut bytes) = (0u64, 0u64);
+    loop {
+        let mut moved = false;
+        if let Some(m) = p.a.generate_sync_message(sa) {
+            let encoded = m.encode();
+            messages += 1;
+            bytes += encoded.len() as u64;
+            let m = am_sync::Message::decode(&encoded).expect("own encoding decodes");
+            p.b.receive_sync_message(sb, m).expect("valid message");
+            moved = true;
+        }
+        if let Some(m) = p.b.generate_sync_message(sb) {
+            let encoded = m.encode();
+            messages += 1;
+            bytes += encoded.len() as u64;
+            let m = am_sync::Message::decode(&encoded).expect("own encoding decodes");
+            p.a.receive_sync_message(sa, m).expect("valid message");
+            moved = true;
+        }
+        if !moved {
+            break;
+        }
+    }
+    (messages, bytes, start.elapsed().as_micros())
+}
+
+fn automerge_cell(doc: &Automerge, d: usize, two_sided: bool, retained: bool) -> Value {
+    let mut p = AmPair { a: doc.fork(), b: doc.fork() };
+    let (mut sa, mut sb) = (am_sync::State::new(), am_sync::State::new());
+    if !retained {
+        // Fresh state: neither side has synced with the other before.
+    } else {
+        am_sync(&mut p, &mut sa, &mut sb);
+    }
+    let (da, db) = if two_sided { (d.div_ceil(2), d / 2) } else { (d, 0) };
+    let before_a = p.a.get_heads();
+    let before_b = p.b.get_heads();
+    am_diverge(&mut p.a, "a", da);
+    am_diverge(&mut p.b, "b", db);
+    let payload: u64 =
+        p.a.get_changes(&before_a)
+            .iter()
+            .chain(p.b.get_changes(&before_b).iter())
+            .map(|c| c.raw_bytes().len() as u64)
+            .sum();
+    let (messages, bytes, micros) = am_sync(&mut p, &mut sa, &mut sb);
+    json!({
+        "round_trips": messages.div_ceil(2),
+        "messages": messages,
+        "bytes": bytes,
+        "payload_bytes": payload,
+        "beyond_payload_bytes": bytes.saturating_sub(payload),
+        "micros": micros,
+        "converged": p.a.get_heads() == p.b.get_heads(),
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick") || std::env::var_os("FEEDMESH_BENCH_QUICK").is_some();
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| "papers/results/sync.json".to_string());
+    let sizes: Vec<usize> = match args.iter().position(|a| a == "--sizes").and_then(|i| args.get(i + 1)) {
+        Some(list) => list.split(',').filter_map(|s| s.parse().ok()).collect(),
+        None if quick => vec![1_000, 10_000],
+        None => vec![1_000, 10_000, 100_000, 1_000_000],
+    };
+    let diffs = [1usize, 2, 10, 100, 1000];
+    let mut cells: Vec<Value> = Vec::new();
+    for &n in &sizes {
+        eprintln!("sync sweep: n = {n}: building replicas");
+        let replica = base(n);
+        let am = (n <= 100_000).then(|| am_base(n));
+        for &d in &diffs {
+            for two_sided in [false, true] {
+                for retained in [false, true] {
+                    let feedmesh = feedmesh_cell(&replica, d, two_sided, retained);
+                    let automerge = am.as_ref().map(|doc| automerge_cell(doc, d, two_sided, retained));
+                    let mut cell: BTreeMap<&str, Value> = BTreeMap::new();
+                    cell.insert("n", json!(n));
+                    cell.insert("d", json!(d));
+                    cell.insert("sides", json!(if two_sided { "two" } else { "one" }));
+                    cell.insert("state", json!(if retained { "retained" } else { "fresh" }));
+                    if let Some(am) = &automerge {
+                        let ratio =
+                            am["bytes"].as_f64().unwrap_or(0.0) / feedmesh["bytes"].as_f64().unwrap_or(1.0);
+                        let time_ratio = am["micros"].as_f64().unwrap_or(0.0)
+                            / feedmesh["micros"].as_f64().unwrap_or(1.0).max(1.0);
+                        cell.insert("automerge_bytes_over_feedmesh", json!((ratio * 10.0).round() / 10.0));
+                        cell.insert(
+                            "automerge_time_over_feedmesh",
+                            json!((time_ratio * 10.0).round() / 10.0),
+                        );
+                    }
+                    cell.insert("feedmesh", feedmesh);
+                    cell.insert("automerge", automerge.unwrap_or(Value::Null));
+                    eprintln!("sync sweep: {}", serde_json::to_string(&cell)?);
+                    cells.push(json!(cell));
+                }
+            }
+        }
+    }
+    let doc = json!({
+        "benchmark": "sync",
+        "workload": "n shared items; d differences, one-sided (A has d new items) or two-sided (A ceil(d/2), B floor(d/2)); fresh or retained sync state (a first session synced the shared items). automerge: one change per item (a map under ROOT), the same differences as changes, sync::State fresh or kept.",
+        "definitions": "round trip = a message and its answer; bytes = all session messages both ways as encoded for the wire; payload = encoded differing item versions (automerge: raw bytes of the differing changes); lower bound = d(64 - log2 d + 1.44)/8 bytes.",
+        "omitted": "automerge at n = 10^6: building a document of 10^6 one-change items takes too long on 2 cores.",
+        "command": "cargo run --release -p feedmesh-benches --bin sync_sweep",
+        "cells": cells,
+    });
+    std::fs::write(&out, serde_json::to_string_pretty(&doc)? + "\n")?;
+    eprintln!("sync sweep: wrote {out}");
+    Ok(())
+}

@@ -1,0 +1,192 @@
+//! The checkers' own bookkeeping, independent of FeedSync's history: every write (a version a
+//! node made), what its writer had seen of that item when it wrote it (its causal past), what
+//! each node has seen, and when each write reached each node.
+//!
+//! Durability: at the end every write must be a final version (winner or conflict) or in the
+//! causal past of one. Propagation: every write must reach every live node; the time it took is
+//! kept in a bounded log-scale histogram.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use engine::feedsync::{self, Item, Version};
+
+/// A version's identity: a hash of its canonical encoding.
+fn key(version: &Version) -> [u8; 16] {
+    let hash = blake3::hash(&feedsync::encode_version(version));
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&hash.as_bytes()[..16]);
+    out
+}
+
+#[derive(Debug)]
+struct Write {
+    item: String,
+    at: u64,
+    /// Nodes that have seen it, and when the last of them did.
+    reached: BTreeSet<u32>,
+    last_reach: u64,
+}
+
+/// Log-linear histogram of milliseconds: 16 sub-buckets per power of two, bounded size.
+#[derive(Debug, Default)]
+struct Histogram {
+    buckets: BTreeMap<u32, u64>,
+    count: u64,
+    max: u64,
+}
+
+impl Histogram {
+    fn bucket(ms: u64) -> u32 {
+        if ms < 16 {
+            return ms as u32;
+        }
+        let exp = 63 - ms.leading_zeros();
+        let sub = ((ms >> (exp - 4)) & 15) as u32;
+        (exp - 3) * 16 + sub
+    }
+
+    fn lower(bucket: u32) -> u64 {
+        if bucket < 16 {
+            return u64::from(bucket);
+        }
+        let exp = bucket / 16 + 3;
+        let sub = u64::from(bucket % 16);
+        (16 + sub) << (exp - 4)
+    }
+
+    fn record(&mut self, ms: u64) {
+        *self.buckets.entry(Self::bucket(ms)).or_default() += 1;
+        self.count += 1;
+        self.max = self.max.max(ms);
+    }
+
+    fn quantile(&self, q: f64) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        let rank = ((self.count as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (&bucket, &n) in &self.buckets {
+            seen += n;
+            if seen >= rank {
+                return Self::lower(bucket).min(self.max);
+            }
+        }
+        self.max
+    }
+}
+
+#[derive(Debug)]
+pub struct Checker {
+    writes: Vec<Write>,
+    /// Version identity -> (write id, causal past).
+    versions: BTreeMap<[u8; 16], (u32, Arc<BTreeSet<u32>>)>,
+    /// Per node, per item: the writes it has seen.
+    seen: Vec<BTreeMap<String, BTreeSet<u32>>>,
+    unknown_versions: u64,
+}
+
+impl Checker {
+    pub fn new(nodes: u32) -> Self {
+        Self {
+            writes: Vec::new(),
+            versions: BTreeMap::new(),
+            seen: vec![BTreeMap::new(); nodes as usize],
+            unknown_versions: 0,
+        }
+    }
+
+    pub fn writes(&self) -> u64 {
+        self.writes.len() as u64
+    }
+
+    /// `node` made a local change; `state` is its item afterwards.
+    pub fn write(&mut self, node: u32, state: &Item, now: u64) {
+        let item = state.id().to_string();
+        let past = self.seen[node as usize].get(&item).cloned().unwrap_or_default();
+        let id = self.writes.len() as u32;
+        self.versions.insert(key(&state.version), (id, Arc::new(past)));
+        self.writes.push(Write { item: item.clone(), at: now, reached: BTreeSet::new(), last_reach: now });
+        // Its own conflicts it keeps seeing too.
+        self.absorb(node, state, now);
+    }
+
+    /// `node` holds `state` now (after a local change or a merge): it has seen every version in
+    /// it and their causal pasts.
+    pub fn absorb(&mut self, node: u32, state: &Item, now: u64) {
+        let item = state.id().to_string();
+        let mut learned: BTreeSet<u32> = BTreeSet::new();
+        for version in std::iter::once(&state.version).chain(&state.conflicts) {
+            match self.versions.get(&key(version)) {
+                Some((id, past)) => {
+                    learned.insert(*id);
+                    learned.extend(past.iter().copied());
+                }
+                None => self.unknown_versions += 1,
+            }
+        }
+        let seen = self.seen[node as usize].entry(item).or_default();
+        for id in learned {
+            if seen.insert(id) {
+                let w = &mut self.writes[id as usize];
+                if w.reached.insert(node) {
+                    w.last_reach = w.last_reach.max(now);
+                }
+            }
+        }
+    }
+
+    /// Writes that are neither a final version nor in the causal past of one.
+    pub fn lost_writes(&self, finals: &[Arc<Item>]) -> u64 {
+        let mut covered: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+        for item in finals {
+            let set = covered.entry(item.id().to_string()).or_default();
+            for version in std::iter::once(&item.version).chain(&item.conflicts) {
+                if let Some((id, past)) = self.versions.get(&key(version)) {
+                    set.insert(*id);
+                    set.extend(past.iter().copied());
+                }
+            }
+        }
+        let lost = self
+            .writes
+            .iter()
+            .enumerate()
+            .filter(|(id, w)| !covered.get(&w.item).is_some_and(|set| set.contains(&(*id as u32))))
+            .count() as u64;
+        lost + self.unknown_versions
+    }
+
+    /// Propagation times (p50, p99, max in ms) of writes that reached every live node, and how
+    /// many did not.
+    pub fn convergence(&self, live: &[u32], _live_count: u32) -> (u64, u64, u64, u64) {
+        let mut histogram = Histogram::default();
+        let mut unconverged = 0;
+        for w in &self.writes {
+            if live.iter().all(|n| w.reached.contains(n)) {
+                histogram.record((w.last_reach.saturating_sub(w.at)) / 1_000);
+            } else {
+                unconverged += 1;
+            }
+        }
+        (histogram.quantile(0.5), histogram.quantile(0.99), histogram.max, unconverged)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Histogram;
+
+    #[test]
+    fn histogram_buckets_are_monotone_and_close() {
+        let mut last = 0;
+        for ms in [0u64, 1, 15, 16, 17, 100, 1_000, 65_535, 1 << 40] {
+            let b = Histogram::bucket(ms);
+            assert!(b >= last);
+            last = b;
+            let lower = Histogram::lower(b);
+            assert!(lower <= ms && ms - lower <= ms / 16 + 1, "{ms}: bucket {b} starts at {lower}");
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The network model: per-path latency (hence reordering), loss, duplication, partitions, and
+//! which paths exist through NATs (RFC 4787), direct or relayed through the cloud.
+//!
+//! Sampling uses integer arithmetic on the caller's RNG, so runs replay bit for bit anywhere.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use rand::Rng as _;
+use rand_chacha::ChaCha8Rng;
+
+use crate::scenario::{self, Latency, Network};
+
+/// A device's NAT, by its RFC 4787 behaviour.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Nat {
+    /// A public address: no mapping, no filtering.
+    Public,
+    /// Endpoint-independent mapping and filtering.
+    FullCone,
+    /// Endpoint-independent mapping, address-dependent filtering.
+    Restricted,
+    /// Endpoint-independent mapping, address-and-port-dependent filtering.
+    PortRestricted,
+    /// Address-and-port-dependent mapping and filtering.
+    Symmetric,
+}
+
+impl Nat {
+    /// Picks by the scenario's shares, from a uniform draw in `[0, 1_000_000)`.
+    pub fn pick(shares: &scenario::Nat, draw: u32) -> Nat {
+        let mut edge = 0u32;
+        for (share, nat) in [
+            (shares.full_cone_ppm, Nat::FullCone),
+            (shares.restricted_ppm, Nat::Restricted),
+            (shares.port_restricted_ppm, Nat::PortRestricted),
+            (shares.symmetric_ppm, Nat::Symmetric),
+        ] {
+            edge = edge.saturating_add(share);
+            if draw < edge {
+                return nat;
+            }
+        }
+        Nat::Public
+    }
+
+    /// The mapping is endpoint-independent: the port the relay saw is the port a peer sees.
+    fn independent_mapping(self) -> bool {
+        !matches!(self, Nat::Symmetric)
+    }
+
+    /// Filtering by address and port: only the exact address and port we sent to gets in.
+    fn port_filtering(self) -> bool {
+        matches!(self, Nat::PortRestricted | Nat::Symmetric)
+    }
+}
+
+/// Whether UDP hole punching, coordinated through the relay (each side sends to the other's
+/// address as the relay saw it), opens a two-way path. Packets from `a` reach `b` when `a`'s
+/// mapping is endpoint-independent (they come from the address `b` sent to) or `b` does not filter
+/// by port; both directions must work.
+pub fn punch(a: Nat, b: Nat) -> bool {
+    let a_to_b = a.independent_mapping() || !b.port_filtering();
+    let b_to_a = b.independent_mapping() || !a.port_filtering();
+    a_to_b && b_to_a
+}
+
+/// The network state.
+#[derive(Debug)]
+pub struct Net {
+    cfg: Network,
+    nats: Vec<Nat>,
+    /// Devices never talk to each other directly (star topology).
+    star: bool,
+    /// Active partitions: index -> the cut-off device range.
+    cuts: BTreeMap<usize, Range<u32>>,
+    dropped: u64,
+    relayed: u64,
+    direct: u64,
+}
+
+impl Net {
+    pub fn new(cfg: Network, nats: Vec<Nat>, star: bool) -> Self {
+        Self { cfg, nats, star, cuts: BTreeMap::new(), dropped: 0, relayed: 0, direct: 0 }
+    }
+
+    pub fn cut(&mut self, index: usize, devices: Range<u32>) {
+        self.cuts.insert(index, devices);
+    }
+
+    pub fn heal(&mut self, index: usize) {
+        self.cuts.remove(&index);
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    pub fn relayed(&self) -> u64 {
+        self.relayed
+    }
+
+    pub fn direct(&self) -> u64 {
+        self.direct
+    }
+
+    /// Two nodes can exchange packets when they are on the same side of every active partition.
+    fn reachable(&self, a: u32, b: u32) -> bool {
+        self.cuts.values().all(|cut| cut.contains(&a) == cut.contains(&b))
+    }
+
+    fn latency(rng: &mut ChaCha8Rng, latency: &Latency) -> u64 {
+        match latency {
+            Latency::Constant { ms } => ms * 1_000,
+            Latency::Uniform { min_ms, max_ms } => rng.random_range(min_ms * 1_000..=max_ms * 1_000),
+        }
+    }
+
+    /// One wide-area leg: `None` if lost, else its delays (two when duplicated).
+    fn wan_leg(&mut self, rng: &mut ChaCha8Rng) -> Vec<u64> {
+        if rng.random_range(0..1_000_000) < self.cfg.loss_ppm {
+            return Vec::new();
+        }
+        let mut delays = vec![Self::latency(rng, &self.cfg.wan)];
+        if rng.random_range(0..1_000_000) < self.cfg.dup_ppm {
+            delays.push(Self::latency(rng, &self.cfg.wan));
+        }
+        delays
+    }
+
+    /// Sends a datagram `from` -> `to`; returns the delays of the copies that arrive.
+    pub fn transmit(&mut self, rng: &mut ChaCha8Rng, from: u32, to: u32, same_lan: bool) -> Vec<u64> {
+        let delays = if same_lan {
+            if self.reachable(from, to) {
+                vec![Self::latency(rng, &self.cfg.lan)]
+            } else {
+                Vec::new()
+            }
+        } else if from == 0 || to == 0 {
+            if self.reachable(from, to) {
+                self.wan_leg(rng)
+            } else {
+                Vec::new()
+            }
+        } else if !self.star
+            && punch(self.nats[from as usize], self.nats[to as usize])
+            && self.reachable(from, to)
+        {
+            self.direct += 1;
+            self.wan_leg(rng)
+        } else if self.relay_ok(from, to) {
+            // Relayed through the cloud: two legs, each may lose or duplicate.
+            self.relayed += 1;
+            let mut out = Vec::new();
+            for d in self.wan_leg(rng) {
+                for e in self.wan_leg(rng) {
+                    out.push(d + e);
+                }
+            }
+            out
+        } else {
+            Vec::new()
+        };
+        if delays.is_empty() {
+            self.dropped += 1;
+        }
+        delays
+    }
+
+    fn relay_ok(&self, from: u32, to: u32) -> bool {
+        self.reachable(from, 0) && self.reachable(0, to)
+    }
+}
+
+/// Cumulative thresholds (out of `u64::MAX`) of a Zipf(`s`) popularity over `items` (uniform at
+/// `s = 0`). Built once with `libm`'s software `pow`, so identical on every platform.
+pub fn zipf_cdf(items: u32, s: f64) -> Vec<u64> {
+    let weights: Vec<f64> =
+        (1..=items).map(|k| if s == 0.0 { 1.0 } else { 1.0 / libm::pow(f64::from(k), s) }).collect();
+    let total: f64 = weights.iter().sum();
+    let mut acc = 0.0;
+    weights
+        .iter()
+        .map(|w| {
+            acc += w / total;
+            if acc >= 1.0 {
+                u64::MAX
+            } else {
+                (acc * u64::MAX as f64) as u64
+            }
+        })
+        .collect()
+}
+
+/// The item a uniform draw selects.
+pub fn sample_cdf(cdf: &[u64], draw: u64) -> usize {
+    cdf.partition_point(|&edge| edge < draw).min(cdf.len().saturating_sub(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc4787_hole_punching_table() {
+        use Nat::*;
+        let all = [Public, FullCone, Restricted, PortRestricted, Symmetric];
+        for a in all {
+            for b in all {
+                let expected = !matches!(
+                    (a, b),
+                    (Symmetric, Symmetric) | (Symmetric, PortRestricted) | (PortRestricted, Symmetric)
+                );
+                assert_eq!(punch(a, b), expected, "{a:?} with {b:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn zipf_prefers_the_first_items() {
+        let cdf = zipf_cdf(100, 1.0);
+        assert_eq!(sample_cdf(&cdf, 0), 0);
+        assert_eq!(sample_cdf(&cdf, u64::MAX), 99);
+        let uniform = zipf_cdf(4, 0.0);
+        assert_eq!(sample_cdf(&uniform, u64::MAX / 2), 1);
+    }
+}

@@ -1,0 +1,279 @@
+//! Scenarios: what a simulation runs, read from TOML (`netsim/scenarios/*.toml`; the format is
+//! documented in `netsim/README.md`). Unknown fields are errors that name the field.
+
+use serde::{Deserialize, Serialize};
+
+/// The embedded default: a few hundred devices, a cloud, LAN groups, a NAT mix, 5% loss and a
+/// partition that heals.
+pub const DEFAULT: &str = include_str!("../scenarios/default.toml");
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// A name for reports.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Seed of the run (overridden by `--seed`).
+    #[serde(default)]
+    pub seed: u64,
+    /// Devices (the cloud is extra).
+    pub devices: u32,
+    /// `star` (every device syncs with the cloud), `mesh` (push-pull gossip with random peers)
+    /// or `hybrid` (cloud plus LAN groups).
+    #[serde(default = "default_topology")]
+    pub topology: Topology,
+    /// Devices per LAN group (hybrid).
+    #[serde(default = "default_lan")]
+    pub lan_group: u32,
+    /// Virtual time with writes and faults, then `quiet_ms` without either.
+    pub duration_ms: u64,
+    #[serde(default = "default_quiet")]
+    pub quiet_ms: u64,
+    /// Each device starts a sync session this often (plus up to 50% jitter).
+    #[serde(default = "default_interval")]
+    pub sync_interval_ms: u64,
+    #[serde(default)]
+    pub network: Network,
+    #[serde(default)]
+    pub workload: Workload,
+    #[serde(default)]
+    pub nat: Nat,
+    #[serde(default)]
+    pub faults: Faults,
+    #[serde(default)]
+    pub partitions: Vec<Partition>,
+}
+
+fn default_name() -> String {
+    "unnamed".into()
+}
+fn default_topology() -> Topology {
+    Topology::Hybrid
+}
+fn default_lan() -> u32 {
+    8
+}
+fn default_quiet() -> u64 {
+    60_000
+}
+fn default_interval() -> u64 {
+    2_000
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Topology {
+    Star,
+    Mesh,
+    Hybrid,
+}
+
+/// One-way latency, in milliseconds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, tag = "dist", rename_all = "lowercase")]
+pub enum Latency {
+    Constant { ms: u64 },
+    Uniform { min_ms: u64, max_ms: u64 },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// Wide-area paths (device to cloud, device to device across the internet).
+    #[serde(default = "default_wan")]
+    pub wan: Latency,
+    /// Within a LAN group.
+    #[serde(default = "default_lan_latency")]
+    pub lan: Latency,
+    /// Loss and duplication per datagram, parts per million (WAN; LAN has none).
+    #[serde(default)]
+    pub loss_ppm: u32,
+    #[serde(default)]
+    pub dup_ppm: u32,
+}
+
+fn default_wan() -> Latency {
+    Latency::Uniform { min_ms: 20, max_ms: 120 }
+}
+fn default_lan_latency() -> Latency {
+    Latency::Uniform { min_ms: 1, max_ms: 3 }
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Self { wan: default_wan(), lan: default_lan_latency(), loss_ppm: 0, dup_ppm: 0 }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    /// Writes per device per minute (during `duration_ms`).
+    #[serde(default = "default_rate")]
+    pub writes_per_min: f64,
+    /// Distinct items the writes touch.
+    #[serde(default = "default_items")]
+    pub items: u32,
+    /// Zipf exponent of item popularity; 0 means uniform.
+    #[serde(default)]
+    pub zipf_s: f64,
+    /// Share of writes that are deletes, parts per million.
+    #[serde(default)]
+    pub delete_ppm: u32,
+    /// Share of writes that resolve the item's conflicts (FeedSync 3.4), parts per million.
+    #[serde(default)]
+    pub resolve_ppm: u32,
+}
+
+fn default_rate() -> f64 {
+    2.0
+}
+fn default_items() -> u32 {
+    200
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Self {
+            writes_per_min: default_rate(),
+            items: default_items(),
+            zipf_s: 0.0,
+            delete_ppm: 0,
+            resolve_ppm: 0,
+        }
+    }
+}
+
+/// The share of devices behind each kind of NAT (RFC 4787 mapping/filtering), parts per million;
+/// the rest have public addresses. Two devices outside one LAN reach each other directly when UDP
+/// hole punching through their NATs succeeds, and through the cloud relay otherwise.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nat {
+    #[serde(default)]
+    pub full_cone_ppm: u32,
+    #[serde(default)]
+    pub restricted_ppm: u32,
+    #[serde(default)]
+    pub port_restricted_ppm: u32,
+    #[serde(default)]
+    pub symmetric_ppm: u32,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Faults {
+    /// Device crashes per device per minute; a crashed device is down `down_ms` and loses its
+    /// volatile state (sessions, cursors), keeping its replica (durable).
+    #[serde(default)]
+    pub crashes_per_min: f64,
+    #[serde(default = "default_down")]
+    pub down_ms: u64,
+    /// Each device's clock is off by a uniform amount in `[-clock_skew_ms, +clock_skew_ms]`.
+    #[serde(default)]
+    pub clock_skew_ms: u64,
+    /// Share of devices offline for most of the run (back for the quiet phase), ppm.
+    #[serde(default)]
+    pub offline_ppm: u32,
+}
+
+fn default_down() -> u64 {
+    5_000
+}
+
+/// A partition: from `at_ms` to `heal_ms`, the devices `[from, to)` (by index) are cut off from
+/// everyone else (the cloud included); `to` may be a share of devices with `share_ppm`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Partition {
+    pub at_ms: u64,
+    pub heal_ms: u64,
+    /// The first `share_ppm` of devices form the cut-off side.
+    pub share_ppm: u32,
+}
+
+/// A scenario error, naming the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error("{0}")]
+    Parse(String),
+    #[error("invalid value for `{field}`: {why}")]
+    Invalid { field: &'static str, why: String },
+}
+
+impl Scenario {
+    pub fn parse(text: &str) -> Result<Self, ScenarioError> {
+        let scenario: Scenario = toml::from_str(text).map_err(|e| ScenarioError::Parse(e.to_string()))?;
+        scenario.validate()?;
+        Ok(scenario)
+    }
+
+    pub fn default_scenario() -> Self {
+        // The embedded default is tested to parse.
+        Self::parse(DEFAULT).unwrap_or_else(|e| panic!("embedded default scenario: {e}"))
+    }
+
+    fn validate(&self) -> Result<(), ScenarioError> {
+        let bad = |field: &'static str, why: &str| Err(ScenarioError::Invalid { field, why: why.into() });
+        if self.devices == 0 || self.devices > 100_000 {
+            return bad("devices", "must be 1..=100000");
+        }
+        if self.duration_ms == 0 || self.duration_ms > 86_400_000 {
+            return bad("duration_ms", "must be 1..=86400000");
+        }
+        if self.quiet_ms > 86_400_000 {
+            return bad("quiet_ms", "must be at most 86400000");
+        }
+        if self.sync_interval_ms < 10 {
+            return bad("sync_interval_ms", "must be at least 10");
+        }
+        if self.lan_group == 0 {
+            return bad("lan_group", "must be at least 1");
+        }
+        for (field, latency) in [("network.wan", &self.network.wan), ("network.lan", &self.network.lan)] {
+            if let Latency::Uniform { min_ms, max_ms } = latency {
+                if min_ms > max_ms {
+                    return bad(field, "min_ms is above max_ms");
+                }
+            }
+        }
+        if self.network.loss_ppm >= 1_000_000 {
+            return bad("network.loss_ppm", "must be below 1000000");
+        }
+        if self.network.dup_ppm >= 1_000_000 {
+            return bad("network.dup_ppm", "must be below 1000000");
+        }
+        if !(0.0..=1000.0).contains(&self.workload.writes_per_min) {
+            return bad("workload.writes_per_min", "must be 0..=1000");
+        }
+        if self.workload.items == 0 {
+            return bad("workload.items", "must be at least 1");
+        }
+        if u64::from(self.workload.delete_ppm) + u64::from(self.workload.resolve_ppm) > 1_000_000 {
+            return bad("workload.resolve_ppm", "delete_ppm plus resolve_ppm is over 1000000");
+        }
+        if !(0.0..=5.0).contains(&self.workload.zipf_s) {
+            return bad("workload.zipf_s", "must be 0..=5");
+        }
+        let nat = &self.nat;
+        let total = u64::from(nat.full_cone_ppm)
+            + u64::from(nat.restricted_ppm)
+            + u64::from(nat.port_restricted_ppm)
+            + u64::from(nat.symmetric_ppm);
+        if total > 1_000_000 {
+            return bad("nat", "shares add up to more than 1000000 ppm");
+        }
+        if !(0.0..=60.0).contains(&self.faults.crashes_per_min) {
+            return bad("faults.crashes_per_min", "must be 0..=60");
+        }
+        for p in &self.partitions {
+            if p.heal_ms < p.at_ms {
+                return bad("partitions.heal_ms", "is before at_ms");
+            }
+            if p.share_ppm > 1_000_000 {
+                return bad("partitions.share_ppm", "must be at most 1000000");
+            }
+        }
+        Ok(())
+    }
+}
