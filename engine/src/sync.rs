@@ -44,8 +44,9 @@ pub struct Config {
     pub initial_symbols: u64,
     /// Most coded symbols one reconciliation may use (then it fails).
     pub max_symbols: u64,
-    /// First retransmission timeout; doubles with each retry up to 16 times this.
+    /// First retransmission timeout; doubles with each retry up to `rto_max_us`.
     pub rto_us: Micros,
+    pub rto_max_us: Micros,
     /// Retransmissions of one message before the session fails.
     pub max_retries: u32,
     /// How long the side that sent the last message keeps answering duplicates (longer than the
@@ -60,6 +61,7 @@ impl Default for Config {
             initial_symbols: 16,
             max_symbols: 1 << 22,
             rto_us: 200_000,
+            rto_max_us: 3_200_000,
             max_retries: 10,
             linger_us: 60_000_000,
         }
@@ -307,7 +309,10 @@ impl Session {
                     self.stats.bytes_sent += last.len() as u64;
                     self.transmit.push_back(last);
                 }
-                self.deadline = Some(now + (self.cfg.rto_us << self.retries.min(4)));
+                self.deadline = Some(
+                    now + (self.cfg.rto_us << self.retries.min(16))
+                        .min(self.cfg.rto_max_us.max(self.cfg.rto_us)),
+                );
             }
         }
     }

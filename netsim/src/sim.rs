@@ -168,7 +168,13 @@ impl Sim {
         let zipf_cdf = crate::net::zipf_cdf(sc.workload.items, sc.workload.zipf_s);
         let faults_until = sc.duration_ms * 1_000;
         let end = faults_until + sc.quiet_ms * 1_000;
-        let cfg = Config { rto_us: 1_000_000, linger_us: 120_000_000, max_retries: 8, ..Config::default() };
+        let cfg = Config {
+            rto_us: 600_000,
+            rto_max_us: 2_400_000,
+            linger_us: 120_000_000,
+            max_retries: 10,
+            ..Config::default()
+        };
         let checker = Checker::new(devices + 1);
         let mut sim = Self {
             sc,
@@ -517,6 +523,40 @@ impl Sim {
                 "convergence: node {} differs from node {reference}",
                 other.unwrap_or_default()
             ));
+        }
+        if std::env::var_os("FEEDMESH_SIM_DEBUG").is_some() && !converged {
+            let r = &self.nodes[reference as usize].replica;
+            for &i in &live {
+                let other = &self.nodes[i as usize].replica;
+                if other.digest() == r.digest() {
+                    continue;
+                }
+                for item in r.items() {
+                    if other.item(item.id()).map(|x| x.as_ref() != item.as_ref()).unwrap_or(true) {
+                        eprintln!(
+                            "node {i}: item {} differs: ref u={} c={} vs {:?}",
+                            item.id(),
+                            item.version.updates,
+                            item.conflicts.len(),
+                            other.item(item.id()).map(|x| (x.version.updates, x.conflicts.len()))
+                        );
+                    }
+                }
+                eprintln!(
+                    "node {i}: {} items vs {}; sessions open {}",
+                    other.len(),
+                    r.len(),
+                    self.nodes[i as usize].sessions.len()
+                );
+                for ((peer, sid), session) in &self.nodes[i as usize].sessions {
+                    eprintln!(
+                        "  session with {peer} sid {sid}: {:?} timeout {:?} outgoing {:?}",
+                        session.outcome(),
+                        session.poll_timeout(),
+                        self.nodes[i as usize].outgoing.get(peer)
+                    );
+                }
+            }
         }
         for node in &self.nodes {
             if let Err(e) = node.replica.check_invariants() {

@@ -1,0 +1,147 @@
+//! The simulator's scenarios in CI: each must converge with no lost write; one seed replays bit
+//! for bit; bad scenarios are refused naming the field; the CLI keeps its contract.
+
+use std::process::Command;
+
+use netsim::{run, Scenario};
+
+fn check(text: &str) -> netsim::Report {
+    let scenario = Scenario::parse(text).expect("scenario parses");
+    let report = run(&scenario, scenario.seed, &mut |_, _| {});
+    println!(
+        "scenario {}: seed {}, {} writes, {} messages, converged {}, lost {}, p99 {} ms, {} relayed / {} direct, trace {}",
+        report.scenario,
+        report.seed,
+        report.writes,
+        report.messages,
+        report.converged,
+        report.lost_writes,
+        report.convergence_ms_p99,
+        report.relayed_paths,
+        report.direct_paths,
+        &report.trace_hash[..16]
+    );
+    assert!(
+        report.failure.is_none(),
+        "{}: {:?} (replay: feedmesh-sim run --seed {})",
+        report.scenario,
+        report.failure,
+        report.seed
+    );
+    assert!(report.converged);
+    assert_eq!(report.lost_writes, 0);
+    assert_eq!(report.unconverged_writes, 0);
+    assert!(report.writes > 0, "the scenario made writes");
+    report
+}
+
+#[test]
+fn partition_heals() {
+    check(include_str!("../scenarios/partition-heal.toml"));
+}
+
+#[test]
+fn symmetric_nats_are_relayed() {
+    let report = check(include_str!("../scenarios/symmetric-nat.toml"));
+    assert!(report.relayed_paths > 0, "symmetric/port-restricted pairs must go through the relay");
+    assert!(report.direct_paths > 0, "the other pairs punch through");
+}
+
+#[test]
+fn crash_and_restart() {
+    check(include_str!("../scenarios/crash-restart.toml"));
+}
+
+#[test]
+fn clock_skew() {
+    check(include_str!("../scenarios/clock-skew.toml"));
+}
+
+#[test]
+fn thirty_percent_loss() {
+    let report = check(include_str!("../scenarios/loss-30.toml"));
+    assert!(report.dropped > 0);
+}
+
+#[test]
+fn the_embedded_default_passes() {
+    let report = check(netsim::scenario::DEFAULT);
+    assert_eq!(report.nodes, 301);
+}
+
+#[test]
+fn one_seed_replays_bit_for_bit() {
+    let scenario = Scenario::parse(include_str!("../scenarios/partition-heal.toml")).unwrap();
+    let first = run(&scenario, 42, &mut |_, _| {});
+    let second = run(&scenario, 42, &mut |_, _| {});
+    let other = run(&scenario, 43, &mut |_, _| {});
+    assert_eq!(first.trace_hash, second.trace_hash);
+    assert_eq!(first.digest, second.digest);
+    assert_eq!(first.events, second.events);
+    assert_ne!(first.trace_hash, other.trace_hash, "another seed is another run");
+}
+
+#[test]
+fn bad_scenarios_name_the_field() {
+    let cases = [
+        ("devices = 0\nduration_ms = 1000\n", "devices"),
+        ("devices = 3\nduration_ms = 1000\nfrobs = 1\n", "frobs"),
+        ("devices = 3\nduration_ms = 1000\n[network]\nloss_ppm = 1000000\n", "network.loss_ppm"),
+        ("devices = 3\nduration_ms = 1000\ntopology = \"ring\"\n", "topology"),
+        (
+            "devices = 3\nduration_ms = 1000\n[[partitions]]\nat_ms = 5\nheal_ms = 1\nshare_ppm = 10\n",
+            "heal_ms",
+        ),
+        ("devices = 3\n", "duration_ms"),
+    ];
+    for (text, field) in cases {
+        let err = Scenario::parse(text).expect_err(text).to_string();
+        assert!(err.contains(field), "{text:?}: {err}");
+    }
+}
+
+fn sim(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_feedmesh-sim")).args(args).output().expect("run feedmesh-sim")
+}
+
+#[test]
+fn cli_json_and_exit_statuses() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/scenarios/crash-restart.toml");
+    let out = sim(&["run", path, "--seed", "5", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for key in [
+        "seed",
+        "nodes",
+        "events",
+        "virtual_ms",
+        "wall_ms",
+        "converged",
+        "convergence_ms_p50",
+        "convergence_ms_p99",
+        "convergence_ms_max",
+        "writes",
+        "lost_writes",
+        "messages",
+        "bytes",
+        "digest",
+        "trace_hash",
+    ] {
+        assert!(value.get(key).is_some(), "missing {key}");
+    }
+    assert_eq!(value["seed"], 5);
+    let dir = tempfile_dir();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "devices = 3\nduration_ms = 1000\nloss = 1\n").unwrap();
+    let out = sim(&["run", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loss"));
+    assert_eq!(sim(&["run", "--nope"]).status.code(), Some(2));
+    assert_eq!(sim(&["run", "/no/such/file.toml"]).status.code(), Some(2));
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("feedmesh-sim-cli");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
