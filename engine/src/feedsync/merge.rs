@@ -74,15 +74,23 @@ pub enum MergeOutcome {
 
 /// Merges an incoming item into a local one (spec 3.3 steps 2-6, with the twins rule).
 pub fn merge_item(local: &Item, incoming: &Item) -> (Item, MergeOutcome) {
+    match merged(local, incoming) {
+        None => (local.clone(), MergeOutcome::Unchanged),
+        Some(item) => (item, MergeOutcome::Changed),
+    }
+}
+
+/// The merge of `incoming` into `local`, or `None` when it is `local` itself.
+pub fn merged(local: &Item, incoming: &Item) -> Option<Item> {
     // Fast path: the usual case of one side strictly newer and without conflicts on either side.
     if local.conflicts.is_empty() && incoming.conflicts.is_empty() {
         let (l, i) = (&local.version, &incoming.version);
         let l_sub = l.subsumed_by(i);
         let i_sub = i.subsumed_by(l);
         match (l_sub, i_sub) {
-            (true, false) => return (incoming.clone(), MergeOutcome::Changed),
-            (false, true) => return (local.clone(), MergeOutcome::Unchanged),
-            (true, true) if l == i => return (local.clone(), MergeOutcome::Unchanged),
+            (true, false) => return Some(incoming.clone()),
+            (false, true) => return None,
+            (true, true) if l == i => return None,
             _ => {}
         }
     }
@@ -102,7 +110,7 @@ pub fn merge_item(local: &Item, incoming: &Item) -> (Item, MergeOutcome) {
     // the winner rule among all of them cannot be dropped by both... but be total regardless.
     debug_assert!(!m.is_empty());
     if m.is_empty() {
-        return (local.clone(), MergeOutcome::Unchanged);
+        return None;
     }
 
     // Step 5: the winner. Losers best first, without duplicates.
@@ -117,8 +125,7 @@ pub fn merge_item(local: &Item, incoming: &Item) -> (Item, MergeOutcome) {
         m[1..].iter().take(limits::CONFLICTS_PER_ITEM_MAX).map(|v| (*v).clone()).collect()
     };
     let merged = Item { version: winner, conflicts };
-    let outcome = if merged == *local { MergeOutcome::Unchanged } else { MergeOutcome::Changed };
-    (merged, outcome)
+    (merged != *local).then_some(merged)
 }
 
 /// Counts of what a feed merge did.
@@ -138,9 +145,12 @@ pub fn merge_feed(local: &mut Feed, incoming: &Feed) -> Result<MergeStats, Feeds
     if local.dialect != incoming.dialect {
         return Err(FeedsyncError::DialectMismatch { local: local.dialect, incoming: incoming.dialect });
     }
-    let new_items = incoming.items().filter(|item| local.item(item.id()).is_none()).count();
-    if local.len() + new_items > limits::ITEMS_PER_FEED_MAX {
-        return Err(FeedsyncError::TooManyItems);
+    // Count the new items exactly only when the bound could be reached (a second lookup pass).
+    if local.len() + incoming.len() > limits::ITEMS_PER_FEED_MAX {
+        let new_items = incoming.items().filter(|item| local.item(item.id()).is_none()).count();
+        if local.len() + new_items > limits::ITEMS_PER_FEED_MAX {
+            return Err(FeedsyncError::TooManyItems);
+        }
     }
     let mut stats = MergeStats::default();
     for item in incoming.items() {
@@ -156,15 +166,12 @@ pub fn merge_one(local: &mut Feed, incoming: &Item, stats: &mut MergeStats) {
             local.items.insert(incoming.id().clone(), incoming.clone());
             stats.added += 1;
         }
-        Some(slot) => {
-            let (merged, outcome) = merge_item(slot, incoming);
-            match outcome {
-                MergeOutcome::Unchanged => stats.unchanged += 1,
-                MergeOutcome::Changed => {
-                    *slot = merged;
-                    stats.changed += 1;
-                }
+        Some(slot) => match merged(slot, incoming) {
+            None => stats.unchanged += 1,
+            Some(item) => {
+                *slot = item;
+                stats.changed += 1;
             }
-        }
+        },
     }
 }

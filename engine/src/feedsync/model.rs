@@ -237,7 +237,8 @@ impl HistoryEntry {
     #[inline]
     pub fn subsumed_by(&self, other: &HistoryEntry) -> bool {
         match (&self.by, &other.by) {
-            (Some(mine), Some(theirs)) => theirs.same(mine) && other.sequence >= self.sequence,
+            // The sequence first: it is cheap and usually decides.
+            (Some(mine), Some(theirs)) => other.sequence >= self.sequence && theirs.same(mine),
             (Some(_), None) => false,
             (None, Some(_)) => false,
             (None, None) => {
