@@ -130,7 +130,11 @@ fn bench(c: &mut Criterion) {
                             diverge(&mut a, d);
                             (a, b, keep)
                         },
-                        |(mut a, mut b, keep)| session(&mut a, &mut b, keep),
+                        // Return the replicas, so that dropping them is not timed.
+                        |(mut a, mut b, keep)| {
+                            let kept = session(&mut a, &mut b, keep);
+                            (a, b, kept)
+                        },
                         BatchSize::PerIteration,
                     )
                 });
@@ -145,7 +149,10 @@ fn bench(c: &mut Criterion) {
                             am_diverge(&mut a, d);
                             (a, b, sa, sb)
                         },
-                        |(mut a, mut b, mut sa, mut sb)| am_session(&mut a, &mut b, &mut sa, &mut sb),
+                        |(mut a, mut b, mut sa, mut sb)| {
+                            am_session(&mut a, &mut b, &mut sa, &mut sb);
+                            (a, b, sa, sb)
+                        },
                         BatchSize::PerIteration,
                     )
                 });

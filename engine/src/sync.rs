@@ -29,9 +29,6 @@ use crate::wire::{
     self, Body, Fixed64, Message, Push, WireCursor, WireError, WireItem, WireSymbol, WIRE_VERSION,
 };
 
-/// Most changes the incremental path pushes in its first message; more means reconciliation.
-const PUSH_ITEMS_MAX: usize = 64;
-
 /// Microseconds of the caller's clock.
 pub type Micros = u64;
 
@@ -224,9 +221,7 @@ impl Session {
             let items: Vec<WireItem> =
                 replica.changes_since(from).map(|(_, item)| wire::to_wire(item)).collect();
             let bytes: usize = items.iter().map(wire::encoded_len).sum();
-            // Pushing costs an item each even when the peer has it; past a few dozen changes a
-            // reconciliation (about 18 bytes per actual difference) is cheaper.
-            if items.len() <= PUSH_ITEMS_MAX && bytes + 256 <= s.cfg.max_message_bytes {
+            if bytes + 256 <= s.cfg.max_message_bytes {
                 s.stats.payload_bytes_sent += bytes as u64;
                 s.stats.items_sent += items.len() as u64;
                 push = Some(Push { epoch: mine.epoch, from: from.0, items });
