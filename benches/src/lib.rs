@@ -26,6 +26,7 @@ pub mod automerge_workload;
 pub mod feedsync_workload;
 pub mod grid;
 pub mod report;
+pub mod sync_workload;
 
 use rand::Rng as _;
 use rand::SeedableRng as _;

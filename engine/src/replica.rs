@@ -159,15 +159,10 @@ impl Replica {
         when: &When,
         edit: &Edit,
     ) -> Result<Seq, FeedsyncError> {
-        let next = match self.item(id) {
-            Some(item) => item.update(by, when, edit)?,
-            None => {
-                let content = edit.content.clone().unwrap_or_else(|| Arc::new(feedsync::Content::empty()));
-                let mut item = Item::create(id.clone(), by, when, content, false);
-                item.version.deleted = edit.delete;
-                item
-            }
-        };
+        // A replica has no document around its items: new empty content has no bindings.
+        static NO_SCOPE: std::sync::LazyLock<Arc<feedsync::NsScope>> =
+            std::sync::LazyLock::new(Default::default);
+        let next = Item::change(self.item(id).map(|i| i.as_ref()), id, by, when, edit, &NO_SCOPE)?;
         if self.item(id).is_none() && self.items.len() >= feedsync::limits::ITEMS_PER_FEED_MAX {
             return Err(FeedsyncError::TooManyItems);
         }

@@ -13,48 +13,14 @@
 //! document of 10^6 one-change items takes too long to build on 2 cores.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Instant;
 
-use automerge::sync::{self as am_sync, SyncDoc as _};
-use automerge::transaction::Transactable as _;
-use automerge::{ActorId, Automerge, ObjType, ROOT};
-use engine::feedsync::{Content, Edit, Endpoint, ItemId, When};
+use automerge::sync as am_sync;
+use automerge::Automerge;
+use benches::sync_workload::{am_diverge, am_doc, am_session, diverge, replica, session};
 use engine::replica::Replica;
-use engine::sync::{Config, Outcome, Retained, Session};
+use engine::sync::Retained;
 use serde_json::{json, Value};
-
-fn edit(text: &str) -> Edit {
-    Edit {
-        content: Some(Arc::new(Content {
-            attrs: "".into(),
-            inner: format!("<title>{text}</title><description>item {text}</description>").into(),
-            ..Content::empty()
-        })),
-        ..Edit::default()
-    }
-}
-
-fn base(n: usize) -> Replica {
-    let mut r = Replica::new(0);
-    let by = Endpoint::new("origin").expect("valid endpoint");
-    let when = When::from_unix_secs(1_600_000_000).expect("in range");
-    for i in 0..n {
-        let id = ItemId::new(&format!("item-{i}")).expect("valid id");
-        r.change(&id, &by, &when, &edit(&i.to_string())).expect("within limits");
-    }
-    r
-}
-
-/// Adds `count` new items named `prefix-k` on one side.
-fn diverge(r: &mut Replica, prefix: &str, count: usize) {
-    let by = Endpoint::new(prefix).expect("valid endpoint");
-    let when = When::from_unix_secs(1_700_000_000).expect("in range");
-    for k in 0..count {
-        let id = ItemId::new(&format!("{prefix}-{k}")).expect("valid id");
-        r.change(&id, &by, &when, &edit(&format!("{prefix}{k}"))).expect("within limits");
-    }
-}
 
 struct Measured {
     messages: u64,
@@ -65,41 +31,18 @@ struct Measured {
     converged: bool,
 }
 
-/// One session on a clean in-order channel.
-fn session(a: &mut Replica, b: &mut Replica, retained: Retained) -> Measured {
-    let cfg = Config::default();
+/// One timed session.
+fn measured(a: &mut Replica, b: &mut Replica, retained: Retained) -> Measured {
     let start = Instant::now();
-    let mut sa = Session::initiate(1, 0, a, cfg.clone(), retained);
-    let mut sb = Session::respond(1, b, cfg, None);
-    let mut messages = 0u64;
-    loop {
-        let mut moved = false;
-        while let Some(bytes) = sa.poll_transmit() {
-            messages += 1;
-            moved = true;
-            let _ = sb.handle_message(0, b, &bytes);
-        }
-        while let Some(bytes) = sb.poll_transmit() {
-            messages += 1;
-            moved = true;
-            let _ = sa.handle_message(0, a, &bytes);
-        }
-        if !moved {
-            break;
-        }
-    }
+    let run = session(a, b, retained);
     let micros = start.elapsed().as_micros();
-    let (x, y) = (sa.stats(), sb.stats());
-    let retained = match sa.outcome() {
-        Outcome::Done { retained, .. } => *retained,
-        _ => Retained::default(),
-    };
+    let (x, y) = (run.initiator, run.responder);
     Measured {
-        messages,
+        messages: run.messages,
         bytes: x.bytes_sent + y.bytes_sent,
         payload: x.payload_bytes_sent + y.payload_bytes_sent,
         micros,
-        retained,
+        retained: run.retained,
         converged: a.digest() == b.digest(),
     }
 }
@@ -116,12 +59,12 @@ fn feedmesh_cell(base_replica: &Replica, d: usize, two_sided: bool, retained: bo
     let mut b = base_replica.clone();
     let mut keep = Retained::default();
     if retained {
-        keep = session(&mut a, &mut b, Retained::default()).retained;
+        keep = measured(&mut a, &mut b, Retained::default()).retained;
     }
     let (da, db) = if two_sided { (d.div_ceil(2), d / 2) } else { (d, 0) };
     diverge(&mut a, "a", da);
     diverge(&mut b, "b", db);
-    let m = session(&mut a, &mut b, keep);
+    let m = measured(&mut a, &mut b, keep);
     let beyond = m.bytes - m.payload;
     json!({
         "round_trips": m.messages.div_ceil(2),
@@ -141,57 +84,10 @@ struct AmPair {
     b: Automerge,
 }
 
-fn am_base(n: usize) -> Automerge {
-    let mut doc = Automerge::new();
-    doc.set_actor(ActorId::from(b"origin".as_slice()));
-    for i in 0..n {
-        let mut tx = doc.transaction();
-        // Writing plain data into a fresh transaction cannot fail.
-        let obj = tx.put_object(ROOT, format!("item-{i}"), ObjType::Map).expect("put map");
-        tx.put(&obj, "title", i.to_string()).expect("put title");
-        tx.put(&obj, "description", format!("item {i}")).expect("put description");
-        tx.commit();
-    }
-    doc
-}
-
-fn am_diverge(doc: &mut Automerge, prefix: &str, count: usize) {
-    doc.set_actor(ActorId::from(prefix.as_bytes()));
-    for k in 0..count {
-        let mut tx = doc.transaction();
-        let obj = tx.put_object(ROOT, format!("{prefix}-{k}"), ObjType::Map).expect("put map");
-        tx.put(&obj, "title", format!("{prefix}{k}")).expect("put title");
-        tx.put(&obj, "description", format!("item {prefix}{k}")).expect("put description");
-        tx.commit();
-    }
-}
-
-/// Runs automerge sync to quiescence; returns (messages, bytes, micros).
+/// Runs automerge sync to quiescence, timed; returns (messages, bytes, micros).
 fn am_sync(p: &mut AmPair, sa: &mut am_sync::State, sb: &mut am_sync::State) -> (u64, u64, u128) {
     let start = Instant::now();
-    let (mut messages, mut bytes) = (0u64, 0u64);
-    loop {
-        let mut moved = false;
-        if let Some(m) = p.a.generate_sync_message(sa) {
-            let encoded = m.encode();
-            messages += 1;
-            bytes += encoded.len() as u64;
-            let m = am_sync::Message::decode(&encoded).expect("own encoding decodes");
-            p.b.receive_sync_message(sb, m).expect("valid message");
-            moved = true;
-        }
-        if let Some(m) = p.b.generate_sync_message(sb) {
-            let encoded = m.encode();
-            messages += 1;
-            bytes += encoded.len() as u64;
-            let m = am_sync::Message::decode(&encoded).expect("own encoding decodes");
-            p.a.receive_sync_message(sa, m).expect("valid message");
-            moved = true;
-        }
-        if !moved {
-            break;
-        }
-    }
+    let (messages, bytes) = am_session(&mut p.a, &mut p.b, sa, sb);
     (messages, bytes, start.elapsed().as_micros())
 }
 
@@ -243,8 +139,8 @@ fn main() -> anyhow::Result<()> {
     let mut cells: Vec<Value> = Vec::new();
     for &n in &sizes {
         eprintln!("sync sweep: n = {n}: building replicas");
-        let replica = base(n);
-        let am = (n <= 100_000).then(|| am_base(n));
+        let replica = replica(n);
+        let am = (n <= 100_000).then(|| am_doc(n));
         for &d in &diffs {
             for two_sided in [false, true] {
                 for retained in [false, true] {

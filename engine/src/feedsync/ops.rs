@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::limits;
 use super::merge::compare;
-use super::model::{Content, Endpoint, Feed, HistoryEntry, Item, ItemId, Version, When};
+use super::model::{Content, Endpoint, Feed, HistoryEntry, Item, ItemId, NsScope, Version, When};
 use super::FeedsyncError;
 
 /// What a local change sets besides the sync metadata.
@@ -126,6 +126,32 @@ pub fn sparse_purge(history: &[HistoryEntry]) -> Vec<HistoryEntry> {
         .collect()
 }
 
+impl Item {
+    /// A local change to `current` (an update, delete or resolve), or, when there is no item
+    /// yet, its creation (a tombstone if `edit.delete`); new content defaults to empty content in
+    /// `scope`.
+    pub fn change(
+        current: Option<&Item>,
+        id: &ItemId,
+        by: &Endpoint,
+        when: &When,
+        edit: &Edit,
+        scope: &Arc<NsScope>,
+    ) -> Result<Item, FeedsyncError> {
+        match current {
+            Some(item) => item.update(by, when, edit),
+            None => {
+                let content = edit.content.clone().unwrap_or_else(|| {
+                    Arc::new(Content { attrs: "".into(), inner: "".into(), scope: scope.clone() })
+                });
+                let mut item = Item::create(id.clone(), by, when, content, false);
+                item.version.deleted = edit.delete;
+                Ok(item)
+            }
+        }
+    }
+}
+
 impl Feed {
     /// Creates the item if absent (then applies `edit.delete`), otherwise updates it.
     pub fn change(
@@ -135,21 +161,7 @@ impl Feed {
         when: &When,
         edit: &Edit,
     ) -> Result<&Item, FeedsyncError> {
-        let next = match self.items.get(id) {
-            Some(item) => item.update(by, when, edit)?,
-            None => {
-                let content = edit.content.clone().unwrap_or_else(|| {
-                    Arc::new(Content {
-                        attrs: "".into(),
-                        inner: "".into(),
-                        scope: self.envelope.scope.clone(),
-                    })
-                });
-                let mut item = Item::create(id.clone(), by, when, content, false);
-                item.version.deleted = edit.delete;
-                item
-            }
-        };
+        let next = Item::change(self.items.get(id), id, by, when, edit, &self.envelope.scope)?;
         self.put(next)?;
         Ok(&self.items[id])
     }
