@@ -110,9 +110,24 @@ impl Net {
     }
 
     fn latency(rng: &mut ChaCha8Rng, latency: &Latency) -> u64 {
+        // A uniform draw in (0, 1], from 53 random bits (exact in f64).
+        let mut unit = || ((rng.random::<u64>() >> 11) + 1) as f64 / (1u64 << 53) as f64;
+        // Capped at 10 minutes so a heavy tail cannot stall a run.
+        const CAP_US: f64 = 600_000_000.0;
         match latency {
             Latency::Constant { ms } => ms * 1_000,
             Latency::Uniform { min_ms, max_ms } => rng.random_range(min_ms * 1_000..=max_ms * 1_000),
+            Latency::Lognormal { median_ms, sigma } => {
+                // Box-Muller with libm's software log/cos: the same bits on every platform.
+                let (u1, u2) = (unit(), unit());
+                let normal = libm::sqrt(-2.0 * libm::log(u1)) * libm::cos(2.0 * std::f64::consts::PI * u2);
+                let us = *median_ms as f64 * 1_000.0 * libm::exp(sigma * normal);
+                us.clamp(0.0, CAP_US) as u64
+            }
+            Latency::Pareto { min_ms, alpha } => {
+                let us = *min_ms as f64 * 1_000.0 / libm::pow(unit(), 1.0 / alpha);
+                us.clamp(0.0, CAP_US) as u64
+            }
         }
     }
 
@@ -214,6 +229,24 @@ mod tests {
                 assert_eq!(punch(a, b), expected, "{a:?} with {b:?}");
             }
         }
+    }
+
+    #[test]
+    fn latency_distributions_have_their_shape() {
+        use rand::SeedableRng as _;
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut draw = |l: &Latency| -> Vec<u64> {
+            let mut v: Vec<u64> = (0..10_001).map(|_| Net::latency(&mut rng, l)).collect();
+            v.sort_unstable();
+            v
+        };
+        let logn = draw(&Latency::Lognormal { median_ms: 50, sigma: 0.5 });
+        let median = logn[5_000];
+        assert!((45_000..55_000).contains(&median), "lognormal median {median} us");
+        let pareto = draw(&Latency::Pareto { min_ms: 10, alpha: 1.5 });
+        assert!(pareto[0] >= 10_000, "pareto minimum");
+        assert!(pareto[9_990] > 10 * pareto[5_000], "pareto has a heavy tail");
+        assert_eq!(draw(&Latency::Constant { ms: 7 })[0], 7_000);
     }
 
     #[test]

@@ -72,8 +72,23 @@ pub enum Topology {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, tag = "dist", rename_all = "lowercase")]
 pub enum Latency {
-    Constant { ms: u64 },
-    Uniform { min_ms: u64, max_ms: u64 },
+    Constant {
+        ms: u64,
+    },
+    Uniform {
+        min_ms: u64,
+        max_ms: u64,
+    },
+    /// Lognormal with the given median and shape `sigma` (of the underlying normal).
+    Lognormal {
+        median_ms: u64,
+        sigma: f64,
+    },
+    /// Pareto with minimum `min_ms` and tail index `alpha` (heavy tail for alpha near 1).
+    Pareto {
+        min_ms: u64,
+        alpha: f64,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -231,10 +246,17 @@ impl Scenario {
             return bad("lan_group", "must be at least 1");
         }
         for (field, latency) in [("network.wan", &self.network.wan), ("network.lan", &self.network.lan)] {
-            if let Latency::Uniform { min_ms, max_ms } = latency {
-                if min_ms > max_ms {
+            match latency {
+                Latency::Uniform { min_ms, max_ms } if min_ms > max_ms => {
                     return bad(field, "min_ms is above max_ms");
                 }
+                Latency::Lognormal { sigma, .. } if !(0.0..=3.0).contains(sigma) => {
+                    return bad(field, "sigma must be 0..=3");
+                }
+                Latency::Pareto { alpha, .. } if !(0.5..=10.0).contains(alpha) => {
+                    return bad(field, "alpha must be 0.5..=10");
+                }
+                _ => {}
             }
         }
         if self.network.loss_ppm >= 1_000_000 {
