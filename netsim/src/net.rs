@@ -74,6 +74,8 @@ pub struct Net {
     star: bool,
     /// Active partitions: index -> the cut-off device range.
     cuts: BTreeMap<usize, Range<u32>>,
+    /// Gilbert-Elliott state per directed path (true: bad), for bursty loss.
+    bad: BTreeMap<(u32, u32), bool>,
     dropped: u64,
     relayed: u64,
     direct: u64,
@@ -81,7 +83,16 @@ pub struct Net {
 
 impl Net {
     pub fn new(cfg: Network, nats: Vec<Nat>, star: bool) -> Self {
-        Self { cfg, nats, star, cuts: BTreeMap::new(), dropped: 0, relayed: 0, direct: 0 }
+        Self {
+            cfg,
+            nats,
+            star,
+            cuts: BTreeMap::new(),
+            bad: BTreeMap::new(),
+            dropped: 0,
+            relayed: 0,
+            direct: 0,
+        }
     }
 
     pub fn cut(&mut self, index: usize, devices: Range<u32>) {
@@ -131,9 +142,24 @@ impl Net {
         }
     }
 
+    /// The loss rate of the next datagram on a directed path, stepping its Gilbert-Elliott state.
+    fn loss_ppm(&mut self, rng: &mut ChaCha8Rng, path: (u32, u32)) -> u32 {
+        let Some(burst) = &self.cfg.burst else { return self.cfg.loss_ppm };
+        let (p, r, bad_loss) = (burst.p_ppm, burst.r_ppm, burst.bad_loss_ppm);
+        let state = self.bad.entry(path).or_insert(false);
+        let draw = rng.random_range(0..1_000_000);
+        *state = if *state { draw >= r } else { draw < p };
+        if *state {
+            bad_loss
+        } else {
+            self.cfg.loss_ppm
+        }
+    }
+
     /// One wide-area leg: `None` if lost, else its delays (two when duplicated).
-    fn wan_leg(&mut self, rng: &mut ChaCha8Rng) -> Vec<u64> {
-        if rng.random_range(0..1_000_000) < self.cfg.loss_ppm {
+    fn wan_leg(&mut self, rng: &mut ChaCha8Rng, path: (u32, u32)) -> Vec<u64> {
+        let loss = self.loss_ppm(rng, path);
+        if rng.random_range(0..1_000_000) < loss {
             return Vec::new();
         }
         let mut delays = vec![Self::latency(rng, &self.cfg.wan)];
@@ -153,7 +179,7 @@ impl Net {
             }
         } else if from == 0 || to == 0 {
             if self.reachable(from, to) {
-                self.wan_leg(rng)
+                self.wan_leg(rng, (from, to))
             } else {
                 Vec::new()
             }
@@ -162,13 +188,13 @@ impl Net {
             && self.reachable(from, to)
         {
             self.direct += 1;
-            self.wan_leg(rng)
+            self.wan_leg(rng, (from, to))
         } else if self.relay_ok(from, to) {
             // Relayed through the cloud: two legs, each may lose or duplicate.
             self.relayed += 1;
             let mut out = Vec::new();
-            for d in self.wan_leg(rng) {
-                for e in self.wan_leg(rng) {
+            for d in self.wan_leg(rng, (from, 0)) {
+                for e in self.wan_leg(rng, (0, to)) {
                     out.push(d + e);
                 }
             }
@@ -247,6 +273,25 @@ mod tests {
         assert!(pareto[0] >= 10_000, "pareto minimum");
         assert!(pareto[9_990] > 10 * pareto[5_000], "pareto has a heavy tail");
         assert_eq!(draw(&Latency::Constant { ms: 7 })[0], 7_000);
+    }
+
+    #[test]
+    fn bursty_loss_is_per_path_and_sticky() {
+        use rand::SeedableRng as _;
+        let cfg = Network {
+            loss_ppm: 0,
+            burst: Some(crate::scenario::Burst { p_ppm: 100_000, r_ppm: 50_000, bad_loss_ppm: 1_000_000 }),
+            ..Network::default()
+        };
+        let mut net = Net::new(cfg, vec![Nat::Public; 3], true);
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let outcomes: Vec<bool> =
+            (0..20_000).map(|_| net.transmit(&mut rng, 1, 0, false).is_empty()).collect();
+        let lost = outcomes.iter().filter(|&&l| l).count();
+        let bursts = outcomes.windows(2).filter(|w| !w[0] && w[1]).count();
+        // Stationary bad share p / (p + r) = 2/3; mean burst length 1 / r = 20.
+        assert!((12_000..15_000).contains(&lost), "{lost} lost");
+        assert!(lost / bursts.max(1) >= 10, "losses come in bursts: {lost} in {bursts}");
     }
 
     #[test]

@@ -105,6 +105,19 @@ pub struct Network {
     pub loss_ppm: u32,
     #[serde(default)]
     pub dup_ppm: u32,
+    /// Bursty loss (Gilbert-Elliott): each directed wide-area path is in a good state (loss
+    /// `loss_ppm`) or a bad one (loss `bad_loss_ppm`), moving good->bad with `p_ppm` and bad->good
+    /// with `r_ppm` per datagram.
+    #[serde(default)]
+    pub burst: Option<Burst>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Burst {
+    pub p_ppm: u32,
+    pub r_ppm: u32,
+    pub bad_loss_ppm: u32,
 }
 
 fn default_wan() -> Latency {
@@ -116,7 +129,7 @@ fn default_lan_latency() -> Latency {
 
 impl Default for Network {
     fn default() -> Self {
-        Self { wan: default_wan(), lan: default_lan_latency(), loss_ppm: 0, dup_ppm: 0 }
+        Self { wan: default_wan(), lan: default_lan_latency(), loss_ppm: 0, dup_ppm: 0, burst: None }
     }
 }
 
@@ -261,6 +274,14 @@ impl Scenario {
         }
         if self.network.loss_ppm >= 1_000_000 {
             return bad("network.loss_ppm", "must be below 1000000");
+        }
+        if let Some(b) = &self.network.burst {
+            if b.p_ppm > 1_000_000 || b.r_ppm == 0 || b.r_ppm > 1_000_000 || b.bad_loss_ppm > 1_000_000 {
+                return bad(
+                    "network.burst",
+                    "p_ppm and bad_loss_ppm must be at most 1000000, r_ppm 1..=1000000",
+                );
+            }
         }
         if self.network.dup_ppm >= 1_000_000 {
             return bad("network.dup_ppm", "must be below 1000000");
