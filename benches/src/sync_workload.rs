@@ -56,7 +56,7 @@ pub struct SessionRun {
 /// One feedmesh session, `a` initiating, on a clean in-order channel.
 pub fn session(a: &mut Replica, b: &mut Replica, retained: Retained) -> SessionRun {
     let mut sa = Session::initiate(1, 0, a, Config::default(), retained);
-    let mut sb = Session::respond(1, b, Config::default(), None);
+    let mut sb = Session::respond(1, b, Config::default());
     let mut messages = 0;
     loop {
         let mut moved = false;

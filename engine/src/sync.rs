@@ -162,7 +162,6 @@ pub struct Session {
     pushed: Vec<Fingerprint>,
     /// Initiator: the responder's items are all in; now sending mine.
     sending_mine: bool,
-    known_of_peer: Option<Cursor>,
     /// Responder: my log position when I fixed what to send (a snapshot for reconciliation, or
     /// the changes for the incremental path). The peer's cursor must not pass it: changes after
     /// it were not sent.
@@ -198,7 +197,6 @@ impl Session {
             acked: None,
             pushed: Vec::new(),
             sending_mine: false,
-            known_of_peer: None,
             served_log: None,
             stats: Stats::default(),
             outcome: Outcome::Running,
@@ -244,12 +242,9 @@ impl Session {
     }
 
     /// A responder session, made when the first message of a new session arrives (then pass that
-    /// message to [`Session::handle_message`]). `known_of_peer` is how far this side has the
-    /// initiator's log.
-    pub fn respond(id: u64, replica: &Replica, cfg: Config, known_of_peer: Option<Cursor>) -> Self {
-        let mut s = Self::new(Role::Responder, id, cfg, replica);
-        s.known_of_peer = known_of_peer;
-        s
+    /// message to [`Session::handle_message`]).
+    pub fn respond(id: u64, replica: &Replica, cfg: Config) -> Self {
+        Self::new(Role::Responder, id, cfg, replica)
     }
 
     /// The session id a message belongs to (for routing), if it decodes.

@@ -80,7 +80,7 @@ fn run(a: &mut Replica, b: &mut Replica, retained: Retained, faults: Faults, see
     };
     let mut now: Micros = 0;
     let mut sa = Session::initiate(7, now, a, cfg.clone(), retained);
-    let mut sb = Session::respond(7, b, cfg, None);
+    let mut sb = Session::respond(7, b, cfg);
     // (deliver at, sequence) -> (to_b, bytes)
     let mut wire: BTreeMap<(Micros, u64), (bool, Vec<u8>)> = BTreeMap::new();
     let mut seq = 0u64;
@@ -302,7 +302,7 @@ mod adversary {
             let mut session = if initiator {
                 Session::initiate(9, 0, &mine, cfg.clone(), Retained::default())
             } else {
-                Session::respond(9, &mine, cfg.clone(), None)
+                Session::respond(9, &mine, cfg.clone())
             };
             let mut now = 0;
             let mut sent = 0usize;

@@ -160,7 +160,7 @@ impl Checker {
 
     /// Propagation times (p50, p99, max in ms) of writes that reached every live node, and how
     /// many did not.
-    pub fn convergence(&self, live: &[u32], _live_count: u32) -> (u64, u64, u64, u64) {
+    pub fn convergence(&self, live: &[u32]) -> (u64, u64, u64, u64) {
         let mut histogram = Histogram::default();
         let mut unconverged = 0;
         for w in &self.writes {

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BinaryHeap};
 use std::sync::Arc;
 
 use engine::feedsync::{self, Edit, Endpoint, Item, ItemId, When};
-use engine::replica::{Cursor, Replica};
+use engine::replica::Replica;
 use engine::sync::{Config, Outcome, Retained, Session};
 use rand::{Rng as _, SeedableRng as _};
 use rand_chacha::ChaCha8Rng;
@@ -72,8 +72,6 @@ struct Node {
     outgoing: BTreeMap<u32, u64>,
     /// Initiator-side cursors per peer (volatile).
     retained: BTreeMap<u32, Retained>,
-    /// How far this node has each peer's log (volatile).
-    known: BTreeMap<u32, Cursor>,
     up: bool,
     lan: u32,
     skew_ms: i64,
@@ -158,7 +156,6 @@ impl Sim {
                 sessions: BTreeMap::new(),
                 outgoing: BTreeMap::new(),
                 retained: BTreeMap::new(),
-                known: BTreeMap::new(),
                 up: true,
                 lan: if i == CLOUD { u32::MAX } else { (i - 1) / sc.lan_group },
                 skew_ms,
@@ -320,7 +317,6 @@ impl Sim {
                     n.sessions.clear();
                     n.outgoing.clear();
                     n.retained.clear();
-                    n.known.clear();
                     let back = self.now + self.sc.faults.down_ms * 1_000;
                     self.push(back, Payload::Restart { node });
                 }
@@ -406,8 +402,7 @@ impl Sim {
             if step != 0 || n.outgoing.get(&from) == Some(&sid) {
                 return;
             }
-            let known = n.known.get(&from).copied();
-            n.sessions.insert((from, sid), Session::respond(sid, &n.replica, cfg, known));
+            n.sessions.insert((from, sid), Session::respond(sid, &n.replica, cfg));
         }
         let head = n.replica.head();
         let Some(session) = n.sessions.get_mut(&(from, sid)) else { return };
@@ -444,13 +439,8 @@ impl Sim {
         let n = &mut self.nodes[node as usize];
         let initiated = n.outgoing.get(&peer) == Some(&sid);
         match &outcome {
-            Outcome::Done { retained, .. } => {
-                if initiated {
-                    n.retained.insert(peer, *retained);
-                }
-                if let Some(log) = retained.peer_log {
-                    n.known.insert(peer, log);
-                }
+            Outcome::Done { retained, .. } if initiated => {
+                n.retained.insert(peer, *retained);
             }
             Outcome::Failed(_) if finished && initiated => {
                 n.retained.remove(&peer);
@@ -570,8 +560,7 @@ impl Sim {
                 "durability: {lost} accepted writes are neither final versions nor in the causal past of one"
             ));
         }
-        let live_count = live.len() as u32;
-        let (p50, p99, max, unconverged) = self.checker.convergence(&live, live_count);
+        let (p50, p99, max, unconverged) = self.checker.convergence(&live);
         if unconverged > 0 && failure.is_none() {
             failure = Some(format!("propagation: {unconverged} writes did not reach every live node"));
         }
