@@ -40,7 +40,12 @@ pub fn encode_version_into(version: &Version, out: &mut Vec<u8>) {
                 out.push(1);
                 out.extend_from_slice(&when.unix_secs().to_be_bytes());
                 out.extend_from_slice(&when.nanos().to_be_bytes());
-                put_str(out, &when.to_rfc3339());
+                // `put_str` of the text, written in place.
+                let at = out.len();
+                out.extend_from_slice(&[0; 4]);
+                when.write_rfc3339(out);
+                let len = (out.len() - at - 4) as u32;
+                out[at..at + 4].copy_from_slice(&len.to_be_bytes());
             }
         }
         match &entry.by {

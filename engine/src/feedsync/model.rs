@@ -185,27 +185,51 @@ impl When {
 
     /// The text as read, or else `YYYY-MM-DDTHH:MM:SS[.fraction]Z` in UTC.
     pub fn to_rfc3339(&self) -> String {
+        let mut out = Vec::with_capacity(32);
+        self.write_rfc3339(&mut out);
+        // Only ASCII digits and separators are written, or the (UTF-8) text as read.
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Appends [`When::to_rfc3339`] to `out` without formatting machinery or allocation: this
+    /// runs for every history entry of every canonical encoding (fingerprints, tie-breaks).
+    pub fn write_rfc3339(&self, out: &mut Vec<u8>) {
         if let Some(text) = &self.text {
-            return text.to_string();
+            out.extend_from_slice(text.as_bytes());
+            return;
         }
         let date = time::OffsetDateTime::from_unix_timestamp(self.unix_secs)
             .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-        let mut out = format!(
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
-            date.year(),
-            u8::from(date.month()),
-            date.day(),
-            date.hour(),
-            date.minute(),
-            date.second()
-        );
+        let (year, month, day) = date.to_calendar_date();
+        let (hour, minute, second) = date.to_hms();
+        let digits = |out: &mut Vec<u8>, value: u32, width: u32| {
+            for place in (0..width).rev() {
+                out.push(b'0' + (value / 10u32.pow(place) % 10) as u8);
+            }
+        };
+        // Years are 0000..=9999 (`from_unix_secs` and `parse` check the range).
+        digits(out, year.clamp(0, 9999) as u32, 4);
+        out.push(b'-');
+        digits(out, u32::from(u8::from(month)), 2);
+        out.push(b'-');
+        digits(out, u32::from(day), 2);
+        out.push(b'T');
+        digits(out, u32::from(hour), 2);
+        out.push(b':');
+        digits(out, u32::from(minute), 2);
+        out.push(b':');
+        digits(out, u32::from(second), 2);
         if self.nanos != 0 {
-            let frac = format!("{:09}", self.nanos);
-            out.push('.');
-            out.push_str(frac.trim_end_matches('0'));
+            out.push(b'.');
+            let mut nanos = self.nanos;
+            let mut width = 9;
+            while nanos % 10 == 0 {
+                nanos /= 10;
+                width -= 1;
+            }
+            digits(out, nanos, width);
         }
-        out.push('Z');
-        out
+        out.push(b'Z');
     }
 
     /// Orders by instant only (the text is presentation).
@@ -559,5 +583,60 @@ impl Feed {
             item.check_invariants()?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The formatting-machinery version `write_rfc3339` replaced, kept as the oracle.
+    fn reference(when: &When) -> String {
+        let date = time::OffsetDateTime::from_unix_timestamp(when.unix_secs).unwrap();
+        let mut out = format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+            date.year(),
+            u8::from(date.month()),
+            date.day(),
+            date.hour(),
+            date.minute(),
+            date.second()
+        );
+        if when.nanos != 0 {
+            out.push('.');
+            out.push_str(format!("{:09}", when.nanos).trim_end_matches('0'));
+        }
+        out.push('Z');
+        out
+    }
+
+    #[test]
+    fn rfc3339_writer_matches_the_reference_and_parses_back() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let span = (limits::WHEN_SECS_MAX - limits::WHEN_SECS_MIN) as u64;
+        let mut cases =
+            vec![(limits::WHEN_SECS_MIN, 0), (limits::WHEN_SECS_MAX, 999_999_999), (0, 1), (0, 500)];
+        for _ in 0..20_000 {
+            let secs = limits::WHEN_SECS_MIN + (next() % span) as i64;
+            let nanos = match next() % 3 {
+                0 => 0,
+                1 => (next() % 1_000) as u32 * 1_000_000,
+                _ => (next() % 1_000_000_000) as u32,
+            };
+            cases.push((secs, nanos));
+        }
+        for (secs, nanos) in cases {
+            let when = When { unix_secs: secs, nanos, text: None };
+            let text = when.to_rfc3339();
+            assert_eq!(text, reference(&when), "{secs}.{nanos}");
+            let back = When::parse(&text).unwrap();
+            assert_eq!((back.unix_secs, back.nanos, back.text), (secs, nanos, None));
+        }
     }
 }
