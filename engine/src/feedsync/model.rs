@@ -223,7 +223,7 @@ impl When {
             out.push(b'.');
             let mut nanos = self.nanos;
             let mut width = 9;
-            while nanos % 10 == 0 {
+            while nanos.is_multiple_of(10) {
                 nanos /= 10;
                 width -= 1;
             }
