@@ -46,6 +46,19 @@ struct Entry {
     item: Arc<Item>,
     fp: Fingerprint,
     seq: Seq,
+    /// The latest change was a local operation (not a merge of a peer's version).
+    local: bool,
+}
+
+/// One entry of the change log, as [`Replica::log_since`] gives it.
+#[derive(Clone, Copy, Debug)]
+pub struct Change<'a> {
+    pub seq: Seq,
+    pub item: &'a Arc<Item>,
+    pub fp: Fingerprint,
+    /// Made here by a local operation, so a peer can only have it from us (or via someone we
+    /// sent it to); merged changes came from some peer and may be anywhere already.
+    pub local: bool,
 }
 
 /// One feed's replica.
@@ -134,13 +147,20 @@ impl Replica {
             .filter_map(|(seq, id)| self.item(id).map(|i| (*seq, i)))
     }
 
+    /// The change log after `since` (in this epoch), oldest first, with fingerprints and origin.
+    pub fn log_since(&self, since: Seq) -> impl Iterator<Item = Change<'_>> {
+        self.log.range(Seq(since.0.saturating_add(1))..).filter_map(|(seq, id)| {
+            self.items.get(id).map(|e| Change { seq: *seq, item: &e.item, fp: e.fp, local: e.local })
+        })
+    }
+
     /// Records a new state for an item: next sequence number, log, digest, index.
-    fn store(&mut self, item: Arc<Item>) -> Seq {
+    fn store(&mut self, item: Arc<Item>, local: bool) -> Seq {
         let fp = fingerprint(&item);
         let id = item.id().clone();
         self.head = Seq(self.head.0 + 1);
         let seq = self.head;
-        if let Some(old) = self.items.insert(id.clone(), Entry { item, fp, seq }) {
+        if let Some(old) = self.items.insert(id.clone(), Entry { item, fp, seq, local }) {
             self.log.remove(&old.seq);
             self.by_fp.remove(&old.fp);
             self.digest = self.digest.wrapping_sub(old.fp);
@@ -166,7 +186,7 @@ impl Replica {
         if self.item(id).is_none() && self.items.len() >= feedsync::limits::ITEMS_PER_FEED_MAX {
             return Err(FeedsyncError::TooManyItems);
         }
-        Ok(self.store(Arc::new(next)))
+        Ok(self.store(Arc::new(next), true))
     }
 
     /// Merges an incoming item (FeedSync 3.3). Returns whether the replica changed.
@@ -176,7 +196,7 @@ impl Replica {
                 if self.items.len() >= feedsync::limits::ITEMS_PER_FEED_MAX {
                     return Err(FeedsyncError::TooManyItems);
                 }
-                self.store(incoming.clone());
+                self.store(incoming.clone(), false);
                 Ok(true)
             }
             Some(local) => {
@@ -189,7 +209,7 @@ impl Replica {
                     MergeOutcome::Changed => {
                         // Share the incoming Arc when the result is exactly it.
                         let merged = if merged == **incoming { incoming.clone() } else { Arc::new(merged) };
-                        self.store(merged);
+                        self.store(merged, false);
                         Ok(true)
                     }
                 }

@@ -158,14 +158,23 @@ pub struct Session {
     my_log_at_start: Cursor,
     peer_log: Option<Cursor>,
     acked: Option<Cursor>,
-    /// Fingerprints of items the initiator pushed (not echoed back).
+    /// Responder: fingerprints of what the initiator pushed or announced, sorted (not echoed
+    /// back).
     pushed: Vec<Fingerprint>,
+    /// Initiator: the changes announced by fingerprint in `Hello`, sorted, to answer `want`.
+    announced: Vec<(Fingerprint, crate::feedsync::ItemId)>,
+    /// Responder: announced fingerprints it lacks, for the first `Changes`.
+    want: Vec<Fingerprint>,
+    /// Responder (incremental): it asked for items, so the initiator's `Items` come before `Done`.
+    awaiting_items: bool,
     /// Initiator: the responder's items are all in; now sending mine.
     sending_mine: bool,
     /// Responder: my log position when I fixed what to send (a snapshot for reconciliation, or
     /// the changes for the incremental path). The peer's cursor must not pass it: changes after
     /// it were not sent.
     served_log: Option<Cursor>,
+    /// `stats.items_changed` when `served_log` was fixed.
+    changed_at_serve: u64,
     stats: Stats,
     outcome: Outcome,
 }
@@ -196,8 +205,12 @@ impl Session {
             peer_log: None,
             acked: None,
             pushed: Vec::new(),
+            announced: Vec::new(),
+            want: Vec::new(),
+            awaiting_items: false,
             sending_mine: false,
             served_log: None,
+            changed_at_serve: 0,
             stats: Stats::default(),
             outcome: Outcome::Running,
         }
@@ -215,14 +228,27 @@ impl Session {
         let mut push = None;
         let mut symbols = Vec::new();
         if incremental {
+            // My own changes go as items (the peer can hardly have them); what I merged from
+            // others is announced by fingerprint, and the peer asks for what it lacks.
             let from = retained.acked.map(|c| c.seq).unwrap_or_default();
-            let items: Vec<WireItem> =
-                replica.changes_since(from).map(|(_, item)| wire::to_wire(item)).collect();
+            let mut items = Vec::new();
+            let mut have = Vec::new();
+            for change in replica.log_since(from) {
+                if change.local {
+                    items.push(wire::to_wire(change.item));
+                } else {
+                    have.push(Fixed64::from(change.fp));
+                    s.announced.push((change.fp, change.item.id().clone()));
+                }
+            }
             let bytes: usize = items.iter().map(wire::encoded_len).sum();
-            if bytes + 256 <= s.cfg.max_message_bytes {
+            if bytes + have.len() * 8 + 256 <= s.cfg.max_message_bytes {
                 s.stats.payload_bytes_sent += bytes as u64;
                 s.stats.items_sent += items.len() as u64;
-                push = Some(Push { epoch: mine.epoch, from: from.0, items });
+                s.announced.sort_unstable_by_key(|(fp, _)| *fp);
+                push = Some(Push { epoch: mine.epoch, from: from.0, items, have });
+            } else {
+                s.announced.clear();
             }
         }
         if push.is_none() {
@@ -352,11 +378,29 @@ impl Session {
 
     fn initiator(&mut self, now: Micros, replica: &mut Replica, body: Body) -> Result<(), SyncError> {
         match body {
-            Body::Changes { log, items, more } => {
+            Body::Changes { log, items, more, want } => {
                 self.merge_all(replica, &items)?;
                 self.peer_log = Some(cursor(log));
+                if want.len() > self.announced.len() {
+                    return Err(SyncError::Protocol("peer wants more than we announced".into()));
+                }
+                for fp in want {
+                    let fp = u64::from(fp);
+                    match self.announced.binary_search_by_key(&fp, |(f, _)| *f) {
+                        Ok(i) => self.outbox.push_back(self.announced[i].1.clone()),
+                        Err(_) => {
+                            return Err(SyncError::Protocol(
+                                "peer wants a fingerprint we did not announce".into(),
+                            ))
+                        }
+                    }
+                }
                 if more {
                     self.send(now, Body::Continue);
+                } else if !self.outbox.is_empty() {
+                    // The peer lacked some announced changes: send them; it closes with `Done`.
+                    self.sending_mine = true;
+                    self.send_chunk(now, replica);
                 } else {
                     self.acked = Some(self.acknowledged(replica));
                     self.finish(replica, None);
@@ -433,19 +477,32 @@ impl Session {
                 let mine = replica.cursor();
                 let same_epoch = their_cursor.is_some_and(|c| c.epoch == mine.epoch && c.seq <= mine.seq.0);
                 let mut push_ok = false;
+                let mut announced = Vec::new();
                 if let Some(push) = push {
                     push_ok = push.epoch == initiator_log.epoch && same_epoch;
                     let items = decode_items(&push.items)?;
                     self.pushed = items.iter().map(|i| crate::replica::fingerprint(i)).collect();
                     self.merge_items(replica, items)?;
+                    announced = push.have.into_iter().map(u64::from).collect();
                 }
                 let mine = replica.cursor();
                 let serve = their_cursor.map(cursor).filter(|c| c.epoch == mine.epoch && c.seq <= mine.seq);
                 if let (true, Some(since)) = (push_ok, serve) {
                     self.served_log = Some(replica.cursor());
-                    for (_, item) in replica.changes_since(since.seq) {
-                        if !self.pushed.contains(&crate::replica::fingerprint(item)) {
-                            self.outbox.push_back(item.id().clone());
+                    self.changed_at_serve = self.stats.items_changed;
+                    self.want = announced
+                        .iter()
+                        .copied()
+                        .filter(|&fp| replica.by_fingerprint(fp).is_none())
+                        .collect();
+                    self.want.sort_unstable();
+                    self.want.dedup();
+                    self.awaiting_items = !self.want.is_empty();
+                    self.pushed.extend(announced);
+                    self.pushed.sort_unstable();
+                    for change in replica.log_since(since.seq) {
+                        if self.pushed.binary_search(&change.fp).is_err() {
+                            self.outbox.push_back(change.item.id().clone());
                         }
                     }
                     self.send_changes(now, replica);
@@ -537,12 +594,14 @@ impl Session {
     /// Responder: the next chunk of `Changes` (incremental) or `Items` (after `Diff`).
     fn send_changes_or_items(&mut self, now: Micros, replica: &Replica) {
         let incremental = self.snapshot.is_empty() && self.decoder.is_empty();
-        let items = self.take_chunk(replica, self.cfg.max_message_bytes.saturating_sub(256));
+        let want: Vec<Fixed64> = std::mem::take(&mut self.want).into_iter().map(Fixed64::from).collect();
+        let budget = self.cfg.max_message_bytes.saturating_sub(256 + want.len() * 9);
+        let items = self.take_chunk(replica, budget);
         let more = !self.outbox.is_empty();
         if incremental {
             let log = wire_cursor(self.served_log.unwrap_or(replica.cursor()));
-            self.send(now, Body::Changes { log, items, more });
-            if !more {
+            self.send(now, Body::Changes { log, items, more, want });
+            if !more && !self.awaiting_items {
                 self.linger(now);
             }
         } else {
@@ -559,7 +618,22 @@ impl Session {
     }
 
     fn send_done(&mut self, now: Micros, replica: &Replica) {
-        let log = wire_cursor(self.served_log.unwrap_or(replica.cursor()));
+        // Past what was served when every change since came from this session's merges of the
+        // initiator's items: the initiator has those (it sent them after merging what I sent), so
+        // its next session must not have them echoed back.
+        let served = match self.served_log {
+            None => replica.cursor(),
+            Some(at) => {
+                let now = replica.cursor();
+                let mine = self.stats.items_changed - self.changed_at_serve;
+                if now.epoch == at.epoch && now.seq.0 - at.seq.0 == mine {
+                    now
+                } else {
+                    at
+                }
+            }
+        };
+        let log = wire_cursor(served);
         self.send(now, Body::Done { log, digest: replica.digest().into() });
         self.linger(now);
     }
@@ -634,6 +708,7 @@ impl Session {
         self.encoder = riblt::Encoder::new(self.snapshot.iter().map(|(fp, _)| *fp));
         if self.role == Role::Responder {
             self.served_log = Some(replica.cursor());
+            self.changed_at_serve = self.stats.items_changed;
         }
     }
 

@@ -10,7 +10,7 @@ use crate::feedsync::{self, Content, Endpoint, HistoryEntry, Item, ItemId, NsSco
 use crate::riblt::Symbol;
 
 /// The wire format version this engine speaks.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 
 /// Errors decoding a message. A peer's bytes produce these, never a panic.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -105,12 +105,15 @@ pub struct WireItem {
     pub conflicts: Vec<WireVersion>,
 }
 
-/// Changes from the sender's log after `from` (exclusive), in `epoch`.
+/// Changes from the sender's log after `from` (exclusive), in `epoch`: its own changes as items,
+/// and the fingerprints of the changes it merged from others (`have`), which the receiver asks for
+/// only if it lacks them (most arrived there by another path already).
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct Push {
     pub epoch: u64,
     pub from: u64,
     pub items: Vec<WireItem>,
+    pub have: Vec<Fixed64>,
 }
 
 /// What a message says. See `sync.rs` for who sends what when.
@@ -127,8 +130,10 @@ pub enum Body {
         push: Option<Push>,
         symbols: Vec<WireSymbol>,
     },
-    /// Responder: its changes since the initiator's cursor (`more`: another chunk follows).
-    Changes { log: WireCursor, items: Vec<WireItem>, more: bool },
+    /// Responder: its changes since the initiator's cursor (`more`: another chunk follows), and
+    /// (first chunk only) the pushed fingerprints it lacks; the initiator then sends those as
+    /// `Items` and the responder closes with `Done`.
+    Changes { log: WireCursor, items: Vec<WireItem>, more: bool, want: Vec<Fixed64> },
     /// Responder: send coded symbols until there are `upto` in all.
     More { upto: u64 },
     /// Initiator: coded symbols starting at index `from`.

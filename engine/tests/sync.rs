@@ -218,6 +218,43 @@ fn retained_cursors_take_one_round_trip() {
     assert!(total - payload <= 64 + 8 * changed, "{} beyond payload for {changed} items", total - payload);
 }
 
+/// What a node merged from one peer is announced to the next by fingerprint: sent only when that
+/// peer lacks it (two round trips), never when it has it already (one round trip, 8 bytes each).
+#[test]
+fn relayed_changes_are_announced_and_sent_only_when_wanted() {
+    let t = When::from_unix_secs(1_700_000_000).unwrap();
+    let ea = Endpoint::new("a").unwrap();
+    let (mut a, mut b, mut c) = (Replica::new(1), Replica::new(2), Replica::new(3));
+    let mut retained_bc = Retained::default();
+    let Outcome::Done { retained, .. } =
+        run(&mut b, &mut c, retained_bc, CLEAN, 1, Config::default()).a_outcome
+    else {
+        panic!("first b-c session failed")
+    };
+    retained_bc = retained;
+    for i in 0..20 {
+        a.change(&ItemId::new(&format!("x{i}")).unwrap(), &ea, &t, &content("x")).unwrap();
+    }
+    // b merges a's writes; c has none of them: b announces 20, c wants 20.
+    run(&mut a, &mut b, Retained::default(), CLEAN, 2, Config::default());
+    let r = run(&mut b, &mut c, retained_bc, CLEAN, 3, Config::default());
+    let Outcome::Done { retained, .. } = r.a_outcome else { panic!("b-c session failed") };
+    assert_eq!(b.digest(), c.digest());
+    assert_eq!(round_trips(&r), 2);
+    assert_eq!(r.a.items_sent, 20, "the wanted items travel once");
+    // a writes 20 more; both b and c get them from a; b's next push to c announces, c wants none.
+    for i in 20..40 {
+        a.change(&ItemId::new(&format!("x{i}")).unwrap(), &ea, &t, &content("x")).unwrap();
+    }
+    run(&mut a, &mut b, Retained::default(), CLEAN, 4, Config::default());
+    run(&mut a, &mut c, Retained::default(), CLEAN, 5, Config::default());
+    let r = run(&mut b, &mut c, retained, CLEAN, 6, Config::default());
+    assert_eq!(b.digest(), c.digest());
+    assert_eq!(round_trips(&r), 1);
+    assert_eq!(r.a.items_sent + r.b.items_sent, 0, "nothing is echoed");
+    assert!(r.a.bytes_sent <= 64 + 8 * 20, "an announcement costs 8 bytes a change: {}", r.a.bytes_sent);
+}
+
 mod adversary {
     //! A malicious peer: well-formed messages with arbitrary content, in arbitrary order, and
     //! arbitrary bytes. The session must not panic, must stay within its limits, and the replica
@@ -251,12 +288,13 @@ mod adversary {
         let symbol = (any::<u64>(), any::<u64>(), -3i64..3)
             .prop_map(|(s, c, n)| WireSymbol::from(Symbol { sum: s, check: c, count: n }));
         let symbols = prop::collection::vec(symbol, 0..8);
+        let fingerprints = prop::collection::vec(any::<u64>().prop_map(Fixed64::from), 0..4);
         prop_oneof![
             (
                 cursor.clone(),
                 any::<u64>(),
                 proptest::option::of(cursor.clone()),
-                proptest::option::of((0u64..3, 0u64..9, items.clone())),
+                proptest::option::of((0u64..3, 0u64..9, items.clone(), fingerprints.clone())),
                 symbols.clone()
             )
                 .prop_map(|(log, digest, cursor, push, symbols)| Body::Hello {
@@ -264,14 +302,11 @@ mod adversary {
                     count: 3,
                     digest: Fixed64::from(digest),
                     cursor,
-                    push: push.map(|(epoch, from, items)| Push { epoch, from, items }),
+                    push: push.map(|(epoch, from, items, have)| Push { epoch, from, items, have }),
                     symbols,
                 }),
-            (cursor.clone(), items.clone(), any::<bool>()).prop_map(|(log, items, more)| Body::Changes {
-                log,
-                items,
-                more
-            }),
+            (cursor.clone(), items.clone(), any::<bool>(), fingerprints.clone())
+                .prop_map(|(log, items, more, want)| Body::Changes { log, items, more, want }),
             any::<u64>().prop_map(|upto| Body::More { upto }),
             (0u64..40, symbols).prop_map(|(from, symbols)| Body::Symbols { from, symbols }),
             (
