@@ -32,6 +32,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Re-run a scenario and seed with full tracing of every event on stderr (send, deliver with
+    /// message kind, session start and end, timers, writes, faults), then the report.
+    Replay {
+        /// A scenario TOML file (the embedded default when none is given).
+        scenario: Option<PathBuf>,
+        /// The seed to replay (as printed by a failing run).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// A tracing filter, e.g. `netsim=debug` for faults only (default: everything).
+        #[arg(long, default_value = "netsim=trace")]
+        filter: String,
+    },
     /// Print the embedded default scenario.
     Default,
 }
@@ -44,32 +56,58 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run { scenario, seed, json } => run(scenario, seed, json),
+        Command::Replay { scenario, seed, filter } => {
+            let filter = match tracing_subscriber::EnvFilter::try_new(&filter) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("feedmesh-sim: bad --filter {filter:?}: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .without_time()
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_target(false)
+                .init();
+            run(scenario, seed, false)
+        }
     }
 }
 
-fn run(path: Option<PathBuf>, seed: Option<u64>, json: bool) -> ExitCode {
-    let (scenario, source) = match &path {
+/// Reads a scenario file, or the embedded default; the error is printed, naming the file.
+fn load(path: &Option<PathBuf>) -> Result<(Scenario, String), ExitCode> {
+    Ok(match path {
         None => (Scenario::default_scenario(), "the embedded default".to_string()),
         Some(path) => {
             let text = match std::fs::read_to_string(path) {
                 Ok(text) => text,
                 Err(e) => {
                     eprintln!("feedmesh-sim: {}: {e}", path.display());
-                    return ExitCode::from(2);
+                    return Err(ExitCode::from(2));
                 }
             };
             match Scenario::parse(&text) {
                 Ok(s) => (s, path.display().to_string()),
                 Err(e) => {
                     eprintln!("feedmesh-sim: {}: {e}", path.display());
-                    return ExitCode::from(2);
+                    return Err(ExitCode::from(2));
                 }
             }
         }
+    })
+}
+
+fn run(path: Option<PathBuf>, seed: Option<u64>, json: bool) -> ExitCode {
+    let (scenario, source) = match load(&path) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
     };
     let seed = seed.unwrap_or(scenario.seed);
     let started = Instant::now();
-    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+    let tracing_on = tracing::enabled!(target: "netsim", tracing::Level::TRACE);
+    let bar = (!json && !tracing_on && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(1);
         bar.set_style(
             indicatif::ProgressStyle::with_template(

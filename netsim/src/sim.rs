@@ -278,6 +278,7 @@ impl Sim {
     fn handle(&mut self, payload: Payload) {
         match payload {
             Payload::SyncTick { node } => {
+                tracing::trace!(t_us = self.now, node, "tick");
                 self.trace.update(b"tick");
                 self.trace.update(&node.to_le_bytes());
                 let next = self.now + self.interval();
@@ -289,6 +290,7 @@ impl Sim {
                 }
             }
             Payload::Write { node } => {
+                tracing::trace!(t_us = self.now, node, up = self.nodes[node as usize].up, "write");
                 self.trace.update(b"write");
                 self.trace.update(&node.to_le_bytes());
                 if self.nodes[node as usize].up {
@@ -297,12 +299,28 @@ impl Sim {
                 self.schedule_write(node, self.now);
             }
             Payload::Deliver { to, from, bytes } => {
+                if tracing::enabled!(tracing::Level::TRACE) {
+                    let (sid, step, kind) = engine::wire::peek(&bytes).unwrap_or((0, 0, "?"));
+                    let up = self.nodes[to as usize].up;
+                    tracing::trace!(
+                        t_us = self.now,
+                        from,
+                        to,
+                        sid,
+                        step,
+                        kind,
+                        len = bytes.len(),
+                        up,
+                        "deliver"
+                    );
+                }
                 self.trace.update(b"deliver");
                 self.trace.update(&to.to_le_bytes());
                 self.trace.update(&bytes);
                 self.deliver(to, from, &bytes);
             }
             Payload::SessionTimer { node, peer, sid } => {
+                tracing::trace!(t_us = self.now, node, peer, sid, "timer");
                 self.trace.update(b"timer");
                 let now = self.now;
                 let Some(session) = self.nodes[node as usize].sessions.get_mut(&(peer, sid)) else { return };
@@ -310,6 +328,7 @@ impl Sim {
                 self.after_session(node, peer, sid, None);
             }
             Payload::Crash { node } => {
+                tracing::debug!(t_us = self.now, node, "crash");
                 self.trace.update(b"crash");
                 let n = &mut self.nodes[node as usize];
                 if n.up {
@@ -322,16 +341,19 @@ impl Sim {
                 }
             }
             Payload::Restart { node } | Payload::BackOnline { node } => {
+                tracing::debug!(t_us = self.now, node, "up");
                 self.trace.update(b"up");
                 self.nodes[node as usize].up = true;
             }
             Payload::PartitionStart { index } => {
+                tracing::debug!(t_us = self.now, index, "partition cut");
                 self.trace.update(b"cut");
                 let share = self.sc.partitions[index].share_ppm;
                 let cut = (u64::from(self.sc.devices) * u64::from(share) / 1_000_000) as u32;
                 self.net.cut(index, 1..cut + 1);
             }
             Payload::PartitionEnd { index } => {
+                tracing::debug!(t_us = self.now, index, "partition healed");
                 self.trace.update(b"heal");
                 self.net.heal(index);
             }
@@ -379,6 +401,7 @@ impl Sim {
         }
         let sid: u64 = self.rng.random();
         let now = self.now;
+        tracing::trace!(t_us = now, node, peer, sid, "session start");
         let n = &mut self.nodes[node as usize];
         let retained = n.retained.get(&peer).copied().unwrap_or_default();
         let session = Session::initiate(sid, now, &n.replica, self.cfg.clone(), retained);
@@ -452,6 +475,7 @@ impl Sim {
             n.outgoing.remove(&peer);
         }
         if finished {
+            tracing::trace!(t_us = self.now, node, peer, sid, outcome = ?outcome, "session end");
             if matches!(outcome, Outcome::Failed(_)) {
                 self.sessions_failed += 1;
             }
@@ -470,6 +494,7 @@ impl Sim {
         let lan =
             from != CLOUD && to != CLOUD && self.nodes[from as usize].lan == self.nodes[to as usize].lan;
         let deliveries = self.net.transmit(&mut self.rng, from, to, lan);
+        tracing::trace!(t_us = self.now, from, to, len = bytes.len(), copies = deliveries.len(), "send");
         let bytes = Arc::new(bytes);
         for delay in deliveries {
             self.push(self.now + delay, Payload::Deliver { to, from, bytes: bytes.clone() });
