@@ -217,6 +217,26 @@ impl Replica {
         }
     }
 
+    /// The constant-time part of [`Replica::check_invariants`], cheap enough to run after every
+    /// event of a simulation: the log and the fingerprint index match the item count, and the
+    /// newest log entry is at or below the head.
+    pub fn check_structure(&self) -> Result<(), String> {
+        if self.log.len() != self.items.len() || self.by_fp.len() > self.items.len() {
+            return Err(format!(
+                "log {} / index {} / items {}",
+                self.log.len(),
+                self.by_fp.len(),
+                self.items.len()
+            ));
+        }
+        match self.log.last_key_value() {
+            Some((seq, _)) if *seq > self.head => {
+                Err(format!("log entry {} past the head {}", seq.0, self.head.0))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Checks the replica's invariants: index, log and digest agree with the items.
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut digest = 0u64;

@@ -44,6 +44,25 @@ enum Command {
         #[arg(long, default_value = "netsim=trace")]
         filter: String,
     },
+    /// Measure the simulator itself: events per second of the kernel and network model with
+    /// no-op nodes (10^2 to 10^5 nodes), messages per second of real engine nodes, and memory.
+    Bench {
+        /// Node counts for the no-op kernel benchmark.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000,10000,100000")]
+        nodes: Vec<u32>,
+        /// Events per no-op run (about).
+        #[arg(long, default_value_t = 5_000_000)]
+        events: u64,
+        /// Devices of the engine-node runs (messages per second, then memory).
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+        engine_nodes: Vec<u32>,
+        /// Virtual seconds of each engine-node run.
+        #[arg(long, default_value_t = 60)]
+        engine_secs: u64,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Print the embedded default scenario.
     Default,
 }
@@ -56,6 +75,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run { scenario, seed, json } => run(scenario, seed, json),
+        Command::Bench { nodes, events, engine_nodes, engine_secs, json } => {
+            bench(&nodes, events, &engine_nodes, engine_secs, json)
+        }
         Command::Replay { scenario, seed, filter } => {
             let filter = match tracing_subscriber::EnvFilter::try_new(&filter) {
                 Ok(f) => f,
@@ -200,4 +222,116 @@ fn yes(b: bool) -> &'static str {
     } else {
         "NO"
     }
+}
+
+/// Peak resident memory of this process so far, in bytes (Linux; 0 elsewhere).
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()).map(|kb| kb * 1_024)
+            })
+        })
+        .unwrap_or(0)
+}
+
+fn bench_scenario(text: &str) -> Result<Scenario, ExitCode> {
+    Scenario::parse(text).map_err(|e| {
+        eprintln!("feedmesh-sim: bench scenario: {e}");
+        ExitCode::from(2)
+    })
+}
+
+/// One timed run: (report, setup ms, loop ms).
+fn timed(scenario: Scenario, seed: u64) -> (Report, f64, f64) {
+    let t0 = Instant::now();
+    let sim = netsim::sim::Sim::new(scenario, seed);
+    let setup = t0.elapsed().as_secs_f64() * 1e3;
+    let t1 = Instant::now();
+    let mut report = sim.run(&mut |_, _| {});
+    report.seed = seed;
+    (report, setup, t1.elapsed().as_secs_f64() * 1e3)
+}
+
+fn bench(
+    nodes: &[u32],
+    events: u64,
+    engine_nodes: &[u32],
+    engine_secs: u64,
+    json: Option<PathBuf>,
+) -> ExitCode {
+    let mut results = Vec::new();
+    println!("kernel and network model, no-op nodes (mesh, 1 s ticks, uniform 20-120 ms, 1% loss):");
+    println!("  {:>8} {:>12} {:>10} {:>14} {:>10}", "nodes", "events", "loop ms", "events/s", "setup ms");
+    for &n in nodes {
+        // Each node ticks once a virtual second and each tick's datagram is delivered: ~2n events/s.
+        let duration_ms = (events * 1_000 / (2 * u64::from(n.max(1)))).max(1_000);
+        let text = format!(
+            "name = \"noop-{n}\"\ndevices = {n}\ntopology = \"mesh\"\nmodel = \"noop\"\n\
+             duration_ms = {duration_ms}\nquiet_ms = 0\nsync_interval_ms = 1000\n\
+             [network]\nwan = {{ dist = \"uniform\", min_ms = 20, max_ms = 120 }}\nloss_ppm = 10000\n\
+             [workload]\nwrites_per_min = 0.0\n"
+        );
+        let scenario = match bench_scenario(&text) {
+            Ok(s) => s,
+            Err(code) => return code,
+        };
+        let (report, setup, ms) = timed(scenario, 1);
+        let rate = report.events as f64 / (ms / 1e3);
+        println!("  {n:>8} {:>12} {ms:>10.0} {:>14.0} {setup:>10.0}", report.events, rate);
+        results.push(serde_json::json!({
+            "bench": "noop", "nodes": n, "events": report.events, "loop_ms": ms, "events_per_s": rate,
+            "setup_ms": setup,
+        }));
+    }
+    println!();
+    println!(
+        "engine nodes syncing (star: every device syncs with the cloud every 2-3 s; 0.05 writes per device \
+         per minute over 1,000 items; 1% loss), {engine_secs} virtual s:"
+    );
+    println!(
+        "  {:>8} {:>10} {:>10} {:>14} {:>8} {:>12} {:>12}",
+        "devices", "messages", "loop ms", "messages/s", "writes", "peak RSS MB", "bytes/node"
+    );
+    for &n in engine_nodes {
+        let text = format!(
+            "name = \"engine-{n}\"\ndevices = {n}\ntopology = \"star\"\n\
+             duration_ms = {}\nquiet_ms = 30000\nsync_interval_ms = 2000\n\
+             [network]\nwan = {{ dist = \"uniform\", min_ms = 20, max_ms = 120 }}\nloss_ppm = 10000\n\
+             [workload]\nwrites_per_min = 0.05\nitems = 1000\n",
+            engine_secs * 1_000
+        );
+        let scenario = match bench_scenario(&text) {
+            Ok(s) => s,
+            Err(code) => return code,
+        };
+        let (report, _setup, ms) = timed(scenario, 1);
+        let rate = report.messages as f64 / (ms / 1e3);
+        let rss = peak_rss();
+        let per_node = rss / u64::from(n + 1);
+        println!(
+            "  {n:>8} {:>10} {ms:>10.0} {:>14.0} {:>8} {:>12.0} {per_node:>12}   {}",
+            report.messages,
+            rate,
+            report.writes,
+            rss as f64 / 1e6,
+            if report.failure.is_none() { "converged" } else { "FAILED" }
+        );
+        results.push(serde_json::json!({
+            "bench": "engine", "devices": n, "messages": report.messages, "loop_ms": ms,
+            "messages_per_s": rate, "writes": report.writes, "peak_rss_bytes": rss,
+            "rss_bytes_per_node": per_node, "converged": report.converged, "failure": report.failure,
+        }));
+    }
+    println!();
+    println!("Peak RSS is the process's high-water mark so far (it includes every earlier run).");
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&results).unwrap_or_default();
+        if let Err(e) = std::fs::write(&path, text + "\n") {
+            eprintln!("feedmesh-sim: {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
+    ExitCode::SUCCESS
 }

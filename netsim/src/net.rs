@@ -65,59 +65,143 @@ pub fn punch(a: Nat, b: Nat) -> bool {
     a_to_b && b_to_a
 }
 
+/// An active partition, by which directed packets it stops.
+#[derive(Clone, Debug)]
+pub enum Cut {
+    /// Devices in the range are cut off from the rest, both ways.
+    Split(Range<u32>),
+    /// Packets from the range to the rest are lost; the other way passes.
+    Oneway(Range<u32>),
+    /// `groups` consecutive groups of `devices` in a ring (the cloud in group 0); packets pass
+    /// within a group and between adjacent groups.
+    Ring { groups: u32, devices: u32 },
+    /// Two halves, `first` and the rest (with the cloud), joined only through `bridges`.
+    Bridge { first: Range<u32>, bridges: Range<u32> },
+}
+
+impl Cut {
+    /// Whether a packet from `a` to `b` gets through this cut.
+    pub fn passes(&self, a: u32, b: u32) -> bool {
+        match self {
+            Cut::Split(side) => side.contains(&a) == side.contains(&b),
+            Cut::Oneway(side) => !side.contains(&a) || side.contains(&b),
+            Cut::Ring { groups, devices } => {
+                let group = |x: u32| {
+                    if x == 0 {
+                        0
+                    } else {
+                        (u64::from(x - 1) * u64::from(*groups) / u64::from((*devices).max(1))) as u32
+                    }
+                };
+                let d = (group(a) + groups - group(b)) % groups;
+                d == 0 || d == 1 || d == groups - 1
+            }
+            Cut::Bridge { first, bridges } => {
+                bridges.contains(&a) || bridges.contains(&b) || first.contains(&a) == first.contains(&b)
+            }
+        }
+    }
+}
+
+/// Where a node sits: its LAN group (devices of a group share one NAT) and that NAT.
+#[derive(Clone, Copy, Debug)]
+pub struct Host {
+    pub lan: u32,
+    pub nat: Nat,
+    /// The NAT forwards packets sent to its own public address back inside.
+    pub hairpin: bool,
+}
+
+/// Counters of the network model, for the report.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct NetStats {
+    /// Datagrams that arrived nowhere (loss, partitions, full queues, expired mappings).
+    pub dropped: u64,
+    /// Datagrams between two devices sent directly (hole punched) or through the relay.
+    pub direct: u64,
+    pub relayed: u64,
+    /// Same-NAT datagrams turned back in by a hairpinning NAT.
+    pub hairpinned: u64,
+    /// Datagrams dropped because the sender's uplink queue was full.
+    pub queue_drops: u64,
+    /// Direct paths punched again after their NAT mapping timed out (the first datagram is lost).
+    pub repunches: u64,
+}
+
 /// The network state.
 #[derive(Debug)]
 pub struct Net {
     cfg: Network,
-    nats: Vec<Nat>,
+    /// Devices per LAN group: device `i` (1-based) is in group `(i - 1) / lan_group`.
+    lan_group: u32,
+    /// Each LAN group's NAT and whether it hairpins (a small table: it stays in cache when a run
+    /// has 100,000 devices).
+    groups: Vec<(Nat, bool)>,
     /// Devices never talk to each other directly (star topology).
     star: bool,
-    /// Active partitions: index -> the cut-off device range.
-    cuts: BTreeMap<usize, Range<u32>>,
+    /// NAT mapping timeout in microseconds (0: never).
+    mapping_timeout_us: u64,
+    /// Active partitions by index.
+    cuts: BTreeMap<usize, Cut>,
     /// Gilbert-Elliott state per directed path (true: bad), for bursty loss.
     bad: BTreeMap<(u32, u32), bool>,
-    dropped: u64,
-    relayed: u64,
-    direct: u64,
+    /// Last use of each punched direct path (unordered pair), for mapping timeouts.
+    punched: BTreeMap<(u32, u32), u64>,
+    /// When each node's uplink is free again (bandwidth model).
+    free_at: Vec<u64>,
+    stats: NetStats,
 }
 
 impl Net {
-    pub fn new(cfg: Network, nats: Vec<Nat>, star: bool) -> Self {
+    /// `groups` gives each LAN group's NAT and hairpinning; the cloud (node 0) is public.
+    pub fn new(
+        cfg: Network,
+        devices: u32,
+        lan_group: u32,
+        groups: Vec<(Nat, bool)>,
+        star: bool,
+        mapping_timeout_ms: u64,
+    ) -> Self {
+        let n = devices as usize + 1;
         Self {
             cfg,
-            nats,
+            lan_group: lan_group.max(1),
+            groups,
             star,
+            mapping_timeout_us: mapping_timeout_ms.saturating_mul(1_000),
             cuts: BTreeMap::new(),
             bad: BTreeMap::new(),
-            dropped: 0,
-            relayed: 0,
-            direct: 0,
+            punched: BTreeMap::new(),
+            free_at: vec![0; n],
+            stats: NetStats::default(),
         }
     }
 
-    pub fn cut(&mut self, index: usize, devices: Range<u32>) {
-        self.cuts.insert(index, devices);
+    pub fn cut(&mut self, index: usize, cut: Cut) {
+        self.cuts.insert(index, cut);
     }
 
     pub fn heal(&mut self, index: usize) {
         self.cuts.remove(&index);
     }
 
-    pub fn dropped(&self) -> u64 {
-        self.dropped
+    pub fn stats(&self) -> NetStats {
+        self.stats
     }
 
-    pub fn relayed(&self) -> u64 {
-        self.relayed
+    #[inline]
+    pub fn host(&self, node: u32) -> Host {
+        if node == 0 {
+            return Host { lan: u32::MAX, nat: Nat::Public, hairpin: false };
+        }
+        let lan = (node - 1) / self.lan_group;
+        let (nat, hairpin) = self.groups.get(lan as usize).copied().unwrap_or((Nat::Public, false));
+        Host { lan, nat, hairpin }
     }
 
-    pub fn direct(&self) -> u64 {
-        self.direct
-    }
-
-    /// Two nodes can exchange packets when they are on the same side of every active partition.
+    /// Whether a packet from `a` gets to `b` through every active partition.
     fn reachable(&self, a: u32, b: u32) -> bool {
-        self.cuts.values().all(|cut| cut.contains(&a) == cut.contains(&b))
+        self.cuts.values().all(|cut| cut.passes(a, b))
     }
 
     fn latency(rng: &mut ChaCha8Rng, latency: &Latency) -> u64 {
@@ -156,7 +240,7 @@ impl Net {
         }
     }
 
-    /// One wide-area leg: `None` if lost, else its delays (two when duplicated).
+    /// One wide-area leg: empty if lost, else its delays (two when duplicated).
     fn wan_leg(&mut self, rng: &mut ChaCha8Rng, path: (u32, u32)) -> Vec<u64> {
         let loss = self.loss_ppm(rng, path);
         if rng.random_range(0..1_000_000) < loss {
@@ -169,47 +253,96 @@ impl Net {
         delays
     }
 
-    /// Sends a datagram `from` -> `to`; returns the delays of the copies that arrive.
-    pub fn transmit(&mut self, rng: &mut ChaCha8Rng, from: u32, to: u32, same_lan: bool) -> Vec<u64> {
-        let delays = if same_lan {
-            if self.reachable(from, to) {
-                vec![Self::latency(rng, &self.cfg.lan)]
-            } else {
-                Vec::new()
+    /// Queues `len` bytes on `node`'s uplink at time `at`: the delay until the last bit leaves,
+    /// or `None` when the queue is full (drop-tail).
+    fn uplink(&mut self, node: u32, at: u64, len: usize) -> Option<u64> {
+        let kbps = if node == 0 { self.cfg.cloud_bandwidth_kbps } else { self.cfg.bandwidth_kbps };
+        if kbps == 0 {
+            return Some(0);
+        }
+        let free = &mut self.free_at[node as usize];
+        let start = (*free).max(at);
+        // Bytes still queued ahead of this datagram: (start - at) us at kbps/8000 bytes per us.
+        let backlog = (start - at).saturating_mul(kbps) / 8_000;
+        if backlog + len as u64 > self.cfg.queue_kb.saturating_mul(1_024) {
+            self.stats.queue_drops += 1;
+            return None;
+        }
+        *free = start + (len as u64 * 8_000).div_ceil(kbps);
+        Some(*free - at)
+    }
+
+    /// A hole-punched direct path is used at `now`: false (and re-punched) when its mapping had
+    /// timed out, so this datagram is lost.
+    fn mapping_alive(&mut self, now: u64, a: u32, b: u32) -> bool {
+        let key = (a.min(b), a.max(b));
+        let last = self.punched.insert(key, now);
+        match last {
+            Some(last) if self.mapping_timeout_us > 0 && now - last > self.mapping_timeout_us => {
+                self.stats.repunches += 1;
+                false
             }
-        } else if from == 0 || to == 0 {
-            if self.reachable(from, to) {
-                self.wan_leg(rng, (from, to))
-            } else {
-                Vec::new()
-            }
-        } else if !self.star
-            && punch(self.nats[from as usize], self.nats[to as usize])
-            && self.reachable(from, to)
-        {
-            self.direct += 1;
-            self.wan_leg(rng, (from, to))
-        } else if self.relay_ok(from, to) {
-            // Relayed through the cloud: two legs, each may lose or duplicate.
-            self.relayed += 1;
-            let mut out = Vec::new();
-            for d in self.wan_leg(rng, (from, 0)) {
-                for e in self.wan_leg(rng, (0, to)) {
-                    out.push(d + e);
-                }
-            }
-            out
-        } else {
-            Vec::new()
-        };
+            _ => true,
+        }
+    }
+
+    /// Sends a datagram of `len` bytes `from` -> `to` at `now`; returns the delays of the copies
+    /// that arrive.
+    pub fn transmit(&mut self, rng: &mut ChaCha8Rng, now: u64, from: u32, to: u32, len: usize) -> Vec<u64> {
+        let delays = self.route(rng, now, from, to, len);
         if delays.is_empty() {
-            self.dropped += 1;
+            self.stats.dropped += 1;
         }
         delays
     }
 
-    fn relay_ok(&self, from: u32, to: u32) -> bool {
-        self.reachable(from, 0) && self.reachable(0, to)
+    fn route(&mut self, rng: &mut ChaCha8Rng, now: u64, from: u32, to: u32, len: usize) -> Vec<u64> {
+        let (hf, ht) = (self.host(from), self.host(to));
+        let same_lan = from != 0 && to != 0 && hf.lan == ht.lan;
+        if same_lan && (self.cfg.lan_discovery || hf.nat == Nat::Public || hf.hairpin) {
+            // On the LAN, or turned back in by the shared NAT: LAN latency, no loss.
+            if !self.reachable(from, to) {
+                return Vec::new();
+            }
+            let Some(queued) = self.uplink(from, now, len) else { return Vec::new() };
+            if !self.cfg.lan_discovery && hf.nat != Nat::Public {
+                self.stats.hairpinned += 1;
+            }
+            return vec![queued + Self::latency(rng, &self.cfg.lan)];
+        }
+        if from == 0 || to == 0 {
+            if !self.reachable(from, to) {
+                return Vec::new();
+            }
+            let Some(queued) = self.uplink(from, now, len) else { return Vec::new() };
+            return self.wan_leg(rng, (from, to)).into_iter().map(|d| queued + d).collect();
+        }
+        if !same_lan && !self.star && punch(hf.nat, ht.nat) {
+            self.stats.direct += 1;
+            if !self.reachable(from, to) {
+                return Vec::new();
+            }
+            let nat_in_path = hf.nat != Nat::Public || ht.nat != Nat::Public;
+            if nat_in_path && !self.mapping_alive(now, from, to) {
+                return Vec::new();
+            }
+            let Some(queued) = self.uplink(from, now, len) else { return Vec::new() };
+            return self.wan_leg(rng, (from, to)).into_iter().map(|d| queued + d).collect();
+        }
+        // Relayed through the cloud: two legs, each may lose or duplicate, each queues.
+        self.stats.relayed += 1;
+        if !(self.reachable(from, 0) && self.reachable(0, to)) {
+            return Vec::new();
+        }
+        let Some(queued) = self.uplink(from, now, len) else { return Vec::new() };
+        let mut out = Vec::new();
+        for d in self.wan_leg(rng, (from, 0)) {
+            let Some(relay_queued) = self.uplink(0, now + queued + d, len) else { continue };
+            for e in self.wan_leg(rng, (0, to)) {
+                out.push(queued + d + relay_queued + e);
+            }
+        }
+        out
     }
 }
 
@@ -241,6 +374,73 @@ pub fn sample_cdf(cdf: &[u64], draw: u64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng as _;
+
+    /// The cloud and one device per NAT, each device in its own LAN group, no hairpinning.
+    fn net(cfg: Network, nats: &[Nat], star: bool, timeout_ms: u64) -> Net {
+        let groups = nats.iter().map(|&nat| (nat, false)).collect();
+        Net::new(cfg, nats.len() as u32, 1, groups, star, timeout_ms)
+    }
+
+    fn constant(ms: u64) -> Network {
+        Network { wan: Latency::Constant { ms }, lan: Latency::Constant { ms: 1 }, ..Network::default() }
+    }
+
+    #[test]
+    fn partitions_stop_the_packets_their_kind_says() {
+        let split = Cut::Split(1..3);
+        assert!(split.passes(1, 2) && split.passes(0, 3) && !split.passes(1, 0) && !split.passes(0, 2));
+        let oneway = Cut::Oneway(1..3);
+        assert!(!oneway.passes(1, 0) && oneway.passes(0, 1) && oneway.passes(1, 2) && oneway.passes(3, 2));
+        // 8 devices in 4 groups: {0,1,2} {3,4} {5,6} {7,8}; group 0 and 3 are adjacent.
+        let ring = Cut::Ring { groups: 4, devices: 8 };
+        assert!(ring.passes(1, 3) && ring.passes(0, 8) && ring.passes(4, 5));
+        assert!(!ring.passes(1, 5) && !ring.passes(3, 7) && !ring.passes(0, 6));
+        let bridge = Cut::Bridge { first: 1..5, bridges: 4..5 };
+        assert!(bridge.passes(1, 2) && bridge.passes(5, 0) && bridge.passes(4, 0) && bridge.passes(1, 4));
+        assert!(!bridge.passes(1, 0) && !bridge.passes(6, 2));
+    }
+
+    #[test]
+    fn a_full_uplink_queues_then_drops() {
+        // 80 kbps = 10 bytes per ms; a 1 KiB queue.
+        let cfg = Network { bandwidth_kbps: 80, queue_kb: 1, ..constant(10) };
+        let mut net = net(cfg, &[Nat::Public], true, 0);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let d: Vec<Vec<u64>> = (0..4).map(|_| net.transmit(&mut rng, 0, 1, 0, 500)).collect();
+        // 500 bytes take 50 ms on the wire, then 10 ms of latency; the second waits for the first.
+        assert_eq!(d[0], vec![60_000]);
+        assert_eq!(d[1], vec![110_000]);
+        // Two datagrams (1000 bytes) are queued: a third would overflow the 1024-byte queue.
+        assert!(d[2].is_empty() && d[3].is_empty());
+        assert_eq!(net.stats().queue_drops, 2);
+        // Once the link drains, sending works again.
+        assert_eq!(net.transmit(&mut rng, 200_000, 1, 0, 500), vec![60_000]);
+    }
+
+    #[test]
+    fn idle_mappings_time_out_and_are_punched_again() {
+        let mut net = net(constant(5), &[Nat::FullCone, Nat::Restricted], false, 1_000);
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        assert_eq!(net.transmit(&mut rng, 0, 1, 2, 10), vec![5_000]);
+        assert_eq!(net.transmit(&mut rng, 900_000, 2, 1, 10), vec![5_000], "still fresh");
+        assert!(net.transmit(&mut rng, 2_000_000, 1, 2, 10).is_empty(), "idle 1.1 s: expired");
+        assert_eq!(net.transmit(&mut rng, 2_100_000, 1, 2, 10), vec![5_000], "re-punched");
+        assert_eq!(net.stats().repunches, 1);
+    }
+
+    #[test]
+    fn same_nat_devices_hairpin_or_go_through_the_relay() {
+        let cfg = Network { lan_discovery: false, ..constant(10) };
+        // Devices 1 and 2 share one LAN group and its port-restricted NAT.
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut relayed = Net::new(cfg.clone(), 2, 2, vec![(Nat::PortRestricted, false)], false, 0);
+        assert_eq!(relayed.transmit(&mut rng, 0, 1, 2, 10), vec![20_000], "two legs through the cloud");
+        assert_eq!(relayed.stats().relayed, 1);
+        let mut hairpin = Net::new(cfg, 2, 2, vec![(Nat::PortRestricted, true)], false, 0);
+        assert_eq!(hairpin.transmit(&mut rng, 0, 1, 2, 10), vec![1_000], "turned back in by the NAT");
+        assert_eq!(hairpin.stats().hairpinned, 1);
+    }
 
     #[test]
     fn rfc4787_hole_punching_table() {
@@ -259,7 +459,6 @@ mod tests {
 
     #[test]
     fn latency_distributions_have_their_shape() {
-        use rand::SeedableRng as _;
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let mut draw = |l: &Latency| -> Vec<u64> {
             let mut v: Vec<u64> = (0..10_001).map(|_| Net::latency(&mut rng, l)).collect();
@@ -277,16 +476,15 @@ mod tests {
 
     #[test]
     fn bursty_loss_is_per_path_and_sticky() {
-        use rand::SeedableRng as _;
         let cfg = Network {
             loss_ppm: 0,
             burst: Some(crate::scenario::Burst { p_ppm: 100_000, r_ppm: 50_000, bad_loss_ppm: 1_000_000 }),
             ..Network::default()
         };
-        let mut net = Net::new(cfg, vec![Nat::Public; 3], true);
+        let mut net = net(cfg, &[Nat::Public; 2], true, 0);
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let outcomes: Vec<bool> =
-            (0..20_000).map(|_| net.transmit(&mut rng, 1, 0, false).is_empty()).collect();
+            (0..20_000).map(|_| net.transmit(&mut rng, 0, 1, 0, 100).is_empty()).collect();
         let lost = outcomes.iter().filter(|&&l| l).count();
         let bursts = outcomes.windows(2).filter(|w| !w[0] && w[1]).count();
         // Stationary bad share p / (p + r) = 2/3; mean burst length 1 / r = 20.

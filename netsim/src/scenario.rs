@@ -42,6 +42,23 @@ pub struct Scenario {
     pub faults: Faults,
     #[serde(default)]
     pub partitions: Vec<Partition>,
+    /// What the nodes run: `engine` (replicas and sync sessions) or `noop` (each tick sends one
+    /// small datagram to the chosen peer and a delivery does nothing: the kernel and network
+    /// model alone, for benchmarks).
+    #[serde(default)]
+    pub model: NodeModel,
+    /// Check every touched replica's full invariants after every event (slow; the constant-time
+    /// structural checks always run).
+    #[serde(default)]
+    pub paranoid: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeModel {
+    #[default]
+    Engine,
+    Noop,
 }
 
 fn default_name() -> String {
@@ -110,6 +127,26 @@ pub struct Network {
     /// with `r_ppm` per datagram.
     #[serde(default)]
     pub burst: Option<Burst>,
+    /// Each node's uplink in kilobits per second (0: unlimited), and its send queue in kilobytes:
+    /// a datagram waits for the link (serialisation delay) and is dropped when the queue is full.
+    #[serde(default)]
+    pub bandwidth_kbps: u64,
+    #[serde(default = "default_queue")]
+    pub queue_kb: u64,
+    /// The cloud's uplink (0: unlimited).
+    #[serde(default)]
+    pub cloud_bandwidth_kbps: u64,
+    /// Devices of one LAN group find each other on the LAN (true), or must go through their
+    /// shared NAT's public address, which works only if it hairpins, else through the relay.
+    #[serde(default = "default_true")]
+    pub lan_discovery: bool,
+}
+
+fn default_queue() -> u64 {
+    256
+}
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -129,7 +166,17 @@ fn default_lan_latency() -> Latency {
 
 impl Default for Network {
     fn default() -> Self {
-        Self { wan: default_wan(), lan: default_lan_latency(), loss_ppm: 0, dup_ppm: 0, burst: None }
+        Self {
+            wan: default_wan(),
+            lan: default_lan_latency(),
+            loss_ppm: 0,
+            dup_ppm: 0,
+            burst: None,
+            bandwidth_kbps: 0,
+            queue_kb: default_queue(),
+            cloud_bandwidth_kbps: 0,
+            lan_discovery: true,
+        }
     }
 }
 
@@ -172,9 +219,10 @@ impl Default for Workload {
     }
 }
 
-/// The share of devices behind each kind of NAT (RFC 4787 mapping/filtering), parts per million;
-/// the rest have public addresses. Two devices outside one LAN reach each other directly when UDP
-/// hole punching through their NATs succeeds, and through the cloud relay otherwise.
+/// The share of LAN groups behind each kind of NAT (RFC 4787 mapping/filtering), parts per
+/// million; the rest have public addresses. The devices of one LAN group share its NAT. Two
+/// devices outside one LAN reach each other directly when UDP hole punching through their NATs
+/// succeeds, and through the cloud relay otherwise.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Nat {
@@ -186,6 +234,13 @@ pub struct Nat {
     pub port_restricted_ppm: u32,
     #[serde(default)]
     pub symmetric_ppm: u32,
+    /// Share of NATs that hairpin (forward a packet sent to their own public address back in).
+    #[serde(default)]
+    pub hairpin_ppm: u32,
+    /// A NAT forgets an idle mapping after this long (0: never): the next datagram on that
+    /// direct path is dropped and the path is punched again.
+    #[serde(default)]
+    pub mapping_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -203,21 +258,61 @@ pub struct Faults {
     /// Share of devices offline for most of the run (back for the quiet phase), ppm.
     #[serde(default)]
     pub offline_ppm: u32,
+    /// Each device's clock runs fast or slow by a uniform amount in `[-clock_drift_ppm,
+    /// +clock_drift_ppm]` (parts per million of elapsed time), on top of its skew.
+    #[serde(default)]
+    pub clock_drift_ppm: u32,
+    /// Churn: each device leaves about this often per minute of its time online (0: never) and
+    /// stays away about `churn_away_ms` (each 0.5-1.5x, uniform); like a crash it loses volatile
+    /// state and keeps its replica.
+    #[serde(default)]
+    pub churn_per_min: f64,
+    #[serde(default = "default_away")]
+    pub churn_away_ms: u64,
+}
+
+fn default_away() -> u64 {
+    30_000
 }
 
 fn default_down() -> u64 {
     5_000
 }
 
-/// A partition: from `at_ms` to `heal_ms`, the devices `[from, to)` (by index) are cut off from
-/// everyone else (the cloud included); `to` may be a share of devices with `share_ppm`.
+/// A partition from `at_ms` to `heal_ms`. Devices are numbered 1..=devices; the cloud is 0.
+/// - `split` (default): the first `share_ppm` of devices are cut off from everyone else (the
+///   cloud included), both ways;
+/// - `oneway`: the same side, but only its packets to the rest are lost (asymmetric);
+/// - `ring`: devices form `groups` consecutive groups in a ring (the cloud joins group 0); a
+///   packet passes only within a group or to an adjacent group;
+/// - `bridge`: two halves (the first `share_ppm` of devices, and the rest with the cloud) joined
+///   only through the last `bridges` devices of the first half, which reach both.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Partition {
     pub at_ms: u64,
     pub heal_ms: u64,
-    /// The first `share_ppm` of devices form the cut-off side.
+    #[serde(default)]
+    pub kind: PartitionKind,
+    /// The first `share_ppm` of devices form the cut-off side (`split`, `oneway`, `bridge`).
+    #[serde(default)]
     pub share_ppm: u32,
+    /// Groups of a `ring` (at least 3).
+    #[serde(default)]
+    pub groups: u32,
+    /// Bridge devices of a `bridge` (at least 1).
+    #[serde(default)]
+    pub bridges: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionKind {
+    #[default]
+    Split,
+    Oneway,
+    Ring,
+    Bridge,
 }
 
 /// A scenario error, naming the field.
@@ -316,6 +411,36 @@ impl Scenario {
             if p.share_ppm > 1_000_000 {
                 return bad("partitions.share_ppm", "must be at most 1000000");
             }
+            match p.kind {
+                PartitionKind::Ring if p.groups < 3 || p.groups > self.devices => {
+                    return bad("partitions.groups", "a ring needs 3 to `devices` groups");
+                }
+                PartitionKind::Bridge if p.bridges == 0 => {
+                    return bad("partitions.bridges", "a bridge needs at least 1 bridge device");
+                }
+                PartitionKind::Bridge
+                    if u64::from(p.bridges)
+                        > u64::from(self.devices) * u64::from(p.share_ppm) / 1_000_000 =>
+                {
+                    return bad("partitions.bridges", "more bridges than devices on the first side");
+                }
+                _ => {}
+            }
+        }
+        if self.nat.hairpin_ppm > 1_000_000 {
+            return bad("nat.hairpin_ppm", "must be at most 1000000");
+        }
+        if self.network.queue_kb == 0 {
+            return bad("network.queue_kb", "must be at least 1");
+        }
+        if self.faults.clock_drift_ppm > 100_000 {
+            return bad("faults.clock_drift_ppm", "must be at most 100000 (10%)");
+        }
+        if !(0.0..=60.0).contains(&self.faults.churn_per_min) {
+            return bad("faults.churn_per_min", "must be 0..=60");
+        }
+        if self.faults.churn_per_min > 0.0 && self.faults.churn_away_ms == 0 {
+            return bad("faults.churn_away_ms", "must be at least 1 with churn");
         }
         Ok(())
     }

@@ -3,8 +3,7 @@
 //! network. Nothing here reads a clock or OS randomness; the same scenario and seed give the same
 //! trace hash.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use engine::feedsync::{self, Edit, Endpoint, Item, ItemId, When};
@@ -14,8 +13,9 @@ use rand::{Rng as _, SeedableRng as _};
 use rand_chacha::ChaCha8Rng;
 
 use crate::checker::Checker;
-use crate::net::{Nat, Net};
-use crate::scenario::{Scenario, Topology};
+use crate::net::{Cut, Nat, Net};
+use crate::queue::CalendarQueue;
+use crate::scenario::{NodeModel, PartitionKind, Scenario, Topology};
 
 /// Virtual microseconds.
 pub type Micros = u64;
@@ -35,29 +35,35 @@ enum Payload {
     PartitionStart { index: usize },
     PartitionEnd { index: usize },
     BackOnline { node: u32 },
+    Leave { node: u32 },
+    Rejoin { node: u32 },
 }
 
-#[derive(Debug)]
-struct Event {
-    time: Micros,
-    seq: u64,
-    payload: Payload,
+/// The trace hash's input, buffered: hashing many small updates one by one would cost more than
+/// the events themselves. The digest is the same as hashing each update in turn.
+struct Trace {
+    hasher: blake3::Hasher,
+    buffer: Vec<u8>,
 }
 
-impl PartialEq for Event {
-    fn eq(&self, other: &Self) -> bool {
-        (self.time, self.seq) == (other.time, other.seq)
+impl Trace {
+    fn new() -> Self {
+        Self { hasher: blake3::Hasher::new(), buffer: Vec::with_capacity(1 << 16) }
     }
-}
-impl Eq for Event {}
-impl PartialOrd for Event {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
+
+    #[inline]
+    fn update(&mut self, bytes: &[u8]) {
+        self.buffer.extend_from_slice(bytes);
+        if self.buffer.len() >= 1 << 15 {
+            self.hasher.update(&self.buffer);
+            self.buffer.clear();
+        }
     }
-}
-impl Ord for Event {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.time, self.seq).cmp(&(other.time, other.seq))
+
+    fn finalize(&mut self) -> blake3::Hash {
+        self.hasher.update(&self.buffer);
+        self.buffer.clear();
+        self.hasher.finalize()
     }
 }
 
@@ -72,9 +78,16 @@ struct Node {
     outgoing: BTreeMap<u32, u64>,
     /// Initiator-side cursors per peer (volatile).
     retained: BTreeMap<u32, Retained>,
-    up: bool,
-    lan: u32,
     skew_ms: i64,
+    drift_ppm: i64,
+}
+
+impl Node {
+    /// This node's clock at virtual time `now`, in milliseconds: skew plus drift.
+    fn clock_ms(&self, now: Micros) -> i64 {
+        let ms = (now / 1_000) as i64;
+        ms + self.skew_ms + ms * self.drift_ppm / 1_000_000
+    }
 }
 
 /// What a run produced.
@@ -99,6 +112,12 @@ pub struct Report {
     pub sessions_failed: u64,
     pub relayed_paths: u64,
     pub direct_paths: u64,
+    /// Network model counters: queue drops, re-punched mappings, hairpinned datagrams.
+    pub queue_drops: u64,
+    pub repunches: u64,
+    pub hairpinned: u64,
+    /// Churn: devices leaving.
+    pub departures: u64,
     /// Messages and bytes by message kind.
     pub message_kinds: BTreeMap<String, (u64, u64)>,
     pub digest: String,
@@ -116,21 +135,28 @@ pub struct Sim {
     rng: ChaCha8Rng,
     now: Micros,
     seq: u64,
-    queue: BinaryHeap<Reverse<Event>>,
+    queue: CalendarQueue<Payload>,
     nodes: Vec<Node>,
+    /// Reasons each node is down (crashed, away by churn, offline); up when zero.
+    down: Vec<u8>,
     net: Net,
     checker: Checker,
     cfg: Config,
     zipf_cdf: Vec<u64>,
     faults_until: Micros,
     end: Micros,
-    trace: blake3::Hasher,
+    trace: Trace,
     events: u64,
     messages: u64,
     bytes: u64,
     sessions_started: u64,
     sessions_failed: u64,
+    departures: u64,
     kinds: BTreeMap<String, (u64, u64)>,
+    /// The first invariant violation seen after an event.
+    violation: Option<String>,
+    /// The datagram a no-op node sends.
+    noop_bytes: Arc<Vec<u8>>,
 }
 
 impl Sim {
@@ -138,7 +164,14 @@ impl Sim {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let devices = sc.devices;
         let mut nodes = Vec::with_capacity(devices as usize + 1);
-        let mut nats = Vec::with_capacity(devices as usize + 1);
+        // One NAT per LAN group, shared by its devices.
+        let groups = devices.div_ceil(sc.lan_group);
+        let group_nats: Vec<(Nat, bool)> = (0..groups)
+            .map(|_| {
+                let nat = Nat::pick(&sc.nat, rng.random_range(0..1_000_000));
+                (nat, rng.random_range(0..1_000_000) < sc.nat.hairpin_ppm)
+            })
+            .collect();
         for i in 0..=devices {
             let skew_ms = if i == CLOUD || sc.faults.clock_skew_ms == 0 {
                 0
@@ -146,9 +179,12 @@ impl Sim {
                 let s = sc.faults.clock_skew_ms as i64;
                 rng.random_range(-s..=s)
             };
-            let nat =
-                if i == CLOUD { Nat::Public } else { Nat::pick(&sc.nat, rng.random_range(0..1_000_000)) };
-            nats.push(nat);
+            let drift_ppm = if i == CLOUD || sc.faults.clock_drift_ppm == 0 {
+                0
+            } else {
+                let d = i64::from(sc.faults.clock_drift_ppm);
+                rng.random_range(-d..=d)
+            };
             nodes.push(Node {
                 replica: Replica::new(rng.random()),
                 endpoint: Endpoint::new(&if i == CLOUD { "cloud".to_string() } else { format!("dev-{i}") })
@@ -156,12 +192,13 @@ impl Sim {
                 sessions: BTreeMap::new(),
                 outgoing: BTreeMap::new(),
                 retained: BTreeMap::new(),
-                up: true,
-                lan: if i == CLOUD { u32::MAX } else { (i - 1) / sc.lan_group },
                 skew_ms,
+                drift_ppm,
             });
         }
-        let net = Net::new(sc.network.clone(), nats, sc.topology == Topology::Star);
+        let star = sc.topology == Topology::Star;
+        let net =
+            Net::new(sc.network.clone(), devices, sc.lan_group, group_nats, star, sc.nat.mapping_timeout_ms);
         let zipf_cdf = crate::net::zipf_cdf(sc.workload.items, sc.workload.zipf_s);
         let faults_until = sc.duration_ms * 1_000;
         let end = faults_until + sc.quiet_ms * 1_000;
@@ -178,7 +215,8 @@ impl Sim {
             rng,
             now: 0,
             seq: 0,
-            queue: BinaryHeap::new(),
+            queue: CalendarQueue::new(),
+            down: vec![0; nodes.len()],
             nodes,
             net,
             checker,
@@ -186,13 +224,16 @@ impl Sim {
             zipf_cdf,
             faults_until,
             end,
-            trace: blake3::Hasher::new(),
+            trace: Trace::new(),
             events: 0,
             messages: 0,
             bytes: 0,
             sessions_started: 0,
             sessions_failed: 0,
+            departures: 0,
             kinds: BTreeMap::new(),
+            noop_bytes: Arc::new(vec![0x4e; 32]),
+            violation: None,
         };
         sim.schedule_initial();
         sim
@@ -200,7 +241,7 @@ impl Sim {
 
     fn push(&mut self, time: Micros, payload: Payload) {
         self.seq += 1;
-        self.queue.push(Reverse(Event { time, seq: self.seq, payload }));
+        self.queue.push(time, self.seq, payload);
     }
 
     fn interval(&mut self) -> Micros {
@@ -213,7 +254,9 @@ impl Sim {
         for node in 1..=devices {
             let first = self.rng.random_range(0..=self.sc.sync_interval_ms * 1_000);
             self.push(first, Payload::SyncTick { node });
-            self.schedule_write(node, 0);
+            if self.sc.model == NodeModel::Engine {
+                self.schedule_write(node, 0);
+            }
         }
         // Crashes: a randomised count per device, at uniform times before the quiet phase.
         let minutes = self.sc.duration_ms as f64 / 60_000.0;
@@ -229,9 +272,10 @@ impl Sim {
                 self.push(at, Payload::Crash { node });
             }
             if self.rng.random_range(0..1_000_000) < self.sc.faults.offline_ppm {
-                self.nodes[node as usize].up = false;
+                self.go_down(node);
                 self.push(self.faults_until, Payload::BackOnline { node });
             }
+            self.schedule_leave(node, 0);
         }
         for index in 0..self.sc.partitions.len() {
             let p = &self.sc.partitions[index];
@@ -241,14 +285,30 @@ impl Sim {
         }
     }
 
+    /// Churn: the next departure of `node` after `after` (each up period 0.5-1.5x the mean).
+    fn schedule_leave(&mut self, node: u32, after: Micros) {
+        let rate = self.sc.faults.churn_per_min;
+        if rate <= 0.0 {
+            return;
+        }
+        let mean = ((60_000_000.0 / rate) as u64).max(2);
+        let at = after + self.rng.random_range(mean / 2..=mean + mean / 2);
+        if at < self.faults_until {
+            self.push(at, Payload::Leave { node });
+        }
+    }
+
     fn schedule_write(&mut self, node: u32, after: Micros) {
         let rate = self.sc.workload.writes_per_min;
         if rate <= 0.0 {
             return;
         }
-        let mean = (60_000_000.0 / rate) as u64;
-        let gap = self.rng.random_range(mean / 2..=mean + mean / 2).max(1);
-        let at = after + gap;
+        // A Poisson process: exponential gaps, -ln(U) * mean, with libm's software log so every
+        // platform draws the same.
+        let mean_us = 60_000_000.0 / rate;
+        let unit = ((self.rng.random::<u64>() >> 11) + 1) as f64 / (1u64 << 53) as f64;
+        let gap = ((-libm::log(unit) * mean_us) as u64).max(1);
+        let at = after.saturating_add(gap);
         if at < self.faults_until {
             self.push(at, Payload::Write { node });
         }
@@ -257,7 +317,7 @@ impl Sim {
     /// Runs to the end; checks; reports.
     pub fn run(mut self, progress: Progress<'_>) -> Report {
         let mut last_report = 0;
-        while let Some(Reverse(event)) = self.queue.pop() {
+        while let Some(event) = self.queue.pop() {
             if event.time > self.end {
                 break;
             }
@@ -265,7 +325,7 @@ impl Sim {
             self.events += 1;
             self.trace.update(&event.time.to_le_bytes());
             self.trace.update(&event.seq.to_le_bytes());
-            self.handle(event.payload);
+            self.handle(event.value);
             if self.now / 1_000 >= last_report + 1_000 {
                 last_report = self.now / 1_000;
                 progress(last_report, self.end / 1_000);
@@ -283,25 +343,32 @@ impl Sim {
                 self.trace.update(&node.to_le_bytes());
                 let next = self.now + self.interval();
                 self.push(next, Payload::SyncTick { node });
-                if self.nodes[node as usize].up {
+                if self.up(node) {
                     if let Some(peer) = self.pick_peer(node) {
-                        self.start_session(node, peer);
+                        match self.sc.model {
+                            NodeModel::Engine => self.start_session(node, peer),
+                            NodeModel::Noop => {
+                                let bytes = self.noop_bytes.clone();
+                                self.transmit(node, peer, bytes);
+                            }
+                        }
                     }
                 }
             }
             Payload::Write { node } => {
-                tracing::trace!(t_us = self.now, node, up = self.nodes[node as usize].up, "write");
+                tracing::trace!(t_us = self.now, node, up = self.up(node), "write");
                 self.trace.update(b"write");
                 self.trace.update(&node.to_le_bytes());
-                if self.nodes[node as usize].up {
+                if self.up(node) {
                     self.write(node);
+                    self.check_touched(node);
                 }
                 self.schedule_write(node, self.now);
             }
             Payload::Deliver { to, from, bytes } => {
                 if tracing::enabled!(tracing::Level::TRACE) {
                     let (sid, step, kind) = engine::wire::peek(&bytes).unwrap_or((0, 0, "?"));
-                    let up = self.nodes[to as usize].up;
+                    let up = self.up(to);
                     tracing::trace!(
                         t_us = self.now,
                         from,
@@ -317,7 +384,10 @@ impl Sim {
                 self.trace.update(b"deliver");
                 self.trace.update(&to.to_le_bytes());
                 self.trace.update(&bytes);
-                self.deliver(to, from, &bytes);
+                if self.sc.model == NodeModel::Engine {
+                    self.deliver(to, from, &bytes);
+                    self.check_touched(to);
+                }
             }
             Payload::SessionTimer { node, peer, sid } => {
                 tracing::trace!(t_us = self.now, node, peer, sid, "timer");
@@ -330,27 +400,47 @@ impl Sim {
             Payload::Crash { node } => {
                 tracing::debug!(t_us = self.now, node, "crash");
                 self.trace.update(b"crash");
-                let n = &mut self.nodes[node as usize];
-                if n.up {
-                    n.up = false;
-                    n.sessions.clear();
-                    n.outgoing.clear();
-                    n.retained.clear();
+                if self.up(node) {
+                    self.go_down(node);
                     let back = self.now + self.sc.faults.down_ms * 1_000;
                     self.push(back, Payload::Restart { node });
                 }
             }
-            Payload::Restart { node } | Payload::BackOnline { node } => {
+            Payload::Restart { node } | Payload::BackOnline { node } | Payload::Rejoin { node } => {
                 tracing::debug!(t_us = self.now, node, "up");
                 self.trace.update(b"up");
-                self.nodes[node as usize].up = true;
+                self.down[node as usize] = self.down[node as usize].saturating_sub(1);
+                if matches!(payload, Payload::Rejoin { .. }) {
+                    self.schedule_leave(node, self.now);
+                }
+            }
+            Payload::Leave { node } => {
+                tracing::debug!(t_us = self.now, node, "leave");
+                self.trace.update(b"leave");
+                self.departures += 1;
+                self.go_down(node);
+                let mean = self.sc.faults.churn_away_ms * 1_000;
+                let away = self.rng.random_range(mean / 2..=mean + mean / 2);
+                // Back by the quiet phase at the latest: faults stop there.
+                let back = (self.now + away).min(self.faults_until.max(self.now));
+                self.push(back, Payload::Rejoin { node });
             }
             Payload::PartitionStart { index } => {
                 tracing::debug!(t_us = self.now, index, "partition cut");
                 self.trace.update(b"cut");
-                let share = self.sc.partitions[index].share_ppm;
-                let cut = (u64::from(self.sc.devices) * u64::from(share) / 1_000_000) as u32;
-                self.net.cut(index, 1..cut + 1);
+                let p = &self.sc.partitions[index];
+                let devices = self.sc.devices;
+                let first = (u64::from(devices) * u64::from(p.share_ppm) / 1_000_000) as u32;
+                let cut = match p.kind {
+                    PartitionKind::Split => Cut::Split(1..first + 1),
+                    PartitionKind::Oneway => Cut::Oneway(1..first + 1),
+                    PartitionKind::Ring => Cut::Ring { groups: p.groups, devices },
+                    PartitionKind::Bridge => Cut::Bridge {
+                        first: 1..first + 1,
+                        bridges: first + 1 - p.bridges.min(first)..first + 1,
+                    },
+                };
+                self.net.cut(index, cut);
             }
             Payload::PartitionEnd { index } => {
                 tracing::debug!(t_us = self.now, index, "partition healed");
@@ -376,7 +466,7 @@ impl Sim {
                 Some(peer)
             }
             Topology::Hybrid => {
-                let lan = self.nodes[node as usize].lan;
+                let lan = self.net.host(node).lan;
                 let group = self.sc.lan_group;
                 let first = lan * group + 1;
                 let last = (first + group - 1).min(devices);
@@ -411,8 +501,39 @@ impl Sim {
         self.after_session(node, peer, sid, None);
     }
 
+    /// Whether a node is up (kept apart from the nodes: the hottest per-node bit, checked on
+    /// every tick and delivery, stays in cache at 100,000 nodes).
+    #[inline]
+    fn up(&self, node: u32) -> bool {
+        self.down[node as usize] == 0
+    }
+
+    /// Goes down for one more reason (crash, churn, offline); the first loses volatile state.
+    fn go_down(&mut self, node: u32) {
+        if self.down[node as usize] == 0 {
+            let n = &mut self.nodes[node as usize];
+            n.sessions.clear();
+            n.outgoing.clear();
+            n.retained.clear();
+        }
+        self.down[node as usize] += 1;
+    }
+
+    /// The constant-time structural checks of a replica an event touched (all of its invariants
+    /// with `paranoid`). A failure ends the run at once with the check named.
+    fn check_touched(&mut self, node: u32) {
+        if self.violation.is_some() {
+            return;
+        }
+        let replica = &self.nodes[node as usize].replica;
+        let result = if self.sc.paranoid { replica.check_invariants() } else { replica.check_structure() };
+        if let Err(e) = result {
+            self.violation = Some(format!("replica invariants: node {node} at {} us: {e}", self.now));
+        }
+    }
+
     fn deliver(&mut self, to: u32, from: u32, bytes: &[u8]) {
-        if !self.nodes[to as usize].up {
+        if !self.up(to) {
             return;
         }
         let Some((sid, step, _)) = engine::wire::peek(bytes) else { return };
@@ -484,18 +605,23 @@ impl Sim {
     }
 
     fn send(&mut self, from: u32, to: u32, bytes: Vec<u8>) {
+        if let Some((_, _, kind)) = engine::wire::peek(&bytes) {
+            if let Some(entry) = self.kinds.get_mut(kind) {
+                entry.0 += 1;
+                entry.1 += bytes.len() as u64;
+            } else {
+                self.kinds.insert(kind.to_string(), (1, bytes.len() as u64));
+            }
+        }
+        self.transmit(from, to, Arc::new(bytes));
+    }
+
+    /// Hands a datagram to the network model and schedules its arriving copies.
+    fn transmit(&mut self, from: u32, to: u32, bytes: Arc<Vec<u8>>) {
         self.messages += 1;
         self.bytes += bytes.len() as u64;
-        if let Some((_, _, kind)) = engine::wire::peek(&bytes) {
-            let entry = self.kinds.entry(kind.to_string()).or_default();
-            entry.0 += 1;
-            entry.1 += bytes.len() as u64;
-        }
-        let lan =
-            from != CLOUD && to != CLOUD && self.nodes[from as usize].lan == self.nodes[to as usize].lan;
-        let deliveries = self.net.transmit(&mut self.rng, from, to, lan);
+        let deliveries = self.net.transmit(&mut self.rng, self.now, from, to, bytes.len());
         tracing::trace!(t_us = self.now, from, to, len = bytes.len(), copies = deliveries.len(), "send");
-        let bytes = Arc::new(bytes);
         for delay in deliveries {
             self.push(self.now + delay, Payload::Deliver { to, from, bytes: bytes.clone() });
         }
@@ -508,7 +634,7 @@ impl Sim {
         let resolve =
             !delete && draw < self.sc.workload.delete_ppm.saturating_add(self.sc.workload.resolve_ppm);
         let n = &mut self.nodes[node as usize];
-        let clock_ms = (self.now / 1_000) as i64 + n.skew_ms;
+        let clock_ms = n.clock_ms(self.now);
         let when = When::from_unix_secs(EPOCH_UNIX_SECS + clock_ms.div_euclid(1_000))
             .expect("simulated times are in range");
         let id = ItemId::new(&format!("item-{item}")).expect("generated ids are valid");
@@ -527,10 +653,10 @@ impl Sim {
     fn finish(mut self) -> Report {
         // In a peer mesh the cloud only relays: it holds no replica of the feed.
         let first = if self.sc.topology == Topology::Mesh { 1 } else { CLOUD };
-        let live: Vec<u32> = (first..=self.sc.devices).filter(|&i| self.nodes[i as usize].up).collect();
+        let live: Vec<u32> = (first..=self.sc.devices).filter(|&i| self.up(i)).collect();
         let reference = live.first().copied().unwrap_or(CLOUD);
         let digest = self.nodes[reference as usize].replica.digest();
-        let mut failure = None;
+        let mut failure = self.violation.take();
         let converged = live.iter().all(|&i| self.nodes[i as usize].replica.digest() == digest);
         if !converged {
             let other = live.iter().find(|&&i| self.nodes[i as usize].replica.digest() != digest).copied();
@@ -605,11 +731,15 @@ impl Sim {
             unconverged_writes: unconverged,
             messages: self.messages,
             bytes: self.bytes,
-            dropped: self.net.dropped(),
+            dropped: self.net.stats().dropped,
             sessions_started: self.sessions_started,
             sessions_failed: self.sessions_failed,
-            relayed_paths: self.net.relayed(),
-            direct_paths: self.net.direct(),
+            relayed_paths: self.net.stats().relayed,
+            direct_paths: self.net.stats().direct,
+            queue_drops: self.net.stats().queue_drops,
+            repunches: self.net.stats().repunches,
+            hairpinned: self.net.stats().hairpinned,
+            departures: self.departures,
             message_kinds: std::mem::take(&mut self.kinds),
             digest: format!("{digest:016x}"),
             trace_hash: self.trace.finalize().to_hex().to_string(),
