@@ -6,6 +6,7 @@ pub mod checker;
 pub mod net;
 pub mod scenario;
 pub mod sim;
+pub mod topology;
 
 pub use scenario::Scenario;
 pub use sim::{run, Report};
