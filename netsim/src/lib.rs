@@ -4,6 +4,7 @@
 
 pub mod checker;
 pub mod net;
+pub mod plot;
 pub mod scenario;
 pub mod sim;
 pub mod topology;
