@@ -3,6 +3,7 @@
 //! partitions, NATs, crashes and clock skew. Time and randomness come from the scenario's seed.
 
 pub mod checker;
+pub mod clock_skew;
 pub mod gossip;
 pub mod net;
 pub mod plot;
