@@ -42,21 +42,43 @@ pub enum Stroke {
     Dashed,
 }
 
+/// Series colours in order (Tableau 10: distinct, readable on white).
+pub const PALETTE: [(u8, u8, u8); 10] = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+];
+
 /// One named line.
 #[derive(Clone, Debug)]
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
     pub stroke: Stroke,
+    /// RGB; `None` takes the palette's colour for the series' position.
+    pub color: Option<(u8, u8, u8)>,
 }
 
 impl Series {
     pub fn new(name: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
-        Self { name: name.into(), points, stroke: Stroke::Points }
+        Self { name: name.into(), points, stroke: Stroke::Points, color: None }
     }
 
     pub fn dashed(name: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
-        Self { name: name.into(), points, stroke: Stroke::Dashed }
+        Self { name: name.into(), points, stroke: Stroke::Dashed, color: None }
+    }
+
+    /// The same series in colour `rgb` (pair a measurement with its bound, say).
+    pub fn with_color(mut self, rgb: (u8, u8, u8)) -> Self {
+        self.color = Some(rgb);
+        self
     }
 }
 
@@ -196,7 +218,8 @@ where
         .draw()
         .map_err(|e| err(&e))?;
     for (i, s) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let (r, g, b) = s.color.unwrap_or(PALETTE[i % PALETTE.len()]);
+        let color = RGBColor(r, g, b).to_rgba();
         let style = ShapeStyle { color, filled: false, stroke_width: 2 };
         let points = s.points.iter().copied();
         let anno = match s.stroke {
