@@ -232,7 +232,13 @@ where
                 ctx.draw_series(DashedLineSeries::new(points, 8, 5, style)).map_err(|e| err(&e))?
             }
         };
-        anno.label(s.name.as_str()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+        let anno = anno.label(s.name.as_str());
+        match s.stroke {
+            Stroke::Points => anno.legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style)),
+            Stroke::Dashed => anno.legend(move |(x, y)| {
+                plotters::element::DashedPathElement::new([(x, y), (x + 20, y)], 6, 3, style)
+            }),
+        };
     }
     ctx.configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
