@@ -3,10 +3,14 @@
 //! partitions, NATs, crashes and clock skew. Time and randomness come from the scenario's seed.
 
 pub mod checker;
+pub mod clock_skew;
+pub mod gossip;
 pub mod net;
 pub mod queue;
+pub mod plot;
 pub mod scenario;
 pub mod sim;
+pub mod topology;
 
 pub use scenario::Scenario;
 pub use sim::{run, Report};
