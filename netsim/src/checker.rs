@@ -26,6 +26,8 @@ struct Write {
     /// Nodes that have seen it, and when the last of them did.
     reached: BTreeSet<u32>,
     last_reach: u64,
+    /// For sampled writes: when each node got it (microseconds), for the run's plot.
+    times: Option<Vec<u64>>,
 }
 
 /// Log-linear histogram of milliseconds: 16 sub-buckets per power of two, bounded size.
@@ -85,16 +87,25 @@ pub struct Checker {
     /// Per node, per item: the writes it has seen.
     seen: Vec<BTreeMap<String, BTreeSet<u32>>>,
     unknown_versions: u64,
+    /// Every `sample_every`-th write keeps its reach times (bounded memory for the plot).
+    sample_every: u32,
 }
 
 impl Checker {
-    pub fn new(nodes: u32) -> Self {
+    /// `sample_every`: every this many writes, one keeps its reach times ([`Checker::timelines`]).
+    pub fn new(nodes: u32, sample_every: u32) -> Self {
         Self {
             writes: Vec::new(),
             versions: BTreeMap::new(),
             seen: vec![BTreeMap::new(); nodes as usize],
             unknown_versions: 0,
+            sample_every: sample_every.max(1),
         }
+    }
+
+    /// The sampled writes: (when written, when each node got it), in microseconds.
+    pub fn timelines(&self) -> Vec<(u64, Vec<u64>)> {
+        self.writes.iter().filter_map(|w| w.times.as_ref().map(|t| (w.at, t.clone()))).collect()
     }
 
     pub fn writes(&self) -> u64 {
@@ -107,7 +118,14 @@ impl Checker {
         let past = self.seen[node as usize].get(&item).cloned().unwrap_or_default();
         let id = self.writes.len() as u32;
         self.versions.insert(key(&state.version), (id, Arc::new(past)));
-        self.writes.push(Write { item: item.clone(), at: now, reached: BTreeSet::new(), last_reach: now });
+        let times = (id % self.sample_every == 0).then(Vec::new);
+        self.writes.push(Write {
+            item: item.clone(),
+            at: now,
+            reached: BTreeSet::new(),
+            last_reach: now,
+            times,
+        });
         // Its own conflicts it keeps seeing too.
         self.absorb(node, state, now);
     }
@@ -132,6 +150,9 @@ impl Checker {
                 let w = &mut self.writes[id as usize];
                 if w.reached.insert(node) {
                     w.last_reach = w.last_reach.max(now);
+                    if let Some(times) = &mut w.times {
+                        times.push(now);
+                    }
                 }
             }
         }

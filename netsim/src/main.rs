@@ -31,6 +31,10 @@ enum Command {
         /// Print one JSON object instead of the readable report.
         #[arg(long)]
         json: bool,
+        /// Also draw the run as SVG: the fraction of nodes holding each (sampled) write over
+        /// virtual time.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
     },
     /// Re-run a scenario and seed with full tracing of every event on stderr (send, deliver with
     /// message kind, session start and end, timers, writes, faults), then the report.
@@ -74,7 +78,7 @@ fn main() -> ExitCode {
             print!("{}", netsim::scenario::DEFAULT);
             ExitCode::SUCCESS
         }
-        Command::Run { scenario, seed, json } => run(scenario, seed, json),
+        Command::Run { scenario, seed, json, plot } => run(scenario, seed, json, plot),
         Command::Bench { nodes, events, engine_nodes, engine_secs, json } => {
             bench(&nodes, events, &engine_nodes, engine_secs, json)
         }
@@ -93,7 +97,7 @@ fn main() -> ExitCode {
                 .with_ansi(std::io::stderr().is_terminal())
                 .with_target(false)
                 .init();
-            run(scenario, seed, false)
+            run(scenario, seed, false, None)
         }
     }
 }
@@ -121,7 +125,7 @@ fn load(path: &Option<PathBuf>) -> Result<(Scenario, String), ExitCode> {
     })
 }
 
-fn run(path: Option<PathBuf>, seed: Option<u64>, json: bool) -> ExitCode {
+fn run(path: Option<PathBuf>, seed: Option<u64>, json: bool, plot: Option<PathBuf>) -> ExitCode {
     let (scenario, source) = match load(&path) {
         Ok(loaded) => loaded,
         Err(code) => return code,
@@ -150,6 +154,12 @@ fn run(path: Option<PathBuf>, seed: Option<u64>, json: bool) -> ExitCode {
         bar.finish_and_clear();
     }
     let wall_ms = started.elapsed().as_millis() as u64;
+    if let Some(path) = &plot {
+        if let Err(e) = plot_run(path, &report) {
+            eprintln!("feedmesh-sim: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let replay = match &path {
         Some(p) => format!("feedmesh-sim run {} --seed {seed}", p.display()),
         None => format!("feedmesh-sim run --seed {seed}"),
@@ -334,4 +344,35 @@ fn bench(
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Draws the fraction of replica-holding nodes that have each sampled write, over virtual time.
+fn plot_run(path: &std::path::Path, report: &Report) -> Result<(), netsim::plot::PlotError> {
+    use netsim::plot::{Chart, Series};
+    let total = f64::from(report.replica_nodes.max(1));
+    let mut series = Vec::new();
+    for (i, (at, times)) in report.timelines.iter().enumerate().take(netsim::plot::SERIES_MAX) {
+        // A step curve: one point per node reached (at most a few hundred points per write).
+        let mut times = times.clone();
+        times.sort_unstable();
+        let stride = (times.len() / 200).max(1);
+        let mut points = vec![(*at as f64 / 1e6, 0.0)];
+        for (k, t) in times.iter().enumerate() {
+            if k % stride == 0 || k + 1 == times.len() {
+                points.push((*t as f64 / 1e6, (k + 1) as f64 / total));
+            }
+        }
+        points.push((report.virtual_ms as f64 / 1e3, times.len() as f64 / total));
+        let name = if i == 0 { format!("{} sampled writes", report.timelines.len()) } else { String::new() };
+        series.push(Series::line(name, points).with_color(netsim::plot::PALETTE[i % 10]));
+    }
+    let title = format!("{} (seed {}): fraction of nodes holding each write", report.scenario, report.seed);
+    let chart = Chart {
+        title: &title,
+        x_label: "virtual time (s)",
+        y_label: "fraction of nodes",
+        log_x: false,
+        y_range: Some((0.0, 1.0)),
+    };
+    netsim::plot::write_svg(path, &chart, &series)
 }

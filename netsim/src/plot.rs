@@ -40,6 +40,8 @@ pub enum Stroke {
     Points,
     /// A dashed line without dots (theory, bounds).
     Dashed,
+    /// A thin solid line without dots (many series, step curves).
+    Line,
 }
 
 /// Series colours in order (Tableau 10: distinct, readable on white).
@@ -73,6 +75,10 @@ impl Series {
 
     pub fn dashed(name: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
         Self { name: name.into(), points, stroke: Stroke::Dashed, color: None }
+    }
+
+    pub fn line(name: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        Self { name: name.into(), points, stroke: Stroke::Line, color: None }
     }
 
     /// The same series in colour `rgb` (pair a measurement with its bound, say).
@@ -231,10 +237,20 @@ where
             Stroke::Dashed => {
                 ctx.draw_series(DashedLineSeries::new(points, 8, 5, style)).map_err(|e| err(&e))?
             }
+            Stroke::Line => {
+                let thin = ShapeStyle { stroke_width: 1, ..style };
+                ctx.draw_series(LineSeries::new(points, thin)).map_err(|e| err(&e))?
+            }
         };
+        // Unnamed series (one of many alike) stay out of the legend.
+        if s.name.is_empty() {
+            continue;
+        }
         let anno = anno.label(s.name.as_str());
         match s.stroke {
-            Stroke::Points => anno.legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style)),
+            Stroke::Points | Stroke::Line => {
+                anno.legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style))
+            }
             Stroke::Dashed => anno.legend(move |(x, y)| {
                 plotters::element::DashedPathElement::new([(x, y), (x + 20, y)], 6, 3, style)
             }),

@@ -22,6 +22,12 @@ pub struct Scenario {
     /// or `hybrid` (cloud plus LAN groups).
     #[serde(default = "default_topology")]
     pub topology: Topology,
+    /// With `mesh`: the overlay devices gossip over (each tick picks a random neighbour):
+    /// `{ kind = "random_regular", degree = D }`, `{ kind = "small_world", k = K, beta_ppm = B }`,
+    /// `{ kind = "scale_free", m = M }`, `{ kind = "explicit", edges = [[0, 1], ...] }` (device
+    /// indices from 0) or `{ kind = "complete" }`; none means complete.
+    #[serde(default)]
+    pub graph: Option<crate::topology::GraphSpec>,
     /// Devices per LAN group (hybrid).
     #[serde(default = "default_lan")]
     pub lan_group: u32,
@@ -349,6 +355,18 @@ impl Scenario {
         }
         if self.sync_interval_ms < 10 {
             return bad("sync_interval_ms", "must be at least 10");
+        }
+        if let Some(graph) = &self.graph {
+            if self.topology != Topology::Mesh {
+                return bad("graph", "only a mesh topology gossips over a graph");
+            }
+            if *graph != crate::topology::GraphSpec::Complete {
+                use rand::SeedableRng as _;
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+                if let Err(e) = graph.build(self.devices, &mut rng) {
+                    return Err(ScenarioError::Invalid { field: "graph", why: e.to_string() });
+                }
+            }
         }
         if self.lan_group == 0 {
             return bad("lan_group", "must be at least 1");

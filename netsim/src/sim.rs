@@ -124,6 +124,12 @@ pub struct Report {
     pub trace_hash: String,
     /// The first failed check, if any.
     pub failure: Option<String>,
+    /// Sampled writes: (written at, when each node got it), microseconds; for the plot.
+    #[serde(skip)]
+    pub timelines: Vec<(u64, Vec<u64>)>,
+    /// Nodes that hold a replica (the denominator of the plot's fractions).
+    #[serde(skip)]
+    pub replica_nodes: u32,
 }
 
 /// Progress callback: (virtual ms now, virtual ms total).
@@ -153,6 +159,8 @@ pub struct Sim {
     sessions_failed: u64,
     departures: u64,
     kinds: BTreeMap<String, (u64, u64)>,
+    /// The mesh overlay (device `i` is graph node `i - 1`); `None`: every device is a neighbour.
+    graph: Option<crate::topology::Topology>,
     /// The first invariant violation seen after an event.
     violation: Option<String>,
     /// The datagram a no-op node sends.
@@ -196,6 +204,13 @@ impl Sim {
                 drift_ppm,
             });
         }
+        let graph = match &sc.graph {
+            Some(spec) if *spec != crate::topology::GraphSpec::Complete => {
+                // Validated when the scenario was read; a failure here leaves the mesh complete.
+                spec.build(devices, &mut rng).ok()
+            }
+            _ => None,
+        };
         let star = sc.topology == Topology::Star;
         let net =
             Net::new(sc.network.clone(), devices, sc.lan_group, group_nats, star, sc.nat.mapping_timeout_ms);
@@ -209,7 +224,10 @@ impl Sim {
             max_retries: 10,
             ..Config::default()
         };
-        let checker = Checker::new(devices + 1);
+        // About 40 sampled writes keep their reach times for the plot.
+        let expected_writes =
+            f64::from(devices) * sc.workload.writes_per_min * sc.duration_ms as f64 / 60_000.0;
+        let checker = Checker::new(devices + 1, (expected_writes / 40.0).clamp(1.0, 1e9) as u32);
         let mut sim = Self {
             sc,
             rng,
@@ -234,6 +252,7 @@ impl Sim {
             kinds: BTreeMap::new(),
             noop_bytes: Arc::new(vec![0x4e; 32]),
             violation: None,
+            graph,
         };
         sim.schedule_initial();
         sim
@@ -456,6 +475,9 @@ impl Sim {
         match self.sc.topology {
             Topology::Star => Some(CLOUD),
             Topology::Mesh => {
+                if let Some(graph) = &self.graph {
+                    return graph.random_neighbor(node - 1, &mut self.rng).map(|p| p + 1);
+                }
                 if devices < 2 {
                     return None;
                 }
@@ -744,6 +766,8 @@ impl Sim {
             digest: format!("{digest:016x}"),
             trace_hash: self.trace.finalize().to_hex().to_string(),
             failure,
+            timelines: self.checker.timelines(),
+            replica_nodes: self.sc.devices + u32::from(first == CLOUD),
         }
     }
 }

@@ -63,6 +63,24 @@ fn thirty_percent_loss() {
     assert!(report.dropped > 0);
 }
 
+/// Most of the network model at once (see the scenario's header); each feature must have acted.
+#[test]
+fn a_hostile_mesh_converges() {
+    let report = check(include_str!("../scenarios/hostile-mesh.toml"));
+    assert!(report.queue_drops > 0, "thin uplinks overflowed");
+    assert!(report.repunches > 0, "idle NAT mappings timed out");
+    assert!(report.hairpinned > 0, "same-NAT devices hairpinned");
+    assert!(report.departures > 0, "devices churned");
+    assert!(report.relayed_paths > 0 && report.direct_paths > 0);
+}
+
+/// Paranoid mode checks every touched replica's full invariants after every event.
+#[test]
+fn paranoid_checks_hold_after_every_event() {
+    let text = "paranoid = true\n".to_string() + include_str!("../scenarios/crash-restart.toml");
+    check(&text);
+}
+
 #[test]
 fn the_embedded_default_passes() {
     let report = check(netsim::scenario::DEFAULT);
@@ -93,6 +111,16 @@ fn bad_scenarios_name_the_field() {
             "heal_ms",
         ),
         ("devices = 3\n", "duration_ms"),
+        (
+            "devices = 3\nduration_ms = 1000\n[[partitions]]\nkind = \"ring\"\nat_ms = 1\nheal_ms = 5\ngroups = 2\n",
+            "partitions.groups",
+        ),
+        ("devices = 3\nduration_ms = 1000\ngraph = { kind = \"scale_free\", m = 1 }\n", "graph"),
+        (
+            "devices = 5\nduration_ms = 1000\ntopology = \"mesh\"\ngraph = { kind = \"random_regular\", degree = 3 }\n",
+            "graph",
+        ),
+        ("devices = 3\nduration_ms = 1000\n[faults]\nclock_drift_ppm = 200000\n", "faults.clock_drift_ppm"),
     ];
     for (text, field) in cases {
         let err = Scenario::parse(text).expect_err(text).to_string();
