@@ -118,7 +118,7 @@ impl Checker {
         let past = self.seen[node as usize].get(&item).cloned().unwrap_or_default();
         let id = self.writes.len() as u32;
         self.versions.insert(key(&state.version), (id, Arc::new(past)));
-        let times = (id % self.sample_every == 0).then(Vec::new);
+        let times = id.is_multiple_of(self.sample_every).then(Vec::new);
         self.writes.push(Write {
             item: item.clone(),
             at: now,
