@@ -641,6 +641,15 @@ impl Session {
     fn linger(&mut self, now: Micros) {
         self.phase = Phase::Lingering;
         self.deadline = Some(now + self.cfg.linger_us);
+        // Only the last message is needed from here on (to answer duplicates): free the rest, as
+        // a busy responder may linger in thousands of sessions at once.
+        self.snapshot = Vec::new();
+        self.decoder = Decoder::new();
+        self.encoder = riblt::Encoder::default();
+        self.outbox = VecDeque::new();
+        self.pushed = Vec::new();
+        self.announced = Vec::new();
+        self.want = Vec::new();
         let retained = Retained { peer_log: self.peer_log, acked: None };
         self.outcome = Outcome::Done { retained, digests_equal: true };
     }

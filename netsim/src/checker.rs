@@ -89,6 +89,10 @@ pub struct Checker {
     unknown_versions: u64,
     /// Every `sample_every`-th write keeps its reach times (bounded memory for the plot).
     sample_every: u32,
+    /// What holding an item state teaches (its versions' writes and their causal pasts), by the
+    /// replica's fingerprint of that state: the same state reaches every node, so it is worked
+    /// out once.
+    learned: BTreeMap<u64, Arc<Vec<u32>>>,
 }
 
 impl Checker {
@@ -100,6 +104,7 @@ impl Checker {
             seen: vec![BTreeMap::new(); nodes as usize],
             unknown_versions: 0,
             sample_every: sample_every.max(1),
+            learned: BTreeMap::new(),
         }
     }
 
@@ -133,7 +138,29 @@ impl Checker {
     /// `node` holds `state` now (after a local change or a merge): it has seen every version in
     /// it and their causal pasts.
     pub fn absorb(&mut self, node: u32, state: &Item, now: u64) {
-        let item = state.id().to_string();
+        let learned = self.learn(state);
+        self.note(node, state, &learned, now);
+    }
+
+    /// As [`Checker::absorb`], for a state whose replica fingerprint is `fp` (cached).
+    pub fn absorb_state(&mut self, node: u32, state: &Item, fp: u64, now: u64) {
+        let learned = match self.learned.get(&fp) {
+            Some(learned) => learned.clone(),
+            None => {
+                let unknown = self.unknown_versions;
+                let learned = Arc::new(self.learn(state));
+                // Only a state whose versions are all known is cached.
+                if self.unknown_versions == unknown {
+                    self.learned.insert(fp, learned.clone());
+                }
+                learned
+            }
+        };
+        self.note(node, state, &learned, now);
+    }
+
+    /// The writes holding `state` implies having seen, sorted.
+    fn learn(&mut self, state: &Item) -> Vec<u32> {
         let mut learned: BTreeSet<u32> = BTreeSet::new();
         for version in std::iter::once(&state.version).chain(&state.conflicts) {
             match self.versions.get(&key(version)) {
@@ -144,8 +171,16 @@ impl Checker {
                 None => self.unknown_versions += 1,
             }
         }
-        let seen = self.seen[node as usize].entry(item).or_default();
-        for id in learned {
+        learned.into_iter().collect()
+    }
+
+    fn note(&mut self, node: u32, state: &Item, learned: &[u32], now: u64) {
+        let seen_map = &mut self.seen[node as usize];
+        let seen = match seen_map.get_mut(state.id().as_str()) {
+            Some(seen) => seen,
+            None => seen_map.entry(state.id().to_string()).or_default(),
+        };
+        for &id in learned {
             if seen.insert(id) {
                 let w = &mut self.writes[id as usize];
                 if w.reached.insert(node) {

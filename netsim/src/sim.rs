@@ -73,7 +73,7 @@ struct Node {
     replica: Replica,
     endpoint: Endpoint,
     /// Sessions by (peer, session id).
-    sessions: BTreeMap<(u32, u64), Session>,
+    sessions: BTreeMap<(u32, u64), Box<Session>>,
     /// The session this node initiated with each peer, if one is running.
     outgoing: BTreeMap<u32, u64>,
     /// Initiator-side cursors per peer (volatile).
@@ -220,7 +220,8 @@ impl Sim {
         let cfg = Config {
             rto_us: 600_000,
             rto_max_us: 2_400_000,
-            linger_us: 120_000_000,
+            // Past the initiator's whole retransmission schedule (0.6 + 1.2 + 8 x 2.4 s = 21 s).
+            linger_us: 25_000_000,
             max_retries: 10,
             ..Config::default()
         };
@@ -517,7 +518,7 @@ impl Sim {
         let n = &mut self.nodes[node as usize];
         let retained = n.retained.get(&peer).copied().unwrap_or_default();
         let session = Session::initiate(sid, now, &n.replica, self.cfg.clone(), retained);
-        n.sessions.insert((peer, sid), session);
+        n.sessions.insert((peer, sid), Box::new(session));
         n.outgoing.insert(peer, sid);
         self.sessions_started += 1;
         self.after_session(node, peer, sid, None);
@@ -568,7 +569,7 @@ impl Sim {
             if step != 0 || n.outgoing.get(&from) == Some(&sid) {
                 return;
             }
-            n.sessions.insert((from, sid), Session::respond(sid, &n.replica, cfg));
+            n.sessions.insert((from, sid), Box::new(Session::respond(sid, &n.replica, cfg)));
         }
         let head = n.replica.head();
         let Some(session) = n.sessions.get_mut(&(from, sid)) else { return };
@@ -580,10 +581,10 @@ impl Sim {
     fn after_session(&mut self, node: u32, peer: u32, sid: u64, head_before: Option<engine::replica::Seq>) {
         if let Some(head) = head_before {
             let n = &self.nodes[node as usize];
-            let changed: Vec<Arc<Item>> =
-                n.replica.changes_since(head).map(|(_, item)| item.clone()).collect();
-            for item in changed {
-                self.checker.absorb(node, &item, self.now);
+            let changed: Vec<(Arc<Item>, u64)> =
+                n.replica.log_since(head).map(|c| (c.item.clone(), c.fp)).collect();
+            for (item, fp) in changed {
+                self.checker.absorb_state(node, &item, fp, self.now);
             }
         }
         let mut out = Vec::new();
