@@ -5,7 +5,9 @@
 pub mod checker;
 pub mod net;
 pub mod scenario;
+pub mod shrink;
 pub mod sim;
+pub mod sweep;
 
 pub use scenario::Scenario;
 pub use sim::{run, Report};
