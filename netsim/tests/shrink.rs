@@ -109,3 +109,28 @@ fn cli_shrink_of_a_passing_scenario_exits_1_and_bad_input_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("frob"));
 }
+
+/// Writes until 0.5 s before the end with syncs every 2 s: the last writes cannot reach everyone.
+const NO_QUIET: &str = "devices = 12\nduration_ms = 20000\nquiet_ms = 500\n[network]\nloss_ppm = 100000\n\
+    [faults]\nclock_skew_ms = 1000\n[[partitions]]\nat_ms = 5000\nheal_ms = 10000\nshare_ppm = 300000\n";
+
+#[test]
+fn cli_shrinks_a_real_failure_to_a_scenario_that_still_fails() {
+    let original = Scenario::parse(NO_QUIET).unwrap();
+    let failure = netsim::shrink::simulate(&original, 1).expect("the scenario fails");
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("feedmesh-sim-shrink-real");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("no-quiet.toml");
+    std::fs::write(&path, NO_QUIET).unwrap();
+    let out = sim(&["shrink", path.to_str().unwrap(), "--seed", "1", "--max-runs", "100"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("shrink: run   2"), "progress per attempt: {stderr}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("# Replay: feedmesh-sim run <this file> --seed "), "{text}");
+    let shrunk = Scenario::parse(&text).expect("the printed scenario parses");
+    assert!(shrunk.devices < original.devices, "{text}");
+    assert!(shrunk.partitions.is_empty() || shrunk.network.loss_ppm == 0 || shrunk.faults.clock_skew_ms == 0);
+    let again = netsim::shrink::simulate(&shrunk, shrunk.seed).expect("the shrunk scenario still fails");
+    assert_eq!(failure_kind(&again), failure_kind(&failure));
+}

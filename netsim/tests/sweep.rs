@@ -176,3 +176,21 @@ fn set_path_reaches_lists_tables_and_absent_sections() {
     let s = set_path(&with_burst, "network.burst.p_ppm", &toml::Value::Integer(5)).unwrap();
     assert_eq!(s.network.burst.map(|b| (b.p_ppm, b.r_ppm)), Some((5, 2)));
 }
+
+#[test]
+fn the_readme_grid_plans() {
+    let readme = include_str!("../README.md");
+    let start = readme.find("```toml\nbase = ").expect("the README shows a grid") + "```toml\n".len();
+    let text = &readme[start..][..readme[start..].find("```").unwrap()];
+    let plan = Grid::parse(text, Path::new(".")).unwrap().plan().unwrap();
+    assert_eq!(plan.cells.len(), 3 * 2 * 2 * 2);
+    assert_eq!(plan.seeds, [1, 2, 3, 4]);
+    assert!(plan.cells.iter().all(|c| c.scenario.devices == 100));
+}
+
+#[test]
+fn the_example_grid_plans() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("sweeps/loss.toml");
+    let plan = Grid::load(&path).unwrap().plan().unwrap();
+    assert_eq!(plan.runs(), 27);
+}
