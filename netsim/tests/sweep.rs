@@ -194,3 +194,39 @@ fn the_example_grid_plans() {
     let plan = Grid::load(&path).unwrap().plan().unwrap();
     assert_eq!(plan.runs(), 27);
 }
+
+#[test]
+fn cli_sweep_with_failures_exits_1_and_writes_replayable_scenarios() {
+    let dir = dir("feedmesh-sim-sweep-fail");
+    // Writes until 0.3 s before the end, syncs every 2 s: without the quiet phase the last writes
+    // cannot reach everyone; with 10 s of it they do.
+    std::fs::write(
+        dir.join("base.toml"),
+        "devices = 4\nduration_ms = 6000\nsync_interval_ms = 2000\n[workload]\nwrites_per_min = 60.0\n",
+    )
+    .unwrap();
+    let grid = dir.join("grid.toml");
+    std::fs::write(&grid, "base = \"base.toml\"\nseeds = [2]\n[vary]\nquiet_ms = [300, 10000]\n").unwrap();
+    let out_dir = dir.join("out");
+    let out = sim(&["sweep", grid.to_str().unwrap(), "--out", out_dir.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let file = out_dir.join("fail-cell0-seed2.toml");
+    assert!(
+        stderr.contains(&format!("replay with: feedmesh-sim run {} --seed 2", file.display())),
+        "{stderr}"
+    );
+    assert!(!out_dir.join("fail-cell1-seed2.toml").exists(), "the second cell passed");
+    let scenario = Scenario::parse(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!((scenario.quiet_ms, scenario.seed), (300, 2));
+    let report = netsim::run(&scenario, 2, &mut |_, _| {});
+    let csv = std::fs::read_to_string(out_dir.join("sweep.csv")).unwrap();
+    let row = csv.lines().nth(1).unwrap();
+    assert!(row.contains(&report.trace_hash), "the file replays the run: {row}");
+    assert!(report.failure.is_some_and(|f| row.contains(&f)), "{row}");
+    assert!(row.ends_with("fail-cell0-seed2.toml"), "{row}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("sweep.json")).unwrap()).unwrap();
+    assert_eq!(json["cells"][0]["failures"], 1);
+    assert_eq!(json["cells"][1]["failures"], 0);
+}
