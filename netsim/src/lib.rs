@@ -9,7 +9,9 @@ pub mod net;
 pub mod plot;
 pub mod queue;
 pub mod scenario;
+pub mod shrink;
 pub mod sim;
+pub mod sweep;
 pub mod topology;
 
 pub use scenario::Scenario;

@@ -5,7 +5,7 @@
 //! replays it are printed), 2 on a bad scenario or usage.
 
 use std::io::IsTerminal as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -73,6 +73,36 @@ enum Command {
     },
     /// Print the embedded default scenario.
     Default,
+    /// Run a grid of parameters x seeds in parallel; write sweep.csv and sweep.json (see the
+    /// README for the grid format). Exit 0 when every run passes, 1 when one fails, 2 on a bad grid.
+    Sweep {
+        /// A grid TOML file (e.g. netsim/sweeps/loss.toml).
+        grid: PathBuf,
+        /// Simulations run at once (default: the available cores).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Directory for sweep.csv, sweep.json and the scenarios of failing runs.
+        #[arg(long, default_value = "sweep-out")]
+        out: PathBuf,
+        /// Run only the first seed of each cell: a quick look at a grid.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Shrink a failing scenario and seed: reduce devices, faults, writes and duration while the
+    /// same check keeps failing, then print the smallest failing scenario.
+    Shrink {
+        /// The failing scenario TOML file.
+        scenario: PathBuf,
+        /// The failing seed (default: the scenario's).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Write the shrunk scenario here instead of to stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// At most this many simulations.
+        #[arg(long, default_value_t = 200)]
+        max_runs: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -85,6 +115,10 @@ fn main() -> ExitCode {
         Command::Run { scenario, seed, json, plot } => run(scenario, seed, json, plot),
         Command::Bench { nodes, events, engine_nodes, engine_secs, engine_writes, json } => {
             bench(&nodes, events, &engine_nodes, engine_secs, &engine_writes, json)
+        }
+        Command::Sweep { grid, jobs, out, quick } => sweep(&grid, jobs, &out, quick),
+        Command::Shrink { scenario, seed, out, max_runs } => {
+            shrink(&scenario, seed, out.as_deref(), max_runs)
         }
         Command::Replay { scenario, seed, filter } => {
             let filter = match tracing_subscriber::EnvFilter::try_new(&filter) {
@@ -380,4 +414,193 @@ fn plot_run(path: &std::path::Path, report: &Report) -> Result<(), netsim::plot:
         y_range: Some((0.0, 1.0)),
     };
     netsim::plot::write_svg(path, &chart, &series)
+}
+
+fn sweep(grid_path: &Path, jobs: Option<usize>, out: &Path, quick: bool) -> ExitCode {
+    use netsim::sweep;
+    let plan = match sweep::Grid::load(grid_path).and_then(|mut grid| {
+        if quick {
+            grid.seeds.truncate(1);
+        }
+        grid.plan()
+    }) {
+        Ok(plan) => plan,
+        Err(e) => {
+            eprintln!("feedmesh-sim: {}: {e}", grid_path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if jobs == 0 {
+        eprintln!("feedmesh-sim: --jobs must be at least 1");
+        return ExitCode::from(2);
+    }
+    if let Err(e) = std::fs::create_dir_all(out) {
+        eprintln!("feedmesh-sim: {}: {e}", out.display());
+        return ExitCode::from(2);
+    }
+    eprintln!(
+        "feedmesh-sim: sweep {}: {} cells x {} seeds = {} runs on {jobs} threads",
+        grid_path.display(),
+        plan.cells.len(),
+        plan.seeds.len(),
+        plan.runs()
+    );
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(plan.runs() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {pos}/{len} runs [{bar:40}] {elapsed} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let started = Instant::now();
+    let rows = sweep::run(&plan, jobs, &|_| {
+        if let Some(bar) = &bar {
+            bar.inc(1);
+        }
+    });
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let wall_ms = started.elapsed().as_millis();
+    let mut files = vec![
+        (out.join("sweep.csv"), sweep::csv(&plan, &rows)),
+        (out.join("sweep.json"), format!("{:#}\n", sweep::json(&plan, &rows))),
+    ];
+    let failed: Vec<&sweep::Row> = rows.iter().filter(|r| r.report.failure.is_some()).collect();
+    for row in &failed {
+        files.push((out.join(sweep::failure_file(row)), sweep::scenario_toml(&plan, row)));
+    }
+    for (path, text) in &files {
+        if let Err(e) = std::fs::write(path, text) {
+            eprintln!("feedmesh-sim: {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
+    print_cells(&plan, &rows);
+    println!(
+        "{} runs, {} failed, {wall_ms} ms of wall time; wrote {} and {}",
+        rows.len(),
+        failed.len(),
+        files[0].0.display(),
+        files[1].0.display()
+    );
+    for row in &failed {
+        let params: Vec<String> = plan.cells[row.cell]
+            .params
+            .iter()
+            .map(|(p, v)| format!("{p} = {}", sweep::display_value(v)))
+            .collect();
+        eprintln!(
+            "feedmesh-sim: cell {} ({}) seed {}: {}",
+            row.cell,
+            params.join(", "),
+            row.seed,
+            row.report.failure.as_deref().unwrap_or_default()
+        );
+        eprintln!(
+            "feedmesh-sim:   replay with: feedmesh-sim run {} --seed {}",
+            out.join(sweep::failure_file(row)).display(),
+            row.seed
+        );
+    }
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// One line per cell: its parameters, failures, and means over its seeds.
+fn print_cells(plan: &netsim::sweep::Plan, rows: &[netsim::sweep::Row]) {
+    for (index, cell) in plan.cells.iter().enumerate() {
+        let mine: Vec<&Report> = rows.iter().filter(|r| r.cell == index).map(|r| &r.report).collect();
+        let n = mine.len().max(1) as u64;
+        let mean = |f: fn(&Report) -> u64| mine.iter().map(|r| f(r)).sum::<u64>() / n;
+        let params: Vec<String> =
+            cell.params.iter().map(|(p, v)| format!("{p}={}", netsim::sweep::display_value(v))).collect();
+        println!(
+            "cell {index:>3} {:<40} failed {}/{}  p50 {} ms  p99 {} ms  max {} ms  messages {}",
+            params.join(" "),
+            mine.iter().filter(|r| r.failure.is_some()).count(),
+            mine.len(),
+            mean(|r| r.convergence_ms_p50),
+            mean(|r| r.convergence_ms_p99),
+            mean(|r| r.convergence_ms_max),
+            mean(|r| r.messages),
+        );
+    }
+}
+
+fn shrink(path: &Path, seed: Option<u64>, out: Option<&Path>, max_runs: usize) -> ExitCode {
+    use netsim::shrink;
+    if max_runs == 0 {
+        eprintln!("feedmesh-sim: --max-runs must be at least 1");
+        return ExitCode::from(2);
+    }
+    let (scenario, source) = match load(&Some(path.to_path_buf())) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    let seed = seed.unwrap_or(scenario.seed);
+    let started = Instant::now();
+    let mut observe = |a: &shrink::Attempt<'_>| {
+        let outcome = match (a.failure, a.kept) {
+            (None, _) => "passes".to_string(),
+            (Some(f), true) => format!("fails ({}): kept", shrink::failure_kind(f)),
+            (Some(f), false) => format!("fails another check ({}): not kept", shrink::failure_kind(f)),
+        };
+        eprintln!(
+            "shrink: run {:>3} [{:>6} ms] {:<36} seed {:<20} {outcome}",
+            a.run,
+            started.elapsed().as_millis(),
+            a.change,
+            a.seed
+        );
+    };
+    let Some(shrunk) = shrink::shrink_observed(&scenario, seed, shrink::simulate, max_runs, &mut observe)
+    else {
+        eprintln!("feedmesh-sim: {source} passes with seed {seed}: nothing to shrink");
+        return ExitCode::from(1);
+    };
+    let mut minimal = shrunk.scenario.clone();
+    minimal.seed = shrunk.seed;
+    let target = out.map_or_else(|| "<this file>".to_string(), |p| p.display().to_string());
+    let replay = format!("feedmesh-sim run {target} --seed {}", shrunk.seed);
+    let body = match toml::to_string(&minimal) {
+        Ok(body) => body,
+        Err(e) => {
+            eprintln!("feedmesh-sim: cannot write the shrunk scenario: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut text =
+        format!("# Shrunk by feedmesh-sim shrink from {source}, seed {seed}, in {} runs", shrunk.runs);
+    text.push_str(if shrunk.minimal { ".\n" } else { " (the run budget ran out: not minimal).\n" });
+    text.push_str(&format!("# Fails: {}\n", shrunk.failure));
+    text.push_str(&format!("# Reductions: {}\n", shrunk.kept.join("; ")));
+    text.push_str(&format!("# Replay: {replay}\n"));
+    text.push_str(&body);
+    match out {
+        Some(p) => {
+            if let Err(e) = std::fs::write(p, &text) {
+                eprintln!("feedmesh-sim: {}: {e}", p.display());
+                return ExitCode::from(2);
+            }
+        }
+        None => print!("{text}"),
+    }
+    eprintln!(
+        "feedmesh-sim: shrunk to {} devices, seed {}, in {} runs ({}): {}",
+        minimal.devices,
+        minimal.seed,
+        shrunk.runs,
+        if shrunk.minimal { "minimal" } else { "budget ran out" },
+        shrunk.failure
+    );
+    eprintln!("feedmesh-sim: replay with: {replay}");
+    ExitCode::SUCCESS
 }
