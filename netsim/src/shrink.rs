@@ -196,6 +196,27 @@ fn crashes_skew_offline(s: &Scenario) -> Vec<(String, Scenario)> {
     if s.faults.offline_ppm != 0 {
         out.push(with(s, "no offline devices".into(), |c| c.faults.offline_ppm = 0));
     }
+    if s.faults.clock_drift_ppm != 0 {
+        out.push(with(s, "no clock drift".into(), |c| c.faults.clock_drift_ppm = 0));
+    }
+    if s.faults.churn_per_min != 0.0 {
+        out.push(with(s, "no churn".into(), |c| c.faults.churn_per_min = 0.0));
+    }
+    if s.nat.mapping_timeout_ms != 0 {
+        out.push(with(s, "no NAT mapping timeouts".into(), |c| c.nat.mapping_timeout_ms = 0));
+    }
+    if s.network.bandwidth_kbps != 0 || s.network.cloud_bandwidth_kbps != 0 {
+        out.push(with(s, "unlimited bandwidth".into(), |c| {
+            c.network.bandwidth_kbps = 0;
+            c.network.cloud_bandwidth_kbps = 0;
+        }));
+    }
+    if !s.network.lan_discovery {
+        out.push(with(s, "LAN discovery".into(), |c| c.network.lan_discovery = true));
+    }
+    if s.graph.is_some() {
+        out.push(with(s, "complete mesh".into(), |c| c.graph = None));
+    }
     out
 }
 
