@@ -65,7 +65,7 @@ enum Command {
         engine_secs: u64,
         /// Writes per device per minute in the engine-node runs (0: idle feeds, so the figures
         /// are the sync machinery's own; otherwise item processing dominates).
-        #[arg(long, value_delimiter = ',', default_value = "0,0.05")]
+        #[arg(long, value_delimiter = ',', default_value = "0")]
         engine_writes: Vec<f64>,
         /// Also write the results as JSON to this file.
         #[arg(long)]
