@@ -10,5 +10,6 @@
 pub mod feedsync;
 pub mod replica;
 pub mod riblt;
+pub mod signing;
 pub mod sync;
 pub mod wire;

@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 use crate::feedsync::{self, Content, Endpoint, HistoryEntry, Item, ItemId, NsScope, Version, When};
 use crate::riblt::Symbol;
 
-/// The wire format version this engine speaks.
-pub const WIRE_VERSION: u8 = 1;
+/// The wire format version this engine speaks (2: versions carry an optional signature; directory
+/// catch-up and refusal bodies).
+pub const WIRE_VERSION: u8 = 2;
 
 /// Errors decoding a message. A peer's bytes produce these, never a panic.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -96,6 +97,8 @@ pub struct WireVersion {
     pub inner: String,
     /// Namespace bindings the content needs, `(prefix, uri)`.
     pub scope: Vec<(String, String)>,
+    /// The signing device's ed25519 signature (signed mode): exactly 64 bytes, 65 on the wire.
+    pub signature: Option<crate::signing::Sig64>,
 }
 
 /// One item (winner and conflicts) on the wire.
@@ -241,6 +244,7 @@ fn wire_version(v: &Version) -> WireVersion {
         attrs: v.content.attrs.to_string(),
         inner: v.content.inner.to_string(),
         scope: v.content.scope.bindings.iter().map(|(p, u)| (p.to_string(), u.to_string())).collect(),
+        signature: v.signature.as_ref().map(|s| *s.0),
     }
 }
 
@@ -287,6 +291,7 @@ fn from_wire_version(w: &WireVersion) -> Result<Version, String> {
             inner: w.inner.as_str().into(),
             scope: Arc::new(NsScope { bindings }),
         }),
+        signature: w.signature.map(|s| crate::signing::VersionSignature(Arc::new(s))),
     };
     version.check_invariants().map_err(|e| e.to_string())?;
     Ok(version)
@@ -360,7 +365,7 @@ mod tests {
                 version: WireVersion {
                     id, updates, flags,
                     history: vec![WireEntry { sequence: seq, when: secs.map(|s| WireWhen { secs: s * 1_000_000_000_000, nanos: 0, text: None }), by }],
-                    attrs: String::new(), inner: String::new(), scope: vec![],
+                    attrs: String::new(), inner: String::new(), scope: vec![], signature: None,
                 },
                 conflicts: vec![],
             };
