@@ -185,7 +185,8 @@ pub fn verify_version(version: &Version) -> Result<DeviceId, SignatureError> {
         .as_ref()
         .and_then(DeviceId::from_endpoint)
         .ok_or_else(|| SignatureError::NoSigner { id: version.id.clone() })?;
-    let signature = version.signature.as_ref().ok_or_else(|| SignatureError::Missing { id: version.id.clone() })?;
+    let signature =
+        version.signature.as_ref().ok_or_else(|| SignatureError::Missing { id: version.id.clone() })?;
     device.verify(VERSION_SIGNATURE_DOMAIN, &version_message(version), &signature.0)?;
     Ok(device)
 }
@@ -234,7 +235,7 @@ pub fn unhex(text: &str) -> Option<Vec<u8>> {
         _ => None,
     };
     let bytes = text.as_bytes();
-    if bytes.len() % 2 != 0 {
+    if !bytes.len().is_multiple_of(2) {
         return None;
     }
     bytes.chunks(2).map(|pair| Some((digit(pair[0])? << 4) | digit(pair[1])?)).collect()

@@ -78,6 +78,9 @@ pub enum SyncError {
     TooManySymbols(u64),
     #[error(transparent)]
     Wire(#[from] WireError),
+    /// An authorized session was refused (by this side or the peer), with the reason.
+    #[error("session refused: {0}")]
+    Refused(crate::authz::Refusal),
     /// A signed replica refused a forged, altered, unsigned or unauthorized version.
     #[error("refused version: {0}")]
     Signature(#[from] crate::signing::SignatureError),

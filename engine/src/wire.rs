@@ -148,6 +148,24 @@ pub enum Body {
     Done { log: WireCursor, digest: Fixed64 },
     /// Either: giving up.
     Abort { reason: String },
+    /// Authorized sessions, initiator first: the folder, its ticket and its directory heads.
+    DirHello {
+        folder: crate::directory::FolderId,
+        ticket: crate::ticket::Ticket,
+        heads: Vec<(crate::signing::DeviceId, u32)>,
+    },
+    /// Responder: its ticket, heads and the directory changes the initiator lacks (`complete`:
+    /// all of them fit).
+    DirSync {
+        ticket: crate::ticket::Ticket,
+        heads: Vec<(crate::signing::DeviceId, u32)>,
+        changes: Vec<crate::directory::SignedChange>,
+        complete: bool,
+    },
+    /// Initiator: the directory changes the responder lacks; feed messages follow.
+    DirDone { changes: Vec<crate::directory::SignedChange>, complete: bool },
+    /// Either: the session is refused (ticket or directory); nothing more will be accepted.
+    Refused { reason: String },
 }
 
 impl Body {
@@ -163,6 +181,10 @@ impl Body {
             Body::Continue => "Continue",
             Body::Done { .. } => "Done",
             Body::Abort { .. } => "Abort",
+            Body::DirHello { .. } => "DirHello",
+            Body::DirSync { .. } => "DirSync",
+            Body::DirDone { .. } => "DirDone",
+            Body::Refused { .. } => "Refused",
         }
     }
 }
@@ -189,8 +211,10 @@ pub fn peek(bytes: &[u8]) -> Option<(u64, u32, &'static str)> {
     if h.version != WIRE_VERSION {
         return None;
     }
-    const KINDS: [&str; 9] =
-        ["Hello", "Changes", "More", "Symbols", "Diff", "Items", "Continue", "Done", "Abort"];
+    const KINDS: [&str; 13] = [
+        "Hello", "Changes", "More", "Symbols", "Diff", "Items", "Continue", "Done", "Abort", "DirHello",
+        "DirSync", "DirDone", "Refused",
+    ];
     Some((h.session, h.step, KINDS.get(h.variant as usize)?))
 }
 

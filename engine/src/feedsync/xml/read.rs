@@ -145,7 +145,10 @@ impl<'i> Parser<'i> {
                 Event::End(_) => return Ok(text),
                 Event::Comment(_) => {}
                 Event::Eof => {
-                    return Err(Stop { offset, kind: ProblemKind::Malformed("unexpected end of document".into()) })
+                    return Err(Stop {
+                        offset,
+                        kind: ProblemKind::Malformed("unexpected end of document".into()),
+                    })
                 }
                 _ => {
                     return Err(Stop {
