@@ -844,16 +844,16 @@ impl Directory {
         let f = self.folder(folder).ok_or(Refusal::UnknownFolder { folder: *folder })?;
         let mine = self.user_of(me).ok_or(Refusal::DeviceNotActive { device: *me })?;
         let theirs = self.user_of(peer).ok_or(Refusal::DeviceNotActive { device: *peer })?;
-        for device in [me, peer] {
-            if !f.mapped.contains(device) {
-                return Err(Refusal::NotMapped { device: *device });
-            }
-        }
         if mine != theirs {
             for (device, user) in [(me, mine), (peer, theirs)] {
                 if !self.state.is_participant(f, &user) {
                     return Err(Refusal::NotMember { device: *device });
                 }
+            }
+        }
+        for device in [me, peer] {
+            if !f.mapped.contains(device) {
+                return Err(Refusal::NotMapped { device: *device });
             }
         }
         Ok(())
