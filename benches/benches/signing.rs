@@ -16,7 +16,9 @@ fn bench(c: &mut Criterion) {
     group.bench_function("sign", |b| {
         b.iter(|| versions.iter().map(|v| sign_version(v, &key).bytes()[0] as u64).sum::<u64>())
     });
-    group.bench_function("verify", |b| b.iter(|| versions.iter().filter(|v| verify_version(v).is_ok()).count()));
+    group.bench_function("verify", |b| {
+        b.iter(|| versions.iter().filter(|v| verify_version(v).is_ok()).count())
+    });
     group.finish();
 
     let n = 10_000;

@@ -399,7 +399,8 @@ impl State {
                 .is_some_and(|m| m.state == MemberState::Active && m.role == Role::Admin)
     }
 
-    /// Checks `op` by `author` against this state and applies it, or says why not.
+    /// Checks `op` by `author` against this state and applies it, or says why not. Atomic: every
+    /// check comes before the first change, so a refused op leaves the state as it was.
     fn step(&mut self, id: ChangeId, body: &ChangeBody) -> Result<(), &'static str> {
         let author = body.author;
         let (title, detail): (&'static str, String) = match &body.op {
@@ -771,13 +772,7 @@ impl Directory {
                 why: "not the next of its chain",
             });
         }
-        // Entitlement in the causal past.
-        let whole_past = b.deps.len() == self.chains.len()
-            && b.deps.iter().all(|(d, s)| self.chains.get(d).is_some_and(|c| c.len() as u32 == *s));
-        let mut past = if whole_past { self.state.clone() } else { self.fold(Some(&b.deps)).0 };
         let id = change.id();
-        past.step(id, b).map_err(|why| DirError::NotEntitled { author: b.author, seq: b.seq, why })?;
-
         let mut lamport = 1;
         for (d, s) in &b.deps {
             if let Some(key) = self.chains.get(d).and_then(|c| c.get(*s as usize - 1)) {
@@ -786,12 +781,23 @@ impl Directory {
         }
         let key = (lamport, id);
         let last = self.log.keys().next_back().is_none_or(|k| *k < key);
+        let not_entitled = |why| DirError::NotEntitled { author: b.author, seq: b.seq, why };
+        // Entitlement in the causal past. The common case: the author had everything we have, so
+        // its past is our state and the change goes last in the order (`State::step` changes
+        // nothing when it fails).
+        let whole_past = b.deps.len() == self.chains.len()
+            && b.deps.iter().all(|(d, s)| self.chains.get(d).is_some_and(|c| c.len() as u32 == *s));
+        let refold = if whole_past && last {
+            self.state.step(id, b).map_err(not_entitled)?;
+            false
+        } else {
+            let mut past = if whole_past { self.state.clone() } else { self.fold(Some(&b.deps)).0 };
+            past.step(id, b).map_err(not_entitled)?;
+            true
+        };
         self.log.insert(key, Entry { change: Arc::new(change.clone()), lamport });
         self.chains.entry(b.author).or_default().push(key);
-        if last && whole_past {
-            // Appended at the end of the order on top of everything: the fold advances by one.
-            self.state = past;
-        } else {
+        if refold {
             let (state, inert) = self.fold(None);
             self.state = state;
             self.inert = inert;
@@ -813,12 +819,9 @@ impl Directory {
             if !within(body) {
                 continue;
             }
-            let mut next = state.clone();
-            match next.step(*id, body) {
-                Ok(()) => state = next,
-                Err(_) => {
-                    inert.insert(*id);
-                }
+            // `step` changes nothing when it fails.
+            if state.step(*id, body).is_err() {
+                inert.insert(*id);
             }
         }
         (state, inert)

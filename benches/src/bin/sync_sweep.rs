@@ -218,7 +218,9 @@ fn signing_cost() -> Value {
     let ok = versions.iter().filter(|v| verify_version(v).is_ok()).count();
     let verify_ns = start.elapsed().as_nanos() as f64 / n as f64;
     assert_eq!(ok, n, "every signed version verifies");
-    let wire = |r: &Replica| -> usize { r.items().map(|i| engine::wire::encoded_len(&engine::wire::to_wire(i))).sum() };
+    let wire = |r: &Replica| -> usize {
+        r.items().map(|i| engine::wire::encoded_len(&engine::wire::to_wire(i))).sum()
+    };
     let xml = |r: &Replica| -> usize {
         let mut feed = engine::feedsync::Feed::new(engine::feedsync::Dialect::Rss);
         for item in r.items() {
