@@ -84,6 +84,7 @@ pub fn store(items: usize, history: usize) -> Feed {
             noconflicts: false,
             history: Arc::from(local_history(index, history, &endpoints)),
             content: content(&feed, index, history - 1, false),
+            signature: None,
         };
         // The grid's store sizes are far below ITEMS_PER_FEED_MAX.
         feed.put(Item::new(version)).expect("store size within ITEMS_PER_FEED_MAX");
@@ -129,6 +130,7 @@ pub fn batch(cell: &Cell) -> Batch {
             noconflicts: false,
             history: Arc::from(history),
             content: content(&built, index, h, true),
+            signature: None,
         };
         // Picks are distinct and BATCH_ITEMS is far below ITEMS_PER_FEED_MAX.
         built.put(Item::new(version)).expect("batch size within ITEMS_PER_FEED_MAX");

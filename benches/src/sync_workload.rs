@@ -44,6 +44,31 @@ pub fn diverge(r: &mut Replica, prefix: &str, count: usize) {
     }
 }
 
+/// A device key from a one-byte seed (benchmarks only).
+pub fn device_key(seed: u8) -> engine::signing::DeviceKey {
+    engine::signing::DeviceKey::from_bytes(&[seed; 32])
+}
+
+/// A signed replica of `n` items `item-0 ..`, every version signed by `key`.
+pub fn replica_signed(n: usize, key: &engine::signing::DeviceKey) -> Replica {
+    let mut r = Replica::new_signed(0);
+    let when = When::from_unix_secs(1_600_000_000).expect("in range");
+    for i in 0..n {
+        let id = ItemId::new(&format!("item-{i}")).expect("generated ids are valid");
+        r.change_signed(&id, key, &when, &edit(&i.to_string())).expect("within limits");
+    }
+    r
+}
+
+/// [`diverge`] with versions signed by `key`.
+pub fn diverge_signed(r: &mut Replica, key: &engine::signing::DeviceKey, prefix: &str, count: usize) {
+    let when = When::from_unix_secs(1_700_000_000).expect("in range");
+    for k in 0..count {
+        let id = ItemId::new(&format!("{prefix}-{k}")).expect("generated ids are valid");
+        r.change_signed(&id, key, &when, &edit(&format!("{prefix}{k}"))).expect("within limits");
+    }
+}
+
 /// What one feedmesh session did.
 #[derive(Clone, Copy, Debug)]
 pub struct SessionRun {

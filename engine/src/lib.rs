@@ -6,9 +6,17 @@
 //! - [`riblt`]: rateless IBLT over 64-bit fingerprints, for set reconciliation.
 //! - [`sync`]: the sans-IO sync session (incremental by cursors, or full reconciliation).
 //! - [`wire`]: the versioned, bounded wire codec (serde + postcard).
+//! - [`signing`]: device keys, signed versions.
+//! - [`directory`]: the signed, verified directory log (users, devices, folders, members).
+//! - [`ticket`]: the cloud's short-lived tickets.
+//! - [`authz`]: the authorized session (directory catch-up, ticket and directory checks, then sync).
 
+pub mod authz;
+pub mod directory;
 pub mod feedsync;
 pub mod replica;
 pub mod riblt;
+pub mod signing;
 pub mod sync;
+pub mod ticket;
 pub mod wire;

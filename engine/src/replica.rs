@@ -5,11 +5,18 @@
 //! A replica that restarts without its full change log starts a new epoch (the caller picks it),
 //! so no old cursor can skip a change. The log keeps only each item's latest change, so it is as
 //! large as the item set. Items are `Arc`s: replicas of the same feed share every payload.
+//!
+//! A replica is *unsigned* (plain FeedSync) or *signed*: a signed replica makes local changes only
+//! with a device key (signing the new version) and verifies every version it receives before
+//! merging it, optionally also checking that the signer may write this feed (`set_signers`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use std::collections::BTreeSet;
+
 use crate::feedsync::{self, Edit, Endpoint, FeedsyncError, Item, ItemId, MergeOutcome, When};
+use crate::signing::{self, DeviceId, DeviceKey, SignatureError};
 
 /// A 64-bit fingerprint of an item's whole state (id, winner, conflicts).
 pub type Fingerprint = u64;
@@ -72,6 +79,16 @@ pub struct Replica {
     /// Fingerprint to item, for answering a peer's "send me these".
     by_fp: BTreeMap<Fingerprint, ItemId>,
     digest: u64,
+    signing: Signing,
+}
+
+/// Whether a replica requires signed versions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Signing {
+    /// Plain FeedSync: signatures are carried along, never required or checked.
+    Off,
+    /// Every received version must carry a valid signature; with `signers`, by one of them.
+    On { signers: Option<Arc<BTreeSet<DeviceId>>> },
 }
 
 impl Replica {
@@ -84,6 +101,36 @@ impl Replica {
             log: BTreeMap::new(),
             by_fp: BTreeMap::new(),
             digest: 0,
+            signing: Signing::Off,
+        }
+    }
+
+    /// An empty signed replica in `epoch`: local changes are signed, received versions verified.
+    pub fn new_signed(epoch: u64) -> Self {
+        Self { signing: Signing::On { signers: None }, ..Self::new(epoch) }
+    }
+
+    pub fn signing(&self) -> &Signing {
+        &self.signing
+    }
+
+    /// Signed mode: the devices whose versions are accepted (`None`: any valid signature). The
+    /// authorized session sets it from the verified directory before it merges anything.
+    pub fn set_signers(&mut self, signers: Option<BTreeSet<DeviceId>>) {
+        if let Signing::On { signers: slot } = &mut self.signing {
+            *slot = signers.map(Arc::new);
+        }
+    }
+
+    /// Checks an incoming item against this replica's signing mode (nothing to check when
+    /// unsigned). Versions this replica already holds with the same signature are not checked again.
+    pub fn check_incoming(&self, item: &Item) -> Result<(), SignatureError> {
+        match &self.signing {
+            Signing::Off => Ok(()),
+            Signing::On { signers } => {
+                let known = self.item(item.id()).map(|i| i.as_ref());
+                signing::verify_item(item, known, signers.as_deref())
+            }
         }
     }
 
@@ -179,18 +226,56 @@ impl Replica {
         when: &When,
         edit: &Edit,
     ) -> Result<Seq, FeedsyncError> {
+        if self.signing != Signing::Off {
+            return Err(SignatureError::LocalUnsigned.into());
+        }
+        self.change_inner(id, by, when, edit, None)
+    }
+
+    /// A local change signed by `key` (the endpoint is the key's device id, see
+    /// [`DeviceId::endpoint`]). Works in both modes; an unsigned replica keeps the signature too.
+    pub fn change_signed(
+        &mut self,
+        id: &ItemId,
+        key: &DeviceKey,
+        when: &When,
+        edit: &Edit,
+    ) -> Result<Seq, FeedsyncError> {
+        let by = DeviceId::of(key).endpoint();
+        self.change_inner(id, &by, when, edit, Some(key))
+    }
+
+    fn change_inner(
+        &mut self,
+        id: &ItemId,
+        by: &Endpoint,
+        when: &When,
+        edit: &Edit,
+        key: Option<&DeviceKey>,
+    ) -> Result<Seq, FeedsyncError> {
         // A replica has no document around its items: new empty content has no bindings.
         static NO_SCOPE: std::sync::LazyLock<Arc<feedsync::NsScope>> =
             std::sync::LazyLock::new(Default::default);
-        let next = Item::change(self.item(id).map(|i| i.as_ref()), id, by, when, edit, &NO_SCOPE)?;
+        let mut next = Item::change(self.item(id).map(|i| i.as_ref()), id, by, when, edit, &NO_SCOPE)?;
         if self.item(id).is_none() && self.items.len() >= feedsync::limits::ITEMS_PER_FEED_MAX {
             return Err(FeedsyncError::TooManyItems);
+        }
+        if let Some(key) = key {
+            // Only the new winner is new; the conflicts keep the signatures they came with.
+            next.version.signature = Some(signing::sign_version(&next.version, key));
         }
         Ok(self.store(Arc::new(next), true))
     }
 
-    /// Merges an incoming item (FeedSync 3.3). Returns whether the replica changed.
+    /// Merges an incoming item (FeedSync 3.3). Returns whether the replica changed. A signed
+    /// replica first verifies the item (see [`Replica::check_incoming`]) and refuses it whole.
     pub fn merge(&mut self, incoming: &Arc<Item>) -> Result<bool, FeedsyncError> {
+        self.check_incoming(incoming)?;
+        self.merge_checked(incoming)
+    }
+
+    /// [`Replica::merge`] for an item already passed through [`Replica::check_incoming`].
+    pub(crate) fn merge_checked(&mut self, incoming: &Arc<Item>) -> Result<bool, FeedsyncError> {
         match self.item(incoming.id()) {
             None => {
                 if self.items.len() >= feedsync::limits::ITEMS_PER_FEED_MAX {

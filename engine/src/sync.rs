@@ -78,6 +78,12 @@ pub enum SyncError {
     TooManySymbols(u64),
     #[error(transparent)]
     Wire(#[from] WireError),
+    /// An authorized session was refused (by this side or the peer), with the reason.
+    #[error("session refused: {0}")]
+    Refused(crate::authz::Refusal),
+    /// A signed replica refused a forged, altered, unsigned or unauthorized version.
+    #[error("refused version: {0}")]
+    Signature(#[from] crate::signing::SignatureError),
 }
 
 /// What a caller keeps per peer between sessions (from the initiator's point of view).
@@ -736,9 +742,13 @@ impl Session {
     }
 
     fn merge_items(&mut self, replica: &mut Replica, items: Vec<Arc<Item>>) -> Result<(), SyncError> {
+        // A signed replica verifies every item of the message before merging any.
+        for item in &items {
+            replica.check_incoming(item)?;
+        }
         for item in items {
             self.stats.items_received += 1;
-            if replica.merge(&item).map_err(|e| SyncError::Protocol(e.to_string()))? {
+            if replica.merge_checked(&item).map_err(|e| SyncError::Protocol(e.to_string()))? {
                 self.stats.items_changed += 1;
             }
         }

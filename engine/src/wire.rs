@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use crate::feedsync::{self, Content, Endpoint, HistoryEntry, Item, ItemId, NsScope, Version, When};
 use crate::riblt::Symbol;
 
-/// The wire format version this engine speaks.
+/// The wire format version this engine speaks (2: versions carry an optional signature; pushes
+/// announce relayed changes by fingerprint; directory catch-up and refusal bodies).
 pub const WIRE_VERSION: u8 = 2;
 
 /// Errors decoding a message. A peer's bytes produce these, never a panic.
@@ -96,6 +97,8 @@ pub struct WireVersion {
     pub inner: String,
     /// Namespace bindings the content needs, `(prefix, uri)`.
     pub scope: Vec<(String, String)>,
+    /// The signing device's ed25519 signature (signed mode): exactly 64 bytes, 65 on the wire.
+    pub signature: Option<crate::signing::Sig64>,
 }
 
 /// One item (winner and conflicts) on the wire.
@@ -150,6 +153,24 @@ pub enum Body {
     Done { log: WireCursor, digest: Fixed64 },
     /// Either: giving up.
     Abort { reason: String },
+    /// Authorized sessions, initiator first: the folder, its ticket and its directory heads.
+    DirHello {
+        folder: crate::directory::FolderId,
+        ticket: crate::ticket::Ticket,
+        heads: Vec<(crate::signing::DeviceId, u32)>,
+    },
+    /// Responder: its ticket, heads and the directory changes the initiator lacks (`complete`:
+    /// all of them fit).
+    DirSync {
+        ticket: crate::ticket::Ticket,
+        heads: Vec<(crate::signing::DeviceId, u32)>,
+        changes: Vec<crate::directory::SignedChange>,
+        complete: bool,
+    },
+    /// Initiator: the directory changes the responder lacks; feed messages follow.
+    DirDone { changes: Vec<crate::directory::SignedChange>, complete: bool },
+    /// Either: the session is refused (ticket or directory); nothing more will be accepted.
+    Refused { reason: String },
 }
 
 impl Body {
@@ -165,6 +186,10 @@ impl Body {
             Body::Continue => "Continue",
             Body::Done { .. } => "Done",
             Body::Abort { .. } => "Abort",
+            Body::DirHello { .. } => "DirHello",
+            Body::DirSync { .. } => "DirSync",
+            Body::DirDone { .. } => "DirDone",
+            Body::Refused { .. } => "Refused",
         }
     }
 }
@@ -191,8 +216,10 @@ pub fn peek(bytes: &[u8]) -> Option<(u64, u32, &'static str)> {
     if h.version != WIRE_VERSION {
         return None;
     }
-    const KINDS: [&str; 9] =
-        ["Hello", "Changes", "More", "Symbols", "Diff", "Items", "Continue", "Done", "Abort"];
+    const KINDS: [&str; 13] = [
+        "Hello", "Changes", "More", "Symbols", "Diff", "Items", "Continue", "Done", "Abort", "DirHello",
+        "DirSync", "DirDone", "Refused",
+    ];
     Some((h.session, h.step, KINDS.get(h.variant as usize)?))
 }
 
@@ -246,6 +273,7 @@ fn wire_version(v: &Version) -> WireVersion {
         attrs: v.content.attrs.to_string(),
         inner: v.content.inner.to_string(),
         scope: v.content.scope.bindings.iter().map(|(p, u)| (p.to_string(), u.to_string())).collect(),
+        signature: v.signature.as_ref().map(|s| *s.0),
     }
 }
 
@@ -292,6 +320,7 @@ fn from_wire_version(w: &WireVersion) -> Result<Version, String> {
             inner: w.inner.as_str().into(),
             scope: Arc::new(NsScope { bindings }),
         }),
+        signature: w.signature.map(|s| crate::signing::VersionSignature(Arc::new(s))),
     };
     version.check_invariants().map_err(|e| e.to_string())?;
     Ok(version)
@@ -365,7 +394,7 @@ mod tests {
                 version: WireVersion {
                     id, updates, flags,
                     history: vec![WireEntry { sequence: seq, when: secs.map(|s| WireWhen { secs: s * 1_000_000_000_000, nanos: 0, text: None }), by }],
-                    attrs: String::new(), inner: String::new(), scope: vec![],
+                    attrs: String::new(), inner: String::new(), scope: vec![], signature: None,
                 },
                 conflicts: vec![],
             };

@@ -275,6 +275,7 @@ mod adversary {
                 attrs: String::new(),
                 inner: "<title>evil</title>".into(),
                 scope: vec![],
+                signature: None,
             },
             conflicts: vec![],
         }

@@ -26,6 +26,7 @@ fn version(history: Vec<HistoryEntry>, title: &str) -> Version {
             inner: format!("<title>{title}</title>").into(),
             ..Content::empty()
         }),
+        signature: None,
     }
 }
 

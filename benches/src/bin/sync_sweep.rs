@@ -8,7 +8,10 @@
 //! is a map under ROOT made by one change; the same differences as changes; `sync::State` fresh or
 //! kept from the first sync.
 //!
-//! Usage: `cargo run --release -p feedmesh-benches --bin sync_sweep [--quick] [--sizes N,N] [--out FILE]`.
+//! Usage: `cargo run --release -p feedmesh-benches --bin sync_sweep [--quick] [--signed] [--sizes N,N] [--out FILE]`.
+//! `--signed`: signed replicas (every version signed by its device, every received version
+//! verified), written to `papers/results/sync_signed.json` with the per-version signing cost;
+//! automerge is left out (its figures do not change).
 //! `--quick` (or `FEEDMESH_BENCH_QUICK=1`) stops at n = 10^4. automerge runs up to n = 10^5: its
 //! document of 10^6 one-change items takes too long to build on 2 cores.
 
@@ -17,7 +20,9 @@ use std::time::Instant;
 
 use automerge::sync as am_sync;
 use automerge::Automerge;
-use benches::sync_workload::{am_diverge, am_doc, am_session, diverge, replica, session};
+use benches::sync_workload::{
+    am_diverge, am_doc, am_session, device_key, diverge, diverge_signed, replica, replica_signed, session,
+};
 use engine::replica::Replica;
 use engine::sync::Retained;
 use serde_json::{json, Value};
@@ -53,7 +58,7 @@ fn lower_bound(d: usize) -> f64 {
     d * (64.0 - d.log2() + 1.44) / 8.0
 }
 
-fn feedmesh_cell(base_replica: &Replica, d: usize, two_sided: bool, retained: bool) -> Value {
+fn feedmesh_cell(base_replica: &Replica, d: usize, two_sided: bool, retained: bool, signed: bool) -> Value {
     // Both sides start as clones of one replica (payloads shared, as in a simulator).
     let mut a = base_replica.clone();
     let mut b = base_replica.clone();
@@ -62,8 +67,13 @@ fn feedmesh_cell(base_replica: &Replica, d: usize, two_sided: bool, retained: bo
         keep = measured(&mut a, &mut b, Retained::default()).retained;
     }
     let (da, db) = if two_sided { (d.div_ceil(2), d / 2) } else { (d, 0) };
-    diverge(&mut a, "a", da);
-    diverge(&mut b, "b", db);
+    if signed {
+        diverge_signed(&mut a, &device_key(1), "a", da);
+        diverge_signed(&mut b, &device_key(2), "b", db);
+    } else {
+        diverge(&mut a, "a", da);
+        diverge(&mut b, "b", db);
+    }
     let m = measured(&mut a, &mut b, keep);
     let beyond = m.bytes - m.payload;
     json!({
@@ -125,11 +135,13 @@ fn automerge_cell(doc: &Automerge, d: usize, two_sided: bool, retained: bool) ->
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick") || std::env::var_os("FEEDMESH_BENCH_QUICK").is_some();
+    let signed = args.iter().any(|a| a == "--signed");
+    let default_out = if signed { "papers/results/sync_signed.json" } else { "papers/results/sync.json" };
     let out = args
         .iter()
         .position(|a| a == "--out")
         .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| "papers/results/sync.json".to_string());
+        .unwrap_or_else(|| default_out.to_string());
     let sizes: Vec<usize> = match args.iter().position(|a| a == "--sizes").and_then(|i| args.get(i + 1)) {
         Some(list) => list.split(',').filter_map(|s| s.parse().ok()).collect(),
         None if quick => vec![1_000, 10_000],
@@ -139,12 +151,12 @@ fn main() -> anyhow::Result<()> {
     let mut cells: Vec<Value> = Vec::new();
     for &n in &sizes {
         eprintln!("sync sweep: n = {n}: building replicas");
-        let replica = replica(n);
-        let am = (n <= 100_000).then(|| am_doc(n));
+        let replica = if signed { replica_signed(n, &device_key(0)) } else { replica(n) };
+        let am = (n <= 100_000 && !signed).then(|| am_doc(n));
         for &d in &diffs {
             for two_sided in [false, true] {
                 for retained in [false, true] {
-                    let feedmesh = feedmesh_cell(&replica, d, two_sided, retained);
+                    let feedmesh = feedmesh_cell(&replica, d, two_sided, retained, signed);
                     let automerge = am.as_ref().map(|doc| automerge_cell(doc, d, two_sided, retained));
                     let mut cell: BTreeMap<&str, Value> = BTreeMap::new();
                     cell.insert("n", json!(n));
@@ -170,15 +182,60 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let doc = json!({
-        "benchmark": "sync",
+    let mut doc = json!({
+        "benchmark": if signed { "sync_signed" } else { "sync" },
         "workload": "n shared items; d differences, one-sided (A has d new items) or two-sided (A ceil(d/2), B floor(d/2)); fresh or retained sync state (a first session synced the shared items). automerge: one change per item (a map under ROOT), the same differences as changes, sync::State fresh or kept.",
         "definitions": "round trip = a message and its answer; bytes = all session messages both ways as encoded for the wire; payload = encoded differing item versions (automerge: raw bytes of the differing changes); lower bound = d(64 - log2 d + 1.44)/8 bytes.",
         "omitted": "automerge at n = 10^6: building a document of 10^6 one-change items takes too long on 2 cores.",
         "command": "cargo run --release -p feedmesh-benches --bin sync_sweep",
         "cells": cells,
     });
+    if signed {
+        doc["command"] = json!("cargo run --release -p feedmesh-benches --bin sync_sweep -- --signed");
+        doc["signing"] = signing_cost();
+    }
     std::fs::write(&out, serde_json::to_string_pretty(&doc)? + "\n")?;
     eprintln!("sync sweep: wrote {out}");
     Ok(())
+}
+
+/// Sign and verify time per version and bytes added per version (wire and FeedSync XML), on the
+/// sweep's item shape, measured over 2,000 versions.
+fn signing_cost() -> Value {
+    use engine::signing::{sign_version, verify_version};
+    let n = 2_000;
+    let plain = replica(n);
+    let key = device_key(0);
+    let signed = replica_signed(n, &key);
+    let versions: Vec<_> = signed.items().map(|i| i.version.clone()).collect();
+    let start = Instant::now();
+    let mut sigs = 0usize;
+    for v in &versions {
+        sigs += sign_version(v, &key).bytes()[0] as usize;
+    }
+    let sign_ns = start.elapsed().as_nanos() as f64 / n as f64;
+    let start = Instant::now();
+    let ok = versions.iter().filter(|v| verify_version(v).is_ok()).count();
+    let verify_ns = start.elapsed().as_nanos() as f64 / n as f64;
+    assert_eq!(ok, n, "every signed version verifies");
+    let wire = |r: &Replica| -> usize {
+        r.items().map(|i| engine::wire::encoded_len(&engine::wire::to_wire(i))).sum()
+    };
+    let xml = |r: &Replica| -> usize {
+        let mut feed = engine::feedsync::Feed::new(engine::feedsync::Dialect::Rss);
+        for item in r.items() {
+            let _ = feed.put((**item).clone());
+        }
+        engine::feedsync::write_feed(&feed).len()
+    };
+    std::hint::black_box(sigs);
+    json!({
+        "versions": n,
+        "sign_us_per_version": (sign_ns / 100.0).round() / 10.0,
+        "verify_us_per_version": (verify_ns / 100.0).round() / 10.0,
+        "wire_bytes_unsigned_per_version": wire(&plain) as f64 / n as f64,
+        "wire_bytes_signed_per_version": wire(&signed) as f64 / n as f64,
+        "xml_bytes_added_per_version": (xml(&signed) as f64 - xml(&plain) as f64) / n as f64,
+        "note": "signed endpoints are 64 hex digits (the device key) where the unsigned workload writes 'origin', so wire bytes added = 64 (signature) + 1 (option tag) + 58 (longer endpoint); the sweep's difference items are made by the same devices.",
+    })
 }

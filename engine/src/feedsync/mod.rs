@@ -62,4 +62,7 @@ pub enum FeedsyncError {
     TooManyItems,
     #[error("cannot merge a {incoming} feed into a {local} feed")]
     DialectMismatch { local: Dialect, incoming: Dialect },
+    /// A signed replica refused a version (see [`crate::signing`]).
+    #[error(transparent)]
+    Signature(#[from] crate::signing::SignatureError),
 }

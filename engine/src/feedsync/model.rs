@@ -331,10 +331,15 @@ pub struct Version {
     /// Topmost (most recent) first. Never empty.
     pub history: Arc<[HistoryEntry]>,
     pub content: Arc<Content>,
+    /// The signature of the device named in the topmost entry (signed mode; see
+    /// [`crate::signing`]). Not part of the version's identity: equality, the winner rule and the
+    /// canonical encoding ignore it. Any change to the version drops it.
+    pub signature: Option<crate::signing::VersionSignature>,
 }
 
 impl PartialEq for Version {
-    /// Same version: same `sx:sync` (id, updates, flags, history) and same content.
+    /// Same version: same `sx:sync` (id, updates, flags, history) and same content (the
+    /// signature is an attestation of the version, not part of it).
     fn eq(&self, other: &Self) -> bool {
         self.updates == other.updates
             && self.deleted == other.deleted

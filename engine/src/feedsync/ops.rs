@@ -30,6 +30,7 @@ impl Item {
             noconflicts,
             history: Arc::from(vec![entry]),
             content,
+            signature: None,
         })
     }
 
@@ -87,6 +88,7 @@ impl Item {
             noconflicts: current.noconflicts,
             history: Arc::from(history),
             content: edit.content.clone().unwrap_or_else(|| current.content.clone()),
+            signature: None,
         };
         // The winner has the greatest `updates` of its item, so ours (one more) beats every
         // conflict; the conflicts keep their best-first order.
@@ -97,7 +99,12 @@ impl Item {
 
     /// Sparse purge of the item and of each of its conflicts.
     pub fn purged(&self) -> Item {
-        let purge = |v: &Version| Version { history: Arc::from(sparse_purge(&v.history)), ..v.clone() };
+        // A purged version is another version: its signature (if any) no longer holds.
+        let purge = |v: &Version| Version {
+            history: Arc::from(sparse_purge(&v.history)),
+            signature: None,
+            ..v.clone()
+        };
         Item { version: purge(&self.version), conflicts: self.conflicts.iter().map(purge).collect() }
     }
 }

@@ -12,6 +12,10 @@ pub use write::write_feed;
 pub const FEEDSYNC_NS: &str = "http://feedsync.org/2007/feedsync";
 /// The older Simple Sharing Extensions namespace, read as an alias of [`FEEDSYNC_NS`].
 pub const SSE_NS: &str = "http://www.microsoft.com/schemas/rss/sse";
+/// feedmesh's extension namespace for version signatures: `<fms:signature>` inside `sx:sync`,
+/// 128 hex digits of the ed25519 signature of the version (see `crate::signing`). Readers that do
+/// not know it ignore it (FeedSync allows extension elements).
+pub const SIGNATURE_NS: &str = "urn:feedmesh:signature:1";
 /// The Atom 1.0 namespace.
 pub const ATOM_NS: &str = "http://www.w3.org/2005/Atom";
 
@@ -81,4 +85,6 @@ pub enum ProblemKind {
     RelatedType(String),
     #[error("{0}")]
     Model(String),
+    #[error("fms:signature {0:?} is not 128 lowercase hex digits")]
+    Signature(String),
 }

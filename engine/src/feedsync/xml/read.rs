@@ -17,7 +17,7 @@ use super::super::model::{
     Content, Dialect, Endpoint, Envelope, Feed, HistoryEntry, Item, ItemId, NsScope, PlainItem, Related,
     RelatedKind, Sharing, Version, When,
 };
-use super::{Problem, ProblemKind, ReadError, ATOM_NS, FEEDSYNC_NS, SSE_NS};
+use super::{Problem, ProblemKind, ReadError, ATOM_NS, FEEDSYNC_NS, SIGNATURE_NS, SSE_NS};
 
 type Reader<'i> = NsReader<&'i [u8]>;
 
@@ -27,6 +27,8 @@ enum Ns {
     None,
     Atom,
     Sx,
+    /// feedmesh's signature extension.
+    Sig,
     Other,
 }
 
@@ -36,6 +38,7 @@ fn ns_of(result: &ResolveResult<'_>) -> Ns {
         ResolveResult::Bound(Namespace(uri)) => match *uri {
             ATOM_NS => Ns::Atom,
             FEEDSYNC_NS | SSE_NS => Ns::Sx,
+            SIGNATURE_NS => Ns::Sig,
             _ => Ns::Other,
         },
         ResolveResult::Unknown(_) => Ns::Other,
@@ -124,6 +127,39 @@ impl<'i> Parser<'i> {
                 offset: reader.error_position().max(offset),
                 kind: ProblemKind::Malformed(err.to_string()),
             }),
+        }
+    }
+
+    /// The text of the element whose start tag was just read, up to its end tag; a child element
+    /// is malformed here. At most 256 bytes (a signature is 128).
+    fn text_only(&self, reader: &mut Reader<'i>) -> Result<String, Stop> {
+        let mut text = String::new();
+        loop {
+            let offset = reader.buffer_position();
+            let (_, event) = self.next(reader)?;
+            match event {
+                Event::Text(t) => {
+                    // Hex digits need no unescaping; anything else fails the hex check.
+                    text.push_str(&t.into_inner());
+                }
+                Event::End(_) => return Ok(text),
+                Event::Comment(_) => {}
+                Event::Eof => {
+                    return Err(Stop {
+                        offset,
+                        kind: ProblemKind::Malformed("unexpected end of document".into()),
+                    })
+                }
+                _ => {
+                    return Err(Stop {
+                        offset,
+                        kind: ProblemKind::Signature("an element inside fms:signature".into()),
+                    })
+                }
+            }
+            if text.len() > 256 {
+                return Err(Stop { offset, kind: ProblemKind::Signature(clip(&text)) });
+            }
         }
     }
 
@@ -573,6 +609,7 @@ impl<'i> Parser<'i> {
         let mut history: Vec<HistoryEntry> = Vec::new();
         let mut history_seen = false;
         let mut conflicts: Vec<Version> = Vec::new();
+        let mut signature: Option<crate::signing::VersionSignature> = None;
         if !empty {
             loop {
                 let at = reader.buffer_position();
@@ -612,6 +649,18 @@ impl<'i> Parser<'i> {
                             self.conflicts(reader, item_ns, item_local, scope, &mut conflicts, &mut ok)?;
                         }
                     }
+                    Event::Start(child) | Event::Empty(child)
+                        if ns == Ns::Sig && child.local_name().as_ref() == "signature" =>
+                    {
+                        let text = if child_empty { String::new() } else { self.text_only(reader)? };
+                        match crate::signing::VersionSignature::from_hex(&text) {
+                            Some(sig) if signature.is_none() => signature = Some(sig),
+                            _ => {
+                                self.problem(at, ProblemKind::Signature(clip(&text)))?;
+                                ok = false;
+                            }
+                        }
+                    }
                     Event::Start(_) => {
                         // Other extension elements inside sx:sync are not part of this profile.
                         self.skip(reader)?;
@@ -644,6 +693,7 @@ impl<'i> Parser<'i> {
                         noconflicts,
                         history: Arc::from(history),
                         content: Arc::new(Content::empty()),
+                        signature,
                     })
                 }
             }

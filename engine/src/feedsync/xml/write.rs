@@ -180,6 +180,14 @@ fn write_sync(
         }
         out.push_str("/>\n");
     }
+    if let Some(signature) = &version.signature {
+        let _ = writeln!(
+            out,
+            "{indent}  <fms:signature xmlns:fms=\"{}\">{}</fms:signature>",
+            super::SIGNATURE_NS,
+            signature.to_hex()
+        );
+    }
     let mark = out.len();
     let _ = writeln!(out, "{indent}  <{sx}:conflicts>");
     let body = out.len();

@@ -1,0 +1,485 @@
+//! The authorized session: a layer above [`Session`] that lets feed data move only between devices
+//! the rule allows. Sans-IO, same shape as `Session` (`handle_message`, `handle_timeout`,
+//! `poll_transmit`, `poll_timeout`), same wire envelope (so `wire::peek` routes it).
+//!
+//! With [`Policy::Open`] it is a plain `Session` (what existing callers get). With
+//! [`Policy::Directory`]:
+//!
+//! ```text
+//! I -> R  DirHello { folder, I's ticket, I's directory heads }
+//! R -> I  DirSync  { R's ticket, R's heads, directory changes I lacks }     (R checked I's ticket)
+//! I -> R  DirDone  { directory changes R lacks }, then the feed Session's Hello ...
+//!                                                 (I checked R's ticket, caught up, authorized R)
+//!         R catches up, authorizes I, and only then answers feed messages.
+//! ```
+//!
+//! Each side checks the peer's ticket (signature, window with skew, channel binding, folder) and,
+//! after catching its directory up with the peer's, its own verified directory
+//! ([`Directory::may_sync`]); so a removal known to either side takes effect before any feed data
+//! moves. A refusal sends `Refused { reason }` and ends the session with
+//! `Outcome::Failed(SyncError::Refused(..))`; feed messages that arrive before authorization are
+//! dropped unread, so nothing from an unauthorized peer reaches a replica.
+
+use std::collections::VecDeque;
+
+use crate::directory::{DirError, Directory, FolderId, Heads, SignedChange, DEPS_MAX};
+use crate::replica::Replica;
+use crate::signing::DeviceId;
+use crate::sync::{Config, Micros, Outcome, Retained, Session, Stats, SyncError};
+use crate::ticket::{ChannelKey, CloudId, Ticket, TicketError};
+use crate::wire::{self, Body, Message, WIRE_VERSION};
+
+/// Why a session was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("peer ticket: {0}")]
+    Ticket(TicketError),
+    #[error("peer's directory changes: {0}")]
+    Directory(DirError),
+    #[error("directory catch-up did not fit in one message; sync again")]
+    DirectoryBehind,
+    #[error("folder {folder} is not in the directory")]
+    UnknownFolder { folder: FolderId },
+    #[error("device {device} is not an active device in the directory")]
+    DeviceNotActive { device: DeviceId },
+    #[error("folder is not mapped on device {device}")]
+    NotMapped { device: DeviceId },
+    #[error("the user of device {device} is not an active member of the folder")]
+    NotMember { device: DeviceId },
+    #[error("peer sent {0}")]
+    Protocol(&'static str),
+    #[error("peer refused: {0}")]
+    Peer(String),
+}
+
+/// What a device presents and trusts: its id and current ticket, and the cloud's ticket key.
+#[derive(Clone, Debug)]
+pub struct Credentials {
+    pub device: DeviceId,
+    pub ticket: Ticket,
+    pub cloud: CloudId,
+}
+
+/// Whether sessions are authorized.
+#[derive(Clone, Debug)]
+pub enum Policy {
+    /// No tickets, no directory: a plain [`Session`].
+    Open,
+    /// Tickets and the verified directory, as in the module docs.
+    Directory(Box<Credentials>),
+}
+
+/// Counters of the directory phase.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirStats {
+    pub messages_sent: u64,
+    pub bytes_sent: u64,
+    pub changes_sent: u64,
+    pub changes_received: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Initiator,
+    Responder,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Exchanging tickets and directory changes.
+    Directory,
+    /// Authorized: the feed session runs.
+    Feed,
+    /// Refused or failed.
+    Over,
+}
+
+/// One authorized sync session for one folder with one peer.
+#[derive(Debug)]
+pub struct AuthSession {
+    role: Role,
+    id: u64,
+    cfg: Config,
+    policy: Policy,
+    peer: ChannelKey,
+    folder: Option<FolderId>,
+    peer_device: Option<DeviceId>,
+    retained: Retained,
+    phase: Phase,
+    inner: Option<Session>,
+    transmit: VecDeque<Vec<u8>>,
+    /// My last directory-phase message, for retransmission and duplicate answers.
+    last_dir: Option<Vec<u8>>,
+    deadline: Option<Micros>,
+    retries: u32,
+    /// Initiator: a feed message came back, so the responder has my `DirDone`.
+    feed_heard: bool,
+    outcome: Option<Outcome>,
+    dir_stats: DirStats,
+}
+
+impl AuthSession {
+    fn new(role: Role, id: u64, cfg: Config, policy: Policy, peer: ChannelKey) -> Self {
+        Self {
+            role,
+            id,
+            cfg,
+            policy,
+            peer,
+            folder: None,
+            peer_device: None,
+            retained: Retained::default(),
+            phase: Phase::Directory,
+            inner: None,
+            transmit: VecDeque::new(),
+            last_dir: None,
+            deadline: None,
+            retries: 0,
+            feed_heard: false,
+            outcome: None,
+            dir_stats: DirStats::default(),
+        }
+    }
+
+    /// Starts a session for `folder` with the peer whose channel key the transport authenticated
+    /// as `peer`. `replica` is this device's replica of `folder`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn initiate(
+        id: u64,
+        now: Micros,
+        folder: FolderId,
+        policy: Policy,
+        peer: ChannelKey,
+        directory: &Directory,
+        replica: &Replica,
+        cfg: Config,
+        retained: Retained,
+    ) -> Self {
+        let mut s = Self::new(Role::Initiator, id, cfg, policy, peer);
+        s.folder = Some(folder);
+        s.retained = retained;
+        match &s.policy {
+            Policy::Open => s.start_feed(now, replica),
+            Policy::Directory(creds) => {
+                let body = Body::DirHello {
+                    folder,
+                    ticket: creds.ticket.clone(),
+                    heads: directory.heads().into_iter().collect(),
+                };
+                s.send_dir(now, 0, body);
+            }
+        }
+        s
+    }
+
+    /// A responder, made when the first message of a new session arrives (then pass it to
+    /// [`AuthSession::handle_message`] with the replica of [`AuthSession::folder_of`]).
+    pub fn respond(id: u64, policy: Policy, peer: ChannelKey, replica: &Replica, cfg: Config) -> Self {
+        let mut s = Self::new(Role::Responder, id, cfg, policy, peer);
+        if matches!(s.policy, Policy::Open) {
+            s.inner = Some(Session::respond(id, replica, s.cfg.clone()));
+            s.phase = Phase::Feed;
+        }
+        s
+    }
+
+    /// The folder a `DirHello` asks for (to pick the replica for a new responder).
+    pub fn folder_of(bytes: &[u8], max_bytes: usize) -> Option<FolderId> {
+        match wire::decode(bytes, max_bytes).ok()?.body {
+            Body::DirHello { folder, .. } => Some(folder),
+            _ => None,
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The folder (the responder learns it from `DirHello`).
+    pub fn folder(&self) -> Option<FolderId> {
+        self.folder
+    }
+
+    /// The peer's device as its verified ticket names it.
+    pub fn peer_device(&self) -> Option<DeviceId> {
+        self.peer_device
+    }
+
+    /// Whether feed data may move (the peer passed every check).
+    pub fn authorized(&self) -> bool {
+        self.phase == Phase::Feed
+    }
+
+    pub fn outcome(&self) -> Outcome {
+        if let Some(outcome) = &self.outcome {
+            return outcome.clone();
+        }
+        match &self.inner {
+            Some(inner) => inner.outcome().clone(),
+            None => Outcome::Running,
+        }
+    }
+
+    /// The feed session's counters (zero before authorization).
+    pub fn stats(&self) -> Stats {
+        self.inner.as_ref().map(|i| i.stats()).unwrap_or_default()
+    }
+
+    pub fn dir_stats(&self) -> DirStats {
+        self.dir_stats
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.transmit.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Micros> {
+        match self.phase {
+            Phase::Directory => self.deadline,
+            Phase::Feed => self.inner.as_ref().and_then(|i| i.poll_timeout()),
+            Phase::Over => None,
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Micros) {
+        match self.phase {
+            Phase::Over => {}
+            Phase::Directory => {
+                let Some(deadline) = self.deadline else { return };
+                if now < deadline {
+                    return;
+                }
+                if self.retries >= self.cfg.max_retries {
+                    self.phase = Phase::Over;
+                    self.outcome = Some(Outcome::Failed(SyncError::Timeout(self.retries)));
+                    return;
+                }
+                self.retries += 1;
+                if let Some(last) = self.last_dir.clone() {
+                    self.transmit.push_back(last);
+                }
+                let backoff =
+                    (self.cfg.rto_us << self.retries.min(16)).min(self.cfg.rto_max_us.max(self.cfg.rto_us));
+                self.deadline = Some(now + backoff);
+            }
+            Phase::Feed => {
+                let Some(inner) = self.inner.as_mut() else { return };
+                inner.handle_timeout(now);
+                let resent = self.drain_inner();
+                // The responder may not have my DirDone: it answers no feed message without it.
+                if resent && self.role == Role::Initiator && !self.feed_heard {
+                    if let Some(last) = self.last_dir.clone() {
+                        self.transmit.push_front(last);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles a message from the peer. Errors are returned for undecodable or refused input;
+    /// the replica changes only through the feed session, after authorization.
+    pub fn handle_message(
+        &mut self,
+        now: Micros,
+        directory: &mut Directory,
+        replica: &mut Replica,
+        bytes: &[u8],
+    ) -> Result<(), SyncError> {
+        if self.phase == Phase::Over {
+            return Ok(());
+        }
+        let kind = wire::peek(bytes).map(|(_, _, kind)| kind);
+        let directory_kind = matches!(kind, Some("DirHello" | "DirSync" | "DirDone" | "Refused"));
+        if !directory_kind {
+            if self.phase != Phase::Feed {
+                // Not authorized yet (or never): feed data is dropped unread.
+                return Ok(());
+            }
+            let Some(inner) = self.inner.as_mut() else { return Ok(()) };
+            let result = inner.handle_message(now, replica, bytes);
+            if self.role == Role::Initiator && result.is_ok() {
+                self.feed_heard = true;
+            }
+            self.drain_inner();
+            return result;
+        }
+        let message = wire::decode(bytes, self.cfg.max_message_bytes)?;
+        if message.session != self.id || message.version != WIRE_VERSION {
+            return Ok(());
+        }
+        let creds = match &self.policy {
+            Policy::Directory(creds) => creds.clone(),
+            Policy::Open => return Ok(()),
+        };
+        match (self.role, message.body) {
+            (_, Body::Refused { reason }) => {
+                let refusal = Refusal::Peer(reason.chars().take(512).collect());
+                self.phase = Phase::Over;
+                self.outcome = Some(Outcome::Failed(SyncError::Refused(refusal.clone())));
+                Err(SyncError::Refused(refusal))
+            }
+            (Role::Responder, Body::DirHello { folder, ticket, heads }) => {
+                if self.last_dir.is_some() {
+                    if self.phase == Phase::Directory {
+                        self.resend_last();
+                    }
+                    return Ok(());
+                }
+                self.folder = Some(folder);
+                let result = (|| {
+                    let body = ticket
+                        .verify_for_folder(&creds.cloud, now, &self.peer, &folder)
+                        .map_err(Refusal::Ticket)?
+                        .clone();
+                    self.peer_device = Some(body.device);
+                    heads_of(&heads)
+                })();
+                match result {
+                    Ok(heads) => {
+                        let mine: Vec<(DeviceId, u32)> = directory.heads().into_iter().collect();
+                        let reserve = wire::encoded_len(&creds.ticket) + wire::encoded_len(&mine);
+                        let (changes, complete) = self.budgeted(directory.missing_for(&heads), reserve);
+                        self.dir_stats.changes_sent += changes.len() as u64;
+                        let ticket = creds.ticket.clone();
+                        self.send_dir(now, 1, Body::DirSync { ticket, heads: mine, changes, complete });
+                        Ok(())
+                    }
+                    Err(refusal) => self.refuse(now, refusal),
+                }
+            }
+            (Role::Initiator, Body::DirSync { ticket, heads, changes, complete }) => {
+                if self.phase == Phase::Feed {
+                    // My DirDone was lost.
+                    self.resend_last();
+                    return Ok(());
+                }
+                let result = (|| {
+                    let folder = self.folder.ok_or(Refusal::Protocol("DirSync before DirHello"))?;
+                    let body = ticket
+                        .verify_for_folder(&creds.cloud, now, &self.peer, &folder)
+                        .map_err(Refusal::Ticket)?
+                        .clone();
+                    self.peer_device = Some(body.device);
+                    self.dir_stats.changes_received += changes.len() as u64;
+                    directory.apply(&changes).map_err(Refusal::Directory)?;
+                    if !complete {
+                        return Err(Refusal::DirectoryBehind);
+                    }
+                    directory.may_sync(&folder, &creds.device, &body.device)?;
+                    replica.set_signers(Some(directory.signers(&folder)));
+                    let heads = heads_of(&heads)?;
+                    Ok(self.budgeted(directory.missing_for(&heads), 0))
+                })();
+                match result {
+                    Ok((changes, complete)) => {
+                        self.dir_stats.changes_sent += changes.len() as u64;
+                        self.send_dir(now, 2, Body::DirDone { changes, complete });
+                        self.start_feed(now, replica);
+                        Ok(())
+                    }
+                    Err(refusal) => self.refuse(now, refusal),
+                }
+            }
+            (Role::Responder, Body::DirDone { changes, complete }) => {
+                if self.phase == Phase::Feed || self.last_dir.is_none() {
+                    return Ok(());
+                }
+                let result = (|| {
+                    let folder = self.folder.ok_or(Refusal::Protocol("DirDone before DirHello"))?;
+                    let peer = self.peer_device.ok_or(Refusal::Protocol("DirDone before DirHello"))?;
+                    self.dir_stats.changes_received += changes.len() as u64;
+                    directory.apply(&changes).map_err(Refusal::Directory)?;
+                    if !complete {
+                        return Err(Refusal::DirectoryBehind);
+                    }
+                    directory.may_sync(&folder, &creds.device, &peer)?;
+                    replica.set_signers(Some(directory.signers(&folder)));
+                    Ok(())
+                })();
+                match result {
+                    Ok(()) => {
+                        self.start_feed(now, replica);
+                        Ok(())
+                    }
+                    Err(refusal) => self.refuse(now, refusal),
+                }
+            }
+            // Out-of-turn directory messages (duplicates, a confused peer) are ignored.
+            _ => Ok(()),
+        }
+    }
+
+    fn start_feed(&mut self, now: Micros, replica: &Replica) {
+        let inner = match self.role {
+            Role::Initiator => Session::initiate(self.id, now, replica, self.cfg.clone(), self.retained),
+            Role::Responder => Session::respond(self.id, replica, self.cfg.clone()),
+        };
+        self.inner = Some(inner);
+        self.phase = Phase::Feed;
+        self.deadline = None;
+        self.drain_inner();
+    }
+
+    /// Moves the feed session's messages to my queue; whether there were any.
+    fn drain_inner(&mut self) -> bool {
+        let Some(inner) = self.inner.as_mut() else { return false };
+        let mut any = false;
+        while let Some(bytes) = inner.poll_transmit() {
+            self.transmit.push_back(bytes);
+            any = true;
+        }
+        any
+    }
+
+    fn resend_last(&mut self) {
+        if let Some(last) = self.last_dir.clone() {
+            self.dir_stats.messages_sent += 1;
+            self.dir_stats.bytes_sent += last.len() as u64;
+            self.transmit.push_back(last);
+        }
+    }
+
+    fn send_dir(&mut self, now: Micros, step: u32, body: Body) {
+        let bytes = wire::encode(&Message { version: WIRE_VERSION, session: self.id, step, body });
+        self.dir_stats.messages_sent += 1;
+        self.dir_stats.bytes_sent += bytes.len() as u64;
+        self.transmit.push_back(bytes.clone());
+        self.last_dir = Some(bytes);
+        self.retries = 0;
+        self.deadline = Some(now + self.cfg.rto_us);
+    }
+
+    fn refuse(&mut self, now: Micros, refusal: Refusal) -> Result<(), SyncError> {
+        let reason = refusal.to_string();
+        self.send_dir(now, 3, Body::Refused { reason });
+        self.phase = Phase::Over;
+        self.deadline = None;
+        self.outcome = Some(Outcome::Failed(SyncError::Refused(refusal.clone())));
+        Err(SyncError::Refused(refusal))
+    }
+
+    /// A causal prefix of `changes` that fits one message beside `reserve` bytes of other
+    /// fields; whether it is all of them.
+    fn budgeted(&self, changes: Vec<SignedChange>, reserve: usize) -> (Vec<SignedChange>, bool) {
+        let mut budget = self.cfg.max_message_bytes.saturating_sub(256 + reserve);
+        let total = changes.len();
+        let mut out = Vec::new();
+        for change in changes {
+            let len = wire::encoded_len(&change);
+            if len > budget || out.len() >= crate::directory::CHANGES_PER_BATCH_MAX {
+                break;
+            }
+            budget -= len;
+            out.push(change);
+        }
+        let complete = out.len() == total;
+        (out, complete)
+    }
+}
+
+fn heads_of(heads: &[(DeviceId, u32)]) -> Result<Heads, Refusal> {
+    if heads.len() > DEPS_MAX {
+        return Err(Refusal::Protocol("too many directory heads"));
+    }
+    Ok(heads.iter().copied().collect())
+}

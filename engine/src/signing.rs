@@ -1,0 +1,242 @@
+//! Device keys and signed versions. A device id is an ed25519 public key; in signed mode the
+//! endpoint (`sx:history/@by`) of a device is the lowercase hex of that key, and every version
+//! carries the signature of the device named in its topmost history entry over
+//! `VERSION_SIGNATURE_DOMAIN || canonical encoding` (`feedsync::canonical`).
+//!
+//! Keys come from the caller (`SigningKey::from_bytes(seed)`): the engine never draws randomness.
+//! Verification is `verify_strict` (no small-order keys, canonical `S`), so a signature cannot be
+//! malleated into a second valid one by anyone but the key holder.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::Arc;
+
+use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+use crate::feedsync::{encode_version_into, Endpoint, Item, ItemId, Version};
+
+pub use ed25519_dalek::SigningKey as DeviceKey;
+
+/// What every version signature covers before the canonical encoding (domain separation).
+pub const VERSION_SIGNATURE_DOMAIN: &[u8] = b"feedmesh/version-signature/v1\0";
+
+/// A device id: its ed25519 public key (32 bytes).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct DeviceId(pub [u8; 32]);
+
+impl DeviceId {
+    pub fn of(key: &SigningKey) -> Self {
+        Self(key.verifying_key().to_bytes())
+    }
+
+    /// The endpoint this device writes in `sx:history/@by`: 64 lowercase hex digits.
+    pub fn endpoint(&self) -> Endpoint {
+        // 64 hex digits are a valid endpoint (non-empty, far below the length limit).
+        Endpoint::new(&hex(&self.0)).expect("hex of 32 bytes is a valid endpoint")
+    }
+
+    /// The device an endpoint names, when it is 64 lowercase hex digits.
+    pub fn from_endpoint(endpoint: &Endpoint) -> Option<Self> {
+        let bytes = unhex(endpoint.as_str())?;
+        Some(Self(bytes.try_into().ok()?))
+    }
+
+    /// The ed25519 key; fails for bytes that are not a valid point.
+    pub fn verifying_key(&self) -> Result<VerifyingKey, SignatureError> {
+        VerifyingKey::from_bytes(&self.0).map_err(|_| SignatureError::BadKey { device: *self })
+    }
+
+    /// Verifies `signature` by this device over `domain || message` (strict ed25519).
+    pub fn verify(&self, domain: &[u8], message: &[u8], signature: &Sig64) -> Result<(), SignatureError> {
+        let key = self.verifying_key()?;
+        let mut bytes = Vec::with_capacity(domain.len() + message.len());
+        bytes.extend_from_slice(domain);
+        bytes.extend_from_slice(message);
+        let sig = ed25519_dalek::Signature::from_bytes(&signature.0);
+        key.verify_strict(&bytes, &sig).map_err(|_| SignatureError::Invalid { device: *self })
+    }
+}
+
+impl fmt::Debug for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "dev:{}", &hex(&self.0[..6]))
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Signs `domain || message` with `key`.
+pub fn sign(key: &SigningKey, domain: &[u8], message: &[u8]) -> Sig64 {
+    let mut bytes = Vec::with_capacity(domain.len() + message.len());
+    bytes.extend_from_slice(domain);
+    bytes.extend_from_slice(message);
+    Sig64(key.sign(&bytes).to_bytes())
+}
+
+/// A 64-byte ed25519 signature; on the wire a length-prefixed byte string that must be 64 long.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Sig64(pub [u8; 64]);
+
+impl fmt::Debug for Sig64 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sig:{}", hex(&self.0[..6]))
+    }
+}
+
+impl Serialize for Sig64 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Sig64 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Sig64;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("64 bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Sig64, E> {
+                let bytes: [u8; 64] = v.try_into().map_err(|_| E::invalid_length(v.len(), &self))?;
+                Ok(Sig64(bytes))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Sig64, A::Error> {
+                let mut bytes = [0u8; 64];
+                for (i, slot) in bytes.iter_mut().enumerate() {
+                    *slot = seq.next_element()?.ok_or_else(|| serde::de::Error::invalid_length(i, &self))?;
+                }
+                if seq.next_element::<u8>()?.is_some() {
+                    return Err(serde::de::Error::invalid_length(65, &self));
+                }
+                Ok(Sig64(bytes))
+            }
+        }
+        d.deserialize_bytes(Visit)
+    }
+}
+
+/// The signature a version carries (shared, so cloning a version copies no payload). It is an
+/// attestation, not part of the version's identity: version equality, the winner rule, the
+/// canonical encoding and fingerprints ignore it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct VersionSignature(pub Arc<Sig64>);
+
+impl VersionSignature {
+    pub fn bytes(&self) -> &[u8; 64] {
+        &self.0 .0
+    }
+
+    /// 128 lowercase hex digits (how the FeedSync extension element writes it).
+    pub fn to_hex(&self) -> String {
+        hex(self.bytes())
+    }
+
+    pub fn from_hex(text: &str) -> Option<Self> {
+        let bytes: [u8; 64] = unhex(text.trim())?.try_into().ok()?;
+        Some(Self(Arc::new(Sig64(bytes))))
+    }
+}
+
+impl fmt::Debug for VersionSignature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+/// Why a signed item or change is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    #[error("item {id}: version carries no signature")]
+    Missing { id: ItemId },
+    #[error("item {id}: topmost history entry names no device (its `by` is not a device key)")]
+    NoSigner { id: ItemId },
+    #[error("device {device}: not a valid ed25519 public key")]
+    BadKey { device: DeviceId },
+    #[error("signature by {device} does not verify")]
+    Invalid { device: DeviceId },
+    #[error("item {id}: signed by {device}, which may not write this feed")]
+    NotAllowed { id: ItemId, device: DeviceId },
+    #[error("a signed replica makes only signed local changes")]
+    LocalUnsigned,
+}
+
+fn version_message(version: &Version) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(128 + version.content.inner.len());
+    encode_version_into(version, &mut bytes);
+    bytes
+}
+
+/// The signature of `version` by `key` (the caller makes sure `key` is the topmost `by`).
+pub fn sign_version(version: &Version, key: &SigningKey) -> VersionSignature {
+    VersionSignature(Arc::new(sign(key, VERSION_SIGNATURE_DOMAIN, &version_message(version))))
+}
+
+/// Checks a version's signature; returns the signing device.
+pub fn verify_version(version: &Version) -> Result<DeviceId, SignatureError> {
+    let device = version
+        .topmost()
+        .by
+        .as_ref()
+        .and_then(DeviceId::from_endpoint)
+        .ok_or_else(|| SignatureError::NoSigner { id: version.id.clone() })?;
+    let signature =
+        version.signature.as_ref().ok_or_else(|| SignatureError::Missing { id: version.id.clone() })?;
+    device.verify(VERSION_SIGNATURE_DOMAIN, &version_message(version), &signature.0)?;
+    Ok(device)
+}
+
+/// Checks every version of `item` (winner and conflicts), skipping those equal (with the same
+/// signature) to a version of `known`, which were checked when they arrived. With `signers`,
+/// each signing device must be in the set.
+pub fn verify_item(
+    item: &Item,
+    known: Option<&Item>,
+    signers: Option<&BTreeSet<DeviceId>>,
+) -> Result<(), SignatureError> {
+    for version in std::iter::once(&item.version).chain(item.conflicts.iter()) {
+        let seen = known.is_some_and(|k| {
+            std::iter::once(&k.version)
+                .chain(k.conflicts.iter())
+                .any(|v| v == version && v.signature.is_some() && v.signature == version.signature)
+        });
+        if seen {
+            continue;
+        }
+        let device = verify_version(version)?;
+        if signers.is_some_and(|s| !s.contains(&device)) {
+            return Err(SignatureError::NotAllowed { id: version.id.clone(), device });
+        }
+    }
+    Ok(())
+}
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    out
+}
+
+/// Lowercase hex to bytes (`None` for odd length or another character).
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let bytes = text.as_bytes();
+    if !bytes.len().is_multiple_of(2) {
+        return None;
+    }
+    bytes.chunks(2).map(|pair| Some((digit(pair[0])? << 4) | digit(pair[1])?)).collect()
+}

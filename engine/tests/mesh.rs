@@ -1,0 +1,657 @@
+//! Issue 5 through the public API: the directory log, pairing, tickets, signed versions and the
+//! authorized session. Each test names the claim of ARCHITECTURE.md's threat model it backs.
+
+use std::sync::Arc;
+
+use engine::authz::{AuthSession, Credentials, Policy, Refusal};
+use engine::directory::{
+    pair_new_device, pairing_commitment, short_code, DirError, Directory, FolderId, MemberState, Op, Role,
+    SignedChange, UserId,
+};
+use engine::feedsync::{read_feed, write_feed, Content, Dialect, Edit, Feed, ItemId, When};
+use engine::replica::Replica;
+use engine::signing::{DeviceId, DeviceKey, SignatureError};
+use engine::sync::{Config, Micros, Outcome, Retained, SyncError};
+use engine::ticket::{ChannelKey, Rights, Ticket, TicketAuthority, TicketError, TICKET_SKEW_US};
+
+fn key(n: u8) -> DeviceKey {
+    DeviceKey::from_bytes(&[n; 32])
+}
+
+fn edit(text: &str) -> Edit {
+    Edit {
+        content: Some(Arc::new(Content {
+            inner: format!("<title>{text}</title>").into(),
+            ..Content::empty()
+        })),
+        ..Edit::default()
+    }
+}
+
+fn when(secs: i64) -> When {
+    When::from_unix_secs(1_700_000_000 + secs).unwrap()
+}
+
+const T0: Micros = 1_000_000_000_000;
+
+/// Alice (devices a1, a2) owns folder F; Bob (b1) is an active member; Carol (c1) is a user who
+/// is not a member. F is mapped on a1, a2 and b1. Every device holds the whole directory.
+struct World {
+    keys: Vec<(&'static str, DeviceKey)>,
+    dir: Directory,
+    folder: FolderId,
+    cloud: TicketAuthority,
+}
+
+impl World {
+    fn new() -> Self {
+        let (a1, a2, b1, c1) = (key(1), key(2), key(3), key(4));
+        let mut dir = Directory::new();
+        dir.make(&a1, 1, Op::CreateUser { name: "alice".into() }).unwrap();
+        dir.make(&b1, 2, Op::CreateUser { name: "bob".into() }).unwrap();
+        dir.make(&c1, 3, Op::CreateUser { name: "carol".into() }).unwrap();
+        let alice = UserId::of_first_device(DeviceId::of(&a1));
+        pair(&mut dir, &a1, &a2, alice);
+        let folder = dir.make(&a1, 5, Op::CreateFolder { name: "photos".into() }).unwrap().folder_id();
+        let bob = UserId::of_first_device(DeviceId::of(&b1));
+        let invite =
+            dir.make(&a1, 6, Op::Invite { folder, invitee: bob, role: Role::Member }).unwrap().invite_id();
+        dir.make(&b1, 7, Op::Accept { invitation: invite }).unwrap();
+        for k in [&a1, &a2, &b1] {
+            dir.make(k, 8, Op::Map { folder }).unwrap();
+        }
+        let cloud = TicketAuthority::new(key(200));
+        Self { keys: vec![("a1", a1), ("a2", a2), ("b1", b1), ("c1", c1)], dir, folder, cloud }
+    }
+
+    fn key(&self, name: &str) -> &DeviceKey {
+        &self.keys.iter().find(|(n, _)| *n == name).unwrap().1
+    }
+
+    fn device(&self, name: &str) -> DeviceId {
+        DeviceId::of(self.key(name))
+    }
+
+    fn ticket(&mut self, name: &str, now: Micros) -> Ticket {
+        let device = self.device(name);
+        self.cloud.issue_from(&self.dir, device, device.into(), now)
+    }
+
+    fn policy(&mut self, name: &str, now: Micros) -> Policy {
+        let ticket = self.ticket(name, now);
+        Policy::Directory(Box::new(Credentials { device: self.device(name), ticket, cloud: self.cloud.id() }))
+    }
+}
+
+/// Pairs `new` into `user` through `existing`, as the two devices would.
+fn pair(dir: &mut Directory, existing: &DeviceKey, new: &DeviceKey, user: UserId) -> SignedChange {
+    let (nonce_existing, nonce_new) = ([7u8; 32], [9u8; 32]);
+    let new_id = DeviceId::of(new);
+    let commitment = pairing_commitment(&new_id, &nonce_new);
+    let code = short_code(&DeviceId::of(existing), &new_id, &nonce_existing, &nonce_new);
+    let pairing =
+        pair_new_device(new, user, DeviceId::of(existing), nonce_existing, nonce_new, code).unwrap();
+    dir.add_paired_device(existing, user, commitment, pairing, code, 4).unwrap()
+}
+
+/// One side of a session under test.
+struct Side<'a> {
+    dir: &'a mut Directory,
+    replica: &'a mut Replica,
+    policy: Policy,
+    channel: ChannelKey,
+}
+
+struct Ran {
+    initiator: Outcome,
+    responder: Outcome,
+}
+
+/// Runs an authorized session on a clean channel, `i` initiating. Each side sees the other's
+/// *channel* key (what the transport authenticated), whatever ticket it presents.
+fn run(i: Side<'_>, r: Side<'_>, folder: FolderId, now: Micros) -> Ran {
+    let cfg = Config::default();
+    let mut si = AuthSession::initiate(
+        9,
+        now,
+        folder,
+        i.policy,
+        r.channel,
+        i.dir,
+        i.replica,
+        cfg.clone(),
+        Retained::default(),
+    );
+    let mut sr: Option<AuthSession> = None;
+    for _ in 0..64 {
+        let mut moved = false;
+        while let Some(m) = si.poll_transmit() {
+            moved = true;
+            let s = sr.get_or_insert_with(|| {
+                AuthSession::respond(9, r.policy.clone(), i.channel, r.replica, cfg.clone())
+            });
+            let _ = s.handle_message(now, r.dir, r.replica, &m);
+        }
+        if let Some(s) = sr.as_mut() {
+            while let Some(m) = s.poll_transmit() {
+                moved = true;
+                let _ = si.handle_message(now, i.dir, i.replica, &m);
+            }
+        }
+        if !moved {
+            break;
+        }
+    }
+    Ran { initiator: si.outcome(), responder: sr.map(|s| s.outcome()).unwrap_or(Outcome::Running) }
+}
+
+fn refusal(outcome: &Outcome) -> Option<&Refusal> {
+    match outcome {
+        Outcome::Failed(SyncError::Refused(r)) => Some(r),
+        _ => None,
+    }
+}
+
+fn done(outcome: &Outcome) -> bool {
+    matches!(outcome, Outcome::Done { .. })
+}
+
+// ---------------------------------------------------------------- directory and pairing
+
+#[test]
+fn pairing_needs_the_code_on_both_sides() {
+    let mut w = World::new();
+    let (a1, n) = (w.key("a1").clone(), key(50));
+    let alice = UserId::of_first_device(DeviceId::of(&a1));
+    let (ne, nn) = ([1u8; 32], [2u8; 32]);
+    let code = short_code(&DeviceId::of(&a1), &DeviceId::of(&n), &ne, &nn);
+    // The new device refuses a code that is not the one it shows.
+    let wrong = (code + 1) % 1_000_000;
+    assert!(matches!(
+        pair_new_device(&n, alice, DeviceId::of(&a1), ne, nn, wrong),
+        Err(DirError::Pairing(_))
+    ));
+    let pairing = pair_new_device(&n, alice, DeviceId::of(&a1), ne, nn, code).unwrap();
+    let commitment = pairing_commitment(&DeviceId::of(&n), &nn);
+    // The existing device refuses a wrong code, and a nonce that does not match the commitment.
+    let err = w.dir.add_paired_device(&a1, alice, commitment, pairing.clone(), wrong, 9);
+    assert!(matches!(err, Err(DirError::Pairing(_))));
+    let err = w.dir.add_paired_device(&a1, alice, [0; 32], pairing.clone(), code, 9);
+    assert!(matches!(err, Err(DirError::Pairing(_))));
+    assert_eq!(w.dir.user_of(&DeviceId::of(&n)), None);
+    w.dir.add_paired_device(&a1, alice, commitment, pairing, code, 9).unwrap();
+    assert_eq!(w.dir.user_of(&DeviceId::of(&n)), Some(alice));
+    assert!(w.dir.news().items().any(|i| i.version.content.inner.contains("device added")));
+}
+
+/// Threat model: the cloud cannot add a device or a member.
+#[test]
+fn cloud_cannot_add_a_device_or_a_member() {
+    let w = World::new();
+    let cloud = key(200);
+    let alice = UserId::of_first_device(w.device("a1"));
+    let carol = UserId::of_first_device(w.device("c1"));
+    // The cloud's key signs an AddDevice for a device of its own (with the device's consent).
+    let evil = key(201);
+    let (ne, nn) = ([3u8; 32], [4u8; 32]);
+    let code = short_code(&DeviceId::of(&cloud), &DeviceId::of(&evil), &ne, &nn);
+    let pairing = pair_new_device(&evil, alice, DeviceId::of(&cloud), ne, nn, code).unwrap();
+    let mut dir = w.dir.clone();
+    let err = dir.make(&cloud, 10, Op::AddDevice { user: alice, pairing }).unwrap_err();
+    assert!(matches!(err, DirError::NotEntitled { .. }), "{err}");
+    // ... nor invite a member, nor make one join.
+    let err =
+        dir.make(&cloud, 10, Op::Invite { folder: w.folder, invitee: carol, role: Role::Admin }).unwrap_err();
+    assert!(matches!(err, DirError::NotEntitled { .. }), "{err}");
+    assert_eq!(dir.digest(), w.dir.digest());
+    // A member (not admin) cannot invite either.
+    let err = dir.make(w.key("b1"), 10, Op::Invite { folder: w.folder, invitee: carol, role: Role::Member });
+    assert!(matches!(err, Err(DirError::NotEntitled { .. })));
+}
+
+/// Concurrent changes merge deterministically: every delivery order gives the same log and state.
+#[test]
+fn concurrent_directory_changes_merge_in_any_order() {
+    let mut w = World::new();
+    let bob = UserId::of_first_device(w.device("b1"));
+    let carol = UserId::of_first_device(w.device("c1"));
+    // Make Bob an admin: re-invite after a removal.
+    let (mut da, mut db) = (w.dir.clone(), w.dir.clone());
+    let r = da.make(w.key("a1"), 20, Op::RemoveMember { folder: w.folder, user: bob }).unwrap();
+    let inv =
+        da.make(w.key("a1"), 21, Op::Invite { folder: w.folder, invitee: bob, role: Role::Admin }).unwrap();
+    let acc = {
+        db.apply(&[r.clone(), inv.clone()]).unwrap();
+        db.make(w.key("b1"), 22, Op::Accept { invitation: inv.invite_id() }).unwrap()
+    };
+    da.apply(std::slice::from_ref(&acc)).unwrap();
+    // Concurrently: Alice (a2) removes Bob again; Bob (admin) invites Carol.
+    let (mut x, mut y) = (da.clone(), da.clone());
+    let removal = x.make(w.key("a2"), 30, Op::RemoveMember { folder: w.folder, user: bob }).unwrap();
+    let invite =
+        y.make(w.key("b1"), 30, Op::Invite { folder: w.folder, invitee: carol, role: Role::Member }).unwrap();
+    x.apply(std::slice::from_ref(&invite)).unwrap();
+    y.apply(std::slice::from_ref(&removal)).unwrap();
+    assert_eq!(x.digest(), y.digest());
+    assert_eq!(x.state(), y.state());
+    assert_eq!(x.folder(&w.folder).unwrap().members[&bob].state, MemberState::Removed);
+    // A fresh device that receives the whole log in reverse order agrees too.
+    let mut all: Vec<SignedChange> = x.changes().cloned().collect();
+    all.reverse();
+    let mut fresh = Directory::new();
+    fresh.apply(&all).unwrap();
+    assert_eq!(fresh.state(), x.state());
+    // Exactly one of the two concurrent changes is first; if the removal sorts first, Bob's
+    // invitation is inert, else Carol is pending: either way every replica says the same.
+    let carol_pending = x.folder(&w.folder).unwrap().members.get(&carol).map(|m| m.state);
+    assert_eq!(carol_pending.is_none(), x.is_inert(&invite.id()));
+    w.dir = x;
+}
+
+#[test]
+fn invitations_decline_cancel_and_resend() {
+    let mut w = World::new();
+    let carol = UserId::of_first_device(w.device("c1"));
+    let (a1, c1) = (w.key("a1").clone(), w.key("c1").clone());
+    let inv =
+        w.dir.make(&a1, 40, Op::Invite { folder: w.folder, invitee: carol, role: Role::Member }).unwrap();
+    let id = inv.invite_id();
+    w.dir.make(&a1, 41, Op::Resend { invitation: id }).unwrap();
+    assert_eq!(w.dir.invitation(&id).unwrap().sent, 2);
+    w.dir.make(&c1, 42, Op::Decline { invitation: id }).unwrap();
+    assert!(!w.dir.folder(&w.folder).unwrap().members.contains_key(&carol));
+    // A declined invitation can be neither accepted nor re-sent.
+    assert!(w.dir.make(&c1, 43, Op::Accept { invitation: id }).is_err());
+    assert!(w.dir.make(&a1, 43, Op::Resend { invitation: id }).is_err());
+    let again =
+        w.dir.make(&a1, 44, Op::Invite { folder: w.folder, invitee: carol, role: Role::Member }).unwrap();
+    w.dir.make(&a1, 45, Op::Cancel { invitation: again.invite_id() }).unwrap();
+    assert!(w.dir.make(&c1, 46, Op::Accept { invitation: again.invite_id() }).is_err());
+}
+
+// ---------------------------------------------------------------- sessions
+
+fn signed_replica(w: &World, items: &[(&str, &str)]) -> Replica {
+    let mut r = Replica::new_signed(1);
+    for (i, (id, by)) in items.iter().enumerate() {
+        r.change_signed(&ItemId::new(id).unwrap(), w.key(by), &when(i as i64), &edit(id)).unwrap();
+    }
+    r
+}
+
+#[test]
+fn members_sync_signed_versions() {
+    let mut w = World::new();
+    let (mut da, mut db) = (w.dir.clone(), w.dir.clone());
+    let mut ra = signed_replica(&w, &[("x", "a1"), ("y", "a1")]);
+    let mut rb = signed_replica(&w, &[("z", "b1")]);
+    let (pa, pb) = (w.policy("a1", T0), w.policy("b1", T0));
+    let ran = run(
+        Side { dir: &mut da, replica: &mut ra, policy: pa, channel: w.device("a1").into() },
+        Side { dir: &mut db, replica: &mut rb, policy: pb, channel: w.device("b1").into() },
+        w.folder,
+        T0 + 1,
+    );
+    assert!(done(&ran.initiator) && done(&ran.responder), "{:?} {:?}", ran.initiator, ran.responder);
+    assert_eq!(ra.digest(), rb.digest());
+    assert_eq!(ra.len(), 3);
+}
+
+/// Threat model: a removed member gets no change from a device that has seen the removal, and a
+/// removal known to either side takes effect before data flows.
+#[test]
+fn removed_member_gets_no_later_change() {
+    let mut w = World::new();
+    let bob = UserId::of_first_device(w.device("b1"));
+    let (mut d_a1, mut d_a2, mut d_b1) = (w.dir.clone(), w.dir.clone(), w.dir.clone());
+    let (mut r_a1, mut r_a2, mut r_b1) =
+        (signed_replica(&w, &[("x", "a1")]), Replica::new_signed(2), Replica::new_signed(3));
+    let tickets = [w.policy("a1", T0), w.policy("a2", T0), w.policy("b1", T0)];
+    let ch = |w: &World, n| ChannelKey::from(w.device(n));
+    // Alice (a1) removes Bob and writes a later change.
+    d_a1.make(w.key("a1"), 50, Op::RemoveMember { folder: w.folder, user: bob }).unwrap();
+    r_a1.change_signed(&ItemId::new("after").unwrap(), w.key("a1"), &when(60), &edit("secret")).unwrap();
+
+    // b1 asks a1 (who knows): b1 catches its directory up first and refuses itself.
+    let ran = run(
+        Side { dir: &mut d_b1, replica: &mut r_b1, policy: tickets[2].clone(), channel: ch(&w, "b1") },
+        Side { dir: &mut d_a1, replica: &mut r_a1, policy: tickets[0].clone(), channel: ch(&w, "a1") },
+        w.folder,
+        T0 + 1,
+    );
+    assert_eq!(refusal(&ran.initiator), Some(&Refusal::NotMember { device: w.device("b1") }));
+    assert!(r_b1.is_empty(), "nothing reached the removed member");
+    // a1 asks b1 (who now knows as well, but let us use a fresh b1 directory that does not).
+    let mut d_b1_old = w.dir.clone();
+    let ran = run(
+        Side { dir: &mut d_a1, replica: &mut r_a1, policy: tickets[0].clone(), channel: ch(&w, "a1") },
+        Side { dir: &mut d_b1_old, replica: &mut r_b1, policy: tickets[2].clone(), channel: ch(&w, "b1") },
+        w.folder,
+        T0 + 2,
+    );
+    assert!(refusal(&ran.initiator).is_some() && refusal(&ran.responder).is_some());
+    assert!(r_b1.is_empty());
+
+    // a2 has not seen the removal: it still syncs with b1 (expected: the removal is not known).
+    let ran = run(
+        Side { dir: &mut d_b1, replica: &mut r_b1, policy: tickets[2].clone(), channel: ch(&w, "b1") },
+        Side { dir: &mut d_a2, replica: &mut r_a2, policy: tickets[1].clone(), channel: ch(&w, "a2") },
+        w.folder,
+        T0 + 3,
+    );
+    // ... except that b1 itself now carries the removal in its directory and refuses.
+    assert!(refusal(&ran.initiator).is_some());
+    // a1 and a2 sync: a2 learns the removal and the later change.
+    let ran = run(
+        Side { dir: &mut d_a2, replica: &mut r_a2, policy: tickets[1].clone(), channel: ch(&w, "a2") },
+        Side { dir: &mut d_a1, replica: &mut r_a1, policy: tickets[0].clone(), channel: ch(&w, "a1") },
+        w.folder,
+        T0 + 4,
+    );
+    assert!(done(&ran.initiator), "{:?}", ran.initiator);
+    assert!(r_a2.item(&ItemId::new("after").unwrap()).is_some());
+    // Now b1, with an old directory and a valid ticket, gets nothing from a2.
+    let mut d_b1_old = w.dir.clone();
+    let ran = run(
+        Side { dir: &mut d_b1_old, replica: &mut r_b1, policy: tickets[2].clone(), channel: ch(&w, "b1") },
+        Side { dir: &mut d_a2, replica: &mut r_a2, policy: tickets[1].clone(), channel: ch(&w, "a2") },
+        w.folder,
+        T0 + 5,
+    );
+    assert!(refusal(&ran.initiator).is_some());
+    assert!(r_b1.item(&ItemId::new("after").unwrap()).is_none());
+}
+
+/// Threat model: a ticket replayed by another device (another channel key) fails.
+#[test]
+fn replayed_ticket_from_another_device_fails() {
+    let mut w = World::new();
+    let (mut da, mut dc) = (w.dir.clone(), w.dir.clone());
+    let (mut ra, mut rc) = (signed_replica(&w, &[("x", "a1")]), Replica::new_signed(4));
+    // Carol's device c1 presents b1's ticket over its own channel.
+    let stolen = w.policy("b1", T0);
+    let pa = w.policy("a1", T0);
+    let ran = run(
+        Side { dir: &mut dc, replica: &mut rc, policy: stolen, channel: w.device("c1").into() },
+        Side { dir: &mut da, replica: &mut ra, policy: pa, channel: w.device("a1").into() },
+        w.folder,
+        T0 + 1,
+    );
+    assert_eq!(refusal(&ran.responder), Some(&Refusal::Ticket(TicketError::WrongChannel)));
+    assert!(matches!(refusal(&ran.initiator), Some(Refusal::Peer(_))), "the refusal reaches the peer");
+    assert!(rc.is_empty());
+}
+
+/// Threat model: the cloud can issue a valid ticket to a device it made up, but devices refuse
+/// it, because their own directory does not know the device.
+#[test]
+fn cloud_injected_device_is_refused() {
+    let mut w = World::new();
+    let evil = key(201);
+    let evil_id = DeviceId::of(&evil);
+    let ticket = w.cloud.issue(
+        evil_id,
+        evil_id.into(),
+        Rights { folders: vec![w.folder], relay: true },
+        T0,
+        600_000_000,
+    );
+    let policy = Policy::Directory(Box::new(Credentials { device: evil_id, ticket, cloud: w.cloud.id() }));
+    let (mut da, mut de) = (w.dir.clone(), w.dir.clone());
+    let (mut ra, mut re) = (signed_replica(&w, &[("x", "a1")]), Replica::new_signed(5));
+    let pa = w.policy("a1", T0);
+    let before = ra.digest();
+    let ran = run(
+        Side { dir: &mut da, replica: &mut ra, policy: pa, channel: w.device("a1").into() },
+        Side { dir: &mut de, replica: &mut re, policy, channel: evil_id.into() },
+        w.folder,
+        T0 + 1,
+    );
+    assert_eq!(refusal(&ran.initiator), Some(&Refusal::DeviceNotActive { device: evil_id }));
+    assert!(re.is_empty());
+    assert_eq!(ra.digest(), before);
+}
+
+/// A removed member's device that skips its own checks and sends feed data anyway is refused by
+/// the responder, and its items never reach the responder's replica.
+#[test]
+fn malicious_initiator_is_refused_by_the_responder() {
+    use engine::sync::Session;
+    use engine::wire::{encode, Body, Message, WIRE_VERSION};
+    let mut w = World::new();
+    let bob = UserId::of_first_device(w.device("b1"));
+    let mut da = w.dir.clone();
+    da.make(w.key("a1"), 50, Op::RemoveMember { folder: w.folder, user: bob }).unwrap();
+    let mut ra = signed_replica(&w, &[("x", "a1")]);
+    let rb = signed_replica(&w, &[("evil", "b1")]);
+    let before = ra.digest();
+    let Policy::Directory(creds_b) = w.policy("b1", T0) else { unreachable!() };
+    let pa = w.policy("a1", T0);
+    let msg = |step, body| encode(&Message { version: WIRE_VERSION, session: 5, step, body });
+    let hello = msg(0, Body::DirHello { folder: w.folder, ticket: creds_b.ticket.clone(), heads: vec![] });
+    let done = msg(2, Body::DirDone { changes: vec![], complete: true });
+    let mut feed = Session::initiate(5, T0, &rb, Config::default(), Retained::default());
+    let feed_hello = feed.poll_transmit().unwrap();
+    let mut responder = AuthSession::respond(5, pa, w.device("b1").into(), &ra, Config::default());
+    // Feed data before the directory phase is dropped unread.
+    responder.handle_message(T0, &mut da, &mut ra, &feed_hello).unwrap();
+    responder.handle_message(T0, &mut da, &mut ra, &hello).unwrap();
+    let err = responder.handle_message(T0, &mut da, &mut ra, &done).unwrap_err();
+    assert_eq!(err, SyncError::Refused(Refusal::NotMember { device: w.device("b1") }));
+    let _ = responder.handle_message(T0, &mut da, &mut ra, &feed_hello);
+    assert!(!responder.authorized());
+    assert_eq!(ra.digest(), before);
+    assert!(ra.item(&ItemId::new("evil").unwrap()).is_none());
+}
+
+/// Threat model: an expired ticket (past the skew allowance) is refused; within it, accepted.
+#[test]
+fn expired_ticket_is_refused_with_a_reason() {
+    let mut w = World::new();
+    let (mut da, mut db) = (w.dir.clone(), w.dir.clone());
+    let (mut ra, mut rb) = (signed_replica(&w, &[("x", "a1")]), Replica::new_signed(6));
+    let (pa, pb) = (w.policy("a1", T0), w.policy("b1", T0));
+    let expiry = T0 + engine::ticket::TICKET_LIFETIME_US;
+    // Just within the allowance: works.
+    let ok = run(
+        Side { dir: &mut db, replica: &mut rb, policy: pb.clone(), channel: w.device("b1").into() },
+        Side { dir: &mut da, replica: &mut ra, policy: pa.clone(), channel: w.device("a1").into() },
+        w.folder,
+        expiry + TICKET_SKEW_US - 1,
+    );
+    assert!(done(&ok.initiator), "{:?}", ok.initiator);
+    let late = run(
+        Side { dir: &mut db, replica: &mut rb, policy: pb, channel: w.device("b1").into() },
+        Side { dir: &mut da, replica: &mut ra, policy: pa, channel: w.device("a1").into() },
+        w.folder,
+        expiry + TICKET_SKEW_US,
+    );
+    assert!(matches!(refusal(&late.responder), Some(Refusal::Ticket(TicketError::Expired { .. }))));
+}
+
+/// Threat model: a forged or altered version is refused whole by a signed replica, in a session.
+#[test]
+fn forged_version_is_refused_in_a_session() {
+    let mut w = World::new();
+    let (mut da, mut db) = (w.dir.clone(), w.dir.clone());
+    let mut ra = signed_replica(&w, &[("x", "a1")]);
+    // b1 is compromised: its (unsigned-mode) replica holds a version claiming to be a1's, with
+    // content a1 never wrote (a1's signature over other bytes).
+    let honest = signed_replica(&w, &[("x", "a1")]);
+    let mut forged = (**honest.item(&ItemId::new("x").unwrap()).unwrap()).clone();
+    forged.version.updates += 1;
+    let mut rb = Replica::new(7);
+    rb.merge(&Arc::new(forged)).unwrap();
+    let before = ra.digest();
+    let (pa, pb) = (w.policy("a1", T0), w.policy("b1", T0));
+    let ran = run(
+        Side { dir: &mut db, replica: &mut rb, policy: pb, channel: w.device("b1").into() },
+        Side { dir: &mut da, replica: &mut ra, policy: pa, channel: w.device("a1").into() },
+        w.folder,
+        T0 + 1,
+    );
+    assert!(
+        matches!(ran.responder, Outcome::Failed(SyncError::Signature(SignatureError::Invalid { .. }))),
+        "{:?}",
+        ran.responder
+    );
+    assert_eq!(ra.digest(), before);
+}
+
+/// Existing callers: the open policy is the plain session.
+#[test]
+fn open_policy_is_the_plain_session() {
+    let w = World::new();
+    let (mut da, mut db) = (Directory::new(), Directory::new());
+    let mut ra = Replica::new(1);
+    ra.change(
+        &ItemId::new("x").unwrap(),
+        &engine::feedsync::Endpoint::new("a").unwrap(),
+        &when(0),
+        &edit("x"),
+    )
+    .unwrap();
+    let mut rb = Replica::new(2);
+    let ran = run(
+        Side { dir: &mut da, replica: &mut ra, policy: Policy::Open, channel: ChannelKey([1; 32]) },
+        Side { dir: &mut db, replica: &mut rb, policy: Policy::Open, channel: ChannelKey([2; 32]) },
+        w.folder,
+        T0,
+    );
+    assert!(done(&ran.initiator));
+    assert_eq!(ra.digest(), rb.digest());
+}
+
+/// The directory phase survives loss, duplication and reordering: for many seeds, a session
+/// over a channel that drops a third of the messages and duplicates some still converges.
+#[test]
+fn authorized_session_survives_a_lossy_channel() {
+    let mut w = World::new();
+    let (pa, pb) = (w.policy("a1", T0), w.policy("b1", T0));
+    let cfg = Config { max_retries: 40, ..Config::default() };
+    let mut converged = 0;
+    for seed in 0..24u64 {
+        let (mut da, mut db) = (w.dir.clone(), w.dir.clone());
+        // b1 also brings a directory change a1 lacks (it maps the folder again: a no-op change).
+        db.make(w.key("b1"), 70, Op::Unmap { folder: w.folder, device: w.device("b1") }).unwrap();
+        db.make(w.key("b1"), 71, Op::Map { folder: w.folder }).unwrap();
+        let mut ra = signed_replica(&w, &[("x", "a1"), ("y", "a2")]);
+        let mut rb = signed_replica(&w, &[("z", "b1")]);
+        let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut coin = move |ppm: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % 1_000_000 < ppm
+        };
+        let mut now = T0;
+        let mut si = AuthSession::initiate(
+            3,
+            now,
+            w.folder,
+            pa.clone(),
+            w.device("b1").into(),
+            &da,
+            &ra,
+            cfg.clone(),
+            Retained::default(),
+        );
+        let mut sr: Option<AuthSession> = None;
+        let mut in_flight: Vec<(bool, Vec<u8>)> = Vec::new();
+        for _ in 0..4000 {
+            while let Some(m) = si.poll_transmit() {
+                in_flight.push((true, m));
+            }
+            if let Some(s) = sr.as_mut() {
+                while let Some(m) = s.poll_transmit() {
+                    in_flight.push((false, m));
+                }
+            }
+            if in_flight.is_empty() {
+                let next = [si.poll_timeout(), sr.as_ref().and_then(|s| s.poll_timeout())]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                let Some(next) = next else { break };
+                now = now.max(next);
+                si.handle_timeout(now);
+                if let Some(s) = sr.as_mut() {
+                    s.handle_timeout(now);
+                }
+                continue;
+            }
+            // Deliver one message, picked out of order, maybe lost, maybe duplicated.
+            let pick = if coin(300_000) { in_flight.len() - 1 } else { 0 };
+            let (to_r, m) = in_flight.remove(pick);
+            if coin(330_000) {
+                continue;
+            }
+            if coin(100_000) {
+                in_flight.push((to_r, m.clone()));
+            }
+            if to_r {
+                let s = sr.get_or_insert_with(|| {
+                    AuthSession::respond(3, pb.clone(), w.device("a1").into(), &rb, cfg.clone())
+                });
+                let _ = s.handle_message(now, &mut db, &mut rb, &m);
+            } else {
+                let _ = si.handle_message(now, &mut da, &mut ra, &m);
+            }
+        }
+        assert!(
+            !matches!(si.outcome(), Outcome::Failed(SyncError::Refused(_))),
+            "seed {seed}: {:?}",
+            si.outcome()
+        );
+        if done(&si.outcome()) && ra.digest() == rb.digest() && da.digest() == db.digest() {
+            converged += 1;
+        }
+    }
+    // Retries are bounded, so an unlucky seed may time out; most must converge.
+    assert!(converged >= 20, "{converged} of 24 converged");
+}
+
+// ---------------------------------------------------------------- FeedSync XML
+
+/// Signed versions survive FeedSync XML (the extension element), and an altered one fails.
+#[test]
+fn signatures_round_trip_through_feedsync_xml() {
+    let w = World::new();
+    let mut feed = Feed::new(Dialect::Rss);
+    let r = signed_replica(&w, &[("x", "a1"), ("y", "b1")]);
+    for item in r.items() {
+        feed.put((**item).clone()).unwrap();
+    }
+    let xml = write_feed(&feed);
+    assert!(xml.contains("<fms:signature xmlns:fms=\"urn:feedmesh:signature:1\">"));
+    let back = read_feed(xml.as_bytes()).unwrap();
+    let mut fresh = Replica::new_signed(9);
+    for item in back.items() {
+        assert!(item.version.signature.is_some());
+        fresh.merge(&Arc::new(item.clone())).unwrap();
+    }
+    assert_eq!(fresh.digest(), r.digest());
+    assert_eq!(write_feed(&back), xml);
+    // Altering the title in the XML breaks the signature.
+    let altered = read_feed(xml.replacen("<title>x</title>", "<title>X</title>", 1).as_bytes()).unwrap();
+    let mut fresh = Replica::new_signed(9);
+    let bad = altered.items().map(|i| fresh.merge(&Arc::new(i.clone()))).filter(|r| r.is_err()).count();
+    assert_eq!(bad, 1);
+    // A bad signature element is a typed problem, not a panic.
+    let junk = xml.replacen("\">", "\">zz", 1);
+    let _ = read_feed(junk.as_bytes());
+}
+
+#[test]
+fn signed_replicas_refuse_unsigned_local_changes() {
+    let mut r = Replica::new_signed(1);
+    let err = r
+        .change(
+            &ItemId::new("x").unwrap(),
+            &engine::feedsync::Endpoint::new("a").unwrap(),
+            &when(0),
+            &edit("x"),
+        )
+        .unwrap_err();
+    assert_eq!(err, engine::feedsync::FeedsyncError::Signature(SignatureError::LocalUnsigned));
+}
