@@ -49,6 +49,11 @@ pub struct Config {
     /// How long the side that sent the last message keeps answering duplicates (longer than the
     /// peer's whole retransmission schedule).
     pub linger_us: Micros,
+    /// Whether a responder whose whole part was one reply to the Hello lingers too. The Hello is
+    /// idempotent, so a caller that answers a step-0 message of an unknown (or finished) session
+    /// with a new responder can turn this off: then a busy responder holds no finished sessions
+    /// in the common one-round-trip case.
+    pub linger_after_hello: bool,
 }
 
 impl Default for Config {
@@ -61,6 +66,7 @@ impl Default for Config {
             rto_max_us: 3_200_000,
             max_retries: 10,
             linger_us: 60_000_000,
+            linger_after_hello: true,
         }
     }
 }
@@ -647,6 +653,15 @@ impl Session {
     fn linger(&mut self, now: Micros) {
         self.phase = Phase::Lingering;
         self.deadline = Some(now + self.cfg.linger_us);
+        // A responder whose whole part was one reply to the Hello need not linger when its caller
+        // opens a new responder for a repeated Hello (`linger_after_hello` off): the Hello is
+        // idempotent, so the new responder answers it just as well. Only replies to later steps
+        // must be repeatable. (The common case: a busy cloud would otherwise hold one lingering
+        // session per device per sync interval.)
+        if self.role == Role::Responder && self.expect == 2 && !self.cfg.linger_after_hello {
+            self.phase = Phase::Finished;
+            self.deadline = None;
+        }
         // Only the last message is needed from here on (to answer duplicates): free the rest, as
         // a busy responder may linger in thousands of sessions at once.
         self.snapshot = Vec::new();

@@ -255,6 +255,38 @@ fn relayed_changes_are_announced_and_sent_only_when_wanted() {
     assert!(r.a.bytes_sent <= 64 + 8 * 20, "an announcement costs 8 bytes a change: {}", r.a.bytes_sent);
 }
 
+/// Without `linger_after_hello`, a responder that answered the Hello is finished at once; when
+/// that answer is lost, the repeated Hello is answered by a new responder and the session ends
+/// as if nothing had happened.
+#[test]
+fn a_repeated_hello_meets_a_new_responder() {
+    let (mut a, mut b) = pair(50, 3, 4, 2);
+    let cfg = Config { linger_after_hello: false, ..Config::default() };
+    let first = run(&mut a, &mut b, Retained::default(), CLEAN, 1, cfg.clone());
+    let Outcome::Done { retained, .. } = first.a_outcome else { panic!("first session failed") };
+    let t = When::from_unix_secs(1_700_000_000).unwrap();
+    a.change(&ItemId::new("new-a").unwrap(), &Endpoint::new("a").unwrap(), &t, &content("a")).unwrap();
+    b.change(&ItemId::new("new-b").unwrap(), &Endpoint::new("b").unwrap(), &t, &content("b")).unwrap();
+    let mut init = Session::initiate(7, 0, &a, cfg.clone(), retained);
+    let hello = init.poll_transmit().expect("a Hello");
+    let mut first_responder = Session::respond(7, &b, cfg.clone());
+    first_responder.handle_message(0, &mut b, &hello).unwrap();
+    let _lost = first_responder.poll_transmit().expect("Changes");
+    assert!(matches!(first_responder.outcome(), Outcome::Done { .. }));
+    assert_eq!(first_responder.poll_timeout(), None, "finished, not lingering");
+    // The initiator's timer fires: it repeats the Hello, byte for byte.
+    let deadline = init.poll_timeout().expect("a retransmission timer");
+    init.handle_timeout(deadline);
+    let again = init.poll_transmit().expect("the Hello again");
+    assert_eq!(again, hello);
+    let mut second_responder = Session::respond(7, &b, cfg);
+    second_responder.handle_message(deadline, &mut b, &again).unwrap();
+    let changes = second_responder.poll_transmit().expect("Changes");
+    init.handle_message(deadline + 1, &mut a, &changes).unwrap();
+    assert!(matches!(init.outcome(), Outcome::Done { .. }), "{:?}", init.outcome());
+    assert_eq!(a.digest(), b.digest());
+}
+
 mod adversary {
     //! A malicious peer: well-formed messages with arbitrary content, in arbitrary order, and
     //! arbitrary bytes. The session must not panic, must stay within its limits, and the replica

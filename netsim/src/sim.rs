@@ -222,6 +222,9 @@ impl Sim {
             rto_max_us: 2_400_000,
             // Past the initiator's whole retransmission schedule (0.6 + 1.2 + 8 x 2.4 s = 21 s).
             linger_us: 25_000_000,
+            // A repeated Hello meets a new responder here (`deliver`), so one-round-trip
+            // responders finish at once.
+            linger_after_hello: false,
             max_retries: 10,
             ..Config::default()
         };
