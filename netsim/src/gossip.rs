@@ -337,7 +337,7 @@ fn timed_trial(peers: Peers<'_>, cfg: &Timed, rng: &mut ChaCha8Rng) -> Option<u6
                 push(&mut queue, now + interval_us, Ev::Tick { node });
                 let Some(peer) = peers.pick(node, rng) else { continue };
                 let carries = informed[node as usize];
-                for delay in net.transmit(rng, now, node, peer, 64) {
+                for &delay in net.transmit(rng, now, node, peer, 64).as_slice() {
                     push(&mut queue, now + delay, Ev::Request { from: node, to: peer, carries });
                 }
             }
@@ -347,7 +347,7 @@ fn timed_trial(peers: Peers<'_>, cfg: &Timed, rng: &mut ChaCha8Rng) -> Option<u6
                     count += 1;
                 }
                 let answer = informed[to as usize];
-                for delay in net.transmit(rng, now, to, from, 64) {
+                for &delay in net.transmit(rng, now, to, from, 64).as_slice() {
                     push(&mut queue, now + delay, Ev::Reply { to: from, carries: answer });
                 }
             }

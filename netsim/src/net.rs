@@ -65,6 +65,48 @@ pub fn punch(a: Nat, b: Nat) -> bool {
     a_to_b && b_to_a
 }
 
+/// The arrival delays of one datagram's copies: none (lost), one, or a few (duplicated, on one
+/// or both legs of a relayed path). Inline, so sending allocates nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Copies {
+    len: u8,
+    delays: [u64; 4],
+}
+
+impl Copies {
+    fn one(delay: u64) -> Self {
+        Self { len: 1, delays: [delay, 0, 0, 0] }
+    }
+
+    fn push(&mut self, delay: u64) {
+        // At most two legs of at most two copies each.
+        if let Some(slot) = self.delays.get_mut(self.len as usize) {
+            *slot = delay;
+            self.len += 1;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_slice(&self) -> &[u64] {
+        &self.delays[..self.len as usize]
+    }
+
+    /// The same copies, each `by` later.
+    fn after(mut self, by: u64) -> Self {
+        for d in &mut self.delays[..self.len as usize] {
+            *d += by;
+        }
+        self
+    }
+}
+
 /// An active partition, by which directed packets it stops.
 #[derive(Clone, Debug)]
 pub enum Cut {
@@ -241,12 +283,12 @@ impl Net {
     }
 
     /// One wide-area leg: empty if lost, else its delays (two when duplicated).
-    fn wan_leg(&mut self, rng: &mut ChaCha8Rng, path: (u32, u32)) -> Vec<u64> {
+    fn wan_leg(&mut self, rng: &mut ChaCha8Rng, path: (u32, u32)) -> Copies {
         let loss = self.loss_ppm(rng, path);
         if rng.random_range(0..1_000_000) < loss {
-            return Vec::new();
+            return Copies::default();
         }
-        let mut delays = vec![Self::latency(rng, &self.cfg.wan)];
+        let mut delays = Copies::one(Self::latency(rng, &self.cfg.wan));
         if rng.random_range(0..1_000_000) < self.cfg.dup_ppm {
             delays.push(Self::latency(rng, &self.cfg.wan));
         }
@@ -288,7 +330,7 @@ impl Net {
 
     /// Sends a datagram of `len` bytes `from` -> `to` at `now`; returns the delays of the copies
     /// that arrive.
-    pub fn transmit(&mut self, rng: &mut ChaCha8Rng, now: u64, from: u32, to: u32, len: usize) -> Vec<u64> {
+    pub fn transmit(&mut self, rng: &mut ChaCha8Rng, now: u64, from: u32, to: u32, len: usize) -> Copies {
         let delays = self.route(rng, now, from, to, len);
         if delays.is_empty() {
             self.stats.dropped += 1;
@@ -296,49 +338,49 @@ impl Net {
         delays
     }
 
-    fn route(&mut self, rng: &mut ChaCha8Rng, now: u64, from: u32, to: u32, len: usize) -> Vec<u64> {
+    fn route(&mut self, rng: &mut ChaCha8Rng, now: u64, from: u32, to: u32, len: usize) -> Copies {
         let (hf, ht) = (self.host(from), self.host(to));
         let same_lan = from != 0 && to != 0 && hf.lan == ht.lan;
         if same_lan && (self.cfg.lan_discovery || hf.nat == Nat::Public || hf.hairpin) {
             // On the LAN, or turned back in by the shared NAT: LAN latency, no loss.
             if !self.reachable(from, to) {
-                return Vec::new();
+                return Copies::default();
             }
-            let Some(queued) = self.uplink(from, now, len) else { return Vec::new() };
+            let Some(queued) = self.uplink(from, now, len) else { return Copies::default() };
             if !self.cfg.lan_discovery && hf.nat != Nat::Public {
                 self.stats.hairpinned += 1;
             }
-            return vec![queued + Self::latency(rng, &self.cfg.lan)];
+            return Copies::one(queued + Self::latency(rng, &self.cfg.lan));
         }
         if from == 0 || to == 0 {
             if !self.reachable(from, to) {
-                return Vec::new();
+                return Copies::default();
             }
-            let Some(queued) = self.uplink(from, now, len) else { return Vec::new() };
-            return self.wan_leg(rng, (from, to)).into_iter().map(|d| queued + d).collect();
+            let Some(queued) = self.uplink(from, now, len) else { return Copies::default() };
+            return self.wan_leg(rng, (from, to)).after(queued);
         }
         if !same_lan && !self.star && punch(hf.nat, ht.nat) {
             self.stats.direct += 1;
             if !self.reachable(from, to) {
-                return Vec::new();
+                return Copies::default();
             }
             let nat_in_path = hf.nat != Nat::Public || ht.nat != Nat::Public;
             if nat_in_path && !self.mapping_alive(now, from, to) {
-                return Vec::new();
+                return Copies::default();
             }
-            let Some(queued) = self.uplink(from, now, len) else { return Vec::new() };
-            return self.wan_leg(rng, (from, to)).into_iter().map(|d| queued + d).collect();
+            let Some(queued) = self.uplink(from, now, len) else { return Copies::default() };
+            return self.wan_leg(rng, (from, to)).after(queued);
         }
         // Relayed through the cloud: two legs, each may lose or duplicate, each queues.
         self.stats.relayed += 1;
         if !(self.reachable(from, 0) && self.reachable(0, to)) {
-            return Vec::new();
+            return Copies::default();
         }
-        let Some(queued) = self.uplink(from, now, len) else { return Vec::new() };
-        let mut out = Vec::new();
-        for d in self.wan_leg(rng, (from, 0)) {
+        let Some(queued) = self.uplink(from, now, len) else { return Copies::default() };
+        let mut out = Copies::default();
+        for &d in self.wan_leg(rng, (from, 0)).as_slice() {
             let Some(relay_queued) = self.uplink(0, now + queued + d, len) else { continue };
-            for e in self.wan_leg(rng, (0, to)) {
+            for &e in self.wan_leg(rng, (0, to)).as_slice() {
                 out.push(queued + d + relay_queued + e);
             }
         }
@@ -407,7 +449,8 @@ mod tests {
         let cfg = Network { bandwidth_kbps: 80, queue_kb: 1, ..constant(10) };
         let mut net = net(cfg, &[Nat::Public], true, 0);
         let mut rng = ChaCha8Rng::seed_from_u64(1);
-        let d: Vec<Vec<u64>> = (0..4).map(|_| net.transmit(&mut rng, 0, 1, 0, 500)).collect();
+        let d: Vec<Vec<u64>> =
+            (0..4).map(|_| net.transmit(&mut rng, 0, 1, 0, 500).as_slice().to_vec()).collect();
         // 500 bytes take 50 ms on the wire, then 10 ms of latency; the second waits for the first.
         assert_eq!(d[0], vec![60_000]);
         assert_eq!(d[1], vec![110_000]);
@@ -415,17 +458,17 @@ mod tests {
         assert!(d[2].is_empty() && d[3].is_empty());
         assert_eq!(net.stats().queue_drops, 2);
         // Once the link drains, sending works again.
-        assert_eq!(net.transmit(&mut rng, 200_000, 1, 0, 500), vec![60_000]);
+        assert_eq!(net.transmit(&mut rng, 200_000, 1, 0, 500).as_slice(), &[60_000]);
     }
 
     #[test]
     fn idle_mappings_time_out_and_are_punched_again() {
         let mut net = net(constant(5), &[Nat::FullCone, Nat::Restricted], false, 1_000);
         let mut rng = ChaCha8Rng::seed_from_u64(2);
-        assert_eq!(net.transmit(&mut rng, 0, 1, 2, 10), vec![5_000]);
-        assert_eq!(net.transmit(&mut rng, 900_000, 2, 1, 10), vec![5_000], "still fresh");
+        assert_eq!(net.transmit(&mut rng, 0, 1, 2, 10).as_slice(), &[5_000]);
+        assert_eq!(net.transmit(&mut rng, 900_000, 2, 1, 10).as_slice(), &[5_000], "still fresh");
         assert!(net.transmit(&mut rng, 2_000_000, 1, 2, 10).is_empty(), "idle 1.1 s: expired");
-        assert_eq!(net.transmit(&mut rng, 2_100_000, 1, 2, 10), vec![5_000], "re-punched");
+        assert_eq!(net.transmit(&mut rng, 2_100_000, 1, 2, 10).as_slice(), &[5_000], "re-punched");
         assert_eq!(net.stats().repunches, 1);
     }
 
@@ -435,10 +478,14 @@ mod tests {
         // Devices 1 and 2 share one LAN group and its port-restricted NAT.
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let mut relayed = Net::new(cfg.clone(), 2, 2, vec![(Nat::PortRestricted, false)], false, 0);
-        assert_eq!(relayed.transmit(&mut rng, 0, 1, 2, 10), vec![20_000], "two legs through the cloud");
+        assert_eq!(
+            relayed.transmit(&mut rng, 0, 1, 2, 10).as_slice(),
+            &[20_000],
+            "two legs through the cloud"
+        );
         assert_eq!(relayed.stats().relayed, 1);
         let mut hairpin = Net::new(cfg, 2, 2, vec![(Nat::PortRestricted, true)], false, 0);
-        assert_eq!(hairpin.transmit(&mut rng, 0, 1, 2, 10), vec![1_000], "turned back in by the NAT");
+        assert_eq!(hairpin.transmit(&mut rng, 0, 1, 2, 10).as_slice(), &[1_000], "turned back in by the NAT");
         assert_eq!(hairpin.stats().hairpinned, 1);
     }
 

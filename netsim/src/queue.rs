@@ -46,7 +46,10 @@ impl<T> Ord for Entry<T> {
 /// last entry popped (simulated time never goes back); `seq`s must be unique.
 #[derive(Debug)]
 pub struct CalendarQueue<T> {
-    /// The bucket being drained.
+    /// The bucket being drained, sorted once when it became current, latest first (pop from the
+    /// end).
+    sorted: Vec<Entry<T>>,
+    /// Entries pushed into the current bucket while it drains (timers due now, short delays).
     current: BinaryHeap<Reverse<Entry<T>>>,
     current_bucket: u64,
     ring: Vec<Vec<Entry<T>>>,
@@ -65,6 +68,7 @@ impl<T> Default for CalendarQueue<T> {
 impl<T> CalendarQueue<T> {
     pub fn new() -> Self {
         Self {
+            sorted: Vec::new(),
             current: BinaryHeap::new(),
             current_bucket: 0,
             ring: (0..SLOTS).map(|_| Vec::new()).collect(),
@@ -99,7 +103,14 @@ impl<T> CalendarQueue<T> {
 
     pub fn pop(&mut self) -> Option<Entry<T>> {
         loop {
-            if let Some(Reverse(entry)) = self.current.pop() {
+            // The earlier of the sorted bucket's head and the late arrivals' head.
+            let late_first = match (self.sorted.last(), self.current.peek()) {
+                (Some(a), Some(Reverse(b))) => b < a,
+                (None, Some(_)) => true,
+                _ => false,
+            };
+            let next = if late_first { self.current.pop().map(|Reverse(e)| e) } else { self.sorted.pop() };
+            if let Some(entry) = next {
                 self.len -= 1;
                 return Some(entry);
             }
@@ -130,20 +141,21 @@ impl<T> CalendarQueue<T> {
             }
         };
         self.current_bucket = next;
-        // Both vectors keep their capacity: no allocation once the run is warm.
+        // Both vectors keep their capacity: no allocation once the run is warm. (`sorted` and
+        // `current` are empty here: `pop` advances only when both are.)
         let slot = &mut self.ring[(next as usize) & (SLOTS - 1)];
         self.in_ring -= slot.len();
-        let mut items: Vec<Reverse<Entry<T>>> = std::mem::take(&mut self.current).into_vec();
-        items.extend(slot.drain(..).map(Reverse));
+        self.sorted.append(slot);
         while let Some(Reverse(e)) = self.overflow.peek() {
             if e.time >> BUCKET_SHIFT != next {
                 break;
             }
-            if let Some(entry) = self.overflow.pop() {
-                items.push(entry);
+            if let Some(Reverse(entry)) = self.overflow.pop() {
+                self.sorted.push(entry);
             }
         }
-        self.current = BinaryHeap::from(items);
+        // Latest first; (time, seq) is unique, so an unstable sort is exact.
+        self.sorted.sort_unstable_by(|a, b| b.cmp(a));
         // Entries that were beyond the ring's reach when pushed and are now within it stay in the
         // overflow: they are taken when the ring reaches their bucket (checked above).
     }

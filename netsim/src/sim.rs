@@ -26,17 +26,47 @@ const EPOCH_UNIX_SECS: i64 = 1_704_067_200;
 
 #[derive(Clone, Debug)]
 enum Payload {
-    Deliver { to: u32, from: u32, bytes: Arc<Vec<u8>> },
-    SyncTick { node: u32 },
-    Write { node: u32 },
-    SessionTimer { node: u32, peer: u32, sid: u64 },
-    Crash { node: u32 },
-    Restart { node: u32 },
-    PartitionStart { index: usize },
-    PartitionEnd { index: usize },
-    BackOnline { node: u32 },
-    Leave { node: u32 },
-    Rejoin { node: u32 },
+    Deliver {
+        to: u32,
+        from: u32,
+        bytes: Arc<Vec<u8>>,
+    },
+    SyncTick {
+        node: u32,
+    },
+    Write {
+        node: u32,
+    },
+    SessionTimer {
+        node: u32,
+        peer: u32,
+        sid: u64,
+    },
+    Crash {
+        node: u32,
+    },
+    Restart {
+        node: u32,
+    },
+    PartitionStart {
+        index: usize,
+    },
+    PartitionEnd {
+        index: usize,
+    },
+    BackOnline {
+        node: u32,
+    },
+    Leave {
+        node: u32,
+    },
+    /// A no-op node's datagram arrives.
+    Ping {
+        to: u32,
+    },
+    Rejoin {
+        node: u32,
+    },
 }
 
 /// The trace hash's input, buffered: hashing many small updates one by one would cost more than
@@ -163,8 +193,6 @@ pub struct Sim {
     graph: Option<crate::topology::Topology>,
     /// The first invariant violation seen after an event.
     violation: Option<String>,
-    /// The datagram a no-op node sends.
-    noop_bytes: Arc<Vec<u8>>,
 }
 
 impl Sim {
@@ -254,7 +282,6 @@ impl Sim {
             sessions_failed: 0,
             departures: 0,
             kinds: BTreeMap::new(),
-            noop_bytes: Arc::new(vec![0x4e; 32]),
             violation: None,
             graph,
         };
@@ -370,10 +397,7 @@ impl Sim {
                     if let Some(peer) = self.pick_peer(node) {
                         match self.sc.model {
                             NodeModel::Engine => self.start_session(node, peer),
-                            NodeModel::Noop => {
-                                let bytes = self.noop_bytes.clone();
-                                self.transmit(node, peer, bytes);
-                            }
+                            NodeModel::Noop => self.ping(node, peer),
                         }
                     }
                 }
@@ -436,6 +460,10 @@ impl Sim {
                 if matches!(payload, Payload::Rejoin { .. }) {
                     self.schedule_leave(node, self.now);
                 }
+            }
+            Payload::Ping { to } => {
+                self.trace.update(b"ping");
+                self.trace.update(&to.to_le_bytes());
             }
             Payload::Leave { node } => {
                 tracing::debug!(t_us = self.now, node, "leave");
@@ -648,8 +676,19 @@ impl Sim {
         self.bytes += bytes.len() as u64;
         let deliveries = self.net.transmit(&mut self.rng, self.now, from, to, bytes.len());
         tracing::trace!(t_us = self.now, from, to, len = bytes.len(), copies = deliveries.len(), "send");
-        for delay in deliveries {
+        for &delay in deliveries.as_slice() {
             self.push(self.now + delay, Payload::Deliver { to, from, bytes: bytes.clone() });
+        }
+    }
+
+    /// A no-op node's datagram: through the network model, delivered to nobody in particular.
+    fn ping(&mut self, from: u32, to: u32) {
+        const LEN: usize = 32;
+        self.messages += 1;
+        self.bytes += LEN as u64;
+        let deliveries = self.net.transmit(&mut self.rng, self.now, from, to, LEN);
+        for &delay in deliveries.as_slice() {
+            self.push(self.now + delay, Payload::Ping { to });
         }
     }
 
