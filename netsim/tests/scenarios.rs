@@ -168,6 +168,28 @@ fn cli_json_and_exit_statuses() {
     assert_eq!(sim(&["run", "/no/such/file.toml"]).status.code(), Some(2));
 }
 
+/// `replay` traces every event of the run (the faults at `debug`), and `--plot` draws it.
+#[test]
+fn replay_traces_and_plot_draws() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/scenarios/crash-restart.toml");
+    let out = sim(&["replay", path, "--seed", "5"]);
+    assert_eq!(out.status.code(), Some(0));
+    let trace = String::from_utf8_lossy(&out.stderr);
+    for needle in ["tick", "session start", "send", "deliver", "kind=\"Hello\"", "kind=\"Changes\"", "crash"]
+    {
+        assert!(trace.contains(needle), "the trace has no {needle:?}");
+    }
+    let faults = sim(&["replay", path, "--seed", "5", "--filter", "netsim=debug"]);
+    let faults = String::from_utf8_lossy(&faults.stderr);
+    assert!(faults.contains("crash") && !faults.contains("deliver"), "debug shows faults only");
+    assert_eq!(sim(&["replay", path, "--filter", "netsim=[=nonsense"]).status.code(), Some(2));
+    let svg = tempfile_dir().join("run.svg");
+    let out = sim(&["run", path, "--seed", "5", "--plot", svg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = std::fs::read_to_string(&svg).expect("the plot was written");
+    assert!(text.starts_with("<svg") && text.contains("sampled writes") && text.contains("<polyline"));
+}
+
 fn tempfile_dir() -> std::path::PathBuf {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("feedmesh-sim-cli");
     std::fs::create_dir_all(&dir).unwrap();
