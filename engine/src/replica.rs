@@ -324,15 +324,8 @@ impl Replica {
 
     /// Checks the replica's invariants: index, log and digest agree with the items.
     pub fn check_invariants(&self) -> Result<(), String> {
+        self.check_structure()?;
         let mut digest = 0u64;
-        if self.log.len() != self.items.len() || self.by_fp.len() > self.items.len() {
-            return Err(format!(
-                "log {} / index {} / items {}",
-                self.log.len(),
-                self.by_fp.len(),
-                self.items.len()
-            ));
-        }
         for (id, entry) in &self.items {
             if entry.item.id() != id {
                 return Err(format!("item {id} stored under another id"));
