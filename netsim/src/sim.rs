@@ -77,11 +77,13 @@ enum Payload {
     RemoveMember,
 }
 
-/// A node's session: plain, or authorized (mesh model).
+/// A node's session: plain, or authorized (mesh model; boxed, so that the plain path keeps its
+/// size and layout).
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 enum Sess {
     Plain(Session),
-    Auth(AuthSession),
+    Auth(Box<AuthSession>),
 }
 
 impl Sess {
@@ -673,7 +675,7 @@ impl Sim {
                 self.cfg.clone(),
                 retained,
             );
-            n.sessions.insert((peer, sid), Box::new(Sess::Auth(session)));
+            n.sessions.insert((peer, sid), Box::new(Sess::Auth(Box::new(session))));
             n.outgoing.insert(peer, sid);
             self.sessions_started += 1;
             self.after_session(node, peer, sid, None);
@@ -766,7 +768,7 @@ impl Sim {
                 return;
             }
             let session = AuthSession::respond(sid, m.policy(), peer_channel, &n.replica, cfg);
-            n.sessions.insert((from, sid), Box::new(Sess::Auth(session)));
+            n.sessions.insert((from, sid), Box::new(Sess::Auth(Box::new(session))));
         }
         let head = n.replica.head();
         let Some(session) = n.sessions.get_mut(&(from, sid)) else { return };
