@@ -157,3 +157,17 @@ fn bad_mesh_sections_name_the_field() {
     let noop = "devices = 8\nduration_ms = 1000\nmodel = \"noop\"\n[mesh]\nenabled = true\n";
     assert!(Scenario::parse(noop).unwrap_err().to_string().contains("mesh.enabled"));
 }
+
+#[test]
+fn mesh_scenarios_round_trip_through_toml() {
+    // Shrink and sweep re-read edited scenarios from their TOML.
+    for text in [
+        include_str!("../scenarios/member-removed.toml"),
+        include_str!("../scenarios/skewed-expiry.toml"),
+        include_str!("../scenarios/cloud-injection.toml"),
+    ] {
+        let scenario = Scenario::parse(text).unwrap();
+        let again = Scenario::parse(&toml::to_string(&scenario).unwrap()).unwrap();
+        assert_eq!(scenario.mesh, again.mesh);
+    }
+}
