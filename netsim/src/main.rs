@@ -275,8 +275,8 @@ fn print_report(r: &Report, source: &str, wall_ms: u64) {
             m.forged_made, m.forged_rejected, m.forged_present
         );
         println!(
-            "  removal              {:>12}   devices knew it; {} versions leaked to the removed member",
-            m.removal_known_by, m.removed_leaks
+            "  removal              {:>12}   devices knew it; {} versions leaked to the removed member ({} item states reached it in all)",
+            m.removal_known_by, m.removed_leaks, m.removed_received
         );
     }
     println!("  trace hash           {}", r.trace_hash);

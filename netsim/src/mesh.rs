@@ -92,6 +92,8 @@ pub struct MeshReport {
     /// Versions that reached a removed member's device from a sender that knew of the removal
     /// before the version was written (must be 0).
     pub removed_leaks: u64,
+    /// Item states the removed member's devices merged in all (before and after the removal).
+    pub removed_received: u64,
     /// Devices whose directory showed the removal by the end.
     pub removal_known_by: u32,
     /// Devices that must converge (honest, not removed, clock within the allowance).

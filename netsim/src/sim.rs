@@ -944,7 +944,9 @@ impl Sim {
     fn mesh_received(&mut self, node: u32, peer: u32, changed: &[(Arc<Item>, u64)]) {
         let removed = self.nodes[node as usize].mesh.as_ref().is_some_and(|m| m.removed);
         let known = self.nodes[peer as usize].mesh.as_ref().and_then(|m| m.removal_known_at);
-        let (true, Some(known), Some(world)) = (removed, known, self.mesh.as_mut()) else { return };
+        let (true, Some(world)) = (removed, self.mesh.as_mut()) else { return };
+        world.report.removed_received += changed.len() as u64;
+        let Some(known) = known else { return };
         for (item, _) in changed {
             for version in crate::mesh::versions(item) {
                 let key = crate::mesh::version_key(version);
