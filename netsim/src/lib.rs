@@ -5,6 +5,7 @@
 pub mod checker;
 pub mod clock_skew;
 pub mod gossip;
+pub mod mesh;
 pub mod net;
 pub mod plot;
 pub mod queue;

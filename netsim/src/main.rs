@@ -256,6 +256,29 @@ fn print_report(r: &Report, source: &str, wall_ms: u64) {
         "  propagation          p50 {} ms, p99 {} ms, max {} ms   (write to every live node)",
         r.convergence_ms_p50, r.convergence_ms_p99, r.convergence_ms_max
     );
+    if let Some(m) = &r.mesh {
+        println!();
+        println!(
+            "  mesh model           {:>12}   devices must converge (honest, not removed)",
+            m.expected_devices
+        );
+        println!(
+            "  authorized sessions  {:>12}   done ({} tickets issued)",
+            m.sessions_done, m.tickets_issued
+        );
+        for (reason, count) in &m.refusals {
+            let first = m.refusal_first_ms.get(reason).copied().unwrap_or_default();
+            println!("    refused {reason:<26} {count:>6}   (first at {first} ms)");
+        }
+        println!(
+            "  forged versions      {:>12}   made, {} sessions refused one, {} in honest replicas",
+            m.forged_made, m.forged_rejected, m.forged_present
+        );
+        println!(
+            "  removal              {:>12}   devices knew it; {} versions leaked to the removed member ({} item states reached it in all)",
+            m.removal_known_by, m.removed_leaks, m.removed_received
+        );
+    }
     println!("  trace hash           {}", r.trace_hash);
     println!();
     match &r.failure {

@@ -57,6 +57,130 @@ pub struct Scenario {
     /// structural checks always run).
     #[serde(default)]
     pub paranoid: bool,
+    /// The mesh security model (issue 5): signed replicas, tickets, the verified directory and
+    /// authorized sessions, with adversaries. None (or `enabled = false`): plain sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<Mesh>,
+}
+
+/// `[mesh]`: devices belong to `users` (device `i` of the non-injected devices, in index order,
+/// to user `(i - 1) % users`; user 0 owns the one shared folder, every other user is an active
+/// member, every device maps it; the cloud's replica is a device of user 0). Device indices
+/// below count from 1 (0 is the cloud).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mesh {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default = "default_users")]
+    pub users: u32,
+    /// Lifetime of the cloud's tickets; each device gets a fresh one every half lifetime.
+    #[serde(default = "default_ticket_lifetime")]
+    pub ticket_lifetime_ms: u64,
+    /// The folder owner (device 1) removes this user (1..users) at `remove_at_ms`.
+    #[serde(default)]
+    pub remove_user: Option<u32>,
+    #[serde(default)]
+    pub remove_at_ms: Option<u64>,
+    /// Devices that stop refreshing their tickets at `stale_after_ms`.
+    #[serde(default)]
+    pub stale_tickets: Vec<u32>,
+    #[serde(default)]
+    pub stale_after_ms: u64,
+    /// Member devices that forge versions (another device's name, a signature that does not
+    /// verify) every `forge_every_ms` and offer them in their sessions.
+    #[serde(default)]
+    pub forgers: Vec<u32>,
+    #[serde(default = "default_forge_every")]
+    pub forge_every_ms: u64,
+    /// Devices that present device 1's ticket instead of their own.
+    #[serde(default)]
+    pub replayers: Vec<u32>,
+    /// Devices the cloud makes up: not in the directory, with a cloud-signed ticket for the
+    /// folder; they offer a cloud-signed `AddDevice` of themselves into user 0.
+    #[serde(default)]
+    pub injected: Vec<u32>,
+    /// Parts per million of the item-carrying feed messages whose first item the cloud (as the
+    /// relay on the path) alters in transit, keeping its signature.
+    #[serde(default)]
+    pub cloud_tamper_ppm: u32,
+    /// Fixed clock offsets `[[device, ms], ...]` (replacing `faults.clock_skew_ms` for them).
+    #[serde(default)]
+    pub skews_ms: Vec<(u32, i64)>,
+}
+
+fn default_users() -> u32 {
+    3
+}
+fn default_ticket_lifetime() -> u64 {
+    600_000
+}
+fn default_forge_every() -> u64 {
+    5_000
+}
+
+impl Mesh {
+    /// Devices with an adversary's role (they make no writes and need not converge).
+    pub fn adversaries(&self) -> impl Iterator<Item = u32> + '_ {
+        self.stale_tickets.iter().chain(&self.forgers).chain(&self.replayers).chain(&self.injected).copied()
+    }
+
+    fn validate(&self, devices: u32, model: NodeModel) -> Result<(), ScenarioError> {
+        let bad = |field: &'static str, why: &str| Err(ScenarioError::Invalid { field, why: why.into() });
+        if model != NodeModel::Engine {
+            return bad("mesh.enabled", "the mesh model needs model = \"engine\"");
+        }
+        if devices > 500 {
+            return bad("devices", "at most 500 with the mesh model");
+        }
+        let lists: [(&'static str, &Vec<u32>); 4] = [
+            ("mesh.stale_tickets", &self.stale_tickets),
+            ("mesh.forgers", &self.forgers),
+            ("mesh.replayers", &self.replayers),
+            ("mesh.injected", &self.injected),
+        ];
+        let mut seen = std::collections::BTreeSet::new();
+        for (field, list) in lists {
+            for &d in list {
+                if d < 2 || d > devices {
+                    return bad(field, "device indices must be 2..=devices (device 1 owns the folder)");
+                }
+                if !seen.insert(d) {
+                    return bad(field, "a device has at most one adversary role");
+                }
+            }
+        }
+        let directory_devices = devices - self.injected.len() as u32;
+        if self.users == 0 || self.users > directory_devices {
+            return bad("mesh.users", "must be 1..=the devices that are not injected");
+        }
+        if self.ticket_lifetime_ms < 2 || self.ticket_lifetime_ms > 3_600_000 {
+            return bad("mesh.ticket_lifetime_ms", "must be 2..=3600000 (the verifiers' maximum)");
+        }
+        match (self.remove_user, self.remove_at_ms) {
+            (Some(u), Some(_)) if u == 0 || u >= self.users => {
+                return bad("mesh.remove_user", "must be 1..users (user 0 owns the folder)");
+            }
+            (Some(_), None) => return bad("mesh.remove_at_ms", "is needed with remove_user"),
+            (None, Some(_)) => return bad("mesh.remove_user", "is needed with remove_at_ms"),
+            _ => {}
+        }
+        if self.forge_every_ms == 0 {
+            return bad("mesh.forge_every_ms", "must be at least 1");
+        }
+        if self.cloud_tamper_ppm > 1_000_000 {
+            return bad("mesh.cloud_tamper_ppm", "must be at most 1000000");
+        }
+        for &(d, ms) in &self.skews_ms {
+            if d == 0 || d > devices {
+                return bad("mesh.skews_ms", "device indices must be 1..=devices");
+            }
+            if ms.unsigned_abs() > 86_400_000 {
+                return bad("mesh.skews_ms", "offsets must be within one day");
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -459,6 +583,9 @@ impl Scenario {
         }
         if self.faults.churn_per_min > 0.0 && self.faults.churn_away_ms == 0 {
             return bad("faults.churn_away_ms", "must be at least 1 with churn");
+        }
+        if let Some(mesh) = self.mesh.as_ref().filter(|m| m.enabled) {
+            mesh.validate(self.devices, self.model)?;
         }
         Ok(())
     }

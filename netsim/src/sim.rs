@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use engine::authz::AuthSession;
 use engine::feedsync::{self, Edit, Endpoint, Item, ItemId, When};
 use engine::replica::Replica;
 use engine::sync::{Config, Outcome, Retained, Session};
@@ -13,6 +14,7 @@ use rand::{Rng as _, SeedableRng as _};
 use rand_chacha::ChaCha8Rng;
 
 use crate::checker::Checker;
+use crate::mesh::{MeshNode, MeshReport, MeshWorld, Role, BASE_US};
 use crate::net::{Cut, Nat, Net};
 use crate::queue::CalendarQueue;
 use crate::scenario::{NodeModel, PartitionKind, Scenario, Topology};
@@ -67,6 +69,55 @@ enum Payload {
     Rejoin {
         node: u32,
     },
+    /// Mesh model: the cloud issues `node` a fresh ticket.
+    TicketRefresh {
+        node: u32,
+    },
+    /// Mesh model: a forger forges a version.
+    Forge {
+        node: u32,
+    },
+    /// Mesh model: the folder owner removes the member.
+    RemoveMember,
+}
+
+/// A node's session: plain, or authorized (mesh model; boxed, so that the plain path keeps its
+/// size and layout).
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+enum Sess {
+    Plain(Session),
+    Auth(Box<AuthSession>),
+}
+
+impl Sess {
+    fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        match self {
+            Sess::Plain(s) => s.poll_transmit(),
+            Sess::Auth(s) => s.poll_transmit(),
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Micros> {
+        match self {
+            Sess::Plain(s) => s.poll_timeout(),
+            Sess::Auth(s) => s.poll_timeout(),
+        }
+    }
+
+    fn outcome(&self) -> Outcome {
+        match self {
+            Sess::Plain(s) => s.outcome().clone(),
+            Sess::Auth(s) => s.outcome(),
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Micros) {
+        match self {
+            Sess::Plain(s) => s.handle_timeout(now),
+            Sess::Auth(s) => s.handle_timeout(now),
+        }
+    }
 }
 
 /// The trace hash's input, buffered: hashing many small updates one by one would cost more than
@@ -103,13 +154,15 @@ struct Node {
     replica: Replica,
     endpoint: Endpoint,
     /// Sessions by (peer, session id).
-    sessions: BTreeMap<(u32, u64), Box<Session>>,
+    sessions: BTreeMap<(u32, u64), Box<Sess>>,
     /// The session this node initiated with each peer, if one is running.
     outgoing: BTreeMap<u32, u64>,
     /// Initiator-side cursors per peer (volatile).
     retained: BTreeMap<u32, Retained>,
     skew_ms: i64,
     drift_ppm: i64,
+    /// Mesh model: keys, directory, ticket, role.
+    mesh: Option<Box<MeshNode>>,
 }
 
 impl Node {
@@ -154,6 +207,9 @@ pub struct Report {
     pub trace_hash: String,
     /// The first failed check, if any.
     pub failure: Option<String>,
+    /// The mesh security model's figures (with `[mesh]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<MeshReport>,
     /// Sampled writes: (written at, when each node got it), microseconds; for the plot.
     #[serde(skip)]
     pub timelines: Vec<(u64, Vec<u64>)>,
@@ -193,6 +249,8 @@ pub struct Sim {
     graph: Option<crate::topology::Topology>,
     /// The first invariant violation seen after an event.
     violation: Option<String>,
+    /// The mesh model's world (with `[mesh] enabled = true`).
+    mesh: Option<Box<MeshWorld>>,
 }
 
 impl Sim {
@@ -230,8 +288,23 @@ impl Sim {
                 retained: BTreeMap::new(),
                 skew_ms,
                 drift_ppm,
+                mesh: None,
             });
         }
+        let mesh = sc.mesh.as_ref().filter(|m| m.enabled).map(|spec| {
+            let (world, states) = crate::mesh::build(spec, devices, &mut rng, EPOCH_UNIX_SECS);
+            for (node, state) in nodes.iter_mut().zip(states) {
+                let epoch = node.replica.cursor().epoch;
+                // A forger keeps an unsigned replica: it holds what it forges.
+                node.replica =
+                    if state.role == Role::Forger { Replica::new(epoch) } else { Replica::new_signed(epoch) };
+                node.mesh = Some(Box::new(state));
+            }
+            for &(d, ms) in &spec.skews_ms {
+                nodes[d as usize].skew_ms = ms;
+            }
+            Box::new(world)
+        });
         let graph = match &sc.graph {
             Some(spec) if *spec != crate::topology::GraphSpec::Complete => {
                 // Validated when the scenario was read; a failure here leaves the mesh complete.
@@ -284,6 +357,7 @@ impl Sim {
             kinds: BTreeMap::new(),
             violation: None,
             graph,
+            mesh,
         };
         sim.schedule_initial();
         sim
@@ -326,6 +400,21 @@ impl Sim {
                 self.push(self.faults_until, Payload::BackOnline { node });
             }
             self.schedule_leave(node, 0);
+        }
+        if let Some(world) = &self.mesh {
+            let half = (world.lifetime_us / 2).max(1);
+            let forge_every = world.spec.forge_every_ms * 1_000;
+            let forgers = world.spec.forgers.clone();
+            let remove_at = world.spec.remove_at_ms;
+            for node in 0..=devices {
+                self.push(half, Payload::TicketRefresh { node });
+            }
+            for node in forgers {
+                self.push(forge_every, Payload::Forge { node });
+            }
+            if let Some(at) = remove_at {
+                self.push(at * 1_000, Payload::RemoveMember);
+            }
         }
         for index in 0..self.sc.partitions.len() {
             let p = &self.sc.partitions[index];
@@ -406,7 +495,7 @@ impl Sim {
                 tracing::trace!(t_us = self.now, node, up = self.up(node), "write");
                 self.trace.update(b"write");
                 self.trace.update(&node.to_le_bytes());
-                if self.up(node) {
+                if self.up(node) && self.may_write(node) {
                     self.write(node);
                     self.check_touched(node);
                 }
@@ -439,10 +528,29 @@ impl Sim {
             Payload::SessionTimer { node, peer, sid } => {
                 tracing::trace!(t_us = self.now, node, peer, sid, "timer");
                 self.trace.update(b"timer");
-                let now = self.now;
+                let now = self.local_us(node);
                 let Some(session) = self.nodes[node as usize].sessions.get_mut(&(peer, sid)) else { return };
                 session.handle_timeout(now);
                 self.after_session(node, peer, sid, None);
+            }
+            Payload::TicketRefresh { node } => {
+                self.trace.update(b"ticket");
+                self.trace.update(&node.to_le_bytes());
+                self.refresh_ticket(node);
+            }
+            Payload::Forge { node } => {
+                self.trace.update(b"forge");
+                self.trace.update(&node.to_le_bytes());
+                self.forge(node);
+            }
+            Payload::RemoveMember => {
+                tracing::debug!(t_us = self.now, "member removed");
+                self.trace.update(b"remove");
+                let when = EPOCH_UNIX_SECS + (self.now / 1_000_000) as i64;
+                if let (Some(world), Some(owner)) = (self.mesh.as_mut(), self.nodes[1].mesh.as_mut()) {
+                    world.remove_member(owner, when);
+                }
+                self.note_removal(1);
             }
             Payload::Crash { node } => {
                 tracing::debug!(t_us = self.now, node, "crash");
@@ -546,10 +654,44 @@ impl Sim {
         let sid: u64 = self.rng.random();
         let now = self.now;
         tracing::trace!(t_us = now, node, peer, sid, "session start");
+        if let Some(world) = &self.mesh {
+            let folder = world.folder;
+            let local = self.local_us(node);
+            let Some(peer_channel) = self.nodes[peer as usize].mesh.as_ref().map(|m| m.channel) else {
+                return;
+            };
+            let n = &mut self.nodes[node as usize];
+            let Some(m) = n.mesh.as_ref() else { return };
+            if m.role == Role::Injected {
+                let hello = crate::mesh::injected_hello(m, folder, sid);
+                self.sessions_started += 1;
+                self.send(node, peer, hello);
+                return;
+            }
+            let retained = n.retained.get(&peer).copied().unwrap_or_default();
+            let session = AuthSession::initiate(
+                sid,
+                local,
+                folder,
+                m.policy(),
+                peer_channel,
+                &m.dir,
+                &n.replica,
+                // An authorized session's feed part is not its first message: a repeated inner
+                // Hello meets the same session, whose responder must still be lingering.
+                Config { linger_after_hello: true, ..self.cfg.clone() },
+                retained,
+            );
+            n.sessions.insert((peer, sid), Box::new(Sess::Auth(Box::new(session))));
+            n.outgoing.insert(peer, sid);
+            self.sessions_started += 1;
+            self.after_session(node, peer, sid, None);
+            return;
+        }
         let n = &mut self.nodes[node as usize];
         let retained = n.retained.get(&peer).copied().unwrap_or_default();
         let session = Session::initiate(sid, now, &n.replica, self.cfg.clone(), retained);
-        n.sessions.insert((peer, sid), Box::new(session));
+        n.sessions.insert((peer, sid), Box::new(Sess::Plain(session)));
         n.outgoing.insert(peer, sid);
         self.sessions_started += 1;
         self.after_session(node, peer, sid, None);
@@ -590,7 +732,11 @@ impl Sim {
         if !self.up(to) {
             return;
         }
-        let Some((sid, step, _)) = engine::wire::peek(bytes) else { return };
+        let Some((sid, step, kind)) = engine::wire::peek(bytes) else { return };
+        if self.mesh.is_some() {
+            self.deliver_mesh(to, from, bytes, sid, step, kind);
+            return;
+        }
         let now = self.now;
         let cfg = self.cfg.clone();
         let n = &mut self.nodes[to as usize];
@@ -600,12 +746,140 @@ impl Sim {
             if step != 0 || n.outgoing.get(&from) == Some(&sid) {
                 return;
             }
-            n.sessions.insert((from, sid), Box::new(Session::respond(sid, &n.replica, cfg)));
+            n.sessions.insert((from, sid), Box::new(Sess::Plain(Session::respond(sid, &n.replica, cfg))));
         }
         let head = n.replica.head();
         let Some(session) = n.sessions.get_mut(&(from, sid)) else { return };
-        let _ = session.handle_message(now, &mut n.replica, bytes);
+        if let Sess::Plain(session) = session.as_mut() {
+            let _ = session.handle_message(now, &mut n.replica, bytes);
+        }
         self.after_session(to, from, sid, Some(head));
+    }
+
+    /// [`Sim::deliver`] in the mesh model: authorized sessions (responders open on a `DirHello`),
+    /// the injected devices' scripted answers, and who has seen the removal.
+    fn deliver_mesh(&mut self, to: u32, from: u32, bytes: &[u8], sid: u64, step: u32, kind: &str) {
+        let local = self.local_us(to);
+        let cfg = self.cfg.clone();
+        let Some(peer_channel) = self.nodes[from as usize].mesh.as_ref().map(|m| m.channel) else { return };
+        let n = &mut self.nodes[to as usize];
+        let Some(m) = n.mesh.as_mut() else { return };
+        if m.role == Role::Injected {
+            if let Some(answer) = crate::mesh::injected_answer(m, bytes, cfg.max_message_bytes) {
+                self.send(to, from, answer);
+            }
+            return;
+        }
+        if !n.sessions.contains_key(&(from, sid)) {
+            if step != 0 || kind != "DirHello" || n.outgoing.get(&from) == Some(&sid) {
+                return;
+            }
+            let cfg = Config { linger_after_hello: true, ..cfg };
+            let session = AuthSession::respond(sid, m.policy(), peer_channel, &n.replica, cfg);
+            n.sessions.insert((from, sid), Box::new(Sess::Auth(Box::new(session))));
+        }
+        let head = n.replica.head();
+        let Some(session) = n.sessions.get_mut(&(from, sid)) else { return };
+        if let Sess::Auth(session) = session.as_mut() {
+            let _ = session.handle_message(local, &mut m.dir, &mut n.replica, bytes);
+        }
+        self.note_removal(to);
+        self.after_session(to, from, sid, Some(head));
+    }
+
+    /// This node's ticket clock (mesh model; virtual time otherwise).
+    fn local_us(&self, node: u32) -> Micros {
+        if self.mesh.is_none() {
+            return self.now;
+        }
+        let skew_us = self.nodes[node as usize].skew_ms * 1_000;
+        (BASE_US as i64 + self.now as i64 + skew_us) as u64
+    }
+
+    /// A time of this node's ticket clock in virtual time (mesh model; the same otherwise).
+    fn virtual_us(&self, node: u32, local: Micros) -> Micros {
+        if self.mesh.is_none() {
+            return local;
+        }
+        let skew_us = self.nodes[node as usize].skew_ms * 1_000;
+        ((local as i64 - BASE_US as i64 - skew_us).max(self.now as i64)) as u64
+    }
+
+    /// Whether a device makes writes: all do without the mesh model; with it, not adversaries
+    /// nor the removed member (after half the time to its removal).
+    fn may_write(&self, node: u32) -> bool {
+        let (Some(world), Some(m)) = (&self.mesh, &self.nodes[node as usize].mesh) else { return true };
+        if m.role != Role::Honest || !crate::mesh::skew_within(self.nodes[node as usize].skew_ms) {
+            return false;
+        }
+        !m.removed || world.spec.remove_at_ms.is_some_and(|at| self.now < at * 1_000 / 2)
+    }
+
+    /// Whether a device must converge at the end.
+    fn expected(&self, node: u32) -> bool {
+        match &self.nodes[node as usize].mesh {
+            None => true,
+            Some(m) => {
+                m.role == Role::Honest
+                    && !m.removed
+                    && crate::mesh::skew_within(self.nodes[node as usize].skew_ms)
+            }
+        }
+    }
+
+    fn note_removal(&mut self, node: u32) {
+        let Some(world) = &self.mesh else { return };
+        let now = self.now;
+        if let Some(m) = self.nodes[node as usize].mesh.as_mut() {
+            if m.removal_known_at.is_none() && world.shows_removal(&m.dir) {
+                m.removal_known_at = Some(now);
+            }
+        }
+    }
+
+    /// The cloud issues `node` a fresh ticket (a stale device's refreshes stop; a replayer
+    /// takes device 1's current one), and schedules the next.
+    fn refresh_ticket(&mut self, node: u32) {
+        let Some(world) = self.mesh.as_mut() else { return };
+        let Some(m) = self.nodes[node as usize].mesh.as_ref() else { return };
+        if m.role == Role::Stale && self.now >= world.spec.stale_after_ms * 1_000 {
+            return;
+        }
+        let ticket = if m.role == Role::Replayer {
+            self.nodes[1].mesh.as_ref().map(|v| v.creds.ticket.clone())
+        } else {
+            let cloud_dir = self.nodes[0].mesh.as_ref().map(|c| &c.dir);
+            cloud_dir.map(|dir| world.issue(m, dir, self.now))
+        };
+        let next = self.now + (world.lifetime_us / 2).max(1);
+        if let (Some(ticket), Some(m)) = (ticket, self.nodes[node as usize].mesh.as_mut()) {
+            m.creds.ticket = ticket;
+        }
+        if next <= self.end {
+            self.push(next, Payload::TicketRefresh { node });
+        }
+    }
+
+    /// A forger makes a version named after device 1 with a signature that does not verify.
+    fn forge(&mut self, node: u32) {
+        let Some(world) = self.mesh.as_mut() else { return };
+        let next = self.now + world.spec.forge_every_ms * 1_000;
+        if next < self.faults_until {
+            self.push(next, Payload::Forge { node });
+        }
+        let item = crate::net::sample_cdf(&self.zipf_cdf, self.rng.random_range(0..u64::MAX));
+        let id = ItemId::new(&format!("item-{item}")).expect("generated ids are valid");
+        let Some(victim) = self.nodes[1].mesh.as_ref().map(|v| v.device.endpoint()) else { return };
+        let n = &mut self.nodes[node as usize];
+        let clock_ms = n.clock_ms(self.now);
+        let when = When::from_unix_secs(EPOCH_UNIX_SECS + clock_ms.div_euclid(1_000))
+            .expect("simulated times are in range");
+        let text = format!("<title>forged by {} at {}</title>", n.endpoint, self.now);
+        let Some(forged) = crate::mesh::forge(n.replica.item(&id), &id, &victim, &when, text) else { return };
+        let Some(world) = self.mesh.as_mut() else { return };
+        world.forged.insert(crate::mesh::version_key(&forged.version));
+        world.report.forged_made += 1;
+        let _ = n.replica.merge(&Arc::new(forged));
     }
 
     /// Sends what a session has to send, arms its timer, records replica changes, retires it.
@@ -614,8 +888,15 @@ impl Sim {
             let n = &self.nodes[node as usize];
             let changed: Vec<(Arc<Item>, u64)> =
                 n.replica.log_since(head).map(|c| (c.item.clone(), c.fp)).collect();
+            // A forger's replica holds versions no write made.
+            let forger = n.mesh.as_ref().is_some_and(|m| m.role == Role::Forger);
+            if self.mesh.is_some() {
+                self.mesh_received(node, peer, &changed);
+            }
             for (item, fp) in changed {
-                self.checker.absorb_state(node, &item, fp, self.now);
+                if !forger {
+                    self.checker.absorb_state(node, &item, fp, self.now);
+                }
             }
         }
         let mut out = Vec::new();
@@ -632,6 +913,7 @@ impl Sim {
             self.send(node, peer, bytes);
         }
         if let Some(t) = timeout {
+            let t = self.virtual_us(node, t);
             self.push(t, Payload::SessionTimer { node, peer, sid });
         }
         let n = &mut self.nodes[node as usize];
@@ -654,11 +936,53 @@ impl Sim {
             if matches!(outcome, Outcome::Failed(_)) {
                 self.sessions_failed += 1;
             }
+            if let Some(world) = self.mesh.as_mut() {
+                match &outcome {
+                    Outcome::Failed(e) => world.count_failure(e, self.now),
+                    Outcome::Done { .. } => world.report.sessions_done += 1,
+                    Outcome::Running => {}
+                }
+            }
             self.nodes[node as usize].sessions.remove(&(peer, sid));
         }
     }
 
+    /// Mesh model: versions that reached a removed member's device from a sender that knew of
+    /// the removal before they were written are leaks.
+    fn mesh_received(&mut self, node: u32, peer: u32, changed: &[(Arc<Item>, u64)]) {
+        let removed = self.nodes[node as usize].mesh.as_ref().is_some_and(|m| m.removed);
+        let known = self.nodes[peer as usize].mesh.as_ref().and_then(|m| m.removal_known_at);
+        let (true, Some(world)) = (removed, self.mesh.as_mut()) else { return };
+        world.report.removed_received += changed.len() as u64;
+        let Some(known) = known else { return };
+        for (item, _) in changed {
+            for version in crate::mesh::versions(item) {
+                let key = crate::mesh::version_key(version);
+                if world.write_times.get(&key).is_some_and(|&at| at > known) {
+                    world.report.removed_leaks += 1;
+                }
+            }
+        }
+    }
+
     fn send(&mut self, from: u32, to: u32, bytes: Vec<u8>) {
+        let bytes = match self.mesh.as_mut() {
+            Some(world) if world.spec.cloud_tamper_ppm > 0 => {
+                let ppm = world.spec.cloud_tamper_ppm;
+                let tampered = (self.rng.random_range(0..1_000_000) < ppm)
+                    .then(|| crate::mesh::tamper(&bytes, self.cfg.max_message_bytes))
+                    .flatten();
+                match tampered {
+                    Some((altered, key)) => {
+                        world.forged.insert(key);
+                        world.report.forged_made += 1;
+                        altered
+                    }
+                    None => bytes,
+                }
+            }
+            _ => bytes,
+        };
         if let Some((_, _, kind)) = engine::wire::peek(&bytes) {
             if let Some(entry) = self.kinds.get_mut(kind) {
                 entry.0 += 1;
@@ -709,8 +1033,15 @@ impl Sim {
             ..feedsync::Content::empty()
         });
         let edit = Edit { content: Some(content), delete, resolve };
-        if n.replica.change(&id, &n.endpoint.clone(), &when, &edit).is_ok() {
+        let changed = match &n.mesh {
+            Some(m) => n.replica.change_signed(&id, &m.key, &when, &edit),
+            None => n.replica.change(&id, &n.endpoint.clone(), &when, &edit),
+        };
+        if changed.is_ok() {
             let state = n.replica.item(&id).expect("just changed").clone();
+            if let Some(world) = self.mesh.as_mut() {
+                world.write_times.insert(crate::mesh::version_key(&state.version), self.now);
+            }
             self.checker.write(node, &state, self.now);
         }
     }
@@ -718,7 +1049,7 @@ impl Sim {
     fn finish(mut self) -> Report {
         // In a peer mesh the cloud only relays: it holds no replica of the feed.
         let first = if self.sc.topology == Topology::Mesh { 1 } else { CLOUD };
-        let live: Vec<u32> = (first..=self.sc.devices).filter(|&i| self.up(i)).collect();
+        let live: Vec<u32> = (first..=self.sc.devices).filter(|&i| self.up(i) && self.expected(i)).collect();
         let reference = live.first().copied().unwrap_or(CLOUD);
         let digest = self.nodes[reference as usize].replica.digest();
         let mut failure = self.violation.take();
@@ -780,6 +1111,36 @@ impl Sim {
         if unconverged > 0 && failure.is_none() {
             failure = Some(format!("propagation: {unconverged} writes did not reach every live node"));
         }
+        let mesh = self.mesh.take().map(|mut world| {
+            let mut report = std::mem::take(&mut world.report);
+            for (i, n) in self.nodes.iter().enumerate() {
+                let Some(m) = &n.mesh else { continue };
+                report.removal_known_by += u32::from(m.removal_known_at.is_some());
+                if m.role == Role::Forger || m.role == Role::Injected {
+                    continue;
+                }
+                for item in n.replica.items() {
+                    let forged = crate::mesh::versions(item)
+                        .filter(|v| world.forged.contains(&crate::mesh::version_key(v)))
+                        .count();
+                    if forged > 0 {
+                        report.forged_present += forged as u64;
+                        failure.get_or_insert(format!(
+                            "forgery: node {i} holds a forged version of {}",
+                            item.id()
+                        ));
+                    }
+                }
+            }
+            report.expected_devices = live.len() as u32;
+            if report.removed_leaks > 0 {
+                failure.get_or_insert(format!(
+                    "removal: {} versions reached a removed member after its sender knew",
+                    report.removed_leaks
+                ));
+            }
+            report
+        });
         self.trace.update(&digest.to_le_bytes());
         Report {
             scenario: self.sc.name.clone(),
@@ -809,6 +1170,7 @@ impl Sim {
             digest: format!("{digest:016x}"),
             trace_hash: self.trace.finalize().to_hex().to_string(),
             failure,
+            mesh,
             timelines: self.checker.timelines(),
             replica_nodes: self.sc.devices + u32::from(first == CLOUD),
         }
