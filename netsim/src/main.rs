@@ -325,6 +325,18 @@ fn timed(scenario: Scenario, seed: u64) -> (Report, f64, f64) {
     (report, setup, t1.elapsed().as_secs_f64() * 1e3)
 }
 
+/// `runs` timed runs of the same scenario and seed (the same events each time); the fastest.
+fn best_of(runs: u32, scenario: &Scenario) -> (Report, f64, f64) {
+    let mut best = timed(scenario.clone(), 1);
+    for _ in 1..runs {
+        let next = timed(scenario.clone(), 1);
+        if next.2 < best.2 {
+            best = next;
+        }
+    }
+    best
+}
+
 fn bench(
     nodes: &[u32],
     events: u64,
@@ -349,7 +361,8 @@ fn bench(
             Ok(s) => s,
             Err(code) => return code,
         };
-        let (report, setup, ms) = timed(scenario, 1);
+        // The best of three: a shared machine's noise only ever slows a run down.
+        let (report, setup, ms) = best_of(3, &scenario);
         let rate = report.events as f64 / (ms / 1e3);
         println!("  {n:>8} {:>12} {ms:>10.0} {:>14.0} {setup:>10.0}", report.events, rate);
         results.push(serde_json::json!({
@@ -378,7 +391,8 @@ fn bench(
             Ok(s) => s,
             Err(code) => return code,
         };
-        let (report, _setup, ms) = timed(scenario, 1);
+        // Small runs take the best of three; a 100,000-device run takes half a minute, once.
+        let (report, _setup, ms) = best_of(if n <= 10_000 { 3 } else { 1 }, &scenario);
         let per_s = report.messages as f64 / (ms / 1e3);
         let rss = peak_rss();
         let per_node = rss / u64::from(n + 1);
@@ -397,7 +411,10 @@ fn bench(
         }));
     }
     println!();
-    println!("Peak RSS is the process's high-water mark so far (it includes every earlier run).");
+    println!(
+        "Each row is the fastest of three identical runs (one for 100,000 devices). Peak RSS is the \
+         process's high-water mark so far (it includes every earlier run)."
+    );
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&results).unwrap_or_default();
         if let Err(e) = std::fs::write(&path, text + "\n") {

@@ -148,6 +148,51 @@ impl Trace {
     }
 }
 
+/// A small map by peer: a sorted vector. A device keeps state for a handful of peers (the cloud,
+/// a few LAN or overlay neighbours), where a `BTreeMap`'s first node alone costs ~600 bytes; at
+/// 100,000 nodes that is most of the simulator's memory.
+#[derive(Debug)]
+struct PeerMap<V> {
+    entries: Vec<(u32, V)>,
+}
+
+impl<V> Default for PeerMap<V> {
+    fn default() -> Self {
+        Self { entries: Vec::new() }
+    }
+}
+
+impl<V> PeerMap<V> {
+    fn find(&self, peer: u32) -> Result<usize, usize> {
+        self.entries.binary_search_by_key(&peer, |(p, _)| *p)
+    }
+
+    fn get(&self, peer: &u32) -> Option<&V> {
+        self.find(*peer).ok().map(|i| &self.entries[i].1)
+    }
+
+    fn contains_key(&self, peer: &u32) -> bool {
+        self.find(*peer).is_ok()
+    }
+
+    fn insert(&mut self, peer: u32, value: V) {
+        match self.find(peer) {
+            Ok(i) => self.entries[i].1 = value,
+            Err(i) => self.entries.insert(i, (peer, value)),
+        }
+    }
+
+    fn remove(&mut self, peer: &u32) {
+        if let Ok(i) = self.find(*peer) {
+            self.entries.remove(i);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries = Vec::new();
+    }
+}
+
 /// One simulated node: the cloud (index 0) or a device.
 #[derive(Debug)]
 struct Node {
@@ -156,9 +201,9 @@ struct Node {
     /// Sessions by (peer, session id).
     sessions: BTreeMap<(u32, u64), Box<Sess>>,
     /// The session this node initiated with each peer, if one is running.
-    outgoing: BTreeMap<u32, u64>,
+    outgoing: PeerMap<u64>,
     /// Initiator-side cursors per peer (volatile).
-    retained: BTreeMap<u32, Retained>,
+    retained: PeerMap<Retained>,
     skew_ms: i64,
     drift_ppm: i64,
     /// Mesh model: keys, directory, ticket, role.
@@ -284,8 +329,8 @@ impl Sim {
                 endpoint: Endpoint::new(&if i == CLOUD { "cloud".to_string() } else { format!("dev-{i}") })
                     .expect("generated endpoint names are valid"),
                 sessions: BTreeMap::new(),
-                outgoing: BTreeMap::new(),
-                retained: BTreeMap::new(),
+                outgoing: PeerMap::default(),
+                retained: PeerMap::default(),
                 skew_ms,
                 drift_ppm,
                 mesh: None,
