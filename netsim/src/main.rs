@@ -497,7 +497,8 @@ fn sweep(grid_path: &Path, jobs: Option<usize>, out: &Path, quick: bool) -> Exit
         bar
     });
     let started = Instant::now();
-    let rows = sweep::run(&plan, jobs, &|_| {
+    let clock_ms = || started.elapsed().as_millis() as u64;
+    let rows = sweep::run(&plan, jobs, &clock_ms, &|_| {
         if let Some(bar) = &bar {
             bar.inc(1);
         }

@@ -6,7 +6,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
 
 use serde_json::json;
 
@@ -275,7 +274,14 @@ pub struct Row {
 
 /// Runs every cell x seed on `jobs` threads (at least one), calling `done` after each run (from
 /// the worker thread). Rows come back in grid order (cell, then seed), whatever the timing.
-pub fn run(plan: &Plan, jobs: usize, done: &(dyn Fn(&Row) + Sync)) -> Vec<Row> {
+/// `clock_ms` is the caller's monotonic clock in milliseconds, read only for `Row::wall_ms` (the
+/// library reads no clock itself).
+pub fn run(
+    plan: &Plan,
+    jobs: usize,
+    clock_ms: &(dyn Fn() -> u64 + Sync),
+    done: &(dyn Fn(&Row) + Sync),
+) -> Vec<Row> {
     let total = plan.runs();
     let next = AtomicUsize::new(0);
     let slots: Mutex<Vec<Option<Row>>> = Mutex::new(vec![None; total]);
@@ -288,9 +294,9 @@ pub fn run(plan: &Plan, jobs: usize, done: &(dyn Fn(&Row) + Sync)) -> Vec<Row> {
                 }
                 let cell = index / plan.seeds.len();
                 let seed = plan.seeds[index % plan.seeds.len()];
-                let started = Instant::now();
+                let started = clock_ms();
                 let report = crate::run(&plan.cells[cell].scenario, seed, &mut |_, _| {});
-                let wall_ms = started.elapsed().as_millis() as u64;
+                let wall_ms = clock_ms().saturating_sub(started);
                 let row = Row { cell, seed, report, wall_ms };
                 done(&row);
                 // A poisoned lock means another worker panicked; the scope re-raises that panic.
