@@ -365,7 +365,7 @@ impl AuthSession {
                     if !complete {
                         return Err(Refusal::DirectoryBehind);
                     }
-                    directory.may_sync(&folder, &creds.device, &body.device)?;
+                    may_sync(directory, &creds, &folder, &body.device)?;
                     replica.set_signers(Some(directory.signers(&folder)));
                     let heads = heads_of(&heads)?;
                     Ok(self.budgeted(directory.missing_for(&heads), 0))
@@ -392,7 +392,7 @@ impl AuthSession {
                     if !complete {
                         return Err(Refusal::DirectoryBehind);
                     }
-                    directory.may_sync(&folder, &creds.device, &peer)?;
+                    may_sync(directory, &creds, &folder, &peer)?;
                     replica.set_signers(Some(directory.signers(&folder)));
                     Ok(())
                 })();
@@ -474,6 +474,24 @@ impl AuthSession {
         }
         let complete = out.len() == total;
         (out, complete)
+    }
+}
+
+/// The rule between two devices ([`Directory::may_sync`]), or, when either side is the cloud
+/// (the ticket authority, which keeps a replica of every feed), [`Directory::may_hold`] for the
+/// device on the other side. The cloud is never a signer: what it relays stays verifiable.
+fn may_sync(
+    directory: &Directory,
+    creds: &Credentials,
+    folder: &FolderId,
+    peer: &DeviceId,
+) -> Result<(), Refusal> {
+    if *peer == creds.cloud {
+        directory.may_hold(folder, &creds.device)
+    } else if creds.device == creds.cloud {
+        directory.may_hold(folder, peer)
+    } else {
+        directory.may_sync(folder, &creds.device, peer)
     }
 }
 

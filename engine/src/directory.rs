@@ -862,6 +862,20 @@ impl Directory {
         Ok(())
     }
 
+    /// Whether `device` may hold `folder` at all: it is active, its user owns the folder or is an
+    /// active member, and the folder is mapped on it. (The rule for syncing with the cloud.)
+    pub fn may_hold(&self, folder: &FolderId, device: &DeviceId) -> Result<(), Refusal> {
+        let f = self.folder(folder).ok_or(Refusal::UnknownFolder { folder: *folder })?;
+        let user = self.user_of(device).ok_or(Refusal::DeviceNotActive { device: *device })?;
+        if !self.state.is_participant(f, &user) {
+            return Err(Refusal::NotMember { device: *device });
+        }
+        if !f.mapped.contains(device) {
+            return Err(Refusal::NotMapped { device: *device });
+        }
+        Ok(())
+    }
+
     /// The devices whose versions a replica of `folder` accepts: every device (active or not:
     /// their past versions stay valid) of the owner and of members who were ever active.
     pub fn signers(&self, folder: &FolderId) -> BTreeSet<DeviceId> {

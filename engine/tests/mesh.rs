@@ -655,3 +655,73 @@ fn signed_replicas_refuse_unsigned_local_changes() {
         .unwrap_err();
     assert_eq!(err, engine::feedsync::FeedsyncError::Signature(SignatureError::LocalUnsigned));
 }
+
+// ---------------------------------------------------------------- the cloud as a sync peer
+
+/// The cloud keeps a replica of every feed: a device that may hold the folder syncs with it (in
+/// both roles), a device without the folder mapped is refused, and what the cloud relays is
+/// still the devices' signed versions.
+#[test]
+fn the_cloud_syncs_with_devices_that_hold_the_folder() {
+    let mut w = World::new();
+    let folder = w.folder;
+    let cloud_key = key(200);
+    let cloud_id = DeviceId::of(&cloud_key);
+    let cloud_policy = |w: &mut World, now: Micros| {
+        let ticket = w.cloud.issue(
+            cloud_id,
+            cloud_id.into(),
+            Rights { folders: vec![folder], relay: false },
+            now,
+            60_000_000,
+        );
+        Policy::Directory(Box::new(Credentials { device: cloud_id, ticket, cloud: w.cloud.id() }))
+    };
+    let mut a1_dir = w.dir.clone();
+    let mut cloud_dir = w.dir.clone();
+    let mut a1_rep = signed_replica(&w, &[("x", "a1")]);
+    let mut cloud_rep = Replica::new_signed(2);
+    let (pa1, pc) = (w.policy("a1", T0), cloud_policy(&mut w, T0));
+    let ran = run(
+        Side { dir: &mut a1_dir, replica: &mut a1_rep, policy: pa1, channel: w.device("a1").into() },
+        Side { dir: &mut cloud_dir, replica: &mut cloud_rep, policy: pc, channel: cloud_id.into() },
+        folder,
+        T0,
+    );
+    assert!(done(&ran.initiator) && done(&ran.responder), "{:?} {:?}", ran.initiator, ran.responder);
+    assert_eq!(cloud_rep.digest(), a1_rep.digest());
+    // The cloud initiates towards b1 (a member), which gets a1's signed version.
+    let mut b1_dir = w.dir.clone();
+    let mut b1_rep = Replica::new_signed(3);
+    let (pc, pb1) = (cloud_policy(&mut w, T0), w.policy("b1", T0));
+    let ran = run(
+        Side { dir: &mut cloud_dir, replica: &mut cloud_rep, policy: pc, channel: cloud_id.into() },
+        Side { dir: &mut b1_dir, replica: &mut b1_rep, policy: pb1, channel: w.device("b1").into() },
+        folder,
+        T0,
+    );
+    assert!(done(&ran.initiator) && done(&ran.responder));
+    assert_eq!(b1_rep.digest(), a1_rep.digest());
+    // c1 is not a member: the cloud refuses it (with a ticket for the folder forged by nobody:
+    // the cloud's own authority would not grant it, so give c1 one that does).
+    let ticket = w.cloud.issue(
+        w.device("c1"),
+        w.device("c1").into(),
+        Rights { folders: vec![folder], relay: true },
+        T0,
+        60_000_000,
+    );
+    let pc1 =
+        Policy::Directory(Box::new(Credentials { device: w.device("c1"), ticket, cloud: w.cloud.id() }));
+    let mut c1_dir = w.dir.clone();
+    let mut c1_rep = Replica::new_signed(4);
+    let pc = cloud_policy(&mut w, T0);
+    let ran = run(
+        Side { dir: &mut c1_dir, replica: &mut c1_rep, policy: pc1, channel: w.device("c1").into() },
+        Side { dir: &mut cloud_dir, replica: &mut cloud_rep, policy: pc, channel: cloud_id.into() },
+        folder,
+        T0,
+    );
+    assert!(matches!(refusal(&ran.responder), Some(Refusal::NotMember { .. })), "{:?}", ran.responder);
+    assert!(c1_rep.is_empty());
+}

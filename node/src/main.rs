@@ -1,34 +1,306 @@
-//! `feedmesh`: the device binary. For now it carries the FeedSync command line (merge, update,
-//! purge, validate), a thin layer over `engine::feedsync`.
+//! `feedmesh`: the device binary. See `feedmesh --help`; README.md walks through a relay and
+//! two nodes.
 //!
-//! Exit status: 0 success; 1 invalid input (a one-line message on stderr naming the file and the
-//! problem; `validate` prints its problems on stdout); 2 usage errors (clap's own).
+//! Exit status: 0 success; 1 failure (one line on stderr); 2 usage errors (clap's own).
 
 mod feedsync_cli;
 
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
+use node::api::ApiFile;
+use node::cmd::{exec, Cmd, Ctx};
+use node::net::Net;
+use node::state::{self, Node, NodeConfig};
 
 #[derive(Parser, Debug)]
-#[command(name = "feedmesh", version, about = "feedmesh device: FeedSync feeds, synced over a mesh")]
+#[command(
+    name = "feedmesh",
+    version,
+    about = "feedmesh device: folders of FeedSync items, synced over a mesh"
+)]
 struct Cli {
+    /// Data directory (default: $FEEDMESH_DIR, else ~/.feedmesh).
+    #[arg(long, global = true)]
+    dir: Option<PathBuf>,
     #[command(subcommand)]
-    command: Command,
+    command: Top,
 }
 
 #[derive(Subcommand, Debug)]
-enum Command {
-    /// Read, merge, change and check FeedSync feeds (RSS 2.0 or Atom).
+enum Top {
+    /// Set up this device: a key and a data directory, tied to a relay. With --name, this is a
+    /// user's first device and creates the user; otherwise `pair` it into a user.
+    Init {
+        /// The relay's HTTP API, e.g. http://127.0.0.1:8080.
+        #[arg(long)]
+        relay: String,
+        /// Create a user with this name (first device).
+        #[arg(long)]
+        name: Option<String>,
+        /// Also set up a cloud account with this name (password from $FEEDMESH_PASSWORD or stdin).
+        #[arg(long, requires = "name")]
+        account: Option<String>,
+        /// A CA certificate (PEM file) to trust for the relay's HTTPS, e.g. its self-signed one.
+        #[arg(long)]
+        relay_ca: Option<PathBuf>,
+    },
+    /// Add this device to a user's mesh: shows a short code to confirm on an existing device
+    /// (`feedmesh device approve CODE`). Password from $FEEDMESH_PASSWORD or stdin.
+    Pair {
+        #[arg(long)]
+        account: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// The daemon: stays connected to the relay, syncs with the cloud and with peers (direct
+    /// when possible, relayed otherwise), and serves the local API.
+    Run {
+        /// Local API address (127.0.0.1 only; port 0 picks one; see api.json).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        api: std::net::SocketAddr,
+        /// Seconds between sync rounds (changes and notices also start one).
+        #[arg(long, default_value_t = 10)]
+        interval: u64,
+        /// UDP address for the device endpoint (default: any).
+        #[arg(long)]
+        bind: Option<std::net::SocketAddr>,
+        /// Sync with the cloud only, never directly with peers.
+        #[arg(long)]
+        cloud_only: bool,
+    },
+    /// Read, merge, change and check FeedSync feeds (RSS 2.0 or Atom) as files.
     Feedsync {
         #[command(subcommand)]
         command: feedsync_cli::FeedsyncCommand,
     },
+    #[command(flatten)]
+    Cmd(Cmd),
+}
+
+fn password() -> anyhow::Result<String> {
+    if let Ok(p) = std::env::var("FEEDMESH_PASSWORD") {
+        return Ok(p);
+    }
+    eprint!("password: ");
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Runtime::new()?)
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FEEDMESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Feedsync { command } => feedsync_cli::run(command),
+    init_tracing();
+    // reqwest (init, the local API client) uses rustls with the ring provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if let Top::Feedsync { command } = cli.command {
+        return feedsync_cli::run(command);
+    }
+    let dir = node::data_dir(cli.dir);
+    match run(&dir, cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("feedmesh: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn shared(node: Node) -> Arc<Mutex<Node>> {
+    Arc::new(Mutex::new(node))
+}
+
+fn run(dir: &Path, top: Top) -> anyhow::Result<()> {
+    match top {
+        Top::Feedsync { .. } => unreachable!("handled in main"),
+        Top::Init { relay, name, account, relay_ca } => {
+            let rt = runtime()?;
+            let info: relay_info::ConnectInfo = rt.block_on(async {
+                let url = format!("{}/v1/connect", relay.trim_end_matches('/'));
+                let resp =
+                    reqwest::get(&url).await.with_context(|| format!("reaching the relay at {url}"))?;
+                if !resp.status().is_success() {
+                    bail!("{url}: HTTP {}", resp.status());
+                }
+                resp.json().await.with_context(|| format!("{url}: not a feedmesh relay"))
+            })?;
+            let cloud = node::state::parse_device_hex(&info.cloud)
+                .ok_or_else(|| anyhow!("the relay sent a bad cloud id"))?;
+            let relay_ca_pem = match relay_ca {
+                Some(p) => {
+                    Some(std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?)
+                }
+                None => None,
+            };
+            let cfg = NodeConfig {
+                cloud,
+                relay_url: info.relay_url.clone(),
+                cloud_addrs: info.addrs.clone(),
+                relay_ca_pem,
+            };
+            state::create(dir, &cfg)?;
+            let node = Node::open(dir)?;
+            let id = node.id;
+            let node = shared(node);
+            if let Some(name) = name {
+                node::net::lock(&node).make(engine::directory::Op::CreateUser { name: name.clone() })?;
+                println!("created user {name} with this device as its first device");
+                let ctx = Ctx::new(node.clone(), None);
+                let pushed = rt.block_on(async {
+                    let net = ctx.net().await?;
+                    net.sync_directory().await?;
+                    if let Some(account) = account {
+                        let password = password()?;
+                        exec(&ctx, Cmd::Account { name: account, password: Some(password) }).await?;
+                        println!("cloud account set up");
+                    }
+                    ctx.close().await;
+                    anyhow::Ok(())
+                });
+                if let Err(e) = pushed {
+                    println!("(the cloud was not reached: {e:#}; the user syncs when it is)");
+                }
+            }
+            println!("device {} initialised in {}", engine::signing::hex(&id.0), dir.display());
+            println!("relay {} (cloud {})", info.relay_url, &info.cloud[..16]);
+            Ok(())
+        }
+        Top::Pair { account, timeout } => {
+            let password = password()?;
+            let node = shared(Node::open(dir)?);
+            let ctx = Ctx::new(node, None);
+            let out = runtime()?.block_on(async {
+                let out = node::cmd::pair(&ctx, &account, &password, Duration::from_secs(timeout), |m| {
+                    println!("{m}")
+                })
+                .await;
+                ctx.close().await;
+                out
+            })?;
+            print!("{out}");
+            Ok(())
+        }
+        Top::Run { api, interval, bind, cloud_only } => {
+            if !api.ip().is_loopback() {
+                bail!("the local API listens on loopback only");
+            }
+            let node = shared(Node::open(dir)?);
+            let rt = runtime()?;
+            rt.block_on(async move {
+                let net = Net::bind(node.clone(), bind).await?;
+                net.peer_sync.store(!cloud_only, std::sync::atomic::Ordering::Relaxed);
+                let ctx = Arc::new(Ctx::new(node.clone(), Some(net.clone())));
+                let listener =
+                    tokio::net::TcpListener::bind(api).await.with_context(|| format!("binding {api}"))?;
+                let mut token = [0u8; 32];
+                rand::fill(&mut token);
+                let token = engine::signing::hex(&token);
+                let file =
+                    ApiFile { addr: listener.local_addr()?, token: token.clone(), pid: std::process::id() };
+                state::write_private(&dir.join(state::API_FILE), serde_json::to_string(&file)?.as_bytes())?;
+                println!(
+                    "feedmesh device {} running",
+                    &engine::signing::hex(&node::net::lock(&node).id.0)[..16]
+                );
+                println!(
+                    "local API on http://{} (token in {})",
+                    file.addr,
+                    dir.join(state::API_FILE).display()
+                );
+                tokio::spawn(node::api::serve(ctx, listener, token));
+                tokio::spawn(net.clone().run(Duration::from_secs(interval.max(1))));
+                let _ = tokio::signal::ctrl_c().await;
+                let _ = std::fs::remove_file(dir.join(state::API_FILE));
+                net.disconnect().await;
+                net.endpoint.close().await;
+                anyhow::Ok(())
+            })
+        }
+        Top::Cmd(cmd) => {
+            let cmd = fill(cmd)?;
+            match Node::open(dir) {
+                Ok(node) => {
+                    let ctx = Ctx::new(shared(node), None);
+                    let out = runtime()?.block_on(async {
+                        let out = exec(&ctx, cmd).await;
+                        ctx.close().await;
+                        out
+                    })?;
+                    print!("{out}");
+                    Ok(())
+                }
+                Err(e) if node::is_locked(&e) => via_daemon(dir, cmd),
+                Err(e) => Err(e),
+            }
+        }
+    }
+}
+
+/// Reads what a command needs from the terminal or files before it may travel to the daemon.
+fn fill(cmd: Cmd) -> anyhow::Result<Cmd> {
+    Ok(match cmd {
+        Cmd::Account { name, password: None } => Cmd::Account { name, password: Some(password()?) },
+        Cmd::Import { folder, file, bytes: None } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            Cmd::Import { folder, file, bytes: Some(bytes) }
+        }
+        Cmd::Put { folder, id, text: None, title, file: Some(f) } => {
+            let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+            Cmd::Put { folder, id, text: Some(text), title, file: None }
+        }
+        other => other,
+    })
+}
+
+/// Sends a command to the running daemon's local API.
+fn via_daemon(dir: &Path, cmd: Cmd) -> anyhow::Result<()> {
+    let path = dir.join(state::API_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!("the database is in use but {} is missing (is a daemon starting?)", path.display())
+    })?;
+    let file: ApiFile =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid", path.display()))?;
+    let out: serde_json::Value = runtime()?.block_on(async {
+        let resp = reqwest::Client::new()
+            .post(format!("http://{}/v1/exec", file.addr))
+            .bearer_auth(&file.token)
+            .json(&cmd)
+            .send()
+            .await
+            .with_context(|| format!("reaching the daemon at {}", file.addr))?;
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await?;
+        if !status.is_success() {
+            bail!("{}", body["error"].as_str().unwrap_or("daemon error"));
+        }
+        anyhow::Ok(body)
+    })?;
+    print!("{}", out["output"].as_str().unwrap_or_default());
+    Ok(())
+}
+
+mod relay_info {
+    /// `GET /v1/connect` of the relay.
+    #[derive(serde::Deserialize, Debug)]
+    pub struct ConnectInfo {
+        pub cloud: String,
+        pub relay_url: String,
+        pub addrs: Vec<std::net::SocketAddr>,
     }
 }

@@ -1,14 +1,115 @@
-//! `feedmesh-relay`: the cloud/relay binary. A placeholder until the directory, tickets and relay
-//! land; it parses its command line and says what it cannot do yet.
+//! `feedmesh-relay`: see the library docs. Settings come from `--config FILE` (TOML), then flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::Parser;
+use tracing_subscriber::EnvFilter;
 
+/// The feedmesh cloud and relay: directory, tickets, a replica of every feed, an HTTP API and an
+/// iroh relay server, in one process.
 #[derive(Parser, Debug)]
-#[command(name = "feedmesh-relay", version, about = "feedmesh cloud relay (not yet implemented)")]
-struct Cli {}
+#[command(name = "feedmesh-relay", version, about, long_about = None)]
+struct Args {
+    /// TOML config file (flags override it).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Data directory (key and database).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// HTTP API address.
+    #[arg(long)]
+    http: Option<SocketAddr>,
+    /// iroh relay server address (HTTP; HTTPS with --tls-cert/--tls-key).
+    #[arg(long)]
+    relay: Option<SocketAddr>,
+    /// The cloud endpoint's UDP address.
+    #[arg(long)]
+    quic: Option<SocketAddr>,
+    /// Relay URL to give devices (when reached through a proxy or a public name).
+    #[arg(long)]
+    public_relay_url: Option<String>,
+    /// Public UDP address of the cloud endpoint (repeatable).
+    #[arg(long)]
+    public_addr: Vec<SocketAddr>,
+    /// PEM certificate chain for the relay's HTTPS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for the relay's HTTPS.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Log as JSON lines (default: human-readable).
+    #[arg(long)]
+    log_json: bool,
+}
 
-fn main() -> std::process::ExitCode {
-    let _cli = Cli::parse();
-    eprintln!("feedmesh-relay: the relay is not implemented yet; see ARCHITECTURE.md");
-    std::process::ExitCode::from(1)
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_env("FEEDMESH_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,iroh=warn,iroh_relay=warn,noq=warn"));
+    if args.log_json {
+        tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    }
+    let mut cfg = match &args.config {
+        Some(path) => match relay::Config::from_file(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("feedmesh-relay: {e:#}");
+                return ExitCode::from(2);
+            }
+        },
+        None => relay::Config::default(),
+    };
+    if let Some(v) = args.data_dir {
+        cfg.data_dir = v;
+    }
+    if let Some(v) = args.http {
+        cfg.http = v;
+    }
+    if let Some(v) = args.relay {
+        cfg.relay = v;
+    }
+    if let Some(v) = args.quic {
+        cfg.quic = v;
+    }
+    if args.public_relay_url.is_some() {
+        cfg.public_relay_url = args.public_relay_url;
+    }
+    if !args.public_addr.is_empty() {
+        cfg.public_addrs = args.public_addr;
+    }
+    if args.tls_cert.is_some() {
+        cfg.tls_cert = args.tls_cert;
+        cfg.tls_key = args.tls_key;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("feedmesh-relay: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let running = match relay::start(cfg).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("feedmesh-relay: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let info = running.connect_info();
+        println!("feedmesh-relay is up");
+        println!("  HTTP API:   http://{}", running.http_addr);
+        println!("  relay:      {}", running.relay_url);
+        println!("  cloud id:   {}", info.cloud);
+        println!("  cloud UDP:  {}", info.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "));
+        println!("  devices join with: feedmesh init --relay http://{}", running.http_addr);
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
+        running.shutdown().await;
+        ExitCode::SUCCESS
+    })
 }

@@ -1,0 +1,212 @@
+//! The node's local HTTP API on 127.0.0.1, protected by a bearer token written (mode 0600) to
+//! `api.json` in the data directory. Applications use the node as they would the cloud:
+//!
+//! - `GET /v1/status`; `GET /v1/folders`;
+//! - `GET /v1/folders/{folder}/items`, `GET|PUT|DELETE /v1/folders/{folder}/items/{id}`
+//!   (PUT takes `{"title": ..., "text": ...}`);
+//! - `GET /v1/folders/{folder}/feed.atom`;
+//! - `POST /v1/exec` with a CLI command as JSON (what the `feedmesh` CLI uses while the daemon
+//!   holds the database).
+//!
+//! `{folder}` is a folder name or id. Errors are JSON `{"error": ...}`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use engine::feedsync::{write_feed, Dialect, Edit, ItemId};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::cmd::{exec, status_json, Cmd, Ctx};
+use crate::net::lock;
+use crate::state::content;
+
+/// What `api.json` holds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApiFile {
+    pub addr: SocketAddr,
+    pub token: String,
+    pub pid: u32,
+}
+
+#[derive(Clone)]
+struct App {
+    ctx: Arc<Ctx>,
+    token: Arc<str>,
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, format!("{e:#}"))
+    }
+}
+
+fn check(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    let ok = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), app.token.as_bytes()));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError(StatusCode::UNAUTHORIZED, "a valid bearer token is required (see api.json)".into()))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Serves the local API on `listener` until the process ends.
+pub async fn serve(ctx: Arc<Ctx>, listener: tokio::net::TcpListener, token: String) -> anyhow::Result<()> {
+    let app = App { ctx, token: token.into() };
+    let router = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/exec", post(exec_route))
+        .route("/v1/folders", get(folders))
+        .route("/v1/folders/{folder}/items", get(items))
+        .route("/v1/folders/{folder}/items/{id}", get(get_item).put(put_item).delete(delete_item))
+        .route("/v1/folders/{folder}/feed.atom", get(feed))
+        .layer(axum::extract::DefaultBodyLimit::max(8 << 20))
+        .with_state(app);
+    axum::serve(listener, router).await?;
+    Ok(())
+}
+
+async fn status(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    check(&app, &headers)?;
+    Ok(Json(status_json(&lock(&app.ctx.node))))
+}
+
+async fn exec_route(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Json(cmd): Json<Cmd>,
+) -> Result<Json<Value>, ApiError> {
+    check(&app, &headers)?;
+    let output = exec(&app.ctx, cmd).await?;
+    Ok(Json(json!({ "output": output })))
+}
+
+async fn folders(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    check(&app, &headers)?;
+    let n = lock(&app.ctx.node);
+    let list: Vec<Value> = n
+        .dir
+        .folders_of(&n.id)
+        .into_iter()
+        .map(|f| {
+            json!({
+                "id": engine::signing::hex(&f.0),
+                "name": n.dir.folder(&f).map(|x| x.name.clone()),
+                "items": n.replicas.get(&f).map_or(0, |r| r.len()),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "folders": list })))
+}
+
+async fn items(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(folder): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    check(&app, &headers)?;
+    let n = lock(&app.ctx.node);
+    let folder = n.folder(&folder)?;
+    let list: Vec<Value> = n
+        .replicas
+        .get(&folder)
+        .map(|r| r.items().map(|i| transport::view::item_json(i, false)).collect())
+        .unwrap_or_default();
+    Ok(Json(json!({ "items": list })))
+}
+
+async fn get_item(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path((folder, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    check(&app, &headers)?;
+    let n = lock(&app.ctx.node);
+    let folder = n.folder(&folder)?;
+    let fid = ItemId::new(&id).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let item = n
+        .replicas
+        .get(&folder)
+        .and_then(|r| r.item(&fid))
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no item {id}")))?;
+    Ok(Json(transport::view::item_json(item, true)))
+}
+
+#[derive(Deserialize)]
+struct Put {
+    title: Option<String>,
+    #[serde(default)]
+    text: String,
+}
+
+async fn put_item(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path((folder, id)): Path<(String, String)>,
+    Json(body): Json<Put>,
+) -> Result<Json<Value>, ApiError> {
+    check(&app, &headers)?;
+    let item = {
+        let mut n = lock(&app.ctx.node);
+        let folder = n.folder(&folder)?;
+        let edit = Edit { content: Some(content(body.title.as_deref(), &body.text)), ..Edit::default() };
+        n.write(&folder, &id, edit)?
+    };
+    if let Ok(net) = app.ctx.net().await {
+        net.wake.notify_one();
+    }
+    Ok(Json(transport::view::item_json(&item, false)))
+}
+
+async fn delete_item(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path((folder, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    check(&app, &headers)?;
+    let item = {
+        let mut n = lock(&app.ctx.node);
+        let folder = n.folder(&folder)?;
+        n.write(&folder, &id, Edit { delete: true, ..Edit::default() })?
+    };
+    if let Ok(net) = app.ctx.net().await {
+        net.wake.notify_one();
+    }
+    Ok(Json(transport::view::item_json(&item, false)))
+}
+
+async fn feed(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(folder): Path<String>,
+) -> Result<Response, ApiError> {
+    check(&app, &headers)?;
+    let n = lock(&app.ctx.node);
+    let folder = n.folder(&folder)?;
+    let items: Vec<&engine::feedsync::Item> =
+        n.replicas.get(&folder).map(|r| r.items().map(|i| &**i).collect()).unwrap_or_default();
+    let feed = transport::view::feed_of(Dialect::Atom, items)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "application/atom+xml; charset=utf-8")], write_feed(&feed)).into_response())
+}

@@ -1,0 +1,772 @@
+//! Device commands. The same [`Cmd`] runs in the CLI process (when no daemon holds the database)
+//! or inside the daemon (the CLI sends it to the local API), so both paths behave alike.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use clap::{Subcommand, ValueEnum};
+use engine::directory::{InviteId, InviteState, MemberState, Op, Role};
+use engine::feedsync::{read_feed, write_feed, Dialect, Edit, ItemId};
+use engine::signing::hex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::OnceCell;
+use transport::{Request, Response};
+
+use crate::net::{self, lock, Net, Shared};
+use crate::state::{content, title_and_body};
+
+#[derive(Subcommand, Debug, Clone, Serialize, Deserialize)]
+pub enum Cmd {
+    /// This device, its user and the cloud.
+    Whoami,
+    /// Devices of this user.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCmd,
+    },
+    /// Set up (or change the password of) this user's cloud account. The password comes from
+    /// $FEEDMESH_PASSWORD or stdin.
+    Account {
+        name: String,
+        #[arg(skip)]
+        password: Option<String>,
+    },
+    /// Folders: create, share, accept or decline invitations, map on this device.
+    Folder {
+        #[command(subcommand)]
+        command: FolderCmd,
+    },
+    /// Invitations this user sent or received.
+    Invite {
+        #[command(subcommand)]
+        command: InviteCmd,
+    },
+    /// Folder membership.
+    Member {
+        #[command(subcommand)]
+        command: MemberCmd,
+    },
+    /// Create or update an item: `put FOLDER ID [TEXT] [--title T] [--file F]`.
+    Put {
+        folder: String,
+        id: String,
+        text: Option<String>,
+        #[arg(long)]
+        title: Option<String>,
+        /// Read the text from a file.
+        #[arg(long, conflicts_with = "text")]
+        file: Option<PathBuf>,
+    },
+    /// Show an item.
+    Get { folder: String, id: String },
+    /// Delete an item (a tombstone that syncs).
+    Rm { folder: String, id: String },
+    /// List a folder's items.
+    Ls {
+        folder: String,
+        /// Include deleted items.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Resolve an item's conflicts (optionally with new text).
+    Resolve { folder: String, id: String, text: Option<String> },
+    /// Items of a folder that have conflicts, with every version.
+    Conflicts { folder: String },
+    /// Cloud connection, peers (LAN, direct or relayed, and why) and pending changes.
+    Status,
+    /// One sync round now (directory, ticket, every folder with the cloud and peers).
+    Sync,
+    /// Write a folder as a FeedSync feed.
+    Export {
+        folder: String,
+        #[arg(long, value_enum, default_value = "atom")]
+        format: Format,
+        /// Output file (default: stdout).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Merge a FeedSync feed into a folder: signed versions are merged as they are; others are
+    /// written again as this device's changes.
+    Import {
+        folder: String,
+        file: PathBuf,
+        #[arg(skip)]
+        bytes: Option<Vec<u8>>,
+    },
+}
+
+#[derive(Subcommand, Debug, Clone, Serialize, Deserialize)]
+pub enum DeviceCmd {
+    /// List this user's devices.
+    Ls,
+    /// Remove a device of this user (it loses access at once).
+    Remove { device: String },
+    /// Approve a pairing whose code the new device shows.
+    Approve { code: String },
+}
+
+#[derive(Subcommand, Debug, Clone, Serialize, Deserialize)]
+pub enum FolderCmd {
+    /// Create a folder owned by this user (mapped on this device).
+    Create { name: String },
+    /// Folders this user can see, and open invitations.
+    Ls,
+    /// Invite a user (by name or id) to a folder.
+    Share {
+        folder: String,
+        user: String,
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Accept an invitation (by invitation id or folder name) and map the folder here.
+    Accept { invitation: String },
+    /// Decline an invitation.
+    Decline { invitation: String },
+    /// Map a folder on this device (it starts syncing).
+    Map { folder: String },
+    /// Unmap a folder from this device (or another device of this user).
+    Unmap {
+        folder: String,
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Members of a folder.
+    Members { folder: String },
+}
+
+#[derive(Subcommand, Debug, Clone, Serialize, Deserialize)]
+pub enum InviteCmd {
+    /// Invitations sent or received.
+    Ls,
+    /// Send an open invitation again.
+    Resend { invitation: String },
+    /// Cancel an open invitation.
+    Cancel { invitation: String },
+}
+
+#[derive(Subcommand, Debug, Clone, Serialize, Deserialize)]
+pub enum MemberCmd {
+    /// Remove a member from a folder (or leave it, naming yourself).
+    Remove { folder: String, user: String },
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Format {
+    Rss,
+    Atom,
+}
+
+/// Where commands get the network from.
+#[derive(Debug)]
+pub struct Ctx {
+    pub node: Shared,
+    net: OnceCell<Arc<Net>>,
+}
+
+impl Ctx {
+    pub fn new(node: Shared, net: Option<Arc<Net>>) -> Self {
+        let cell = OnceCell::new();
+        if let Some(n) = net {
+            let _ = cell.set(n);
+        }
+        Self { node, net: cell }
+    }
+
+    /// The network (bound on first use in the CLI process).
+    pub async fn net(&self) -> anyhow::Result<Arc<Net>> {
+        self.net.get_or_try_init(|| Net::bind(self.node.clone(), None)).await.cloned()
+    }
+
+    /// Closes the endpoint if this process bound one (the CLI, when done).
+    pub async fn close(&self) {
+        if let Some(n) = self.net.get() {
+            n.endpoint.close().await;
+        }
+    }
+
+    /// Wakes a daemon's sync loop after a change (nothing in the CLI process).
+    fn changed(&self) {
+        if let Some(n) = self.net.get() {
+            n.wake.notify_one();
+        }
+    }
+}
+
+fn find_invitation(node: &crate::state::Node, text: &str) -> anyhow::Result<InviteId> {
+    let st = node.dir.state();
+    let me = node.user();
+    let matches: Vec<InviteId> = st
+        .invitations
+        .iter()
+        .filter(|(id, inv)| {
+            (text.len() >= 4 && hex(&id.0).starts_with(&text.to_lowercase()))
+                || (inv.state == InviteState::Open
+                    && Some(inv.invitee) == me
+                    && st.folders.get(&inv.folder).is_some_and(|f| f.name == text))
+        })
+        .map(|(id, _)| *id)
+        .collect();
+    match matches.len() {
+        1 => Ok(matches[0]),
+        0 => bail!("no invitation {text:?} (see `feedmesh invite ls`)"),
+        n => bail!("{text:?} matches {n} invitations: use the id"),
+    }
+}
+
+fn short(bytes: &[u8]) -> String {
+    hex(&bytes[..8.min(bytes.len())])
+}
+
+/// Runs one command; the text to print.
+pub async fn exec(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<String> {
+    let node = &ctx.node;
+    match cmd {
+        Cmd::Whoami => {
+            let n = lock(node);
+            let user = n.user().map(|u| {
+                let name = n.dir.state().users.get(&u).map(|x| x.name.clone()).unwrap_or_default();
+                format!("{} ({name})", hex(&u.0))
+            });
+            Ok(format!(
+                "device {}\nuser   {}\ncloud  {} via {}\n",
+                hex(&n.id.0),
+                user.unwrap_or_else(|| "none yet (pair this device, or it is the first: init --name)".into()),
+                hex(&n.cfg.cloud.0),
+                n.cfg.relay_url
+            ))
+        }
+        Cmd::Device { command } => match command {
+            DeviceCmd::Ls => {
+                let n = lock(node);
+                let user = n.user().ok_or_else(|| anyhow!("this device is not active in a user"))?;
+                let u = n.dir.state().users.get(&user).ok_or_else(|| anyhow!("user missing"))?;
+                let mut out = String::new();
+                for (d, active) in &u.devices {
+                    let me = if *d == n.id { " (this device)" } else { "" };
+                    out.push_str(&format!(
+                        "{} {}{me}\n",
+                        hex(&d.0),
+                        if *active { "active" } else { "removed" }
+                    ));
+                }
+                Ok(out)
+            }
+            DeviceCmd::Remove { device } => {
+                let mut n = lock(node);
+                let user = n.user().ok_or_else(|| anyhow!("this device is not active in a user"))?;
+                let device = n.find_device(&device)?;
+                n.make(Op::RemoveDevice { user, device })?;
+                drop(n);
+                ctx.changed();
+                Ok(format!("removed device {}\n", short(&device.0)))
+            }
+            DeviceCmd::Approve { code } => {
+                let code: u32 = code.trim().parse().map_err(|_| anyhow!("the code is 6 digits"))?;
+                let net = ctx.net().await?;
+                net.answer_pairings().await?;
+                let Response::Pairings(list) = net.request(Request::PairList).await? else {
+                    bail!("unexpected answer");
+                };
+                let approved = {
+                    let mut n = lock(node);
+                    let user = n.user().ok_or_else(|| anyhow!("this device is not active in a user"))?;
+                    let mut approved = None;
+                    for p in list {
+                        let (Some(pairing), Some((existing, _))) = (p.pairing.clone(), p.existing) else {
+                            continue;
+                        };
+                        let Some(my_nonce) = n.pair_nonces.get(&p.id).copied() else { continue };
+                        if existing != n.id || pairing.nonce_existing != my_nonce {
+                            continue;
+                        }
+                        let key = n.key.clone();
+                        let device = pairing.device;
+                        let now = transport::now_secs();
+                        if n.dir.add_paired_device(&key, user, p.commitment, pairing, code, now).is_ok() {
+                            n.persist_directory()?;
+                            approved = Some(device);
+                            break;
+                        }
+                    }
+                    approved
+                };
+                if let Some(device) = approved {
+                    net.sync_directory().await?;
+                    ctx.changed();
+                    return Ok(format!("approved: device {} joined this user\n", short(&device.0)));
+                }
+                bail!("no pending pairing shows code {code:06} (wait for the new device to show its code, then retry)")
+            }
+        },
+        Cmd::Account { name, password } => {
+            let password = password.ok_or_else(|| anyhow!("no password given"))?;
+            let net = ctx.net().await?;
+            net.sync_directory().await?;
+            net.request(Request::Account { name: name.clone(), password }).await?;
+            Ok(format!("account {name} is set up on the cloud\n"))
+        }
+        Cmd::Folder { command } => folder_cmd(ctx, command).await,
+        Cmd::Invite { command } => {
+            let mut n = lock(node);
+            match command {
+                InviteCmd::Ls => {
+                    let me = n.user();
+                    let st = n.dir.state();
+                    let mut out = String::new();
+                    for (id, inv) in &st.invitations {
+                        let folder = st.folders.get(&inv.folder);
+                        let mine_out = folder.is_some_and(|f| Some(f.owner) == me);
+                        if Some(inv.invitee) != me && !mine_out {
+                            continue;
+                        }
+                        let who = st.users.get(&inv.invitee).map(|u| u.name.clone()).unwrap_or_default();
+                        out.push_str(&format!(
+                            "{} folder {} to {} {:?} sent {}x\n",
+                            hex(&id.0),
+                            folder.map(|f| f.name.clone()).unwrap_or_default(),
+                            who,
+                            inv.state,
+                            inv.sent
+                        ));
+                    }
+                    Ok(out)
+                }
+                InviteCmd::Resend { invitation } => {
+                    let invitation = find_invitation(&n, &invitation)?;
+                    n.make(Op::Resend { invitation })?;
+                    drop(n);
+                    ctx.changed();
+                    Ok("invitation sent again\n".into())
+                }
+                InviteCmd::Cancel { invitation } => {
+                    let invitation = find_invitation(&n, &invitation)?;
+                    n.make(Op::Cancel { invitation })?;
+                    drop(n);
+                    ctx.changed();
+                    Ok("invitation cancelled\n".into())
+                }
+            }
+        }
+        Cmd::Member { command: MemberCmd::Remove { folder, user } } => {
+            let mut n = lock(node);
+            let folder = n.folder(&folder)?;
+            let user = n.find_user(&user)?;
+            n.make(Op::RemoveMember { folder, user })?;
+            drop(n);
+            ctx.changed();
+            Ok("member removed\n".into())
+        }
+        Cmd::Put { folder, id, text, title, file } => {
+            let body = match (text, file) {
+                (Some(t), _) => t,
+                (None, Some(f)) => {
+                    std::fs::read_to_string(&f).map_err(|e| anyhow!("{}: {e}", f.display()))?
+                }
+                (None, None) => String::new(),
+            };
+            if body.len() > 256 * 1024 {
+                bail!("item text is over 256 KiB");
+            }
+            let mut n = lock(node);
+            let folder = n.folder(&folder)?;
+            let item = n.write(
+                &folder,
+                &id,
+                Edit { content: Some(content(title.as_deref(), &body)), ..Edit::default() },
+            )?;
+            drop(n);
+            ctx.changed();
+            Ok(format!("{} updates={}\n", item.id(), item.version.updates))
+        }
+        Cmd::Rm { folder, id } => {
+            let mut n = lock(node);
+            let folder = n.folder(&folder)?;
+            let fid = ItemId::new(&id).map_err(|e| anyhow!("{e}"))?;
+            if n.replicas.get(&folder).and_then(|r| r.item(&fid)).is_none_or(|i| i.version.deleted) {
+                bail!("no item {id}");
+            }
+            n.write(&folder, &id, Edit { delete: true, ..Edit::default() })?;
+            drop(n);
+            ctx.changed();
+            Ok(format!("{id} deleted\n"))
+        }
+        Cmd::Resolve { folder, id, text } => {
+            let mut n = lock(node);
+            let folder = n.folder(&folder)?;
+            let content = text.map(|t| {
+                let fid = ItemId::new(&id).ok();
+                let title = fid
+                    .and_then(|fid| n.replicas.get(&folder).and_then(|r| r.item(&fid)).cloned())
+                    .and_then(|i| title_and_body(&i.version.content).0);
+                content(title.as_deref(), &t)
+            });
+            let item = n.write(&folder, &id, Edit { content, resolve: true, ..Edit::default() })?;
+            drop(n);
+            ctx.changed();
+            Ok(format!("{} resolved, updates={}\n", item.id(), item.version.updates))
+        }
+        Cmd::Get { folder, id } => {
+            let n = lock(node);
+            let folder = n.folder(&folder)?;
+            let fid = ItemId::new(&id).map_err(|e| anyhow!("{e}"))?;
+            let item =
+                n.replicas.get(&folder).and_then(|r| r.item(&fid)).ok_or_else(|| anyhow!("no item {id}"))?;
+            let (title, body) = title_and_body(&item.version.content);
+            let top = item.version.topmost();
+            Ok(format!(
+                "id:        {}\ntitle:     {}\nupdates:   {}\ndeleted:   {}\nby:        {}\nwhen:      {}\nconflicts: {}\n\n{}\n",
+                item.id(),
+                title.unwrap_or_default(),
+                item.version.updates,
+                item.version.deleted,
+                top.by.as_ref().map(|b| b.as_str()).unwrap_or("-"),
+                top.when.as_ref().map(|w| w.to_rfc3339()).unwrap_or_default(),
+                item.conflicts.len(),
+                body.unwrap_or_default()
+            ))
+        }
+        Cmd::Ls { folder, all } => {
+            let n = lock(node);
+            let folder = n.folder(&folder)?;
+            let mut out = String::new();
+            if let Some(r) = n.replicas.get(&folder) {
+                let mut items: Vec<_> = r.items().filter(|i| all || !i.version.deleted).collect();
+                items.sort_by(|a, b| a.id().as_str().cmp(b.id().as_str()));
+                for i in items {
+                    let (title, _) = title_and_body(&i.version.content);
+                    let flags = format!(
+                        "{}{}",
+                        if i.version.deleted { " deleted" } else { "" },
+                        if i.conflicts.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" conflicts={}", i.conflicts.len())
+                        }
+                    );
+                    out.push_str(&format!(
+                        "{}\t{}\tupdates={}{flags}\n",
+                        i.id(),
+                        title.unwrap_or_default(),
+                        i.version.updates
+                    ));
+                }
+            }
+            Ok(out)
+        }
+        Cmd::Conflicts { folder } => {
+            let n = lock(node);
+            let folder = n.folder(&folder)?;
+            let mut out = String::new();
+            if let Some(r) = n.replicas.get(&folder) {
+                for i in r.items().filter(|i| !i.conflicts.is_empty()) {
+                    out.push_str(&format!("{} ({} conflicts)\n", i.id(), i.conflicts.len()));
+                    for (label, v) in std::iter::once(("winner", &i.version))
+                        .chain(i.conflicts.iter().map(|c| ("conflict", c)))
+                    {
+                        let (_, body) = title_and_body(&v.content);
+                        let top = v.topmost();
+                        out.push_str(&format!(
+                            "  {label:8} by {} at {}: {}\n",
+                            top.by.as_ref().map(|b| b.as_str()).unwrap_or("-"),
+                            top.when.as_ref().map(|w| w.to_rfc3339()).unwrap_or_default(),
+                            body.unwrap_or_default()
+                        ));
+                    }
+                }
+            }
+            if out.is_empty() {
+                out.push_str("no conflicts\n");
+            }
+            Ok(out)
+        }
+        Cmd::Status => Ok(status_text(&lock(node))),
+        Cmd::Sync => {
+            let net = ctx.net().await?;
+            let round = net.sync_all().await?;
+            let mut out = format!(
+                "sync: {} directory changes, {} sessions ok, {} failed\n",
+                round.directory_changes, round.sessions_ok, round.sessions_failed
+            );
+            for e in &round.errors {
+                out.push_str(&format!("  {e}\n"));
+            }
+            Ok(out)
+        }
+        Cmd::Export { folder, format, output } => {
+            let n = lock(node);
+            let folder = n.folder(&folder)?;
+            let dialect = match format {
+                Format::Rss => Dialect::Rss,
+                Format::Atom => Dialect::Atom,
+            };
+            let mut items: Vec<&engine::feedsync::Item> =
+                n.replicas.get(&folder).map(|r| r.items().map(|i| &**i).collect()).unwrap_or_default();
+            items.sort_by(|a, b| a.id().as_str().cmp(b.id().as_str()));
+            let feed = transport::view::feed_of(dialect, items).map_err(|e| anyhow!("{e}"))?;
+            let text = write_feed(&feed);
+            match output {
+                Some(path) => {
+                    std::fs::write(&path, &text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+                    Ok(format!("wrote {} items to {}\n", feed.len(), path.display()))
+                }
+                None => Ok(text),
+            }
+        }
+        Cmd::Import { folder, file, bytes } => {
+            let bytes = match bytes {
+                Some(b) => b,
+                None => std::fs::read(&file).map_err(|e| anyhow!("{}: {e}", file.display()))?,
+            };
+            let feed = read_feed(&bytes).map_err(|e| anyhow!("{}: {e}", file.display()))?;
+            let mut n = lock(node);
+            let folder = n.folder(&folder)?;
+            let (mut merged, mut rewritten) = (0, 0);
+            for item in feed.items() {
+                let arc = Arc::new(item.clone());
+                let ok = n.replica_mut(&folder).merge(&arc).is_ok();
+                if ok {
+                    merged += 1;
+                    continue;
+                }
+                // Not verifiable here: write its winner again as this device's change.
+                let edit = Edit {
+                    content: Some(item.version.content.clone()),
+                    delete: item.version.deleted,
+                    resolve: false,
+                };
+                n.write(&folder, item.id().as_str(), edit)?;
+                rewritten += 1;
+            }
+            n.persist_folder(&folder)?;
+            drop(n);
+            ctx.changed();
+            Ok(format!("imported {} items: {merged} merged as signed, {rewritten} written as this device's changes\n", merged + rewritten))
+        }
+    }
+}
+
+async fn folder_cmd(ctx: &Ctx, command: FolderCmd) -> anyhow::Result<String> {
+    let node = &ctx.node;
+    let mut n = lock(node);
+    let out = match command {
+        FolderCmd::Create { name } => {
+            if n.user().is_none() {
+                bail!("this device is not active in a user yet");
+            }
+            let change = n.make(Op::CreateFolder { name: name.clone() })?;
+            let folder = change.folder_id();
+            n.make(Op::Map { folder })?;
+            format!("created folder {name} {}\n", hex(&folder.0))
+        }
+        FolderCmd::Ls => {
+            let me = n.user();
+            let st = n.dir.state();
+            let mut out = String::new();
+            for (id, f) in &st.folders {
+                let Some(u) = me else { break };
+                let invited = st
+                    .invitations
+                    .values()
+                    .any(|i| i.folder == *id && i.invitee == u && i.state == InviteState::Open);
+                if !st.is_participant(f, &u) && !invited {
+                    continue;
+                }
+                let mapped = if f.mapped.contains(&n.id) { "mapped" } else { "not mapped" };
+                let role = if f.owner == u {
+                    "owner".to_string()
+                } else if invited {
+                    "invited".to_string()
+                } else {
+                    format!("{:?}", f.members.get(&u).map(|m| m.role).unwrap_or(Role::Member)).to_lowercase()
+                };
+                let items =
+                    n.replicas.get(id).map_or(0, |r| r.items().filter(|i| !i.version.deleted).count());
+                out.push_str(&format!("{} {}\t{role}, {mapped}, {items} items\n", hex(&id.0), f.name));
+            }
+            out
+        }
+        FolderCmd::Share { folder, user, admin } => {
+            let folder = n.folder(&folder)?;
+            let invitee = n.find_user(&user)?;
+            let role = if admin { Role::Admin } else { Role::Member };
+            let change = n.make(Op::Invite { folder, invitee, role })?;
+            format!("invited {user}: invitation {}\n", hex(&change.invite_id().0))
+        }
+        FolderCmd::Accept { invitation } => {
+            let invitation = find_invitation(&n, &invitation)?;
+            let folder = n
+                .dir
+                .invitation(&invitation)
+                .map(|i| i.folder)
+                .ok_or_else(|| anyhow!("no such invitation"))?;
+            n.make(Op::Accept { invitation })?;
+            n.make(Op::Map { folder })?;
+            format!("accepted; folder {} is mapped here\n", hex(&folder.0))
+        }
+        FolderCmd::Decline { invitation } => {
+            let invitation = find_invitation(&n, &invitation)?;
+            n.make(Op::Decline { invitation })?;
+            "declined\n".to_string()
+        }
+        FolderCmd::Map { folder } => {
+            let folder = n.folder(&folder)?;
+            n.make(Op::Map { folder })?;
+            "mapped\n".to_string()
+        }
+        FolderCmd::Unmap { folder, device } => {
+            let folder = n.folder(&folder)?;
+            let device = match device {
+                Some(d) => n.find_device(&d)?,
+                None => n.id,
+            };
+            n.make(Op::Unmap { folder, device })?;
+            "unmapped\n".to_string()
+        }
+        FolderCmd::Members { folder } => {
+            let folder = n.folder(&folder)?;
+            let st = n.dir.state();
+            let f = st.folders.get(&folder).ok_or_else(|| anyhow!("no such folder"))?;
+            let name =
+                |u: &engine::directory::UserId| st.users.get(u).map(|x| x.name.clone()).unwrap_or_default();
+            let mut out = format!("{} {} owner\n", short(&f.owner.0), name(&f.owner));
+            for (u, m) in &f.members {
+                let state = match m.state {
+                    MemberState::Pending => "pending",
+                    MemberState::Active => "active",
+                    MemberState::Removed => "removed",
+                };
+                out.push_str(&format!(
+                    "{} {} {} {state}\n",
+                    short(&u.0),
+                    name(u),
+                    format!("{:?}", m.role).to_lowercase()
+                ));
+            }
+            out
+        }
+    };
+    drop(n);
+    ctx.changed();
+    Ok(out)
+}
+
+/// `status` as text.
+pub fn status_text(n: &crate::state::Node) -> String {
+    let mut out = format!(
+        "device {}\ncloud: {} ({})\n",
+        short(&n.id.0),
+        if n.cloud_online { "online" } else { "offline" },
+        n.cloud_why
+    );
+    if let Some(t) = &n.ticket {
+        let left = (t.body.expires_us as i64 - transport::now_us() as i64) / 1_000_000;
+        out.push_str(&format!("ticket: {} folders, expires in {left} s\n", t.body.rights.folders.len()));
+    }
+    out.push_str("folders:\n");
+    for folder in n.dir.folders_of(&n.id) {
+        let name = n.dir.folder(&folder).map(|f| f.name.clone()).unwrap_or_default();
+        let items = n.replicas.get(&folder).map_or(0, |r| r.len());
+        out.push_str(&format!(
+            "  {name} {}: {items} items, {} changes not yet acknowledged by the cloud\n",
+            short(&folder.0),
+            n.pending(&folder)
+        ));
+    }
+    if !n.last_errors.is_empty() {
+        out.push_str("last round's errors:\n");
+        for e in &n.last_errors {
+            out.push_str(&format!("  {e}\n"));
+        }
+    }
+    out.push_str("peers:\n");
+    if n.peers.is_empty() {
+        out.push_str("  none reached yet\n");
+    }
+    for p in n.peers.values() {
+        out.push_str(&format!(
+            "  {} {}: {}; last sync {} ({})\n",
+            &p.device[..16.min(p.device.len())],
+            if p.path.is_empty() { "incoming" } else { &p.path },
+            if p.why.is_empty() { "they connected to us" } else { &p.why },
+            p.last_sync_unix
+                .map(|t| format!("{} s ago", transport::now_secs() - t))
+                .unwrap_or_else(|| "never".into()),
+            p.last_outcome
+        ));
+    }
+    out
+}
+
+/// `status` as JSON (local API).
+pub fn status_json(n: &crate::state::Node) -> serde_json::Value {
+    let folders: Vec<_> = n
+        .dir
+        .folders_of(&n.id)
+        .into_iter()
+        .map(|f| {
+            serde_json::json!({
+                "id": hex(&f.0),
+                "name": n.dir.folder(&f).map(|x| x.name.clone()),
+                "items": n.replicas.get(&f).map_or(0, |r| r.len()),
+                "pending": n.pending(&f),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "device": hex(&n.id.0),
+        "cloud": { "online": n.cloud_online, "why": n.cloud_why },
+        "folders": folders,
+        "peers": n.peers.values().collect::<Vec<_>>(),
+    })
+}
+
+/// `pair` on a new device: asks the cloud, waits for an existing device, shows the code, and
+/// waits until the directory has this device.
+pub async fn pair(
+    ctx: &Ctx,
+    account: &str,
+    password: &str,
+    wait: Duration,
+    mut show: impl FnMut(&str),
+) -> anyhow::Result<String> {
+    let net = ctx.net().await?;
+    if lock(&ctx.node).user().is_some() {
+        bail!("this device already belongs to a user");
+    }
+    let (id, nonce_new) = net::pair_request(&net, account, password).await?;
+    show("waiting for an existing device of this user to answer (is one running `feedmesh run`?)...");
+    let deadline = tokio::time::Instant::now() + wait;
+    let (existing, nonce_existing, user) = loop {
+        if let Response::PairStatus(p) = net.request(Request::PairStatus { id }).await? {
+            if let Some((existing, nonce)) = p.existing {
+                break (existing, nonce, p.user);
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("no existing device answered within {} s", wait.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let me_key = lock(&ctx.node).key.clone();
+    let me = engine::signing::DeviceId::of(&me_key);
+    let code = engine::directory::short_code(&existing, &me, &nonce_existing, &nonce_new);
+    let pairing =
+        engine::directory::pair_new_device(&me_key, user, existing, nonce_existing, nonce_new, code)
+            .map_err(|e| anyhow!("{e}"))?;
+    net.request(Request::PairConsent { id, pairing }).await?;
+    show(&format!(
+        "pairing code: {code:06}\nconfirm it on an existing device with: feedmesh device approve {code:06}"
+    ));
+    loop {
+        net.sync_directory().await?;
+        if lock(&ctx.node).user().is_some() {
+            return Ok(format!("paired: this device now belongs to user {}\n", hex(&user.0)));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("the pairing was not approved within {} s", wait.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

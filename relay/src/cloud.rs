@@ -1,0 +1,712 @@
+//! The cloud services: the ticket authority, a verified copy of the directory, a replica of every
+//! feed, accounts, the pairing mailbox, the address book and change notifications. One lock
+//! guards the state; nothing awaits while holding it.
+//!
+//! The cloud holds no device key: it cannot add a directory change or sign a version. It syncs
+//! feeds with the devices that may hold them (engine rule `Directory::may_hold`), and devices
+//! verify every version it passes on.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use engine::authz::{AuthSession, Credentials, Policy};
+use engine::directory::{ChangeId, Directory, FolderId, UserId, CHANGES_PER_BATCH_MAX};
+use engine::feedsync::Item;
+use engine::replica::{Replica, Seq};
+use engine::signing::{DeviceId, DeviceKey};
+use engine::sync::{Micros, Outcome, Session};
+use engine::ticket::{Rights, TicketAuthority};
+use engine::wire::{self, Body, Message, WIRE_VERSION};
+use iroh::endpoint::{Connection, RecvStream, SendStream};
+use iroh::EndpointAddr;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, Notify};
+use transport::store::Store;
+use transport::{device_of, frame, now_secs, now_us, Notice, Open, PairView, Request, Response, FRAME_MAX};
+
+use crate::metrics::Metrics;
+
+/// Per-device limits.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Concurrent connections of one device.
+    pub connections_per_device: usize,
+    /// Sustained frames per second one device may send (token bucket).
+    pub messages_per_second: u32,
+    /// Bucket size (burst).
+    pub message_burst: u32,
+    /// Bytes of feed data one device may add to the cloud's replicas.
+    pub storage_bytes_per_device: u64,
+    /// Pending pairings per user.
+    pub pairings_per_user: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            connections_per_device: 8,
+            messages_per_second: 2_000,
+            message_burst: 20_000,
+            storage_bytes_per_device: 1 << 30,
+            pairings_per_user: 16,
+        }
+    }
+}
+
+/// A cloud account: it authenticates a person to the cloud (HTTP API, pairing mailbox) and
+/// never adds a device by itself.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Account {
+    pub name: String,
+    pub user: UserId,
+    /// Argon2id PHC string.
+    pub phc: String,
+}
+
+/// A change notification, for long-poll clients.
+#[derive(Clone, Debug, Serialize)]
+pub struct Event {
+    pub seq: u64,
+    /// "folder" or "directory".
+    pub kind: &'static str,
+    pub folder: Option<String>,
+    #[serde(skip)]
+    pub folder_id: Option<FolderId>,
+}
+
+const EVENTS_KEPT: usize = 4096;
+
+#[derive(Debug, Default)]
+struct Bucket {
+    tokens: f64,
+    at_us: Micros,
+}
+
+/// The mutable state.
+#[derive(Debug)]
+pub struct State {
+    pub authority: TicketAuthority,
+    pub dir: Directory,
+    pub replicas: BTreeMap<FolderId, Replica>,
+    persisted: BTreeMap<FolderId, Seq>,
+    saved_changes: std::collections::BTreeSet<ChangeId>,
+    pub accounts: BTreeMap<String, Account>,
+    pub pairings: BTreeMap<u64, PairView>,
+    next_pairing: u64,
+    pub addrs: BTreeMap<DeviceId, EndpointAddr>,
+    pub connections: BTreeMap<DeviceId, usize>,
+    buckets: BTreeMap<DeviceId, Bucket>,
+    pub events: VecDeque<Event>,
+    pub event_seq: u64,
+    /// HTTP bearer tokens: token -> account name ("" for the admin).
+    pub tokens: BTreeMap<String, String>,
+    epoch: u64,
+}
+
+/// The cloud.
+#[derive(Debug)]
+pub struct Cloud {
+    pub key: DeviceKey,
+    pub id: DeviceId,
+    pub limits: Limits,
+    pub metrics: Metrics,
+    store: Store,
+    state: Mutex<State>,
+    notices: broadcast::Sender<(Notice, Option<DeviceId>)>,
+    /// Wakes long-poll requests.
+    pub events_changed: Notify,
+}
+
+impl Cloud {
+    /// Loads the cloud from its store (key, accounts, directory, replicas).
+    pub fn load(store: Store, key: DeviceKey, limits: Limits, epoch: u64) -> anyhow::Result<Self> {
+        let dir = store.load_directory()?;
+        let saved_changes = dir.changes().map(|c| c.id()).collect();
+        let accounts: BTreeMap<String, Account> = match store.get_blob("accounts")? {
+            Some(bytes) => {
+                postcard::from_bytes(&bytes).map_err(|_| anyhow::anyhow!("stored accounts are corrupt"))?
+            }
+            None => BTreeMap::new(),
+        };
+        let mut replicas = BTreeMap::new();
+        let mut persisted = BTreeMap::new();
+        for folder in store.folders()? {
+            let mut replica = Replica::new_signed(epoch);
+            replica.set_signers(Some(dir.signers(&folder)));
+            for item in store.load_items(&folder)? {
+                replica
+                    .merge(&Arc::new(item))
+                    .map_err(|e| anyhow::anyhow!("stored item of {folder}: {e}"))?;
+            }
+            persisted.insert(folder, replica.head());
+            replicas.insert(folder, replica);
+        }
+        let (notices, _) = broadcast::channel(1024);
+        let state = State {
+            authority: TicketAuthority::new(key.clone()),
+            dir,
+            replicas,
+            persisted,
+            saved_changes,
+            accounts,
+            pairings: BTreeMap::new(),
+            next_pairing: 1,
+            addrs: BTreeMap::new(),
+            connections: BTreeMap::new(),
+            buckets: BTreeMap::new(),
+            events: VecDeque::new(),
+            event_seq: 0,
+            tokens: BTreeMap::new(),
+            epoch,
+        };
+        let id = DeviceId::of(&key);
+        Ok(Self {
+            key,
+            id,
+            limits,
+            metrics: Metrics::new(),
+            store,
+            state: Mutex::new(state),
+            notices,
+            events_changed: Notify::new(),
+        })
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock would poison it; the state is still consistent at every
+        // await-free step, so keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<(Notice, Option<DeviceId>)> {
+        self.notices.subscribe()
+    }
+
+    fn publish(&self, st: &mut State, notice: Notice, origin: Option<DeviceId>) {
+        let (kind, folder_id) = match &notice {
+            Notice::Folder(f) => ("folder", Some(*f)),
+            Notice::Directory => ("directory", None),
+            Notice::Pairing => {
+                return {
+                    let _ = self.notices.send((notice, origin));
+                }
+            }
+        };
+        st.event_seq += 1;
+        st.events.push_back(Event {
+            seq: st.event_seq,
+            kind,
+            folder: folder_id.map(|f| engine::signing::hex(&f.0)),
+            folder_id,
+        });
+        while st.events.len() > EVENTS_KEPT {
+            st.events.pop_front();
+        }
+        self.events_changed.notify_waiters();
+        let _ = self.notices.send((notice, origin));
+    }
+
+    /// Saves directory changes not yet stored; notifies if there were any.
+    fn persist_directory(&self, st: &mut State, origin: Option<DeviceId>) -> anyhow::Result<()> {
+        let new: Vec<_> = st.dir.changes().filter(|c| !st.saved_changes.contains(&c.id())).cloned().collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        self.store.save_changes(&new)?;
+        for c in &new {
+            st.saved_changes.insert(c.id());
+        }
+        // Signers follow the directory (a newly accepted member's devices may write).
+        let folders: Vec<FolderId> = st.replicas.keys().copied().collect();
+        for f in folders {
+            let signers = st.dir.signers(&f);
+            if let Some(r) = st.replicas.get_mut(&f) {
+                r.set_signers(Some(signers));
+            }
+        }
+        self.metrics.directory_changes.inc_by(new.len() as u64);
+        self.publish(st, Notice::Directory, origin);
+        Ok(())
+    }
+
+    /// Saves a replica's changed items; returns their encoded size.
+    fn persist_folder(
+        &self,
+        st: &mut State,
+        folder: &FolderId,
+        origin: Option<DeviceId>,
+    ) -> anyhow::Result<u64> {
+        let Some(replica) = st.replicas.get(folder) else { return Ok(0) };
+        let since = st.persisted.get(folder).copied().unwrap_or_default();
+        if replica.head() <= since {
+            return Ok(0);
+        }
+        let items: Vec<Arc<Item>> = replica.log_since(since).map(|c| c.item.clone()).collect();
+        let bytes: u64 = items.iter().map(|i| wire::encoded_len(&wire::to_wire(i)) as u64).sum();
+        self.store.save_items(folder, items.iter())?;
+        st.persisted.insert(*folder, replica.head());
+        self.metrics.items_stored.inc_by(items.len() as u64);
+        self.publish(st, Notice::Folder(*folder), origin);
+        Ok(bytes)
+    }
+
+    /// The cloud's credentials for a session on `folder` with the device `peer`.
+    fn policy(&self, st: &mut State, folder: FolderId) -> Policy {
+        let ticket = st.authority.issue(
+            self.id,
+            self.id.into(),
+            Rights { folders: vec![folder], relay: false },
+            now_us(),
+            engine::ticket::TICKET_LIFETIME_US,
+        );
+        Policy::Directory(Box::new(Credentials { device: self.id, ticket, cloud: self.id }))
+    }
+
+    /// Token bucket: whether `device` may send one more frame now.
+    pub fn admit_frame(&self, device: &DeviceId) -> bool {
+        let mut st = self.lock();
+        let now = now_us();
+        let rate = self.limits.messages_per_second as f64;
+        let burst = self.limits.message_burst as f64;
+        let b = st.buckets.entry(*device).or_insert(Bucket { tokens: burst, at_us: now });
+        b.tokens = (b.tokens + (now.saturating_sub(b.at_us) as f64) * rate / 1e6).min(burst);
+        b.at_us = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    // ------------------------------------------------------------------ connections
+
+    /// Serves one device connection until it closes.
+    pub async fn serve(self: Arc<Self>, conn: Connection) {
+        let device = device_of(conn.remote_id());
+        {
+            let mut st = self.lock();
+            let n = st.connections.entry(device).or_insert(0);
+            if *n >= self.limits.connections_per_device {
+                drop(st);
+                self.metrics.refusals.get_or_create(&crate::metrics::Reason::new("connection-limit")).inc();
+                conn.close(1u32.into(), b"too many connections from this device");
+                return;
+            }
+            *n += 1;
+        }
+        self.metrics.connections.inc();
+        let notices = tokio::spawn(self.clone().forward_notices(conn.clone(), device));
+        loop {
+            let Ok((send, recv)) = conn.accept_bi().await else { break };
+            let cloud = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = cloud.serve_stream(device, send, recv).await {
+                    tracing::debug!(%device, error = %e, "stream ended with an error");
+                }
+            });
+        }
+        notices.abort();
+        self.metrics.connections.dec();
+        let mut st = self.lock();
+        if let Some(n) = st.connections.get_mut(&device) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                st.connections.remove(&device);
+            }
+        }
+    }
+
+    /// Pushes notices the device may see over unidirectional streams.
+    async fn forward_notices(self: Arc<Self>, conn: Connection, device: DeviceId) {
+        let mut rx = self.subscribe();
+        loop {
+            let notice = match rx.recv().await {
+                Ok((notice, origin)) if origin != Some(device) => notice,
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Lagged(_)) => Notice::Directory,
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            let visible = {
+                let st = self.lock();
+                match &notice {
+                    Notice::Folder(f) => st.dir.may_hold(f, &device).is_ok(),
+                    Notice::Directory => st.dir.user_of(&device).is_some(),
+                    Notice::Pairing => st.dir.user_of(&device).is_some(),
+                }
+            };
+            if !visible {
+                continue;
+            }
+            let Ok(mut send) = conn.open_uni().await else { return };
+            if frame::write_value(&mut send, &notice).await.is_err() {
+                return;
+            }
+            let _ = send.finish();
+            self.metrics.notices_sent.inc();
+        }
+    }
+
+    async fn serve_stream(
+        self: Arc<Self>,
+        device: DeviceId,
+        mut send: SendStream,
+        mut recv: RecvStream,
+    ) -> anyhow::Result<()> {
+        let open: Option<Open> =
+            frame::read_value(&mut recv, transport::CONTROL_MAX, "stream opening").await?;
+        match open {
+            None => Ok(()),
+            Some(Open::Control(request)) => {
+                if !self.admit_frame(&device) {
+                    frame::write_value(&mut send, &Response::Error("rate limit: slow down".into())).await?;
+                    let _ = send.finish();
+                    return Ok(());
+                }
+                let kind = request_kind(&request);
+                let response =
+                    self.handle_request(device, request).unwrap_or_else(|e| Response::Error(e.to_string()));
+                self.metrics.requests.get_or_create(&crate::metrics::Reason::new(kind)).inc();
+                frame::write_value(&mut send, &response).await?;
+                let _ = send.finish();
+                Ok(())
+            }
+            Some(Open::Sync) => self.serve_sync(device, send, recv).await,
+        }
+    }
+
+    async fn serve_sync(
+        &self,
+        device: DeviceId,
+        mut send: SendStream,
+        mut recv: RecvStream,
+    ) -> anyhow::Result<()> {
+        let Some(first) = frame::read(&mut recv, FRAME_MAX).await? else { return Ok(()) };
+        let folder = AuthSession::folder_of(&first, FRAME_MAX)
+            .ok_or_else(|| anyhow::anyhow!("a sync stream must open with DirHello"))?;
+        let sid = Session::session_of(&first, FRAME_MAX)?;
+        let usage = self.store.usage(&device.0)?;
+        if usage > self.limits.storage_bytes_per_device {
+            self.metrics.refusals.get_or_create(&crate::metrics::Reason::new("storage-limit")).inc();
+            let reason = format!("storage limit of {} bytes reached", self.limits.storage_bytes_per_device);
+            let bytes = wire::encode(&Message {
+                version: WIRE_VERSION,
+                session: sid,
+                step: 3,
+                body: Body::Refused { reason },
+            });
+            frame::write(&mut send, &bytes).await?;
+            let _ = send.finish();
+            return Ok(());
+        }
+        let channel =
+            transport::channel_of(transport::endpoint_id(&device).ok_or_else(|| anyhow::anyhow!("bad id"))?);
+        let mut session = {
+            let mut st = self.lock();
+            let policy = self.policy(&mut st, folder);
+            let epoch = st.epoch;
+            let replica = st.replicas.entry(folder).or_insert_with(|| Replica::new_signed(epoch));
+            AuthSession::respond(sid, policy, channel, replica, transport::stream_config())
+        };
+        let handle = |s: &mut AuthSession, now: Micros, bytes: &[u8]| {
+            if !self.admit_frame(&device) {
+                return Err(engine::sync::SyncError::Protocol("rate limit".into()));
+            }
+            self.metrics.frames_received.inc();
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            let epoch = st.epoch;
+            let replica = st.replicas.entry(folder).or_insert_with(|| Replica::new_signed(epoch));
+            let result = s.handle_message(now, &mut st.dir, replica, bytes);
+            if let Err(e) = self.persist_directory(st, Some(device)) {
+                tracing::error!(error = %e, "saving directory changes");
+            }
+            result
+        };
+        let timeout = |s: &mut AuthSession, now: Micros| s.handle_timeout(now);
+        let _ = handle(&mut session, now_us(), &first);
+        let driven = transport::drive(&mut session, &mut send, &mut recv, handle, timeout).await?;
+        self.metrics.frames_sent.inc_by(driven.frames_sent);
+        let mut st = self.lock();
+        let added = self.persist_folder(&mut st, &folder, Some(device))?;
+        if added > 0 {
+            self.store.add_usage(&device.0, added)?;
+        }
+        // A refused session must not leave an empty replica for a folder nobody has.
+        if st.dir.folder(&folder).is_none() && st.replicas.get(&folder).is_some_and(|r| r.is_empty()) {
+            st.replicas.remove(&folder);
+        }
+        match &driven.outcome {
+            Outcome::Done { .. } => {
+                self.metrics.sessions.get_or_create(&crate::metrics::Reason::new("done")).inc()
+            }
+            Outcome::Failed(e) => {
+                tracing::info!(%device, %folder, error = %e, "sync session failed");
+                let reason = match e {
+                    engine::sync::SyncError::Refused(_) => "refused",
+                    _ => "failed",
+                };
+                self.metrics.sessions.get_or_create(&crate::metrics::Reason::new(reason)).inc()
+            }
+            Outcome::Running => 0,
+        };
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ control requests
+
+    /// Answers one control request from `device` (authenticated by the connection).
+    pub fn handle_request(&self, device: DeviceId, request: Request) -> anyhow::Result<Response> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        Ok(match request {
+            Request::Ticket => {
+                let channel = device.into();
+                let ticket = st.authority.issue_from(&st.dir, device, channel, now_us());
+                self.metrics.tickets_issued.inc();
+                Response::Ticket { ticket, cloud: self.id }
+            }
+            Request::Directory { heads, changes } => {
+                if heads.len() > engine::directory::DEPS_MAX {
+                    anyhow::bail!("too many directory heads");
+                }
+                st.dir.apply(&changes).map_err(|e| anyhow::anyhow!("directory changes refused: {e}"))?;
+                self.persist_directory(st, Some(device))?;
+                let heads = heads.into_iter().collect();
+                let mut missing = st.dir.missing_for(&heads);
+                missing.truncate(CHANGES_PER_BATCH_MAX);
+                Response::Directory { changes: missing }
+            }
+            Request::Announce { addr } => {
+                if device_of(addr.id) != device {
+                    anyhow::bail!("a device announces only its own address");
+                }
+                if addr.addrs.len() > 64 {
+                    anyhow::bail!("too many addresses");
+                }
+                st.addrs.insert(device, addr);
+                Response::Ok
+            }
+            Request::Peers { folder } => {
+                st.dir.may_hold(&folder, &device).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let mapped = st.dir.folder(&folder).map(|f| f.mapped.clone()).unwrap_or_default();
+                let peers = mapped
+                    .iter()
+                    .filter(|d| **d != device && st.dir.may_sync(&folder, &device, d).is_ok())
+                    .filter_map(|d| st.addrs.get(d).cloned())
+                    .collect();
+                Response::Peers { peers }
+            }
+            Request::Account { name, password } => {
+                let user = st
+                    .dir
+                    .user_of(&device)
+                    .ok_or_else(|| anyhow::anyhow!("only an active device may set up its user's account"))?;
+                check_account_name(&name)?;
+                check_password(&password)?;
+                if let Some(a) = st.accounts.get(&name) {
+                    if a.user != user {
+                        anyhow::bail!("account name {name:?} is taken");
+                    }
+                }
+                if st.accounts.values().any(|a| a.user == user && a.name != name) {
+                    anyhow::bail!("this user already has an account under another name");
+                }
+                let phc = hash_password(&password)?;
+                st.accounts.insert(name.clone(), Account { name, user, phc });
+                self.save_accounts(st)?;
+                Response::Ok
+            }
+            Request::PairRequest { account, password, commitment } => {
+                let user = verify_account(st, &account, &password)?;
+                if st.dir.user_of(&device).is_some() {
+                    anyhow::bail!("this device is already active in the directory");
+                }
+                let pending = st.pairings.values().filter(|p| p.user == user).count();
+                if pending >= self.limits.pairings_per_user {
+                    anyhow::bail!("too many pending pairings for this user");
+                }
+                // One pending request per device: a new one replaces it.
+                st.pairings.retain(|_, p| p.device != device);
+                let id = st.next_pairing;
+                st.next_pairing += 1;
+                st.pairings
+                    .insert(id, PairView { id, user, device, commitment, existing: None, pairing: None });
+                self.publish(st, Notice::Pairing, Some(device));
+                Response::PairId { id }
+            }
+            Request::PairStatus { id } => {
+                let p = st
+                    .pairings
+                    .get(&id)
+                    .filter(|p| p.device == device)
+                    .ok_or_else(|| anyhow::anyhow!("no such pairing"))?;
+                Response::PairStatus(p.clone())
+            }
+            Request::PairConsent { id, pairing } => {
+                let p = st
+                    .pairings
+                    .get_mut(&id)
+                    .filter(|p| p.device == device)
+                    .ok_or_else(|| anyhow::anyhow!("no such pairing"))?;
+                if pairing.device != device || p.existing.is_none() {
+                    anyhow::bail!("consent out of turn");
+                }
+                if engine::directory::pairing_commitment(&device, &pairing.nonce_new) != p.commitment {
+                    anyhow::bail!("the nonce does not match the commitment");
+                }
+                p.pairing = Some(pairing);
+                self.publish(st, Notice::Pairing, Some(device));
+                Response::Ok
+            }
+            Request::PairList => {
+                let user = st.dir.user_of(&device).ok_or_else(|| anyhow::anyhow!("not an active device"))?;
+                // Pairings whose device has joined are done.
+                let joined: Vec<u64> = st
+                    .pairings
+                    .values()
+                    .filter(|p| st.dir.user_of(&p.device).is_some())
+                    .map(|p| p.id)
+                    .collect();
+                for id in joined {
+                    st.pairings.remove(&id);
+                }
+                Response::Pairings(st.pairings.values().filter(|p| p.user == user).cloned().collect())
+            }
+            Request::PairNonce { id, nonce } => {
+                let user = st.dir.user_of(&device).ok_or_else(|| anyhow::anyhow!("not an active device"))?;
+                let p = st
+                    .pairings
+                    .get_mut(&id)
+                    .filter(|p| p.user == user)
+                    .ok_or_else(|| anyhow::anyhow!("no such pairing"))?;
+                if p.existing.is_none() {
+                    p.existing = Some((device, nonce));
+                }
+                Response::Ok
+            }
+        })
+    }
+
+    fn save_accounts(&self, st: &State) -> anyhow::Result<()> {
+        let bytes = postcard::to_allocvec(&st.accounts)?;
+        self.store.put_blob("accounts", &bytes)?;
+        Ok(())
+    }
+
+    /// Checks an account's password (HTTP login).
+    pub fn login(&self, account: &str, password: &str) -> anyhow::Result<UserId> {
+        let st = self.lock();
+        verify_account(&st, account, password)
+    }
+
+    /// Merges items posted over HTTP into the cloud's replica (each must carry valid signatures of
+    /// the folder's signers). Returns (merged, changed, refused with reasons).
+    pub fn merge_posted(
+        &self,
+        folder: &FolderId,
+        items: Vec<Item>,
+    ) -> anyhow::Result<(usize, usize, Vec<String>)> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if st.dir.folder(folder).is_none() {
+            anyhow::bail!("no such folder");
+        }
+        let signers = st.dir.signers(folder);
+        let epoch = st.epoch;
+        let replica = st.replicas.entry(*folder).or_insert_with(|| Replica::new_signed(epoch));
+        replica.set_signers(Some(signers));
+        let (mut merged, mut changed, mut refused) = (0, 0, Vec::new());
+        for item in items {
+            let id = item.id().as_str().to_string();
+            match replica.merge(&Arc::new(item)) {
+                Ok(c) => {
+                    merged += 1;
+                    changed += usize::from(c);
+                }
+                Err(e) => refused.push(format!("{id}: {e}")),
+            }
+        }
+        self.persist_folder(st, folder, None)?;
+        Ok((merged, changed, refused))
+    }
+
+    /// Bytes of feed data a device added to the cloud's replicas.
+    pub fn usage(&self, device: &DeviceId) -> u64 {
+        self.store.usage(&device.0).unwrap_or(0)
+    }
+
+    /// Creates an admin-issued bearer token for an account (or for the admin with "").
+    pub fn issue_token(&self, account: &str) -> String {
+        let token = random_token();
+        self.lock().tokens.insert(token.clone(), account.to_string());
+        token
+    }
+}
+
+fn request_kind(r: &Request) -> &'static str {
+    match r {
+        Request::Ticket => "ticket",
+        Request::Directory { .. } => "directory",
+        Request::Announce { .. } => "announce",
+        Request::Peers { .. } => "peers",
+        Request::Account { .. } => "account",
+        Request::PairRequest { .. } => "pair-request",
+        Request::PairStatus { .. } => "pair-status",
+        Request::PairConsent { .. } => "pair-consent",
+        Request::PairList => "pair-list",
+        Request::PairNonce { .. } => "pair-nonce",
+    }
+}
+
+fn verify_account(st: &State, account: &str, password: &str) -> anyhow::Result<UserId> {
+    let a = st.accounts.get(account).ok_or_else(|| anyhow::anyhow!("wrong account or password"))?;
+    let parsed = PasswordHash::new(&a.phc).map_err(|_| anyhow::anyhow!("stored password hash is corrupt"))?;
+    Argon2::default()
+        .verify_password(password.as_bytes(), &parsed)
+        .map_err(|_| anyhow::anyhow!("wrong account or password"))?;
+    Ok(a.user)
+}
+
+fn hash_password(password: &str) -> anyhow::Result<String> {
+    let mut salt = [0u8; 16];
+    rand::fill(&mut salt);
+    let salt = SaltString::encode_b64(&salt).map_err(|e| anyhow::anyhow!("salt: {e}"))?;
+    Ok(Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map_err(|e| anyhow::anyhow!("hashing: {e}"))?
+        .to_string())
+}
+
+/// Account names: 1 to 64 of `a-z 0-9 . _ -`.
+pub fn check_account_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if !ok {
+        anyhow::bail!("account names are 1 to 64 characters of a-z, 0-9, '.', '_' and '-'");
+    }
+    Ok(())
+}
+
+fn check_password(password: &str) -> anyhow::Result<()> {
+    if password.len() < 8 || password.len() > 1024 {
+        anyhow::bail!("passwords are 8 to 1024 bytes");
+    }
+    Ok(())
+}
+
+/// 32 random bytes, hex.
+pub fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::fill(&mut bytes);
+    engine::signing::hex(&bytes)
+}
+
+/// Unix seconds, for the HTTP API's views.
+pub fn now() -> i64 {
+    now_secs()
+}

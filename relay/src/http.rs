@@ -1,0 +1,551 @@
+//! The relay's HTTP API (axum).
+//!
+//! Public: `GET /health`, `GET /metrics`, `GET /v1/connect` (what `feedmesh init` needs),
+//! `POST /v1/login`. Everything else takes `Authorization: Bearer TOKEN` (a login token, an
+//! admin-issued account token, or the admin token) and shows what that account's user may see:
+//! users, devices, folders, members, invitations, items (JSON), feeds as FeedSync Atom
+//! (`GET /v1/folders/{id}/feed.atom?since=SEQ`), a FeedSync feed merged by POST, and long-poll
+//! notifications (`GET /v1/notifications?since=N&timeout=S`, held up to 60 s).
+//!
+//! Errors are JSON `{"error": "..."}` with a fitting status.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use engine::directory::{FolderId, InviteState, MemberState, UserId};
+use engine::feedsync::{read_feed, write_feed, Dialect, Item};
+use engine::replica::Seq;
+use engine::signing::{hex, unhex, DeviceId};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::cloud::Cloud;
+use crate::metrics::Reason;
+
+/// Largest FeedSync document accepted by POST.
+pub const POST_FEED_MAX: usize = 16 << 20;
+/// Longest a long-poll is held.
+pub const LONG_POLL_MAX_S: u64 = 60;
+
+/// Shared state of the handlers.
+#[derive(Clone, Debug)]
+pub struct App {
+    pub cloud: Arc<Cloud>,
+    pub endpoint: iroh::Endpoint,
+    pub relay_url: iroh::RelayUrl,
+    pub relay_clients: Arc<AtomicI64>,
+}
+
+/// The relay server's access control: only the cloud and devices active in the directory may use
+/// the relay (it forwards ciphertext only, but it is not an open relay).
+#[derive(Debug)]
+pub struct RelayAccess {
+    pub cloud: Arc<Cloud>,
+    pub clients: Arc<AtomicI64>,
+}
+
+impl iroh_relay::server::AccessControl for RelayAccess {
+    async fn on_connect(&self, request: &iroh_relay::server::ClientRequest) -> iroh_relay::server::Access {
+        let device = transport::device_of(request.endpoint_id());
+        let allowed = device == self.cloud.id || {
+            let st = self.cloud.lock();
+            // A device that is pairing is not active yet, but it must reach the cloud.
+            st.dir.user_of(&device).is_some() || st.pairings.values().any(|p| p.device == device)
+        };
+        if allowed {
+            self.clients.fetch_add(1, Ordering::Relaxed);
+            iroh_relay::server::Access::Allow
+        } else {
+            self.cloud.metrics.refusals.get_or_create(&Reason::new("relay-unknown-device")).inc();
+            iroh_relay::server::Access::Deny { reason: Some("not an active device of this mesh".into()) }
+        }
+    }
+
+    fn on_disconnect(&self, _id: iroh::EndpointId, _conn: iroh_relay::server::ConnectionId) {
+        self.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a node needs to reach the cloud.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ConnectInfo {
+    /// The cloud's endpoint id (and ticket key), hex.
+    pub cloud: String,
+    pub relay_url: String,
+    /// Direct UDP addresses of the cloud endpoint.
+    pub addrs: Vec<std::net::SocketAddr>,
+}
+
+pub fn connect_info(cloud: &Cloud, endpoint: &iroh::Endpoint, relay_url: &iroh::RelayUrl) -> ConnectInfo {
+    let mut addrs: Vec<std::net::SocketAddr> = endpoint.addr().ip_addrs().copied().collect();
+    if addrs.is_empty() {
+        addrs = endpoint.bound_sockets();
+    }
+    // An unspecified bind address is reachable on loopback from this machine.
+    let addrs = addrs
+        .into_iter()
+        .map(|a| {
+            if a.ip().is_unspecified() {
+                std::net::SocketAddr::new([127, 0, 0, 1].into(), a.port())
+            } else {
+                a
+            }
+        })
+        .collect();
+    ConnectInfo { cloud: hex(&cloud.id.0), relay_url: relay_url.to_string(), addrs }
+}
+
+/// An API error.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+fn not_found(what: &str) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, format!("no such {what}"))
+}
+fn unauthorized() -> ApiError {
+    ApiError(StatusCode::UNAUTHORIZED, "a valid bearer token is required".into())
+}
+
+/// Who a request speaks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Principal {
+    Admin,
+    User(UserId),
+}
+
+fn principal(app: &App, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(unauthorized)?;
+    let st = app.cloud.lock();
+    match st.tokens.get(token.trim()) {
+        Some(name) if name.is_empty() => Ok(Principal::Admin),
+        Some(name) => st.accounts.get(name).map(|a| Principal::User(a.user)).ok_or_else(unauthorized),
+        None => Err(unauthorized()),
+    }
+}
+
+fn count(app: &App, route: &str) {
+    app.cloud.metrics.http_requests.get_or_create(&Reason::new(route)).inc();
+}
+
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/connect", get(connect))
+        .route("/v1/login", post(login))
+        .route("/v1/accounts/{name}/tokens", post(account_token))
+        .route("/v1/users", get(users))
+        .route("/v1/users/{id}", get(user))
+        .route("/v1/devices", get(devices))
+        .route("/v1/folders", get(folders))
+        .route("/v1/folders/{id}", get(folder))
+        .route("/v1/folders/{id}/members", get(members))
+        .route("/v1/invitations", get(invitations))
+        .route("/v1/folders/{id}/items", get(items))
+        .route("/v1/folders/{id}/items/{item}", get(item))
+        .route("/v1/folders/{id}/feed.atom", get(feed_atom))
+        .route("/v1/folders/{id}/feed", post(post_feed).layer(DefaultBodyLimit::max(POST_FEED_MAX)))
+        .route("/v1/notifications", get(notifications))
+        .layer(DefaultBodyLimit::max(1 << 20))
+        .with_state(app)
+}
+
+async fn health(State(app): State<App>) -> Json<Value> {
+    count(&app, "health");
+    let st = app.cloud.lock();
+    Json(json!({
+        "status": "ok",
+        "cloud": hex(&app.cloud.id.0),
+        "devices_connected": st.connections.len(),
+        "directory_changes": st.dir.len(),
+        "folders": st.replicas.len(),
+    }))
+}
+
+async fn metrics(State(app): State<App>) -> impl IntoResponse {
+    count(&app, "metrics");
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        app.cloud.metrics.render(app.relay_clients.load(Ordering::Relaxed)),
+    )
+}
+
+async fn connect(State(app): State<App>) -> Json<ConnectInfo> {
+    count(&app, "connect");
+    Json(connect_info(&app.cloud, &app.endpoint, &app.relay_url))
+}
+
+#[derive(Deserialize)]
+struct Login {
+    account: String,
+    password: String,
+}
+
+async fn login(State(app): State<App>, Json(body): Json<Login>) -> Result<Json<Value>, ApiError> {
+    count(&app, "login");
+    let cloud = app.cloud.clone();
+    // Argon2 is deliberately slow: keep it off the async workers.
+    let account = body.account.clone();
+    let user = tokio::task::spawn_blocking(move || cloud.login(&body.account, &body.password))
+        .await
+        .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "login failed".into()))?
+        .map_err(|e| ApiError(StatusCode::UNAUTHORIZED, e.to_string()))?;
+    let token = app.cloud.issue_token(&account);
+    Ok(Json(json!({ "token": token, "user": hex(&user.0) })))
+}
+
+async fn account_token(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    count(&app, "account-token");
+    if principal(&app, &headers)? != Principal::Admin {
+        return Err(ApiError(StatusCode::FORBIDDEN, "only the admin issues account tokens".into()));
+    }
+    if !app.cloud.lock().accounts.contains_key(&name) {
+        return Err(not_found("account"));
+    }
+    Ok(Json(json!({ "token": app.cloud.issue_token(&name) })))
+}
+
+fn parse_folder(id: &str) -> Result<FolderId, ApiError> {
+    let bytes = unhex(id).filter(|b| b.len() == 16).ok_or_else(|| bad("folder ids are 32 hex digits"))?;
+    let mut f = [0u8; 16];
+    f.copy_from_slice(&bytes);
+    Ok(FolderId(f))
+}
+
+fn parse_user(id: &str) -> Result<UserId, ApiError> {
+    let bytes = unhex(id).filter(|b| b.len() == 32).ok_or_else(|| bad("user ids are 64 hex digits"))?;
+    let mut u = [0u8; 32];
+    u.copy_from_slice(&bytes);
+    Ok(UserId(u))
+}
+
+/// Whether the principal may see the folder: the admin, or a participant.
+fn may_see(st: &crate::cloud::State, who: &Principal, folder: &FolderId) -> Result<(), ApiError> {
+    let f = st.dir.folder(folder).ok_or_else(|| not_found("folder"))?;
+    match who {
+        Principal::Admin => Ok(()),
+        Principal::User(u) if st.dir.state().is_participant(f, u) => Ok(()),
+        Principal::User(_) => Err(not_found("folder")),
+    }
+}
+
+fn user_json(st: &crate::cloud::State, id: &UserId) -> Value {
+    let u = st.dir.state().users.get(id);
+    json!({
+        "id": hex(&id.0),
+        "name": u.map(|u| u.name.clone()),
+        "account": st.accounts.values().find(|a| a.user == *id).map(|a| a.name.clone()),
+        "devices": u.map(|u| u.devices.iter().filter(|(_, active)| **active).count()).unwrap_or(0),
+    })
+}
+
+async fn users(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    count(&app, "users");
+    let who = principal(&app, &headers)?;
+    let st = app.cloud.lock();
+    let list: Vec<Value> = st
+        .dir
+        .state()
+        .users
+        .keys()
+        .filter(|u| who == Principal::Admin || who == Principal::User(**u))
+        .map(|u| user_json(&st, u))
+        .collect();
+    Ok(Json(json!({ "users": list })))
+}
+
+async fn user(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    count(&app, "user");
+    let who = principal(&app, &headers)?;
+    let id = parse_user(&id)?;
+    let st = app.cloud.lock();
+    if !st.dir.state().users.contains_key(&id) || !(who == Principal::Admin || who == Principal::User(id)) {
+        return Err(not_found("user"));
+    }
+    Ok(Json(user_json(&st, &id)))
+}
+
+async fn devices(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    count(&app, "devices");
+    let who = principal(&app, &headers)?;
+    let st = app.cloud.lock();
+    let mut list = Vec::new();
+    for (uid, u) in &st.dir.state().users {
+        if !(who == Principal::Admin || who == Principal::User(*uid)) {
+            continue;
+        }
+        for (device, active) in &u.devices {
+            list.push(json!({
+                "id": hex(&device.0),
+                "user": hex(&uid.0),
+                "active": active,
+                "connected": st.connections.contains_key(device),
+                "storage_bytes": app.cloud.usage(device),
+            }));
+        }
+    }
+    Ok(Json(json!({ "devices": list })))
+}
+
+fn folder_json(st: &crate::cloud::State, id: &FolderId) -> Value {
+    let f = st.dir.folder(id);
+    let replica = st.replicas.get(id);
+    json!({
+        "id": hex(&id.0),
+        "name": f.map(|f| f.name.clone()),
+        "owner": f.map(|f| hex(&f.owner.0)),
+        "mapped_on": f.map(|f| f.mapped.iter().map(|d| hex(&d.0)).collect::<Vec<_>>()),
+        "items": replica.map_or(0, |r| r.len()),
+        "head": replica.map_or(0, |r| r.head().0),
+    })
+}
+
+async fn folders(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    count(&app, "folders");
+    let who = principal(&app, &headers)?;
+    let st = app.cloud.lock();
+    let list: Vec<Value> = st
+        .dir
+        .state()
+        .folders
+        .keys()
+        .filter(|f| may_see(&st, &who, f).is_ok())
+        .map(|f| folder_json(&st, f))
+        .collect();
+    Ok(Json(json!({ "folders": list })))
+}
+
+async fn folder(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    count(&app, "folder");
+    let who = principal(&app, &headers)?;
+    let id = parse_folder(&id)?;
+    let st = app.cloud.lock();
+    may_see(&st, &who, &id)?;
+    Ok(Json(folder_json(&st, &id)))
+}
+
+async fn members(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    count(&app, "members");
+    let who = principal(&app, &headers)?;
+    let id = parse_folder(&id)?;
+    let st = app.cloud.lock();
+    may_see(&st, &who, &id)?;
+    let f = st.dir.folder(&id).ok_or_else(|| not_found("folder"))?;
+    let mut list = vec![json!({ "user": hex(&f.owner.0), "role": "owner", "state": "active" })];
+    for (u, m) in &f.members {
+        list.push(json!({
+            "user": hex(&u.0),
+            "role": format!("{:?}", m.role).to_lowercase(),
+            "state": match m.state { MemberState::Pending => "pending", MemberState::Active => "active", MemberState::Removed => "removed" },
+        }));
+    }
+    Ok(Json(json!({ "members": list })))
+}
+
+async fn invitations(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    count(&app, "invitations");
+    let who = principal(&app, &headers)?;
+    let st = app.cloud.lock();
+    let list: Vec<Value> = st
+        .dir
+        .state()
+        .invitations
+        .iter()
+        .filter(|(_, inv)| match &who {
+            Principal::Admin => true,
+            Principal::User(u) => inv.invitee == *u || st.dir.folder(&inv.folder).is_some_and(|f| f.owner == *u),
+        })
+        .map(|(id, inv)| {
+            json!({
+                "id": hex(&id.0),
+                "folder": hex(&inv.folder.0),
+                "invitee": hex(&inv.invitee.0),
+                "state": match inv.state { InviteState::Open => "open", InviteState::Accepted => "accepted", InviteState::Declined => "declined", InviteState::Cancelled => "cancelled" },
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "invitations": list })))
+}
+
+use transport::view::item_json;
+
+async fn items(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    count(&app, "items");
+    let who = principal(&app, &headers)?;
+    let id = parse_folder(&id)?;
+    let st = app.cloud.lock();
+    may_see(&st, &who, &id)?;
+    let list: Vec<Value> =
+        st.replicas.get(&id).map(|r| r.items().map(|i| item_json(i, false)).collect()).unwrap_or_default();
+    Ok(Json(json!({ "items": list })))
+}
+
+async fn item(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path((id, item_id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    count(&app, "item");
+    let who = principal(&app, &headers)?;
+    let id = parse_folder(&id)?;
+    let st = app.cloud.lock();
+    may_see(&st, &who, &id)?;
+    let item_id = engine::feedsync::ItemId::new(&item_id).map_err(|e| bad(e.to_string()))?;
+    let item = st.replicas.get(&id).and_then(|r| r.item(&item_id)).ok_or_else(|| not_found("item"))?;
+    Ok(Json(item_json(item, true)))
+}
+
+#[derive(Deserialize)]
+struct Since {
+    since: Option<u64>,
+    epoch: Option<u64>,
+}
+
+async fn feed_atom(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<Since>,
+) -> Result<Response, ApiError> {
+    count(&app, "feed-atom");
+    let who = principal(&app, &headers)?;
+    let id = parse_folder(&id)?;
+    let st = app.cloud.lock();
+    may_see(&st, &who, &id)?;
+    let (epoch, head, items) = match st.replicas.get(&id) {
+        Some(r) => {
+            // A cursor from another epoch (the relay restarted) means everything.
+            let since = match (q.since, q.epoch) {
+                (Some(s), Some(e)) if e == r.epoch() => Seq(s),
+                (Some(s), None) => Seq(s),
+                _ => Seq(0),
+            };
+            (r.epoch(), r.head().0, r.log_since(since).map(|c| &**c.item).collect::<Vec<&Item>>())
+        }
+        None => (0, 0, Vec::new()),
+    };
+    let feed = transport::view::feed_of(Dialect::Atom, items)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/atom+xml; charset=utf-8".to_string()),
+            (header::HeaderName::from_static("x-feedmesh-epoch"), epoch.to_string()),
+            (header::HeaderName::from_static("x-feedmesh-head"), head.to_string()),
+        ],
+        write_feed(&feed),
+    )
+        .into_response())
+}
+
+async fn post_feed(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    count(&app, "post-feed");
+    let who = principal(&app, &headers)?;
+    let id = parse_folder(&id)?;
+    may_see(&app.cloud.lock(), &who, &id)?;
+    let feed = read_feed(&body)
+        .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("not a FeedSync feed: {e}")))?;
+    let items: Vec<Item> = feed.items().cloned().collect();
+    let (merged, changed, refused) = app
+        .cloud
+        .merge_posted(&id, items)
+        .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    Ok(Json(json!({ "merged": merged, "changed": changed, "refused": refused })))
+}
+
+#[derive(Deserialize)]
+struct Poll {
+    since: Option<u64>,
+    timeout: Option<u64>,
+}
+
+async fn notifications(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Query(q): Query<Poll>,
+) -> Result<Json<Value>, ApiError> {
+    count(&app, "notifications");
+    let who = principal(&app, &headers)?;
+    let since = q.since.unwrap_or(0);
+    let wait = Duration::from_secs(q.timeout.unwrap_or(LONG_POLL_MAX_S).min(LONG_POLL_MAX_S));
+    let deadline = tokio::time::Instant::now() + wait;
+    app.cloud.metrics.long_polls.inc();
+    let result = loop {
+        // Register before looking, so an event between the look and the wait still wakes us.
+        let notified = app.cloud.events_changed.notified();
+        let (events, latest) = {
+            let st = app.cloud.lock();
+            let events: Vec<Value> = st
+                .events
+                .iter()
+                .filter(|e| e.seq > since)
+                .filter(|e| match (&who, &e.folder_id) {
+                    (Principal::Admin, _) => true,
+                    (Principal::User(_), Some(f)) => may_see(&st, &who, f).is_ok(),
+                    (Principal::User(_), None) => true,
+                })
+                .map(|e| serde_json::to_value(e).unwrap_or(Value::Null))
+                .collect();
+            (events, st.event_seq)
+        };
+        if !events.is_empty() || tokio::time::Instant::now() >= deadline {
+            break Json(json!({ "events": events, "latest": latest }));
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            break Json(json!({ "events": [], "latest": latest }));
+        }
+    };
+    app.cloud.metrics.long_polls.dec();
+    Ok(result)
+}
+
+/// A device id from hex.
+pub fn parse_device(id: &str) -> Option<DeviceId> {
+    let bytes = unhex(id).filter(|b| b.len() == 32)?;
+    let mut d = [0u8; 32];
+    d.copy_from_slice(&bytes);
+    Some(DeviceId(d))
+}

@@ -1,0 +1,267 @@
+//! `feedmesh-relay`: the cloud and the relay in one process.
+//!
+//! - an **iroh endpoint** (UDP, keyed by the cloud key) that devices connect to: tickets, the
+//!   directory, a replica of every feed, the address book, pairing and change notices
+//!   ([`cloud`]);
+//! - the **embedded iroh relay server** that forwards encrypted QUIC packets between devices that
+//!   cannot reach each other directly (it sees only ciphertext);
+//! - an **HTTP API** (axum): REST resources in JSON, feeds as FeedSync Atom, FeedSync POST,
+//!   long-poll notifications, health and Prometheus metrics ([`http`]).
+//!
+//! Storage is one redb file (`relay.redb` in the data directory) plus the cloud key file.
+
+pub mod cloud;
+pub mod http;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use engine::signing::DeviceKey;
+use serde::{Deserialize, Serialize};
+
+pub use cloud::{Cloud, Limits};
+
+/// Relay settings (a TOML file and/or flags).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the key and the database live.
+    pub data_dir: PathBuf,
+    /// The HTTP API.
+    pub http: SocketAddr,
+    /// The embedded iroh relay server (HTTP, or HTTPS with `tls_cert`/`tls_key`).
+    pub relay: SocketAddr,
+    /// The cloud's iroh endpoint (UDP).
+    pub quic: SocketAddr,
+    /// The relay URL devices are told to use (default: from `relay`).
+    pub public_relay_url: Option<String>,
+    /// Addresses to advertise for the cloud endpoint (default: the bound ones).
+    pub public_addrs: Vec<SocketAddr>,
+    /// PEM certificate chain and key for the relay's HTTPS (deployment).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// The admin bearer token (default: generated into `admin.token` in the data directory).
+    pub admin_token: Option<String>,
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("relay-data"),
+            http: "127.0.0.1:8080".parse().expect("literal"),
+            relay: "127.0.0.1:3340".parse().expect("literal"),
+            quic: "0.0.0.0:4433".parse().expect("literal"),
+            public_relay_url: None,
+            public_addrs: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            admin_token: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML config file (unknown keys are errors).
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("{}: invalid config", path.display()))
+    }
+}
+
+/// A running relay.
+#[derive(Debug)]
+pub struct Running {
+    pub cloud: Arc<Cloud>,
+    pub http_addr: SocketAddr,
+    pub relay_url: iroh::RelayUrl,
+    pub endpoint: iroh::Endpoint,
+    pub admin_token: String,
+    relay_server: Option<iroh_relay::server::Server>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// What a node needs to reach this cloud.
+    pub fn connect_info(&self) -> http::ConnectInfo {
+        http::connect_info(&self.cloud, &self.endpoint, &self.relay_url)
+    }
+
+    /// Stops every task and closes the endpoint.
+    pub async fn shutdown(mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        self.endpoint.close().await;
+        if let Some(server) = self.relay_server.take() {
+            let _ = server.shutdown().await;
+        }
+    }
+}
+
+/// Loads or creates the cloud key (a 32-byte file, mode 0600).
+pub fn load_key(dir: &Path) -> anyhow::Result<DeviceKey> {
+    let path = dir.join("cloud.key");
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let bytes: [u8; 32] =
+                bytes.try_into().map_err(|_| anyhow::anyhow!("{}: not a 32-byte key", path.display()))?;
+            Ok(DeviceKey::from_bytes(&bytes))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut bytes = [0u8; 32];
+            rand::fill(&mut bytes);
+            write_private(&path, &bytes)?;
+            Ok(DeviceKey::from_bytes(&bytes))
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Writes a file only the owner can read.
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut f = options.open(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("reading {}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{}: invalid PEM", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading {}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?)
+}
+
+/// Starts the relay: storage, the cloud endpoint, the iroh relay server and the HTTP API.
+pub async fn start(cfg: Config) -> anyhow::Result<Running> {
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let key = load_key(&cfg.data_dir)?;
+    let store = transport::store::Store::open(&cfg.data_dir.join("relay.redb"), "relay")
+        .with_context(|| format!("opening {}", cfg.data_dir.join("relay.redb").display()))?;
+    let mut epoch = [0u8; 8];
+    rand::fill(&mut epoch);
+    let cloud = Arc::new(Cloud::load(store, key.clone(), cfg.limits.clone(), u64::from_le_bytes(epoch))?);
+
+    // The iroh relay server.
+    let mut relay_cfg = iroh_relay::server::RelayConfig::new(cfg.relay);
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => Some(tls_config(cert, key)?),
+        (None, None) => None,
+        _ => anyhow::bail!("tls_cert and tls_key go together"),
+    };
+    let https = tls.is_some();
+    if let Some(server_config) = tls {
+        relay_cfg.tls = Some(iroh_relay::server::TlsConfig::new(
+            cfg.relay,
+            iroh_relay::server::CertConfig::Manual { server_config },
+        ));
+        // Plain HTTP then only redirects; bind it on an ephemeral port beside the HTTPS one.
+        relay_cfg.http_bind_addr = SocketAddr::new(cfg.relay.ip(), 0);
+    }
+    let relay_clients = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    relay_cfg.access = Arc::new(http::RelayAccess { cloud: cloud.clone(), clients: relay_clients.clone() });
+    let mut server_cfg = iroh_relay::server::ServerConfig::default();
+    server_cfg.relay = Some(relay_cfg);
+    let relay_server =
+        iroh_relay::server::Server::spawn(server_cfg).await.context("starting the iroh relay server")?;
+    let bound = if https { relay_server.https_addr() } else { relay_server.http_addr() }
+        .ok_or_else(|| anyhow::anyhow!("relay server has no address"))?;
+    let relay_url: iroh::RelayUrl = match &cfg.public_relay_url {
+        Some(u) => u.parse().with_context(|| format!("public_relay_url {u:?}"))?,
+        None => format!("{}://{}", if https { "https" } else { "http" }, bound).parse()?,
+    };
+
+    // The cloud endpoint: it uses its own relay too, so devices behind NATs reach it.
+    let endpoint = transport::endpoint(
+        &key,
+        &transport::EndpointOptions {
+            relay: Some(relay_url.clone()),
+            bind: Some(cfg.quic),
+            relay_ca_pem: None,
+        },
+    )
+    .await
+    .context("binding the cloud endpoint")?;
+    for addr in &cfg.public_addrs {
+        endpoint.add_external_addr(*addr).await;
+    }
+
+    let admin_token = match &cfg.admin_token {
+        Some(t) => t.clone(),
+        None => {
+            let path = cfg.data_dir.join("admin.token");
+            match std::fs::read_to_string(&path) {
+                Ok(t) => t.trim().to_string(),
+                Err(_) => {
+                    let t = cloud::random_token();
+                    write_private(&path, t.as_bytes())?;
+                    t
+                }
+            }
+        }
+    };
+    cloud.lock().tokens.insert(admin_token.clone(), String::new());
+
+    let mut tasks = Vec::new();
+    let accept_cloud = cloud.clone();
+    let accept_ep = endpoint.clone();
+    tasks.push(tokio::spawn(async move {
+        while let Some(incoming) = accept_ep.accept().await {
+            let cloud = accept_cloud.clone();
+            tokio::spawn(async move {
+                let Ok(accepting) = incoming.accept() else { return };
+                match accepting.await {
+                    Ok(conn) => cloud.serve(conn).await,
+                    Err(e) => tracing::debug!(error = %e, "handshake failed"),
+                }
+            });
+        }
+    }));
+
+    let listener = tokio::net::TcpListener::bind(cfg.http)
+        .await
+        .with_context(|| format!("binding HTTP {}", cfg.http))?;
+    let http_addr = listener.local_addr()?;
+    let app = http::router(http::App {
+        cloud: cloud.clone(),
+        endpoint: endpoint.clone(),
+        relay_url: relay_url.clone(),
+        relay_clients,
+    });
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    }));
+    tracing::info!(cloud = %cloud.id, http = %http_addr, relay = %relay_url, "relay started");
+    Ok(Running {
+        cloud,
+        http_addr,
+        relay_url,
+        endpoint,
+        admin_token,
+        relay_server: Some(relay_server),
+        tasks,
+    })
+}

@@ -1,0 +1,313 @@
+//! Crash-safe storage shared by the node and the relay (redb: copy-on-write B-trees, each commit
+//! durable before it returns).
+//!
+//! Tables: `meta` (schema version and kind), `blobs` (keys, settings), `directory` (the verified
+//! directory log in the order it was applied, a causal order), `items` (every folder replica's
+//! items as wire items, keyed by folder and item id), and `usage` (per-device byte counters).
+//! A database written by a newer schema is refused; older ones are migrated step by step.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use engine::directory::{Directory, FolderId, SignedChange, CHANGES_PER_BATCH_MAX};
+use engine::feedsync::Item;
+use engine::wire::{from_wire, to_wire, WireItem};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+/// The schema this build writes.
+pub const SCHEMA_VERSION: u64 = 2;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const KIND: TableDefinition<&str, &str> = TableDefinition::new("kind");
+const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
+const DIRECTORY: TableDefinition<u64, &[u8]> = TableDefinition::new("directory");
+const ITEMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("items");
+/// Added in schema 2.
+const USAGE: TableDefinition<&[u8], u64> = TableDefinition::new("usage");
+
+/// Storage errors (typed so a caller can tell a locked database from a broken one).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the database is in use by another process (is a daemon running?)")]
+    Locked,
+    #[error("the database was written by a newer feedmesh (schema {found}, this build knows up to {known})")]
+    TooNew { found: u64, known: u64 },
+    #[error("the database belongs to a {found}, not a {expected}")]
+    WrongKind { found: String, expected: String },
+    #[error("stored {0} is corrupt")]
+    Corrupt(&'static str),
+    #[error("storage: {0}")]
+    Db(String),
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.to_string())
+            }
+        }
+    )*};
+}
+db_err!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+
+impl From<redb::DatabaseError> for StoreError {
+    fn from(e: redb::DatabaseError) -> Self {
+        match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked,
+            e => StoreError::Db(e.to_string()),
+        }
+    }
+}
+
+/// One database file.
+#[derive(Debug)]
+pub struct Store {
+    db: Database,
+}
+
+fn item_key(folder: &FolderId, id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(16 + id.len());
+    key.extend_from_slice(&folder.0);
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+impl Store {
+    /// Opens (creating or migrating) the database at `path` for a process of `kind`
+    /// ("node" or "relay").
+    pub fn open(path: &Path, kind: &str) -> Result<Self, StoreError> {
+        let db = Database::create(path)?;
+        let store = Self { db };
+        store.migrate(kind)?;
+        Ok(store)
+    }
+
+    /// The stored schema version (0 for a new file).
+    pub fn schema_version(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let Ok(meta) = txn.open_table(META) else { return Ok(0) };
+        Ok(meta.get("schema")?.map_or(0, |v| v.value()))
+    }
+
+    fn migrate(&self, kind: &str) -> Result<(), StoreError> {
+        let found = self.schema_version()?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::TooNew { found, known: SCHEMA_VERSION });
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut kinds = txn.open_table(KIND)?;
+            let stored = kinds.get("kind")?.map(|v| v.value().to_string());
+            match stored {
+                Some(k) if k != kind => {
+                    return Err(StoreError::WrongKind { found: k, expected: kind.into() })
+                }
+                Some(_) => {}
+                None => {
+                    kinds.insert("kind", kind)?;
+                }
+            }
+            let mut version = found;
+            while version < SCHEMA_VERSION {
+                match version {
+                    // 0 -> 1: the first layout.
+                    0 => {
+                        txn.open_table(BLOBS)?;
+                        txn.open_table(DIRECTORY)?;
+                        txn.open_table(ITEMS)?;
+                    }
+                    // 1 -> 2: per-device usage counters (the relay's storage limit). Counts start
+                    // from what is stored: nothing was attributed before, so zero.
+                    1 => {
+                        txn.open_table(USAGE)?;
+                    }
+                    _ => unreachable!("versions below SCHEMA_VERSION all have a step"),
+                }
+                version += 1;
+            }
+            txn.open_table(META)?.insert("schema", SCHEMA_VERSION)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn get_blob(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(BLOBS)?;
+        Ok(table.get(name)?.map(|v| v.value().to_vec()))
+    }
+
+    pub fn put_blob(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(BLOBS)?.insert(name, value)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Appends directory changes (already applied, so in a causal order).
+    pub fn save_changes(&self, changes: &[SignedChange]) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(DIRECTORY)?;
+            let first = table.last()?.map_or(0, |(k, _)| k.value() + 1);
+            for (key, change) in (first..).zip(changes) {
+                let bytes = postcard::to_allocvec(change).map_err(|_| StoreError::Corrupt("change"))?;
+                table.insert(key, bytes.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// How many directory changes are stored.
+    pub fn directory_len(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(DIRECTORY)?.len()?)
+    }
+
+    /// Rebuilds the directory, verifying every change again.
+    pub fn load_directory(&self) -> Result<Directory, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(DIRECTORY)?;
+        let mut dir = Directory::new();
+        let mut batch = Vec::new();
+        for entry in table.iter()? {
+            let (_, v) = entry?;
+            let change: SignedChange =
+                postcard::from_bytes(v.value()).map_err(|_| StoreError::Corrupt("directory change"))?;
+            batch.push(change);
+            if batch.len() == CHANGES_PER_BATCH_MAX {
+                dir.apply(&batch).map_err(|_| StoreError::Corrupt("directory"))?;
+                batch.clear();
+            }
+        }
+        dir.apply(&batch).map_err(|_| StoreError::Corrupt("directory"))?;
+        Ok(dir)
+    }
+
+    /// Saves items of `folder` in one transaction (durable when this returns).
+    pub fn save_items<'a>(
+        &self,
+        folder: &FolderId,
+        items: impl IntoIterator<Item = &'a Arc<Item>>,
+    ) -> Result<usize, StoreError> {
+        let txn = self.db.begin_write()?;
+        let mut n = 0;
+        {
+            let mut table = txn.open_table(ITEMS)?;
+            for item in items {
+                let bytes = postcard::to_allocvec(&to_wire(item)).map_err(|_| StoreError::Corrupt("item"))?;
+                table.insert(item_key(folder, item.id().as_str()).as_slice(), bytes.as_slice())?;
+                n += 1;
+            }
+        }
+        txn.commit()?;
+        Ok(n)
+    }
+
+    /// Every stored item of `folder`.
+    pub fn load_items(&self, folder: &FolderId) -> Result<Vec<Item>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ITEMS)?;
+        let lo = folder.0.to_vec();
+        let mut hi = folder.0.to_vec();
+        hi.push(0xff);
+        let mut out = Vec::new();
+        for entry in table.range::<&[u8]>(lo.as_slice()..hi.as_slice())? {
+            let (_, v) = entry?;
+            let wire: WireItem = postcard::from_bytes(v.value()).map_err(|_| StoreError::Corrupt("item"))?;
+            out.push(from_wire(&wire).map_err(|_| StoreError::Corrupt("item"))?);
+        }
+        Ok(out)
+    }
+
+    /// Folders that have stored items.
+    pub fn folders(&self) -> Result<BTreeSet<FolderId>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ITEMS)?;
+        let mut out = BTreeSet::new();
+        for entry in table.iter()? {
+            let (k, _) = entry?;
+            let k = k.value();
+            if k.len() >= 16 {
+                let mut f = [0u8; 16];
+                f.copy_from_slice(&k[..16]);
+                out.insert(FolderId(f));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds `bytes` to a device's usage counter; returns the new total.
+    pub fn add_usage(&self, device: &[u8; 32], bytes: u64) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write()?;
+        let total;
+        {
+            let mut table = txn.open_table(USAGE)?;
+            total = table.get(device.as_slice())?.map_or(0, |v| v.value()).saturating_add(bytes);
+            table.insert(device.as_slice(), total)?;
+        }
+        txn.commit()?;
+        Ok(total)
+    }
+
+    pub fn usage(&self, device: &[u8; 32]) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(USAGE)?;
+        Ok(table.get(device.as_slice())?.map_or(0, |v| v.value()))
+    }
+
+    /// Test hook: writes a schema version (to check that newer files are refused).
+    #[doc(hidden)]
+    pub fn force_schema_version(&self, version: u64) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?.insert("schema", version)?;
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newer_schemas_and_other_kinds_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let store = Store::open(&path, "node").unwrap();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        store.force_schema_version(SCHEMA_VERSION + 1).unwrap();
+        drop(store);
+        assert!(matches!(Store::open(&path, "node"), Err(StoreError::TooNew { .. })));
+        let path2 = dir.path().join("db2.redb");
+        drop(Store::open(&path2, "node").unwrap());
+        assert!(matches!(Store::open(&path2, "relay"), Err(StoreError::WrongKind { .. })));
+    }
+
+    #[test]
+    fn a_schema_1_file_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let store = Store::open(&path, "relay").unwrap();
+        store.force_schema_version(1).unwrap();
+        drop(store);
+        let store = Store::open(&path, "relay").unwrap();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(store.add_usage(&[1; 32], 5).unwrap(), 5);
+        assert_eq!(store.add_usage(&[1; 32], 7).unwrap(), 12);
+    }
+
+    #[test]
+    fn a_second_open_reports_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let _first = Store::open(&path, "node").unwrap();
+        assert!(matches!(Store::open(&path, "node"), Err(StoreError::Locked)));
+    }
+}
