@@ -74,6 +74,9 @@ enum Top {
         /// Sync with the cloud only, never directly with peers.
         #[arg(long)]
         cloud_only: bool,
+        /// Use no UDP: every packet goes through the relay.
+        #[arg(long)]
+        relay_only: bool,
     },
     /// Read, merge, change and check FeedSync feeds (RSS 2.0 or Atom) as files.
     Feedsync {
@@ -196,14 +199,14 @@ fn run(dir: &Path, top: Top) -> anyhow::Result<()> {
             print!("{out}");
             Ok(())
         }
-        Top::Run { api, interval, bind, cloud_only } => {
+        Top::Run { api, interval, bind, cloud_only, relay_only } => {
             if !api.ip().is_loopback() {
                 bail!("the local API listens on loopback only");
             }
             let node = shared(Node::open(dir)?);
             let rt = runtime()?;
             rt.block_on(async move {
-                let net = Net::bind(node.clone(), bind).await?;
+                let net = Net::bind_with(node.clone(), bind, relay_only).await?;
                 net.peer_sync.store(!cloud_only, std::sync::atomic::Ordering::Relaxed);
                 let ctx = Arc::new(Ctx::new(node.clone(), Some(net.clone())));
                 let listener =

@@ -57,6 +57,15 @@ fn session_id() -> u64 {
 impl Net {
     /// Binds this device's endpoint (its key, the deployment's relay, no public services).
     pub async fn bind(node: Shared, bind: Option<std::net::SocketAddr>) -> anyhow::Result<Arc<Self>> {
+        Self::bind_with(node, bind, false).await
+    }
+
+    /// [`Net::bind`]; with `relay_only`, no UDP: everything goes through the relay.
+    pub async fn bind_with(
+        node: Shared,
+        bind: Option<std::net::SocketAddr>,
+        relay_only: bool,
+    ) -> anyhow::Result<Arc<Self>> {
         let (key, cfg) = {
             let n = lock(&node);
             (n.key.clone(), n.cfg.clone())
@@ -65,7 +74,7 @@ impl Net {
             cfg.relay_url.parse().with_context(|| format!("relay URL {:?}", cfg.relay_url))?;
         let endpoint = transport::endpoint(
             &key,
-            &transport::EndpointOptions { relay: Some(relay), bind, relay_ca_pem: cfg.relay_ca_pem.clone() },
+            &transport::EndpointOptions { relay: Some(relay), bind, relay_ca_pem: cfg.relay_ca_pem.clone(), relay_only },
         )
         .await?;
         Ok(Arc::new(Self {

@@ -90,6 +90,9 @@ pub struct EndpointOptions {
     pub bind: Option<std::net::SocketAddr>,
     /// Extra CA certificates (PEM) to trust for the relay's HTTPS, e.g. a self-signed one.
     pub relay_ca_pem: Option<String>,
+    /// No UDP at all: every packet goes through the relay (tests and benchmarks of the relayed
+    /// path; a device behind a network that blocks UDP).
+    pub relay_only: bool,
 }
 
 /// Binds an iroh endpoint for `key` that speaks [`ALPN`], uses only the configured relay and
@@ -114,7 +117,9 @@ pub async fn endpoint(key: &engine::signing::DeviceKey, opts: &EndpointOptions) 
         }
         builder = builder.ca_tls_config(iroh::tls::CaTlsConfig::embedded().with_extra_roots(roots));
     }
-    if let Some(bind) = opts.bind {
+    if opts.relay_only {
+        builder = builder.clear_ip_transports();
+    } else if let Some(bind) = opts.bind {
         builder = builder.clear_ip_transports().bind_addr(bind)?;
     }
     Ok(builder.bind().await?)
