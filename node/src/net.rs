@@ -74,7 +74,12 @@ impl Net {
             cfg.relay_url.parse().with_context(|| format!("relay URL {:?}", cfg.relay_url))?;
         let endpoint = transport::endpoint(
             &key,
-            &transport::EndpointOptions { relay: Some(relay), bind, relay_ca_pem: cfg.relay_ca_pem.clone(), relay_only },
+            &transport::EndpointOptions {
+                relay: Some(relay),
+                bind,
+                relay_ca_pem: cfg.relay_ca_pem.clone(),
+                relay_only,
+            },
         )
         .await?;
         Ok(Arc::new(Self {

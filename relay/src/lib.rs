@@ -199,6 +199,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             relay: Some(relay_url.clone()),
             bind: Some(cfg.quic),
             relay_ca_pem: None,
+            relay_only: false,
         },
     )
     .await
