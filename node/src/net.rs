@@ -46,6 +46,8 @@ pub struct Net {
     pub wake: Notify,
     /// Sync with peers directly (not only with the cloud).
     pub peer_sync: std::sync::atomic::AtomicBool,
+    /// No UDP: every path is the relay.
+    relay_only: bool,
 }
 
 fn session_id() -> u64 {
@@ -89,6 +91,7 @@ impl Net {
             peers: tokio::sync::Mutex::new(BTreeMap::new()),
             wake: Notify::new(),
             peer_sync: std::sync::atomic::AtomicBool::new(true),
+            relay_only,
         }))
     }
 
@@ -419,6 +422,9 @@ impl Net {
         let paths = conn.paths();
         let selected = paths.iter().find(|p| p.is_selected());
         let (path, why) = match selected {
+            Some(p) if p.is_relay() && self.relay_only => {
+                ("relayed", "relay-only mode: this device uses no UDP, every packet goes through the relay".to_string())
+            }
             Some(p) if p.is_relay() => (
                 "relayed",
                 "no direct path: hole punching has not succeeded (NAT or firewall), traffic goes through the relay".to_string(),

@@ -43,6 +43,10 @@ pub struct Config {
     /// PEM certificate chain and key for the relay's HTTPS (deployment).
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Serve the relay over HTTPS with a self-signed certificate for these names (local use;
+    /// written to `relay-cert.pem` in the data directory, which nodes pass to
+    /// `feedmesh init --relay-ca`). Empty: off.
+    pub tls_self_signed: Vec<String>,
     /// The admin bearer token (default: generated into `admin.token` in the data directory).
     pub admin_token: Option<String>,
     pub limits: Limits,
@@ -59,6 +63,7 @@ impl Default for Config {
             public_addrs: Vec::new(),
             tls_cert: None,
             tls_key: None,
+            tls_self_signed: Vec::new(),
             admin_token: None,
             limits: Limits::default(),
         }
@@ -153,6 +158,18 @@ fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<rustls::ServerConfig> {
         .with_single_cert(certs, key)?)
 }
 
+/// A self-signed certificate for `names`, kept in the data directory (made once: nodes pin it).
+fn self_signed(dir: &Path, names: &[String]) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (cert, key) = (dir.join("relay-cert.pem"), dir.join("relay-key.pem"));
+    if !cert.exists() || !key.exists() {
+        let made =
+            rcgen::generate_simple_self_signed(names.to_vec()).context("making a self-signed certificate")?;
+        write_private(&key, made.signing_key.serialize_pem().as_bytes())?;
+        std::fs::write(&cert, made.cert.pem()).with_context(|| format!("writing {}", cert.display()))?;
+    }
+    Ok((cert, key))
+}
+
 /// Starts the relay: storage, the cloud endpoint, the iroh relay server and the HTTP API.
 pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
@@ -165,8 +182,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
 
     // The iroh relay server.
     let mut relay_cfg = iroh_relay::server::RelayConfig::new(cfg.relay);
+    let mut own_ca = None;
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(cert), Some(key)) => Some(tls_config(cert, key)?),
+        (None, None) if !cfg.tls_self_signed.is_empty() => {
+            let (cert, key) = self_signed(&cfg.data_dir, &cfg.tls_self_signed)?;
+            own_ca = Some(std::fs::read_to_string(&cert)?);
+            Some(tls_config(&cert, &key)?)
+        }
         (None, None) => None,
         _ => anyhow::bail!("tls_cert and tls_key go together"),
     };
@@ -198,7 +221,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         &transport::EndpointOptions {
             relay: Some(relay_url.clone()),
             bind: Some(cfg.quic),
-            relay_ca_pem: None,
+            // The cloud endpoint reaches its own relay too: trust its self-signed certificate.
+            relay_ca_pem: own_ca,
             relay_only: false,
         },
     )

@@ -39,6 +39,10 @@ struct Args {
     /// PEM private key for the relay's HTTPS.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Serve the relay over HTTPS with a self-signed certificate for NAME (repeatable; local
+    /// use). The certificate is written to DATA_DIR/relay-cert.pem for `feedmesh init --relay-ca`.
+    #[arg(long, value_name = "NAME", conflicts_with = "tls_cert")]
+    tls_self_signed: Vec<String>,
     /// Log as JSON lines (default: human-readable).
     #[arg(long)]
     log_json: bool,
@@ -47,7 +51,7 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     let filter = EnvFilter::try_from_env("FEEDMESH_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,iroh=warn,iroh_relay=warn,noq=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,iroh=warn,iroh_relay=error,noq=warn,noq_proto=error"));
     if args.log_json {
         tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
     } else {
@@ -80,6 +84,9 @@ fn main() -> ExitCode {
     }
     if !args.public_addr.is_empty() {
         cfg.public_addrs = args.public_addr;
+    }
+    if !args.tls_self_signed.is_empty() {
+        cfg.tls_self_signed = args.tls_self_signed;
     }
     if args.tls_cert.is_some() {
         cfg.tls_cert = args.tls_cert;

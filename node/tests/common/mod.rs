@@ -19,6 +19,11 @@ pub struct Relay {
 
 impl Relay {
     pub fn start() -> Self {
+        Self::start_with(|_| {})
+    }
+
+    /// A relay with its config adjusted by `f` (addresses stay on loopback ports chosen by the OS).
+    pub fn start_with(f: impl FnOnce(&mut relay::Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let cfg = relay::Config {
@@ -28,6 +33,8 @@ impl Relay {
             quic: "127.0.0.1:0".parse().unwrap(),
             ..relay::Config::default()
         };
+        let mut cfg = cfg;
+        f(&mut cfg);
         let running = rt.block_on(relay::start(cfg)).expect("relay starts");
         let url = format!("http://{}", running.http_addr);
         Self { rt, running: Some(running), url, _dir: dir }
@@ -55,6 +62,8 @@ pub struct Dev {
     pub name: &'static str,
     pub dir: PathBuf,
     pub daemon: Option<Child>,
+    /// Run inside this network namespace (`ip netns exec`).
+    pub ns: Option<String>,
 }
 
 pub fn bin() -> &'static str {
@@ -63,11 +72,23 @@ pub fn bin() -> &'static str {
 
 impl Dev {
     pub fn new(root: &Path, name: &'static str) -> Self {
-        Self { name, dir: root.join(name), daemon: None }
+        Self { name, dir: root.join(name), daemon: None, ns: None }
+    }
+
+    /// The `feedmesh` command for this device (inside its namespace, if any).
+    pub fn command(&self) -> Command {
+        match &self.ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, bin()]);
+                c
+            }
+            None => Command::new(bin()),
+        }
     }
 
     pub fn cmd(&self, args: &[&str]) -> Output {
-        Command::new(bin())
+        self.command()
             .arg("--dir")
             .arg(&self.dir)
             .args(args)
@@ -111,12 +132,19 @@ impl Dev {
     }
 
     pub fn start(&mut self) {
+        self.start_args(&[]);
+    }
+
+    /// Starts the daemon with extra `run` flags.
+    pub fn start_args(&mut self, extra: &[&str]) {
         assert!(self.daemon.is_none());
         let _ = std::fs::remove_file(self.dir.join("api.json"));
-        let child = Command::new(bin())
+        let child = self
+            .command()
             .arg("--dir")
             .arg(&self.dir)
             .args(["run", "--interval", "1"])
+            .args(extra)
             .env(
                 "FEEDMESH_LOG",
                 std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "warn,noq_proto=error,iroh=error".into()),
@@ -147,7 +175,8 @@ impl Dev {
 
     /// `pair --account`, run in the background; returns the code it shows and the child.
     pub fn pair(&self, account: &str) -> (String, Child) {
-        let mut child = Command::new(bin())
+        let mut child = self
+            .command()
             .arg("--dir")
             .arg(&self.dir)
             .args(["pair", "--account", account, "--timeout", "60"])

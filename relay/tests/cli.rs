@@ -1,0 +1,43 @@
+//! The relay binary's command line: help, a bad config file, an unusable address.
+
+use std::process::Command;
+
+fn relay() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_feedmesh-relay"))
+}
+
+#[test]
+fn help_names_the_settings() {
+    let out = relay().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for flag in ["--config", "--data-dir", "--http", "--relay", "--quic", "--tls-cert", "--tls-self-signed"] {
+        assert!(text.contains(flag), "{flag} missing from --help");
+    }
+}
+
+#[test]
+fn a_bad_config_file_is_a_usage_error_with_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, "http = \"127.0.0.1:1\"\nno_such_key = 3\n").unwrap();
+    let out = relay().arg("--config").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("relay.toml") && err.contains("no_such_key"), "{err}");
+}
+
+#[test]
+fn an_address_in_use_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = relay()
+        .args(["--data-dir", dir.path().to_str().unwrap()])
+        .args(["--http", &format!("127.0.0.1:{port}"), "--relay", "127.0.0.1:0", "--quic", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("binding HTTP"), "{err}");
+}
