@@ -163,6 +163,8 @@ pub enum Format {
 pub struct Ctx {
     pub node: Shared,
     net: OnceCell<Arc<Net>>,
+    bind: Option<std::net::SocketAddr>,
+    relay_only: bool,
 }
 
 impl Ctx {
@@ -171,18 +173,28 @@ impl Ctx {
         if let Some(n) = net {
             let _ = cell.set(n);
         }
-        Self { node, net: cell }
+        Self { node, net: cell, bind: None, relay_only: false }
     }
 
-    /// The network (bound on first use in the CLI process).
+    /// A context whose network is bound on first use with these options (the daemon's).
+    pub fn with_options(node: Shared, bind: Option<std::net::SocketAddr>, relay_only: bool) -> Self {
+        Self { node, net: OnceCell::new(), bind, relay_only }
+    }
+
+    /// The network (bound on first use).
     pub async fn net(&self) -> anyhow::Result<Arc<Net>> {
-        self.net.get_or_try_init(|| Net::bind(self.node.clone(), None)).await.cloned()
+        self.net
+            .get_or_try_init(|| Net::bind_with(self.node.clone(), self.bind, self.relay_only))
+            .await
+            .cloned()
     }
 
     /// Closes the endpoint if this process bound one (the CLI, when done).
+    /// Bounded: a graceful close can wait on the relay for seconds, and the process holds the
+    /// database until it exits.
     pub async fn close(&self) {
         if let Some(n) = self.net.get() {
-            n.endpoint.close().await;
+            let _ = tokio::time::timeout(Duration::from_millis(300), n.endpoint.close()).await;
         }
     }
 
@@ -210,7 +222,9 @@ fn find_invitation(node: &crate::state::Node, text: &str) -> anyhow::Result<Invi
         .collect();
     match matches.len() {
         1 => Ok(matches[0]),
-        0 => bail!("no invitation {text:?} (see `feedmesh invite ls`)"),
+        0 => Err(anyhow::Error::new(crate::state::NotFound(format!(
+            "no invitation {text:?} (see `feedmesh invite ls`)"
+        )))),
         n => bail!("{text:?} matches {n} invitations: use the id"),
     }
 }
@@ -219,8 +233,45 @@ fn short(bytes: &[u8]) -> String {
     hex(&bytes[..8.min(bytes.len())])
 }
 
-/// Runs one command; the text to print.
+/// Runs one command; the text to print. A name that matches nothing may be one the directory
+/// has not heard of yet: then the directory is refreshed from the cloud (briefly) and the command
+/// tried once more.
 pub async fn exec(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<String> {
+    let changes_directory = matches!(
+        cmd,
+        Cmd::Device { command: DeviceCmd::Remove { .. } }
+            | Cmd::Folder { .. }
+            | Cmd::Invite { command: InviteCmd::Resend { .. } | InviteCmd::Cancel { .. } }
+            | Cmd::Member { .. }
+    );
+    let out = exec_retrying(ctx, cmd).await?;
+    // In the daemon, a directory change reaches the cloud before the command returns (so the
+    // other side can act on it at once); the CLI alone leaves it to the next `sync` or `run`.
+    if changes_directory {
+        if let Some(net) = ctx.net.get() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), net.sync_directory()).await;
+        }
+    }
+    Ok(out)
+}
+
+async fn exec_retrying(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<String> {
+    match exec_once(ctx, cmd.clone()).await {
+        Err(e) if e.downcast_ref::<crate::state::NotFound>().is_some() => {
+            let refreshed = async {
+                let net = ctx.net().await?;
+                net.sync_directory().await
+            };
+            match tokio::time::timeout(Duration::from_secs(5), refreshed).await {
+                Ok(Ok(n)) if n > 0 => exec_once(ctx, cmd).await,
+                _ => Err(e),
+            }
+        }
+        other => other,
+    }
+}
+
+async fn exec_once(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<String> {
     let node = &ctx.node;
     match cmd {
         Cmd::Whoami => {

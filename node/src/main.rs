@@ -15,7 +15,6 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use node::api::ApiFile;
 use node::cmd::{exec, Cmd, Ctx};
-use node::net::Net;
 use node::state::{self, Node, NodeConfig};
 
 #[derive(Parser, Debug)]
@@ -102,8 +101,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FEEDMESH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FEEDMESH_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,iroh=off,iroh_relay=off,noq=off,noq_proto=off")
+    });
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
@@ -203,12 +203,12 @@ fn run(dir: &Path, top: Top) -> anyhow::Result<()> {
             if !api.ip().is_loopback() {
                 bail!("the local API listens on loopback only");
             }
-            let node = shared(Node::open(dir)?);
+            // A short CLI command may hold the database for a moment: wait for it.
+            let node = shared(open_waiting(dir)?);
             let rt = runtime()?;
             rt.block_on(async move {
-                let net = Net::bind_with(node.clone(), bind, relay_only).await?;
-                net.peer_sync.store(!cloud_only, std::sync::atomic::Ordering::Relaxed);
-                let ctx = Arc::new(Ctx::new(node.clone(), Some(net.clone())));
+                // The local API first (so CLI commands find api.json at once), then the network.
+                let ctx = Arc::new(Ctx::with_options(node.clone(), bind, relay_only));
                 let listener =
                     tokio::net::TcpListener::bind(api).await.with_context(|| format!("binding {api}"))?;
                 let mut token = [0u8; 32];
@@ -216,7 +216,10 @@ fn run(dir: &Path, top: Top) -> anyhow::Result<()> {
                 let token = engine::signing::hex(&token);
                 let file =
                     ApiFile { addr: listener.local_addr()?, token: token.clone(), pid: std::process::id() };
+                tokio::spawn(node::api::serve(ctx.clone(), listener, token));
                 state::write_private(&dir.join(state::API_FILE), serde_json::to_string(&file)?.as_bytes())?;
+                let net = ctx.net().await?;
+                net.peer_sync.store(!cloud_only, std::sync::atomic::Ordering::Relaxed);
                 println!(
                     "feedmesh device {} running",
                     &engine::signing::hex(&node::net::lock(&node).id.0)[..16]
@@ -226,7 +229,6 @@ fn run(dir: &Path, top: Top) -> anyhow::Result<()> {
                     file.addr,
                     dir.join(state::API_FILE).display()
                 );
-                tokio::spawn(node::api::serve(ctx, listener, token));
                 tokio::spawn(net.clone().run(Duration::from_secs(interval.max(1))));
                 let _ = tokio::signal::ctrl_c().await;
                 let _ = std::fs::remove_file(dir.join(state::API_FILE));
@@ -255,6 +257,19 @@ fn run(dir: &Path, top: Top) -> anyhow::Result<()> {
     }
 }
 
+/// Opens the node, waiting up to 30 s while another process holds the database.
+fn open_waiting(dir: &Path) -> anyhow::Result<Node> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match Node::open(dir) {
+            Err(e) if node::is_locked(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Reads what a command needs from the terminal or files before it may travel to the daemon.
 fn fill(cmd: Cmd) -> anyhow::Result<Cmd> {
     Ok(match cmd {
@@ -274,6 +289,22 @@ fn fill(cmd: Cmd) -> anyhow::Result<Cmd> {
 /// Sends a command to the running daemon's local API.
 fn via_daemon(dir: &Path, cmd: Cmd) -> anyhow::Result<()> {
     let path = dir.join(state::API_FILE);
+    // A daemon that is starting holds the database before it writes api.json; another command
+    // may hold it for a moment. Wait for either to pass.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !path.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        if let Ok(node) = Node::open(dir) {
+            let ctx = Ctx::new(shared(node), None);
+            let out = runtime()?.block_on(async {
+                let out = exec(&ctx, cmd).await;
+                ctx.close().await;
+                out
+            })?;
+            print!("{out}");
+            return Ok(());
+        }
+    }
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!("the database is in use but {} is missing (is a daemon starting?)", path.display())
     })?;

@@ -38,6 +38,15 @@ pub struct PeerStatus {
     pub last_outcome: String,
 }
 
+/// A name that matched nothing (the directory may be behind: callers refresh it and retry).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotFound(pub String);
+
+fn not_found(text: String) -> anyhow::Error {
+    anyhow::Error::new(NotFound(text))
+}
+
 /// The device.
 #[derive(Debug)]
 pub struct Node {
@@ -250,7 +259,7 @@ impl Node {
             .collect();
         match by_id.len() {
             1 => Ok(by_id[0]),
-            0 => bail!("no folder {name:?} (see `feedmesh folder ls`)"),
+            0 => Err(not_found(format!("no folder {name:?} (see `feedmesh folder ls`)"))),
             n => bail!("{n} folders start with {name:?}"),
         }
     }
@@ -269,7 +278,9 @@ impl Node {
             .collect();
         match (by_name.len(), by_id.len()) {
             (_, 1) => Ok(by_id[0]),
-            (0, 0) => bail!("no user {name:?} in the directory (has the cloud been reached?)"),
+            (0, 0) => {
+                Err(not_found(format!("no user {name:?} in the directory (has the cloud been reached?)")))
+            }
             _ => bail!("{name:?} names more than one user: use the user id"),
         }
     }
@@ -282,7 +293,7 @@ impl Node {
             .collect();
         match found.len() {
             1 => Ok(found[0]),
-            0 => bail!("no device {name:?}"),
+            0 => Err(not_found(format!("no device {name:?}"))),
             n => bail!("{n} devices start with {name:?}"),
         }
     }
