@@ -702,8 +702,8 @@ fn the_cloud_syncs_with_devices_that_hold_the_folder() {
     );
     assert!(done(&ran.initiator) && done(&ran.responder));
     assert_eq!(b1_rep.digest(), a1_rep.digest());
-    // c1 is not a member: the cloud refuses it (with a ticket for the folder forged by nobody:
-    // the cloud's own authority would not grant it, so give c1 one that does).
+    // c1 is not a member (give it a ticket that grants the folder anyway: the cloud's own
+    // authority would not).
     let ticket = w.cloud.issue(
         w.device("c1"),
         w.device("c1").into(),
@@ -722,6 +722,12 @@ fn the_cloud_syncs_with_devices_that_hold_the_folder() {
         folder,
         T0,
     );
-    assert!(matches!(refusal(&ran.responder), Some(Refusal::NotMember { .. })), "{:?}", ran.responder);
+    // c1's own directory already says it may not hold the folder, so it refuses first; the
+    // cloud ends refused too. Either way nothing of the folder reaches c1.
+    assert!(matches!(refusal(&ran.initiator), Some(Refusal::NotMember { .. })), "{:?}", ran.initiator);
+    assert!(refusal(&ran.responder).is_some(), "{:?}", ran.responder);
     assert!(c1_rep.is_empty());
+    // And the cloud applies the same rule itself: c1 may not hold it.
+    assert!(matches!(cloud_dir.may_hold(&folder, &w.device("c1")), Err(Refusal::NotMember { .. })));
+    assert!(cloud_dir.may_hold(&folder, &w.device("b1")).is_ok());
 }
