@@ -240,16 +240,7 @@ fn run(dir: &Path, top: Top) -> anyhow::Result<()> {
         Top::Cmd(cmd) => {
             let cmd = fill(cmd)?;
             match Node::open(dir) {
-                Ok(node) => {
-                    let ctx = Ctx::new(shared(node), None);
-                    let out = runtime()?.block_on(async {
-                        let out = exec(&ctx, cmd).await;
-                        ctx.close().await;
-                        out
-                    })?;
-                    print!("{out}");
-                    Ok(())
-                }
+                Ok(node) => run_here(node, cmd),
                 Err(e) if node::is_locked(&e) => via_daemon(dir, cmd),
                 Err(e) => Err(e),
             }
@@ -286,6 +277,18 @@ fn fill(cmd: Cmd) -> anyhow::Result<Cmd> {
     })
 }
 
+/// Runs a command in this process (no daemon holds the database) and prints its output.
+fn run_here(node: Node, cmd: Cmd) -> anyhow::Result<()> {
+    let ctx = Ctx::new(shared(node), None);
+    let out = runtime()?.block_on(async {
+        let out = exec(&ctx, cmd).await;
+        ctx.close().await;
+        out
+    })?;
+    print!("{out}");
+    Ok(())
+}
+
 /// Sends a command to the running daemon's local API.
 fn via_daemon(dir: &Path, cmd: Cmd) -> anyhow::Result<()> {
     let path = dir.join(state::API_FILE);
@@ -295,14 +298,7 @@ fn via_daemon(dir: &Path, cmd: Cmd) -> anyhow::Result<()> {
     while !path.exists() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
         if let Ok(node) = Node::open(dir) {
-            let ctx = Ctx::new(shared(node), None);
-            let out = runtime()?.block_on(async {
-                let out = exec(&ctx, cmd).await;
-                ctx.close().await;
-                out
-            })?;
-            print!("{out}");
-            return Ok(());
+            return run_here(node, cmd);
         }
     }
     let text = std::fs::read_to_string(&path).with_context(|| {

@@ -99,18 +99,7 @@ pub fn create(dir: &Path, cfg: &NodeConfig) -> anyhow::Result<DeviceKey> {
 
 /// Writes a file only the owner can read, durably.
 pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut f = options.open(path).with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
+    transport::store::write_private(path, bytes).with_context(|| format!("writing {}", path.display()))
 }
 
 impl Node {

@@ -127,20 +127,9 @@ pub fn load_key(dir: &Path) -> anyhow::Result<DeviceKey> {
     }
 }
 
-/// Writes a file only the owner can read.
+/// Writes a file only the owner can read, durably.
 pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut f = options.open(path).with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
+    transport::store::write_private(path, bytes).with_context(|| format!("writing {}", path.display()))
 }
 
 fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<rustls::ServerConfig> {

@@ -61,6 +61,21 @@ impl From<redb::DatabaseError> for StoreError {
     }
 }
 
+/// Writes a file only the owner can read (keys, tokens), durably.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut f = options.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
 /// One database file.
 #[derive(Debug)]
 pub struct Store {
