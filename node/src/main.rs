@@ -156,6 +156,7 @@ fn run(dir: &Path, top: Top) -> anyhow::Result<()> {
                 relay_url: info.relay_url.clone(),
                 cloud_addrs: info.addrs.clone(),
                 relay_ca_pem,
+                relay_qad_port: info.qad_port,
             };
             state::create(dir, &cfg)?;
             let node = Node::open(dir)?;
@@ -332,5 +333,8 @@ mod relay_info {
         pub cloud: String,
         pub relay_url: String,
         pub addrs: Vec<std::net::SocketAddr>,
+        /// Absent from relays older than address discovery.
+        #[serde(default)]
+        pub qad_port: Option<u16>,
     }
 }

@@ -78,6 +78,7 @@ impl Net {
             &key,
             &transport::EndpointOptions {
                 relay: Some(relay),
+                relay_qad_port: cfg.relay_qad_port,
                 bind,
                 relay_ca_pem: cfg.relay_ca_pem.clone(),
                 relay_only,
@@ -430,7 +431,9 @@ impl Net {
                 "no direct path: hole punching has not succeeded (NAT or firewall), traffic goes through the relay".to_string(),
             ),
             Some(p) => match p.remote_addr() {
-                TransportAddr::Ip(ip) if is_lan(ip.ip()) => ("lan", format!("direct to {ip} on the local network")),
+                TransportAddr::Ip(ip) if is_lan(ip.ip()) => {
+                    ("lan", format!("direct to {ip} on the local network"))
+                }
                 TransportAddr::Ip(ip) => ("direct", format!("direct to {ip} (hole punched)")),
                 other => ("direct", format!("via {other:?}")),
             },
@@ -589,11 +592,22 @@ impl Net {
     }
 }
 
+/// Whether a peer's address is on this device's own network: loopback, link-local, or inside
+/// the subnet of one of this machine's interfaces. Another private address is some other
+/// network's NAT (a hole punched path between two NATs), not the LAN.
 fn is_lan(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    let local = || netdev::get_interfaces();
     match ip {
-        std::net::IpAddr::V4(v4) => v4.is_private() || v4.is_loopback() || v4.is_link_local(),
-        std::net::IpAddr::V6(v6) => {
-            v6.is_loopback() || (v6.segments()[0] & 0xffc0) == 0xfe80 || (v6.segments()[0] & 0xfe00) == 0xfc00
+        IpAddr::V4(v4) => {
+            v4.is_loopback()
+                || v4.is_link_local()
+                || local().iter().any(|i| i.ipv4.iter().any(|net| net.contains(&v4)))
+        }
+        IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || (v6.segments()[0] & 0xffc0) == 0xfe80
+                || local().iter().any(|i| i.ipv6.iter().any(|net| net.contains(&v6)))
         }
     }
 }
@@ -613,4 +627,27 @@ pub async fn pair_request(net: &Arc<Net>, account: &str, password: &str) -> anyh
         bail!("unexpected answer to a pairing request");
     };
     Ok((id, nonce_new))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_lan;
+
+    #[test]
+    fn lan_means_this_machines_own_subnets() {
+        assert!(is_lan("127.0.0.1".parse().unwrap()));
+        assert!(is_lan("::1".parse().unwrap()));
+        assert!(is_lan("169.254.1.1".parse().unwrap()));
+        // TEST-NET-3 is on no interface: a peer there is reached through the internet.
+        assert!(!is_lan("203.0.113.5".parse().unwrap()));
+        // A private address is LAN exactly when one of our interfaces' subnets holds it.
+        let nets: Vec<_> = netdev::get_interfaces().into_iter().flat_map(|i| i.ipv4).collect();
+        for ip in ["10.254.253.252", "192.168.213.7", "172.31.250.9"] {
+            let v4: std::net::Ipv4Addr = ip.parse().unwrap();
+            assert_eq!(is_lan(v4.into()), nets.iter().any(|n| n.contains(&v4)), "{ip}");
+        }
+        if let Some(own) = nets.iter().find(|n| !n.addr().is_loopback()) {
+            assert!(is_lan(own.addr().into()), "{own}");
+        }
+    }
 }

@@ -25,6 +25,10 @@ pub struct NodeConfig {
     pub cloud_addrs: Vec<std::net::SocketAddr>,
     /// Extra CA certificate (PEM) for the relay's HTTPS (a self-signed relay).
     pub relay_ca_pem: Option<String>,
+    /// The relay's QUIC address discovery port. Kept in its own record (`relay_qad_port`) so
+    /// configs written before it existed still decode.
+    #[serde(skip)]
+    pub relay_qad_port: Option<u16>,
 }
 
 /// How a peer was last reached.
@@ -93,6 +97,7 @@ pub fn create(dir: &Path, cfg: &NodeConfig) -> anyhow::Result<DeviceKey> {
     let key = DeviceKey::from_bytes(&random32());
     let store = Store::open(&dir.join(DB_FILE), "node")?;
     store.put_blob("config", &postcard::to_allocvec(cfg)?)?;
+    store.put_blob("relay_qad_port", &postcard::to_allocvec(&cfg.relay_qad_port)?)?;
     write_private(&key_path, &key.to_bytes())?;
     Ok(key)
 }
@@ -113,10 +118,14 @@ impl Node {
             bytes.try_into().map_err(|_| anyhow!("{}: not a 32-byte key", key_path.display()))?;
         let key = DeviceKey::from_bytes(&bytes);
         let store = Store::open(&dir.join(DB_FILE), "node")?;
-        let cfg: NodeConfig = postcard::from_bytes(
+        let mut cfg: NodeConfig = postcard::from_bytes(
             &store.get_blob("config")?.ok_or_else(|| anyhow!("the database has no config (re-run init)"))?,
         )
         .map_err(|_| anyhow!("stored config is corrupt"))?;
+        if let Some(b) = store.get_blob("relay_qad_port")? {
+            cfg.relay_qad_port =
+                postcard::from_bytes(&b).map_err(|_| anyhow!("stored relay_qad_port is corrupt"))?;
+        }
         let dir_log = store.load_directory()?;
         let saved_changes = dir_log.changes().map(|c| c.id()).collect();
         let pair_nonces = match store.get_blob("pair_nonces")? {

@@ -1,6 +1,12 @@
 //! Two nodes, each behind its own Linux NAT (nftables masquerade), and a relay in a "public"
-//! network, all in network namespaces this test makes. The nodes converge; `status` says how
-//! they reach each other (hole punched or relayed).
+//! network, all in network namespaces this test makes. The nodes converge, then punch a hole
+//! through both NATs: `status` shows a direct path to the other NAT's public address.
+//!
+//! Each router is what a home router is: masquerade plus a stateful firewall that drops new
+//! connections from outside. The firewall matters: without it, a peer's probe that arrives
+//! before our own has gone out is delivered to the router itself and leaves a conntrack entry
+//! behind, so our probe then leaves on another port and the hole never opens (we saw exactly
+//! that: both sides probing the right addresses, nothing answered, the path stayed relayed).
 //!
 //! Slow and needs root, `ip` and `nft`: it runs only with `FEEDMESH_NETNS_TEST=1`, e.g.
 //! `FEEDMESH_NETNS_TEST=1 cargo test -p feedmesh-node --test netns -- --nocapture`
@@ -74,7 +80,9 @@ impl Net {
             nft(
                 &r,
                 &format!(
-                    "table ip nat {{\n chain post {{\n  type nat hook postrouting priority 100;\n  oifname \"{rp}\" masquerade\n }}\n}}\n"
+                    "table ip nat {{\n chain post {{\n  type nat hook postrouting priority 100;\n  oifname \"{rp}\" masquerade\n }}\n}}\n\
+                     table inet fw {{\n chain input {{\n  type filter hook input priority 0;\n  iifname \"{rp}\" ct state new drop\n }}\n\
+                     chain forward {{\n  type filter hook forward priority 0;\n  iifname \"{rp}\" ct state new drop\n }}\n}}\n"
                 ),
             );
         }
@@ -116,6 +124,9 @@ fn two_nodes_behind_nats_converge_through_a_public_relay() {
             .arg("--data-dir")
             .arg(root.path().join("relay"))
             .args(["--http", "10.99.0.1:8080", "--relay", "10.99.0.1:3340", "--quic", "10.99.0.1:4433"])
+            // TLS, so the relay also runs QUIC address discovery (10.99.0.1:7842): behind a NAT
+            // that is how a device learns the public address hole punching needs.
+            .args(["--tls-self-signed", "10.99.0.1"])
             .stdout(Stdio::null())
             .spawn()
             .unwrap(),
@@ -125,8 +136,10 @@ fn two_nodes_behind_nats_converge_through_a_public_relay() {
     let mut b1 = Dev::new(root.path(), "b1");
     b1.ns = Some("fmx-h2".into());
     let url = "http://10.99.0.1:8080";
-    a1.ok_eventually(&["init", "--relay", url, "--name", "alice"], Duration::from_secs(30));
-    b1.ok(&["init", "--relay", url, "--name", "bob"]);
+    let ca = root.path().join("relay").join("relay-cert.pem");
+    let ca = ca.to_str().unwrap();
+    a1.ok_eventually(&["init", "--relay", url, "--relay-ca", ca, "--name", "alice"], Duration::from_secs(30));
+    b1.ok(&["init", "--relay", url, "--relay-ca", ca, "--name", "bob"]);
     a1.start();
     b1.start();
     a1.ok(&["folder", "create", "shared"]);
@@ -145,9 +158,25 @@ fn two_nodes_behind_nats_converge_through_a_public_relay() {
         "40 items on both sides",
         || format!("{}\n{}", a1.ok(&["status"]), b1.ok(&["status"])),
     );
-    // They reach each other somehow: hole punched through both NATs, or relayed.
-    let status = a1.ok(&["status"]);
-    eprintln!("a1 status behind its NAT:\n{status}");
-    assert!(status.contains("direct") || status.contains("relayed"), "{status}");
+    // Then the path: the relay's address discovery told each device its NAT's public address,
+    // and both NATs let the other's probes in once their own went out: hole punched.
+    let mut more = 0;
+    wait_for_showing(
+        Duration::from_secs(60),
+        || {
+            more += 1;
+            a1.ok(&["put", "shared", &format!("x{more}"), "keep syncing"]);
+            a1.ok(&["status"]).contains(" direct: direct to 10.99.0.3:")
+        },
+        "a direct (hole punched) path from a1 to b1's NAT",
+        || format!("{}\n{}", a1.ok(&["status"]), b1.ok(&["status"])),
+    );
+    eprintln!("a1 status behind its NAT:\n{}", a1.ok(&["status"]));
+    wait_for_showing(
+        Duration::from_secs(60),
+        || ids(&a1, "shared") == ids(&b1, "shared"),
+        "the later writes on both sides",
+        || format!("{}\n{}", a1.ok(&["status"]), b1.ok(&["status"])),
+    );
     assert_eq!(export(&a1, "shared"), export(&b1, "shared"));
 }

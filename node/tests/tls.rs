@@ -11,7 +11,11 @@ use common::*;
 #[test]
 fn relayed_only_over_self_signed_tls_converges() {
     let relay = Relay::start_with(|cfg| cfg.tls_self_signed = vec!["127.0.0.1".into(), "localhost".into()]);
-    assert!(relay.running.as_ref().unwrap().relay_url.as_str().starts_with("https://"));
+    let running = relay.running.as_ref().unwrap();
+    assert!(running.relay_url.as_str().starts_with("https://"));
+    // With TLS the relay also runs QUIC address discovery, and tells devices where.
+    let qad = running.qad_addr.expect("address discovery runs with TLS");
+    assert_eq!(running.connect_info().qad_port, Some(qad.port()));
     let ca = relay._dir.path().join("relay-cert.pem");
     let ca = ca.to_str().unwrap();
     let root = tempfile::tempdir().unwrap();

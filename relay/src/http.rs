@@ -39,6 +39,7 @@ pub struct App {
     pub cloud: Arc<Cloud>,
     pub endpoint: iroh::Endpoint,
     pub relay_url: iroh::RelayUrl,
+    pub qad_addr: Option<std::net::SocketAddr>,
     pub relay_clients: Arc<AtomicI64>,
 }
 
@@ -80,9 +81,17 @@ pub struct ConnectInfo {
     pub relay_url: String,
     /// Direct UDP addresses of the cloud endpoint.
     pub addrs: Vec<std::net::SocketAddr>,
+    /// UDP port of the relay's QUIC address discovery (on the relay URL's host), when it runs.
+    #[serde(default)]
+    pub qad_port: Option<u16>,
 }
 
-pub fn connect_info(cloud: &Cloud, endpoint: &iroh::Endpoint, relay_url: &iroh::RelayUrl) -> ConnectInfo {
+pub fn connect_info(
+    cloud: &Cloud,
+    endpoint: &iroh::Endpoint,
+    relay_url: &iroh::RelayUrl,
+    qad: Option<std::net::SocketAddr>,
+) -> ConnectInfo {
     let mut addrs: Vec<std::net::SocketAddr> = endpoint.addr().ip_addrs().copied().collect();
     if addrs.is_empty() {
         addrs = endpoint.bound_sockets();
@@ -98,7 +107,12 @@ pub fn connect_info(cloud: &Cloud, endpoint: &iroh::Endpoint, relay_url: &iroh::
             }
         })
         .collect();
-    ConnectInfo { cloud: hex(&cloud.id.0), relay_url: relay_url.to_string(), addrs }
+    ConnectInfo {
+        cloud: hex(&cloud.id.0),
+        relay_url: relay_url.to_string(),
+        addrs,
+        qad_port: qad.map(|a| a.port()),
+    }
 }
 
 /// An API error.
@@ -191,7 +205,7 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
 
 async fn connect(State(app): State<App>) -> Json<ConnectInfo> {
     count(&app, "connect");
-    Json(connect_info(&app.cloud, &app.endpoint, &app.relay_url))
+    Json(connect_info(&app.cloud, &app.endpoint, &app.relay_url, app.qad_addr))
 }
 
 #[derive(Deserialize)]

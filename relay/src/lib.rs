@@ -49,6 +49,13 @@ pub struct Config {
     pub tls_self_signed: Vec<String>,
     /// The admin bearer token (default: generated into `admin.token` in the data directory).
     pub admin_token: Option<String>,
+    /// QUIC address discovery (UDP): devices ask it which public address their NAT gave them,
+    /// which is what hole punching needs. It speaks TLS, so it runs only when the relay has TLS;
+    /// then it defaults to the relay's IP and port 7842. Set to port 0 for any free port.
+    pub qad: Option<SocketAddr>,
+    /// Never run QUIC address discovery (devices then punch holes only with the addresses they
+    /// see on their own interfaces, which fails behind most NATs).
+    pub no_qad: bool,
     pub limits: Limits,
 }
 
@@ -65,6 +72,8 @@ impl Default for Config {
             tls_key: None,
             tls_self_signed: Vec::new(),
             admin_token: None,
+            qad: None,
+            no_qad: false,
             limits: Limits::default(),
         }
     }
@@ -84,6 +93,8 @@ pub struct Running {
     pub cloud: Arc<Cloud>,
     pub http_addr: SocketAddr,
     pub relay_url: iroh::RelayUrl,
+    /// The bound QUIC address discovery address, when it runs.
+    pub qad_addr: Option<SocketAddr>,
     pub endpoint: iroh::Endpoint,
     pub admin_token: String,
     relay_server: Option<iroh_relay::server::Server>,
@@ -93,7 +104,7 @@ pub struct Running {
 impl Running {
     /// What a node needs to reach this cloud.
     pub fn connect_info(&self) -> http::ConnectInfo {
-        http::connect_info(&self.cloud, &self.endpoint, &self.relay_url)
+        http::connect_info(&self.cloud, &self.endpoint, &self.relay_url, self.qad_addr)
     }
 
     /// Stops every task and closes the endpoint.
@@ -195,8 +206,16 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     relay_cfg.access = Arc::new(http::RelayAccess { cloud: cloud.clone(), clients: relay_clients.clone() });
     let mut server_cfg = iroh_relay::server::ServerConfig::default();
     server_cfg.relay = Some(relay_cfg);
-    let relay_server =
-        iroh_relay::server::Server::spawn(server_cfg).await.context("starting the iroh relay server")?;
+    if https && !cfg.no_qad {
+        let bind = cfg.qad.unwrap_or_else(|| {
+            SocketAddr::new(cfg.relay.ip(), iroh_relay::defaults::DEFAULT_RELAY_QUIC_PORT)
+        });
+        server_cfg.quic = Some(iroh_relay::server::QuicConfig::new(bind));
+    }
+    let relay_server = iroh_relay::server::Server::spawn(server_cfg)
+        .await
+        .context("starting the iroh relay server (and QUIC address discovery, when TLS is on)")?;
+    let qad_addr = relay_server.quic_addr();
     let bound = if https { relay_server.https_addr() } else { relay_server.http_addr() }
         .ok_or_else(|| anyhow::anyhow!("relay server has no address"))?;
     let relay_url: iroh::RelayUrl = match &cfg.public_relay_url {
@@ -209,6 +228,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         &key,
         &transport::EndpointOptions {
             relay: Some(relay_url.clone()),
+            relay_qad_port: qad_addr.map(|a| a.port()),
             bind: Some(cfg.quic),
             // The cloud endpoint reaches its own relay too: trust its self-signed certificate.
             relay_ca_pem: own_ca,
@@ -261,6 +281,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         cloud: cloud.clone(),
         endpoint: endpoint.clone(),
         relay_url: relay_url.clone(),
+        qad_addr,
         relay_clients,
     });
     tasks.push(tokio::spawn(async move {
@@ -268,11 +289,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             tracing::error!(error = %e, "HTTP server stopped");
         }
     }));
-    tracing::info!(cloud = %cloud.id, http = %http_addr, relay = %relay_url, "relay started");
+    tracing::info!(cloud = %cloud.id, http = %http_addr, relay = %relay_url, qad = ?qad_addr, "relay started");
     Ok(Running {
         cloud,
         http_addr,
         relay_url,
+        qad_addr,
         endpoint,
         admin_token,
         relay_server: Some(relay_server),

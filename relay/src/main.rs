@@ -43,6 +43,12 @@ struct Args {
     /// use). The certificate is written to DATA_DIR/relay-cert.pem for `feedmesh init --relay-ca`.
     #[arg(long, value_name = "NAME", conflicts_with = "tls_cert")]
     tls_self_signed: Vec<String>,
+    /// QUIC address discovery address (UDP; needs TLS). Default: the relay's IP, port 7842.
+    #[arg(long)]
+    qad: Option<SocketAddr>,
+    /// Do not run QUIC address discovery (hole punching then rarely works behind NATs).
+    #[arg(long, conflicts_with = "qad")]
+    no_qad: bool,
     /// Log as JSON lines (default: human-readable).
     #[arg(long)]
     log_json: bool,
@@ -88,6 +94,12 @@ fn main() -> ExitCode {
     if !args.tls_self_signed.is_empty() {
         cfg.tls_self_signed = args.tls_self_signed;
     }
+    if args.qad.is_some() {
+        cfg.qad = args.qad;
+    }
+    if args.no_qad {
+        cfg.no_qad = true;
+    }
     if args.tls_cert.is_some() {
         cfg.tls_cert = args.tls_cert;
         cfg.tls_key = args.tls_key;
@@ -113,6 +125,12 @@ fn main() -> ExitCode {
         println!("  relay:      {}", running.relay_url);
         println!("  cloud id:   {}", info.cloud);
         println!("  cloud UDP:  {}", info.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "));
+        match running.qad_addr {
+            Some(a) => println!("  address discovery (QUIC): {a}"),
+            None => println!(
+                "  address discovery: off (it needs TLS; hole punching behind NATs will rarely work)"
+            ),
+        }
         println!("  devices join with: feedmesh init --relay http://{}", running.http_addr);
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutting down");

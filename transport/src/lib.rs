@@ -86,6 +86,9 @@ pub fn stream_config() -> Config {
 pub struct EndpointOptions {
     /// The deployment's relay (none: direct paths only).
     pub relay: Option<RelayUrl>,
+    /// UDP port of the relay's QUIC address discovery, on the relay URL's host. Without it the
+    /// endpoint does not learn its public (NAT-mapped) address, so hole punching rarely works.
+    pub relay_qad_port: Option<u16>,
     /// UDP address to bind (default: any port on all interfaces).
     pub bind: Option<std::net::SocketAddr>,
     /// Extra CA certificates (PEM) to trust for the relay's HTTPS, e.g. a self-signed one.
@@ -99,7 +102,10 @@ pub struct EndpointOptions {
 /// looks nothing up in public services.
 pub async fn endpoint(key: &engine::signing::DeviceKey, opts: &EndpointOptions) -> anyhow::Result<Endpoint> {
     let relay_mode = match &opts.relay {
-        Some(url) => RelayMode::custom([url.clone()]),
+        Some(url) => RelayMode::Custom(iroh::RelayMap::from(iroh::RelayConfig::new(
+            url.clone(),
+            opts.relay_qad_port.map(iroh_relay::RelayQuicConfig::new),
+        ))),
         None => RelayMode::Disabled,
     };
     let mut builder = Endpoint::builder(iroh::endpoint::presets::Minimal)

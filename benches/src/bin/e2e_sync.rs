@@ -136,6 +136,7 @@ fn options(relay: &RelayUrl, relay_only: bool) -> EndpointOptions {
     EndpointOptions {
         relay: Some(relay.clone()),
         bind: (!relay_only).then(loopback),
+        relay_qad_port: None,
         relay_ca_pem: None,
         relay_only,
     }
@@ -637,6 +638,7 @@ async fn sync_bench(items: usize, runs: usize) -> anyhow::Result<Value> {
         relay_url: info.relay_url.clone(),
         cloud_addrs: info.addrs.clone(),
         relay_ca_pem: None,
+        relay_qad_port: info.qad_port,
     };
     println!("relay up: {} (cloud {})", relay.relay_url, info.addrs[0]);
     let mut results = Vec::new();

@@ -31,6 +31,8 @@ impl Relay {
             http: "127.0.0.1:0".parse().unwrap(),
             relay: "127.0.0.1:0".parse().unwrap(),
             quic: "127.0.0.1:0".parse().unwrap(),
+            // Address discovery runs when TLS does; any free port, so relays can run side by side.
+            qad: Some("127.0.0.1:0".parse().unwrap()),
             ..relay::Config::default()
         };
         let mut cfg = cfg;
