@@ -42,6 +42,19 @@ pub struct Limits {
     pub storage_bytes_per_device: u64,
     /// Pending pairings per user.
     pub pairings_per_user: usize,
+    /// HTTP API: sustained requests per second from one client address (token bucket).
+    pub http_requests_per_second: u32,
+    /// HTTP API: bucket size (burst) per client address.
+    pub http_burst: u32,
+    /// Login attempts per minute, per account and per client address (argon2 is costly on
+    /// purpose; this also slows password guessing).
+    pub logins_per_minute: u32,
+    /// Long-poll requests waiting at once (more get 503 and a Retry-After).
+    pub long_polls_max: usize,
+    /// Lifetime of a login or admin-issued account token, in seconds.
+    pub token_ttl_secs: u64,
+    /// Live tokens per account; issuing one more drops the oldest.
+    pub tokens_per_account: usize,
 }
 
 impl Default for Limits {
@@ -52,6 +65,12 @@ impl Default for Limits {
             message_burst: 20_000,
             storage_bytes_per_device: 1 << 30,
             pairings_per_user: 16,
+            http_requests_per_second: 50,
+            http_burst: 200,
+            logins_per_minute: 10,
+            long_polls_max: 1024,
+            token_ttl_secs: 30 * 24 * 3600,
+            tokens_per_account: 32,
         }
     }
 }
@@ -79,10 +98,19 @@ pub struct Event {
 
 const EVENTS_KEPT: usize = 4096;
 
-#[derive(Debug, Default)]
-struct Bucket {
-    tokens: f64,
-    at_us: Micros,
+/// An HTTP bearer token, kept under its BLAKE3 hash: neither memory dumps of the map nor the
+/// store hold a usable token.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// The account it speaks for ("" for the admin).
+    pub account: String,
+    pub issued: i64,
+    pub expires: i64,
+}
+
+/// The key a token is kept under.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    *blake3::hash(token.as_bytes()).as_bytes()
 }
 
 /// The mutable state.
@@ -98,11 +126,11 @@ pub struct State {
     next_pairing: u64,
     pub addrs: BTreeMap<DeviceId, EndpointAddr>,
     pub connections: BTreeMap<DeviceId, usize>,
-    buckets: BTreeMap<DeviceId, Bucket>,
+    buckets: crate::limit::Buckets<DeviceId>,
     pub events: VecDeque<Event>,
     pub event_seq: u64,
-    /// HTTP bearer tokens: token -> account name ("" for the admin).
-    pub tokens: BTreeMap<String, String>,
+    /// HTTP bearer tokens by hash (account tokens are stored; the admin's is not).
+    pub tokens: BTreeMap<[u8; 32], TokenRecord>,
     epoch: u64,
 }
 
@@ -131,6 +159,12 @@ impl Cloud {
             }
             None => BTreeMap::new(),
         };
+        let tokens: BTreeMap<[u8; 32], TokenRecord> = match store.get_blob("tokens")? {
+            Some(bytes) => {
+                postcard::from_bytes(&bytes).map_err(|_| anyhow::anyhow!("stored tokens are corrupt"))?
+            }
+            None => BTreeMap::new(),
+        };
         let mut replicas = BTreeMap::new();
         let mut persisted = BTreeMap::new();
         for folder in store.folders()? {
@@ -156,10 +190,14 @@ impl Cloud {
             next_pairing: 1,
             addrs: BTreeMap::new(),
             connections: BTreeMap::new(),
-            buckets: BTreeMap::new(),
+            buckets: crate::limit::Buckets::new(
+                f64::from(limits.messages_per_second),
+                f64::from(limits.message_burst),
+                1 << 20,
+            ),
             events: VecDeque::new(),
             event_seq: 0,
-            tokens: BTreeMap::new(),
+            tokens,
             epoch,
         };
         let id = DeviceId::of(&key);
@@ -267,19 +305,7 @@ impl Cloud {
 
     /// Token bucket: whether `device` may send one more frame now.
     pub fn admit_frame(&self, device: &DeviceId) -> bool {
-        let mut st = self.lock();
-        let now = now_us();
-        let rate = self.limits.messages_per_second as f64;
-        let burst = self.limits.message_burst as f64;
-        let b = st.buckets.entry(*device).or_insert(Bucket { tokens: burst, at_us: now });
-        b.tokens = (b.tokens + (now.saturating_sub(b.at_us) as f64) * rate / 1e6).min(burst);
-        b.at_us = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.lock().buckets.take(device, now_us()).is_ok()
     }
 
     // ------------------------------------------------------------------ connections
@@ -640,10 +666,57 @@ impl Cloud {
     }
 
     /// Creates an admin-issued bearer token for an account (or for the admin with "").
-    pub fn issue_token(&self, account: &str) -> String {
+    pub fn issue_token(&self, account: &str) -> anyhow::Result<String> {
         let token = random_token();
-        self.lock().tokens.insert(token.clone(), account.to_string());
-        token
+        let now = now_secs();
+        let ttl = i64::try_from(self.limits.token_ttl_secs).unwrap_or(i64::MAX);
+        let mut st = self.lock();
+        st.tokens.retain(|_, t| t.expires > now);
+        let mut mine: Vec<([u8; 32], i64)> =
+            st.tokens.iter().filter(|(_, t)| t.account == account).map(|(h, t)| (*h, t.issued)).collect();
+        mine.sort_by_key(|&(h, issued)| (issued, h));
+        let excess = (mine.len() + 1).saturating_sub(self.limits.tokens_per_account.max(1));
+        for (h, _) in mine.into_iter().take(excess) {
+            st.tokens.remove(&h);
+        }
+        st.tokens.insert(
+            token_hash(&token),
+            TokenRecord { account: account.to_string(), issued: now, expires: now.saturating_add(ttl) },
+        );
+        self.save_tokens(&st)?;
+        Ok(token)
+    }
+
+    /// The admin token (from the config or `admin.token`): never expires, never stored here.
+    pub fn set_admin_token(&self, token: &str) {
+        self.lock()
+            .tokens
+            .insert(token_hash(token), TokenRecord { account: String::new(), issued: 0, expires: i64::MAX });
+    }
+
+    /// The account a live token speaks for ("" for the admin).
+    pub fn token_account(&self, token: &str) -> Option<String> {
+        let st = self.lock();
+        st.tokens.get(&token_hash(token)).filter(|t| t.expires > now_secs()).map(|t| t.account.clone())
+    }
+
+    /// Revokes a token (logout). The admin token stays.
+    pub fn revoke_token(&self, token: &str) -> anyhow::Result<bool> {
+        let mut st = self.lock();
+        let h = token_hash(token);
+        if st.tokens.get(&h).is_none_or(|t| t.account.is_empty()) {
+            return Ok(false);
+        }
+        st.tokens.remove(&h);
+        self.save_tokens(&st)?;
+        Ok(true)
+    }
+
+    fn save_tokens(&self, st: &State) -> anyhow::Result<()> {
+        let kept: BTreeMap<&[u8; 32], &TokenRecord> =
+            st.tokens.iter().filter(|(_, t)| !t.account.is_empty()).collect();
+        self.store.put_blob("tokens", &postcard::to_allocvec(&kept)?)?;
+        Ok(())
     }
 }
 

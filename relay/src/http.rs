@@ -7,14 +7,25 @@
 //! (`GET /v1/folders/{id}/feed.atom?since=SEQ`), a FeedSync feed merged by POST, and long-poll
 //! notifications (`GET /v1/notifications?since=N&timeout=S`, held up to 60 s).
 //!
+//! `POST /v1/logout` revokes the presented token. Tokens expire (`limits.token_ttl_secs`) and
+//! survive a restart (the store keeps their hashes).
+//!
+//! Limits: a token bucket per client address on every request (`http_requests_per_second`,
+//! `http_burst`), login attempts per account and per address (`logins_per_minute`), long-polls
+//! waiting at once (`long_polls_max`); over a limit the answer is 429 (or 503 for long-polls)
+//! with `Retry-After`. Behind a reverse proxy every client shares the proxy's address.
+//!
 //! Errors are JSON `{"error": "..."}` with a fitting status.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo as Peer, DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -26,7 +37,58 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::cloud::Cloud;
+use crate::limit::Buckets;
 use crate::metrics::Reason;
+
+/// Longest account name and password a login may carry.
+pub const ACCOUNT_MAX: usize = 128;
+pub const PASSWORD_MAX: usize = 1024;
+
+/// The HTTP API's own limits (per client address, per account).
+#[derive(Debug)]
+pub struct Guard {
+    requests: std::sync::Mutex<Buckets<IpAddr>>,
+    logins: std::sync::Mutex<Buckets<String>>,
+    long_polls: std::sync::atomic::AtomicUsize,
+}
+
+impl Guard {
+    pub fn new(limits: &crate::Limits) -> Self {
+        let per_min = f64::from(limits.logins_per_minute);
+        Self {
+            requests: std::sync::Mutex::new(Buckets::new(
+                f64::from(limits.http_requests_per_second),
+                f64::from(limits.http_burst),
+                1 << 16,
+            )),
+            logins: std::sync::Mutex::new(Buckets::new(per_min / 60.0, per_min, 1 << 16)),
+            long_polls: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
+
+fn too_many(app: &App, what: &str, status: StatusCode, retry_after: u64) -> Response {
+    app.cloud.metrics.refusals.get_or_create(&Reason::new(what)).inc();
+    let mut r =
+        ApiError(status, format!("{what}: too many requests, retry in {retry_after} s")).into_response();
+    r.headers_mut().insert(header::RETRY_AFTER, retry_after.into());
+    r
+}
+
+/// Every request spends a token of its client address's bucket.
+async fn per_address(
+    State(app): State<App>,
+    Peer(peer): Peer<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let taken =
+        app.guard.requests.lock().unwrap_or_else(|e| e.into_inner()).take(&peer.ip(), transport::now_us());
+    match taken {
+        Ok(()) => next.run(req).await,
+        Err(retry) => too_many(&app, "http-rate", StatusCode::TOO_MANY_REQUESTS, retry),
+    }
+}
 
 /// Largest FeedSync document accepted by POST.
 pub const POST_FEED_MAX: usize = 16 << 20;
@@ -41,6 +103,7 @@ pub struct App {
     pub relay_url: iroh::RelayUrl,
     pub qad_addr: Option<std::net::SocketAddr>,
     pub relay_clients: Arc<AtomicI64>,
+    pub guard: Arc<Guard>,
 }
 
 /// The relay server's access control: only the cloud and devices active in the directory may use
@@ -125,6 +188,21 @@ impl IntoResponse for ApiError {
     }
 }
 
+fn internal(e: anyhow::Error) -> ApiError {
+    tracing::error!(error = %format!("{e:#}"), "HTTP API");
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal error (logged)".into())
+}
+
+/// The bearer token of a request.
+fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(unauthorized)
+}
+
 fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
@@ -143,15 +221,12 @@ enum Principal {
 }
 
 fn principal(app: &App, headers: &HeaderMap) -> Result<Principal, ApiError> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(unauthorized)?;
-    let st = app.cloud.lock();
-    match st.tokens.get(token.trim()) {
+    let token = bearer(headers)?;
+    match app.cloud.token_account(token) {
         Some(name) if name.is_empty() => Ok(Principal::Admin),
-        Some(name) => st.accounts.get(name).map(|a| Principal::User(a.user)).ok_or_else(unauthorized),
+        Some(name) => {
+            app.cloud.lock().accounts.get(&name).map(|a| Principal::User(a.user)).ok_or_else(unauthorized)
+        }
         None => Err(unauthorized()),
     }
 }
@@ -166,6 +241,7 @@ pub fn router(app: App) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/connect", get(connect))
         .route("/v1/login", post(login))
+        .route("/v1/logout", post(logout))
         .route("/v1/accounts/{name}/tokens", post(account_token))
         .route("/v1/users", get(users))
         .route("/v1/users/{id}", get(user))
@@ -180,6 +256,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/folders/{id}/feed", post(post_feed).layer(DefaultBodyLimit::max(POST_FEED_MAX)))
         .route("/v1/notifications", get(notifications))
         .layer(DefaultBodyLimit::max(1 << 20))
+        .layer(middleware::from_fn_with_state(app.clone(), per_address))
         .with_state(app)
 }
 
@@ -214,17 +291,45 @@ struct Login {
     password: String,
 }
 
-async fn login(State(app): State<App>, Json(body): Json<Login>) -> Result<Json<Value>, ApiError> {
+async fn login(
+    State(app): State<App>,
+    Peer(peer): Peer<SocketAddr>,
+    Json(body): Json<Login>,
+) -> Result<Json<Value>, Response> {
     count(&app, "login");
+    if body.account.len() > ACCOUNT_MAX || body.password.len() > PASSWORD_MAX {
+        return Err(bad(format!(
+            "account names are at most {ACCOUNT_MAX} bytes, passwords at most {PASSWORD_MAX}"
+        ))
+        .into_response());
+    }
+    // Both the account and the address pay, before any argon2 work.
+    let now = transport::now_us();
+    {
+        let mut logins = app.guard.logins.lock().unwrap_or_else(|e| e.into_inner());
+        for key in [format!("account:{}", body.account), format!("address:{}", peer.ip())] {
+            if let Err(retry) = logins.take(&key, now) {
+                drop(logins);
+                return Err(too_many(&app, "login-rate", StatusCode::TOO_MANY_REQUESTS, retry));
+            }
+        }
+    }
     let cloud = app.cloud.clone();
     // Argon2 is deliberately slow: keep it off the async workers.
     let account = body.account.clone();
     let user = tokio::task::spawn_blocking(move || cloud.login(&body.account, &body.password))
         .await
-        .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "login failed".into()))?
-        .map_err(|e| ApiError(StatusCode::UNAUTHORIZED, e.to_string()))?;
-    let token = app.cloud.issue_token(&account);
-    Ok(Json(json!({ "token": token, "user": hex(&user.0) })))
+        .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "login failed".into()).into_response())?
+        .map_err(|e| ApiError(StatusCode::UNAUTHORIZED, e.to_string()).into_response())?;
+    let token = app.cloud.issue_token(&account).map_err(|e| internal(e).into_response())?;
+    Ok(Json(json!({ "token": token, "user": hex(&user.0), "expires_in": app.cloud.limits.token_ttl_secs })))
+}
+
+async fn logout(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    count(&app, "logout");
+    principal(&app, &headers)?;
+    let revoked = app.cloud.revoke_token(bearer(&headers)?).map_err(internal)?;
+    Ok(Json(json!({ "revoked": revoked })))
 }
 
 async fn account_token(
@@ -239,7 +344,8 @@ async fn account_token(
     if !app.cloud.lock().accounts.contains_key(&name) {
         return Err(not_found("account"));
     }
-    Ok(Json(json!({ "token": app.cloud.issue_token(&name) })))
+    let token = app.cloud.issue_token(&name).map_err(internal)?;
+    Ok(Json(json!({ "token": token, "expires_in": app.cloud.limits.token_ttl_secs })))
 }
 
 fn parse_folder(id: &str) -> Result<FolderId, ApiError> {
@@ -516,17 +622,33 @@ struct Poll {
     timeout: Option<u64>,
 }
 
+/// One waiting long-poll; counted down however the request ends (a client that goes away drops
+/// the handler's future).
+struct Waiting(App);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.guard.long_polls.fetch_sub(1, Ordering::Relaxed);
+        self.0.cloud.metrics.long_polls.dec();
+    }
+}
+
 async fn notifications(
     State(app): State<App>,
     headers: HeaderMap,
     Query(q): Query<Poll>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, Response> {
     count(&app, "notifications");
-    let who = principal(&app, &headers)?;
+    let who = principal(&app, &headers).map_err(IntoResponse::into_response)?;
     let since = q.since.unwrap_or(0);
     let wait = Duration::from_secs(q.timeout.unwrap_or(LONG_POLL_MAX_S).min(LONG_POLL_MAX_S));
     let deadline = tokio::time::Instant::now() + wait;
+    if app.guard.long_polls.fetch_add(1, Ordering::Relaxed) >= app.cloud.limits.long_polls_max {
+        app.guard.long_polls.fetch_sub(1, Ordering::Relaxed);
+        return Err(too_many(&app, "long-polls", StatusCode::SERVICE_UNAVAILABLE, 5));
+    }
     app.cloud.metrics.long_polls.inc();
+    let _waiting = Waiting(app.clone());
     let result = loop {
         // Register before looking, so an event between the look and the wait still wakes us.
         let notified = app.cloud.events_changed.notified();
@@ -552,7 +674,6 @@ async fn notifications(
             break Json(json!({ "events": [], "latest": latest }));
         }
     };
-    app.cloud.metrics.long_polls.dec();
     Ok(result)
 }
 

@@ -12,6 +12,7 @@
 
 pub mod cloud;
 pub mod http;
+pub mod limit;
 pub mod metrics;
 
 use std::net::SocketAddr;
@@ -255,7 +256,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             }
         }
     };
-    cloud.lock().tokens.insert(admin_token.clone(), String::new());
+    cloud.set_admin_token(&admin_token);
 
     let mut tasks = Vec::new();
     let accept_cloud = cloud.clone();
@@ -283,9 +284,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         relay_url: relay_url.clone(),
         qad_addr,
         relay_clients,
+        guard: Arc::new(http::Guard::new(&cfg.limits)),
     });
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        if let Err(e) = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await {
             tracing::error!(error = %e, "HTTP server stopped");
         }
     }));

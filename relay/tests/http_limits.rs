@@ -1,0 +1,212 @@
+//! The HTTP API's limits and tokens: a request budget per client address, login attempts per
+//! account and per address (refused before any argon2 work), oversize credentials, a cap on
+//! waiting long-polls, logout, token expiry, and tokens surviving a restart.
+
+use std::time::Duration;
+
+use engine::directory::UserId;
+use relay::cloud::Account;
+use serde_json::{json, Value};
+
+struct Relay {
+    rt: tokio::runtime::Runtime,
+    running: Option<relay::Running>,
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Relay {
+    fn start(limits: relay::Limits) -> Self {
+        Self::start_in(tempfile::tempdir().unwrap(), limits)
+    }
+
+    fn start_in(dir: tempfile::TempDir, limits: relay::Limits) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let cfg = relay::Config {
+            data_dir: dir.path().to_path_buf(),
+            http: "127.0.0.1:0".parse().unwrap(),
+            relay: "127.0.0.1:0".parse().unwrap(),
+            quic: "127.0.0.1:0".parse().unwrap(),
+            limits,
+            ..relay::Config::default()
+        };
+        let running = rt.block_on(relay::start(cfg)).expect("relay starts");
+        let url = format!("http://{}", running.http_addr);
+        Self { rt, running: Some(running), url, dir }
+    }
+
+    fn running(&self) -> &relay::Running {
+        self.running.as_ref().unwrap()
+    }
+
+    /// An account for a user that need not exist in the directory (tokens only name accounts).
+    fn add_account(&self, name: &str) {
+        let account = Account { name: name.into(), user: UserId([7; 32]), phc: "unused".into() };
+        self.running().cloud.lock().accounts.insert(name.into(), account);
+    }
+
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Option<String>, Value) {
+        self.rt.block_on(async {
+            let c = reqwest::Client::new();
+            let mut req = c.request(method.parse().unwrap(), format!("{}{path}", self.url));
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            if let Some(b) = body {
+                req = req.json(&b);
+            }
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+            (status, retry, r.json().await.unwrap_or(Value::Null))
+        })
+    }
+
+    fn stop(mut self) -> tempfile::TempDir {
+        let running = self.running.take().unwrap();
+        self.rt.block_on(running.shutdown());
+        self.dir
+    }
+}
+
+#[test]
+fn each_client_address_has_a_request_budget() {
+    let relay =
+        Relay::start(relay::Limits { http_requests_per_second: 1, http_burst: 5, ..Default::default() });
+    for i in 0..5 {
+        assert_eq!(relay.send("GET", "/health", None, None).0, 200, "request {i} is within the burst");
+    }
+    let (status, retry, body) = relay.send("GET", "/health", None, None);
+    assert_eq!(status, 429);
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert!(body["error"].as_str().unwrap().contains("too many requests"), "{body}");
+    let metrics = relay.running().cloud.metrics.render(0);
+    assert!(metrics.contains("feedmesh_refusals_total{kind=\"http-rate\"} 1"), "{metrics}");
+}
+
+#[test]
+fn login_attempts_are_limited_per_account_and_per_address() {
+    let relay = Relay::start(relay::Limits { logins_per_minute: 2, ..Default::default() });
+    let login = |account: &str| {
+        relay.send("POST", "/v1/login", None, Some(json!({"account": account, "password": "wrong-password"})))
+    };
+    assert_eq!(login("mallory").0, 401);
+    assert_eq!(login("mallory").0, 401);
+    let (status, retry, _) = login("mallory");
+    assert_eq!(status, 429, "the third guess within a minute is refused");
+    assert_eq!(retry.as_deref(), Some("30"), "2 a minute: one back in 30 s");
+    // Another account from the same address: the address's own budget is spent too.
+    assert_eq!(login("trent").0, 429);
+    // Oversize credentials are refused outright.
+    let long = "x".repeat(relay::http::PASSWORD_MAX + 1);
+    let (status, _, body) =
+        relay.send("POST", "/v1/login", None, Some(json!({"account": "a", "password": long})));
+    assert_eq!(status, 400, "{body}");
+}
+
+#[test]
+fn waiting_long_polls_are_capped() {
+    let relay = Relay::start(relay::Limits { long_polls_max: 1, ..Default::default() });
+    let admin = relay.running().admin_token.clone();
+    let url = relay.url.clone();
+    let (first, second) = relay.rt.block_on(async {
+        let c = reqwest::Client::new();
+        let held = tokio::spawn({
+            let (c, url, admin) = (c.clone(), url.clone(), admin.clone());
+            async move {
+                c.get(format!("{url}/v1/notifications?since=0&timeout=3"))
+                    .bearer_auth(admin)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }
+        });
+        // The first is waiting once the gauge says so.
+        loop {
+            let m = c.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
+            if m.contains("feedmesh_long_polls 1") {
+                break;
+            }
+            // Polling within the request budget (50 a second).
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let second = c
+            .get(format!("{url}/v1/notifications?since=0&timeout=3"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap();
+        let retry = second.headers().get("retry-after").is_some();
+        ((held.await.unwrap()), (second.status().as_u16(), retry))
+    });
+    assert_eq!(first, 200, "the waiting one is answered at its timeout");
+    assert_eq!(second, (503, true), "a second one over the cap is turned away with Retry-After");
+    // And the slot is free again afterwards.
+    let (status, _, _) = relay.send("GET", "/v1/notifications?since=0&timeout=0", Some(&admin), None);
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn tokens_survive_a_restart_and_logout_revokes_them() {
+    let relay = Relay::start(relay::Limits::default());
+    relay.add_account("carol");
+    let admin = relay.running().admin_token.clone();
+    let (status, _, body) = relay.send("POST", "/v1/accounts/carol/tokens", Some(&admin), None);
+    assert_eq!(status, 200, "{body}");
+    let kept = body["token"].as_str().unwrap().to_string();
+    let (_, _, body) = relay.send("POST", "/v1/accounts/carol/tokens", Some(&admin), None);
+    let revoked = body["token"].as_str().unwrap().to_string();
+    assert_eq!(relay.send("GET", "/v1/folders", Some(&kept), None).0, 200);
+    assert_eq!(relay.send("POST", "/v1/logout", Some(&revoked), None).2["revoked"], true);
+    assert_eq!(relay.send("GET", "/v1/folders", Some(&revoked), None).0, 401, "logged out");
+    // The store holds hashes, not tokens.
+    let dir = relay.stop();
+    let db = std::fs::read(dir.path().join("relay.redb")).unwrap();
+    assert!(!db.windows(kept.len()).any(|w| w == kept.as_bytes()), "a usable token is on disk");
+
+    let relay = Relay::start_in(dir, relay::Limits::default());
+    relay.add_account("carol");
+    assert_eq!(relay.send("GET", "/v1/folders", Some(&kept), None).0, 200, "the token outlived the restart");
+    assert_eq!(
+        relay.send("GET", "/v1/folders", Some(&revoked), None).0,
+        401,
+        "and the revoked one stays revoked"
+    );
+    // The admin token cannot be logged out.
+    assert_eq!(relay.send("POST", "/v1/logout", Some(&admin), None).2["revoked"], false);
+    assert_eq!(relay.send("GET", "/v1/folders", Some(&admin), None).0, 200);
+}
+
+#[test]
+fn tokens_expire_and_each_account_keeps_a_bounded_number() {
+    let relay = Relay::start(relay::Limits { token_ttl_secs: 0, ..Default::default() });
+    relay.add_account("dave");
+    let admin = relay.running().admin_token.clone();
+    let (_, _, body) = relay.send("POST", "/v1/accounts/dave/tokens", Some(&admin), None);
+    assert_eq!(body["expires_in"], 0);
+    let expired = body["token"].as_str().unwrap().to_string();
+    assert_eq!(relay.send("GET", "/v1/folders", Some(&expired), None).0, 401, "a token past its lifetime");
+
+    let relay = Relay::start(relay::Limits { tokens_per_account: 2, ..Default::default() });
+    relay.add_account("erin");
+    let admin = relay.running().admin_token.clone();
+    let tokens: Vec<String> = (0..3)
+        .map(|_| {
+            let (_, _, body) = relay.send("POST", "/v1/accounts/erin/tokens", Some(&admin), None);
+            body["token"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let live: Vec<u16> = tokens.iter().map(|t| relay.send("GET", "/v1/folders", Some(t), None).0).collect();
+    // Issued in the same second, the oldest by (time, hash) goes: exactly one of the three.
+    assert_eq!(live.iter().filter(|&&s| s == 200).count(), 2, "{live:?}");
+    assert_eq!(live[2], 200, "the newest is always kept");
+}
