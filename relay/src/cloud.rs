@@ -159,12 +159,12 @@ impl Cloud {
             }
             None => BTreeMap::new(),
         };
-        let tokens: BTreeMap<[u8; 32], TokenRecord> = match store.get_blob("tokens")? {
-            Some(bytes) => {
-                postcard::from_bytes(&bytes).map_err(|_| anyhow::anyhow!("stored tokens are corrupt"))?
-            }
-            None => BTreeMap::new(),
-        };
+        let mut tokens = BTreeMap::new();
+        for (hash, bytes) in store.tokens()? {
+            let record: TokenRecord =
+                postcard::from_bytes(&bytes).map_err(|_| anyhow::anyhow!("a stored token is corrupt"))?;
+            tokens.insert(hash, record);
+        }
         let mut replicas = BTreeMap::new();
         let mut persisted = BTreeMap::new();
         for folder in store.folders()? {
@@ -671,19 +671,30 @@ impl Cloud {
         let now = now_secs();
         let ttl = i64::try_from(self.limits.token_ttl_secs).unwrap_or(i64::MAX);
         let mut st = self.lock();
-        st.tokens.retain(|_, t| t.expires > now);
-        let mut mine: Vec<([u8; 32], i64)> =
-            st.tokens.iter().filter(|(_, t)| t.account == account).map(|(h, t)| (*h, t.issued)).collect();
-        mine.sort_by_key(|&(h, issued)| (issued, h));
+        // Expired tokens go, and this account's oldest beyond its allowance.
+        let mut gone: Vec<[u8; 32]> = st
+            .tokens
+            .iter()
+            .filter(|(_, t)| t.expires <= now && !t.account.is_empty())
+            .map(|(h, _)| *h)
+            .collect();
+        let mut mine: Vec<(i64, [u8; 32])> = st
+            .tokens
+            .iter()
+            .filter(|(_, t)| t.account == account && t.expires > now)
+            .map(|(h, t)| (t.issued, *h))
+            .collect();
+        mine.sort_unstable();
         let excess = (mine.len() + 1).saturating_sub(self.limits.tokens_per_account.max(1));
-        for (h, _) in mine.into_iter().take(excess) {
-            st.tokens.remove(&h);
+        gone.extend(mine.into_iter().take(excess).map(|(_, h)| h));
+        let hash = token_hash(&token);
+        let record =
+            TokenRecord { account: account.to_string(), issued: now, expires: now.saturating_add(ttl) };
+        self.store.put_token(&hash, &postcard::to_allocvec(&record)?, &gone)?;
+        for h in &gone {
+            st.tokens.remove(h);
         }
-        st.tokens.insert(
-            token_hash(&token),
-            TokenRecord { account: account.to_string(), issued: now, expires: now.saturating_add(ttl) },
-        );
-        self.save_tokens(&st)?;
+        st.tokens.insert(hash, record);
         Ok(token)
     }
 
@@ -707,16 +718,9 @@ impl Cloud {
         if st.tokens.get(&h).is_none_or(|t| t.account.is_empty()) {
             return Ok(false);
         }
+        self.store.delete_tokens(&[h])?;
         st.tokens.remove(&h);
-        self.save_tokens(&st)?;
         Ok(true)
-    }
-
-    fn save_tokens(&self, st: &State) -> anyhow::Result<()> {
-        let kept: BTreeMap<&[u8; 32], &TokenRecord> =
-            st.tokens.iter().filter(|(_, t)| !t.account.is_empty()).collect();
-        self.store.put_blob("tokens", &postcard::to_allocvec(&kept)?)?;
-        Ok(())
     }
 }
 

@@ -16,7 +16,7 @@ use engine::wire::{from_wire, to_wire, WireItem};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: u64 = 2;
+pub const SCHEMA_VERSION: u64 = 3;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const KIND: TableDefinition<&str, &str> = TableDefinition::new("kind");
@@ -25,6 +25,8 @@ const DIRECTORY: TableDefinition<u64, &[u8]> = TableDefinition::new("directory")
 const ITEMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("items");
 /// Added in schema 2.
 const USAGE: TableDefinition<&[u8], u64> = TableDefinition::new("usage");
+/// Added in schema 3: the relay's HTTP bearer tokens, by hash.
+const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
 
 /// Storage errors (typed so a caller can tell a locked database from a broken one).
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +139,10 @@ impl Store {
                     // from what is stored: nothing was attributed before, so zero.
                     1 => {
                         txn.open_table(USAGE)?;
+                    }
+                    // 2 -> 3: bearer tokens (before, they lived in memory only).
+                    2 => {
+                        txn.open_table(TOKENS)?;
                     }
                     _ => unreachable!("versions below SCHEMA_VERSION all have a step"),
                 }
@@ -277,6 +283,45 @@ impl Store {
         Ok(table.get(device.as_slice())?.map_or(0, |v| v.value()))
     }
 
+    /// Stores a token record under its hash, and deletes others, in one transaction.
+    pub fn put_token(&self, hash: &[u8; 32], record: &[u8], delete: &[[u8; 32]]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(TOKENS)?;
+            table.insert(hash.as_slice(), record)?;
+            for h in delete {
+                table.remove(h.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn delete_tokens(&self, hashes: &[[u8; 32]]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(TOKENS)?;
+            for h in hashes {
+                table.remove(h.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Every stored token record, by hash.
+    pub fn tokens(&self) -> Result<Vec<([u8; 32], Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(TOKENS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            let hash: [u8; 32] = k.value().try_into().map_err(|_| StoreError::Corrupt("token hash"))?;
+            out.push((hash, v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
     /// Test hook: writes a schema version (to check that newer files are refused).
     #[doc(hidden)]
     pub fn force_schema_version(&self, version: u64) -> Result<(), StoreError> {
@@ -316,6 +361,11 @@ mod tests {
         assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
         assert_eq!(store.add_usage(&[1; 32], 5).unwrap(), 5);
         assert_eq!(store.add_usage(&[1; 32], 7).unwrap(), 12);
+        store.put_token(&[2; 32], b"record", &[]).unwrap();
+        store.put_token(&[3; 32], b"other", &[[2; 32]]).unwrap();
+        assert_eq!(store.tokens().unwrap(), vec![([3; 32], b"other".to_vec())]);
+        store.delete_tokens(&[[3; 32]]).unwrap();
+        assert!(store.tokens().unwrap().is_empty());
     }
 
     #[test]
