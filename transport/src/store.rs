@@ -28,6 +28,9 @@ const USAGE: TableDefinition<&[u8], u64> = TableDefinition::new("usage");
 /// Added in schema 3: the relay's HTTP bearer tokens, by hash.
 const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
 
+/// A stored token record (encoded by its owner) under the token's hash.
+pub type TokenRow = ([u8; 32], Vec<u8>);
+
 /// Storage errors (typed so a caller can tell a locked database from a broken one).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -310,7 +313,7 @@ impl Store {
     }
 
     /// Every stored token record, by hash.
-    pub fn tokens(&self) -> Result<Vec<([u8; 32], Vec<u8>)>, StoreError> {
+    pub fn tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(TOKENS)?;
         let mut out = Vec::new();
