@@ -108,6 +108,25 @@ pub struct TokenRecord {
     pub expires: i64,
 }
 
+/// Longest account name and password a login may carry.
+pub const ACCOUNT_MAX: usize = 128;
+pub const PASSWORD_MAX: usize = 1024;
+
+/// Why a password check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    #[error("wrong account or password")]
+    Wrong,
+    #[error("too many login attempts, retry in {0} s")]
+    RateLimited(u64),
+    #[error("account names are at most {ACCOUNT_MAX} bytes, passwords at most {PASSWORD_MAX}")]
+    TooLong,
+}
+
+/// A hash to check unknown accounts against (same cost as a real one).
+static DUMMY_PHC: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| hash_password("no account has this password").unwrap_or_default());
+
 /// The key a token is kept under.
 pub fn token_hash(token: &str) -> [u8; 32] {
     *blake3::hash(token.as_bytes()).as_bytes()
@@ -143,6 +162,12 @@ pub struct Cloud {
     pub metrics: Metrics,
     store: Store,
     state: Mutex<State>,
+    /// Login attempts per account and per client (HTTP address or device), shared by HTTP
+    /// login and pairing requests.
+    logins: Mutex<crate::limit::Buckets<String>>,
+    /// Argon2 runs at most this many at once, whoever asks (new device keys and account names
+    /// cost an attacker nothing; CPU does cost us).
+    hashing: tokio::sync::Semaphore,
     notices: broadcast::Sender<(Notice, Option<DeviceId>)>,
     /// Wakes long-poll requests.
     pub events_changed: Notify,
@@ -201,6 +226,8 @@ impl Cloud {
             epoch,
         };
         let id = DeviceId::of(&key);
+        let per_min = f64::from(limits.logins_per_minute);
+        let logins = Mutex::new(crate::limit::Buckets::new(per_min / 60.0, per_min, 1 << 16));
         Ok(Self {
             key,
             id,
@@ -208,6 +235,8 @@ impl Cloud {
             metrics: Metrics::new(),
             store,
             state: Mutex::new(state),
+            logins,
+            hashing: tokio::sync::Semaphore::new(2),
             notices,
             events_changed: Notify::new(),
         })
@@ -393,8 +422,10 @@ impl Cloud {
                     return Ok(());
                 }
                 let kind = request_kind(&request);
-                let response =
-                    self.handle_request(device, request).unwrap_or_else(|e| Response::Error(e.to_string()));
+                let response = self
+                    .handle_control(device, request)
+                    .await
+                    .unwrap_or_else(|e| Response::Error(format!("{e:#}")));
                 self.metrics.requests.get_or_create(&crate::metrics::Reason::new(kind)).inc();
                 frame::write_value(&mut send, &response).await?;
                 let _ = send.finish();
@@ -484,7 +515,112 @@ impl Cloud {
 
     // ------------------------------------------------------------------ control requests
 
-    /// Answers one control request from `device` (authenticated by the connection).
+    /// Answers one control request from `device` (authenticated by the connection). Password
+    /// work (argon2, slow on purpose) runs on a blocking thread and never under the state lock.
+    pub async fn handle_control(
+        self: &Arc<Self>,
+        device: DeviceId,
+        request: Request,
+    ) -> anyhow::Result<Response> {
+        match request {
+            Request::PairRequest { account, password, commitment } => {
+                let user =
+                    self.clone().verify_password(account, password, format!("device:{device}")).await?;
+                let mut guard = self.lock();
+                let st = &mut *guard;
+                if st.dir.user_of(&device).is_some() {
+                    anyhow::bail!("this device is already active in the directory");
+                }
+                let pending = st.pairings.values().filter(|p| p.user == user).count();
+                if pending >= self.limits.pairings_per_user {
+                    anyhow::bail!("too many pending pairings for this user");
+                }
+                // One pending request per device: a new one replaces it.
+                st.pairings.retain(|_, p| p.device != device);
+                let id = st.next_pairing;
+                st.next_pairing += 1;
+                st.pairings
+                    .insert(id, PairView { id, user, device, commitment, existing: None, pairing: None });
+                self.publish(st, Notice::Pairing, Some(device));
+                Ok(Response::PairId { id })
+            }
+            Request::Account { name, password } => {
+                let user = self.account_allowed(device, &name)?;
+                check_password(&password)?;
+                let phc = {
+                    let _permit = self.hashing.acquire().await?;
+                    tokio::task::spawn_blocking(move || hash_password(&password)).await??
+                };
+                let mut guard = self.lock();
+                let st = &mut *guard;
+                // Checked again: the state may have moved while the hash was computed.
+                self.account_allowed_in(st, device, &name)?;
+                st.accounts.insert(name.clone(), Account { name, user, phc });
+                self.save_accounts(st)?;
+                Ok(Response::Ok)
+            }
+            other => self.handle_request(device, other),
+        }
+    }
+
+    /// Whether `device` may set up account `name` for its user; the user.
+    fn account_allowed(&self, device: DeviceId, name: &str) -> anyhow::Result<UserId> {
+        self.account_allowed_in(&self.lock(), device, name)
+    }
+
+    fn account_allowed_in(&self, st: &State, device: DeviceId, name: &str) -> anyhow::Result<UserId> {
+        let user = st
+            .dir
+            .user_of(&device)
+            .ok_or_else(|| anyhow::anyhow!("only an active device may set up its user's account"))?;
+        check_account_name(name)?;
+        if let Some(a) = st.accounts.get(name) {
+            if a.user != user {
+                anyhow::bail!("account name {name:?} is taken");
+            }
+        }
+        if st.accounts.values().any(|a| a.user == user && a.name != name) {
+            anyhow::bail!("this user already has an account under another name");
+        }
+        Ok(user)
+    }
+
+    /// Checks an account's password for a client (`address:IP` over HTTP, `device:ID` over
+    /// QUIC). The account and the client each spend a login attempt first, so guessing and
+    /// argon2 load are both bounded; the hash runs on a blocking thread, outside the lock.
+    pub async fn verify_password(
+        self: Arc<Self>,
+        account: String,
+        password: String,
+        client: String,
+    ) -> Result<UserId, LoginError> {
+        if account.len() > ACCOUNT_MAX || password.len() > PASSWORD_MAX {
+            return Err(LoginError::TooLong);
+        }
+        {
+            let now = now_us();
+            let mut logins = self.logins.lock().unwrap_or_else(|e| e.into_inner());
+            for key in [format!("account:{account}"), client] {
+                logins.take(&key, now).map_err(LoginError::RateLimited)?;
+            }
+        }
+        let phc = self.lock().accounts.get(&account).map(|a| (a.phc.clone(), a.user));
+        let _permit = self.hashing.acquire().await.map_err(|_| LoginError::Wrong)?;
+        tokio::task::spawn_blocking(move || {
+            // An unknown account costs the same hash as a known one, so timing does not tell.
+            let (phc, user) = phc.unwrap_or_else(|| (DUMMY_PHC.clone(), UserId([0; 32])));
+            let parsed = PasswordHash::new(&phc).map_err(|_| LoginError::Wrong)?;
+            Argon2::default().verify_password(password.as_bytes(), &parsed).map_err(|_| LoginError::Wrong)?;
+            if user == UserId([0; 32]) {
+                return Err(LoginError::Wrong);
+            }
+            Ok(user)
+        })
+        .await
+        .map_err(|_| LoginError::Wrong)?
+    }
+
+    /// Answers one control request that needs no password work.
     pub fn handle_request(&self, device: DeviceId, request: Request) -> anyhow::Result<Response> {
         let mut guard = self.lock();
         let st = &mut *guard;
@@ -526,43 +662,8 @@ impl Cloud {
                     .collect();
                 Response::Peers { peers }
             }
-            Request::Account { name, password } => {
-                let user = st
-                    .dir
-                    .user_of(&device)
-                    .ok_or_else(|| anyhow::anyhow!("only an active device may set up its user's account"))?;
-                check_account_name(&name)?;
-                check_password(&password)?;
-                if let Some(a) = st.accounts.get(&name) {
-                    if a.user != user {
-                        anyhow::bail!("account name {name:?} is taken");
-                    }
-                }
-                if st.accounts.values().any(|a| a.user == user && a.name != name) {
-                    anyhow::bail!("this user already has an account under another name");
-                }
-                let phc = hash_password(&password)?;
-                st.accounts.insert(name.clone(), Account { name, user, phc });
-                self.save_accounts(st)?;
-                Response::Ok
-            }
-            Request::PairRequest { account, password, commitment } => {
-                let user = verify_account(st, &account, &password)?;
-                if st.dir.user_of(&device).is_some() {
-                    anyhow::bail!("this device is already active in the directory");
-                }
-                let pending = st.pairings.values().filter(|p| p.user == user).count();
-                if pending >= self.limits.pairings_per_user {
-                    anyhow::bail!("too many pending pairings for this user");
-                }
-                // One pending request per device: a new one replaces it.
-                st.pairings.retain(|_, p| p.device != device);
-                let id = st.next_pairing;
-                st.next_pairing += 1;
-                st.pairings
-                    .insert(id, PairView { id, user, device, commitment, existing: None, pairing: None });
-                self.publish(st, Notice::Pairing, Some(device));
-                Response::PairId { id }
+            Request::Account { .. } | Request::PairRequest { .. } => {
+                anyhow::bail!("password requests go through handle_control")
             }
             Request::PairStatus { id } => {
                 let p = st
@@ -621,12 +722,6 @@ impl Cloud {
         let bytes = postcard::to_allocvec(&st.accounts)?;
         self.store.put_blob("accounts", &bytes)?;
         Ok(())
-    }
-
-    /// Checks an account's password (HTTP login).
-    pub fn login(&self, account: &str, password: &str) -> anyhow::Result<UserId> {
-        let st = self.lock();
-        verify_account(&st, account, password)
     }
 
     /// Merges items posted over HTTP into the cloud's replica (each must carry valid signatures of
@@ -737,15 +832,6 @@ fn request_kind(r: &Request) -> &'static str {
         Request::PairList => "pair-list",
         Request::PairNonce { .. } => "pair-nonce",
     }
-}
-
-fn verify_account(st: &State, account: &str, password: &str) -> anyhow::Result<UserId> {
-    let a = st.accounts.get(account).ok_or_else(|| anyhow::anyhow!("wrong account or password"))?;
-    let parsed = PasswordHash::new(&a.phc).map_err(|_| anyhow::anyhow!("stored password hash is corrupt"))?;
-    Argon2::default()
-        .verify_password(password.as_bytes(), &parsed)
-        .map_err(|_| anyhow::anyhow!("wrong account or password"))?;
-    Ok(a.user)
 }
 
 fn hash_password(password: &str) -> anyhow::Result<String> {

@@ -36,32 +36,25 @@ use engine::signing::{hex, unhex, DeviceId};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::cloud::Cloud;
+use crate::cloud::{Cloud, LoginError};
 use crate::limit::Buckets;
 use crate::metrics::Reason;
-
-/// Longest account name and password a login may carry.
-pub const ACCOUNT_MAX: usize = 128;
-pub const PASSWORD_MAX: usize = 1024;
 
 /// The HTTP API's own limits (per client address, per account).
 #[derive(Debug)]
 pub struct Guard {
     requests: std::sync::Mutex<Buckets<IpAddr>>,
-    logins: std::sync::Mutex<Buckets<String>>,
     long_polls: std::sync::atomic::AtomicUsize,
 }
 
 impl Guard {
     pub fn new(limits: &crate::Limits) -> Self {
-        let per_min = f64::from(limits.logins_per_minute);
         Self {
             requests: std::sync::Mutex::new(Buckets::new(
                 f64::from(limits.http_requests_per_second),
                 f64::from(limits.http_burst),
                 1 << 16,
             )),
-            logins: std::sync::Mutex::new(Buckets::new(per_min / 60.0, per_min, 1 << 16)),
             long_polls: std::sync::atomic::AtomicUsize::new(0),
         }
     }
@@ -297,30 +290,19 @@ async fn login(
     Json(body): Json<Login>,
 ) -> Result<Json<Value>, Response> {
     count(&app, "login");
-    if body.account.len() > ACCOUNT_MAX || body.password.len() > PASSWORD_MAX {
-        return Err(bad(format!(
-            "account names are at most {ACCOUNT_MAX} bytes, passwords at most {PASSWORD_MAX}"
-        ))
-        .into_response());
-    }
-    // Both the account and the address pay, before any argon2 work.
-    let now = transport::now_us();
-    {
-        let mut logins = app.guard.logins.lock().unwrap_or_else(|e| e.into_inner());
-        for key in [format!("account:{}", body.account), format!("address:{}", peer.ip())] {
-            if let Err(retry) = logins.take(&key, now) {
-                drop(logins);
-                return Err(too_many(&app, "login-rate", StatusCode::TOO_MANY_REQUESTS, retry));
-            }
-        }
-    }
-    let cloud = app.cloud.clone();
-    // Argon2 is deliberately slow: keep it off the async workers.
     let account = body.account.clone();
-    let user = tokio::task::spawn_blocking(move || cloud.login(&body.account, &body.password))
+    let user = app
+        .cloud
+        .clone()
+        .verify_password(body.account, body.password, format!("address:{}", peer.ip()))
         .await
-        .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "login failed".into()).into_response())?
-        .map_err(|e| ApiError(StatusCode::UNAUTHORIZED, e.to_string()).into_response())?;
+        .map_err(|e| match e {
+            LoginError::RateLimited(retry) => {
+                too_many(&app, "login-rate", StatusCode::TOO_MANY_REQUESTS, retry)
+            }
+            LoginError::TooLong => bad(e.to_string()).into_response(),
+            LoginError::Wrong => ApiError(StatusCode::UNAUTHORIZED, e.to_string()).into_response(),
+        })?;
     let token = app.cloud.issue_token(&account).map_err(|e| internal(e).into_response())?;
     Ok(Json(json!({ "token": token, "user": hex(&user.0), "expires_in": app.cloud.limits.token_ttl_secs })))
 }

@@ -105,7 +105,7 @@ fn login_attempts_are_limited_per_account_and_per_address() {
     // Another account from the same address: the address's own budget is spent too.
     assert_eq!(login("trent").0, 429);
     // Oversize credentials are refused outright.
-    let long = "x".repeat(relay::http::PASSWORD_MAX + 1);
+    let long = "x".repeat(relay::cloud::PASSWORD_MAX + 1);
     let (status, _, body) =
         relay.send("POST", "/v1/login", None, Some(json!({"account": "a", "password": long})));
     assert_eq!(status, 400, "{body}");
@@ -209,4 +209,18 @@ fn tokens_expire_and_each_account_keeps_a_bounded_number() {
     // Issued in the same second, the oldest by (time, hash) goes: exactly one of the three.
     assert_eq!(live.iter().filter(|&&s| s == 200).count(), 2, "{live:?}");
     assert_eq!(live[2], 200, "the newest is always kept");
+}
+
+#[test]
+fn pairing_requests_share_the_login_budget_of_the_account() {
+    // Pairing requests over QUIC check the password with the same function, keyed by device.
+    let relay = Relay::start(relay::Limits { logins_per_minute: 2, ..Default::default() });
+    let cloud = relay.running().cloud.clone();
+    let check = |client: &str| {
+        relay.rt.block_on(cloud.clone().verify_password("frank".into(), "guess-guess".into(), client.into()))
+    };
+    assert!(matches!(check("device:1"), Err(relay::cloud::LoginError::Wrong)), "an unknown account");
+    assert!(matches!(check("device:2"), Err(relay::cloud::LoginError::Wrong)));
+    // A third device guessing the same account is refused before any hashing.
+    assert!(matches!(check("device:3"), Err(relay::cloud::LoginError::RateLimited(30))));
 }
