@@ -125,6 +125,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// How long `init` waits for a relay that refuses connections (just started, or not yet).
+const RELAY_WAIT: Duration = Duration::from_secs(15);
+
 fn shared(node: Node) -> Arc<Mutex<Node>> {
     Arc::new(Mutex::new(node))
 }
@@ -136,8 +139,23 @@ fn run(dir: &Path, top: Top) -> anyhow::Result<()> {
             let rt = runtime()?;
             let info: relay_info::ConnectInfo = rt.block_on(async {
                 let url = format!("{}/v1/connect", relay.trim_end_matches('/'));
-                let resp =
-                    reqwest::get(&url).await.with_context(|| format!("reaching the relay at {url}"))?;
+                // A relay started a moment ago may not listen yet: wait a little for it, saying so.
+                let deadline = tokio::time::Instant::now() + RELAY_WAIT;
+                let mut said = false;
+                let resp = loop {
+                    match reqwest::get(&url).await {
+                        Err(e) if e.is_connect() && tokio::time::Instant::now() < deadline => {
+                            if !said {
+                                eprintln!(
+                                    "waiting for the relay at {url} (not accepting connections yet)..."
+                                );
+                                said = true;
+                            }
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        other => break other.with_context(|| format!("reaching the relay at {url}"))?,
+                    }
+                };
                 if !resp.status().is_success() {
                     bail!("{url}: HTTP {}", resp.status());
                 }
