@@ -81,6 +81,20 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Everything on 127.0.0.1 with ports the system picks (address discovery too), data in
+    /// `data_dir`: relays for tests and benchmarks that run side by side.
+    pub fn loopback(data_dir: &Path) -> Self {
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("literal");
+        Self {
+            data_dir: data_dir.to_path_buf(),
+            http: any,
+            relay: any,
+            quic: any,
+            qad: Some(any),
+            ..Self::default()
+        }
+    }
+
     /// Reads a TOML config file (unknown keys are errors).
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;

@@ -23,14 +23,7 @@ impl Relay {
     fn start_in(dir: tempfile::TempDir, limits: relay::Limits) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let cfg = relay::Config {
-            data_dir: dir.path().to_path_buf(),
-            http: "127.0.0.1:0".parse().unwrap(),
-            relay: "127.0.0.1:0".parse().unwrap(),
-            quic: "127.0.0.1:0".parse().unwrap(),
-            limits,
-            ..relay::Config::default()
-        };
+        let cfg = relay::Config { limits, ..relay::Config::loopback(dir.path()) };
         let running = rt.block_on(relay::start(cfg)).expect("relay starts");
         let url = format!("http://{}", running.http_addr);
         Self { rt, running: Some(running), url, dir }

@@ -624,14 +624,7 @@ async fn bare_stream(
 
 async fn sync_bench(items: usize, runs: usize) -> anyhow::Result<Value> {
     let root = tempfile::tempdir()?;
-    let relay = relay::start(relay::Config {
-        data_dir: root.path().join("relay"),
-        http: loopback(),
-        relay: loopback(),
-        quic: loopback(),
-        ..relay::Config::default()
-    })
-    .await?;
+    let relay = relay::start(relay::Config::loopback(&root.path().join("relay"))).await?;
     let info = relay.connect_info();
     let cfg = NodeConfig {
         cloud: relay.cloud.id,

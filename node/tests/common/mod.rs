@@ -26,16 +26,7 @@ impl Relay {
     pub fn start_with(f: impl FnOnce(&mut relay::Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let cfg = relay::Config {
-            data_dir: dir.path().to_path_buf(),
-            http: "127.0.0.1:0".parse().unwrap(),
-            relay: "127.0.0.1:0".parse().unwrap(),
-            quic: "127.0.0.1:0".parse().unwrap(),
-            // Address discovery runs when TLS does; any free port, so relays can run side by side.
-            qad: Some("127.0.0.1:0".parse().unwrap()),
-            ..relay::Config::default()
-        };
-        let mut cfg = cfg;
+        let mut cfg = relay::Config::loopback(dir.path());
         f(&mut cfg);
         let running = rt.block_on(relay::start(cfg)).expect("relay starts");
         let url = format!("http://{}", running.http_addr);
