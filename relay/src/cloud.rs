@@ -608,13 +608,13 @@ impl Cloud {
         let _permit = self.hashing.acquire().await.map_err(|_| LoginError::Wrong)?;
         tokio::task::spawn_blocking(move || {
             // An unknown account costs the same hash as a known one, so timing does not tell.
-            let (phc, user) = phc.unwrap_or_else(|| (DUMMY_PHC.clone(), UserId([0; 32])));
+            let (phc, user) = match phc {
+                Some((phc, user)) => (phc, Some(user)),
+                None => (DUMMY_PHC.clone(), None),
+            };
             let parsed = PasswordHash::new(&phc).map_err(|_| LoginError::Wrong)?;
             Argon2::default().verify_password(password.as_bytes(), &parsed).map_err(|_| LoginError::Wrong)?;
-            if user == UserId([0; 32]) {
-                return Err(LoginError::Wrong);
-            }
-            Ok(user)
+            user.ok_or(LoginError::Wrong)
         })
         .await
         .map_err(|_| LoginError::Wrong)?

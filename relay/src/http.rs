@@ -44,7 +44,6 @@ use crate::metrics::Reason;
 #[derive(Debug)]
 pub struct Guard {
     requests: std::sync::Mutex<Buckets<IpAddr>>,
-    long_polls: std::sync::atomic::AtomicUsize,
 }
 
 impl Guard {
@@ -55,7 +54,6 @@ impl Guard {
                 f64::from(limits.http_burst),
                 1 << 16,
             )),
-            long_polls: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 }
@@ -604,13 +602,12 @@ struct Poll {
     timeout: Option<u64>,
 }
 
-/// One waiting long-poll; counted down however the request ends (a client that goes away drops
+/// One waiting long-poll (a slot of the `long_polls` gauge); counted down however the request ends (a client that goes away drops
 /// the handler's future).
 struct Waiting(App);
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        self.0.guard.long_polls.fetch_sub(1, Ordering::Relaxed);
         self.0.cloud.metrics.long_polls.dec();
     }
 }
@@ -625,12 +622,12 @@ async fn notifications(
     let since = q.since.unwrap_or(0);
     let wait = Duration::from_secs(q.timeout.unwrap_or(LONG_POLL_MAX_S).min(LONG_POLL_MAX_S));
     let deadline = tokio::time::Instant::now() + wait;
-    if app.guard.long_polls.fetch_add(1, Ordering::Relaxed) >= app.cloud.limits.long_polls_max {
-        app.guard.long_polls.fetch_sub(1, Ordering::Relaxed);
+    // The waiting gauge is the count: take a slot, give it back if there was none.
+    let _waiting = Waiting(app.clone());
+    let before = app.cloud.metrics.long_polls.inc();
+    if usize::try_from(before).unwrap_or(usize::MAX) >= app.cloud.limits.long_polls_max {
         return Err(too_many(&app, "long-polls", StatusCode::SERVICE_UNAVAILABLE, 5));
     }
-    app.cloud.metrics.long_polls.inc();
-    let _waiting = Waiting(app.clone());
     let result = loop {
         // Register before looking, so an event between the look and the wait still wakes us.
         let notified = app.cloud.events_changed.notified();

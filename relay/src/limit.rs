@@ -11,6 +11,11 @@ struct Bucket {
     at_us: Micros,
 }
 
+/// A bucket's tokens at `now_us`.
+fn refill(b: &Bucket, now_us: Micros, rate: f64, burst: f64) -> f64 {
+    (b.tokens + (now_us.saturating_sub(b.at_us) as f64) * rate / 1e6).min(burst)
+}
+
 /// One token bucket per key: `rate` tokens a second up to `burst`; a new key starts full.
 ///
 /// At most `max_keys` keys are tracked. When a new key would exceed that, keys whose bucket has
@@ -36,7 +41,7 @@ impl<K: Ord + Clone> Buckets<K> {
     }
 
     fn refill(&self, b: &Bucket, now_us: Micros) -> f64 {
-        (b.tokens + (now_us.saturating_sub(b.at_us) as f64) * self.rate / 1e6).min(self.burst)
+        refill(b, now_us, self.rate, self.burst)
     }
 
     /// Takes one token for `key` at `now_us`. When the bucket is empty: the whole seconds until
@@ -44,7 +49,7 @@ impl<K: Ord + Clone> Buckets<K> {
     pub fn take(&mut self, key: &K, now_us: Micros) -> Result<(), u64> {
         if !self.map.contains_key(key) && self.map.len() >= self.max_keys {
             let (rate, burst) = (self.rate, self.burst);
-            self.map.retain(|_, b| (b.tokens + (now_us.saturating_sub(b.at_us) as f64) * rate / 1e6) < burst);
+            self.map.retain(|_, b| refill(b, now_us, rate, burst) < burst);
             if self.map.len() >= self.max_keys {
                 self.map.clear();
             }
