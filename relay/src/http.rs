@@ -83,6 +83,8 @@ async fn per_address(
 
 /// Largest FeedSync document accepted by POST.
 pub const POST_FEED_MAX: usize = 16 << 20;
+/// Largest body any other request may carry.
+pub const BODY_MAX: usize = 1 << 20;
 /// Longest a long-poll is held.
 pub const LONG_POLL_MAX_S: u64 = 60;
 
@@ -246,7 +248,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/folders/{id}/feed.atom", get(feed_atom))
         .route("/v1/folders/{id}/feed", post(post_feed).layer(DefaultBodyLimit::max(POST_FEED_MAX)))
         .route("/v1/notifications", get(notifications))
-        .layer(DefaultBodyLimit::max(1 << 20))
+        .layer(DefaultBodyLimit::max(BODY_MAX))
         .layer(middleware::from_fn_with_state(app.clone(), per_address))
         .with_state(app)
 }
