@@ -73,10 +73,19 @@ impl Relay {
 fn each_client_address_has_a_request_budget() {
     let relay =
         Relay::start(relay::Limits { http_requests_per_second: 1, http_burst: 5, ..Default::default() });
-    for i in 0..5 {
-        assert_eq!(relay.send("GET", "/health", None, None).0, 200, "request {i} is within the burst");
-    }
-    let (status, retry, body) = relay.send("GET", "/health", None, None);
+    // A slow machine may take more than a second over the burst, earning a token back: so the
+    // test counts what got through before the first refusal, against what the budget allows.
+    let started = std::time::Instant::now();
+    let mut ok = 0;
+    let (status, retry, body) = loop {
+        let answer = relay.send("GET", "/health", None, None);
+        if answer.0 != 200 || ok > 100 {
+            break answer;
+        }
+        ok += 1;
+    };
+    let allowed = 5 + started.elapsed().as_secs_f64().ceil() as usize;
+    assert!((5..=allowed).contains(&ok), "{ok} requests got through; the budget allows 5 to {allowed}");
     assert_eq!(status, 429);
     assert_eq!(retry.as_deref(), Some("1"));
     assert!(body["error"].as_str().unwrap().contains("too many requests"), "{body}");
@@ -94,7 +103,9 @@ fn login_attempts_are_limited_per_account_and_per_address() {
     assert_eq!(login("mallory").0, 401);
     let (status, retry, _) = login("mallory");
     assert_eq!(status, 429, "the third guess within a minute is refused");
-    assert_eq!(retry.as_deref(), Some("30"), "2 a minute: one back in 30 s");
+    // 2 a minute: one back in 30 s, less whatever the two refused guesses took.
+    let retry: u64 = retry.unwrap().parse().unwrap();
+    assert!((20..=30).contains(&retry), "Retry-After {retry}");
     // Another account from the same address: the address's own budget is spent too.
     assert_eq!(login("trent").0, 429);
     // Oversize credentials are refused outright.
@@ -215,5 +226,8 @@ fn pairing_requests_share_the_login_budget_of_the_account() {
     assert!(matches!(check("device:1"), Err(relay::cloud::LoginError::Wrong)), "an unknown account");
     assert!(matches!(check("device:2"), Err(relay::cloud::LoginError::Wrong)));
     // A third device guessing the same account is refused before any hashing.
-    assert!(matches!(check("device:3"), Err(relay::cloud::LoginError::RateLimited(30))));
+    assert!(
+        matches!(check("device:3"), Err(relay::cloud::LoginError::RateLimited(20..=30))),
+        "refused for about 30 s"
+    );
 }
