@@ -19,6 +19,11 @@ fn bench(c: &mut Criterion) {
     group.bench_function("verify", |b| {
         b.iter(|| versions.iter().filter(|v| verify_version(v).is_ok()).count())
     });
+    // The part of a verification that a per-device key cache would save.
+    let device = engine::signing::DeviceId::of(&key);
+    group.bench_function("decompress-key", |b| {
+        b.iter(|| versions.iter().filter(|_| device.verifying_key().is_ok()).count())
+    });
     group.finish();
 
     let n = 10_000;

@@ -134,6 +134,40 @@ impl Replica {
         }
     }
 
+    /// [`Replica::check_incoming`] for a batch, on up to `threads` threads (the caller's choice;
+    /// the engine never asks the OS). The answer does not depend on `threads`: the error is
+    /// that of the first failing item in order, as checking them one by one would give.
+    pub fn check_incoming_all(&self, items: &[Arc<Item>], threads: usize) -> Result<(), SignatureError> {
+        /// Below this many items per thread, spawning costs more than it saves.
+        const PER_THREAD_MIN: usize = 32;
+        let threads = threads.min(items.len() / PER_THREAD_MIN).max(1);
+        if matches!(self.signing, Signing::Off) || threads == 1 {
+            return items.iter().try_for_each(|i| self.check_incoming(i));
+        }
+        let check = |chunk: &[Arc<Item>]| chunk.iter().try_for_each(|i| self.check_incoming(i));
+        let mut chunks = items.chunks(items.len().div_ceil(threads));
+        let first = chunks.next().expect("items is not empty");
+        std::thread::scope(|scope| {
+            let rest: Vec<_> = chunks.map(|chunk| scope.spawn(move || check(chunk))).collect();
+            let first = check(first);
+            // Every thread is joined (a panic in one is passed on), then the first error wins.
+            let rest: Vec<_> =
+                rest.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect();
+            std::iter::once(first).chain(rest).collect()
+        })
+    }
+
+    /// Verifies a batch (see [`Replica::check_incoming_all`]) and, only if every item passes,
+    /// merges them in order. Returns how many changed the replica.
+    pub fn merge_all(&mut self, items: &[Arc<Item>], threads: usize) -> Result<usize, FeedsyncError> {
+        self.check_incoming_all(items, threads)?;
+        let mut changed = 0;
+        for item in items {
+            changed += usize::from(self.merge_checked(item)?);
+        }
+        Ok(changed)
+    }
+
     pub fn epoch(&self) -> u64 {
         self.epoch
     }

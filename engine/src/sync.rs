@@ -54,6 +54,9 @@ pub struct Config {
     /// with a new responder can turn this off: then a busy responder holds no finished sessions
     /// in the common one-round-trip case.
     pub linger_after_hello: bool,
+    /// Threads that verify a signed message's items (1: on the caller's thread). Results do not
+    /// depend on it; a driver on a multi-core machine raises it, the simulator keeps 1.
+    pub verify_threads: usize,
 }
 
 impl Default for Config {
@@ -67,6 +70,7 @@ impl Default for Config {
             max_retries: 10,
             linger_us: 60_000_000,
             linger_after_hello: true,
+            verify_threads: 1,
         }
     }
 }
@@ -758,9 +762,7 @@ impl Session {
 
     fn merge_items(&mut self, replica: &mut Replica, items: Vec<Arc<Item>>) -> Result<(), SyncError> {
         // A signed replica verifies every item of the message before merging any.
-        for item in &items {
-            replica.check_incoming(item)?;
-        }
+        replica.check_incoming_all(&items, self.cfg.verify_threads)?;
         for item in items {
             self.stats.items_received += 1;
             if replica.merge_checked(&item).map_err(|e| SyncError::Protocol(e.to_string()))? {

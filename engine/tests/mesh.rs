@@ -731,3 +731,36 @@ fn the_cloud_syncs_with_devices_that_hold_the_folder() {
     assert!(matches!(cloud_dir.may_hold(&folder, &w.device("c1")), Err(Refusal::NotMember { .. })));
     assert!(cloud_dir.may_hold(&folder, &w.device("b1")).is_ok());
 }
+
+/// Checking a batch on several threads gives what checking it item by item gives: the first
+/// failing item's error, and nothing merged; a clean batch merges whole.
+#[test]
+fn batch_verification_does_not_depend_on_the_thread_count() {
+    let w = World::new();
+    let names: Vec<String> = (0..200).map(|i| format!("i{i:03}")).collect();
+    let pairs: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "a1")).collect();
+    let source = signed_replica(&w, &pairs);
+    let clean: Vec<Arc<_>> = source.items().cloned().collect();
+    let mut bad = clean.clone();
+    for (at, forge) in [(60, false), (150, false), (170, true)] {
+        let mut item = (*bad[at]).clone();
+        if forge {
+            item.version.updates += 1;
+        } else {
+            item.version.signature = None;
+        }
+        bad[at] = Arc::new(item);
+    }
+    for threads in [1, 2, 3, 7, 64] {
+        let mut fresh = Replica::new_signed(10);
+        assert_eq!(
+            fresh.check_incoming_all(&bad, threads),
+            Err(SignatureError::Missing { id: ItemId::new("i060").unwrap() }),
+            "{threads} threads"
+        );
+        assert!(fresh.merge_all(&bad, threads).is_err());
+        assert!(fresh.is_empty(), "a refused batch merges nothing ({threads} threads)");
+        assert_eq!(fresh.merge_all(&clean, threads).unwrap(), 200);
+        assert_eq!(fresh.digest(), source.digest(), "{threads} threads");
+    }
+}

@@ -142,11 +142,10 @@ impl Node {
         for folder in store.folders()? {
             let mut replica = Replica::new_signed(epoch);
             replica.set_signers(Some(dir_log.signers(&folder)));
-            for item in store.load_items(&folder)? {
-                replica
-                    .merge(&Arc::new(item))
-                    .map_err(|e| anyhow!("stored item of {folder} failed verification: {e}"))?;
-            }
+            let items: Vec<_> = store.load_items(&folder)?.into_iter().map(Arc::new).collect();
+            replica
+                .merge_all(&items, transport::verify_threads())
+                .map_err(|e| anyhow!("stored item of {folder} failed verification: {e}"))?;
             persisted.insert(folder, replica.head());
             replicas.insert(folder, replica);
         }

@@ -77,8 +77,15 @@ pub fn stream_config() -> Config {
         max_retries: 2,
         linger_us: 0,
         linger_after_hello: false,
+        verify_threads: verify_threads(),
         ..Config::default()
     }
+}
+
+/// Threads for checking signatures of a batch of items: the machine's cores, at most 8.
+/// Receiving and reloading signed items is bound by ed25519 verification.
+pub fn verify_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(8)
 }
 
 /// How a process binds its endpoint.

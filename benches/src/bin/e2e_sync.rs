@@ -472,9 +472,7 @@ fn receive_floor(
     let replica = n.replica_mut(folder);
     replica.set_signers(Some(signers));
     let started = Instant::now();
-    for item in &items {
-        replica.merge(item).map_err(|e| anyhow!("{e}"))?;
-    }
+    replica.merge_all(&items, transport::verify_threads()).map_err(|e| anyhow!("{e}"))?;
     let verify_merge_seconds = started.elapsed().as_secs_f64();
     let started = Instant::now();
     n.persist_folder(folder)?;
@@ -669,7 +667,7 @@ async fn sync_bench(items: usize, runs: usize) -> anyhow::Result<Value> {
             "relay_tcp_bytes_ratio": "feedmesh relay_tcp_bytes / bare relay_tcp_bytes (relayed only)",
             "write_seconds": "A signing and storing the N items (not part of the sync time)",
             "connect_seconds": "B's QUIC connection to A (not part of the sync time)",
-            "receive_floor": "B's work alone on the same items, no network: verify_merge_seconds = Replica::merge of the N items into a fresh signed replica (signature check, validation, merge, fingerprint); store_seconds = Node::persist_folder of them into a fresh redb"
+            "receive_floor": "B's work alone on the same items, no network: verify_merge_seconds = Replica::merge_all of the N items into a fresh signed replica (signature checks on transport::verify_threads() threads, then validation, merge, fingerprint); store_seconds = Node::persist_folder of them into a fresh redb"
         },
         "modes": results,
     }))
