@@ -28,7 +28,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use engine::directory::{FolderId, InviteState, MemberState, UserId};
 use engine::feedsync::{read_feed, write_feed, Dialect, Item};
 use engine::replica::Seq;
@@ -44,18 +44,49 @@ use crate::metrics::Reason;
 #[derive(Debug)]
 pub struct Guard {
     requests: std::sync::Mutex<Buckets<IpAddr>>,
+    trusted_proxies: Vec<IpAddr>,
 }
 
 impl Guard {
-    pub fn new(limits: &crate::Limits) -> Self {
+    pub fn new(limits: &crate::Limits, trusted_proxies: Vec<IpAddr>) -> Self {
         Self {
             requests: std::sync::Mutex::new(Buckets::new(
                 f64::from(limits.http_requests_per_second),
                 f64::from(limits.http_burst),
                 1 << 16,
             )),
+            trusted_proxies,
         }
     }
+}
+
+/// The address a request is limited by, put in the request's extensions by [`per_address`].
+#[derive(Clone, Copy, Debug)]
+struct Client(IpAddr);
+
+/// The client behind `peer`: `peer` itself unless it is a trusted proxy; then, walking
+/// `X-Forwarded-For` from the nearest hop back, the first address that is not a trusted proxy
+/// (proxies append the address they saw, so entries left of an untrusted one may be forged).
+/// An entry that does not parse ends the walk at the last good hop.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> IpAddr {
+    let mut client = peer;
+    if !trusted.contains(&client) {
+        return client;
+    }
+    let values: Vec<&str> =
+        headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+    for hop in values.iter().rev().flat_map(|v| v.rsplit(',')) {
+        match hop.trim().parse::<IpAddr>() {
+            Ok(ip) => {
+                client = ip;
+                if !trusted.contains(&ip) {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    client
 }
 
 fn too_many(app: &App, what: &str, status: StatusCode, retry_after: u64) -> Response {
@@ -70,11 +101,13 @@ fn too_many(app: &App, what: &str, status: StatusCode, retry_after: u64) -> Resp
 async fn per_address(
     State(app): State<App>,
     Peer(peer): Peer<SocketAddr>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
+    let client = client_ip(peer.ip(), req.headers(), &app.guard.trusted_proxies);
+    req.extensions_mut().insert(Client(client));
     let taken =
-        app.guard.requests.lock().unwrap_or_else(|e| e.into_inner()).take(&peer.ip(), transport::now_us());
+        app.guard.requests.lock().unwrap_or_else(|e| e.into_inner()).take(&client, transport::now_us());
     match taken {
         Ok(()) => next.run(req).await,
         Err(retry) => too_many(&app, "http-rate", StatusCode::TOO_MANY_REQUESTS, retry),
@@ -286,7 +319,7 @@ struct Login {
 
 async fn login(
     State(app): State<App>,
-    Peer(peer): Peer<SocketAddr>,
+    Extension(Client(client)): Extension<Client>,
     Json(body): Json<Login>,
 ) -> Result<Json<Value>, Response> {
     count(&app, "login");
@@ -294,7 +327,7 @@ async fn login(
     let user = app
         .cloud
         .clone()
-        .verify_password(body.account, body.password, format!("address:{}", peer.ip()))
+        .verify_password(body.account, body.password, format!("address:{client}"))
         .await
         .map_err(|e| match e {
             LoginError::RateLimited(retry) => {
@@ -664,4 +697,43 @@ pub fn parse_device(id: &str) -> Option<DeviceId> {
     let mut d = [0u8; 32];
     d.copy_from_slice(&bytes);
     Some(DeviceId(d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn forwarded(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append("x-forwarded-for", v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let proxies = [ip("10.0.0.1"), ip("10.0.0.2")];
+        let peer = ip("10.0.0.1");
+        let case = |peer: IpAddr, values: &[&str]| client_ip(peer, &forwarded(values), &proxies);
+        // An untrusted peer is itself, whatever it claims.
+        assert_eq!(case(ip("203.0.113.9"), &["198.51.100.1"]), ip("203.0.113.9"));
+        // A trusted proxy without the header: the proxy.
+        assert_eq!(case(peer, &[]), peer);
+        assert_eq!(case(peer, &["198.51.100.1"]), ip("198.51.100.1"));
+        // The nearest untrusted hop, not the leftmost (which the client may have forged).
+        assert_eq!(case(peer, &["6.6.6.6, 198.51.100.1"]), ip("198.51.100.1"));
+        // Through a second trusted proxy, and across repeated headers.
+        assert_eq!(case(peer, &["6.6.6.6, 198.51.100.1, 10.0.0.2"]), ip("198.51.100.1"));
+        assert_eq!(case(peer, &["6.6.6.6", "198.51.100.1"]), ip("198.51.100.1"));
+        assert_eq!(case(peer, &["2001:db8::7 , 10.0.0.2"]), ip("2001:db8::7"));
+        // Garbage ends the walk at the last hop that parsed.
+        assert_eq!(case(peer, &["198.51.100.1, nonsense"]), peer);
+        assert_eq!(case(peer, &["198.51.100.1, x, 10.0.0.2"]), ip("10.0.0.2"));
+        assert_eq!(case(peer, &["x, 198.51.100.1"]), ip("198.51.100.1"));
+    }
 }

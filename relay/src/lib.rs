@@ -57,6 +57,10 @@ pub struct Config {
     /// Never run QUIC address discovery (devices then punch holes only with the addresses they
     /// see on their own interfaces, which fails behind most NATs).
     pub no_qad: bool,
+    /// Reverse proxies in front of the HTTP API. A request whose TCP peer is one of them is
+    /// limited by the client address the proxies put in `X-Forwarded-For`; from anyone else
+    /// that header is ignored (it could be forged). Empty: every request is its TCP peer.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
     pub limits: Limits,
 }
 
@@ -75,6 +79,7 @@ impl Default for Config {
             admin_token: None,
             qad: None,
             no_qad: false,
+            trusted_proxies: Vec::new(),
             limits: Limits::default(),
         }
     }
@@ -298,7 +303,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         relay_url: relay_url.clone(),
         qad_addr,
         relay_clients,
-        guard: Arc::new(http::Guard::new(&cfg.limits)),
+        guard: Arc::new(http::Guard::new(&cfg.limits, cfg.trusted_proxies.clone())),
     });
     tasks.push(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await {

@@ -49,6 +49,9 @@ struct Args {
     /// Do not run QUIC address discovery (hole punching then rarely works behind NATs).
     #[arg(long, conflicts_with = "qad")]
     no_qad: bool,
+    /// A reverse proxy in front of the HTTP API whose X-Forwarded-For is believed (repeatable).
+    #[arg(long, value_name = "IP")]
+    trusted_proxy: Vec<std::net::IpAddr>,
     /// Log as JSON lines (default: human-readable).
     #[arg(long)]
     log_json: bool,
@@ -99,6 +102,9 @@ fn main() -> ExitCode {
     }
     if args.no_qad {
         cfg.no_qad = true;
+    }
+    if !args.trusted_proxy.is_empty() {
+        cfg.trusted_proxies = args.trusted_proxy;
     }
     if args.tls_cert.is_some() {
         cfg.tls_cert = args.tls_cert;

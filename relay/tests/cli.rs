@@ -11,9 +11,32 @@ fn help_names_the_settings() {
     let out = relay().arg("--help").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    for flag in ["--config", "--data-dir", "--http", "--relay", "--quic", "--tls-cert", "--tls-self-signed"] {
+    for flag in [
+        "--config",
+        "--data-dir",
+        "--http",
+        "--relay",
+        "--quic",
+        "--tls-cert",
+        "--tls-self-signed",
+        "--qad",
+        "--trusted-proxy",
+    ] {
         assert!(text.contains(flag), "{flag} missing from --help");
     }
+}
+
+#[test]
+fn the_documented_config_file_is_valid() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/deploy.md")).unwrap();
+    let start = doc.find("```toml\n").expect("docs/deploy.md has a TOML example") + "```toml\n".len();
+    let end = start + doc[start..].find("```").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, &doc[start..end]).unwrap();
+    let cfg = relay::Config::from_file(&path).unwrap();
+    assert_eq!(cfg.trusted_proxies, vec![std::net::IpAddr::from([127, 0, 0, 1])]);
+    assert_eq!(cfg.limits.tokens_per_account, 32);
 }
 
 #[test]

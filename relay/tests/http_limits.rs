@@ -231,3 +231,44 @@ fn pairing_requests_share_the_login_budget_of_the_account() {
         "refused for about 30 s"
     );
 }
+
+#[test]
+fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget() {
+    let limits = relay::Limits { http_requests_per_second: 1, http_burst: 2, ..Default::default() };
+    let health = |relay: &Relay, forwarded: &str| {
+        relay.rt.block_on(async {
+            let r = reqwest::Client::new()
+                .get(format!("{}/health", relay.url))
+                .header("x-forwarded-for", forwarded)
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        })
+    };
+    // The test's requests come from 127.0.0.1, here a trusted proxy.
+    let dir = tempfile::tempdir().unwrap();
+    let relay = {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let cfg = relay::Config {
+            limits: limits.clone(),
+            trusted_proxies: vec!["127.0.0.1".parse().unwrap()],
+            ..relay::Config::loopback(dir.path())
+        };
+        let running = rt.block_on(relay::start(cfg)).expect("relay starts");
+        let url = format!("http://{}", running.http_addr);
+        Relay { rt, running: Some(running), url, dir }
+    };
+    // Spending a whole burst, and more, as one client...
+    let statuses: Vec<u16> = (0..6).map(|_| health(&relay, "198.51.100.1")).collect();
+    assert!(statuses.contains(&429), "{statuses:?}");
+    // ...leaves another client's budget whole; a forged entry left of the real one is ignored.
+    assert_eq!(health(&relay, "198.51.100.1, 198.51.100.2"), 200);
+    assert_eq!(health(&relay, "198.51.100.1, 198.51.100.2"), 200);
+
+    // Without trusted proxies the header is ignored: varying it earns nothing.
+    let relay = Relay::start(limits);
+    let statuses: Vec<u16> = (0..6).map(|i| health(&relay, &format!("198.51.100.{i}"))).collect();
+    assert!(statuses.contains(&429), "{statuses:?}");
+}
