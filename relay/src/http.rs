@@ -127,7 +127,8 @@ pub struct App {
     pub cloud: Arc<Cloud>,
     pub endpoint: iroh::Endpoint,
     pub relay_url: iroh::RelayUrl,
-    pub qad_addr: Option<std::net::SocketAddr>,
+    /// The address discovery port devices are told.
+    pub qad_port: Option<u16>,
     pub relay_clients: Arc<AtomicI64>,
     pub guard: Arc<Guard>,
 }
@@ -179,7 +180,7 @@ pub fn connect_info(
     cloud: &Cloud,
     endpoint: &iroh::Endpoint,
     relay_url: &iroh::RelayUrl,
-    qad: Option<std::net::SocketAddr>,
+    qad_port: Option<u16>,
 ) -> ConnectInfo {
     let mut addrs: Vec<std::net::SocketAddr> = endpoint.addr().ip_addrs().copied().collect();
     if addrs.is_empty() {
@@ -196,12 +197,7 @@ pub fn connect_info(
             }
         })
         .collect();
-    ConnectInfo {
-        cloud: hex(&cloud.id.0),
-        relay_url: relay_url.to_string(),
-        addrs,
-        qad_port: qad.map(|a| a.port()),
-    }
+    ConnectInfo { cloud: hex(&cloud.id.0), relay_url: relay_url.to_string(), addrs, qad_port }
 }
 
 /// An API error.
@@ -308,7 +304,7 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
 
 async fn connect(State(app): State<App>) -> Json<ConnectInfo> {
     count(&app, "connect");
-    Json(connect_info(&app.cloud, &app.endpoint, &app.relay_url, app.qad_addr))
+    Json(connect_info(&app.cloud, &app.endpoint, &app.relay_url, app.qad_port))
 }
 
 #[derive(Deserialize)]

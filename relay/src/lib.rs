@@ -57,6 +57,9 @@ pub struct Config {
     /// Never run QUIC address discovery (devices then punch holes only with the addresses they
     /// see on their own interfaces, which fails behind most NATs).
     pub no_qad: bool,
+    /// The UDP port devices reach address discovery on, when a port forward or a load balancer
+    /// maps it to another one (default: the bound port).
+    pub public_qad_port: Option<u16>,
     /// Reverse proxies in front of the HTTP API. A request whose TCP peer is one of them is
     /// limited by the client address the proxies put in `X-Forwarded-For`; from anyone else
     /// that header is ignored (it could be forged). Empty: every request is its TCP peer.
@@ -79,6 +82,7 @@ impl Default for Config {
             admin_token: None,
             qad: None,
             no_qad: false,
+            public_qad_port: None,
             trusted_proxies: Vec::new(),
             limits: Limits::default(),
         }
@@ -115,6 +119,8 @@ pub struct Running {
     pub relay_url: iroh::RelayUrl,
     /// The bound QUIC address discovery address, when it runs.
     pub qad_addr: Option<SocketAddr>,
+    /// The address discovery port devices are told (`public_qad_port`, else the bound one).
+    pub qad_port: Option<u16>,
     pub endpoint: iroh::Endpoint,
     pub admin_token: String,
     relay_server: Option<iroh_relay::server::Server>,
@@ -124,7 +130,7 @@ pub struct Running {
 impl Running {
     /// What a node needs to reach this cloud.
     pub fn connect_info(&self) -> http::ConnectInfo {
-        http::connect_info(&self.cloud, &self.endpoint, &self.relay_url, self.qad_addr)
+        http::connect_info(&self.cloud, &self.endpoint, &self.relay_url, self.qad_port)
     }
 
     /// Stops every task and closes the endpoint.
@@ -236,6 +242,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         .await
         .context("starting the iroh relay server (and QUIC address discovery, when TLS is on)")?;
     let qad_addr = relay_server.quic_addr();
+    let qad_port = qad_addr.map(|a| cfg.public_qad_port.unwrap_or(a.port()));
     let bound = if https { relay_server.https_addr() } else { relay_server.http_addr() }
         .ok_or_else(|| anyhow::anyhow!("relay server has no address"))?;
     let relay_url: iroh::RelayUrl = match &cfg.public_relay_url {
@@ -248,7 +255,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         &key,
         &transport::EndpointOptions {
             relay: Some(relay_url.clone()),
-            relay_qad_port: qad_addr.map(|a| a.port()),
+            relay_qad_port: qad_port,
             bind: Some(cfg.quic),
             // The cloud endpoint reaches its own relay too: trust its self-signed certificate.
             relay_ca_pem: own_ca,
@@ -301,7 +308,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         cloud: cloud.clone(),
         endpoint: endpoint.clone(),
         relay_url: relay_url.clone(),
-        qad_addr,
+        qad_port,
         relay_clients,
         guard: Arc::new(http::Guard::new(&cfg.limits, cfg.trusted_proxies.clone())),
     });
@@ -316,6 +323,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         http_addr,
         relay_url,
         qad_addr,
+        qad_port,
         endpoint,
         admin_token,
         relay_server: Some(relay_server),

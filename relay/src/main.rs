@@ -49,6 +49,9 @@ struct Args {
     /// Do not run QUIC address discovery (hole punching then rarely works behind NATs).
     #[arg(long, conflicts_with = "qad")]
     no_qad: bool,
+    /// The address discovery port devices are told, when a port forward maps it.
+    #[arg(long, value_name = "PORT", conflicts_with = "no_qad")]
+    public_qad_port: Option<u16>,
     /// A reverse proxy in front of the HTTP API whose X-Forwarded-For is believed (repeatable).
     #[arg(long, value_name = "IP")]
     trusted_proxy: Vec<std::net::IpAddr>,
@@ -103,6 +106,9 @@ fn main() -> ExitCode {
     if args.no_qad {
         cfg.no_qad = true;
     }
+    if args.public_qad_port.is_some() {
+        cfg.public_qad_port = args.public_qad_port;
+    }
     if !args.trusted_proxy.is_empty() {
         cfg.trusted_proxies = args.trusted_proxy;
     }
@@ -132,6 +138,10 @@ fn main() -> ExitCode {
         println!("  cloud id:   {}", info.cloud);
         println!("  cloud UDP:  {}", info.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "));
         match running.qad_addr {
+            Some(a) if running.qad_port != Some(a.port()) => println!(
+                "  address discovery (QUIC): {a}, devices told port {}",
+                running.qad_port.unwrap_or_default()
+            ),
             Some(a) => println!("  address discovery (QUIC): {a}"),
             None => println!(
                 "  address discovery: off (it needs TLS; hole punching behind NATs will rarely work)"

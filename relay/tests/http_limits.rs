@@ -1,6 +1,7 @@
 //! The HTTP API's limits and tokens: a request budget per client address, login attempts per
 //! account and per address (refused before any argon2 work), oversize credentials, a cap on
-//! waiting long-polls, logout, token expiry, and tokens surviving a restart.
+//! waiting long-polls, logout, token expiry, tokens surviving a restart, trusted proxies, and the
+//! address discovery port devices are told.
 
 use std::time::Duration;
 
@@ -21,9 +22,14 @@ impl Relay {
     }
 
     fn start_in(dir: tempfile::TempDir, limits: relay::Limits) -> Self {
+        Self::start_with(dir, |cfg| cfg.limits = limits)
+    }
+
+    fn start_with(dir: tempfile::TempDir, change: impl FnOnce(&mut relay::Config)) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let cfg = relay::Config { limits, ..relay::Config::loopback(dir.path()) };
+        let mut cfg = relay::Config::loopback(dir.path());
+        change(&mut cfg);
         let running = rt.block_on(relay::start(cfg)).expect("relay starts");
         let url = format!("http://{}", running.http_addr);
         Self { rt, running: Some(running), url, dir }
@@ -247,19 +253,10 @@ fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget() {
         })
     };
     // The test's requests come from 127.0.0.1, here a trusted proxy.
-    let dir = tempfile::tempdir().unwrap();
-    let relay = {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let cfg = relay::Config {
-            limits: limits.clone(),
-            trusted_proxies: vec!["127.0.0.1".parse().unwrap()],
-            ..relay::Config::loopback(dir.path())
-        };
-        let running = rt.block_on(relay::start(cfg)).expect("relay starts");
-        let url = format!("http://{}", running.http_addr);
-        Relay { rt, running: Some(running), url, dir }
-    };
+    let relay = Relay::start_with(tempfile::tempdir().unwrap(), |cfg| {
+        cfg.limits = limits.clone();
+        cfg.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+    });
     // Spending a whole burst, and more, as one client...
     let statuses: Vec<u16> = (0..6).map(|_| health(&relay, "198.51.100.1")).collect();
     assert!(statuses.contains(&429), "{statuses:?}");
@@ -271,4 +268,18 @@ fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget() {
     let relay = Relay::start(limits);
     let statuses: Vec<u16> = (0..6).map(|i| health(&relay, &format!("198.51.100.{i}"))).collect();
     assert!(statuses.contains(&429), "{statuses:?}");
+}
+
+#[test]
+fn devices_are_told_the_public_address_discovery_port() {
+    let relay = Relay::start_with(tempfile::tempdir().unwrap(), |cfg| {
+        cfg.tls_self_signed = vec!["127.0.0.1".into()];
+        cfg.public_qad_port = Some(40_000);
+    });
+    let bound = relay.running().qad_addr.expect("address discovery runs with TLS").port();
+    assert_ne!(bound, 40_000);
+    assert_eq!(relay.running().connect_info().qad_port, Some(40_000));
+    let (status, _, info) = relay.send("GET", "/v1/connect", None, None);
+    assert_eq!(status, 200);
+    assert_eq!(info["qad_port"], 40_000, "{info}");
 }
