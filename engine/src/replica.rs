@@ -158,7 +158,8 @@ impl Replica {
     }
 
     /// Verifies a batch (see [`Replica::check_incoming_all`]) and, only if every item passes,
-    /// merges them in order. Returns how many changed the replica.
+    /// merges them in order. Returns how many changed the replica. A merge error (the feed is
+    /// full) stops there, keeping the items merged before it, as merging one by one would.
     pub fn merge_all(&mut self, items: &[Arc<Item>], threads: usize) -> Result<usize, FeedsyncError> {
         self.check_incoming_all(items, threads)?;
         let mut changed = 0;
