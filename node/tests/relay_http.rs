@@ -187,7 +187,12 @@ fn the_http_api_serves_what_the_devices_synced() {
                 .unwrap()
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
+    let cloud = relay.running.as_ref().unwrap().cloud.clone();
+    wait_for(
+        Duration::from_secs(30),
+        || cloud.metrics.render(0).contains("feedmesh_long_polls 1"),
+        "the relay to hold the poll",
+    );
     assert!(!poll.is_finished(), "the poll is held while nothing changes");
     a1.ok(&["put", "photos", "p4", "fourth"]);
     let events = relay.rt.block_on(poll).unwrap();
