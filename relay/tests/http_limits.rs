@@ -274,12 +274,12 @@ fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget() {
 fn devices_are_told_the_public_address_discovery_port() {
     let relay = Relay::start_with(tempfile::tempdir().unwrap(), |cfg| {
         cfg.tls_self_signed = vec!["127.0.0.1".into()];
-        cfg.public_qad_port = Some(40_000);
+        cfg.public_qad_port = Some(443);
     });
     let bound = relay.running().qad_addr.expect("address discovery runs with TLS").port();
-    assert_ne!(bound, 40_000);
-    assert_eq!(relay.running().connect_info().qad_port, Some(40_000));
+    assert_ne!(bound, 443, "port 0 never binds below 1024");
+    assert_eq!(relay.running().connect_info().qad_port, Some(443));
     let (status, _, info) = relay.send("GET", "/v1/connect", None, None);
     assert_eq!(status, 200);
-    assert_eq!(info["qad_port"], 40_000, "{info}");
+    assert_eq!(info["qad_port"], 443, "{info}");
 }
