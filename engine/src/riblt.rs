@@ -135,12 +135,33 @@ pub struct Difference {
     pub local: Vec<u64>,
 }
 
+/// Why a stream of coded symbols cannot be a set difference (only a hostile or broken peer sends
+/// one: an honest prefix decodes, or needs more symbols).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// An element was peeled a second time. With honest symbols a peeled element leaves every
+    /// symbol it belongs to, so it can never be pure again.
+    #[error("coded symbols peel element {0:#018x} twice")]
+    Repeated(u64),
+    /// More elements peeled than symbols received. Each peel empties the symbol it came from, and
+    /// an honest symbol that became empty stays empty, so a difference of `d` elements takes at
+    /// least `d` symbols.
+    #[error("coded symbols claim a difference larger than the {symbols} symbols received")]
+    TooLarge { symbols: u64 },
+}
+
 /// Peels the difference `remote - local` of two sets from a growing prefix of symbols.
+///
+/// Work is bounded by what was received: at most one peel per symbol (else
+/// [`DecodeError::TooLarge`]), each element peeled once (else [`DecodeError::Repeated`]), and a
+/// peel touches the `O(log m)` symbols of one element's mapping.
 #[derive(Clone, Debug, Default)]
 pub struct Decoder {
     /// remote symbols minus local symbols, with decoded elements peeled off.
     symbols: Vec<Symbol>,
     found: Difference,
+    /// Every element peeled so far, on either side.
+    peeled: std::collections::BTreeSet<u64>,
 }
 
 impl Decoder {
@@ -158,8 +179,9 @@ impl Decoder {
     }
 
     /// Adds the next remote symbols and the local ones for the same indices, peels, and says
-    /// whether the difference is fully decoded.
-    pub fn add(&mut self, remote: &[Symbol], local: &[Symbol]) -> bool {
+    /// whether the difference is fully decoded. An error means the symbols cannot come from two
+    /// sets; the decoder is then of no further use.
+    pub fn add(&mut self, remote: &[Symbol], local: &[Symbol]) -> Result<bool, DecodeError> {
         let from = self.len();
         for (r, l) in remote.iter().zip(local) {
             self.symbols.push(Symbol {
@@ -179,8 +201,11 @@ impl Decoder {
         self.peel()
     }
 
-    fn peel(&mut self) -> bool {
+    fn peel(&mut self) -> Result<bool, DecodeError> {
         let mut pending: Vec<usize> = (0..self.symbols.len()).collect();
+        // Bound: each iteration either skips a symbol or peels a new element; new elements are at
+        // most `symbols.len()` (checked below), and each peel pushes at most the O(log m) indices
+        // of its mapping.
         while let Some(i) = pending.pop() {
             let s = self.symbols[i];
             let sign = match s.count {
@@ -192,6 +217,12 @@ impl Decoder {
                 continue;
             }
             let x = s.sum;
+            if !self.peeled.insert(x) {
+                return Err(DecodeError::Repeated(x));
+            }
+            if self.peeled.len() > self.symbols.len() {
+                return Err(DecodeError::TooLarge { symbols: self.len() });
+            }
             if sign == 1 {
                 self.found.remote.push(x);
             } else {
@@ -212,7 +243,7 @@ impl Decoder {
                 pending.push(j as usize);
             }
         }
-        self.decoded()
+        Ok(self.decoded())
     }
 
     /// Every symbol is empty: the difference is what was found.
@@ -236,7 +267,7 @@ mod tests {
         let l = encode(local.iter().copied(), 0, max);
         let mut decoder = Decoder::new();
         for i in 0..max {
-            if decoder.add(&r[i..=i], &l[i..=i]) {
+            if decoder.add(&r[i..=i], &l[i..=i]).expect("honest symbols decode") {
                 break;
             }
         }
@@ -284,6 +315,51 @@ mod tests {
             streamed.extend(encoder.next_symbols(count));
         }
         assert_eq!(streamed, encode(set.iter().copied(), 0, 127));
+    }
+
+    /// The symbols of a 46-byte Hello an attacker sent (issue 11): symbol 0 holds `x` twice
+    /// (count 2) and symbol 1 holds it once, so peeling `x` from symbol 1 leaves symbol 0 pure
+    /// with `x` again, and the unbounded decoder appended `x` until memory ran out.
+    #[test]
+    fn an_element_pure_twice_is_refused_not_peeled_forever() {
+        let x = 0x1234_5678_9abc_def1u64;
+        let mut m = Mapping::new(x);
+        let indices: Vec<u64> = (0..4).map(|_| m.next_index()).collect();
+        assert_eq!(indices[0], 0);
+        let h = check_hash(x);
+        let mut remote = vec![Symbol::default(); indices[1] as usize + 1];
+        remote[0] = Symbol { sum: 0, check: 0, count: 2 };
+        remote[indices[1] as usize] = Symbol { sum: x, check: h, count: 1 };
+        let local = vec![Symbol::default(); remote.len()];
+        let mut decoder = Decoder::new();
+        let err = decoder.add(&remote, &local).unwrap_err();
+        assert!(matches!(err, DecodeError::Repeated(_) | DecodeError::TooLarge { .. }), "{err}");
+        assert!(decoder.difference().remote.len() + decoder.difference().local.len() <= remote.len());
+    }
+
+    /// Whatever symbols arrive, peeling ends with at most one element per symbol.
+    #[test]
+    fn arbitrary_symbols_peel_at_most_one_element_per_symbol() {
+        let mut state = 7u64;
+        for round in 0..2_000u64 {
+            let len = 1 + (round % 40) as usize;
+            let mut remote = Vec::with_capacity(len);
+            for _ in 0..len {
+                state = mix(state);
+                let pick = mix(state ^ 1) % 4;
+                let sum = if pick == 0 { 0 } else { mix(state % 3) };
+                remote.push(Symbol {
+                    sum,
+                    check: if state % 5 == 0 { 0 } else { check_hash(sum) },
+                    count: (state % 7) as i64 - 3,
+                });
+            }
+            let local = vec![Symbol::default(); len];
+            let mut decoder = Decoder::new();
+            let _ = decoder.add(&remote, &local);
+            let d = decoder.difference();
+            assert!(d.remote.len() + d.local.len() <= len, "round {round}");
+        }
     }
 
     #[test]

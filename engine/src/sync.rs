@@ -86,6 +86,9 @@ pub enum SyncError {
     Aborted(String),
     #[error("reconciliation needs more than {0} coded symbols")]
     TooManySymbols(u64),
+    /// The peer's coded symbols cannot be a set difference.
+    #[error("bad coded symbols: {0}")]
+    Symbols(#[from] riblt::DecodeError),
     #[error(transparent)]
     Wire(#[from] WireError),
     /// An authorized session was refused (by this side or the peer), with the reason.
@@ -571,7 +574,7 @@ impl Session {
         }
         let remote: Vec<Symbol> = symbols.iter().map(|s| Symbol::from(*s)).collect();
         let local = self.encoder.next_symbols(remote.len());
-        let decoded = !remote.is_empty() && self.decoder.add(&remote, &local);
+        let decoded = !remote.is_empty() && self.decoder.add(&remote, &local)?;
         if !decoded {
             // Double while small, then grow by half: the stream is never wasted, but what is sent
             // past the decoding point is.

@@ -391,3 +391,24 @@ mod adversary {
         }
     }
 }
+
+/// Issue 11, defect 1: a (reportedly 46-byte) Hello whose two coded symbols make one element pure twice.
+/// Before the fix the responder's decoder appended that element until the allocator failed (a
+/// relay served it under its global lock). Now the session fails at once with a typed error.
+#[test]
+fn a_hello_with_self_repeating_symbols_is_refused() {
+    let hex = "0201000001010101000000000000000000020100000000000000608d2b490200000000000000000000000000";
+    let mut bytes: Vec<u8> =
+        (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+    // The report calls it a 46-byte Hello; the hex it gives is the 44-byte engine message.
+    assert_eq!(bytes.len(), 44);
+    // Recorded at wire version 2; the message is otherwise unchanged since.
+    assert_eq!(bytes[0], 2);
+    bytes[0] = engine::wire::WIRE_VERSION;
+    let mut replica = Replica::new(1);
+    let id = Session::session_of(&bytes, Config::default().max_message_bytes).expect("the Hello decodes");
+    let mut session = Session::respond(id, &replica, Config::default());
+    let err = session.handle_message(0, &mut replica, &bytes).expect_err("refused");
+    assert!(matches!(err, engine::sync::SyncError::Symbols(_)), "{err}");
+    assert!(replica.is_empty());
+}
