@@ -2,7 +2,7 @@
 //! encoding), and one sync session between signed replicas (every received version verified)
 //! beside the same session unsigned. n = 10^4 shared items, d in {1, 100} one-sided differences.
 
-use benches::sync_workload::{device_key, diverge, diverge_signed, replica, replica_signed, session};
+use benches::sync_workload::{device_key, diverge, diverge_signed, replica, replica_signed, session, SCOPE};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use engine::signing::{sign_version, verify_version};
 use engine::sync::Retained;
@@ -14,10 +14,10 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("signing/version");
     group.throughput(Throughput::Elements(versions.len() as u64));
     group.bench_function("sign", |b| {
-        b.iter(|| versions.iter().map(|v| sign_version(v, &key).bytes()[0] as u64).sum::<u64>())
+        b.iter(|| versions.iter().map(|v| sign_version(v, &SCOPE, &key).bytes()[0] as u64).sum::<u64>())
     });
     group.bench_function("verify", |b| {
-        b.iter(|| versions.iter().filter(|v| verify_version(v).is_ok()).count())
+        b.iter(|| versions.iter().filter(|v| verify_version(v, &SCOPE).is_ok()).count())
     });
     // The part of a verification that a per-device key cache would save.
     let device = engine::signing::DeviceId::of(&key);

@@ -49,9 +49,12 @@ pub fn device_key(seed: u8) -> engine::signing::DeviceKey {
     engine::signing::DeviceKey::from_bytes(&[seed; 32])
 }
 
-/// A signed replica of `n` items `item-0 ..`, every version signed by `key`.
+/// The folder every benchmark's signed versions belong to.
+pub const SCOPE: engine::signing::FeedScope = engine::signing::FeedScope([7; 16]);
+
+/// A signed replica of `n` items `item-0 ..`, every version signed by `key` for [`SCOPE`].
 pub fn replica_signed(n: usize, key: &engine::signing::DeviceKey) -> Replica {
-    let mut r = Replica::new_signed(0);
+    let mut r = Replica::new_signed(0, SCOPE);
     let when = When::from_unix_secs(1_600_000_000).expect("in range");
     for i in 0..n {
         let id = ItemId::new(&format!("item-{i}")).expect("generated ids are valid");

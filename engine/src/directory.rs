@@ -80,6 +80,13 @@ macro_rules! short_debug {
 }
 short_debug!(UserId, "user");
 short_debug!(FolderId, "folder");
+
+impl FolderId {
+    /// What version signatures of this folder's feed are bound to.
+    pub fn scope(&self) -> crate::signing::FeedScope {
+        crate::signing::FeedScope(self.0)
+    }
+}
 short_debug!(InviteId, "invite");
 short_debug!(ChangeId, "change");
 

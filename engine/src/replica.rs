@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::collections::BTreeSet;
 
 use crate::feedsync::{self, Edit, Endpoint, FeedsyncError, Item, ItemId, MergeOutcome, When};
-use crate::signing::{self, DeviceId, DeviceKey, SignatureError};
+use crate::signing::{self, DeviceId, DeviceKey, FeedScope, SignatureError};
 
 /// A 64-bit fingerprint of an item's whole state (id, winner, conflicts).
 pub type Fingerprint = u64;
@@ -80,6 +80,10 @@ pub struct Replica {
     by_fp: BTreeMap<Fingerprint, ItemId>,
     digest: u64,
     signing: Signing,
+    /// What this replica's signatures are bound to (see [`FeedScope`]).
+    scope: Option<FeedScope>,
+    /// Signatures a driver checked before handing in a message (see [`Replica::set_verified`]).
+    verified: signing::Verified,
 }
 
 /// Whether a replica requires signed versions.
@@ -87,7 +91,8 @@ pub struct Replica {
 pub enum Signing {
     /// Plain FeedSync: signatures are carried along, never required or checked.
     Off,
-    /// Every received version must carry a valid signature; with `signers`, by one of them.
+    /// Every received version must carry a valid signature for the replica's scope (its folder);
+    /// with `signers`, by one of them.
     On { signers: Option<Arc<BTreeSet<DeviceId>>> },
 }
 
@@ -102,12 +107,27 @@ impl Replica {
             by_fp: BTreeMap::new(),
             digest: 0,
             signing: Signing::Off,
+            scope: None,
+            verified: signing::Verified::default(),
         }
     }
 
-    /// An empty signed replica in `epoch`: local changes are signed, received versions verified.
-    pub fn new_signed(epoch: u64) -> Self {
-        Self { signing: Signing::On { signers: None }, ..Self::new(epoch) }
+    /// An empty signed replica of the feed `scope` in `epoch`: local changes are signed for
+    /// `scope`, received versions verified against it (a version signed for another folder is
+    /// refused).
+    pub fn new_signed(epoch: u64, scope: FeedScope) -> Self {
+        Self { signing: Signing::On { signers: None }, scope: Some(scope), ..Self::new(epoch) }
+    }
+
+    /// An unsigned replica that still signs its own changes ([`Replica::change_signed`]) for
+    /// `scope` (a test or simulated adversary that keeps whatever it is sent).
+    pub fn scoped(self, scope: FeedScope) -> Self {
+        Self { scope: Some(scope), ..self }
+    }
+
+    /// The folder whose feed this replica holds, if it signs or verifies.
+    pub fn scope(&self) -> Option<FeedScope> {
+        self.scope
     }
 
     pub fn signing(&self) -> &Signing {
@@ -122,14 +142,31 @@ impl Replica {
         }
     }
 
+    /// The devices whose versions a signed replica accepts (`None`: any, or not signed).
+    pub fn signers(&self) -> Option<Arc<BTreeSet<DeviceId>>> {
+        match &self.signing {
+            Signing::On { signers } => signers.clone(),
+            Signing::Off => None,
+        }
+    }
+
+    /// Signatures checked ahead of the next merges, outside whatever lock guards this replica
+    /// ([`signing::Verified::check`]); they replace the previous set. Only valid signatures are
+    /// in it, so it changes no outcome, only where the work is done.
+    pub fn set_verified(&mut self, verified: signing::Verified) {
+        self.verified = verified;
+    }
+
     /// Checks an incoming item against this replica's signing mode (nothing to check when
     /// unsigned). Versions this replica already holds with the same signature are not checked again.
     pub fn check_incoming(&self, item: &Item) -> Result<(), SignatureError> {
         match &self.signing {
             Signing::Off => Ok(()),
             Signing::On { signers } => {
+                // `new_signed` is the only way into signed mode, and it sets the scope.
+                let scope = self.scope.as_ref().ok_or(SignatureError::NoScope)?;
                 let known = self.item(item.id()).map(|i| i.as_ref());
-                signing::verify_item(item, known, signers.as_deref())
+                signing::verify_item(item, known, scope, signers.as_deref(), &self.verified)
             }
         }
     }
@@ -267,8 +304,9 @@ impl Replica {
         self.change_inner(id, by, when, edit, None)
     }
 
-    /// A local change signed by `key` (the endpoint is the key's device id, see
-    /// [`DeviceId::endpoint`]). Works in both modes; an unsigned replica keeps the signature too.
+    /// A local change signed by `key` for the replica's scope (the endpoint is the key's device
+    /// id, see [`DeviceId::endpoint`]). Works in both modes; an unsigned replica needs a scope
+    /// ([`Replica::scoped`]) and keeps the signature too.
     pub fn change_signed(
         &mut self,
         id: &ItemId,
@@ -296,8 +334,9 @@ impl Replica {
             return Err(FeedsyncError::TooManyItems);
         }
         if let Some(key) = key {
+            let scope = self.scope.as_ref().ok_or(SignatureError::NoScope)?;
             // Only the new winner is new; the conflicts keep the signatures they came with.
-            next.version.signature = Some(signing::sign_version(&next.version, key));
+            next.version.signature = Some(signing::sign_version(&next.version, scope, key));
         }
         Ok(self.store(Arc::new(next), true))
     }

@@ -3,6 +3,12 @@
 //! carries the signature of the device named in its topmost history entry over
 //! `VERSION_SIGNATURE_DOMAIN || canonical encoding` (`feedsync::canonical`).
 //!
+//! The signed bytes also name the feed (the folder) the version belongs to ([`FeedScope`]), so a
+//! version signed for one folder cannot be replayed into another: before signature version 2 a
+//! member of two folders could post one folder's versions (a tombstone, say) into the other
+//! under their author's name (issue 11). Version 1 signatures no longer verify; stores written
+//! with them are repaired on open (`transport::store`, schema 4, and [`migrate_signatures`]).
+//!
 //! Keys come from the caller (`SigningKey::from_bytes(seed)`): the engine never draws randomness.
 //! Verification is `verify_strict` (no small-order keys, canonical `S`), so a signature cannot be
 //! malleated into a second valid one by anyone but the key holder.
@@ -18,8 +24,22 @@ use crate::feedsync::{encode_version_into, Endpoint, Item, ItemId, Version};
 
 pub use ed25519_dalek::SigningKey as DeviceKey;
 
-/// What every version signature covers before the canonical encoding (domain separation).
-pub const VERSION_SIGNATURE_DOMAIN: &[u8] = b"feedmesh/version-signature/v1\0";
+/// What every version signature covers first (domain separation); then the [`FeedScope`], then
+/// the canonical encoding. Version 2: version 1 had no scope.
+pub const VERSION_SIGNATURE_DOMAIN: &[u8] = b"feedmesh/version-signature/v2\0";
+
+/// What a version signature is bound to besides the version itself: the folder whose feed the
+/// version belongs to (its 16-byte id). Everything else that gives a version its meaning (item
+/// id, content, history, flags) is in the canonical encoding; a folder id names its deployment
+/// too, since it is derived from a signed directory change.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct FeedScope(pub [u8; 16]);
+
+impl fmt::Debug for FeedScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "scope:{}", hex(&self.0[..6]))
+    }
+}
 
 /// A device id: its ed25519 public key (32 bytes).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -164,21 +184,25 @@ pub enum SignatureError {
     NotAllowed { id: ItemId, device: DeviceId },
     #[error("a signed replica makes only signed local changes")]
     LocalUnsigned,
+    #[error("the replica has no folder scope to sign or verify versions for")]
+    NoScope,
 }
 
-fn version_message(version: &Version) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(128 + version.content.inner.len());
+fn version_message(version: &Version, scope: &FeedScope) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(144 + version.content.inner.len());
+    bytes.extend_from_slice(&scope.0);
     encode_version_into(version, &mut bytes);
     bytes
 }
 
-/// The signature of `version` by `key` (the caller makes sure `key` is the topmost `by`).
-pub fn sign_version(version: &Version, key: &SigningKey) -> VersionSignature {
-    VersionSignature(Arc::new(sign(key, VERSION_SIGNATURE_DOMAIN, &version_message(version))))
+/// The signature of `version` in the feed `scope` by `key` (the caller makes sure `key` is the
+/// topmost `by`).
+pub fn sign_version(version: &Version, scope: &FeedScope, key: &SigningKey) -> VersionSignature {
+    VersionSignature(Arc::new(sign(key, VERSION_SIGNATURE_DOMAIN, &version_message(version, scope))))
 }
 
-/// Checks a version's signature; returns the signing device.
-pub fn verify_version(version: &Version) -> Result<DeviceId, SignatureError> {
+/// Checks a version's signature for the feed `scope`; returns the signing device.
+pub fn verify_version(version: &Version, scope: &FeedScope) -> Result<DeviceId, SignatureError> {
     let device = version
         .topmost()
         .by
@@ -187,17 +211,130 @@ pub fn verify_version(version: &Version) -> Result<DeviceId, SignatureError> {
         .ok_or_else(|| SignatureError::NoSigner { id: version.id.clone() })?;
     let signature =
         version.signature.as_ref().ok_or_else(|| SignatureError::Missing { id: version.id.clone() })?;
-    device.verify(VERSION_SIGNATURE_DOMAIN, &version_message(version), &signature.0)?;
+    device.verify(VERSION_SIGNATURE_DOMAIN, &version_message(version, scope), &signature.0)?;
     Ok(device)
 }
 
+/// Repairs an item read from a store written before signature version 2 (the store itself is
+/// trusted: what is in it was verified when it arrived). Versions that verify for `scope` are
+/// kept; versions `key` authored are signed again for `scope`; versions of other authors cannot
+/// be, so they are dropped: a conflict from the item, and an item whose winner it is, whole
+/// (`None`). They come back, signed anew, in their authors' next sessions. A cloud passes no key
+/// and keeps only what verifies.
+pub fn migrate_signatures(item: &Item, scope: &FeedScope, key: Option<&SigningKey>) -> Option<Item> {
+    let me = key.map(DeviceId::of);
+    let keep = |version: &Version| -> Option<Version> {
+        if verify_version(version, scope).is_ok() {
+            return Some(version.clone());
+        }
+        let author = version.topmost().by.as_ref().and_then(DeviceId::from_endpoint)?;
+        let key = key.filter(|_| me == Some(author))?;
+        let mut signed = version.clone();
+        signed.signature = Some(sign_version(version, scope, key));
+        Some(signed)
+    };
+    let mut out = item.clone();
+    out.version = keep(&item.version)?;
+    out.conflicts = item.conflicts.iter().filter_map(keep).collect();
+    Some(out)
+}
+
+/// Signatures found valid ahead of a merge: a driver checks a message's versions before it takes
+/// the lock its replica is under ([`Verified::check`]), hands the result to the replica
+/// (`Replica::set_verified`), and the merge under the lock then looks the versions up instead of
+/// verifying them again. An entry is the BLAKE3 hash of everything a check covers (domain, scope,
+/// canonical encoding, signature), so it vouches for exactly that signature on exactly that
+/// version in that folder; whether the signer may write the folder is still checked at merge.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Verified {
+    /// Shared: a driver hands one set to a replica several times (chunked merges).
+    checked: Arc<BTreeSet<[u8; 32]>>,
+}
+
+/// The key of a valid signature in [`Verified`].
+fn verified_key(version: &Version, scope: &FeedScope, signature: &Sig64) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(VERSION_SIGNATURE_DOMAIN);
+    hasher.update(&version_message(version, scope));
+    hasher.update(&signature.0);
+    *hasher.finalize().as_bytes()
+}
+
+impl Verified {
+    /// Verifies the versions of `items` (winners and conflicts) for `scope`, on up to `threads`
+    /// threads. With `signers`, versions by any other device are not verified (they will be
+    /// refused at merge anyway). Stops at the first invalid signature: a message with one is
+    /// refused whole, so checking the rest would be wasted work an attacker chose.
+    pub fn check(
+        items: &[Item],
+        scope: &FeedScope,
+        signers: Option<&BTreeSet<DeviceId>>,
+        threads: usize,
+    ) -> Self {
+        /// Below this many items per thread, spawning costs more than it saves.
+        const PER_THREAD_MIN: usize = 32;
+        let check = |chunk: &[Item]| {
+            let mut out = BTreeSet::new();
+            for version in chunk.iter().flat_map(|i| std::iter::once(&i.version).chain(i.conflicts.iter())) {
+                let (Some(signature), Some(device)) =
+                    (&version.signature, version.topmost().by.as_ref().and_then(DeviceId::from_endpoint))
+                else {
+                    continue;
+                };
+                if signers.is_some_and(|s| !s.contains(&device)) {
+                    continue;
+                }
+                if verify_version(version, scope).is_err() {
+                    break;
+                }
+                out.insert(verified_key(version, scope, &signature.0));
+            }
+            out
+        };
+        let threads = threads.min(items.len() / PER_THREAD_MIN).max(1);
+        let checked = if threads == 1 {
+            check(items)
+        } else {
+            let chunks = items.chunks(items.len().div_ceil(threads));
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = chunks.map(|chunk| scope.spawn(move || check(chunk))).collect();
+                let mut all = BTreeSet::new();
+                for h in handles {
+                    all.extend(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+                }
+                all
+            })
+        };
+        Self { checked: Arc::new(checked) }
+    }
+
+    /// How many valid signatures are held.
+    pub fn len(&self) -> usize {
+        self.checked.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.checked.is_empty()
+    }
+
+    fn contains(&self, version: &Version, scope: &FeedScope) -> bool {
+        !self.checked.is_empty()
+            && version
+                .signature
+                .as_ref()
+                .is_some_and(|s| self.checked.contains(&verified_key(version, scope, &s.0)))
+    }
+}
+
 /// Checks every version of `item` (winner and conflicts), skipping those equal (with the same
-/// signature) to a version of `known`, which were checked when they arrived. With `signers`,
-/// each signing device must be in the set.
+/// signature) to a version of `known`, which were checked when they arrived, and those in
+/// `verified`. With `signers`, each signing device must be in the set.
 pub fn verify_item(
     item: &Item,
     known: Option<&Item>,
+    scope: &FeedScope,
     signers: Option<&BTreeSet<DeviceId>>,
+    verified: &Verified,
 ) -> Result<(), SignatureError> {
     for version in std::iter::once(&item.version).chain(item.conflicts.iter()) {
         let seen = known.is_some_and(|k| {
@@ -208,7 +345,16 @@ pub fn verify_item(
         if seen {
             continue;
         }
-        let device = verify_version(version)?;
+        let device = if verified.contains(version, scope) {
+            version
+                .topmost()
+                .by
+                .as_ref()
+                .and_then(DeviceId::from_endpoint)
+                .ok_or_else(|| SignatureError::NoSigner { id: version.id.clone() })?
+        } else {
+            verify_version(version, scope)?
+        };
         if signers.is_some_and(|s| !s.contains(&device)) {
             return Err(SignatureError::NotAllowed { id: version.id.clone(), device });
         }

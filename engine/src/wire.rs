@@ -10,8 +10,10 @@ use crate::feedsync::{self, Content, Endpoint, HistoryEntry, Item, ItemId, NsSco
 use crate::riblt::Symbol;
 
 /// The wire format version this engine speaks (2: versions carry an optional signature; pushes
-/// announce relayed changes by fingerprint; directory catch-up and refusal bodies).
-pub const WIRE_VERSION: u8 = 2;
+/// announce relayed changes by fingerprint; directory catch-up and refusal bodies. 3: version
+/// signatures are bound to the folder, `signing::VERSION_SIGNATURE_DOMAIN` v2, so a version 2
+/// peer's signatures would not verify; it is refused by version instead).
+pub const WIRE_VERSION: u8 = 3;
 
 /// Errors decoding a message. A peer's bytes produce these, never a panic.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -190,6 +192,15 @@ impl Body {
             Body::DirSync { .. } => "DirSync",
             Body::DirDone { .. } => "DirDone",
             Body::Refused { .. } => "Refused",
+        }
+    }
+
+    /// The items the message carries (empty for bodies that carry none).
+    pub fn items(&self) -> &[WireItem] {
+        match self {
+            Body::Hello { push: Some(push), .. } => &push.items,
+            Body::Changes { items, .. } | Body::Diff { items, .. } | Body::Items { items, .. } => items,
+            _ => &[],
         }
     }
 }

@@ -272,7 +272,7 @@ fn invitations_decline_cancel_and_resend() {
 // ---------------------------------------------------------------- sessions
 
 fn signed_replica(w: &World, items: &[(&str, &str)]) -> Replica {
-    let mut r = Replica::new_signed(1);
+    let mut r = Replica::new_signed(1, w.folder.scope());
     for (i, (id, by)) in items.iter().enumerate() {
         r.change_signed(&ItemId::new(id).unwrap(), w.key(by), &when(i as i64), &edit(id)).unwrap();
     }
@@ -304,8 +304,11 @@ fn removed_member_gets_no_later_change() {
     let mut w = World::new();
     let bob = UserId::of_first_device(w.device("b1"));
     let (mut d_a1, mut d_a2, mut d_b1) = (w.dir.clone(), w.dir.clone(), w.dir.clone());
-    let (mut r_a1, mut r_a2, mut r_b1) =
-        (signed_replica(&w, &[("x", "a1")]), Replica::new_signed(2), Replica::new_signed(3));
+    let (mut r_a1, mut r_a2, mut r_b1) = (
+        signed_replica(&w, &[("x", "a1")]),
+        Replica::new_signed(2, w.folder.scope()),
+        Replica::new_signed(3, w.folder.scope()),
+    );
     let tickets = [w.policy("a1", T0), w.policy("a2", T0), w.policy("b1", T0)];
     let ch = |w: &World, n| ChannelKey::from(w.device(n));
     // Alice (a1) removes Bob and writes a later change.
@@ -367,7 +370,7 @@ fn removed_member_gets_no_later_change() {
 fn replayed_ticket_from_another_device_fails() {
     let mut w = World::new();
     let (mut da, mut dc) = (w.dir.clone(), w.dir.clone());
-    let (mut ra, mut rc) = (signed_replica(&w, &[("x", "a1")]), Replica::new_signed(4));
+    let (mut ra, mut rc) = (signed_replica(&w, &[("x", "a1")]), Replica::new_signed(4, w.folder.scope()));
     // Carol's device c1 presents b1's ticket over its own channel.
     let stolen = w.policy("b1", T0);
     let pa = w.policy("a1", T0);
@@ -398,7 +401,7 @@ fn cloud_injected_device_is_refused() {
     );
     let policy = Policy::Directory(Box::new(Credentials { device: evil_id, ticket, cloud: w.cloud.id() }));
     let (mut da, mut de) = (w.dir.clone(), w.dir.clone());
-    let (mut ra, mut re) = (signed_replica(&w, &[("x", "a1")]), Replica::new_signed(5));
+    let (mut ra, mut re) = (signed_replica(&w, &[("x", "a1")]), Replica::new_signed(5, w.folder.scope()));
     let pa = w.policy("a1", T0);
     let before = ra.digest();
     let ran = run(
@@ -449,7 +452,7 @@ fn malicious_initiator_is_refused_by_the_responder() {
 fn expired_ticket_is_refused_with_a_reason() {
     let mut w = World::new();
     let (mut da, mut db) = (w.dir.clone(), w.dir.clone());
-    let (mut ra, mut rb) = (signed_replica(&w, &[("x", "a1")]), Replica::new_signed(6));
+    let (mut ra, mut rb) = (signed_replica(&w, &[("x", "a1")]), Replica::new_signed(6, w.folder.scope()));
     let (pa, pb) = (w.policy("a1", T0), w.policy("b1", T0));
     let expiry = T0 + engine::ticket::TICKET_LIFETIME_US;
     // Just within the allowance: works.
@@ -467,6 +470,52 @@ fn expired_ticket_is_refused_with_a_reason() {
         expiry + TICKET_SKEW_US,
     );
     assert!(matches!(refusal(&late.responder), Some(Refusal::Ticket(TicketError::Expired { .. }))));
+}
+
+/// Issue 11, defect 2: a member of two folders replays one folder's signed versions into the
+/// other. Bob (b1) is a member of F and of G; Alice's tombstone of item "x" in F would delete G's
+/// "x" under her name, and G's private "secret" must not reach F. Signatures name the folder, so
+/// both are refused whole by the honest side.
+#[test]
+fn a_version_signed_for_one_folder_is_refused_in_another() {
+    let mut w = World::new();
+    let bob = UserId::of_first_device(w.device("b1"));
+    let a1 = w.key("a1").clone();
+    let g = w.dir.make(&a1, 20, Op::CreateFolder { name: "other".into() }).unwrap().folder_id();
+    let invite = w.dir.make(&a1, 21, Op::Invite { folder: g, invitee: bob, role: Role::Member }).unwrap();
+    let b1 = w.key("b1").clone();
+    w.dir.make(&b1, 22, Op::Accept { invitation: invite.invite_id() }).unwrap();
+    for k in [&a1, &b1] {
+        w.dir.make(k, 23, Op::Map { folder: g }).unwrap();
+    }
+    // G holds "x" (Alice's) on a1; F holds Alice's tombstone of an "x" of its own.
+    let mut ra_g = Replica::new_signed(1, g.scope());
+    ra_g.change_signed(&ItemId::new("x").unwrap(), &a1, &when(1), &edit("x in G")).unwrap();
+    let mut in_f = signed_replica(&w, &[("x", "a1")]);
+    let tombstone = Edit { delete: true, ..Edit::default() };
+    in_f.change_signed(&ItemId::new("x").unwrap(), &a1, &when(50), &tombstone).unwrap();
+    // Bob's (compromised) device puts F's tombstone into what it serves for G.
+    let mut rb = Replica::new(7).scoped(g.scope());
+    rb.merge(in_f.item(&ItemId::new("x").unwrap()).unwrap()).unwrap();
+    let before = ra_g.digest();
+    let (mut da, mut db) = (w.dir.clone(), w.dir.clone());
+    let (pa, pb) = (w.policy("a1", T0), w.policy("b1", T0));
+    let ran = run(
+        Side { dir: &mut db, replica: &mut rb, policy: pb, channel: w.device("b1").into() },
+        Side { dir: &mut da, replica: &mut ra_g, policy: pa, channel: w.device("a1").into() },
+        g,
+        T0 + 1,
+    );
+    assert!(
+        matches!(ran.responder, Outcome::Failed(SyncError::Signature(SignatureError::Invalid { .. }))),
+        "{:?}",
+        ran.responder
+    );
+    assert_eq!(ra_g.digest(), before, "G's item kept");
+    assert!(!ra_g.item(&ItemId::new("x").unwrap()).unwrap().version.deleted);
+    // The same tombstone in its own folder verifies.
+    let fresh_f = Replica::new_signed(9, w.folder.scope());
+    assert!(fresh_f.check_incoming(in_f.item(&ItemId::new("x").unwrap()).unwrap()).is_ok());
 }
 
 /// Threat model: a forged or altered version is refused whole by a signed replica, in a session.
@@ -625,7 +674,7 @@ fn signatures_round_trip_through_feedsync_xml() {
     let xml = write_feed(&feed);
     assert!(xml.contains("<fms:signature xmlns:fms=\"urn:feedmesh:signature:1\">"));
     let back = read_feed(xml.as_bytes()).unwrap();
-    let mut fresh = Replica::new_signed(9);
+    let mut fresh = Replica::new_signed(9, w.folder.scope());
     for item in back.items() {
         assert!(item.version.signature.is_some());
         fresh.merge(&Arc::new(item.clone())).unwrap();
@@ -634,7 +683,7 @@ fn signatures_round_trip_through_feedsync_xml() {
     assert_eq!(write_feed(&back), xml);
     // Altering the title in the XML breaks the signature.
     let altered = read_feed(xml.replacen("<title>x</title>", "<title>X</title>", 1).as_bytes()).unwrap();
-    let mut fresh = Replica::new_signed(9);
+    let mut fresh = Replica::new_signed(9, w.folder.scope());
     let bad = altered.items().map(|i| fresh.merge(&Arc::new(i.clone()))).filter(|r| r.is_err()).count();
     assert_eq!(bad, 1);
     // A bad signature element is a typed problem, not a panic.
@@ -644,7 +693,7 @@ fn signatures_round_trip_through_feedsync_xml() {
 
 #[test]
 fn signed_replicas_refuse_unsigned_local_changes() {
-    let mut r = Replica::new_signed(1);
+    let mut r = Replica::new_signed(1, engine::signing::FeedScope([3; 16]));
     let err = r
         .change(
             &ItemId::new("x").unwrap(),
@@ -680,7 +729,7 @@ fn the_cloud_syncs_with_devices_that_hold_the_folder() {
     let mut a1_dir = w.dir.clone();
     let mut cloud_dir = w.dir.clone();
     let mut a1_rep = signed_replica(&w, &[("x", "a1")]);
-    let mut cloud_rep = Replica::new_signed(2);
+    let mut cloud_rep = Replica::new_signed(2, w.folder.scope());
     let (pa1, pc) = (w.policy("a1", T0), cloud_policy(&mut w, T0));
     let ran = run(
         Side { dir: &mut a1_dir, replica: &mut a1_rep, policy: pa1, channel: w.device("a1").into() },
@@ -692,7 +741,7 @@ fn the_cloud_syncs_with_devices_that_hold_the_folder() {
     assert_eq!(cloud_rep.digest(), a1_rep.digest());
     // The cloud initiates towards b1 (a member), which gets a1's signed version.
     let mut b1_dir = w.dir.clone();
-    let mut b1_rep = Replica::new_signed(3);
+    let mut b1_rep = Replica::new_signed(3, w.folder.scope());
     let (pc, pb1) = (cloud_policy(&mut w, T0), w.policy("b1", T0));
     let ran = run(
         Side { dir: &mut cloud_dir, replica: &mut cloud_rep, policy: pc, channel: cloud_id.into() },
@@ -714,7 +763,7 @@ fn the_cloud_syncs_with_devices_that_hold_the_folder() {
     let pc1 =
         Policy::Directory(Box::new(Credentials { device: w.device("c1"), ticket, cloud: w.cloud.id() }));
     let mut c1_dir = w.dir.clone();
-    let mut c1_rep = Replica::new_signed(4);
+    let mut c1_rep = Replica::new_signed(4, w.folder.scope());
     let pc = cloud_policy(&mut w, T0);
     let ran = run(
         Side { dir: &mut c1_dir, replica: &mut c1_rep, policy: pc1, channel: w.device("c1").into() },
@@ -752,7 +801,7 @@ fn batch_verification_does_not_depend_on_the_thread_count() {
         bad[at] = Arc::new(item);
     }
     for threads in [1, 2, 3, 7, 64] {
-        let mut fresh = Replica::new_signed(10);
+        let mut fresh = Replica::new_signed(10, w.folder.scope());
         assert_eq!(
             fresh.check_incoming_all(&bad, threads),
             Err(SignatureError::Missing { id: ItemId::new("i060").unwrap() }),

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use engine::directory::{Directory, Op, Role, SignedChange, UserId};
 use engine::feedsync::{Content, Edit, ItemId, When};
 use engine::replica::Replica;
-use engine::signing::{DeviceId, DeviceKey, Sig64};
+use engine::signing::{DeviceId, DeviceKey, FeedScope, Sig64};
+
+/// The folder the property tests sign versions for.
+const SCOPE: FeedScope = FeedScope([1; 16]);
 use engine::ticket::{
     ChannelKey, Rights, TicketAuthority, TicketError, TICKET_LIFETIME_MAX_US, TICKET_SKEW_US,
 };
@@ -138,16 +141,17 @@ proptest! {
     }
 
     /// Versions: signed ones verify; any change to id, updates, flags, history or content, a
-    /// flipped signature bit, a missing signature, or a signer outside the allowed set is refused.
+    /// flipped signature bit, a missing signature, a signer outside the allowed set, or another
+    /// folder (the version replayed into a feed it was not signed for) is refused.
     #[test]
     fn altered_versions_are_rejected(
         text in "[a-z]{0,12}",
         edits in 1usize..4,
-        mode in 0u8..7,
+        mode in 0u8..8,
         bit in 0usize..512,
     ) {
         let (a, b) = (key(1), key(2));
-        let mut r = Replica::new_signed(1);
+        let mut r = Replica::new_signed(1, SCOPE);
         let id = ItemId::new("item").unwrap();
         for k in 0..edits {
             let content = Arc::new(Content { inner: format!("<title>{text}{k}</title>").into(), ..Content::empty() });
@@ -155,7 +159,7 @@ proptest! {
             r.change_signed(&id, who, &When::from_unix_secs(1_700_000_000 + k as i64).unwrap(), &Edit { content: Some(content), ..Edit::default() }).unwrap();
         }
         let item = (**r.item(&id).unwrap()).clone();
-        let fresh = Replica::new_signed(2);
+        let fresh = Replica::new_signed(2, SCOPE);
         prop_assert!(fresh.check_incoming(&item).is_ok());
         let mut bad = item.clone();
         let v = &mut bad.version;
@@ -174,15 +178,23 @@ proptest! {
                 v.signature = Some(engine::signing::VersionSignature(Arc::new(Sig64(sig))));
             }
             5 => v.signature = None,
+            6 => {
+                let other = Replica::new_signed(5, FeedScope([2; 16]));
+                prop_assert!(other.check_incoming(&item).is_err(), "version replayed into another folder");
+                let mut other = other;
+                prop_assert!(other.merge(&Arc::new(item)).is_err());
+                prop_assert!(other.is_empty());
+                return Ok(());
+            }
             _ => {
-                let mut only_b = Replica::new_signed(3);
+                let mut only_b = Replica::new_signed(3, SCOPE);
                 only_b.set_signers(Some([DeviceId::of(&key(7))].into_iter().collect()));
                 prop_assert!(only_b.check_incoming(&item).is_err(), "signer outside the allowed set");
                 return Ok(());
             }
         }
         prop_assert!(fresh.check_incoming(&bad).is_err(), "mode {mode}: altered version accepted");
-        let mut into = Replica::new_signed(4);
+        let mut into = Replica::new_signed(4, SCOPE);
         prop_assert!(into.merge(&Arc::new(bad)).is_err());
         prop_assert!(into.is_empty());
     }

@@ -341,8 +341,12 @@ impl Sim {
             for (node, state) in nodes.iter_mut().zip(states) {
                 let epoch = node.replica.cursor().epoch;
                 // A forger keeps an unsigned replica: it holds what it forges.
-                node.replica =
-                    if state.role == Role::Forger { Replica::new(epoch) } else { Replica::new_signed(epoch) };
+                let scope = world.folder.scope();
+                node.replica = if state.role == Role::Forger {
+                    Replica::new(epoch).scoped(scope)
+                } else {
+                    Replica::new_signed(epoch, scope)
+                };
                 node.mesh = Some(Box::new(state));
             }
             for &(d, ms) in &spec.skews_ms {

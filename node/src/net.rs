@@ -219,9 +219,12 @@ impl Net {
         };
         let node = self.node.clone();
         let handle = move |s: &mut AuthSession, now: Micros, bytes: &[u8]| {
+            let signers = lock(&node).replica_mut(&folder).signers();
+            let verified = transport::preverify(bytes, Some(folder.scope()), signers.as_deref());
             let mut guard = lock(&node);
             let n = &mut *guard;
-            n.replica_mut(&folder);
+            let replica = n.replica_mut(&folder);
+            replica.set_verified(verified);
             let replica = n.replicas.get_mut(&folder).expect("just made");
             s.handle_message(now, &mut n.dir, replica, bytes)
         };
@@ -492,7 +495,7 @@ impl Net {
             let mut n = lock(&self.node);
             if n.dir.folder(&folder).is_none_or(|f| !f.mapped.contains(&n.id)) {
                 // Not mine: answer with an empty stand-in replica (the session will refuse).
-                let r = engine::replica::Replica::new_signed(0);
+                let r = engine::replica::Replica::new_signed(0, folder.scope());
                 AuthSession::respond(
                     sid,
                     policy,
@@ -513,14 +516,25 @@ impl Net {
         };
         let node = self.node.clone();
         let handle = move |s: &mut AuthSession, now: Micros, bytes: &[u8]| {
+            let mapped =
+                |n: &crate::state::Node| n.dir.folder(&folder).is_some_and(|f| f.mapped.contains(&n.id));
+            // Signatures are checked before the node's lock is taken (only for a folder mapped
+            // here: anything else is refused without looking at its items).
+            let signers = {
+                let mut n = lock(&node);
+                mapped(&n).then(|| n.replica_mut(&folder).signers())
+            };
+            let verified = match &signers {
+                Some(signers) => transport::preverify(bytes, Some(folder.scope()), signers.as_deref()),
+                None => Default::default(),
+            };
             let mut guard = lock(&node);
             let n = &mut *guard;
-            let mapped = n.dir.folder(&folder).is_some_and(|f| f.mapped.contains(&n.id));
-            if !mapped {
-                let mut scratch = engine::replica::Replica::new_signed(0);
+            if !mapped(n) {
+                let mut scratch = engine::replica::Replica::new_signed(0, folder.scope());
                 return s.handle_message(now, &mut n.dir, &mut scratch, bytes);
             }
-            n.replica_mut(&folder);
+            n.replica_mut(&folder).set_verified(verified);
             let replica = n.replicas.get_mut(&folder).expect("just made");
             s.handle_message(now, &mut n.dir, replica, bytes)
         };

@@ -137,10 +137,20 @@ impl Node {
             None => BTreeMap::new(),
         };
         let epoch = u64::from_le_bytes(random32()[..8].try_into().expect("8 bytes"));
+        // A store from before signature v2: sign this device's versions again for their folder.
+        if let Some(m) = store.migrate_signatures(|folder, item| {
+            engine::signing::migrate_signatures(item, &folder.scope(), Some(&key))
+        })? {
+            tracing::warn!(
+                kept = m.kept,
+                dropped = m.dropped,
+                "migrated stored items to folder-bound signatures"
+            );
+        }
         let mut replicas = BTreeMap::new();
         let mut persisted = BTreeMap::new();
         for folder in store.folders()? {
-            let mut replica = Replica::new_signed(epoch);
+            let mut replica = Replica::new_signed(epoch, folder.scope());
             replica.set_signers(Some(dir_log.signers(&folder)));
             let items: Vec<_> = store.load_items(&folder)?.into_iter().map(Arc::new).collect();
             replica
@@ -214,7 +224,7 @@ impl Node {
         let signers = self.dir.signers(folder);
         let epoch = self.epoch;
         self.replicas.entry(*folder).or_insert_with(|| {
-            let mut r = Replica::new_signed(epoch);
+            let mut r = Replica::new_signed(epoch, folder.scope());
             r.set_signers(Some(signers));
             r
         })

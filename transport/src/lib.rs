@@ -88,6 +88,22 @@ pub fn verify_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).min(8)
 }
 
+/// Checks the signatures a sync message carries for a replica of `scope` accepting `signers`
+/// (`Replica::scope`, `Replica::signers`), before the caller takes the lock its replica is under;
+/// the caller then hands the result to `Replica::set_verified` and the message to the session.
+/// So no lock is held while ed25519 work proportional to a peer's input runs (issue 11). Bytes
+/// that do not decode give an empty set: the session refuses them under the lock, cheaply.
+pub fn preverify(
+    bytes: &[u8],
+    scope: Option<engine::signing::FeedScope>,
+    signers: Option<&std::collections::BTreeSet<DeviceId>>,
+) -> engine::signing::Verified {
+    let Some(scope) = scope else { return Default::default() };
+    let Ok(message) = engine::wire::decode(bytes, FRAME_MAX) else { return Default::default() };
+    let items: Vec<_> = message.body.items().iter().filter_map(|w| engine::wire::from_wire(w).ok()).collect();
+    engine::signing::Verified::check(&items, &scope, signers, verify_threads())
+}
+
 /// How a process binds its endpoint.
 #[derive(Clone, Debug, Default)]
 pub struct EndpointOptions {

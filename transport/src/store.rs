@@ -16,7 +16,20 @@ use engine::wire::{from_wire, to_wire, WireItem};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: u64 = 3;
+pub const SCHEMA_VERSION: u64 = 4;
+
+/// Blob set by the migration to schema 4 and cleared by [`Store::migrate_signatures`]: the stored
+/// items carry version signatures of the old form (not bound to their folder).
+const SIGNATURES_PENDING: &str = "signatures_v1_pending";
+
+/// What [`Store::migrate_signatures`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SignatureMigration {
+    /// Items kept (some of their versions signed again).
+    pub kept: u64,
+    /// Items dropped (their winner was another device's and could not be signed again).
+    pub dropped: u64,
+}
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const KIND: TableDefinition<&str, &str> = TableDefinition::new("kind");
@@ -147,6 +160,15 @@ impl Store {
                     2 => {
                         txn.open_table(TOKENS)?;
                     }
+                    // 3 -> 4: version signatures name their folder (signature v2). Stored items
+                    // still carry v1 signatures; the owner re-signs what it can on open
+                    // (`migrate_signatures`). The flag is written in this same transaction, so a
+                    // crash cannot leave migrated tables without it.
+                    3 => {
+                        if found > 0 {
+                            txn.open_table(BLOBS)?.insert(SIGNATURES_PENDING, [1u8].as_slice())?;
+                        }
+                    }
                     _ => unreachable!("versions below SCHEMA_VERSION all have a step"),
                 }
                 version += 1;
@@ -232,6 +254,53 @@ impl Store {
         }
         txn.commit()?;
         Ok(n)
+    }
+
+    /// Finishes the migration to schema 4, once: every stored item goes through `repair` (see
+    /// `engine::signing::migrate_signatures`), which returns the item to keep or `None` to drop
+    /// it; an item whose content no longer passes validation is dropped too. One transaction: a crash leaves the store as it was, and the next open repeats it.
+    /// `None` when there was nothing to migrate.
+    pub fn migrate_signatures(
+        &self,
+        mut repair: impl FnMut(&FolderId, &Item) -> Option<Item>,
+    ) -> Result<Option<SignatureMigration>, StoreError> {
+        if self.get_blob(SIGNATURES_PENDING)?.is_none() {
+            return Ok(None);
+        }
+        let mut done = SignatureMigration::default();
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(ITEMS)?;
+            let mut rows = Vec::new();
+            for entry in table.iter()? {
+                let (k, v) = entry?;
+                rows.push((k.value().to_vec(), v.value().to_vec()));
+            }
+            for (key, value) in rows {
+                let folder = FolderId(
+                    key.get(..16).and_then(|f| f.try_into().ok()).ok_or(StoreError::Corrupt("item key"))?,
+                );
+                let wire: WireItem = postcard::from_bytes(&value).map_err(|_| StoreError::Corrupt("item"))?;
+                // Content stored before it was checked at entry (issue 11) may no longer pass
+                // validation: such an item is dropped like one that cannot be signed again.
+                let repaired = from_wire(&wire).ok().and_then(|item| repair(&folder, &item));
+                match repaired {
+                    Some(kept) => {
+                        let bytes = postcard::to_allocvec(&to_wire(&kept))
+                            .map_err(|_| StoreError::Corrupt("item"))?;
+                        table.insert(key.as_slice(), bytes.as_slice())?;
+                        done.kept += 1;
+                    }
+                    None => {
+                        table.remove(key.as_slice())?;
+                        done.dropped += 1;
+                    }
+                }
+            }
+            txn.open_table(BLOBS)?.remove(SIGNATURES_PENDING)?;
+        }
+        txn.commit()?;
+        Ok(Some(done))
     }
 
     /// Every stored item of `folder`.
@@ -369,6 +438,47 @@ mod tests {
         assert_eq!(store.tokens().unwrap(), vec![([3; 32], b"other".to_vec())]);
         store.delete_tokens(&[[3; 32]]).unwrap();
         assert!(store.tokens().unwrap().is_empty());
+    }
+
+    /// Issue 11, defect 2: a schema 3 store holds versions whose signatures are not bound to a
+    /// folder (stood in for here by signatures for another folder). On open, the node's own
+    /// versions are signed again, another author's winner is dropped, and what verifies stays.
+    #[test]
+    fn a_schema_3_store_gets_folder_bound_signatures() {
+        use engine::feedsync::{Edit, ItemId, When};
+        use engine::replica::Replica;
+        use engine::signing::{migrate_signatures, DeviceKey, FeedScope};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let folder = FolderId([5; 16]);
+        let (mine, theirs) = (DeviceKey::from_bytes(&[1; 32]), DeviceKey::from_bytes(&[2; 32]));
+        let when = When::from_unix_secs(1_700_000_000).unwrap();
+        let write = |scope: FeedScope, id: &str, key: &DeviceKey| {
+            let mut r = Replica::new_signed(1, scope);
+            r.change_signed(&ItemId::new(id).unwrap(), key, &when, &Edit::default()).unwrap();
+            let item = Arc::clone(r.items().next().unwrap());
+            item
+        };
+        let old = FeedScope([9; 16]);
+        let items =
+            [write(old, "mine", &mine), write(old, "theirs", &theirs), write(folder.scope(), "ok", &theirs)];
+        let store = Store::open(&path, "node").unwrap();
+        store.save_items(&folder, items.iter()).unwrap();
+        store.force_schema_version(3).unwrap();
+        drop(store);
+        let store = Store::open(&path, "node").unwrap();
+        let repair = |f: &FolderId, item: &Item| migrate_signatures(item, &f.scope(), Some(&mine));
+        let done = store.migrate_signatures(repair).unwrap();
+        assert_eq!(done, Some(SignatureMigration { kept: 2, dropped: 1 }));
+        assert_eq!(store.migrate_signatures(repair).unwrap(), None, "once");
+        let mut replica = Replica::new_signed(2, folder.scope());
+        let loaded: Vec<_> = store.load_items(&folder).unwrap().into_iter().map(Arc::new).collect();
+        let ids: Vec<_> = loaded.iter().map(|i| i.id().as_str().to_string()).collect();
+        assert_eq!(ids, ["mine", "ok"]);
+        assert_eq!(replica.merge_all(&loaded, 1).unwrap(), 2, "every kept version verifies");
+        // A store created new at schema 4 has nothing to migrate.
+        let fresh = Store::open(&dir.path().join("new.redb"), "node").unwrap();
+        assert_eq!(fresh.migrate_signatures(repair).unwrap(), None);
     }
 
     #[test]

@@ -22,6 +22,7 @@ use automerge::sync as am_sync;
 use automerge::Automerge;
 use benches::sync_workload::{
     am_diverge, am_doc, am_session, device_key, diverge, diverge_signed, replica, replica_signed, session,
+    SCOPE,
 };
 use engine::replica::Replica;
 use engine::sync::Retained;
@@ -211,11 +212,11 @@ fn signing_cost() -> Value {
     let start = Instant::now();
     let mut sigs = 0usize;
     for v in &versions {
-        sigs += sign_version(v, &key).bytes()[0] as usize;
+        sigs += sign_version(v, &SCOPE, &key).bytes()[0] as usize;
     }
     let sign_ns = start.elapsed().as_nanos() as f64 / n as f64;
     let start = Instant::now();
-    let ok = versions.iter().filter(|v| verify_version(v).is_ok()).count();
+    let ok = versions.iter().filter(|v| verify_version(v, &SCOPE).is_ok()).count();
     let verify_ns = start.elapsed().as_nanos() as f64 / n as f64;
     assert_eq!(ok, n, "every signed version verifies");
     let wire = |r: &Replica| -> usize {
