@@ -252,6 +252,8 @@ pub enum FrameError {
 
 /// Frames on QUIC streams.
 pub mod frame {
+    use tokio::io::{AsyncRead, AsyncReadExt};
+
     use super::*;
 
     /// Writes one frame.
@@ -266,15 +268,19 @@ pub mod frame {
     }
 
     /// Reads one frame of at most `max` bytes; `None` when the peer finished the stream cleanly
-    /// between frames.
-    pub async fn read(recv: &mut RecvStream, max: usize) -> Result<Option<Vec<u8>>, FrameError> {
+    /// between frames. Generic over the byte source so that the fuzzer (`fuzzing`, target
+    /// `frame`) feeds it the same way a QUIC stream does.
+    pub async fn read(
+        recv: &mut (impl AsyncRead + Unpin),
+        max: usize,
+    ) -> Result<Option<Vec<u8>>, FrameError> {
         let mut len = [0u8; 4];
         let mut got = 0;
         while got < 4 {
             match recv.read(&mut len[got..]).await.map_err(|e| FrameError::Stream(e.to_string()))? {
-                Some(n) => got += n,
-                None if got == 0 => return Ok(None),
-                None => return Err(FrameError::Truncated),
+                0 if got == 0 => return Ok(None),
+                0 => return Err(FrameError::Truncated),
+                n => got += n,
             }
         }
         let len = u32::from_be_bytes(len) as usize;
@@ -282,9 +288,9 @@ pub mod frame {
             return Err(FrameError::TooLarge(len, max));
         }
         let mut buf = vec![0u8; len];
-        recv.read_exact(&mut buf).await.map_err(|e| match e {
-            iroh::endpoint::ReadExactError::FinishedEarly(_) => FrameError::Truncated,
-            e => FrameError::Stream(e.to_string()),
+        recv.read_exact(&mut buf).await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
+            _ => FrameError::Stream(e.to_string()),
         })?;
         Ok(Some(buf))
     }
@@ -297,7 +303,7 @@ pub mod frame {
 
     /// Reads one frame and decodes it.
     pub async fn read_value<T: for<'de> Deserialize<'de>>(
-        recv: &mut RecvStream,
+        recv: &mut (impl AsyncRead + Unpin),
         max: usize,
         what: &'static str,
     ) -> Result<Option<T>, FrameError> {
