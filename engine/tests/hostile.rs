@@ -75,3 +75,40 @@ fn characters_xml_forbids_are_refused() {
     // Tab, LF and CR are fine; a form feed in channel text is not XML white space.
     check(b"<rss version=\"2.0\"><channel>\t\r\n<title>t</title></channel></rss>");
 }
+
+/// Issue 11, defect 4: content that would break a feed, or close its entry and smuggle in
+/// another, is refused where it enters: a local change, an item from the wire, a posted feed.
+#[test]
+fn content_that_would_break_a_feed_is_refused_where_it_enters() {
+    use std::sync::Arc;
+
+    use engine::feedsync::{Content, Edit, Endpoint, FeedsyncError, ItemId, When};
+    use engine::replica::Replica;
+    use engine::wire::{from_wire, to_wire, WireError};
+
+    let id = ItemId::new("x").unwrap();
+    let by = Endpoint::new("a").unwrap();
+    let when = When::from_unix_secs(1_700_000_000).unwrap();
+    let with = |inner: &str| Edit {
+        content: Some(Arc::new(Content { inner: inner.into(), ..Content::empty() })),
+        ..Edit::default()
+    };
+    // A local change (what `put` and the local API do).
+    let mut r = Replica::new(1);
+    for bad in ["<title>\u{1}</title>", "<title>\u{1b}[2J</title>", "<title>a</title></item><item>"] {
+        let err = r.change(&id, &by, &when, &with(bad)).unwrap_err();
+        assert!(matches!(err, FeedsyncError::Content { .. }), "{bad:?}: {err}");
+    }
+    assert!(r.is_empty());
+    // The wire: a valid item whose content a peer replaced.
+    r.change(&id, &by, &when, &with("<title>fine</title>")).unwrap();
+    let mut wire = to_wire(r.item(&id).unwrap());
+    assert!(from_wire(&wire).is_ok());
+    wire.version.inner = "<title>a</title></entry><entry><title>forged</title>".into();
+    let err = from_wire(&wire).unwrap_err();
+    assert!(matches!(&err, WireError::Item(e) if e.contains("content refused")), "{err}");
+    // A posted feed: an undeclared entity is not well-formed XML.
+    let feed = SEED.replace("a &amp; b", "a &mp; b");
+    let err = xml::read_feed(feed.as_bytes()).unwrap_err();
+    assert!(err.to_string().contains("item content"), "{err}");
+}

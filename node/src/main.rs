@@ -119,7 +119,7 @@ fn main() -> ExitCode {
     match run(&dir, cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("feedmesh: {e:#}");
+            eprintln!("feedmesh: {}", transport::view::terminal_text(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
@@ -215,7 +215,7 @@ fn run(dir: &Path, top: Top) -> anyhow::Result<()> {
                 ctx.close().await;
                 out
             })?;
-            print!("{out}");
+            print!("{}", transport::view::terminal_text(&out));
             Ok(())
         }
         Top::Run { api, interval, bind, cloud_only, relay_only } => {
@@ -304,7 +304,7 @@ fn run_here(node: Node, cmd: Cmd) -> anyhow::Result<()> {
         ctx.close().await;
         out
     })?;
-    print!("{out}");
+    print!("{}", transport::view::terminal_text(&out));
     Ok(())
 }
 
@@ -340,7 +340,7 @@ fn via_daemon(dir: &Path, cmd: Cmd) -> anyhow::Result<()> {
         }
         anyhow::Ok(body)
     })?;
-    print!("{}", out["output"].as_str().unwrap_or_default());
+    print!("{}", transport::view::terminal_text(out["output"].as_str().unwrap_or_default()));
     Ok(())
 }
 

@@ -7,6 +7,28 @@ use std::sync::Arc;
 use engine::feedsync::{Content, Dialect, Feed, Item, NsScope, Version};
 use serde_json::{json, Value};
 
+/// Text safe to print on a terminal: control characters other than newline and tab, and the
+/// Unicode bidirectional overrides, are shown as `\u{..}` escapes instead of acting on the
+/// terminal (content, ids and names come from other devices; issue 11).
+pub fn terminal_text(s: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.contains(unsafe_char) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.push_str(&c.escape_unicode().to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 pub fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
@@ -97,4 +119,17 @@ pub fn item_json(item: &Item, with_content: bool) -> Value {
         out["content"] = Value::String(v.content.inner.to_string());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_text_escapes_what_would_act_on_a_terminal() {
+        assert_eq!(terminal_text("plain\ttext\nnext"), "plain\ttext\nnext");
+        assert_eq!(terminal_text("red \u{1b}[31m!"), "red \\u{1b}[31m!");
+        assert_eq!(terminal_text("a\rb\u{7f}"), "a\\u{d}b\\u{7f}");
+        assert_eq!(terminal_text("\u{202e}abc"), "\\u{202e}abc");
+    }
 }

@@ -52,6 +52,8 @@ pub enum FeedsyncError {
     TooManyConflicts { id: ItemId },
     #[error("item {id}: a conflict has another sync id")]
     ConflictIdMismatch { id: ItemId },
+    #[error("item {id}: content refused: {problem}")]
+    Content { id: ItemId, problem: xml::ContentProblem },
     #[error("item {id}: a conflict equals the winning version")]
     ConflictEqualsWinner { id: ItemId },
     #[error("item {id}: a conflict beats the winning version")]

@@ -383,6 +383,8 @@ impl Version {
                 return Err(FeedsyncError::HistoryAnonymous { id: self.id.clone() });
             }
         }
+        super::xml::check_content(&self.content)
+            .map_err(|problem| FeedsyncError::Content { id: self.id.clone(), problem })?;
         Ok(())
     }
 }

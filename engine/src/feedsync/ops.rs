@@ -145,6 +145,12 @@ impl Item {
         edit: &Edit,
         scope: &Arc<NsScope>,
     ) -> Result<Item, FeedsyncError> {
+        // Every local write (CLI, local API, simulator) goes through here: its content is checked
+        // as received content is (`Version::check_invariants`).
+        if let Some(content) = &edit.content {
+            super::xml::check_content(content)
+                .map_err(|problem| FeedsyncError::Content { id: id.clone(), problem })?;
+        }
         match current {
             Some(item) => item.update(by, when, edit),
             None => {

@@ -1,10 +1,12 @@
 //! FeedSync XML for RSS 2.0 and Atom 1.0: a streaming, bounded reader and a writer.
 
 mod edit;
+mod fragment;
 mod read;
 mod write;
 
 pub use edit::{set_title, stamp_atom_entry};
+pub use fragment::{check_content, ContentProblem};
 pub use read::read_feed;
 pub use write::write_feed;
 
@@ -39,6 +41,8 @@ pub struct Problem {
 pub enum ProblemKind {
     #[error("malformed XML: {0}")]
     Malformed(String),
+    #[error("item content: {0}")]
+    Content(ContentProblem),
     #[error("not UTF-8")]
     NotUtf8,
     #[error("unsupported encoding {0:?} (only UTF-8)")]

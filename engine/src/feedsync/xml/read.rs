@@ -520,6 +520,11 @@ impl<'i> Parser<'i> {
             return Err(Stop { offset, kind: ProblemKind::Limit("bytes per item") });
         }
         let content = Content { attrs, inner: inner.into(), scope: scope.clone() };
+        // What an item holds must be writable into any feed (references the reader passes through
+        // raw, such as an undeclared entity, are caught here).
+        if let Err(problem) = super::check_content(&content) {
+            self.problem(offset, ProblemKind::Content(problem))?;
+        }
         let raw = if sync.is_none() { self.slice(offset, end) } else { "".into() };
         let mut item = RawItem { offset, sync, content, raw };
         // The version's content is this item's content.
