@@ -267,6 +267,9 @@ pub mod frame {
         send.write_all(bytes).await.map_err(|e| FrameError::Stream(e.to_string()))
     }
 
+    /// Bytes reserved for a frame before any of it has arrived.
+    pub const FRAME_PREALLOC: usize = 64 << 10;
+
     /// Reads one frame of at most `max` bytes; `None` when the peer finished the stream cleanly
     /// between frames. Generic over the byte source so that the fuzzer (`fuzzing`, target
     /// `frame`) feeds it the same way a QUIC stream does.
@@ -287,11 +290,17 @@ pub mod frame {
         if len > max {
             return Err(FrameError::TooLarge(len, max));
         }
-        let mut buf = vec![0u8; len];
-        recv.read_exact(&mut buf).await.map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
-            _ => FrameError::Stream(e.to_string()),
-        })?;
+        // The buffer grows with what arrives (read_to_end at most doubles it), so a length
+        // prefix the peer never fills costs at most FRAME_PREALLOC, not `len`.
+        let mut buf = Vec::with_capacity(len.min(FRAME_PREALLOC));
+        (&mut *recv)
+            .take(len as u64)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(|e| FrameError::Stream(e.to_string()))?;
+        if buf.len() < len {
+            return Err(FrameError::Truncated);
+        }
         Ok(Some(buf))
     }
 
@@ -392,4 +401,20 @@ where
 /// The direct (IP) addresses of an endpoint address.
 pub fn ip_addrs(addr: &EndpointAddr) -> Vec<std::net::SocketAddr> {
     addr.ip_addrs().copied().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::frame;
+
+    /// A length prefix the peer never fills ends as `Truncated`, and a whole frame reads back.
+    #[tokio::test]
+    async fn a_frame_is_read_only_as_far_as_it_arrived() {
+        let mut claimed = &[0u8, 0x10, 0, 0, 1, 2, 3][..];
+        assert!(matches!(frame::read(&mut claimed, 1 << 20).await, Err(super::FrameError::Truncated)));
+        let mut whole = &[0u8, 0, 0, 3, 7, 8, 9][..];
+        assert_eq!(frame::read(&mut whole, 16).await.unwrap(), Some(vec![7, 8, 9]));
+        let mut over = &[0u8, 0, 1, 0][..];
+        assert!(matches!(frame::read(&mut over, 16).await, Err(super::FrameError::TooLarge(256, 16))));
+    }
 }
