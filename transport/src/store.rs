@@ -94,6 +94,23 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// Creates `path` empty with mode 0600 if it is missing (redb then initialises it), else takes
+/// away every permission of group and others. Elsewhere than Unix, nothing.
+fn make_private(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).mode(0o600).open(path)?;
+        let mode = file.metadata()?.permissions().mode();
+        if mode & 0o077 != 0 {
+            file.set_permissions(std::fs::Permissions::from_mode(mode & 0o700))?;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 /// One database file.
 #[derive(Debug)]
 pub struct Store {
@@ -109,8 +126,10 @@ fn item_key(folder: &FolderId, id: &str) -> Vec<u8> {
 
 impl Store {
     /// Opens (creating or migrating) the database at `path` for a process of `kind`
-    /// ("node" or "relay").
+    /// ("node" or "relay"). The file holds content, password and token hashes: it is created
+    /// readable by its owner only (0600), and an existing one is made so.
     pub fn open(path: &Path, kind: &str) -> Result<Self, StoreError> {
+        make_private(path).map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))?;
         let db = Database::create(path)?;
         let store = Self { db };
         store.migrate(kind)?;
