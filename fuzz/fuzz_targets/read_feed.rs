@@ -1,15 +1,9 @@
-//! Coverage-guided fuzzing of the FeedSync XML reader: no input panics, and whatever is
-//! accepted holds the invariants and round-trips byte-stably through the writer.
+//! libFuzzer entry for the `read_feed` target; the body is `fuzzing::TARGETS` (fuzzing/src), replayed
+//! by `cargo test -p feedmesh-fuzzing`.
 #![no_main]
 
-use engine::feedsync::xml;
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
-    if let Ok(feed) = xml::read_feed(data) {
-        feed.check_invariants().expect("accepted feeds hold the invariants");
-        let written = xml::write_feed(&feed);
-        let again = xml::read_feed(written.as_bytes()).expect("what we write we can read");
-        assert_eq!(xml::write_feed(&again), written, "writing is stable");
-    }
+fuzz_target!(init: { (fuzzing::target("read_feed").expect("a known target").prepare)() }, |data: &[u8]| {
+    (fuzzing::target("read_feed").expect("a known target").run)(data);
 });

@@ -1,0 +1,178 @@
+//! Targets for what `transport` reads off a QUIC stream: the control protocol's values and the
+//! length-prefixed frame reader.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::io::{AsyncRead, ReadBuf};
+use transport::{frame, FrameError, Notice, Open, Request, Response, CONTROL_MAX, FRAME_MAX};
+
+/// Decodes `bytes` as a `T` as `frame::read_value` does, and checks that what decodes
+/// re-encodes stably.
+fn round_trip<T: Serialize + DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    let value: T = postcard::from_bytes(bytes).ok()?;
+    let encoded = postcard::to_allocvec(&value).expect("a decoded value encodes");
+    let again: T = postcard::from_bytes(&encoded).expect("what we encode we decode");
+    assert_eq!(postcard::to_allocvec(&again).expect("encodes"), encoded, "encoding is stable");
+    Some(value)
+}
+
+/// The control protocol: the first byte picks the type (`Open`, `Request`, `Response`,
+/// `Notice`), the rest is its postcard encoding, as the node and the relay read it from a frame.
+pub fn control(data: &[u8]) {
+    let Some((&kind, rest)) = data.split_first() else { return };
+    match kind % 4 {
+        0 => {
+            if let Some(Open::Control(request)) = round_trip::<Open>(rest) {
+                check_request(&request);
+            }
+        }
+        1 => {
+            if let Some(request) = round_trip::<Request>(rest) {
+                check_request(&request);
+            }
+        }
+        2 => {
+            let _ = round_trip::<Response>(rest);
+        }
+        _ => {
+            if let Some(notice) = round_trip::<Notice>(rest) {
+                let encoded = postcard::to_allocvec(&notice).expect("encodes");
+                assert_eq!(postcard::from_bytes::<Notice>(&encoded).ok(), Some(notice));
+            }
+        }
+    }
+}
+
+/// What a receiver checks of a request before it acts (the cloud does more, see the relay
+/// targets): directory changes verify or are refused without a panic.
+fn check_request(request: &Request) {
+    if let Request::Directory { changes, .. } = request {
+        for change in changes.iter().take(64) {
+            let _ = change.verify();
+        }
+    }
+}
+
+/// A stream that hands out its bytes in chunks of the sizes the input chose (never pending), so
+/// the reader sees every split of a header and a body a network could make.
+#[derive(Debug)]
+struct Chunked<'a> {
+    bytes: &'a [u8],
+    sizes: &'a [u8],
+    turn: usize,
+}
+
+impl AsyncRead for Chunked<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let size = match self.sizes.get(self.turn % self.sizes.len().max(1)) {
+            Some(&s) => usize::from(s).max(1),
+            None => usize::MAX,
+        };
+        self.turn += 1;
+        let n = size.min(buf.remaining()).min(self.bytes.len());
+        let (now, later) = self.bytes.split_at(n);
+        buf.put_slice(now);
+        self.bytes = later;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Polls a future whose I/O is never pending to its end.
+fn finish<F: Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    let mut cx = Context::from_waker(Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        Poll::Ready(out) => out,
+        Poll::Pending => panic!("a frame read over a ready stream is pending"),
+    }
+}
+
+/// What reading frames from `stream` must give: frames until a clean end between frames, or
+/// the first error.
+#[derive(Debug, PartialEq, Eq)]
+enum Expected {
+    Frame(Vec<u8>),
+    End,
+    TooLarge(usize),
+    Truncated,
+}
+
+fn model(stream: &[u8], max: usize) -> Vec<Expected> {
+    let mut out = Vec::new();
+    let mut rest = stream;
+    loop {
+        if rest.is_empty() {
+            out.push(Expected::End);
+            return out;
+        }
+        let Some((header, body)) = rest.split_first_chunk::<4>() else {
+            out.push(Expected::Truncated);
+            return out;
+        };
+        let len = u32::from_be_bytes(*header) as usize;
+        if len > max {
+            out.push(Expected::TooLarge(len));
+            return out;
+        }
+        if body.len() < len {
+            out.push(Expected::Truncated);
+            return out;
+        }
+        out.push(Expected::Frame(body[..len].to_vec()));
+        rest = &body[len..];
+    }
+}
+
+/// The frame reader: byte 0 picks the limit (64 bytes, 4 KiB, `FRAME_MAX`, `CONTROL_MAX`), byte
+/// 1 how many chunk sizes follow, then the sizes, then the stream. Frames are read until the end
+/// or an error, and must be exactly what a model of the format gives; the first frame is then
+/// decoded as an `Open`, and the rest as engine messages, as the relay and the node do.
+pub fn frame(data: &[u8]) {
+    let [limit, count, rest @ ..] = data else { return };
+    let max = match limit % 4 {
+        0 => 64,
+        1 => 4096,
+        2 => FRAME_MAX,
+        _ => CONTROL_MAX,
+    };
+    let (sizes, stream) = rest.split_at(usize::from(*count).min(rest.len()));
+    let expected = model(stream, max);
+    let mut source = Chunked { bytes: stream, sizes, turn: 0 };
+    let mut got = Vec::new();
+    for _ in 0..expected.len() {
+        let next = match finish(frame::read(&mut source, max)) {
+            Ok(Some(bytes)) => Expected::Frame(bytes),
+            Ok(None) => Expected::End,
+            Err(FrameError::TooLarge(len, m)) => {
+                assert_eq!(m, max);
+                Expected::TooLarge(len)
+            }
+            Err(FrameError::Truncated) => Expected::Truncated,
+            Err(e) => panic!("a stream without I/O errors gave {e}"),
+        };
+        let last = !matches!(next, Expected::Frame(_));
+        got.push(next);
+        if last {
+            break;
+        }
+    }
+    assert_eq!(got, expected, "the frame reader differs from the format");
+    let mut frames = got.iter().filter_map(|e| match e {
+        Expected::Frame(bytes) => Some(bytes),
+        _ => None,
+    });
+    if let Some(first) = frames.next() {
+        let _ = postcard::from_bytes::<Open>(first);
+    }
+    for bytes in frames.take(8) {
+        let _ = engine::wire::decode(bytes, FRAME_MAX);
+    }
+}
