@@ -25,6 +25,7 @@
 pub mod automerge_workload;
 pub mod feedsync_workload;
 pub mod grid;
+pub mod relay_process;
 pub mod report;
 pub mod sync_workload;
 

@@ -36,11 +36,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use benches::relay_process::{load_average, relay_bin as relay_bin_of, rss_bytes, RelayProcess};
 use clap::Parser;
 use engine::directory::{self, Directory, FolderId, Op, SignedChange};
 use engine::feedsync::{Edit, ItemId, When};
@@ -113,12 +114,6 @@ fn write_json(path: &Path, section: &str, value: Value) -> anyhow::Result<()> {
 fn round(x: f64, digits: i32) -> f64 {
     let scale = 10f64.powi(digits);
     (x * scale).round() / scale
-}
-
-/// The 1-, 5- and 15-minute load averages (other work on the machine skews the figures).
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map_or_else(|_| "?".into(), |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
 }
 
 fn random_key() -> DeviceKey {
@@ -723,103 +718,6 @@ fn print_sync(items: usize, runs: usize, results: &[ModeResult]) {
 
 // ------------------------------------------------------------------ idle devices
 
-/// The relay process, killed when dropped.
-struct RelayProcess {
-    child: Child,
-    relay_url: RelayUrl,
-    http: SocketAddr,
-    cloud: iroh::EndpointId,
-    cloud_udp: Vec<SocketAddr>,
-    _data: tempfile::TempDir,
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl RelayProcess {
-    /// Starts `feedmesh-relay` on loopback ports and reads the addresses it prints.
-    fn spawn(bin: &Path) -> anyhow::Result<Self> {
-        use std::io::{BufRead, BufReader};
-        let data = tempfile::tempdir()?;
-        let mut child = Command::new(bin)
-            .arg("--data-dir")
-            .arg(data.path())
-            .args(["--http", "127.0.0.1:0", "--relay", "127.0.0.1:0", "--quic", "127.0.0.1:0"])
-            .env("FEEDMESH_LOG", "error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let stdout = child.stdout.take().expect("piped");
-        let mut lines = BufReader::new(stdout).lines();
-        let (mut relay_url, mut http, mut cloud, mut cloud_udp) = (None, None, None, Vec::new());
-        for line in lines.by_ref() {
-            let line = line?;
-            let Some((name, value)) = line.trim().split_once(':') else { continue };
-            let value = value.trim();
-            match name {
-                "HTTP API" => http = Some(value.trim_start_matches("http://").parse()?),
-                "relay" => relay_url = Some(value.parse()?),
-                "cloud id" => {
-                    cloud = node::state::parse_device_hex(value).and_then(|d| transport::endpoint_id(&d))
-                }
-                "cloud UDP" => {
-                    cloud_udp = value.split(", ").map(str::parse).collect::<Result<_, _>>()?;
-                }
-                "devices join with" => break,
-                _ => {}
-            }
-        }
-        // Keep draining, so the relay never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        let (Some(relay_url), Some(http), Some(cloud)) = (relay_url, http, cloud) else {
-            let _ = child.kill();
-            let status = child.wait()?;
-            bail!("feedmesh-relay did not print its addresses ({status})");
-        };
-        Ok(Self { child, relay_url, http, cloud, cloud_udp, _data: data })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn cloud_addr(&self) -> EndpointAddr {
-        let addrs = std::iter::once(TransportAddr::Relay(self.relay_url.clone()))
-            .chain(self.cloud_udp.iter().map(|a| TransportAddr::Ip(*a)));
-        EndpointAddr::from_parts(self.cloud, addrs)
-    }
-
-    /// One gauge of the relay's `/metrics`.
-    async fn gauge(&self, name: &str) -> anyhow::Result<i64> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut tcp = tokio::net::TcpStream::connect(self.http).await?;
-        tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n").await?;
-        let mut text = String::new();
-        tcp.read_to_string(&mut text).await?;
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| anyhow!("/metrics has no {name}"))
-    }
-}
-
-/// A process's resident set (VmRSS) in bytes.
-fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kib| kib * 1024)
-        .ok_or_else(|| anyhow!("process {pid} has no VmRSS (has it exited?)"))
-}
-
 /// The relay's RSS after `settle`, the smallest of five readings a second apart (the allocator
 /// returns memory lazily; the smallest is the steadiest).
 async fn settled_rss(pid: u32, settle: Duration) -> anyhow::Result<u64> {
@@ -849,16 +747,7 @@ async fn idle_device(
 }
 
 async fn idle_devices(n: usize, relay_bin: Option<&Path>) -> anyhow::Result<Value> {
-    let bin = match relay_bin {
-        Some(p) => p.to_path_buf(),
-        None => std::env::current_exe()?.with_file_name("feedmesh-relay"),
-    };
-    if !bin.exists() {
-        bail!(
-            "{} is missing: run `cargo build --release -p feedmesh-relay` first (or pass --relay-bin)",
-            bin.display()
-        );
-    }
+    let bin = relay_bin_of(relay_bin)?;
     let relay = RelayProcess::spawn(&bin)?;
     let pid = relay.pid();
     println!("feedmesh-relay (pid {pid}) up: {} (cloud {:?})", relay.relay_url, relay.cloud_udp);
@@ -878,9 +767,7 @@ async fn idle_devices(n: usize, relay_bin: Option<&Path>) -> anyhow::Result<Valu
             &EndpointOptions { bind: Some(loopback()), ..Default::default() },
         )
         .await?;
-        let cloud =
-            EndpointAddr::from_parts(relay.cloud, relay.cloud_udp.iter().map(|a| TransportAddr::Ip(*a)));
-        let conn = tokio::time::timeout(Duration::from_secs(20), ep.connect(cloud, ALPN))
+        let conn = tokio::time::timeout(Duration::from_secs(20), ep.connect(relay.cloud_udp_addr(), ALPN))
             .await
             .map_err(|_| anyhow!("the relay process's cloud endpoint did not answer within 20 s"))??;
         for batch in users.chunks(directory::CHANGES_PER_BATCH_MAX) {
