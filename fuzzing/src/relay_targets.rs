@@ -22,6 +22,7 @@ use axum::Router;
 use engine::signing::{self, hex, DeviceId};
 use relay::cloud::{Account, Cloud, Limits};
 use relay::http::{App, Guard};
+use relay::login::Client;
 use tower::ServiceExt;
 use transport::{Request, Response};
 
@@ -89,9 +90,10 @@ fn build() -> Relay {
             },
         ))
         .expect("the cloud endpoint binds on loopback");
-    // Spend the one login attempt of the fuzzer's address and of every fixture device.
-    let clients = std::iter::once(format!("address:{}", client().ip()))
-        .chain(w.keys.iter().map(|k| format!("device:{}", DeviceId::of(k))));
+    // Spend the one login attempt of the fuzzer's address and of every fixture device: with
+    // `logins_per_minute = 0` a client's bucket holds one token and never refills.
+    let clients = std::iter::once(Client::Address(client().ip()))
+        .chain(w.keys.iter().map(|k| Client::Device(DeviceId::of(k))));
     for (i, client) in clients.enumerate() {
         let _ = endpoints.block_on(cloud.clone().verify_password(format!("setup{i}"), "x".into(), client));
     }
