@@ -51,6 +51,20 @@ pub struct Limits {
     pub logins_per_minute: u32,
     /// Long-poll requests waiting at once (more get 503 and a Retry-After).
     pub long_polls_max: usize,
+    /// HTTP connections open at once (more are closed as soon as they are accepted). Keep it
+    /// well below the process's file-handle limit: the relay server and storage need some too.
+    pub http_connections_max: usize,
+    /// HTTP connections one peer address may hold open at once (trusted proxies are exempt:
+    /// every client behind one shares its address).
+    pub http_connections_per_address: usize,
+    /// Longest wait for a request's header, in milliseconds: from when a connection is ready
+    /// for a request (just opened, or done with the previous one) to the header's last byte.
+    pub http_header_timeout_ms: u64,
+    /// Longest a request's body may take to arrive, in milliseconds from its header.
+    pub http_body_timeout_ms: u64,
+    /// A connection that moves no byte either way for this long, in milliseconds, while no
+    /// request of it is being handled, is closed (a client that stops reading its answer).
+    pub http_idle_timeout_ms: u64,
     /// Lifetime of a login or admin-issued account token, in seconds.
     pub token_ttl_secs: u64,
     /// Live tokens per account; issuing one more drops the oldest.
@@ -69,6 +83,11 @@ impl Default for Limits {
             http_burst: 200,
             logins_per_minute: 10,
             long_polls_max: 1024,
+            http_connections_max: 512,
+            http_connections_per_address: 32,
+            http_header_timeout_ms: 10_000,
+            http_body_timeout_ms: 60_000,
+            http_idle_timeout_ms: 30_000,
             token_ttl_secs: 30 * 24 * 3600,
             tokens_per_account: 32,
         }

@@ -10,12 +10,15 @@
 //! `POST /v1/logout` revokes the presented token. Tokens expire (`limits.token_ttl_secs`) and
 //! survive a restart (the store keeps their hashes).
 //!
-//! Limits: a token bucket per client address on every request (`http_requests_per_second`,
+//! Limits: connections, and how long a header, a body or an idle connection may take
+//! ([`conn`]); a token bucket per client address on every request (`http_requests_per_second`,
 //! `http_burst`), login attempts per account and per address (`logins_per_minute`), long-polls
 //! waiting at once (`long_polls_max`); over a limit the answer is 429 (or 503 for long-polls)
 //! with `Retry-After`. Behind a reverse proxy every client shares the proxy's address.
 //!
 //! Errors are JSON `{"error": "..."}` with a fitting status.
+
+pub mod conn;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;

@@ -6,9 +6,11 @@
 //! - the **embedded iroh relay server** that forwards encrypted QUIC packets between devices that
 //!   cannot reach each other directly (it sees only ciphertext);
 //! - an **HTTP API** (axum): REST resources in JSON, feeds as FeedSync Atom, FeedSync POST,
-//!   long-poll notifications, health and Prometheus metrics ([`http`]).
+//!   long-poll notifications, health and Prometheus metrics ([`http`]), served on connections
+//!   with bounded number, header, body and idle times ([`http::conn`]).
 //!
-//! Storage is one redb file (`relay.redb` in the data directory) plus the cloud key file.
+//! Storage is one redb file (`relay.redb` in the data directory, mode 0600) plus the cloud key
+//! file.
 
 pub mod cloud;
 pub mod http;
@@ -312,11 +314,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         relay_clients,
         guard: Arc::new(http::Guard::new(&cfg.limits, cfg.trusted_proxies.clone())),
     });
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await {
-            tracing::error!(error = %e, "HTTP server stopped");
-        }
-    }));
+    let bounds = http::conn::Bounds::new(&cfg.limits, cfg.trusted_proxies.clone());
+    tasks.push(tokio::spawn(http::conn::serve(listener, app, bounds, cloud.metrics.clone())));
     tracing::info!(cloud = %cloud.id, http = %http_addr, relay = %relay_url, qad = ?qad_addr, "relay started");
     Ok(Running {
         cloud,

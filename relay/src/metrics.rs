@@ -33,6 +33,7 @@ pub struct Metrics {
     pub items_stored: Counter,
     pub notices_sent: Counter,
     pub long_polls: Gauge,
+    pub http_connections: Gauge,
 }
 
 impl Metrics {
@@ -59,6 +60,7 @@ impl Metrics {
         registry.register("items_stored", "Item versions written to storage", self.items_stored.clone());
         registry.register("notices_sent", "Change notices pushed to devices", self.notices_sent.clone());
         registry.register("long_polls", "Long-poll requests waiting", self.long_polls.clone());
+        registry.register("http_connections", "Open HTTP API connections", self.http_connections.clone());
         let relay = Gauge::<i64>::default();
         relay.set(relay_clients);
         registry.register("relay_clients", "Endpoints connected to the embedded iroh relay", relay);
