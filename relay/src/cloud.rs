@@ -6,7 +6,7 @@
 //! feeds with the devices that may hold them (engine rule `Directory::may_hold`), and devices
 //! verify every version it passes on.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -46,11 +46,18 @@ pub struct Limits {
     pub http_requests_per_second: u32,
     /// HTTP API: bucket size (burst) per client address.
     pub http_burst: u32,
-    /// Login attempts per minute, per account and per client address (argon2 is costly on
-    /// purpose; this also slows password guessing).
+    /// Login attempts per minute of one client (an HTTP address, or a device asking to pair) at
+    /// one account, and of one client over all accounts; pairing requests of one account also
+    /// share one such budget (see [`crate::login`]). Argon2 is costly on purpose; this also
+    /// slows password guessing.
     pub logins_per_minute: u32,
     /// Long-poll requests waiting at once (more get 503 and a Retry-After).
     pub long_polls_max: usize,
+    /// Long-poll requests one account (the admin counts as one) may have waiting at once (more
+    /// get 429 and a Retry-After).
+    pub long_polls_per_account: usize,
+    /// Long-poll requests one client address may have waiting at once (more get 429).
+    pub long_polls_per_address: usize,
     /// HTTP connections open at once (more are closed as soon as they are accepted). Keep it
     /// well below the process's file-handle limit: the relay server and storage need some too.
     pub http_connections_max: usize,
@@ -83,6 +90,8 @@ impl Default for Limits {
             http_burst: 200,
             logins_per_minute: 10,
             long_polls_max: 1024,
+            long_polls_per_account: 8,
+            long_polls_per_address: 32,
             http_connections_max: 512,
             http_connections_per_address: 32,
             http_header_timeout_ms: 10_000,
@@ -113,9 +122,15 @@ pub struct Event {
     pub folder: Option<String>,
     #[serde(skip)]
     pub folder_id: Option<FolderId>,
+    /// For a directory event: the users it concerns (see [`directory_audience`]); only they
+    /// (and the admin) see it. Empty for folder events, which show to the folder's participants.
+    #[serde(skip)]
+    pub audience: BTreeSet<UserId>,
 }
 
 const EVENTS_KEPT: usize = 4096;
+/// Most users one directory event names; a change concerning more becomes several events.
+pub const AUDIENCE_MAX: usize = 64;
 
 /// An HTTP bearer token, kept under its BLAKE3 hash: neither memory dumps of the map nor the
 /// store hold a usable token.
@@ -125,6 +140,29 @@ pub struct TokenRecord {
     pub account: String,
     pub issued: i64,
     pub expires: i64,
+    /// Issue order: one more than any token's before it, so the oldest of an account's tokens
+    /// is the one with the least serial, even among tokens issued in the same second. Records
+    /// stored before it existed read as 0 (they are older than any that has one).
+    pub serial: u64,
+}
+
+/// How a token was stored before it had a serial.
+#[derive(Deserialize)]
+struct TokenRecordV1 {
+    account: String,
+    issued: i64,
+    expires: i64,
+}
+
+impl TokenRecord {
+    /// Decodes a stored record, of either form.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if let Ok(record) = postcard::from_bytes::<TokenRecord>(bytes) {
+            return Some(record);
+        }
+        let v1: TokenRecordV1 = postcard::from_bytes(bytes).ok()?;
+        Some(Self { account: v1.account, issued: v1.issued, expires: v1.expires, serial: 0 })
+    }
 }
 
 /// Longest account name and password a login may carry.
@@ -138,6 +176,8 @@ pub enum LoginError {
     Wrong,
     #[error("too many login attempts, retry in {0} s")]
     RateLimited(u64),
+    #[error("too many logins waiting for a password check, retry in {0} s")]
+    Busy(u64),
     #[error("account names are at most {ACCOUNT_MAX} bytes, passwords at most {PASSWORD_MAX}")]
     TooLong,
 }
@@ -181,9 +221,8 @@ pub struct Cloud {
     pub metrics: Metrics,
     store: Store,
     state: Mutex<State>,
-    /// Login attempts per account and per client (HTTP address or device), shared by HTTP
-    /// login and pairing requests.
-    logins: Mutex<crate::limit::Buckets<String>>,
+    /// Who may try a password, and when (HTTP login and pairing requests): [`crate::login`].
+    logins: crate::login::Logins,
     /// Argon2 runs at most this many at once, whoever asks (new device keys and account names
     /// cost an attacker nothing; CPU does cost us).
     hashing: tokio::sync::Semaphore,
@@ -205,8 +244,8 @@ impl Cloud {
         };
         let mut tokens = BTreeMap::new();
         for (hash, bytes) in store.tokens()? {
-            let record: TokenRecord =
-                postcard::from_bytes(&bytes).map_err(|_| anyhow::anyhow!("a stored token is corrupt"))?;
+            let record =
+                TokenRecord::decode(&bytes).ok_or_else(|| anyhow::anyhow!("a stored token is corrupt"))?;
             tokens.insert(hash, record);
         }
         let mut replicas = BTreeMap::new();
@@ -244,8 +283,7 @@ impl Cloud {
             epoch,
         };
         let id = DeviceId::of(&key);
-        let per_min = f64::from(limits.logins_per_minute);
-        let logins = Mutex::new(crate::limit::Buckets::new(per_min / 60.0, per_min, 1 << 16));
+        let logins = crate::login::Logins::new(limits.logins_per_minute);
         Ok(Self {
             key,
             id,
@@ -270,28 +308,54 @@ impl Cloud {
         self.notices.subscribe()
     }
 
+    /// Tells devices (notices) and long-polls (events) that something changed. A directory
+    /// change goes through [`Cloud::publish_directory`], which knows whom it concerns.
     fn publish(&self, st: &mut State, notice: Notice, origin: Option<DeviceId>) {
-        let (kind, folder_id) = match &notice {
-            Notice::Folder(f) => ("folder", Some(*f)),
-            Notice::Directory => ("directory", None),
-            Notice::Pairing => {
-                return {
-                    let _ = self.notices.send((notice, origin));
-                }
-            }
-        };
+        if let Notice::Folder(f) = &notice {
+            Self::push_event(st, "folder", Some(*f), BTreeSet::new());
+            self.events_changed.notify_waiters();
+        }
+        let _ = self.notices.send((notice, origin));
+    }
+
+    /// Publishes new directory `changes`: long-polls see them as events naming the users they
+    /// concern ([`directory_audience`]), at most [`AUDIENCE_MAX`] a event.
+    fn publish_directory(
+        &self,
+        st: &mut State,
+        changes: &[engine::directory::SignedChange],
+        origin: Option<DeviceId>,
+    ) {
+        let users: Vec<UserId> = directory_audience(&st.dir, changes).into_iter().collect();
+        if users.is_empty() {
+            // Still an event (the admin sees every one), named to nobody else.
+            Self::push_event(st, "directory", None, BTreeSet::new());
+        }
+        for chunk in users.chunks(AUDIENCE_MAX) {
+            Self::push_event(st, "directory", None, chunk.iter().copied().collect());
+        }
+        self.events_changed.notify_waiters();
+        let _ = self.notices.send((Notice::Directory, origin));
+    }
+
+    /// Appends one long-poll event, keeping the last [`EVENTS_KEPT`].
+    fn push_event(
+        st: &mut State,
+        kind: &'static str,
+        folder_id: Option<FolderId>,
+        audience: BTreeSet<UserId>,
+    ) {
         st.event_seq += 1;
         st.events.push_back(Event {
             seq: st.event_seq,
             kind,
             folder: folder_id.map(|f| engine::signing::hex(&f.0)),
             folder_id,
+            audience,
         });
         while st.events.len() > EVENTS_KEPT {
             st.events.pop_front();
         }
-        self.events_changed.notify_waiters();
-        let _ = self.notices.send((notice, origin));
     }
 
     /// Saves directory changes not yet stored; notifies if there were any.
@@ -313,7 +377,7 @@ impl Cloud {
             }
         }
         self.metrics.directory_changes.inc_by(new.len() as u64);
-        self.publish(st, Notice::Directory, origin);
+        self.publish_directory(st, &new, origin);
         Ok(())
     }
 
@@ -542,8 +606,10 @@ impl Cloud {
     ) -> anyhow::Result<Response> {
         match request {
             Request::PairRequest { account, password, commitment } => {
-                let user =
-                    self.clone().verify_password(account, password, format!("device:{device}")).await?;
+                let user = self
+                    .clone()
+                    .verify_password(account, password, crate::login::Client::Device(device))
+                    .await?;
                 let mut guard = self.lock();
                 let st = &mut *guard;
                 if st.dir.user_of(&device).is_some() {
@@ -603,28 +669,24 @@ impl Cloud {
         Ok(user)
     }
 
-    /// Checks an account's password for a client (`address:IP` over HTTP, `device:ID` over
-    /// QUIC). The account and the client each spend a login attempt first, so guessing and
-    /// argon2 load are both bounded; the hash runs on a blocking thread, outside the lock.
+    /// Checks an account's password for a client (an HTTP address, or a device asking to pair).
+    /// The attempt first spends the client's login budgets ([`crate::login`]: none is shared
+    /// with other clients of the account, so their guesses cannot lock it out), then waits for
+    /// an argon2 lane (proven clients have their own); the hash runs on a blocking thread,
+    /// outside the lock. A success makes the (account, client) pair proven.
     pub async fn verify_password(
         self: Arc<Self>,
         account: String,
         password: String,
-        client: String,
+        client: crate::login::Client,
     ) -> Result<UserId, LoginError> {
         if account.len() > ACCOUNT_MAX || password.len() > PASSWORD_MAX {
             return Err(LoginError::TooLong);
         }
-        {
-            let now = now_us();
-            let mut logins = self.logins.lock().unwrap_or_else(|e| e.into_inner());
-            for key in [format!("account:{account}"), client] {
-                logins.take(&key, now).map_err(LoginError::RateLimited)?;
-            }
-        }
+        let lane = self.logins.admit(&account, &client, now_us())?;
         let phc = self.lock().accounts.get(&account).map(|a| (a.phc.clone(), a.user));
-        let _permit = self.hashing.acquire().await.map_err(|_| LoginError::Wrong)?;
-        tokio::task::spawn_blocking(move || {
+        let _permit = self.logins.permit(lane, &self.hashing).await?;
+        let user = tokio::task::spawn_blocking(move || {
             // An unknown account costs the same hash as a known one, so timing does not tell.
             let (phc, user) = match phc {
                 Some((phc, user)) => (phc, Some(user)),
@@ -635,7 +697,17 @@ impl Cloud {
             user.ok_or(LoginError::Wrong)
         })
         .await
-        .map_err(|_| LoginError::Wrong)?
+        .map_err(|_| LoginError::Wrong)??;
+        self.logins.proven(&account, &client, now_us());
+        Ok(user)
+    }
+
+    /// Records that `client` holds a live token of `account` (it presented one): the pair is
+    /// proven, like after a successful login ([`crate::login`]).
+    pub fn token_holder(&self, token: &str, account: &str, client: &crate::login::Client) {
+        if self.token_account(token).is_some_and(|a| a == account) {
+            self.logins.proven(account, client, now_us());
+        }
     }
 
     /// Answers one control request that needs no password work.
@@ -791,37 +863,54 @@ impl Cloud {
             .filter(|(_, t)| t.expires <= now && !t.account.is_empty())
             .map(|(h, _)| *h)
             .collect();
-        let mut mine: Vec<(i64, [u8; 32])> = st
+        // Oldest first: by serial (issue order), then (records from before serials) by time;
+        // the hash only orders old records of the same second.
+        let mut mine: Vec<(u64, i64, [u8; 32])> = st
             .tokens
             .iter()
             .filter(|(_, t)| t.account == account && t.expires > now)
-            .map(|(h, t)| (t.issued, *h))
+            .map(|(h, t)| (t.serial, t.issued, *h))
             .collect();
         mine.sort_unstable();
         let excess = (mine.len() + 1).saturating_sub(self.limits.tokens_per_account.max(1));
-        gone.extend(mine.into_iter().take(excess).map(|(_, h)| h));
+        gone.extend(mine.into_iter().take(excess).map(|(_, _, h)| h));
+        let serial = st.tokens.values().map(|t| t.serial).max().unwrap_or(0).saturating_add(1);
         let hash = token_hash(&token);
-        let record =
-            TokenRecord { account: account.to_string(), issued: now, expires: now.saturating_add(ttl) };
+        let record = TokenRecord {
+            account: account.to_string(),
+            issued: now,
+            expires: now.saturating_add(ttl),
+            serial,
+        };
         self.store.put_token(&hash, &postcard::to_allocvec(&record)?, &gone)?;
         for h in &gone {
             st.tokens.remove(h);
         }
         st.tokens.insert(hash, record);
+        if !gone.is_empty() {
+            // Long-polls of a dropped token end (they check their token when woken).
+            self.events_changed.notify_waiters();
+        }
         Ok(token)
     }
 
     /// The admin token (from the config or `admin.token`): never expires, never stored here.
     pub fn set_admin_token(&self, token: &str) {
-        self.lock()
-            .tokens
-            .insert(token_hash(token), TokenRecord { account: String::new(), issued: 0, expires: i64::MAX });
+        self.lock().tokens.insert(
+            token_hash(token),
+            TokenRecord { account: String::new(), issued: 0, expires: i64::MAX, serial: 0 },
+        );
     }
 
     /// The account a live token speaks for ("" for the admin).
     pub fn token_account(&self, token: &str) -> Option<String> {
+        self.token_record(token).map(|t| t.account)
+    }
+
+    /// A live token's record.
+    pub fn token_record(&self, token: &str) -> Option<TokenRecord> {
         let st = self.lock();
-        st.tokens.get(&token_hash(token)).filter(|t| t.expires > now_secs()).map(|t| t.account.clone())
+        st.tokens.get(&token_hash(token)).filter(|t| t.expires > now_secs()).cloned()
     }
 
     /// Revokes a token (logout). The admin token stays.
@@ -833,6 +922,9 @@ impl Cloud {
         }
         self.store.delete_tokens(&[h])?;
         st.tokens.remove(&h);
+        drop(st);
+        // Long-polls of this token end (they check their token when woken).
+        self.events_changed.notify_waiters();
         Ok(true)
     }
 }
@@ -850,6 +942,61 @@ fn request_kind(r: &Request) -> &'static str {
         Request::PairList => "pair-list",
         Request::PairNonce { .. } => "pair-nonce",
     }
+}
+
+/// The users directory `changes` concern, in the state after them: the author's user; the user
+/// a device change is about; the invitee of an invitation; a removed member; and everyone taking
+/// part in (owner or active member of) a folder a change touches. A long-poll shows a directory
+/// event only to them (and to the admin).
+pub fn directory_audience(dir: &Directory, changes: &[engine::directory::SignedChange]) -> BTreeSet<UserId> {
+    use engine::directory::{MemberState, Op};
+    let state = dir.state();
+    let mut users = BTreeSet::new();
+    let mut folders = BTreeSet::new();
+    for change in changes {
+        let author = change.body.author;
+        users.extend(state.device_user.get(&author).copied());
+        match &change.body.op {
+            Op::CreateUser { .. } => {
+                users.insert(UserId::of_first_device(author));
+            }
+            Op::AddDevice { user, .. } | Op::RemoveDevice { user, .. } => {
+                users.insert(*user);
+            }
+            Op::CreateFolder { .. } => {
+                folders.insert(change.folder_id());
+            }
+            Op::Invite { folder, invitee, .. } => {
+                users.insert(*invitee);
+                folders.insert(*folder);
+            }
+            Op::Resend { invitation }
+            | Op::Cancel { invitation }
+            | Op::Accept { invitation }
+            | Op::Decline { invitation } => {
+                if let Some(inv) = dir.invitation(invitation) {
+                    users.insert(inv.invitee);
+                    folders.insert(inv.folder);
+                }
+            }
+            Op::RemoveMember { folder, user } => {
+                users.insert(*user);
+                folders.insert(*folder);
+            }
+            Op::Map { folder } => {
+                folders.insert(*folder);
+            }
+            Op::Unmap { folder, device } => {
+                users.extend(state.device_user.get(device).copied());
+                folders.insert(*folder);
+            }
+        }
+    }
+    for f in folders.iter().filter_map(|f| dir.folder(f)) {
+        users.insert(f.owner);
+        users.extend(f.members.iter().filter(|(_, m)| m.state == MemberState::Active).map(|(u, _)| *u));
+    }
+    users
 }
 
 fn hash_password(password: &str) -> anyhow::Result<String> {

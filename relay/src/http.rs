@@ -8,18 +8,27 @@
 //! notifications (`GET /v1/notifications?since=N&timeout=S`, held up to 60 s).
 //!
 //! `POST /v1/logout` revokes the presented token. Tokens expire (`limits.token_ttl_secs`) and
-//! survive a restart (the store keeps their hashes).
+//! survive a restart (the store keeps their hashes); an account keeps at most
+//! `tokens_per_account`, and issuing one more drops its oldest. A long-poll waits only while its
+//! token lives: logging the token out, or its expiry, ends it with 401.
+//!
+//! A long-poll shows folder events of folders the caller may see, and directory events that
+//! concern the caller's user (its devices, folders it takes part in, invitations to it: see
+//! `cloud::directory_audience`); the admin sees every event.
 //!
 //! Limits: connections, and how long a header, a body or an idle connection may take
 //! ([`conn`]); a token bucket per client address on every request (`http_requests_per_second`,
-//! `http_burst`), login attempts per account and per address (`logins_per_minute`), long-polls
-//! waiting at once (`long_polls_max`); over a limit the answer is 429 (or 503 for long-polls)
-//! with `Retry-After`. Behind a reverse proxy every client shares the proxy's address.
+//! `http_burst`); login attempts per (account, client) and per client, with argon2 lanes
+//! ([`crate::login`]); long-polls waiting at once, in all (`long_polls_max`, then 503), per
+//! account (`long_polls_per_account`) and per client address (`long_polls_per_address`, then
+//! 429). Refusals carry `Retry-After`. Behind a reverse proxy listed in `trusted_proxies`, the
+//! client is the forwarded address; otherwise every client behind it shares its address.
 //!
 //! Errors are JSON `{"error": "..."}` with a fitting status.
 
 pub mod conn;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +57,10 @@ use crate::metrics::Reason;
 pub struct Guard {
     requests: std::sync::Mutex<Buckets<IpAddr>>,
     trusted_proxies: Vec<IpAddr>,
+    long_polls: std::sync::Mutex<LongPolls>,
+    long_polls_max: usize,
+    long_polls_per_account: usize,
+    long_polls_per_address: usize,
 }
 
 impl Guard {
@@ -59,7 +72,89 @@ impl Guard {
                 1 << 16,
             )),
             trusted_proxies,
+            long_polls: std::sync::Mutex::new(LongPolls::default()),
+            long_polls_max: limits.long_polls_max,
+            long_polls_per_account: limits.long_polls_per_account,
+            long_polls_per_address: limits.long_polls_per_address,
         }
+    }
+
+    fn long_polls(&self) -> std::sync::MutexGuard<'_, LongPolls> {
+        self.long_polls.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Long-polls waiting, in all, by account ("" for the admin) and by client address. Every key
+/// has at least one waiting, so each map holds at most `long_polls_max` entries.
+#[derive(Debug, Default)]
+struct LongPolls {
+    total: usize,
+    by_account: BTreeMap<String, usize>,
+    by_address: BTreeMap<IpAddr, usize>,
+}
+
+/// Why a long-poll was turned away.
+#[derive(Clone, Copy, Debug)]
+enum LongPollRefusal {
+    /// `long_polls_max` are waiting (503).
+    Full,
+    /// The account has `long_polls_per_account` waiting (429).
+    Account,
+    /// The address has `long_polls_per_address` waiting (429).
+    Address,
+}
+
+/// `Retry-After` for a refused long-poll, in seconds.
+const LONG_POLL_RETRY_S: u64 = 5;
+
+/// One waiting long-poll, holding its places in [`LongPolls`] and the `long_polls` gauge; they
+/// are given back however the request ends (a client that goes away drops the handler's future).
+struct Waiting {
+    app: App,
+    account: String,
+    client: IpAddr,
+}
+
+impl Waiting {
+    fn enter(app: &App, account: &str, client: IpAddr) -> Result<Self, LongPollRefusal> {
+        let guard = &app.guard;
+        let mut polls = guard.long_polls();
+        if polls.total >= guard.long_polls_max {
+            return Err(LongPollRefusal::Full);
+        }
+        let by_account = polls.by_account.get(account).copied().unwrap_or(0);
+        if by_account >= guard.long_polls_per_account {
+            return Err(LongPollRefusal::Account);
+        }
+        let by_address = polls.by_address.get(&client).copied().unwrap_or(0);
+        if by_address >= guard.long_polls_per_address {
+            return Err(LongPollRefusal::Address);
+        }
+        polls.total += 1;
+        polls.by_account.insert(account.to_string(), by_account + 1);
+        polls.by_address.insert(client, by_address + 1);
+        app.cloud.metrics.long_polls.inc();
+        Ok(Self { app: app.clone(), account: account.to_string(), client })
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let mut polls = self.app.guard.long_polls();
+        polls.total = polls.total.saturating_sub(1);
+        if let Some(n) = polls.by_account.get_mut(&self.account) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                polls.by_account.remove(&self.account);
+            }
+        }
+        if let Some(n) = polls.by_address.get_mut(&self.client) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                polls.by_address.remove(&self.client);
+            }
+        }
+        self.app.cloud.metrics.long_polls.dec();
     }
 }
 
@@ -247,13 +342,15 @@ enum Principal {
 
 fn principal(app: &App, headers: &HeaderMap) -> Result<Principal, ApiError> {
     let token = bearer(headers)?;
-    match app.cloud.token_account(token) {
-        Some(name) if name.is_empty() => Ok(Principal::Admin),
-        Some(name) => {
-            app.cloud.lock().accounts.get(&name).map(|a| Principal::User(a.user)).ok_or_else(unauthorized)
-        }
-        None => Err(unauthorized()),
+    principal_of(app, &app.cloud.token_account(token).ok_or_else(unauthorized)?)
+}
+
+/// Who a live token's account ("" for the admin) speaks for.
+fn principal_of(app: &App, account: &str) -> Result<Principal, ApiError> {
+    if account.is_empty() {
+        return Ok(Principal::Admin);
     }
+    app.cloud.lock().accounts.get(account).map(|a| Principal::User(a.user)).ok_or_else(unauthorized)
 }
 
 fn count(app: &App, route: &str) {
@@ -319,22 +416,29 @@ struct Login {
 async fn login(
     State(app): State<App>,
     Extension(Client(client)): Extension<Client>,
+    headers: HeaderMap,
     Json(body): Json<Login>,
 ) -> Result<Json<Value>, Response> {
     count(&app, "login");
     let account = body.account.clone();
-    let user = app
-        .cloud
-        .clone()
-        .verify_password(body.account, body.password, format!("address:{client}"))
-        .await
-        .map_err(|e| match e {
-            LoginError::RateLimited(retry) => {
-                too_many(&app, "login-rate", StatusCode::TOO_MANY_REQUESTS, retry)
-            }
-            LoginError::TooLong => bad(e.to_string()).into_response(),
-            LoginError::Wrong => ApiError(StatusCode::UNAUTHORIZED, e.to_string()).into_response(),
-        })?;
+    let client = crate::login::Client::Address(client);
+    // A client presenting a live token of the account is proven (its own argon2 lane).
+    if let Ok(token) = bearer(&headers) {
+        app.cloud.token_holder(token, &account, &client);
+    }
+    let user =
+        app.cloud.clone().verify_password(body.account, body.password, client).await.map_err(
+            |e| match e {
+                LoginError::RateLimited(retry) => {
+                    too_many(&app, "login-rate", StatusCode::TOO_MANY_REQUESTS, retry)
+                }
+                LoginError::Busy(retry) => {
+                    too_many(&app, "login-busy", StatusCode::SERVICE_UNAVAILABLE, retry)
+                }
+                LoginError::TooLong => bad(e.to_string()).into_response(),
+                LoginError::Wrong => ApiError(StatusCode::UNAUTHORIZED, e.to_string()).into_response(),
+            },
+        )?;
     let token = app.cloud.issue_token(&account).map_err(|e| internal(e).into_response())?;
     Ok(Json(json!({ "token": token, "user": hex(&user.0), "expires_in": app.cloud.limits.token_ttl_secs })))
 }
@@ -636,35 +740,47 @@ struct Poll {
     timeout: Option<u64>,
 }
 
-/// One waiting long-poll (a slot of the `long_polls` gauge); counted down however the request ends (a client that goes away drops
-/// the handler's future).
-struct Waiting(App);
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        self.0.cloud.metrics.long_polls.dec();
-    }
-}
-
 async fn notifications(
     State(app): State<App>,
+    Extension(Client(client)): Extension<Client>,
     headers: HeaderMap,
     Query(q): Query<Poll>,
 ) -> Result<Json<Value>, Response> {
     count(&app, "notifications");
-    let who = principal(&app, &headers).map_err(IntoResponse::into_response)?;
+    let token = bearer(&headers).map_err(IntoResponse::into_response)?;
+    let record = app.cloud.token_record(token).ok_or_else(|| unauthorized().into_response())?;
+    let who = principal_of(&app, &record.account).map_err(IntoResponse::into_response)?;
     let since = q.since.unwrap_or(0);
     let wait = Duration::from_secs(q.timeout.unwrap_or(LONG_POLL_MAX_S).min(LONG_POLL_MAX_S));
-    let deadline = tokio::time::Instant::now() + wait;
-    // The waiting gauge is the count: take a slot, give it back if there was none.
-    let _waiting = Waiting(app.clone());
-    let before = app.cloud.metrics.long_polls.inc();
-    if usize::try_from(before).unwrap_or(usize::MAX) >= app.cloud.limits.long_polls_max {
-        return Err(too_many(&app, "long-polls", StatusCode::SERVICE_UNAVAILABLE, 5));
-    }
-    let result = loop {
-        // Register before looking, so an event between the look and the wait still wakes us.
+    let started = tokio::time::Instant::now();
+    let deadline = started + wait;
+    // The token's expiry (unix seconds) ends the wait too, if it comes first.
+    let token_left_us = i128::from(record.expires) * 1_000_000 - i128::from(transport::now_us());
+    let token_end = u64::try_from(token_left_us.max(0))
+        .ok()
+        .and_then(|us| started.checked_add(Duration::from_micros(us)))
+        .filter(|end| *end < deadline);
+    let _waiting = Waiting::enter(&app, &record.account, client).map_err(|refusal| match refusal {
+        LongPollRefusal::Full => {
+            too_many(&app, "long-polls", StatusCode::SERVICE_UNAVAILABLE, LONG_POLL_RETRY_S)
+        }
+        LongPollRefusal::Account => {
+            too_many(&app, "long-polls-account", StatusCode::TOO_MANY_REQUESTS, LONG_POLL_RETRY_S)
+        }
+        LongPollRefusal::Address => {
+            too_many(&app, "long-polls-address", StatusCode::TOO_MANY_REQUESTS, LONG_POLL_RETRY_S)
+        }
+    })?;
+    loop {
+        // Register before looking, so an event (or a logout) between the look and the wait still
+        // wakes us.
         let notified = app.cloud.events_changed.notified();
+        let live = token_end.is_none_or(|end| tokio::time::Instant::now() < end)
+            && app.cloud.token_account(token).is_some_and(|a| a == record.account);
+        if !live {
+            return Err(ApiError(StatusCode::UNAUTHORIZED, "the token was logged out or expired".into())
+                .into_response());
+        }
         let (events, latest) = {
             let st = app.cloud.lock();
             let events: Vec<Value> = st
@@ -674,20 +790,19 @@ async fn notifications(
                 .filter(|e| match (&who, &e.folder_id) {
                     (Principal::Admin, _) => true,
                     (Principal::User(_), Some(f)) => may_see(&st, &who, f).is_ok(),
-                    (Principal::User(_), None) => true,
+                    (Principal::User(u), None) => e.audience.contains(u),
                 })
                 .map(|e| serde_json::to_value(e).unwrap_or(Value::Null))
                 .collect();
             (events, st.event_seq)
         };
         if !events.is_empty() || tokio::time::Instant::now() >= deadline {
-            break Json(json!({ "events": events, "latest": latest }));
+            return Ok(Json(json!({ "events": events, "latest": latest })));
         }
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            break Json(json!({ "events": [], "latest": latest }));
-        }
-    };
-    Ok(result)
+        // Woken by an event, a token change or the token's end: look again (the top checks the
+        // token); at the deadline the next look answers.
+        let _ = tokio::time::timeout_at(token_end.unwrap_or(deadline), notified).await;
+    }
 }
 
 /// A device id from hex.

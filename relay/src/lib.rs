@@ -15,6 +15,7 @@
 pub mod cloud;
 pub mod http;
 pub mod limit;
+pub mod login;
 pub mod metrics;
 
 use std::net::SocketAddr;

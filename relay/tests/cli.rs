@@ -37,6 +37,10 @@ fn the_documented_config_file_is_valid() {
     let cfg = relay::Config::from_file(&path).unwrap();
     assert_eq!(cfg.trusted_proxies, vec![std::net::IpAddr::from([127, 0, 0, 1])]);
     assert_eq!(cfg.limits.tokens_per_account, 32);
+    // Every limit is documented, with its default.
+    let documented: toml::Table = toml::from_str(&doc[start..end]).unwrap();
+    let defaults = toml::Table::try_from(relay::Limits::default()).unwrap();
+    assert_eq!(documented["limits"].as_table(), Some(&defaults), "[limits] in docs/deploy.md");
 }
 
 #[test]
