@@ -212,6 +212,9 @@ pub struct State {
     epoch: u64,
 }
 
+/// Most posted items merged under one hold of the cloud's lock.
+pub const POST_CHUNK_ITEMS: usize = 256;
+
 /// The cloud.
 #[derive(Debug)]
 pub struct Cloud {
@@ -248,10 +251,21 @@ impl Cloud {
                 TokenRecord::decode(&bytes).ok_or_else(|| anyhow::anyhow!("a stored token is corrupt"))?;
             tokens.insert(hash, record);
         }
+        // A store from before signature v2: the cloud holds no key, so it keeps only what
+        // verifies; devices send the rest again, signed anew, in their next sessions.
+        if let Some(m) = store.migrate_signatures(|folder, item| {
+            engine::signing::migrate_signatures(item, &folder.scope(), None)
+        })? {
+            tracing::warn!(
+                kept = m.kept,
+                dropped = m.dropped,
+                "migrated stored items to folder-bound signatures"
+            );
+        }
         let mut replicas = BTreeMap::new();
         let mut persisted = BTreeMap::new();
         for folder in store.folders()? {
-            let mut replica = Replica::new_signed(epoch);
+            let mut replica = Replica::new_signed(epoch, folder.scope());
             replica.set_signers(Some(dir.signers(&folder)));
             let items: Vec<_> = store.load_items(&folder)?.into_iter().map(Arc::new).collect();
             replica
@@ -296,6 +310,15 @@ impl Cloud {
             notices,
             events_changed: Notify::new(),
         })
+    }
+
+    /// The state if no one holds it now (tests check that long work leaves it free).
+    pub fn try_lock(&self) -> Option<MutexGuard<'_, State>> {
+        match self.state.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 
     pub fn lock(&self) -> MutexGuard<'_, State> {
@@ -547,7 +570,8 @@ impl Cloud {
             let mut st = self.lock();
             let policy = self.policy(&mut st, folder);
             let epoch = st.epoch;
-            let replica = st.replicas.entry(folder).or_insert_with(|| Replica::new_signed(epoch));
+            let replica =
+                st.replicas.entry(folder).or_insert_with(|| Replica::new_signed(epoch, folder.scope()));
             AuthSession::respond(sid, policy, channel, replica, transport::stream_config())
         };
         let handle = |s: &mut AuthSession, now: Micros, bytes: &[u8]| {
@@ -555,10 +579,16 @@ impl Cloud {
                 return Err(engine::sync::SyncError::Protocol("rate limit".into()));
             }
             self.metrics.frames_received.inc();
+            // Signatures are checked before the cloud's lock is taken (issue 11: a message's
+            // ed25519 work must not stall every other device and request).
+            let signers = self.lock().replicas.get(&folder).and_then(Replica::signers);
+            let verified = transport::preverify(bytes, Some(folder.scope()), signers.as_deref());
             let mut guard = self.lock();
             let st = &mut *guard;
             let epoch = st.epoch;
-            let replica = st.replicas.entry(folder).or_insert_with(|| Replica::new_signed(epoch));
+            let replica =
+                st.replicas.entry(folder).or_insert_with(|| Replica::new_signed(epoch, folder.scope()));
+            replica.set_verified(verified);
             let result = s.handle_message(now, &mut st.dir, replica, bytes);
             if let Err(e) = self.persist_directory(st, Some(device)) {
                 tracing::error!(error = %e, "saving directory changes");
@@ -816,32 +846,90 @@ impl Cloud {
 
     /// Merges items posted over HTTP into the cloud's replica (each must carry valid signatures of
     /// the folder's signers). Returns (merged, changed, refused with reasons).
+    ///
+    /// Work proportional to the body runs outside the cloud's lock: versions by a device that may
+    /// not write the folder are refused first, without checking their signatures; the rest are
+    /// verified with no lock held; merging and saving then take the lock for at most
+    /// [`POST_CHUNK_ITEMS`] items at a time. Bytes added count against the storage limit of the
+    /// device that signed each item's winner, as a session's bytes count against its device.
     pub fn merge_posted(
         &self,
         folder: &FolderId,
         items: Vec<Item>,
     ) -> anyhow::Result<(usize, usize, Vec<String>)> {
-        let mut guard = self.lock();
-        let st = &mut *guard;
-        if st.dir.folder(folder).is_none() {
-            anyhow::bail!("no such folder");
-        }
-        let signers = st.dir.signers(folder);
-        let epoch = st.epoch;
-        let replica = st.replicas.entry(*folder).or_insert_with(|| Replica::new_signed(epoch));
-        replica.set_signers(Some(signers));
-        let (mut merged, mut changed, mut refused) = (0, 0, Vec::new());
+        let signers = {
+            let st = self.lock();
+            if st.dir.folder(folder).is_none() {
+                anyhow::bail!("no such folder");
+            }
+            st.dir.signers(folder)
+        };
+        let mut refused = Vec::new();
+        let mut accepted = Vec::new();
         for item in items {
-            let id = item.id().as_str().to_string();
-            match replica.merge(&Arc::new(item)) {
-                Ok(c) => {
-                    merged += 1;
-                    changed += usize::from(c);
-                }
-                Err(e) => refused.push(format!("{id}: {e}")),
+            let outsider =
+                std::iter::once(&item.version).chain(item.conflicts.iter()).find_map(|v| {
+                    match v.topmost().by.as_ref().and_then(DeviceId::from_endpoint) {
+                        Some(d) if signers.contains(&d) => None,
+                        Some(d) => Some(format!("signed by {d}, which may not write this folder")),
+                        None => Some("its topmost history entry names no device".to_string()),
+                    }
+                });
+            match outsider {
+                Some(why) => refused.push(format!("{}: {why}", item.id().as_str())),
+                None => accepted.push(item),
             }
         }
-        self.persist_folder(st, folder, None)?;
+        let scope = folder.scope();
+        let verified =
+            engine::signing::Verified::check(&accepted, &scope, Some(&signers), transport::verify_threads());
+        let limit = self.limits.storage_bytes_per_device;
+        let (mut merged, mut changed) = (0, 0);
+        for chunk in accepted.chunks(POST_CHUNK_ITEMS) {
+            // The winner's signer, by construction one of `signers`.
+            let author = |item: &Item| item.version.topmost().by.as_ref().and_then(DeviceId::from_endpoint);
+            let mut over = BTreeSet::new();
+            for device in chunk.iter().filter_map(author).collect::<BTreeSet<_>>() {
+                if self.store.usage(&device.0)? > limit {
+                    over.insert(device);
+                }
+            }
+            let mut added: BTreeMap<DeviceId, u64> = BTreeMap::new();
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            let epoch = st.epoch;
+            let replica =
+                st.replicas.entry(*folder).or_insert_with(|| Replica::new_signed(epoch, folder.scope()));
+            replica.set_signers(Some(signers.clone()));
+            replica.set_verified(verified.clone());
+            for item in chunk {
+                let id = item.id().as_str().to_string();
+                let Some(device) = author(item) else { continue };
+                if over.contains(&device) {
+                    self.metrics.refusals.get_or_create(&crate::metrics::Reason::new("storage-limit")).inc();
+                    refused.push(format!("{id}: storage limit of {limit} bytes reached by {device}"));
+                    continue;
+                }
+                let item = Arc::new(item.clone());
+                match replica.merge(&item) {
+                    Ok(c) => {
+                        merged += 1;
+                        changed += usize::from(c);
+                        if c {
+                            *added.entry(device).or_default() +=
+                                wire::encoded_len(&wire::to_wire(&item)) as u64;
+                        }
+                    }
+                    Err(e) => refused.push(format!("{id}: {e}")),
+                }
+            }
+            replica.set_verified(Default::default());
+            self.persist_folder(st, folder, None)?;
+            drop(guard);
+            for (device, bytes) in added {
+                self.store.add_usage(&device.0, bytes)?;
+            }
+        }
         Ok((merged, changed, refused))
     }
 
