@@ -72,6 +72,17 @@ pub struct Limits {
     /// A connection that moves no byte either way for this long, in milliseconds, while no
     /// request of it is being handled, is closed (a client that stops reading its answer).
     pub http_idle_timeout_ms: u64,
+    /// QUIC handshakes per second one source address may start at the cloud endpoint (token
+    /// bucket; connections through the relay server share one bucket). A connection from a new
+    /// key leaves about 25 KiB in iroh's per-remote state for 60 s after it closes, so this is
+    /// what bounds the memory connect/close churn can hold (issue 11, defect 9).
+    pub quic_handshakes_per_second: u32,
+    /// Bucket size (burst) of [`Limits::quic_handshakes_per_second`].
+    pub quic_handshake_burst: u32,
+    /// QUIC handshakes per second from all sources together (a flood from many addresses).
+    pub quic_handshakes_per_second_total: u32,
+    /// QUIC connections to the cloud endpoint open at once (more are refused at the handshake).
+    pub quic_connections_max: usize,
     /// Lifetime of a login or admin-issued account token, in seconds.
     pub token_ttl_secs: u64,
     /// Live tokens per account; issuing one more drops the oldest.
@@ -97,6 +108,10 @@ impl Default for Limits {
             http_header_timeout_ms: 10_000,
             http_body_timeout_ms: 60_000,
             http_idle_timeout_ms: 30_000,
+            quic_handshakes_per_second: 10,
+            quic_handshake_burst: 50,
+            quic_handshakes_per_second_total: 200,
+            quic_connections_max: 16_384,
             token_ttl_secs: 30 * 24 * 3600,
             tokens_per_account: 32,
         }

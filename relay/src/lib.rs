@@ -17,6 +17,7 @@ pub mod http;
 pub mod limit;
 pub mod login;
 pub mod metrics;
+pub mod quic;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -288,20 +289,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     cloud.set_admin_token(&admin_token);
 
     let mut tasks = Vec::new();
-    let accept_cloud = cloud.clone();
-    let accept_ep = endpoint.clone();
-    tasks.push(tokio::spawn(async move {
-        while let Some(incoming) = accept_ep.accept().await {
-            let cloud = accept_cloud.clone();
-            tokio::spawn(async move {
-                let Ok(accepting) = incoming.accept() else { return };
-                match accepting.await {
-                    Ok(conn) => cloud.serve(conn).await,
-                    Err(e) => tracing::debug!(error = %e, "handshake failed"),
-                }
-            });
-        }
-    }));
+    tasks.push(tokio::spawn(quic::accept(endpoint.clone(), cloud.clone())));
 
     let listener = tokio::net::TcpListener::bind(cfg.http)
         .await

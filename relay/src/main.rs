@@ -7,6 +7,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc returns freed memory to the system (glibc's malloc kept what connection churn had
+/// freed resident: issue 11, defect 9); the library does not choose an allocator.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The feedmesh cloud and relay: directory, tickets, a replica of every feed, an HTTP API and an
 /// iroh relay server, in one process.
 #[derive(Parser, Debug)]
