@@ -112,17 +112,26 @@ fn connections_are_capped_per_address_and_in_all() {
     });
     relay.wait_for("open connections", open, 6);
     relay.rt.block_on(async {
-        // Six in all: a seventh is closed, whoever it is.
+        // Six in all, none handling a request: a seventh is served, and the oldest connection of
+        // the address holding the most (127.0.0.2) is closed in its place. (Before, the seventh
+        // was closed: attackers spread over many addresses kept every new client out.)
         let mut seventh = connect_from("127.0.0.4", to).await;
-        assert_eq!(get_on(&mut seventh, "/health").await, None, "a seventh connection in all");
+        assert_eq!(get_on(&mut seventh, "/health").await, Some(200), "a seventh connection in all");
+        assert!(read_until_closed(&mut held[0]).await.is_some(), "the oldest of 127.0.0.2 was closed");
+        assert_eq!(get_on(&mut held[1], "/health").await, Some(200), "the others stay");
     });
     let metrics = relay.running().cloud.metrics.render(0);
-    assert!(metrics.contains("feedmesh_refusals_total{kind=\"http-connections\"} 2"), "{metrics}");
+    assert!(metrics.contains("feedmesh_refusals_total{kind=\"http-connections\"} 1"), "{metrics}");
+    assert!(metrics.contains("feedmesh_refusals_total{kind=\"http-connections-evicted\"} 1"), "{metrics}");
     // A connection that goes gives its place back.
-    drop(held.remove(0));
+    // Open now: five (six, plus the seventh, less the evicted one, less the seventh, gone).
     relay.wait_for("open connections", open, 5);
+    drop(held.remove(1));
+    relay.wait_for("open connections", open, 4);
     relay.rt.block_on(async {
-        let mut again = connect_from("127.0.0.4", to).await;
+        let mut again = connect_from("127.0.0.5", to).await;
         assert_eq!(get_on(&mut again, "/health").await, Some(200));
     });
+    let metrics = relay.running().cloud.metrics.render(0);
+    assert!(metrics.contains("feedmesh_refusals_total{kind=\"http-connections-evicted\"} 1"), "no eviction with room: {metrics}");
 }

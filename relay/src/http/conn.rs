@@ -4,9 +4,16 @@
 //! `axum::serve` has none of these, so the API is served here with hyper's HTTP/1 connection
 //! driver, which axum uses underneath:
 //!
-//! - at most `http_connections_max` connections at once and `http_connections_per_address` from
-//!   one peer address (trusted proxies count only toward the first); a connection over either is
-//!   closed as soon as it is accepted (`feedmesh_refusals_total{kind="http-connections"}`);
+//! - at most `http_connections_per_address` connections from one peer address (trusted proxies
+//!   are exempt); one more is closed as soon as it is accepted
+//!   (`feedmesh_refusals_total{kind="http-connections"}`);
+//! - at most `http_connections_max` at once. When they are all taken, a new connection is still
+//!   admitted and one that is not handling a request (idle, or still sending a header) is closed
+//!   in its place: from the address holding the most connections, its oldest
+//!   (`kind="http-connections-evicted"`). So attackers spread over many addresses cannot keep a
+//!   monitoring check or a new client out by filling the table (the load benchmark
+//!   `relay_load` found exactly that). Only when every connection is handling a request is the
+//!   new one closed instead;
 //! - a request's header must arrive within `http_header_timeout_ms` of the connection being ready
 //!   for it (hyper's `header_read_timeout`, which also closes a keep-alive connection that sends
 //!   no next request);
@@ -104,11 +111,30 @@ fn is_connection_error(e: &io::Error) -> bool {
 }
 
 /// Open connections, in all and by peer address. Every address in the map has at least one
-/// connection, so it holds at most `connections_max` entries.
+/// connection, so it holds at most `connections_max` entries (plus those being evicted).
 #[derive(Debug, Default)]
 struct Counts {
     total: usize,
     by_address: BTreeMap<IpAddr, usize>,
+    /// Every open connection not yet told to close, by admission order.
+    live: BTreeMap<u64, (IpAddr, Arc<Activity>)>,
+    next_id: u64,
+}
+
+impl Counts {
+    /// Tells one connection that is handling no request to close (see the module docs); whether
+    /// there was one.
+    fn evict(&mut self) -> bool {
+        let victim = self
+            .live
+            .iter()
+            .filter(|(_, (_, activity))| activity.busy.load(Ordering::Relaxed) == 0)
+            .max_by_key(|(id, (ip, _))| (self.by_address.get(ip).copied().unwrap_or(0), std::cmp::Reverse(**id)))
+            .map(|(id, _)| *id);
+        let Some((_, activity)) = victim.and_then(|id| self.live.remove(&id)) else { return false };
+        activity.evict.notify_one();
+        true
+    }
 }
 
 #[derive(Debug)]
@@ -120,20 +146,29 @@ struct Open {
 
 impl Open {
     /// A slot for a connection from `ip`, if both caps allow one.
+    /// Work: one pass over the open connections when the table is full (at most
+    /// `connections_max` plus those being evicted), under the connection table's own lock.
     fn admit(this: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
         let mut counts = this.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if counts.total >= this.bounds.connections_max {
-            return None;
-        }
         let exempt = this.bounds.trusted_proxies.contains(&ip);
         let mine = counts.by_address.get(&ip).copied().unwrap_or(0);
         if !exempt && mine >= this.bounds.connections_per_address {
             return None;
         }
+        if counts.live.len() >= this.bounds.connections_max {
+            if !counts.evict() {
+                return None;
+            }
+            this.metrics.refusals.get_or_create(&Reason::new("http-connections-evicted")).inc();
+        }
         counts.total += 1;
         counts.by_address.insert(ip, mine + 1);
+        let id = counts.next_id;
+        counts.next_id += 1;
+        let activity = Arc::new(Activity::new());
+        counts.live.insert(id, (ip, activity.clone()));
         this.metrics.http_connections.inc();
-        Some(Slot { open: this.clone(), ip })
+        Some(Slot { open: this.clone(), ip, id, activity })
     }
 }
 
@@ -142,11 +177,14 @@ impl Open {
 struct Slot {
     open: Arc<Open>,
     ip: IpAddr,
+    id: u64,
+    activity: Arc<Activity>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut counts = self.open.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.live.remove(&self.id);
         counts.total = counts.total.saturating_sub(1);
         if let Some(n) = counts.by_address.get_mut(&self.ip) {
             *n = n.saturating_sub(1);
@@ -160,9 +198,9 @@ impl Drop for Slot {
 
 /// Serves one connection until it ends, a timeout closes it, or the server stops.
 async fn connection(stream: TcpStream, peer: SocketAddr, slot: Slot, router: Router, bounds: Arc<Bounds>) {
+    let activity = slot.activity.clone();
     let _slot = slot;
     let _ = stream.set_nodelay(true);
-    let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Tracked { inner: stream, activity: activity.clone() });
     let body_timeout = bounds.body_timeout;
     let service = hyper::service::service_fn({
@@ -191,6 +229,9 @@ async fn connection(stream: TcpStream, peer: SocketAddr, slot: Slot, router: Rou
         () = activity.idle(bounds.idle_timeout) => {
             tracing::debug!(%peer, "closing an idle HTTP connection");
         }
+        () = activity.evict.notified() => {
+            tracing::debug!(%peer, "closing an HTTP connection to make room for a new one");
+        }
     }
 }
 
@@ -200,11 +241,18 @@ struct Activity {
     start: Instant,
     last_ms: AtomicU64,
     busy: AtomicUsize,
+    /// Told when the connection must close to make room (see [`Counts::evict`]).
+    evict: tokio::sync::Notify,
 }
 
 impl Activity {
     fn new() -> Self {
-        Self { start: Instant::now(), last_ms: AtomicU64::new(0), busy: AtomicUsize::new(0) }
+        Self {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            busy: AtomicUsize::new(0),
+            evict: tokio::sync::Notify::new(),
+        }
     }
 
     fn now_ms(&self) -> u64 {
