@@ -214,6 +214,8 @@ async fn per_address(
 
 /// Largest FeedSync document accepted by POST.
 pub const POST_FEED_MAX: usize = 16 << 20;
+/// FeedSync POSTs parsed and merged at once (each on a blocking thread); more get 503.
+pub const POSTS_AT_ONCE: usize = 2;
 /// Largest body any other request may carry.
 pub const BODY_MAX: usize = 1 << 20;
 /// Longest a long-poll is held.
@@ -229,6 +231,8 @@ pub struct App {
     pub qad_port: Option<u16>,
     pub relay_clients: Arc<AtomicI64>,
     pub guard: Arc<Guard>,
+    /// [`POSTS_AT_ONCE`] permits.
+    pub posting: Arc<tokio::sync::Semaphore>,
 }
 
 /// The relay server's access control: only the cloud and devices active in the directory may use
@@ -724,13 +728,23 @@ async fn post_feed(
     let who = principal(&app, &headers)?;
     let id = parse_folder(&id)?;
     may_see(&app.cloud.lock(), &who, &id)?;
-    let feed = read_feed(&body)
-        .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("not a FeedSync feed: {e}")))?;
-    let items: Vec<Item> = feed.items().cloned().collect();
-    let (merged, changed, refused) = app
-        .cloud
-        .merge_posted(&id, items)
-        .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    // Parsing, verifying and merging a body of up to 16 MB is seconds of CPU: it runs on a
+    // blocking thread, at most POSTS_AT_ONCE at a time (more get 503), so the runtime's workers
+    // stay free for every other request (the load benchmark saw /health wait behind posts).
+    let Ok(permit) = app.posting.clone().try_acquire_owned() else {
+        return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "busy with other posts, retry shortly".into()));
+    };
+    let cloud = app.cloud.clone();
+    let work = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let feed = read_feed(&body)
+            .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("not a FeedSync feed: {e}")))?;
+        let items: Vec<Item> = feed.items().cloned().collect();
+        drop(feed);
+        cloud.merge_posted(&id, items).map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
+    });
+    let (merged, changed, refused) =
+        work.await.map_err(|e| internal(anyhow::anyhow!("post task: {e}")))??;
     Ok(Json(json!({ "merged": merged, "changed": changed, "refused": refused })))
 }
 

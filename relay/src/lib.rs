@@ -302,6 +302,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         qad_port,
         relay_clients,
         guard: Arc::new(http::Guard::new(&cfg.limits, cfg.trusted_proxies.clone())),
+        posting: Arc::new(tokio::sync::Semaphore::new(http::POSTS_AT_ONCE)),
     });
     let bounds = http::conn::Bounds::new(&cfg.limits, cfg.trusted_proxies.clone());
     tasks.push(tokio::spawn(http::conn::serve(listener, app, bounds, cloud.metrics.clone())));
