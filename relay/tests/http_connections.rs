@@ -133,5 +133,8 @@ fn connections_are_capped_per_address_and_in_all() {
         assert_eq!(get_on(&mut again, "/health").await, Some(200));
     });
     let metrics = relay.running().cloud.metrics.render(0);
-    assert!(metrics.contains("feedmesh_refusals_total{kind=\"http-connections-evicted\"} 1"), "no eviction with room: {metrics}");
+    assert!(
+        metrics.contains("feedmesh_refusals_total{kind=\"http-connections-evicted\"} 1"),
+        "no eviction with room: {metrics}"
+    );
 }

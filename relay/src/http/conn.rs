@@ -129,7 +129,9 @@ impl Counts {
             .live
             .iter()
             .filter(|(_, (_, activity))| activity.busy.load(Ordering::Relaxed) == 0)
-            .max_by_key(|(id, (ip, _))| (self.by_address.get(ip).copied().unwrap_or(0), std::cmp::Reverse(**id)))
+            .max_by_key(|(id, (ip, _))| {
+                (self.by_address.get(ip).copied().unwrap_or(0), std::cmp::Reverse(**id))
+            })
             .map(|(id, _)| *id);
         let Some((_, activity)) = victim.and_then(|id| self.live.remove(&id)) else { return false };
         activity.evict.notify_one();
