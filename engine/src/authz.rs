@@ -236,31 +236,37 @@ impl AuthSession {
     pub fn poll_timeout(&self) -> Option<Micros> {
         match self.phase {
             Phase::Directory => self.deadline,
-            Phase::Feed => self.inner.as_ref().and_then(|i| i.poll_timeout()),
+            Phase::Feed => {
+                let inner = self.inner.as_ref().and_then(|i| i.poll_timeout());
+                // A responder waiting for the Hello keeps the directory phase's timer (a fresh
+                // feed responder has none): else a peer that goes silent after DirDone leaves
+                // the session running for good (found by the `auth_responder` fuzz target).
+                inner.or(self.deadline.filter(|_| self.waits_for_hello()))
+            }
             Phase::Over => None,
         }
+    }
+
+    /// A responder whose feed session is running and has heard nothing yet.
+    fn waits_for_hello(&self) -> bool {
+        self.role == Role::Responder
+            && !self.feed_heard
+            && self.outcome.is_none()
+            && self.inner.as_ref().is_some_and(|i| matches!(i.outcome(), Outcome::Running))
     }
 
     pub fn handle_timeout(&mut self, now: Micros) {
         match self.phase {
             Phase::Over => {}
+            Phase::Feed if self.waits_for_hello() && self.deadline.is_some_and(|d| now >= d) => {
+                self.retransmit_dir(now);
+            }
             Phase::Directory => {
                 let Some(deadline) = self.deadline else { return };
                 if now < deadline {
                     return;
                 }
-                if self.retries >= self.cfg.max_retries {
-                    self.phase = Phase::Over;
-                    self.outcome = Some(Outcome::Failed(SyncError::Timeout(self.retries)));
-                    return;
-                }
-                self.retries += 1;
-                if let Some(last) = self.last_dir.clone() {
-                    self.transmit.push_back(last);
-                }
-                let backoff =
-                    (self.cfg.rto_us << self.retries.min(16)).min(self.cfg.rto_max_us.max(self.cfg.rto_us));
-                self.deadline = Some(now + backoff);
+                self.retransmit_dir(now);
             }
             Phase::Feed => {
                 let Some(inner) = self.inner.as_mut() else { return };
@@ -274,6 +280,23 @@ impl AuthSession {
                 }
             }
         }
+    }
+
+    /// The directory phase's timer fired (or, for a responder, the wait for the Hello): resend
+    /// the last directory message with backoff, or fail after `max_retries`.
+    fn retransmit_dir(&mut self, now: Micros) {
+        if self.retries >= self.cfg.max_retries {
+            self.phase = Phase::Over;
+            self.deadline = None;
+            self.outcome = Some(Outcome::Failed(SyncError::Timeout(self.retries)));
+            return;
+        }
+        self.retries += 1;
+        if let Some(last) = self.last_dir.clone() {
+            self.transmit.push_back(last);
+        }
+        let backoff = (self.cfg.rto_us << self.retries.min(16)).min(self.cfg.rto_max_us.max(self.cfg.rto_us));
+        self.deadline = Some(now + backoff);
     }
 
     /// Handles a message from the peer. Errors are returned for undecodable or refused input;
@@ -297,7 +320,7 @@ impl AuthSession {
             }
             let Some(inner) = self.inner.as_mut() else { return Ok(()) };
             let result = inner.handle_message(now, replica, bytes);
-            if self.role == Role::Initiator && result.is_ok() {
+            if result.is_ok() {
                 self.feed_heard = true;
             }
             self.drain_inner();
@@ -416,7 +439,9 @@ impl AuthSession {
         };
         self.inner = Some(inner);
         self.phase = Phase::Feed;
-        self.deadline = None;
+        // A responder keeps its directory timer (restarted) until the Hello arrives.
+        self.deadline = (self.role == Role::Responder).then(|| now + self.cfg.rto_us);
+        self.retries = 0;
         self.drain_inner();
     }
 

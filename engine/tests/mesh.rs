@@ -813,3 +813,59 @@ fn batch_verification_does_not_depend_on_the_thread_count() {
         assert_eq!(fresh.digest(), source.digest(), "{threads} threads");
     }
 }
+
+/// Found by the `auth_responder` fuzz target: an authorized responder whose peer goes silent
+/// after the directory phase had no timer (the directory timer was dropped and a fresh feed
+/// responder has none), so the session ran for good. Now it keeps resending its last directory
+/// message with backoff and fails with a timeout.
+#[test]
+fn a_responder_whose_peer_falls_silent_after_authorization_times_out() {
+    let mut w = World::new();
+    let (mut da, mut db) = (w.dir.clone(), w.dir.clone());
+    let (mut ra, mut rb) = (signed_replica(&w, &[("x", "a1")]), Replica::new_signed(2, w.folder.scope()));
+    let (pa, pb) = (w.policy("a1", T0), w.policy("b1", T0));
+    let cfg = Config::default();
+    let mut si = AuthSession::initiate(
+        9,
+        T0,
+        w.folder,
+        pa,
+        w.device("b1").into(),
+        &da,
+        &ra,
+        cfg.clone(),
+        Retained::default(),
+    );
+    let mut sr: Option<AuthSession> = None;
+    // Deliver both ways until the responder is authorized, then the initiator falls silent.
+    for _ in 0..16 {
+        if sr.as_ref().is_some_and(|s| s.authorized()) {
+            break;
+        }
+        while let Some(m) = si.poll_transmit() {
+            let s = sr.get_or_insert_with(|| {
+                AuthSession::respond(9, pb.clone(), w.device("a1").into(), &rb, cfg.clone())
+            });
+            let _ = s.handle_message(T0, &mut db, &mut rb, &m);
+        }
+        if let Some(s) = sr.as_mut() {
+            while let Some(m) = s.poll_transmit() {
+                let _ = si.handle_message(T0, &mut da, &mut ra, &m);
+            }
+        }
+    }
+    let mut sr = sr.expect("a responder");
+    assert!(sr.authorized());
+    while sr.poll_transmit().is_some() {}
+    let mut resent = 0;
+    for _ in 0..=cfg.max_retries + 1 {
+        let Some(at) = sr.poll_timeout() else { break };
+        sr.handle_timeout(at);
+        while sr.poll_transmit().is_some() {
+            resent += 1;
+        }
+    }
+    assert!(matches!(sr.outcome(), Outcome::Failed(SyncError::Timeout(_))), "{:?}", sr.outcome());
+    assert_eq!(sr.poll_timeout(), None);
+    assert_eq!(resent, cfg.max_retries as usize, "the last directory message, resent with backoff");
+}
