@@ -104,6 +104,7 @@ fn build() -> Relay {
         qad_port: None,
         relay_clients: Arc::new(AtomicI64::new(0)),
         guard: Arc::new(Guard::new(&limits, Vec::new())),
+        posting: Arc::new(tokio::sync::Semaphore::new(relay::http::POSTS_AT_ONCE)),
     };
     let requests = tokio::runtime::Builder::new_current_thread()
         .enable_all()
