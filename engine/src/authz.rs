@@ -247,12 +247,15 @@ impl AuthSession {
         }
     }
 
-    /// A responder whose feed session is running and has heard nothing yet.
+    /// A responder whose feed session is running and has not answered a Hello yet (it answers
+    /// every Hello it takes; a message it ignores, such as one of another session, does not count).
     fn waits_for_hello(&self) -> bool {
         self.role == Role::Responder
-            && !self.feed_heard
             && self.outcome.is_none()
-            && self.inner.as_ref().is_some_and(|i| matches!(i.outcome(), Outcome::Running))
+            && self
+                .inner
+                .as_ref()
+                .is_some_and(|i| matches!(i.outcome(), Outcome::Running) && i.stats().messages_sent == 0)
     }
 
     pub fn handle_timeout(&mut self, now: Micros) {
@@ -320,7 +323,7 @@ impl AuthSession {
             }
             let Some(inner) = self.inner.as_mut() else { return Ok(()) };
             let result = inner.handle_message(now, replica, bytes);
-            if result.is_ok() {
+            if self.role == Role::Initiator && result.is_ok() {
                 self.feed_heard = true;
             }
             self.drain_inner();
