@@ -30,6 +30,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::authz::Refusal;
+use crate::feedsync::xml::xml_forbids;
 use crate::feedsync::{Content, Dialect, Endpoint, Feed, Item, ItemId, When};
 use crate::signing::{self, hex, DeviceId, DeviceKey, Sig64, SignatureError};
 
@@ -215,6 +216,13 @@ impl SignedChange {
         match &b.op {
             Op::CreateUser { name } | Op::CreateFolder { name } if name.len() > NAME_BYTES_MAX => {
                 return Err(bad("name too long"))
+            }
+            // Names go into the news feed's XML and onto terminals: no control characters (which
+            // covers every character XML forbids but U+FFFE and U+FFFF) and none of those two.
+            Op::CreateUser { name } | Op::CreateFolder { name }
+                if name.chars().any(|c| c.is_control() || xml_forbids(c)) =>
+            {
+                return Err(bad("name holds a control character or one XML forbids"))
             }
             _ => {}
         }

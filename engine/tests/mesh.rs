@@ -869,3 +869,23 @@ fn a_responder_whose_peer_falls_silent_after_authorization_times_out() {
     assert_eq!(sr.poll_timeout(), None);
     assert_eq!(resent, cfg.max_retries as usize, "the last directory message, resent with backoff");
 }
+
+/// Issue 11 (found by the `directory` fuzz target): a user's or folder's name goes into the
+/// directory's news feed and onto terminals, so a name with a character XML forbids (NUL) or a
+/// control character (an escape) is refused where the change enters, and the news feed of what
+/// was accepted holds the feed invariants.
+#[test]
+fn directory_names_with_control_characters_are_refused() {
+    let mut w = World::new();
+    let a1 = w.key("a1").clone();
+    let before = w.dir.digest();
+    for name in ["nul\0here", "esc\x1b[31mred", "line\nbreak", "del\x7f", "c1\u{85}", "nonchar\u{ffff}"] {
+        for op in [Op::CreateFolder { name: name.into() }, Op::CreateUser { name: name.into() }] {
+            let refused = w.dir.make(&a1, 30, op);
+            assert!(matches!(refused, Err(DirError::Malformed { .. })), "{name:?}: {refused:?}");
+        }
+    }
+    assert_eq!(w.dir.digest(), before, "a refused change changes nothing");
+    w.dir.make(&a1, 31, Op::CreateFolder { name: "Ünïcode names & spaces <ok>".into() }).unwrap();
+    w.dir.news().check_invariants().expect("the news feed holds the feed invariants");
+}

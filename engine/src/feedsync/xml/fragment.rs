@@ -39,7 +39,9 @@ pub enum ContentProblem {
 
 /// XML 1.0 `Char` minus what a document may not hold even escaped: C0 controls but tab, LF and
 /// CR; U+FFFE and U+FFFF.
-fn forbidden(c: char) -> bool {
+/// A character XML 1.0 does not allow in a document, even escaped (C0 controls other than tab,
+/// newline and carriage return; U+FFFE; U+FFFF).
+pub fn forbidden(c: char) -> bool {
     (c < ' ' && !matches!(c, '\t' | '\n' | '\r')) || c == '\u{fffe}' || c == '\u{ffff}'
 }
 
