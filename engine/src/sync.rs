@@ -712,10 +712,14 @@ impl Session {
         self.outcome = Outcome::Failed(err);
     }
 
-    /// Items from the outbox, up to `budget` encoded bytes (at least one, if any).
+    /// Items from the outbox, up to `budget` encoded bytes. The first item goes even past the
+    /// budget when the budget is the whole message's, since it could never go otherwise (items
+    /// are bounded by `ITEM_ENCODED_MAX` so that this cannot happen with the default limits);
+    /// under a smaller budget (a message that also carries wants) it waits for the next chunk.
     fn take_chunk(&mut self, replica: &Replica, budget: usize) -> Vec<WireItem> {
         let mut items = Vec::new();
         let mut used = 0usize;
+        let whole = self.cfg.max_message_bytes.saturating_sub(256);
         while let Some(id) = self.outbox.front() {
             let Some(item) = replica.item(id) else {
                 self.outbox.pop_front();
@@ -723,7 +727,7 @@ impl Session {
             };
             let wire_item = wire::to_wire(item);
             let len = wire::encoded_len(&wire_item);
-            if !items.is_empty() && used + len > budget {
+            if used + len > budget && (!items.is_empty() || budget < whole) {
                 break;
             }
             used += len;

@@ -412,3 +412,55 @@ fn a_hello_with_self_repeating_symbols_is_refused() {
     assert!(matches!(err, engine::sync::SyncError::Symbols(_)), "{err}");
     assert!(replica.is_empty());
 }
+
+/// Issue 12, item 6: an item that cannot travel in one sync message is never made. A local write
+/// past the limit is refused with a typed error and changes nothing; two concurrent versions that
+/// each fit but together would not merge into an item that keeps only the conflicts that fit (the
+/// same on both sides); and sessions after both go on syncing, with a third replica too. Before
+/// the bound, the merged item (winner and conflict, about 1.2 MB) was sent alone in a message
+/// over the 1 MiB limit, which the peer refused: every later session with it failed.
+#[test]
+fn items_too_large_for_a_message_are_never_made_and_sessions_go_on() {
+    use engine::feedsync::{limits::ITEM_ENCODED_MAX, FeedsyncError};
+    let big = |fill: char, bytes: usize| Edit {
+        content: Some(Arc::new(Content {
+            attrs: "".into(),
+            inner: format!("<title>{}</title>", fill.to_string().repeat(bytes)).into(),
+            ..Content::empty()
+        })),
+        ..Edit::default()
+    };
+    let (mut a, mut b) = pair(10, 0, 0, 0);
+    let (ea, eb) = (Endpoint::new("a").unwrap(), Endpoint::new("b").unwrap());
+    let t = When::from_unix_secs(1_600_000_300).unwrap();
+    let before = a.digest();
+    let refused = a.change(&ItemId::new("huge").unwrap(), &ea, &t, &big('h', 1_100_000));
+    assert!(
+        matches!(refused, Err(FeedsyncError::TooLarge { bytes, .. }) if bytes > ITEM_ENCODED_MAX),
+        "{refused:?}"
+    );
+    assert_eq!(a.digest(), before, "a refused write changes nothing");
+    // Concurrent edits of one item, 600 kB each: together over the limit.
+    let id = ItemId::new("c0").unwrap();
+    a.change(&id, &ea, &t, &big('a', 600_000)).unwrap();
+    b.change(&id, &eb, &t, &big('b', 600_000)).unwrap();
+    a.change(&ItemId::new("small").unwrap(), &ea, &t, &content("after")).unwrap();
+    let r = run(&mut a, &mut b, Retained::default(), CLEAN, 7, Config::default());
+    assert!(matches!(r.a_outcome, Outcome::Done { .. }), "{:?}", r.a_outcome);
+    a.check_invariants().unwrap();
+    b.check_invariants().unwrap();
+    assert_eq!(a.digest(), b.digest());
+    let merged = a.item(&id).unwrap();
+    assert!(merged.encoded_bound() <= ITEM_ENCODED_MAX);
+    assert!(merged.conflicts.is_empty(), "the losing 600 kB version does not fit beside the winner");
+    // A third replica takes everything from a, in a fresh full reconciliation.
+    let mut c = Replica::new(3);
+    let r = run(&mut c, &mut a, Retained::default(), CLEAN, 8, Config::default());
+    assert!(matches!(r.a_outcome, Outcome::Done { .. }), "{:?}", r.a_outcome);
+    assert_eq!(c.digest(), a.digest());
+    // And a later session between a and b still runs.
+    b.change(&ItemId::new("later").unwrap(), &eb, &t, &content("later")).unwrap();
+    let r = run(&mut a, &mut b, Retained::default(), CLEAN, 9, Config::default());
+    assert!(matches!(r.a_outcome, Outcome::Done { .. }), "{:?}", r.a_outcome);
+    assert_eq!(a.digest(), b.digest());
+}

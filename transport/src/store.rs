@@ -340,7 +340,13 @@ impl Store {
         for entry in table.range::<&[u8]>(lo.as_slice()..hi.as_slice())? {
             let (_, v) = entry?;
             let wire: WireItem = postcard::from_bytes(v.value()).map_err(|_| StoreError::Corrupt("item"))?;
-            out.push(from_wire(&wire).map_err(|_| StoreError::Corrupt("item"))?);
+            match from_wire(&wire) {
+                Ok(item) => out.push(item),
+                Err(_) => match fit_stored(wire) {
+                    Some(item) => out.push(item),
+                    None => return Err(StoreError::Corrupt("item")),
+                },
+            }
         }
         Ok(out)
     }
@@ -514,4 +520,24 @@ mod tests {
         let _first = Store::open(&path, "node").unwrap();
         assert!(matches!(Store::open(&path, "node"), Err(StoreError::Locked)));
     }
+}
+
+/// An item stored before items were bounded to fit a sync message
+/// ([`engine::feedsync::limits::ITEM_ENCODED_MAX`]): it keeps the best conflicts that fit, as a
+/// merge would. `None` if it is invalid otherwise, or its winner alone is too large.
+fn fit_stored(mut wire: WireItem) -> Option<engine::feedsync::Item> {
+    let winner_only = WireItem { version: wire.version.clone(), conflicts: Vec::new() };
+    let winner = from_wire(&winner_only).ok()?;
+    wire.conflicts.truncate(engine::feedsync::limits::CONFLICTS_PER_ITEM_MAX);
+    let conflicts: Vec<_> = wire
+        .conflicts
+        .iter()
+        .map(|c| from_wire(&WireItem { version: c.clone(), conflicts: Vec::new() }).map(|i| i.version))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let conflicts = engine::feedsync::merge::fit_conflicts(&winner.version, conflicts.iter());
+    let item = engine::feedsync::Item { version: winner.version, conflicts };
+    item.check_invariants().ok()?;
+    tracing::warn!(id = %item.id(), "a stored item was over the size limit; kept the conflicts that fit");
+    Some(item)
 }

@@ -17,6 +17,12 @@ pub const WHEN_BYTES_MAX: usize = 64;
 /// Earliest and latest `when` (0000-01-01T00:00:00Z and 9999-12-31T23:59:59Z).
 pub const WHEN_SECS_MIN: i64 = -62_167_219_200;
 pub const WHEN_SECS_MAX: i64 = 253_402_300_799;
+/// Largest encoded item (its winner and conflicts, as [`crate::feedsync::Item::encoded_bound`]
+/// counts them), in bytes: one item always fits in one sync message of the default size (1 MiB,
+/// with 64 KiB left for the message's other fields). Every path that makes an item holds to it: a
+/// local write past it is refused, a merge keeps the best conflicts that fit, a received or read
+/// item past it is refused.
+pub const ITEM_ENCODED_MAX: usize = (1 << 20) - (64 << 10);
 /// Largest raw XML of one item (with its conflicts), in bytes.
 pub const ITEM_BYTES_MAX: usize = 4 << 20;
 /// Most `sx:related` elements in `sx:sharing`.

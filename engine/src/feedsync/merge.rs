@@ -120,12 +120,30 @@ pub fn merged(local: &Item, incoming: &Item) -> Option<Item> {
     let conflicts: Vec<Version> = if winner.noconflicts {
         Vec::new()
     } else {
-        // Step 6: keep the rest as conflicts, bounded (the worst are dropped past the bound,
+        // Step 6: keep the rest as conflicts, bounded (the worst are dropped past the bounds,
         // deterministically, so the merge stays total and convergent).
-        m[1..].iter().take(limits::CONFLICTS_PER_ITEM_MAX).map(|v| (*v).clone()).collect()
+        fit_conflicts(&winner, m[1..].iter().copied())
     };
     let merged = Item { version: winner, conflicts };
     (merged != *local).then_some(merged)
+}
+
+/// The conflicts an item with winner `winner` keeps of `losers` (best first): the longest prefix
+/// within [`limits::CONFLICTS_PER_ITEM_MAX`] versions and [`limits::ITEM_ENCODED_MAX`] bytes for
+/// the whole item. A prefix of the best-first order, so what is kept depends only on the set of
+/// versions: a version dropped here is worse than every kept one and would be dropped again from
+/// any larger set, and merges stay convergent.
+pub fn fit_conflicts<'a>(winner: &Version, losers: impl IntoIterator<Item = &'a Version>) -> Vec<Version> {
+    let mut used = super::model::VARINT + winner.encoded_bound();
+    let mut kept = Vec::new();
+    for v in losers.into_iter().take(limits::CONFLICTS_PER_ITEM_MAX) {
+        used += v.encoded_bound();
+        if used > limits::ITEM_ENCODED_MAX {
+            break;
+        }
+        kept.push(v.clone());
+    }
+    kept
 }
 
 /// Counts of what a feed merge did.

@@ -50,6 +50,8 @@ pub enum FeedsyncError {
     HistoryAnonymous { id: ItemId },
     #[error("item {id}: more than {max} conflicts", max = limits::CONFLICTS_PER_ITEM_MAX)]
     TooManyConflicts { id: ItemId },
+    #[error("item {id}: {bytes} bytes encoded, over the limit of {max} bytes (one item must fit in one sync message)", max = limits::ITEM_ENCODED_MAX)]
+    TooLarge { id: ItemId, bytes: usize },
     #[error("item {id}: a conflict has another sync id")]
     ConflictIdMismatch { id: ItemId },
     #[error("item {id}: content refused: {problem}")]

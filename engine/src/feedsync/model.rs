@@ -337,6 +337,39 @@ pub struct Version {
     pub signature: Option<crate::signing::VersionSignature>,
 }
 
+/// The widest varint (a `u32` length or number), in bytes.
+pub(crate) const VARINT: usize = 5;
+
+impl Version {
+    /// An upper bound of the version's wire encoding, in bytes: every length and number at its
+    /// widest varint, a `when` at its longest text, the signature counted whether present or not.
+    /// Items are bounded by it ([`limits::ITEM_ENCODED_MAX`]) so that one always fits in a sync
+    /// message; it is cheap (no encoding) and independent of the wire code.
+    pub fn encoded_bound(&self) -> usize {
+        // sequence, when (secs, nanos, text), by
+        let entry = VARINT + 1 + (10 + VARINT + 1 + VARINT + limits::WHEN_BYTES_MAX) + 1 + VARINT;
+        let history: usize =
+            self.history.iter().map(|h| entry + h.by.as_ref().map_or(0, |b| b.as_str().len())).sum();
+        let scope: usize =
+            self.content.scope.bindings.iter().map(|(p, u)| 2 * VARINT + p.len() + u.len()).sum();
+        // id, updates, flags, history, attrs, inner, scope, signature
+        VARINT
+            + self.id.as_str().len()
+            + VARINT
+            + 1
+            + VARINT
+            + history
+            + VARINT
+            + self.content.attrs.len()
+            + VARINT
+            + self.content.inner.len()
+            + VARINT
+            + scope
+            + 1
+            + 64
+    }
+}
+
 impl PartialEq for Version {
     /// Same version: same `sx:sync` (id, updates, flags, history) and same content (the
     /// signature is an attestation of the version, not part of it).
@@ -406,10 +439,21 @@ impl Item {
         &self.version.id
     }
 
+    /// An upper bound of the item's wire encoding (winner and conflicts), in bytes.
+    pub fn encoded_bound(&self) -> usize {
+        VARINT
+            + self.version.encoded_bound()
+            + self.conflicts.iter().map(Version::encoded_bound).sum::<usize>()
+    }
+
     pub fn check_invariants(&self) -> Result<(), FeedsyncError> {
         self.version.check_invariants()?;
         if self.conflicts.len() > limits::CONFLICTS_PER_ITEM_MAX {
             return Err(FeedsyncError::TooManyConflicts { id: self.id().clone() });
+        }
+        let bytes = self.encoded_bound();
+        if bytes > limits::ITEM_ENCODED_MAX {
+            return Err(FeedsyncError::TooLarge { id: self.id().clone(), bytes });
         }
         let mut previous: Option<&Version> = None;
         for conflict in &self.conflicts {

@@ -74,14 +74,13 @@ impl Item {
                 }
             }
         }
-        let conflicts: Vec<Version> = pending.into_iter().cloned().collect();
         if history.len() > limits::HISTORY_PER_VERSION_MAX {
             history = sparse_purge(&history);
             if history.len() > limits::HISTORY_PER_VERSION_MAX {
                 return Err(FeedsyncError::HistoryTooLong { id: current.id.clone() });
             }
         }
-        let version = Version {
+        let mut version = Version {
             id: current.id.clone(),
             updates,
             deleted: edit.delete,
@@ -90,8 +89,13 @@ impl Item {
             content: edit.content.clone().unwrap_or_else(|| current.content.clone()),
             signature: None,
         };
+        // A history that makes the version too large for a sync message is purged (3.5) first.
+        if super::model::VARINT + version.encoded_bound() > limits::ITEM_ENCODED_MAX {
+            version.history = Arc::from(sparse_purge(&version.history));
+        }
         // The winner has the greatest `updates` of its item, so ours (one more) beats every
-        // conflict; the conflicts keep their best-first order.
+        // conflict; the conflicts keep their best-first order, as many as fit (the merge's rule).
+        let conflicts = super::merge::fit_conflicts(&version, pending);
         let item = Item { version, conflicts };
         debug_assert!(item.conflicts.iter().all(|c| compare(&item.version, c).is_gt()));
         Ok(item)
@@ -151,17 +155,24 @@ impl Item {
             super::xml::check_content(content)
                 .map_err(|problem| FeedsyncError::Content { id: id.clone(), problem })?;
         }
-        match current {
-            Some(item) => item.update(by, when, edit),
+        let item = match current {
+            Some(item) => item.update(by, when, edit)?,
             None => {
                 let content = edit.content.clone().unwrap_or_else(|| {
                     Arc::new(Content { attrs: "".into(), inner: "".into(), scope: scope.clone() })
                 });
                 let mut item = Item::create(id.clone(), by, when, content, false);
                 item.version.deleted = edit.delete;
-                Ok(item)
+                item
             }
+        };
+        // An item that cannot travel in one sync message is never made (it would stall every
+        // session that tried to send it).
+        let bytes = item.encoded_bound();
+        if bytes > limits::ITEM_ENCODED_MAX {
+            return Err(FeedsyncError::TooLarge { id: id.clone(), bytes });
         }
+        Ok(item)
     }
 }
 

@@ -441,6 +441,11 @@ impl<'i> Parser<'i> {
             return Err(Stop { offset: item.offset, kind: ProblemKind::Limit("items per feed") });
         }
         let normalized = normalize(version, sync.conflicts);
+        if normalized.encoded_bound() > limits::ITEM_ENCODED_MAX {
+            // Only the winner alone can be over: `normalize` keeps the conflicts that fit.
+            return self
+                .problem(item.offset, ProblemKind::Limit("encoded bytes per item (one sync message)"));
+        }
         feed.items.insert(normalized.version.id.clone(), normalized);
         Ok(())
     }
@@ -968,6 +973,8 @@ fn normalize(version: Version, mut conflicts: Vec<Version>) -> Item {
     if winner.noconflicts {
         conflicts.clear();
     }
+    // As a merge keeps them: the best that fit the item's bounds.
+    let conflicts = crate::feedsync::merge::fit_conflicts(&winner, conflicts.iter());
     Item { version: winner, conflicts }
 }
 
