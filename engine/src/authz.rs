@@ -22,35 +22,14 @@
 
 use std::collections::VecDeque;
 
-use crate::directory::{DirError, Directory, FolderId, Heads, SignedChange, DEPS_MAX};
+use crate::directory::{Directory, FolderId, Heads, SignedChange, DEPS_MAX};
 use crate::replica::Replica;
 use crate::signing::DeviceId;
 use crate::sync::{Config, Micros, Outcome, Retained, Session, Stats, SyncError};
-use crate::ticket::{ChannelKey, CloudId, Ticket, TicketError};
+use crate::ticket::{ChannelKey, CloudId, Ticket};
 use crate::wire::{self, Body, Message, WIRE_VERSION};
 
-/// Why a session was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    #[error("peer ticket: {0}")]
-    Ticket(TicketError),
-    #[error("peer's directory changes: {0}")]
-    Directory(DirError),
-    #[error("directory catch-up did not fit in one message; sync again")]
-    DirectoryBehind,
-    #[error("folder {folder} is not in the directory")]
-    UnknownFolder { folder: FolderId },
-    #[error("device {device} is not an active device in the directory")]
-    DeviceNotActive { device: DeviceId },
-    #[error("folder is not mapped on device {device}")]
-    NotMapped { device: DeviceId },
-    #[error("the user of device {device} is not an active member of the folder")]
-    NotMember { device: DeviceId },
-    #[error("peer sent {0}")]
-    Protocol(&'static str),
-    #[error("peer refused: {0}")]
-    Peer(String),
-}
+pub use crate::refusal::Refusal;
 
 /// What a device presents and trusts: its id and current ticket, and the cloud's ticket key.
 #[derive(Clone, Debug)]
@@ -339,7 +318,7 @@ impl AuthSession {
         };
         match (self.role, message.body) {
             (_, Body::Refused { reason }) => {
-                let refusal = Refusal::Peer(reason.chars().take(512).collect());
+                let refusal = Refusal::Peer(reason);
                 self.phase = Phase::Over;
                 self.outcome = Some(Outcome::Failed(SyncError::Refused(refusal.clone())));
                 Err(SyncError::Refused(refusal))
@@ -478,8 +457,7 @@ impl AuthSession {
     }
 
     fn refuse(&mut self, now: Micros, refusal: Refusal) -> Result<(), SyncError> {
-        let reason = refusal.to_string();
-        self.send_dir(now, 3, Body::Refused { reason });
+        self.send_dir(now, 3, Body::Refused { reason: refusal.code() });
         self.phase = Phase::Over;
         self.deadline = None;
         self.outcome = Some(Outcome::Failed(SyncError::Refused(refusal.clone())));

@@ -10,10 +10,15 @@
 //! - [`directory`]: the signed, verified directory log (users, devices, folders, members).
 //! - [`ticket`]: the cloud's short-lived tickets.
 //! - [`authz`]: the authorized session (directory catch-up, ticket and directory checks, then sync).
+//! - [`refusal`]: why something was refused, locally and as typed codes on the wire.
+//! - [`control`]: the control plane between a device and the cloud (tickets, directory, addresses,
+//!   pairing, notices), as typed, versioned, bounded messages.
 
 pub mod authz;
+pub mod control;
 pub mod directory;
 pub mod feedsync;
+pub mod refusal;
 pub mod replica;
 pub mod riblt;
 pub mod signing;

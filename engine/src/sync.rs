@@ -83,7 +83,10 @@ pub enum SyncError {
     #[error("protocol violation: {0}")]
     Protocol(String),
     #[error("peer aborted: {0}")]
-    Aborted(String),
+    Aborted(crate::refusal::AbortCode),
+    /// The driver's stream or connection to the peer ended before the session did.
+    #[error("the connection to the peer was lost")]
+    ConnectionLost,
     #[error("reconciliation needs more than {0} coded symbols")]
     TooManySymbols(u64),
     /// The peer's coded symbols cannot be a set difference.
@@ -97,6 +100,23 @@ pub enum SyncError {
     /// A signed replica refused a forged, altered, unsigned or unauthorized version.
     #[error("refused version: {0}")]
     Signature(#[from] crate::signing::SignatureError),
+}
+
+impl SyncError {
+    /// The reason as it travels in `Body::Abort`.
+    pub fn code(&self) -> crate::refusal::AbortCode {
+        use crate::refusal::AbortCode;
+        match self {
+            SyncError::Timeout(_) | SyncError::ConnectionLost => AbortCode::Timeout,
+            SyncError::Protocol(_) => AbortCode::Protocol,
+            SyncError::Aborted(code) => *code,
+            SyncError::TooManySymbols(_) => AbortCode::TooManySymbols,
+            SyncError::Symbols(_) => AbortCode::Symbols,
+            SyncError::Wire(_) => AbortCode::Wire,
+            SyncError::Refused(_) => AbortCode::Refused,
+            SyncError::Signature(_) => AbortCode::Signature,
+        }
+    }
 }
 
 /// What a caller keeps per peer between sessions (from the initiator's point of view).
@@ -388,8 +408,7 @@ impl Session {
             Role::Responder => self.responder(now, replica, message.body),
         };
         if let Err(err) = &result {
-            let reason = err.to_string();
-            self.send(now, Body::Abort { reason });
+            self.send(now, Body::Abort { reason: err.code() });
             self.fail(err.clone());
         }
         result

@@ -13,7 +13,7 @@ use crate::riblt::Symbol;
 /// announce relayed changes by fingerprint; directory catch-up and refusal bodies. 3: version
 /// signatures are bound to the folder, `signing::VERSION_SIGNATURE_DOMAIN` v2, so a version 2
 /// peer's signatures would not verify; it is refused by version instead).
-pub const WIRE_VERSION: u8 = 3;
+pub const WIRE_VERSION: u8 = 4;
 
 /// Errors decoding a message. A peer's bytes produce these, never a panic.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,6 +26,8 @@ pub enum WireError {
     Decode(String),
     #[error("trailing bytes after the message")]
     Trailing,
+    #[error("over the limit of {0}")]
+    Bound(&'static str),
     #[error("invalid item in message: {0}")]
     Item(String),
 }
@@ -154,7 +156,7 @@ pub enum Body {
     /// position and digest now.
     Done { log: WireCursor, digest: Fixed64 },
     /// Either: giving up.
-    Abort { reason: String },
+    Abort { reason: crate::refusal::AbortCode },
     /// Authorized sessions, initiator first: the folder, its ticket and its directory heads.
     DirHello {
         folder: crate::directory::FolderId,
@@ -172,7 +174,7 @@ pub enum Body {
     /// Initiator: the directory changes the responder lacks; feed messages follow.
     DirDone { changes: Vec<crate::directory::SignedChange>, complete: bool },
     /// Either: the session is refused (ticket or directory); nothing more will be accepted.
-    Refused { reason: String },
+    Refused { reason: crate::refusal::RefusalCode },
 }
 
 impl Body {

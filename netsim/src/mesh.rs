@@ -329,6 +329,7 @@ pub fn reason(error: &SyncError) -> Option<&'static str> {
             Refusal::NotMapped { .. } => "not-mapped",
             Refusal::NotMember { .. } => "not-member",
             Refusal::Protocol(_) => "protocol",
+            Refusal::StorageLimit { .. } => "storage-limit",
             Refusal::Peer(_) => "peer-refused",
         },
         _ => return None,

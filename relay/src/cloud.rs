@@ -568,7 +568,8 @@ impl Cloud {
         let usage = self.store.usage(&device.0)?;
         if usage > self.limits.storage_bytes_per_device {
             self.metrics.refusals.get_or_create(&crate::metrics::Reason::new("storage-limit")).inc();
-            let reason = format!("storage limit of {} bytes reached", self.limits.storage_bytes_per_device);
+            let reason =
+                engine::refusal::RefusalCode::StorageLimit { limit_bytes: self.limits.storage_bytes_per_device };
             let bytes = wire::encode(&Message {
                 version: WIRE_VERSION,
                 session: sid,

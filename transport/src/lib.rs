@@ -387,7 +387,7 @@ where
                 None => {
                     let _ = send.finish();
                     let outcome = match session.outcome() {
-                        Outcome::Running => Outcome::Failed(SyncError::Aborted("peer closed the stream".into())),
+                        Outcome::Running => Outcome::Failed(SyncError::ConnectionLost),
                         o => o,
                     };
                     return Ok(Driven { outcome, frames_sent, bytes_sent });
