@@ -98,10 +98,19 @@ pub enum Response {
     Ok,
     /// The request was refused or failed, for a typed reason.
     Refused(ControlError),
-    Ticket { ticket: Ticket, cloud: CloudId },
-    Directory { changes: Vec<SignedChange> },
-    Peers { peers: Vec<PeerAddr> },
-    PairId { id: u64 },
+    Ticket {
+        ticket: Ticket,
+        cloud: CloudId,
+    },
+    Directory {
+        changes: Vec<SignedChange>,
+    },
+    Peers {
+        peers: Vec<PeerAddr>,
+    },
+    PairId {
+        id: u64,
+    },
     PairStatus(PairView),
     Pairings(Vec<PairView>),
 }
@@ -167,6 +176,8 @@ pub enum ControlError {
     WeakPassword,
     #[error("wrong account or password")]
     WrongPassword,
+    #[error("this request needs the account's password checked first")]
+    PasswordRequired,
     #[error("too many login attempts; try again later")]
     LoginsExhausted,
     #[error("devices answer no control requests")]
@@ -229,7 +240,9 @@ impl Bounded for Open {
 impl Bounded for Response {
     fn check_bounds(&self) -> Result<(), &'static str> {
         match self {
-            Response::Directory { changes } if changes.len() > CHANGES_PER_BATCH_MAX => Err("directory changes"),
+            Response::Directory { changes } if changes.len() > CHANGES_PER_BATCH_MAX => {
+                Err("directory changes")
+            }
             Response::Peers { peers } => {
                 if peers.len() > PEERS_MAX {
                     return Err("peers");
@@ -267,7 +280,8 @@ pub fn decode<T: DeserializeOwned + Bounded>(bytes: &[u8], max: usize) -> Result
     if version != WIRE_VERSION {
         return Err(WireError::Version(version));
     }
-    let (value, tail): (T, &[u8]) = postcard::take_from_bytes(rest).map_err(|e| WireError::Decode(e.to_string()))?;
+    let (value, tail): (T, &[u8]) =
+        postcard::take_from_bytes(rest).map_err(|e| WireError::Decode(e.to_string()))?;
     if !tail.is_empty() {
         return Err(WireError::Trailing);
     }

@@ -11,10 +11,13 @@
 //! - [`ticket`]: the cloud's short-lived tickets.
 //! - [`authz`]: the authorized session (directory catch-up, ticket and directory checks, then sync).
 //! - [`refusal`]: why something was refused, locally and as typed codes on the wire.
+//! - [`cloud`]: the cloud's control plane as a sans-IO state machine (directory, tickets, address
+//!   book, pairing mailbox, notices).
 //! - [`control`]: the control plane between a device and the cloud (tickets, directory, addresses,
 //!   pairing, notices), as typed, versioned, bounded messages.
 
 pub mod authz;
+pub mod cloud;
 pub mod control;
 pub mod directory;
 pub mod feedsync;
