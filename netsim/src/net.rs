@@ -107,6 +107,29 @@ impl Copies {
     }
 }
 
+/// A relayed datagram's copies on their way to the relay, which forwards each when it gets there
+/// (see [`Net::forward`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ToRelay {
+    /// Delays until the copies reach the relay: none (lost on the first leg), one or two.
+    pub delays: Copies,
+    /// The datagram's number when both copies of a duplicate reach the relay (so that it counts
+    /// as dropped only when neither gets out), 0 otherwise. Hand it back to [`Net::forward`].
+    pub twin: u32,
+}
+
+/// What became of a datagram handed to [`Net::transmit`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[must_use = "arriving copies must be scheduled, relayed ones forwarded"]
+pub struct Sent {
+    /// Delays until copies arrive at the destination.
+    pub arrive: Copies,
+    /// Copies that first travel to the relay: at each one's time the caller calls
+    /// [`Net::forward`], which books the cloud's uplink then. Only with a limited cloud uplink;
+    /// an unlimited one forwards at once (the same arrival times), into `arrive`.
+    pub relay: ToRelay,
+}
+
 /// An active partition, by which directed packets it stops.
 #[derive(Clone, Debug)]
 pub enum Cut {
@@ -189,8 +212,17 @@ pub struct Net {
     bad: BTreeMap<(u32, u32), bool>,
     /// Last use of each punched direct path (unordered pair), for mapping timeouts.
     punched: BTreeMap<(u32, u32), u64>,
-    /// When each node's uplink is free again (bandwidth model).
+    /// When each node's uplink is free again (bandwidth model). Links are booked in time order
+    /// (a relayed datagram books the cloud's when it gets there), so `free_at - now` is exactly
+    /// the backlog at `now`.
     free_at: Vec<u64>,
+    /// The latest time a link was booked: bookings must come in time order.
+    booked_at: u64,
+    /// Duplicated relayed datagrams with one copy forwarded: whether that copy was lost. At most
+    /// one entry per duplicate in flight to the relay; the second copy removes it.
+    twins: BTreeMap<u32, bool>,
+    /// The last twin number handed out (0 is never one).
+    twin_last: u32,
     stats: NetStats,
 }
 
@@ -215,6 +247,9 @@ impl Net {
             bad: BTreeMap::new(),
             punched: BTreeMap::new(),
             free_at: vec![0; n],
+            booked_at: 0,
+            twins: BTreeMap::new(),
+            twin_last: 0,
             stats: NetStats::default(),
         }
     }
@@ -295,16 +330,29 @@ impl Net {
         delays
     }
 
+    fn uplink_kbps(&self, node: u32) -> u64 {
+        if node == 0 {
+            self.cfg.cloud_bandwidth_kbps
+        } else {
+            self.cfg.bandwidth_kbps
+        }
+    }
+
     /// Queues `len` bytes on `node`'s uplink at time `at`: the delay until the last bit leaves,
     /// or `None` when the queue is full (drop-tail).
     fn uplink(&mut self, node: u32, at: u64, len: usize) -> Option<u64> {
-        let kbps = if node == 0 { self.cfg.cloud_bandwidth_kbps } else { self.cfg.bandwidth_kbps };
+        let kbps = self.uplink_kbps(node);
         if kbps == 0 {
             return Some(0);
         }
+        // A booking in the future would make a later send at an earlier time see the idle gap
+        // before it as queued bytes (issue 12).
+        assert!(at >= self.booked_at, "uplink booked at {at} us after one at {} us", self.booked_at);
+        self.booked_at = at;
         let free = &mut self.free_at[node as usize];
         let start = (*free).max(at);
-        // Bytes still queued ahead of this datagram: (start - at) us at kbps/8000 bytes per us.
+        // Bytes still queued ahead of this datagram: (start - at) us at kbps/8000 bytes per us;
+        // none when the link is idle (start == at).
         let backlog = (start - at).saturating_mul(kbps) / 8_000;
         if backlog + len as u64 > self.cfg.queue_kb.saturating_mul(1_024) {
             self.stats.queue_drops += 1;
@@ -328,63 +376,107 @@ impl Net {
         }
     }
 
-    /// Sends a datagram of `len` bytes `from` -> `to` at `now`; returns the delays of the copies
-    /// that arrive.
-    pub fn transmit(&mut self, rng: &mut ChaCha8Rng, now: u64, from: u32, to: u32, len: usize) -> Copies {
-        let delays = self.route(rng, now, from, to, len);
-        if delays.is_empty() {
+    /// Sends a datagram of `len` bytes `from` -> `to` at `now`: the delays of the copies that
+    /// arrive, and of those that first reach the relay (each then goes to [`Net::forward`]).
+    /// `now` never goes back between calls (to this and to `forward`).
+    pub fn transmit(&mut self, rng: &mut ChaCha8Rng, now: u64, from: u32, to: u32, len: usize) -> Sent {
+        let sent = self.route(rng, now, from, to, len);
+        if sent.arrive.is_empty() && sent.relay.delays.is_empty() {
             self.stats.dropped += 1;
         }
-        delays
+        sent
     }
 
-    fn route(&mut self, rng: &mut ChaCha8Rng, now: u64, from: u32, to: u32, len: usize) -> Copies {
+    /// A copy of a relayed datagram `len` bytes long, for `to`, reaches the relay (the cloud) at
+    /// `now`: the relay queues it on its uplink now and sends it on. `twin` is [`ToRelay::twin`].
+    /// Returns the delays, from `now`, of the copies that arrive at `to`.
+    pub fn forward(&mut self, rng: &mut ChaCha8Rng, now: u64, to: u32, len: usize, twin: u32) -> Copies {
+        let queued = if self.reachable(0, to) { self.uplink(0, now, len) } else { None };
+        let out = match queued {
+            Some(queued) => self.wan_leg(rng, (0, to)).after(queued),
+            None => Copies::default(),
+        };
+        let lost = out.is_empty();
+        // A duplicate is dropped when both of its copies are lost, known at the second.
+        let dropped = match twin {
+            0 => lost,
+            _ => match self.twins.remove(&twin) {
+                Some(other_lost) => lost && other_lost,
+                None => {
+                    self.twins.insert(twin, lost);
+                    false
+                }
+            },
+        };
+        if dropped {
+            self.stats.dropped += 1;
+        }
+        out
+    }
+
+    fn route(&mut self, rng: &mut ChaCha8Rng, now: u64, from: u32, to: u32, len: usize) -> Sent {
+        let arrive = |arrive: Copies| Sent { arrive, ..Sent::default() };
         let (hf, ht) = (self.host(from), self.host(to));
         let same_lan = from != 0 && to != 0 && hf.lan == ht.lan;
         if same_lan && (self.cfg.lan_discovery || hf.nat == Nat::Public || hf.hairpin) {
             // On the LAN, or turned back in by the shared NAT: LAN latency, no loss.
             if !self.reachable(from, to) {
-                return Copies::default();
+                return Sent::default();
             }
-            let Some(queued) = self.uplink(from, now, len) else { return Copies::default() };
+            let Some(queued) = self.uplink(from, now, len) else { return Sent::default() };
             if !self.cfg.lan_discovery && hf.nat != Nat::Public {
                 self.stats.hairpinned += 1;
             }
-            return Copies::one(queued + Self::latency(rng, &self.cfg.lan));
+            return arrive(Copies::one(queued + Self::latency(rng, &self.cfg.lan)));
         }
         if from == 0 || to == 0 {
             if !self.reachable(from, to) {
-                return Copies::default();
+                return Sent::default();
             }
-            let Some(queued) = self.uplink(from, now, len) else { return Copies::default() };
-            return self.wan_leg(rng, (from, to)).after(queued);
+            let Some(queued) = self.uplink(from, now, len) else { return Sent::default() };
+            return arrive(self.wan_leg(rng, (from, to)).after(queued));
         }
         if !same_lan && !self.star && punch(hf.nat, ht.nat) {
             self.stats.direct += 1;
             if !self.reachable(from, to) {
-                return Copies::default();
+                return Sent::default();
             }
             let nat_in_path = hf.nat != Nat::Public || ht.nat != Nat::Public;
             if nat_in_path && !self.mapping_alive(now, from, to) {
-                return Copies::default();
+                return Sent::default();
             }
-            let Some(queued) = self.uplink(from, now, len) else { return Copies::default() };
-            return self.wan_leg(rng, (from, to)).after(queued);
+            let Some(queued) = self.uplink(from, now, len) else { return Sent::default() };
+            return arrive(self.wan_leg(rng, (from, to)).after(queued));
         }
         // Relayed through the cloud: two legs, each may lose or duplicate, each queues.
         self.stats.relayed += 1;
-        if !(self.reachable(from, 0) && self.reachable(0, to)) {
-            return Copies::default();
+        if self.uplink_kbps(0) != 0 {
+            // The cloud's uplink is booked when a copy gets there, in `forward`.
+            if !self.reachable(from, 0) {
+                return Sent::default();
+            }
+            let Some(queued) = self.uplink(from, now, len) else { return Sent::default() };
+            let delays = self.wan_leg(rng, (from, 0)).after(queued);
+            let mut twin = 0;
+            if delays.len() > 1 {
+                self.twin_last = self.twin_last.checked_add(1).unwrap_or(1);
+                twin = self.twin_last;
+            }
+            return Sent { arrive: Copies::default(), relay: ToRelay { delays, twin } };
         }
-        let Some(queued) = self.uplink(from, now, len) else { return Copies::default() };
+        // An unlimited uplink takes a copy at once whenever it gets there, so both legs are drawn
+        // now (as before issue 12: these runs replay unchanged).
+        if !(self.reachable(from, 0) && self.reachable(0, to)) {
+            return Sent::default();
+        }
+        let Some(queued) = self.uplink(from, now, len) else { return Sent::default() };
         let mut out = Copies::default();
         for &d in self.wan_leg(rng, (from, 0)).as_slice() {
-            let Some(relay_queued) = self.uplink(0, now + queued + d, len) else { continue };
             for &e in self.wan_leg(rng, (0, to)).as_slice() {
-                out.push(queued + d + relay_queued + e);
+                out.push(queued + d + e);
             }
         }
-        out
+        arrive(out)
     }
 }
 
@@ -450,7 +542,7 @@ mod tests {
         let mut net = net(cfg, &[Nat::Public], true, 0);
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let d: Vec<Vec<u64>> =
-            (0..4).map(|_| net.transmit(&mut rng, 0, 1, 0, 500).as_slice().to_vec()).collect();
+            (0..4).map(|_| net.transmit(&mut rng, 0, 1, 0, 500).arrive.as_slice().to_vec()).collect();
         // 500 bytes take 50 ms on the wire, then 10 ms of latency; the second waits for the first.
         assert_eq!(d[0], vec![60_000]);
         assert_eq!(d[1], vec![110_000]);
@@ -458,17 +550,60 @@ mod tests {
         assert!(d[2].is_empty() && d[3].is_empty());
         assert_eq!(net.stats().queue_drops, 2);
         // Once the link drains, sending works again.
-        assert_eq!(net.transmit(&mut rng, 200_000, 1, 0, 500).as_slice(), &[60_000]);
+        assert_eq!(net.transmit(&mut rng, 200_000, 1, 0, 500).arrive.as_slice(), &[60_000]);
+    }
+
+    #[test]
+    fn a_relayed_datagram_books_the_cloud_uplink_when_it_gets_there() {
+        // The cloud's uplink: 8000 kbps = 1 byte per us; a 1 KiB queue. Two devices behind
+        // symmetric NATs, so datagrams between them go through the cloud.
+        let cfg = Network { cloud_bandwidth_kbps: 8_000, queue_kb: 1, ..constant(10) };
+        let mut net = net(cfg, &[Nat::Symmetric, Nat::Symmetric], false, 0);
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let relayed = net.transmit(&mut rng, 0, 1, 2, 500);
+        assert!(relayed.arrive.is_empty());
+        assert_eq!(relayed.relay, ToRelay { delays: Copies::one(10_000), twin: 0 }, "10 ms to the relay");
+        // The relay's link is idle until the datagram gets there: the cloud's own 1000 bytes go
+        // at once (they were dropped when the relayed datagram booked the link ahead of time,
+        // as 10,500 bytes of backlog).
+        assert_eq!(net.transmit(&mut rng, 0, 0, 1, 1_000).arrive.as_slice(), &[11_000]);
+        // At 10 ms the relayed datagram gets there and goes at once; a second one then waits
+        // behind it, and a third would overflow the queue.
+        assert_eq!(net.forward(&mut rng, 10_000, 2, 500, 0).as_slice(), &[10_500]);
+        assert_eq!(net.forward(&mut rng, 10_000, 2, 500, 0).as_slice(), &[11_000]);
+        assert!(net.forward(&mut rng, 10_000, 2, 500, 0).is_empty());
+        assert_eq!((net.stats().queue_drops, net.stats().dropped, net.stats().relayed), (1, 1, 1));
+    }
+
+    #[test]
+    fn a_duplicate_at_the_relay_is_dropped_when_both_copies_are() {
+        // Every datagram is duplicated on each leg; the cloud's queue holds one 1000-byte copy.
+        let cfg = Network { cloud_bandwidth_kbps: 8_000, queue_kb: 1, dup_ppm: 999_999, ..constant(10) };
+        let mut net = net(cfg, &[Nat::Symmetric, Nat::Symmetric], false, 0);
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let first = net.transmit(&mut rng, 0, 1, 2, 1_000).relay;
+        let second = net.transmit(&mut rng, 0, 1, 2, 1_000).relay;
+        assert_eq!(first.delays.as_slice(), &[10_000, 10_000]);
+        assert!(first.twin != 0 && second.twin != 0 && first.twin != second.twin);
+        // The first datagram's copies: one gets out (twice: the second leg duplicates it), one
+        // is dropped; the datagram arrived.
+        assert_eq!(net.forward(&mut rng, 10_000, 2, 1_000, first.twin).as_slice(), &[11_000, 11_000]);
+        assert!(net.forward(&mut rng, 10_000, 2, 1_000, first.twin).is_empty());
+        assert_eq!(net.stats().dropped, 0);
+        // Both copies of the second are dropped: one datagram lost.
+        assert!(net.forward(&mut rng, 10_000, 2, 1_000, second.twin).is_empty());
+        assert!(net.forward(&mut rng, 10_000, 2, 1_000, second.twin).is_empty());
+        assert_eq!((net.stats().queue_drops, net.stats().dropped), (3, 1));
     }
 
     #[test]
     fn idle_mappings_time_out_and_are_punched_again() {
         let mut net = net(constant(5), &[Nat::FullCone, Nat::Restricted], false, 1_000);
         let mut rng = ChaCha8Rng::seed_from_u64(2);
-        assert_eq!(net.transmit(&mut rng, 0, 1, 2, 10).as_slice(), &[5_000]);
-        assert_eq!(net.transmit(&mut rng, 900_000, 2, 1, 10).as_slice(), &[5_000], "still fresh");
-        assert!(net.transmit(&mut rng, 2_000_000, 1, 2, 10).is_empty(), "idle 1.1 s: expired");
-        assert_eq!(net.transmit(&mut rng, 2_100_000, 1, 2, 10).as_slice(), &[5_000], "re-punched");
+        assert_eq!(net.transmit(&mut rng, 0, 1, 2, 10).arrive.as_slice(), &[5_000]);
+        assert_eq!(net.transmit(&mut rng, 900_000, 2, 1, 10).arrive.as_slice(), &[5_000], "still fresh");
+        assert!(net.transmit(&mut rng, 2_000_000, 1, 2, 10).arrive.is_empty(), "idle 1.1 s: expired");
+        assert_eq!(net.transmit(&mut rng, 2_100_000, 1, 2, 10).arrive.as_slice(), &[5_000], "re-punched");
         assert_eq!(net.stats().repunches, 1);
     }
 
@@ -479,13 +614,17 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let mut relayed = Net::new(cfg.clone(), 2, 2, vec![(Nat::PortRestricted, false)], false, 0);
         assert_eq!(
-            relayed.transmit(&mut rng, 0, 1, 2, 10).as_slice(),
+            relayed.transmit(&mut rng, 0, 1, 2, 10).arrive.as_slice(),
             &[20_000],
             "two legs through the cloud"
         );
         assert_eq!(relayed.stats().relayed, 1);
         let mut hairpin = Net::new(cfg, 2, 2, vec![(Nat::PortRestricted, true)], false, 0);
-        assert_eq!(hairpin.transmit(&mut rng, 0, 1, 2, 10).as_slice(), &[1_000], "turned back in by the NAT");
+        assert_eq!(
+            hairpin.transmit(&mut rng, 0, 1, 2, 10).arrive.as_slice(),
+            &[1_000],
+            "turned back in by the NAT"
+        );
         assert_eq!(hairpin.stats().hairpinned, 1);
     }
 
@@ -531,7 +670,7 @@ mod tests {
         let mut net = net(cfg, &[Nat::Public; 2], true, 0);
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let outcomes: Vec<bool> =
-            (0..20_000).map(|_| net.transmit(&mut rng, 0, 1, 0, 100).is_empty()).collect();
+            (0..20_000).map(|_| net.transmit(&mut rng, 0, 1, 0, 100).arrive.is_empty()).collect();
         let lost = outcomes.iter().filter(|&&l| l).count();
         let bursts = outcomes.windows(2).filter(|w| !w[0] && w[1]).count();
         // Stationary bad share p / (p + r) = 2/3; mean burst length 1 / r = 20.

@@ -23,6 +23,8 @@ use crate::scenario::{NodeModel, PartitionKind, Scenario, Topology};
 pub type Micros = u64;
 
 const CLOUD: u32 = 0;
+/// A no-op node's datagram, in bytes.
+const PING_LEN: usize = 32;
 /// Virtual epoch of the simulation's clocks (2024-01-01T00:00:00Z), so `when`s look real.
 const EPOCH_UNIX_SECS: i64 = 1_704_067_200;
 
@@ -32,6 +34,15 @@ enum Payload {
         to: u32,
         from: u32,
         bytes: Arc<Vec<u8>>,
+    },
+    /// A copy of a relayed datagram reaches the relay (the cloud), which sends it on to `to`.
+    Relay {
+        to: u32,
+        from: u32,
+        /// [`crate::net::ToRelay::twin`].
+        twin: u32,
+        /// The datagram; `None` for a no-op node's ping.
+        bytes: Option<Arc<Vec<u8>>>,
     },
     SyncTick {
         node: u32,
@@ -574,6 +585,20 @@ impl Sim {
                     self.check_touched(to);
                 }
             }
+            Payload::Relay { to, from, twin, bytes } => {
+                tracing::trace!(t_us = self.now, from, to, "relay");
+                self.trace.update(b"relay");
+                self.trace.update(&to.to_le_bytes());
+                let len = bytes.as_ref().map_or(PING_LEN, |b| b.len());
+                let copies = self.net.forward(&mut self.rng, self.now, to, len, twin);
+                for &delay in copies.as_slice() {
+                    let payload = match &bytes {
+                        Some(bytes) => Payload::Deliver { to, from, bytes: bytes.clone() },
+                        None => Payload::Ping { to },
+                    };
+                    self.push(self.now + delay, payload);
+                }
+            }
             Payload::SessionTimer { node, peer, sid } => {
                 tracing::trace!(t_us = self.now, node, peer, sid, "timer");
                 self.trace.update(b"timer");
@@ -1043,25 +1068,41 @@ impl Sim {
         self.transmit(from, to, Arc::new(bytes));
     }
 
-    /// Hands a datagram to the network model and schedules its arriving copies.
+    /// Hands a datagram to the network model and schedules its arriving copies (and the relay's
+    /// forwarding of relayed ones).
     fn transmit(&mut self, from: u32, to: u32, bytes: Arc<Vec<u8>>) {
         self.messages += 1;
         self.bytes += bytes.len() as u64;
-        let deliveries = self.net.transmit(&mut self.rng, self.now, from, to, bytes.len());
-        tracing::trace!(t_us = self.now, from, to, len = bytes.len(), copies = deliveries.len(), "send");
-        for &delay in deliveries.as_slice() {
+        let sent = self.net.transmit(&mut self.rng, self.now, from, to, bytes.len());
+        tracing::trace!(
+            t_us = self.now,
+            from,
+            to,
+            len = bytes.len(),
+            copies = sent.arrive.len(),
+            relayed = sent.relay.delays.len(),
+            "send"
+        );
+        for &delay in sent.arrive.as_slice() {
             self.push(self.now + delay, Payload::Deliver { to, from, bytes: bytes.clone() });
+        }
+        let twin = sent.relay.twin;
+        for &delay in sent.relay.delays.as_slice() {
+            self.push(self.now + delay, Payload::Relay { to, from, twin, bytes: Some(bytes.clone()) });
         }
     }
 
     /// A no-op node's datagram: through the network model, delivered to nobody in particular.
     fn ping(&mut self, from: u32, to: u32) {
-        const LEN: usize = 32;
         self.messages += 1;
-        self.bytes += LEN as u64;
-        let deliveries = self.net.transmit(&mut self.rng, self.now, from, to, LEN);
-        for &delay in deliveries.as_slice() {
+        self.bytes += PING_LEN as u64;
+        let sent = self.net.transmit(&mut self.rng, self.now, from, to, PING_LEN);
+        for &delay in sent.arrive.as_slice() {
             self.push(self.now + delay, Payload::Ping { to });
+        }
+        let twin = sent.relay.twin;
+        for &delay in sent.relay.delays.as_slice() {
+            self.push(self.now + delay, Payload::Relay { to, from, twin, bytes: None });
         }
     }
 
