@@ -174,6 +174,7 @@ fn main() {
     feed_seeds(&mut out);
     control_and_frame_seeds(&mut out, &messages);
     relay_seeds(&mut out);
+    cloud_seeds(&mut out);
     println!("{} seeds in {}", out.written.len(), out.root.display());
 }
 
@@ -474,4 +475,60 @@ fn relay_seeds(out: &mut Out) {
         input.extend(body);
         out.put("relay_http", label, &input);
     }
+}
+
+/// `cloud_control`: a pairing through the mailbox, a directory push and pull, announcements,
+/// peers and tickets, each a step `(device byte, control frame)`.
+fn cloud_seeds(out: &mut Out) {
+    use engine::control::{self, PeerAddr, Request as Req};
+    use engine::directory::{pair_new_device, pairing_commitment, short_code, UserId};
+    let w = world();
+    // a1, a2, b1, c1, cloud, stranger: the device byte is the index in `NAMES`.
+    let step = |input: &mut Vec<u8>, who: u8, request: &Req| {
+        let mut frame = vec![who];
+        frame.extend(control::encode(request));
+        push_message(input, &frame);
+    };
+    let mut basics = Vec::new();
+    for who in 0..6u8 {
+        step(&mut basics, who, &Req::Ticket);
+        let addr = PeerAddr {
+            device: w.device(fixture::NAMES[usize::from(who)]),
+            relay: None,
+            direct: vec!["192.0.2.1:4433".parse().expect("literal")],
+        };
+        step(&mut basics, who, &Req::Announce { addr });
+        step(&mut basics, who, &Req::Peers { folder: w.folder });
+    }
+    out.put("cloud_control", "tickets-announce-peers", &basics);
+    let mut dir = Vec::new();
+    step(&mut dir, 3, &Req::Directory { heads: vec![], changes: vec![] });
+    let half = w.changes.len() / 2;
+    step(&mut dir, 0, &Req::Directory { heads: vec![], changes: w.changes[half..].to_vec() });
+    out.put("cloud_control", "directory", &dir);
+    // The stranger pairs into Alice's user through a1.
+    let alice = UserId::of_first_device(w.device("a1"));
+    let (stranger, a1) = (w.device("stranger"), w.device("a1"));
+    let (nonce_existing, nonce_new) = ([5u8; 32], [6u8; 32]);
+    let commitment = pairing_commitment(&stranger, &nonce_new);
+    let code = short_code(&a1, &stranger, &nonce_existing, &nonce_new);
+    let pairing =
+        pair_new_device(w.key("stranger"), alice, a1, nonce_existing, nonce_new, code).expect("valid");
+    let mut pair = Vec::new();
+    step(
+        &mut pair,
+        0x80 | 5,
+        &Req::PairRequest { account: "alice".into(), password: "pw".into(), commitment },
+    );
+    step(&mut pair, 0, &Req::PairList);
+    step(&mut pair, 0, &Req::PairNonce { id: 1, nonce: nonce_existing });
+    step(&mut pair, 5, &Req::PairStatus { id: 1 });
+    step(&mut pair, 5, &Req::PairConsent { id: 1, pairing: pairing.clone() });
+    step(&mut pair, 5, &Req::PairStatus { id: 1 });
+    let mut alices = w.dir.clone();
+    let added = alices.add_paired_device(w.key("a1"), alice, commitment, pairing, code, 20).expect("valid");
+    step(&mut pair, 0, &Req::Directory { heads: vec![], changes: vec![added] });
+    step(&mut pair, 0, &Req::PairList);
+    step(&mut pair, 5, &Req::Ticket);
+    out.put("cloud_control", "pairing", &pair);
 }

@@ -17,11 +17,13 @@
 //! | `read_feed` | the FeedSync XML reader and writer | [`engine_targets`] |
 //! | `session_responder`, `session_initiator` | a `sync::Session` fed attacker messages and timers | [`session_targets`] |
 //! | `auth_responder`, `auth_initiator` | an `authz::AuthSession` likewise | [`session_targets`] |
+//! | `cloud_control` | `engine::cloud::Cloud` fed sequences of control requests | [`cloud_targets`] |
 //! | `control` | `transport`'s `Open`, `Request`, `Response`, `Notice` | [`transport_targets`] |
 //! | `frame` | `transport::frame::read` over a chunked stream, against a model | [`transport_targets`] |
 //! | `relay_http` | the relay's HTTP router: JSON bodies, queries, paths, the FeedSync POST | [`relay_targets`] |
 //! | `relay_control` | the relay's answer to control requests (`Cloud::handle_request`) | [`relay_targets`] |
 
+pub mod cloud_targets;
 pub mod engine_targets;
 pub mod fixture;
 #[cfg(feature = "relay")]
@@ -161,6 +163,12 @@ pub const TARGETS: &[Target] = &[
             total_per_byte: 64 << 10,
             total_base: 64 * MIB,
         },
+    },
+    Target {
+        name: "cloud_control",
+        run: cloud_targets::cloud_control,
+        prepare: fixture::prepare,
+        budget: Budget { peak_per_byte: 64, peak_base: 4 * MIB, total_per_byte: 512, total_base: 64 * MIB },
     },
     Target {
         name: "control",

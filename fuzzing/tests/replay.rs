@@ -288,6 +288,11 @@ fn auth_initiator() {
 }
 
 #[test]
+fn cloud_control() {
+    replay_some("cloud_control");
+}
+
+#[test]
 fn control() {
     replay_some("control");
 }
