@@ -51,18 +51,6 @@ pub fn compare(x: &Version, y: &Version) -> Ordering {
     encode_version(x).cmp(&encode_version(y))
 }
 
-/// Twins: two different versions that subsume each other (a reused sequence number).
-#[inline]
-fn twins(x: &Version, y: &Version) -> bool {
-    x.subsumed_by(y) && y.subsumed_by(x) && x != y
-}
-
-/// `x` is dropped in steps 3/4 when some `y` of the other side subsumes it and is not its twin.
-#[inline]
-fn dropped_by(x: &Version, others: &[&Version]) -> bool {
-    others.iter().any(|y| x.subsumed_by(y) && !twins(x, y))
-}
-
 /// What a merge did to one item, for callers that count or log.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum MergeOutcome {
@@ -99,13 +87,24 @@ pub fn merged(local: &Item, incoming: &Item) -> Option<Item> {
     let l_all: Vec<&Version> = local.conflicts.iter().chain(std::iter::once(&local.version)).collect();
     let i_all: Vec<&Version> = incoming.conflicts.iter().chain(std::iter::once(&incoming.version)).collect();
 
-    // Step 3: local versions not subsumed by an incoming one.
-    let l_kept: Vec<&Version> = l_all.iter().copied().filter(|x| !dropped_by(x, &i_all)).collect();
-    // Step 4: incoming versions not subsumed by what is left of local.
-    let i_kept: Vec<&Version> = i_all.iter().copied().filter(|x| !dropped_by(x, &l_kept)).collect();
-
-    let mut m: Vec<&Version> = l_kept;
-    m.extend(i_kept);
+    // Steps 3 and 4, symmetrically: every version of either side that no version of either side
+    // subsumes (twins aside). For items that hold the item invariants (no version subsumed by
+    // another of the same item) this is exactly the spec's steps: a local version is dropped
+    // when an incoming one subsumes it, an incoming one when a kept local one does. Taking the
+    // maximal versions of the union makes the result independent of which side is local even
+    // for items that do not (found by the `wire_item` fuzz target: an item whose winner subsumed
+    // its own conflict merged differently on the two sides).
+    // Equal versions count once (the incoming copy, as step 3 keeps it: its signature may be
+    // the newer attestation).
+    let mut all: Vec<&Version> = Vec::with_capacity(l_all.len() + i_all.len());
+    for v in i_all.iter().chain(&l_all) {
+        if !all.iter().any(|w| *w == *v) {
+            all.push(v);
+        }
+    }
+    // Twins (two different versions that subsume each other: a reused sequence number) both stay.
+    let dropped = |x: &Version| all.iter().any(|y| **y != *x && x.subsumed_by(y) && !y.subsumed_by(x));
+    let mut m: Vec<&Version> = all.iter().copied().filter(|x| !dropped(x)).collect();
     // M is non-empty: a version is only dropped for a non-twin subsumer, and the best version by
     // the winner rule among all of them cannot be dropped by both... but be total regardless.
     debug_assert!(!m.is_empty());

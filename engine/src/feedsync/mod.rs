@@ -60,6 +60,8 @@ pub enum FeedsyncError {
     ConflictEqualsWinner { id: ItemId },
     #[error("item {id}: a conflict beats the winning version")]
     ConflictBeatsWinner { id: ItemId },
+    #[error("item {id}: a version is subsumed by another version of the item that is not its twin")]
+    ConflictSubsumed { id: ItemId },
     #[error("item {id}: conflicts are not in best-first order")]
     ConflictsUnordered { id: ItemId },
     #[error("more than {max} items in one feed", max = limits::ITEMS_PER_FEED_MAX)]

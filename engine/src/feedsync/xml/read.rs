@@ -969,6 +969,11 @@ fn normalize(version: Version, mut conflicts: Vec<Version>) -> Item {
     conflicts.push(version);
     conflicts.sort_by(|a, b| compare(b, a));
     conflicts.dedup_by(|a, b| a == b);
+    // A version another one subsumes (and is not its twin) goes, as a merge would drop it.
+    let subsumed: Vec<bool> =
+        conflicts.iter().map(|x| conflicts.iter().any(|y| x.subsumed_by(y) && !y.subsumed_by(x))).collect();
+    let mut keep = subsumed.iter().map(|s| !s);
+    conflicts.retain(|_| keep.next().unwrap_or(true));
     let winner = conflicts.remove(0);
     if winner.noconflicts {
         conflicts.clear();
