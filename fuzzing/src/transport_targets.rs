@@ -1,5 +1,5 @@
 //! Targets for what `transport` reads off a QUIC stream: the control protocol's values and the
-//! length-prefixed frame reader.
+//! length-prefixed frame reader (with reads cancelled mid-frame, as a driver's timer does).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -57,25 +57,35 @@ fn check_request(request: &Request) {
     }
 }
 
-/// A stream that hands out its bytes in chunks of the sizes the input chose (never pending), so
-/// the reader sees every split of a header and a body a network could make.
+/// A stream that hands out its bytes in chunks of the sizes the input chose, so the reader sees
+/// every split of a header and a body a network could make. A size of 0 is a pause: the stream
+/// is pending once (never twice in a row; a 0 right after a pause is one byte), and the read
+/// that saw it is cancelled.
 #[derive(Debug)]
 struct Chunked<'a> {
     bytes: &'a [u8],
     sizes: &'a [u8],
     turn: usize,
+    paused: bool,
 }
 
 impl AsyncRead for Chunked<'_> {
     fn poll_read(
         mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
+        cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let size = match self.sizes.get(self.turn % self.sizes.len().max(1)) {
+            Some(0) if !self.paused => {
+                self.paused = true;
+                self.turn += 1;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             Some(&s) => usize::from(s).max(1),
             None => usize::MAX,
         };
+        self.paused = false;
         self.turn += 1;
         let n = size.min(buf.remaining()).min(self.bytes.len());
         let (now, later) = self.bytes.split_at(n);
@@ -85,13 +95,19 @@ impl AsyncRead for Chunked<'_> {
     }
 }
 
-/// Polls a future whose I/O is never pending to its end.
-fn finish<F: Future>(future: F) -> F::Output {
-    let mut future = std::pin::pin!(future);
+/// Reads one frame as a driver whose timer keeps winning would: a read the stream leaves
+/// pending is dropped (cancelled, as `select!` drops the losing branch) and a new one started,
+/// so a frame must come out whole however often its reads are cancelled.
+fn read_cancelled(
+    reader: &mut frame::Reader<Chunked<'_>>,
+    max: usize,
+) -> Result<Option<Vec<u8>>, FrameError> {
     let mut cx = Context::from_waker(Waker::noop());
-    match future.as_mut().poll(&mut cx) {
-        Poll::Ready(out) => out,
-        Poll::Pending => panic!("a frame read over a ready stream is pending"),
+    loop {
+        let mut read = std::pin::pin!(reader.read(max));
+        if let Poll::Ready(out) = read.as_mut().poll(&mut cx) {
+            return out.map(|frame| frame.map(|bytes| bytes.to_vec()));
+        }
     }
 }
 
@@ -132,9 +148,10 @@ fn model(stream: &[u8], max: usize) -> Vec<Expected> {
 }
 
 /// The frame reader: byte 0 picks the limit (64 bytes, 4 KiB, `FRAME_MAX`, `CONTROL_MAX`), byte
-/// 1 how many chunk sizes follow, then the sizes, then the stream. Frames are read until the end
-/// or an error, and must be exactly what a model of the format gives; the first frame is then
-/// decoded as an `Open`, and the rest as engine messages, as the relay and the node do.
+/// 1 how many chunk sizes follow, then the sizes (a 0 is a pause that cancels the read), then
+/// the stream. Frames are read through one `frame::Reader` until the end or an error, and must be
+/// exactly what a model of the format gives; the first frame is then decoded as an `Open`, and
+/// the rest as engine messages, as the relay and the node do.
 pub fn frame(data: &[u8]) {
     let [limit, count, rest @ ..] = data else { return };
     let max = match limit % 4 {
@@ -145,10 +162,10 @@ pub fn frame(data: &[u8]) {
     };
     let (sizes, stream) = rest.split_at(usize::from(*count).min(rest.len()));
     let expected = model(stream, max);
-    let mut source = Chunked { bytes: stream, sizes, turn: 0 };
+    let mut reader = frame::Reader::new(Chunked { bytes: stream, sizes, turn: 0, paused: false });
     let mut got = Vec::new();
     for _ in 0..expected.len() {
-        let next = match finish(frame::read(&mut source, max)) {
+        let next = match read_cancelled(&mut reader, max) {
             Ok(Some(bytes)) => Expected::Frame(bytes),
             Ok(None) => Expected::End,
             Err(FrameError::TooLarge(len, m)) => {

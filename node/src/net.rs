@@ -193,7 +193,8 @@ impl Net {
     pub async fn sync_folder(&self, conn: &Connection, folder: FolderId) -> anyhow::Result<Outcome> {
         let peer = transport::device_of(conn.remote_id());
         let policy = self.policy()?;
-        let (mut send, mut recv) = conn.open_bi().await?;
+        let (mut send, recv) = conn.open_bi().await?;
+        let mut recv = frame::Reader::new(recv);
         frame::write_value(&mut send, &Open::Sync).await?;
         let mut at_start = std::collections::BTreeMap::new();
         let mut session = {
@@ -474,9 +475,10 @@ impl Net {
         &self,
         remote: iroh::EndpointId,
         mut send: iroh::endpoint::SendStream,
-        mut recv: iroh::endpoint::RecvStream,
+        recv: iroh::endpoint::RecvStream,
     ) -> anyhow::Result<()> {
-        match frame::read_value::<Open>(&mut recv, 1 << 16, "stream opening").await? {
+        let mut recv = frame::Reader::new(recv);
+        match recv.read_value::<Open>(1 << 16, "stream opening").await? {
             Some(Open::Sync) => {}
             Some(Open::Control(_)) => {
                 frame::write_value(&mut send, &Response::Error("devices answer no control requests".into()))
@@ -486,7 +488,7 @@ impl Net {
             }
             None => return Ok(()),
         }
-        let Some(first) = frame::read(&mut recv, FRAME_MAX).await? else { return Ok(()) };
+        let Some(first) = recv.read(FRAME_MAX).await? else { return Ok(()) };
         let folder = AuthSession::folder_of(&first, FRAME_MAX)
             .ok_or_else(|| anyhow!("sync must open with DirHello"))?;
         let sid = Session::session_of(&first, FRAME_MAX)?;

@@ -529,10 +529,10 @@ impl Cloud {
         self: Arc<Self>,
         device: DeviceId,
         mut send: SendStream,
-        mut recv: RecvStream,
+        recv: RecvStream,
     ) -> anyhow::Result<()> {
-        let open: Option<Open> =
-            frame::read_value(&mut recv, transport::CONTROL_MAX, "stream opening").await?;
+        let mut recv = frame::Reader::new(recv);
+        let open: Option<Open> = recv.read_value(transport::CONTROL_MAX, "stream opening").await?;
         match open {
             None => Ok(()),
             Some(Open::Control(request)) => {
@@ -559,9 +559,9 @@ impl Cloud {
         &self,
         device: DeviceId,
         mut send: SendStream,
-        mut recv: RecvStream,
+        mut recv: frame::Reader<RecvStream>,
     ) -> anyhow::Result<()> {
-        let Some(first) = frame::read(&mut recv, FRAME_MAX).await? else { return Ok(()) };
+        let Some(first) = recv.read(FRAME_MAX).await? else { return Ok(()) };
         let folder = AuthSession::folder_of(&first, FRAME_MAX)
             .ok_or_else(|| anyhow::anyhow!("a sync stream must open with DirHello"))?;
         let sid = Session::session_of(&first, FRAME_MAX)?;
