@@ -105,6 +105,11 @@ impl Cloud {
         &mut self.dir
     }
 
+    /// The address book: the last address each active device announced.
+    pub fn addresses(&self) -> impl Iterator<Item = &PeerAddr> {
+        self.addrs.values()
+    }
+
     /// Pending pairings (the relay's HTTP API shows whether a device has one).
     pub fn pairings(&self) -> impl Iterator<Item = &PairView> {
         self.pairings.values()
@@ -278,6 +283,14 @@ impl Cloud {
             self.dir.changes().filter(|c| !self.handed_out.contains(&c.id())).cloned().collect();
         self.handed_out.extend(new.iter().map(SignedChange::id));
         (!new.is_empty()).then_some(Persist::Directory(new))
+    }
+
+    /// The driver could not store `changes` (handed out by `poll_persist`): they are handed out
+    /// again by the next poll.
+    pub fn persist_failed(&mut self, changes: &[SignedChange]) {
+        for c in changes {
+            self.handed_out.remove(&c.id());
+        }
     }
 
     /// The next notice for connected devices.

@@ -166,13 +166,13 @@ pub enum ControlError {
     NotOwnAddress,
     #[error("over a request limit (addresses, heads or text)")]
     Limit,
-    #[error("account names are 1 to 64 letters, digits, '.', '_' or '-'")]
+    #[error("account names are 1 to 64 characters of a-z, 0-9, '.', '_' and '-'")]
     AccountName,
     #[error("the account name is taken")]
     AccountTaken,
     #[error("this user already has an account under another name")]
     AccountOtherName,
-    #[error("the password is too weak (at least 8 characters)")]
+    #[error("passwords are 8 to 1024 bytes")]
     WeakPassword,
     #[error("wrong account or password")]
     WrongPassword,

@@ -333,8 +333,11 @@ fn feed_seeds(out: &mut Out) {
 
 fn control_and_frame_seeds(out: &mut Out, messages: &[Vec<u8>]) {
     let w = world();
-    let endpoint_id = transport::endpoint_id(&w.device("a1")).expect("a device key is an endpoint id");
-    let addr = iroh::EndpointAddr::new(endpoint_id).with_ip_addr("192.0.2.1:4433".parse().expect("literal"));
+    let addr = engine::control::PeerAddr {
+        device: w.device("a1"),
+        relay: Some("https://relay.example/".into()),
+        direct: vec!["192.0.2.1:4433".parse().expect("literal")],
+    };
     let pairing = Pairing {
         device: w.device("stranger"),
         nonce_existing: [1; 32],
@@ -373,7 +376,7 @@ fn control_and_frame_seeds(out: &mut Out, messages: &[Vec<u8>]) {
     };
     let responses = vec![
         ("ok", Response::Ok),
-        ("error", Response::Error("no".into())),
+        ("refused", Response::Refused(engine::control::ControlError::NotActive)),
         ("ticket", Response::Ticket { ticket: w.tickets["a1"].clone(), cloud: w.cloud() }),
         ("directory", Response::Directory { changes: w.changes.clone() }),
         ("peers", Response::Peers { peers: vec![addr] }),
@@ -386,36 +389,24 @@ fn control_and_frame_seeds(out: &mut Out, messages: &[Vec<u8>]) {
         ("directory", Notice::Directory),
         ("pairing", Notice::Pairing),
     ];
-    let mut frames: Vec<Vec<u8>> = vec![postcard::to_allocvec(&Open::Sync).expect("encodes")];
+    let mut frames: Vec<Vec<u8>> = vec![engine::control::encode(&Open::Sync)];
     for (label, request) in &requests {
-        let open = postcard::to_allocvec(&Open::Control(request.clone())).expect("encodes");
+        let open = engine::control::encode(&Open::Control(request.clone()));
         out.put("control", &format!("open-{label}"), &with_mode(0, open.clone()));
-        out.put(
-            "control",
-            &format!("request-{label}"),
-            &with_mode(1, postcard::to_allocvec(request).expect("encodes")),
-        );
+        out.put("control", &format!("request-{label}"), &with_mode(1, engine::control::encode(request)));
         frames.push(open);
         // From each fixture device, to the relay.
         for who in [0u8, 2, 3, 5] {
-            let bytes = with_mode(who, postcard::to_allocvec(request).expect("encodes"));
+            let bytes = with_mode(who, engine::control::encode(request));
             out.put("relay_control", &format!("{label}-{}", fixture::NAMES[usize::from(who)]), &bytes);
         }
     }
-    out.put("control", "open-sync", &with_mode(0, postcard::to_allocvec(&Open::Sync).expect("encodes")));
+    out.put("control", "open-sync", &with_mode(0, engine::control::encode(&Open::Sync)));
     for (label, response) in &responses {
-        out.put(
-            "control",
-            &format!("response-{label}"),
-            &with_mode(2, postcard::to_allocvec(response).expect("encodes")),
-        );
+        out.put("control", &format!("response-{label}"), &with_mode(2, engine::control::encode(response)));
     }
     for (label, notice) in &notices {
-        out.put(
-            "control",
-            &format!("notice-{label}"),
-            &with_mode(3, postcard::to_allocvec(notice).expect("encodes")),
-        );
+        out.put("control", &format!("notice-{label}"), &with_mode(3, engine::control::encode(notice)));
     }
     // Frames: an Open then session messages, under each limit, whole and in small chunks.
     let mut stream = Vec::new();

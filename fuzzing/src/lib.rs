@@ -18,8 +18,8 @@
 //! | `session_responder`, `session_initiator` | a `sync::Session` fed attacker messages and timers | [`session_targets`] |
 //! | `auth_responder`, `auth_initiator` | an `authz::AuthSession` likewise | [`session_targets`] |
 //! | `cloud_control` | `engine::cloud::Cloud` fed sequences of control requests | [`cloud_targets`] |
-//! | `control` | `transport`'s `Open`, `Request`, `Response`, `Notice` | [`transport_targets`] |
-//! | `frame` | `transport::frame::read` over a chunked stream, against a model | [`transport_targets`] |
+//! | `control` | `engine::control`'s `Open`, `Request`, `Response`, `Notice` | [`transport_targets`] |
+//! | `frame` | `transport::frame::Reader` over a chunked stream with cancelled reads, against a model | [`transport_targets`] |
 //! | `relay_http` | the relay's HTTP router: JSON bodies, queries, paths, the FeedSync POST | [`relay_targets`] |
 //! | `relay_control` | the relay's answer to control requests (`Cloud::handle_request`) | [`relay_targets`] |
 

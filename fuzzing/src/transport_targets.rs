@@ -5,23 +5,25 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
+use engine::control::{self, Bounded};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncRead, ReadBuf};
 use transport::{frame, FrameError, Notice, Open, Request, Response, CONTROL_MAX, FRAME_MAX};
 
-/// Decodes `bytes` as a `T` as `frame::read_value` does, and checks that what decodes
-/// re-encodes stably.
-fn round_trip<T: Serialize + DeserializeOwned>(bytes: &[u8]) -> Option<T> {
-    let value: T = postcard::from_bytes(bytes).ok()?;
-    let encoded = postcard::to_allocvec(&value).expect("a decoded value encodes");
-    let again: T = postcard::from_bytes(&encoded).expect("what we encode we decode");
-    assert_eq!(postcard::to_allocvec(&again).expect("encodes"), encoded, "encoding is stable");
+/// Decodes `bytes` as a `T` as `frame::read_value` does (`engine::control::decode`: version,
+/// size, bounds), and checks that what decodes re-encodes stably and within its bounds.
+fn round_trip<T: Serialize + DeserializeOwned + Bounded>(bytes: &[u8]) -> Option<T> {
+    let value: T = control::decode(bytes, CONTROL_MAX).ok()?;
+    let encoded = control::encode(&value);
+    let again: T = control::decode(&encoded, usize::MAX).expect("what we encode we decode");
+    assert_eq!(control::encode(&again), encoded, "encoding is stable");
     Some(value)
 }
 
 /// The control protocol: the first byte picks the type (`Open`, `Request`, `Response`,
-/// `Notice`), the rest is its postcard encoding, as the node and the relay read it from a frame.
+/// `Notice`), the rest is its encoding (version byte, postcard), as the node and the relay read
+/// it from a frame.
 pub fn control(data: &[u8]) {
     let Some((&kind, rest)) = data.split_first() else { return };
     match kind % 4 {
@@ -40,8 +42,10 @@ pub fn control(data: &[u8]) {
         }
         _ => {
             if let Some(notice) = round_trip::<Notice>(rest) {
-                let encoded = postcard::to_allocvec(&notice).expect("encodes");
-                assert_eq!(postcard::from_bytes::<Notice>(&encoded).ok(), Some(notice));
+                assert_eq!(
+                    control::decode::<Notice>(&control::encode(&notice), CONTROL_MAX).ok(),
+                    Some(notice)
+                );
             }
         }
     }

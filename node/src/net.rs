@@ -299,8 +299,16 @@ impl Net {
         let result = async {
             round.directory_changes = self.sync_directory().await?;
             self.refresh_ticket().await?;
-            let addr = self.endpoint.addr();
-            self.request(Request::Announce { addr }).await?;
+            let addr = transport::peer_addr(&self.endpoint.addr());
+            match self.request(Request::Announce { addr }).await {
+                // A device not yet active (a pairing under way) has no peers to be found by.
+                Err(e)
+                    if e.downcast_ref()
+                        == Some(&transport::CloudRefused(transport::ControlError::NotActive)) => {}
+                other => {
+                    other?;
+                }
+            }
             self.answer_pairings().await?;
             anyhow::Ok(())
         }
@@ -332,11 +340,12 @@ impl Net {
         for &folder in &folders {
             match self.request(Request::Peers { folder }).await {
                 Ok(Response::Peers { peers }) => {
-                    for addr in peers {
-                        work.entry(transport::device_of(addr.id))
-                            .or_insert_with(|| (addr, Vec::new()))
-                            .1
-                            .push(folder);
+                    for peer in peers {
+                        let Some(addr) = transport::endpoint_addr(&peer) else {
+                            round.errors.push(format!("peers of {folder}: an address that does not parse"));
+                            continue;
+                        };
+                        work.entry(peer.device).or_insert_with(|| (addr, Vec::new())).1.push(folder);
                     }
                 }
                 Ok(_) => {}
@@ -481,8 +490,7 @@ impl Net {
         match recv.read_value::<Open>(1 << 16, "stream opening").await? {
             Some(Open::Sync) => {}
             Some(Open::Control(_)) => {
-                frame::write_value(&mut send, &Response::Error("devices answer no control requests".into()))
-                    .await?;
+                frame::write_value(&mut send, &Response::Refused(transport::ControlError::NotCloud)).await?;
                 let _ = send.finish();
                 return Ok(());
             }

@@ -1,6 +1,7 @@
-//! The cloud services: the ticket authority, a verified copy of the directory, a replica of every
-//! feed, accounts, the pairing mailbox, the address book and change notifications. One lock
-//! guards the state; nothing awaits while holding it.
+//! The cloud services: the control plane (ticket authority, verified directory, address book,
+//! pairing mailbox, notices: the engine's `engine::cloud::Cloud`, driven here), a replica of every
+//! feed, accounts and change notifications. One lock guards the state; nothing awaits while
+//! holding it.
 //!
 //! The cloud holds no device key: it cannot add a directory change or sign a version. It syncs
 //! feeds with the devices that may hold them (engine rule `Directory::may_hold`), and devices
@@ -12,19 +13,19 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use engine::authz::{AuthSession, Credentials, Policy};
-use engine::directory::{ChangeId, Directory, FolderId, UserId, CHANGES_PER_BATCH_MAX};
+use engine::cloud::{CloudLimits, Persist};
+use engine::control::ControlError;
+use engine::directory::{Directory, FolderId, UserId};
 use engine::feedsync::Item;
 use engine::replica::{Replica, Seq};
 use engine::signing::{DeviceId, DeviceKey};
 use engine::sync::{Micros, Outcome, Session};
-use engine::ticket::{Rights, TicketAuthority};
 use engine::wire::{self, Body, Message, WIRE_VERSION};
 use iroh::endpoint::{Connection, RecvStream, SendStream};
-use iroh::EndpointAddr;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, Notify};
 use transport::store::Store;
-use transport::{device_of, frame, now_secs, now_us, Notice, Open, PairView, Request, Response, FRAME_MAX};
+use transport::{frame, now_secs, now_us, Notice, Open, Request, Response, FRAME_MAX};
 
 use crate::metrics::Metrics;
 
@@ -197,6 +198,18 @@ pub enum LoginError {
     TooLong,
 }
 
+impl LoginError {
+    /// The reason as a device's control request is refused with it.
+    pub fn code(&self) -> ControlError {
+        match self {
+            LoginError::Wrong => ControlError::WrongPassword,
+            LoginError::RateLimited(_) => ControlError::LoginsExhausted,
+            LoginError::Busy(_) => ControlError::Busy,
+            LoginError::TooLong => ControlError::Limit,
+        }
+    }
+}
+
 /// A hash to check unknown accounts against (same cost as a real one).
 static DUMMY_PHC: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| hash_password("no account has this password").unwrap_or_default());
@@ -209,15 +222,11 @@ pub fn token_hash(token: &str) -> [u8; 32] {
 /// The mutable state.
 #[derive(Debug)]
 pub struct State {
-    pub authority: TicketAuthority,
-    pub dir: Directory,
+    /// The control plane: directory, tickets, address book, pairing mailbox, notices.
+    pub control: engine::cloud::Cloud,
     pub replicas: BTreeMap<FolderId, Replica>,
     persisted: BTreeMap<FolderId, Seq>,
-    saved_changes: std::collections::BTreeSet<ChangeId>,
     pub accounts: BTreeMap<String, Account>,
-    pub pairings: BTreeMap<u64, PairView>,
-    next_pairing: u64,
-    pub addrs: BTreeMap<DeviceId, EndpointAddr>,
     pub connections: BTreeMap<DeviceId, usize>,
     buckets: crate::limit::Buckets<DeviceId>,
     pub events: VecDeque<Event>,
@@ -225,6 +234,13 @@ pub struct State {
     /// HTTP bearer tokens by hash (account tokens are stored; the admin's is not).
     pub tokens: BTreeMap<[u8; 32], TokenRecord>,
     epoch: u64,
+}
+
+impl State {
+    /// The cloud's verified directory.
+    pub fn dir(&self) -> &Directory {
+        self.control.directory()
+    }
 }
 
 /// Most posted items merged under one hold of the cloud's lock.
@@ -253,7 +269,6 @@ impl Cloud {
     /// Loads the cloud from its store (key, accounts, directory, replicas).
     pub fn load(store: Store, key: DeviceKey, limits: Limits, epoch: u64) -> anyhow::Result<Self> {
         let dir = store.load_directory()?;
-        let saved_changes = dir.changes().map(|c| c.id()).collect();
         let accounts: BTreeMap<String, Account> = match store.get_blob("accounts")? {
             Some(bytes) => {
                 postcard::from_bytes(&bytes).map_err(|_| anyhow::anyhow!("stored accounts are corrupt"))?
@@ -290,16 +305,13 @@ impl Cloud {
             replicas.insert(folder, replica);
         }
         let (notices, _) = broadcast::channel(1024);
+        let control_limits =
+            CloudLimits { pairings_per_user: limits.pairings_per_user, ..CloudLimits::default() };
         let state = State {
-            authority: TicketAuthority::new(key.clone()),
-            dir,
+            control: engine::cloud::Cloud::new(key.clone(), dir, control_limits),
             replicas,
             persisted,
-            saved_changes,
             accounts,
-            pairings: BTreeMap::new(),
-            next_pairing: 1,
-            addrs: BTreeMap::new(),
             connections: BTreeMap::new(),
             buckets: crate::limit::Buckets::new(
                 f64::from(limits.messages_per_second),
@@ -352,8 +364,17 @@ impl Cloud {
         if let Notice::Folder(f) = &notice {
             Self::push_event(st, "folder", Some(*f), BTreeSet::new());
             self.events_changed.notify_waiters();
+            st.control.folder_changed(*f, origin);
         }
-        let _ = self.notices.send((notice, origin));
+        self.flush_notices(st);
+    }
+
+    /// Sends the notices the control plane owes connected devices to their forwarders (each
+    /// forwarder asks `Cloud::may_see` before it passes one on).
+    fn flush_notices(&self, st: &mut State) {
+        while let Some(out) = st.control.poll_notice() {
+            let _ = self.notices.send((out.notice, out.origin));
+        }
     }
 
     /// Publishes new directory `changes`: long-polls see them as events naming the users they
@@ -364,7 +385,7 @@ impl Cloud {
         changes: &[engine::directory::SignedChange],
         origin: Option<DeviceId>,
     ) {
-        let users: Vec<UserId> = directory_audience(&st.dir, changes).into_iter().collect();
+        let users: Vec<UserId> = directory_audience(st.dir(), changes).into_iter().collect();
         if users.is_empty() {
             // Still an event (the admin sees every one), named to nobody else.
             Self::push_event(st, "directory", None, BTreeSet::new());
@@ -373,7 +394,8 @@ impl Cloud {
             Self::push_event(st, "directory", None, chunk.iter().copied().collect());
         }
         self.events_changed.notify_waiters();
-        let _ = self.notices.send((Notice::Directory, origin));
+        let _ = origin;
+        self.flush_notices(st);
     }
 
     /// Appends one long-poll event, keeping the last [`EVENTS_KEPT`].
@@ -398,18 +420,24 @@ impl Cloud {
 
     /// Saves directory changes not yet stored; notifies if there were any.
     fn persist_directory(&self, st: &mut State, origin: Option<DeviceId>) -> anyhow::Result<()> {
-        let new: Vec<_> = st.dir.changes().filter(|c| !st.saved_changes.contains(&c.id())).cloned().collect();
+        st.control.after_directory_change(origin);
+        let mut new = Vec::new();
+        while let Some(Persist::Directory(changes)) = st.control.poll_persist() {
+            new.extend(changes);
+        }
         if new.is_empty() {
+            self.flush_notices(st);
             return Ok(());
         }
-        self.store.save_changes(&new)?;
-        for c in &new {
-            st.saved_changes.insert(c.id());
+        if let Err(e) = self.store.save_changes(&new) {
+            // Handed out again next time: nothing is acknowledged before it is stored.
+            st.control.persist_failed(&new);
+            return Err(e.into());
         }
         // Signers follow the directory (a newly accepted member's devices may write).
         let folders: Vec<FolderId> = st.replicas.keys().copied().collect();
         for f in folders {
-            let signers = st.dir.signers(&f);
+            let signers = st.dir().signers(&f);
             if let Some(r) = st.replicas.get_mut(&f) {
                 r.set_signers(Some(signers));
             }
@@ -442,13 +470,7 @@ impl Cloud {
 
     /// The cloud's credentials for a session on `folder` with the device `peer`.
     fn policy(&self, st: &mut State, folder: FolderId) -> Policy {
-        let ticket = st.authority.issue(
-            self.id,
-            self.id.into(),
-            Rights { folders: vec![folder], relay: false },
-            now_us(),
-            engine::ticket::TICKET_LIFETIME_US,
-        );
+        let ticket = st.control.own_ticket(now_us(), folder);
         Policy::Directory(Box::new(Credentials { device: self.id, ticket, cloud: self.id }))
     }
 
@@ -461,7 +483,7 @@ impl Cloud {
 
     /// Serves one device connection until it closes.
     pub async fn serve(self: Arc<Self>, conn: Connection) {
-        let device = device_of(conn.remote_id());
+        let device = transport::device_of(conn.remote_id());
         {
             let mut st = self.lock();
             let n = st.connections.entry(device).or_insert(0);
@@ -505,14 +527,7 @@ impl Cloud {
                 Err(broadcast::error::RecvError::Lagged(_)) => Notice::Directory,
                 Err(broadcast::error::RecvError::Closed) => return,
             };
-            let visible = {
-                let st = self.lock();
-                match &notice {
-                    Notice::Folder(f) => st.dir.may_hold(f, &device).is_ok(),
-                    Notice::Directory => st.dir.user_of(&device).is_some(),
-                    Notice::Pairing => st.dir.user_of(&device).is_some(),
-                }
-            };
+            let visible = self.lock().control.may_see(&notice, &device);
             if !visible {
                 continue;
             }
@@ -537,15 +552,12 @@ impl Cloud {
             None => Ok(()),
             Some(Open::Control(request)) => {
                 if !self.admit_frame(&device) {
-                    frame::write_value(&mut send, &Response::Error("rate limit: slow down".into())).await?;
+                    frame::write_value(&mut send, &Response::Refused(ControlError::RateLimited)).await?;
                     let _ = send.finish();
                     return Ok(());
                 }
-                let kind = request_kind(&request);
-                let response = self
-                    .handle_control(device, request)
-                    .await
-                    .unwrap_or_else(|e| Response::Error(format!("{e:#}")));
+                let kind = request.kind();
+                let response = self.handle_control(device, request).await;
                 self.metrics.requests.get_or_create(&crate::metrics::Reason::new(kind)).inc();
                 frame::write_value(&mut send, &response).await?;
                 let _ = send.finish();
@@ -568,8 +580,9 @@ impl Cloud {
         let usage = self.store.usage(&device.0)?;
         if usage > self.limits.storage_bytes_per_device {
             self.metrics.refusals.get_or_create(&crate::metrics::Reason::new("storage-limit")).inc();
-            let reason =
-                engine::refusal::RefusalCode::StorageLimit { limit_bytes: self.limits.storage_bytes_per_device };
+            let reason = engine::refusal::RefusalCode::StorageLimit {
+                limit_bytes: self.limits.storage_bytes_per_device,
+            };
             let bytes = wire::encode(&Message {
                 version: WIRE_VERSION,
                 session: sid,
@@ -605,7 +618,7 @@ impl Cloud {
             let replica =
                 st.replicas.entry(folder).or_insert_with(|| Replica::new_signed(epoch, folder.scope()));
             replica.set_verified(verified);
-            let result = s.handle_message(now, &mut st.dir, replica, bytes);
+            let result = s.handle_message(now, st.control.directory_mut(), replica, bytes);
             if let Err(e) = self.persist_directory(st, Some(device)) {
                 tracing::error!(error = %e, "saving directory changes");
             }
@@ -621,7 +634,7 @@ impl Cloud {
             self.store.add_usage(&device.0, added)?;
         }
         // A refused session must not leave an empty replica for a folder nobody has.
-        if st.dir.folder(&folder).is_none() && st.replicas.get(&folder).is_some_and(|r| r.is_empty()) {
+        if st.dir().folder(&folder).is_none() && st.replicas.get(&folder).is_some_and(|r| r.is_empty()) {
             st.replicas.remove(&folder);
         }
         match &driven.outcome {
@@ -643,74 +656,71 @@ impl Cloud {
 
     // ------------------------------------------------------------------ control requests
 
-    /// Answers one control request from `device` (authenticated by the connection). Password
-    /// work (argon2, slow on purpose) runs on a blocking thread and never under the state lock.
-    pub async fn handle_control(
-        self: &Arc<Self>,
-        device: DeviceId,
-        request: Request,
-    ) -> anyhow::Result<Response> {
+    /// Answers one control request from `device` (authenticated by the connection), with a
+    /// typed refusal if it fails. Password work (argon2, slow on purpose) runs on a blocking
+    /// thread and never under the state lock; everything else is the engine's control plane.
+    pub async fn handle_control(self: &Arc<Self>, device: DeviceId, request: Request) -> Response {
         match request {
             Request::PairRequest { account, password, commitment } => {
-                let user = self
+                let user = match self
                     .clone()
                     .verify_password(account, password, crate::login::Client::Device(device))
-                    .await?;
-                let mut guard = self.lock();
-                let st = &mut *guard;
-                if st.dir.user_of(&device).is_some() {
-                    anyhow::bail!("this device is already active in the directory");
-                }
-                let pending = st.pairings.values().filter(|p| p.user == user).count();
-                if pending >= self.limits.pairings_per_user {
-                    anyhow::bail!("too many pending pairings for this user");
-                }
-                // One pending request per device: a new one replaces it.
-                st.pairings.retain(|_, p| p.device != device);
-                let id = st.next_pairing;
-                st.next_pairing += 1;
-                st.pairings
-                    .insert(id, PairView { id, user, device, commitment, existing: None, pairing: None });
-                self.publish(st, Notice::Pairing, Some(device));
-                Ok(Response::PairId { id })
-            }
-            Request::Account { name, password } => {
-                let user = self.account_allowed(device, &name)?;
-                check_password(&password)?;
-                let phc = {
-                    let _permit = self.hashing.acquire().await?;
-                    tokio::task::spawn_blocking(move || hash_password(&password)).await??
+                    .await
+                {
+                    Ok(user) => user,
+                    Err(e) => return Response::Refused(e.code()),
                 };
                 let mut guard = self.lock();
                 let st = &mut *guard;
-                // Checked again: the state may have moved while the hash was computed.
-                self.account_allowed_in(st, device, &name)?;
-                st.accounts.insert(name.clone(), Account { name, user, phc });
-                self.save_accounts(st)?;
-                Ok(Response::Ok)
+                let response = st.control.handle_pair_request(device, user, commitment);
+                self.flush_notices(st);
+                response
             }
+            Request::Account { name, password } => match self.set_account(device, name, password).await {
+                Ok(()) => Response::Ok,
+                Err(e) => Response::Refused(e),
+            },
             other => self.handle_request(device, other),
         }
     }
 
+    /// Creates (or re-keys) the account `name` of `device`'s user.
+    async fn set_account(
+        &self,
+        device: DeviceId,
+        name: String,
+        password: String,
+    ) -> Result<(), ControlError> {
+        self.account_allowed(device, &name)?;
+        check_password(&password)?;
+        let phc = {
+            let _permit = self.hashing.acquire().await.map_err(|_| ControlError::Busy)?;
+            tokio::task::spawn_blocking(move || hash_password(&password))
+                .await
+                .map_err(|_| ControlError::Busy)?
+                .map_err(|_| ControlError::Busy)?
+        };
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        // Checked again: the state may have moved while the hash was computed.
+        let user = self.account_allowed_in(st, device, &name)?;
+        st.accounts.insert(name.clone(), Account { name, user, phc });
+        self.save_accounts(st).map_err(|_| ControlError::Storage)
+    }
+
     /// Whether `device` may set up account `name` for its user; the user.
-    fn account_allowed(&self, device: DeviceId, name: &str) -> anyhow::Result<UserId> {
+    fn account_allowed(&self, device: DeviceId, name: &str) -> Result<UserId, ControlError> {
         self.account_allowed_in(&self.lock(), device, name)
     }
 
-    fn account_allowed_in(&self, st: &State, device: DeviceId, name: &str) -> anyhow::Result<UserId> {
-        let user = st
-            .dir
-            .user_of(&device)
-            .ok_or_else(|| anyhow::anyhow!("only an active device may set up its user's account"))?;
-        check_account_name(name)?;
-        if let Some(a) = st.accounts.get(name) {
-            if a.user != user {
-                anyhow::bail!("account name {name:?} is taken");
-            }
+    fn account_allowed_in(&self, st: &State, device: DeviceId, name: &str) -> Result<UserId, ControlError> {
+        let user = st.control.account_user(&device)?;
+        check_account_name(name).map_err(|_| ControlError::AccountName)?;
+        if st.accounts.get(name).is_some_and(|a| a.user != user) {
+            return Err(ControlError::AccountTaken);
         }
         if st.accounts.values().any(|a| a.user == user && a.name != name) {
-            anyhow::bail!("this user already has an account under another name");
+            return Err(ControlError::AccountOtherName);
         }
         Ok(user)
     }
@@ -756,102 +766,22 @@ impl Cloud {
         }
     }
 
-    /// Answers one control request that needs no password work.
-    pub fn handle_request(&self, device: DeviceId, request: Request) -> anyhow::Result<Response> {
+    /// Answers one control request that needs no password work: the engine's control plane,
+    /// then whatever it accepted is stored before the answer goes out.
+    pub fn handle_request(&self, device: DeviceId, request: Request) -> Response {
         let mut guard = self.lock();
         let st = &mut *guard;
-        Ok(match request {
-            Request::Ticket => {
-                let channel = device.into();
-                let ticket = st.authority.issue_from(&st.dir, device, channel, now_us());
-                self.metrics.tickets_issued.inc();
-                Response::Ticket { ticket, cloud: self.id }
-            }
-            Request::Directory { heads, changes } => {
-                if heads.len() > engine::directory::DEPS_MAX {
-                    anyhow::bail!("too many directory heads");
-                }
-                st.dir.apply(&changes).map_err(|e| anyhow::anyhow!("directory changes refused: {e}"))?;
-                self.persist_directory(st, Some(device))?;
-                let heads = heads.into_iter().collect();
-                let mut missing = st.dir.missing_for(&heads);
-                missing.truncate(CHANGES_PER_BATCH_MAX);
-                Response::Directory { changes: missing }
-            }
-            Request::Announce { addr } => {
-                if device_of(addr.id) != device {
-                    anyhow::bail!("a device announces only its own address");
-                }
-                if addr.addrs.len() > 64 {
-                    anyhow::bail!("too many addresses");
-                }
-                st.addrs.insert(device, addr);
-                Response::Ok
-            }
-            Request::Peers { folder } => {
-                st.dir.may_hold(&folder, &device).map_err(|e| anyhow::anyhow!("{e}"))?;
-                let mapped = st.dir.folder(&folder).map(|f| f.mapped.clone()).unwrap_or_default();
-                let peers = mapped
-                    .iter()
-                    .filter(|d| **d != device && st.dir.may_sync(&folder, &device, d).is_ok())
-                    .filter_map(|d| st.addrs.get(d).cloned())
-                    .collect();
-                Response::Peers { peers }
-            }
-            Request::Account { .. } | Request::PairRequest { .. } => {
-                anyhow::bail!("password requests go through handle_control")
-            }
-            Request::PairStatus { id } => {
-                let p = st
-                    .pairings
-                    .get(&id)
-                    .filter(|p| p.device == device)
-                    .ok_or_else(|| anyhow::anyhow!("no such pairing"))?;
-                Response::PairStatus(p.clone())
-            }
-            Request::PairConsent { id, pairing } => {
-                let p = st
-                    .pairings
-                    .get_mut(&id)
-                    .filter(|p| p.device == device)
-                    .ok_or_else(|| anyhow::anyhow!("no such pairing"))?;
-                if pairing.device != device || p.existing.is_none() {
-                    anyhow::bail!("consent out of turn");
-                }
-                if engine::directory::pairing_commitment(&device, &pairing.nonce_new) != p.commitment {
-                    anyhow::bail!("the nonce does not match the commitment");
-                }
-                p.pairing = Some(pairing);
-                self.publish(st, Notice::Pairing, Some(device));
-                Response::Ok
-            }
-            Request::PairList => {
-                let user = st.dir.user_of(&device).ok_or_else(|| anyhow::anyhow!("not an active device"))?;
-                // Pairings whose device has joined are done.
-                let joined: Vec<u64> = st
-                    .pairings
-                    .values()
-                    .filter(|p| st.dir.user_of(&p.device).is_some())
-                    .map(|p| p.id)
-                    .collect();
-                for id in joined {
-                    st.pairings.remove(&id);
-                }
-                Response::Pairings(st.pairings.values().filter(|p| p.user == user).cloned().collect())
-            }
-            Request::PairNonce { id, nonce } => {
-                let user = st.dir.user_of(&device).ok_or_else(|| anyhow::anyhow!("not an active device"))?;
-                let p = st
-                    .pairings
-                    .get_mut(&id)
-                    .filter(|p| p.user == user)
-                    .ok_or_else(|| anyhow::anyhow!("no such pairing"))?;
-                if p.existing.is_none() {
-                    p.existing = Some((device, nonce));
-                }
-                Response::Ok
-            }
-        })
+        let is_ticket = matches!(request, Request::Ticket);
+        let response = st.control.handle_request(now_us(), device, request);
+        if is_ticket && matches!(response, Response::Ticket { .. }) {
+            self.metrics.tickets_issued.inc();
+        }
+        if let Err(e) = self.persist_directory(st, Some(device)) {
+            tracing::error!(error = %e, "saving directory changes");
+            return Response::Refused(ControlError::Storage);
+        }
+        self.flush_notices(st);
+        response
     }
 
     fn save_accounts(&self, st: &State) -> anyhow::Result<()> {
@@ -875,10 +805,10 @@ impl Cloud {
     ) -> anyhow::Result<(usize, usize, Vec<String>)> {
         let signers = {
             let st = self.lock();
-            if st.dir.folder(folder).is_none() {
+            if st.dir().folder(folder).is_none() {
                 anyhow::bail!("no such folder");
             }
-            st.dir.signers(folder)
+            st.dir().signers(folder)
         };
         let mut refused = Vec::new();
         let mut accepted = Vec::new();
@@ -1033,21 +963,6 @@ impl Cloud {
     }
 }
 
-fn request_kind(r: &Request) -> &'static str {
-    match r {
-        Request::Ticket => "ticket",
-        Request::Directory { .. } => "directory",
-        Request::Announce { .. } => "announce",
-        Request::Peers { .. } => "peers",
-        Request::Account { .. } => "account",
-        Request::PairRequest { .. } => "pair-request",
-        Request::PairStatus { .. } => "pair-status",
-        Request::PairConsent { .. } => "pair-consent",
-        Request::PairList => "pair-list",
-        Request::PairNonce { .. } => "pair-nonce",
-    }
-}
-
 /// The users directory `changes` concern, in the state after them: the author's user; the user
 /// a device change is about; the invitee of an invitation; a removed member; and everyone taking
 /// part in (owner or active member of) a folder a change touches. A long-poll shows a directory
@@ -1124,9 +1039,9 @@ pub fn check_account_name(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check_password(password: &str) -> anyhow::Result<()> {
+fn check_password(password: &str) -> Result<(), ControlError> {
     if password.len() < 8 || password.len() > 1024 {
-        anyhow::bail!("passwords are 8 to 1024 bytes");
+        return Err(ControlError::WeakPassword);
     }
     Ok(())
 }

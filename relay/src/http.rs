@@ -249,7 +249,7 @@ impl iroh_relay::server::AccessControl for RelayAccess {
         let allowed = device == self.cloud.id || {
             let st = self.cloud.lock();
             // A device that is pairing is not active yet, but it must reach the cloud.
-            st.dir.user_of(&device).is_some() || st.pairings.values().any(|p| p.device == device)
+            st.dir().user_of(&device).is_some() || st.control.pairings().any(|p| p.device == device)
         };
         if allowed {
             self.clients.fetch_add(1, Ordering::Relaxed);
@@ -393,7 +393,7 @@ async fn health(State(app): State<App>) -> Json<Value> {
         "status": "ok",
         "cloud": hex(&app.cloud.id.0),
         "devices_connected": st.connections.len(),
-        "directory_changes": st.dir.len(),
+        "directory_changes": st.dir().len(),
         "folders": st.replicas.len(),
     }))
 }
@@ -486,16 +486,16 @@ fn parse_user(id: &str) -> Result<UserId, ApiError> {
 
 /// Whether the principal may see the folder: the admin, or a participant.
 fn may_see(st: &crate::cloud::State, who: &Principal, folder: &FolderId) -> Result<(), ApiError> {
-    let f = st.dir.folder(folder).ok_or_else(|| not_found("folder"))?;
+    let f = st.dir().folder(folder).ok_or_else(|| not_found("folder"))?;
     match who {
         Principal::Admin => Ok(()),
-        Principal::User(u) if st.dir.state().is_participant(f, u) => Ok(()),
+        Principal::User(u) if st.dir().state().is_participant(f, u) => Ok(()),
         Principal::User(_) => Err(not_found("folder")),
     }
 }
 
 fn user_json(st: &crate::cloud::State, id: &UserId) -> Value {
-    let u = st.dir.state().users.get(id);
+    let u = st.dir().state().users.get(id);
     json!({
         "id": hex(&id.0),
         "name": u.map(|u| u.name.clone()),
@@ -509,7 +509,7 @@ async fn users(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>
     let who = principal(&app, &headers)?;
     let st = app.cloud.lock();
     let list: Vec<Value> = st
-        .dir
+        .dir()
         .state()
         .users
         .keys()
@@ -528,7 +528,7 @@ async fn user(
     let who = principal(&app, &headers)?;
     let id = parse_user(&id)?;
     let st = app.cloud.lock();
-    if !st.dir.state().users.contains_key(&id) || !(who == Principal::Admin || who == Principal::User(id)) {
+    if !st.dir().state().users.contains_key(&id) || !(who == Principal::Admin || who == Principal::User(id)) {
         return Err(not_found("user"));
     }
     Ok(Json(user_json(&st, &id)))
@@ -539,7 +539,7 @@ async fn devices(State(app): State<App>, headers: HeaderMap) -> Result<Json<Valu
     let who = principal(&app, &headers)?;
     let st = app.cloud.lock();
     let mut list = Vec::new();
-    for (uid, u) in &st.dir.state().users {
+    for (uid, u) in &st.dir().state().users {
         if !(who == Principal::Admin || who == Principal::User(*uid)) {
             continue;
         }
@@ -557,7 +557,7 @@ async fn devices(State(app): State<App>, headers: HeaderMap) -> Result<Json<Valu
 }
 
 fn folder_json(st: &crate::cloud::State, id: &FolderId) -> Value {
-    let f = st.dir.folder(id);
+    let f = st.dir().folder(id);
     let replica = st.replicas.get(id);
     json!({
         "id": hex(&id.0),
@@ -574,7 +574,7 @@ async fn folders(State(app): State<App>, headers: HeaderMap) -> Result<Json<Valu
     let who = principal(&app, &headers)?;
     let st = app.cloud.lock();
     let list: Vec<Value> = st
-        .dir
+        .dir()
         .state()
         .folders
         .keys()
@@ -607,7 +607,7 @@ async fn members(
     let id = parse_folder(&id)?;
     let st = app.cloud.lock();
     may_see(&st, &who, &id)?;
-    let f = st.dir.folder(&id).ok_or_else(|| not_found("folder"))?;
+    let f = st.dir().folder(&id).ok_or_else(|| not_found("folder"))?;
     let mut list = vec![json!({ "user": hex(&f.owner.0), "role": "owner", "state": "active" })];
     for (u, m) in &f.members {
         list.push(json!({
@@ -624,13 +624,13 @@ async fn invitations(State(app): State<App>, headers: HeaderMap) -> Result<Json<
     let who = principal(&app, &headers)?;
     let st = app.cloud.lock();
     let list: Vec<Value> = st
-        .dir
+        .dir()
         .state()
         .invitations
         .iter()
         .filter(|(_, inv)| match &who {
             Principal::Admin => true,
-            Principal::User(u) => inv.invitee == *u || st.dir.folder(&inv.folder).is_some_and(|f| f.owner == *u),
+            Principal::User(u) => inv.invitee == *u || st.dir().folder(&inv.folder).is_some_and(|f| f.owner == *u),
         })
         .map(|(id, inv)| {
             json!({

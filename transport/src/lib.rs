@@ -20,13 +20,12 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use engine::authz::AuthSession;
-use engine::directory::{FolderId, Pairing, SignedChange};
 use engine::signing::DeviceId;
 use engine::sync::{Config, Micros, Outcome, SyncError};
-use engine::ticket::{ChannelKey, CloudId, Ticket};
+use engine::ticket::ChannelKey;
 use iroh::endpoint::{RecvStream, SendStream};
 use iroh::{Endpoint, EndpointAddr, EndpointId, RelayMode, RelayUrl, SecretKey};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 pub mod store;
 pub mod view;
@@ -36,9 +35,6 @@ pub const ALPN: &[u8] = b"feedmesh/1";
 
 /// Largest frame: an engine message (1 MiB) with room for the envelope.
 pub const FRAME_MAX: usize = (1 << 20) + 4096;
-
-/// Largest control request or response frame (directory batches are the big ones).
-pub const CONTROL_MAX: usize = 8 << 20;
 
 /// Unix microseconds of this machine's clock.
 pub fn now_us() -> Micros {
@@ -156,87 +152,32 @@ pub async fn endpoint(key: &engine::signing::DeviceKey, opts: &EndpointOptions) 
     Ok(builder.bind().await?)
 }
 
-/// What a stream is for (its first frame).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub enum Open {
-    /// An engine `AuthSession` follows (its `DirHello` names the folder).
-    Sync,
-    /// One control request; one response follows.
-    Control(Request),
+pub use engine::control::{ControlError, Notice, Open, PairView, PeerAddr, Request, Response, CONTROL_MAX};
+
+/// The cloud refused a control request, for a typed reason (callers match on it with
+/// `anyhow::Error::downcast_ref`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the cloud refused: {0}")]
+pub struct CloudRefused(pub ControlError);
+
+/// A device's address as the control plane carries it.
+pub fn peer_addr(addr: &EndpointAddr) -> PeerAddr {
+    PeerAddr {
+        device: device_of(addr.id),
+        relay: addr.relay_urls().next().map(|u| u.to_string()),
+        direct: addr.ip_addrs().copied().collect(),
+    }
 }
 
-/// Requests a device makes of the cloud (the cloud knows the device from the TLS-authenticated
-/// endpoint id; nothing in a request can claim another identity).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub enum Request {
-    /// A fresh ticket for this device and this connection's key.
-    Ticket,
-    /// Push my directory changes the cloud lacks, pull those I lack (`heads` is mine).
-    Directory { heads: Vec<(DeviceId, u32)>, changes: Vec<SignedChange> },
-    /// My current addresses, for peers that want to reach me.
-    Announce { addr: EndpointAddr },
-    /// Addresses of the other devices that map `folder`.
-    Peers { folder: FolderId },
-    /// Creates (or re-keys) the cloud account `name` for this device's user.
-    Account { name: String, password: String },
-    /// A new device asks to join the user of account `account` (password-checked). It sends its
-    /// commitment to a nonce first.
-    PairRequest { account: String, password: String, commitment: [u8; 32] },
-    /// The new device asks how its pairing stands.
-    PairStatus { id: u64 },
-    /// The new device reveals its nonce and signs its consent (after the existing nonce came).
-    PairConsent { id: u64, pairing: Pairing },
-    /// An active device lists its user's pending pairings.
-    PairList,
-    /// An active device answers a pairing request with its nonce.
-    PairNonce { id: u64, nonce: [u8; 32] },
-}
-
-/// Answers to [`Request`]s.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub enum Response {
-    Ok,
-    /// The request was refused or failed; the text says why.
-    Error(String),
-    Ticket {
-        ticket: Ticket,
-        cloud: CloudId,
-    },
-    Directory {
-        changes: Vec<SignedChange>,
-    },
-    Peers {
-        peers: Vec<EndpointAddr>,
-    },
-    PairId {
-        id: u64,
-    },
-    PairStatus(PairView),
-    Pairings(Vec<PairView>),
-}
-
-/// A pairing as the cloud's mailbox holds it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PairView {
-    pub id: u64,
-    pub user: engine::directory::UserId,
-    pub device: DeviceId,
-    pub commitment: [u8; 32],
-    /// The existing device that answered, and its nonce.
-    pub existing: Option<(DeviceId, [u8; 32])>,
-    /// The new device's revealed nonce and consent.
-    pub pairing: Option<Pairing>,
-}
-
-/// What the cloud pushes to a connected device.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub enum Notice {
-    /// The cloud's replica of the folder changed.
-    Folder(FolderId),
-    /// The directory changed.
-    Directory,
-    /// A pairing for this device's user waits for an answer.
-    Pairing,
+/// An iroh address from the control plane's, if its device id is a key and its relay URL parses.
+pub fn endpoint_addr(addr: &PeerAddr) -> Option<EndpointAddr> {
+    let id = endpoint_id(&addr.device)?;
+    let mut addrs: Vec<iroh::TransportAddr> = Vec::new();
+    if let Some(relay) = &addr.relay {
+        addrs.push(iroh::TransportAddr::Relay(relay.parse::<RelayUrl>().ok()?));
+    }
+    addrs.extend(addr.direct.iter().map(|a| iroh::TransportAddr::Ip(*a)));
+    Some(EndpointAddr::from_parts(id, addrs))
 }
 
 /// Errors on a stream.
@@ -362,9 +303,9 @@ pub mod frame {
     }
 
     /// Writes a serialisable value as one frame.
+    /// Writes one control value (`engine::control::encode`: the version byte, then postcard).
     pub async fn write_value<T: Serialize>(send: &mut SendStream, value: &T) -> Result<(), FrameError> {
-        let bytes = postcard::to_allocvec(value).map_err(|_| FrameError::Decode("value"))?;
-        write(send, &bytes).await
+        write(send, &engine::control::encode(value)).await
     }
 
     /// Reads the frames of one stream, cancel-safely. Make one per stream and read every frame
@@ -412,14 +353,17 @@ pub mod frame {
         }
 
         /// Reads one frame and decodes it. Cancel-safe as [`Reader::read`].
-        pub async fn read_value<T: for<'de> Deserialize<'de>>(
+        /// Reads one control value (`engine::control::decode`: version, size and bounds checked).
+        pub async fn read_value<T: serde::de::DeserializeOwned + engine::control::Bounded>(
             &mut self,
             max: usize,
             what: &'static str,
         ) -> Result<Option<T>, FrameError> {
             match self.read(max).await? {
                 None => Ok(None),
-                Some(bytes) => postcard::from_bytes(&bytes).map(Some).map_err(|_| FrameError::Decode(what)),
+                Some(bytes) => {
+                    engine::control::decode(&bytes, max).map(Some).map_err(|_| FrameError::Decode(what))
+                }
             }
         }
 
@@ -457,7 +401,7 @@ pub mod frame {
     /// Reads the one frame a stream carries (a control response, a notice) and decodes it; bytes
     /// after that frame are dropped with the reader, so a stream of several frames needs a
     /// [`Reader`] kept for all of them.
-    pub async fn read_value<T: for<'de> Deserialize<'de>>(
+    pub async fn read_value<T: serde::de::DeserializeOwned + engine::control::Bounded>(
         recv: &mut (impl AsyncRead + Unpin),
         max: usize,
         what: &'static str,
@@ -475,7 +419,7 @@ pub async fn request(conn: &iroh::endpoint::Connection, request: Request) -> any
         tokio::time::timeout(Duration::from_secs(60), frame::read_value(&mut recv, CONTROL_MAX, "response"))
             .await??;
     match response {
-        Some(Response::Error(why)) => anyhow::bail!("the cloud refused: {why}"),
+        Some(Response::Refused(why)) => Err(CloudRefused(why).into()),
         Some(r) => Ok(r),
         None => anyhow::bail!("the cloud closed the stream without an answer"),
     }

@@ -742,7 +742,7 @@ async fn idle_device(
     let conn = tokio::time::timeout(Duration::from_secs(30), ep.connect(cloud, ALPN))
         .await
         .map_err(|_| anyhow!("the cloud did not answer within 30 s"))??;
-    transport::request(&conn, Request::Announce { addr: addr_of(&ep, false) }).await?;
+    transport::request(&conn, Request::Announce { addr: transport::peer_addr(&addr_of(&ep, false)) }).await?;
     Ok((ep, conn))
 }
 
