@@ -208,14 +208,27 @@ impl Node {
 
     /// Saves a folder's changed items; how many.
     pub fn persist_folder(&mut self, folder: &FolderId) -> anyhow::Result<usize> {
-        let Some(replica) = self.replicas.get(folder) else { return Ok(0) };
+        self.persist_folder_with(folder, &[])
+    }
+
+    /// Saves the folder's changed items and `blobs` in one commit.
+    fn persist_folder_with(&mut self, folder: &FolderId, blobs: &[(&str, &[u8])]) -> anyhow::Result<usize> {
+        let Some(replica) = self.replicas.get(folder) else {
+            self.store.save_items_and_blobs(folder, std::iter::empty(), blobs)?;
+            return Ok(0);
+        };
         let since = self.persisted.get(folder).copied().unwrap_or_default();
-        if replica.head() <= since {
+        let items: Vec<Arc<Item>> = if replica.head() <= since {
+            Vec::new()
+        } else {
+            replica.log_since(since).map(|c| c.item.clone()).collect()
+        };
+        if items.is_empty() && blobs.is_empty() {
             return Ok(0);
         }
-        let items: Vec<Arc<Item>> = replica.log_since(since).map(|c| c.item.clone()).collect();
-        let n = self.store.save_items(folder, items.iter())?;
-        self.persisted.insert(*folder, replica.head());
+        let head = replica.head();
+        let n = self.store.save_items_and_blobs(folder, items.iter(), blobs)?;
+        self.persisted.insert(*folder, head);
         Ok(n)
     }
 
@@ -321,8 +334,10 @@ impl Node {
         replica.change_signed(&id, &key, &when, &edit).map_err(|e| anyhow!("{e}"))?;
         let item = replica.item(&id).cloned().ok_or_else(|| anyhow!("item vanished"))?;
         self.outbox.entry(*folder).or_default().insert(id.as_str().to_string());
-        self.save_outbox()?;
-        self.persist_folder(folder)?;
+        // One commit for the item and its outbox entry (a crash between two commits stranded an
+        // outbox entry, or lost one).
+        let outbox = postcard::to_allocvec(&self.outbox)?;
+        self.persist_folder_with(folder, &[("outbox", &outbox)])?;
         Ok(item)
     }
 

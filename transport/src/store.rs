@@ -268,6 +268,18 @@ impl Store {
         folder: &FolderId,
         items: impl IntoIterator<Item = &'a Arc<Item>>,
     ) -> Result<usize, StoreError> {
+        self.save_items_and_blobs(folder, items, &[])
+    }
+
+    /// Saves items and named blobs in one transaction: one logical write (an item and the outbox
+    /// entry that says it is not acknowledged yet) is one commit, so a crash keeps both or
+    /// neither.
+    pub fn save_items_and_blobs<'a>(
+        &self,
+        folder: &FolderId,
+        items: impl IntoIterator<Item = &'a Arc<Item>>,
+        blobs: &[(&str, &[u8])],
+    ) -> Result<usize, StoreError> {
         let txn = self.db.begin_write()?;
         let mut n = 0;
         {
@@ -276,6 +288,10 @@ impl Store {
                 let bytes = postcard::to_allocvec(&to_wire(item)).map_err(|_| StoreError::Corrupt("item"))?;
                 table.insert(item_key(folder, item.id().as_str()).as_slice(), bytes.as_slice())?;
                 n += 1;
+            }
+            let mut table = txn.open_table(BLOBS)?;
+            for (name, value) in blobs {
+                table.insert(*name, *value)?;
             }
         }
         txn.commit()?;
