@@ -18,13 +18,12 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use engine::feedsync::{write_feed, Dialect, Edit, ItemId};
+use engine::feedsync::{write_feed, Dialect, ItemId};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::cmd::{exec, status_json, Cmd, Ctx};
 use crate::net::lock;
-use crate::state::content;
 
 /// What `api.json` holds.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -170,8 +169,7 @@ async fn put_item(
     let item = {
         let mut n = lock(&app.ctx.node);
         let folder = n.folder(&folder)?;
-        let edit = Edit { content: Some(content(body.title.as_deref(), &body.text)), ..Edit::default() };
-        n.write(&folder, &id, edit)?
+        n.put(&folder, &id, body.title.as_deref(), &body.text)?
     };
     if let Ok(net) = app.ctx.net().await {
         net.wake.notify_one();
@@ -188,7 +186,7 @@ async fn delete_item(
     let item = {
         let mut n = lock(&app.ctx.node);
         let folder = n.folder(&folder)?;
-        n.write(&folder, &id, Edit { delete: true, ..Edit::default() })?
+        n.remove(&folder, &id)?
     };
     if let Ok(net) = app.ctx.net().await {
         net.wake.notify_one();

@@ -417,16 +417,9 @@ async fn exec_once(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<String> {
                 }
                 (None, None) => String::new(),
             };
-            if body.len() > 256 * 1024 {
-                bail!("item text is over 256 KiB");
-            }
             let mut n = lock(node);
             let folder = n.folder(&folder)?;
-            let item = n.write(
-                &folder,
-                &id,
-                Edit { content: Some(content(title.as_deref(), &body)), ..Edit::default() },
-            )?;
+            let item = n.put(&folder, &id, title.as_deref(), &body)?;
             drop(n);
             ctx.changed();
             Ok(format!("{} updates={}\n", item.id(), item.version.updates))
@@ -434,11 +427,7 @@ async fn exec_once(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<String> {
         Cmd::Rm { folder, id } => {
             let mut n = lock(node);
             let folder = n.folder(&folder)?;
-            let fid = ItemId::new(&id).map_err(|e| anyhow!("{e}"))?;
-            if n.replicas.get(&folder).and_then(|r| r.item(&fid)).is_none_or(|i| i.version.deleted) {
-                bail!("no item {id}");
-            }
-            n.write(&folder, &id, Edit { delete: true, ..Edit::default() })?;
+            n.remove(&folder, &id)?;
             drop(n);
             ctx.changed();
             Ok(format!("{id} deleted\n"))

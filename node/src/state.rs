@@ -16,6 +16,9 @@ use engine::ticket::Ticket;
 use serde::{Deserialize, Serialize};
 use transport::store::Store;
 
+/// Largest item text a `put` takes (CLI and local API), in bytes.
+pub const TEXT_MAX: usize = 256 * 1024;
+
 /// What `init` records: the cloud to use.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NodeConfig {
@@ -339,6 +342,31 @@ impl Node {
         let outbox = postcard::to_allocvec(&self.outbox)?;
         self.persist_folder_with(folder, &[("outbox", &outbox)])?;
         Ok(item)
+    }
+
+    /// Puts an item's text and title: what the CLI's `put` and the local API's `PUT` both do,
+    /// with the same checks.
+    pub fn put(
+        &mut self,
+        folder: &FolderId,
+        id: &str,
+        title: Option<&str>,
+        text: &str,
+    ) -> anyhow::Result<Arc<Item>> {
+        if text.len() > TEXT_MAX {
+            bail!("item text is {} bytes, over the limit of {} KiB", text.len(), TEXT_MAX >> 10);
+        }
+        self.write(folder, id, Edit { content: Some(content(title, text)), ..Edit::default() })
+    }
+
+    /// Deletes an item that exists and is not deleted yet: the CLI's `rm` and the local API's
+    /// `DELETE` (which made a tombstone of any id before).
+    pub fn remove(&mut self, folder: &FolderId, id: &str) -> anyhow::Result<Arc<Item>> {
+        let fid = ItemId::new(id).map_err(|e| anyhow!("item id: {e}"))?;
+        if self.replicas.get(folder).and_then(|r| r.item(&fid)).is_none_or(|i| i.version.deleted) {
+            bail!("no item {id}");
+        }
+        self.write(folder, id, Edit { delete: true, ..Edit::default() })
     }
 
     pub fn save_pair_nonces(&self) -> anyhow::Result<()> {
