@@ -22,8 +22,8 @@ use crate::directory::{
 };
 use crate::refusal::DirCode;
 use crate::signing::{DeviceId, DeviceKey};
-use crate::sync::Micros;
 use crate::ticket::{CloudId, Rights, Ticket, TicketAuthority, TICKET_LIFETIME_US};
+use crate::time::Micros;
 
 /// The cloud's bounds on what devices make it keep.
 #[derive(Clone, Debug)]

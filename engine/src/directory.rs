@@ -29,9 +29,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::authz::Refusal;
 use crate::feedsync::xml::xml_forbids;
 use crate::feedsync::{Content, Dialect, Endpoint, Feed, Item, ItemId, When};
+use crate::refusal::Refusal;
 use crate::signing::{self, hex, DeviceId, DeviceKey, Sig64, SignatureError};
 
 /// Domain of change signatures.

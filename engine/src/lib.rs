@@ -10,6 +10,7 @@
 //! - [`directory`]: the signed, verified directory log (users, devices, folders, members).
 //! - [`ticket`]: the cloud's short-lived tickets.
 //! - [`authz`]: the authorized session (directory catch-up, ticket and directory checks, then sync).
+//! - [`time`]: the caller's microseconds (`Micros`).
 //! - [`refusal`]: why something was refused, locally and as typed codes on the wire.
 //! - [`cloud`]: the cloud's control plane as a sans-IO state machine (directory, tickets, address
 //!   book, pairing mailbox, notices).
@@ -27,4 +28,5 @@ pub mod riblt;
 pub mod signing;
 pub mod sync;
 pub mod ticket;
+pub mod time;
 pub mod wire;

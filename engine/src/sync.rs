@@ -30,7 +30,7 @@ use crate::wire::{
 };
 
 /// Microseconds of the caller's clock.
-pub type Micros = u64;
+pub use crate::time::Micros;
 
 /// Session limits and timers.
 #[derive(Clone, Debug)]
@@ -96,7 +96,7 @@ pub enum SyncError {
     Wire(#[from] WireError),
     /// An authorized session was refused (by this side or the peer), with the reason.
     #[error("session refused: {0}")]
-    Refused(crate::authz::Refusal),
+    Refused(crate::refusal::Refusal),
     /// A signed replica refused a forged, altered, unsigned or unauthorized version.
     #[error("refused version: {0}")]
     Signature(#[from] crate::signing::SignatureError),

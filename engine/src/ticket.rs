@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::directory::{Directory, FolderId};
 use crate::signing::{self, DeviceId, DeviceKey, Sig64, SignatureError};
-use crate::sync::Micros;
+use crate::time::Micros;
 
 /// Domain of ticket signatures.
 pub const TICKET_DOMAIN: &[u8] = b"feedmesh/ticket/v1\0";
