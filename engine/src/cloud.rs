@@ -69,6 +69,8 @@ pub struct Cloud {
     next_pairing: u64,
     /// Changes the driver has (stored, or handed out by `poll_persist`).
     handed_out: BTreeSet<ChangeId>,
+    /// The directory's size when devices were last told it changed.
+    announced_len: usize,
     notices: VecDeque<Outgoing>,
 }
 
@@ -77,6 +79,7 @@ impl Cloud {
     /// stored).
     pub fn new(key: DeviceKey, dir: Directory, limits: CloudLimits) -> Self {
         let handed_out = dir.changes().map(SignedChange::id).collect();
+        let announced_len = dir.len();
         Self {
             id: DeviceId::of(&key),
             authority: TicketAuthority::new(key),
@@ -86,6 +89,7 @@ impl Cloud {
             pairings: BTreeMap::new(),
             next_pairing: 1,
             handed_out,
+            announced_len,
             notices: VecDeque::new(),
         }
     }
@@ -269,7 +273,9 @@ impl Cloud {
     /// Call after the directory changed by any path (a request, a session's catch-up): connected
     /// devices are told, and the changes are queued for storage.
     pub fn after_directory_change(&mut self, origin: Option<DeviceId>) {
-        if self.dir.len() > self.handed_out.len() {
+        // Once per change, however many times the driver asks.
+        if self.dir.len() > self.announced_len {
+            self.announced_len = self.dir.len();
             self.notify(Notice::Directory, origin);
         }
     }
