@@ -1,5 +1,6 @@
-//! The cloud's control plane as a sans-IO state machine: the verified directory, the ticket
-//! authority, the address book, the pairing mailbox, and the notices it owes connected devices.
+//! The cloud as a sans-IO state machine: the verified directory, the ticket authority, the
+//! address book, the pairing mailbox, the notices it owes connected devices, and its replicas of
+//! folders with the sync sessions devices run against them.
 //!
 //! One API shape for every role: what comes in is a `handle_*` call with the caller's time; what
 //! must go out or be stored is polled (`poll_notice`, `poll_persist`). The cloud holds no device
@@ -13,10 +14,18 @@
 //! that carried it (so an acknowledged change survives a crash). What is not stored is lost on a
 //! crash: the address book and the pairing mailbox are volatile by design (devices announce again
 //! and pairings are retried), the directory is rebuilt from the stored changes by [`Cloud::new`].
+//! Replica changes are handed out as [`Persist::Items`]; the driver commits them before it sends
+//! any transmit polled after them. [`Cloud::restart`] is a crash and restart: volatile state goes,
+//! the replicas are rebuilt from what they hold under a new epoch.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::control::{ControlError, Notice, PairView, PeerAddr, Request, Response};
+use crate::authz::{AuthSession, Credentials, Policy};
+use crate::control::{self, ControlError, Notice, PairView, PeerAddr, Request, Response};
+use crate::replica::Replica;
+use crate::sessions::{Commit, Ended, Peer, Sessions, Stream, Transmit};
+use crate::sync::Config;
+use crate::ticket::ChannelKey;
 use crate::directory::{
     ChangeId, Directory, FolderId, SignedChange, UserId, CHANGES_PER_BATCH_MAX, DEPS_MAX,
 };
@@ -34,11 +43,13 @@ pub struct CloudLimits {
     pub pairings_max: usize,
     /// Notices queued for the driver (past it the oldest goes; devices also sync on a schedule).
     pub notices_max: usize,
+    /// Lifetime of the tickets the cloud issues.
+    pub ticket_lifetime_us: Micros,
 }
 
 impl Default for CloudLimits {
     fn default() -> Self {
-        Self { pairings_per_user: 16, pairings_max: 65_536, notices_max: 4096 }
+        Self { pairings_per_user: 16, pairings_max: 65_536, notices_max: 4096, ticket_lifetime_us: TICKET_LIFETIME_US }
     }
 }
 
@@ -51,15 +62,17 @@ pub struct Outgoing {
 }
 
 /// Something the driver must store.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Persist {
+#[derive(Clone, Debug, PartialEq)]
+pub enum Persist<P = DeviceId> {
     /// Directory changes accepted since the last poll, in the order they were applied.
     Directory(Vec<SignedChange>),
+    /// A replica's changes.
+    Items(Commit<P>),
 }
 
-/// The cloud's control plane.
+/// The cloud.
 #[derive(Debug)]
-pub struct Cloud {
+pub struct Cloud<P: Peer = DeviceId> {
     id: CloudId,
     authority: TicketAuthority,
     dir: Directory,
@@ -72,9 +85,16 @@ pub struct Cloud {
     /// The directory's size when devices were last told it changed.
     announced_len: usize,
     notices: VecDeque<Outgoing>,
+    /// Whether sessions are open (no tickets, no directory: the simulator's plain model).
+    open: bool,
+    /// Replicas by folder, sorted.
+    replicas: Vec<(FolderId, Replica)>,
+    epoch: u64,
+    sessions: Sessions<P>,
+    ended: VecDeque<Ended<P>>,
 }
 
-impl Cloud {
+impl<P: Peer> Cloud<P> {
     /// A cloud whose ticket key is `key` and whose stored directory is `dir` (its changes count as
     /// stored).
     pub fn new(key: DeviceKey, dir: Directory, limits: CloudLimits) -> Self {
@@ -91,6 +111,187 @@ impl Cloud {
             handed_out,
             announced_len,
             notices: VecDeque::new(),
+            open: false,
+            replicas: Vec::new(),
+            epoch: 0,
+            sessions: Sessions::new(Config::default()),
+            ended: VecDeque::new(),
+        }
+    }
+
+    /// Sets how the cloud's sync sessions run and the epoch of replicas it makes.
+    pub fn with_sessions(mut self, cfg: Config, epoch: u64) -> Self {
+        self.sessions = Sessions::new(cfg);
+        self.epoch = epoch;
+        self
+    }
+
+    /// Runs open sessions (no tickets, no directory) on the one feed
+    /// [`crate::device::OPEN_FOLDER`]: the simulator's plain model.
+    pub fn open_sessions(mut self) -> Self {
+        self.open = true;
+        self.install(crate::device::OPEN_FOLDER, Replica::new(self.epoch));
+        self
+    }
+
+    /// Installs a stored replica of `folder`.
+    pub fn install(&mut self, folder: FolderId, replica: Replica) {
+        match self.replicas.binary_search_by_key(&folder, |(f, _)| *f) {
+            Ok(i) => self.replicas[i].1 = replica,
+            Err(i) => self.replicas.insert(i, (folder, replica)),
+        }
+    }
+
+    pub fn replica(&self, folder: &FolderId) -> Option<&Replica> {
+        self.replicas.binary_search_by_key(folder, |(f, _)| *f).ok().map(|i| &self.replicas[i].1)
+    }
+
+    /// Replicas, by folder.
+    pub fn replicas(&self) -> impl Iterator<Item = (&FolderId, &Replica)> {
+        self.replicas.iter().map(|(f, r)| (f, r))
+    }
+
+    /// Whether the cloud keeps a replica of `folder`: every folder of its directory (or the one
+    /// open feed).
+    fn keeps(&self, folder: &FolderId) -> bool {
+        if self.open {
+            *folder == crate::device::OPEN_FOLDER
+        } else {
+            self.dir.folder(folder).is_some()
+        }
+    }
+
+    fn replica_index(&mut self, folder: FolderId) -> usize {
+        match self.replicas.binary_search_by_key(&folder, |(f, _)| *f) {
+            Ok(i) => i,
+            Err(i) => {
+                self.replicas.insert(i, (folder, Replica::new_signed(self.epoch, folder.scope())));
+                i
+            }
+        }
+    }
+
+    fn session_policy(&mut self, now: Micros, folder: FolderId) -> Policy {
+        if self.open {
+            return Policy::Open;
+        }
+        let ticket = self.own_ticket(now, folder);
+        Policy::Directory(Box::new(Credentials { device: self.id, ticket, cloud: self.id }))
+    }
+
+    /// A sync message from `peer`, whose channel key the transport authenticated as `channel`.
+    /// A session's first message (`DirHello`, or `Hello` for open sessions) opens a responder.
+    /// Changes it merges are handed out by [`Cloud::poll_persist`] and announced to the devices
+    /// that hold the folder (not to the sender).
+    pub fn handle_sync(&mut self, now: Micros, peer: P, channel: ChannelKey, bytes: &[u8]) {
+        let max = self.sessions.cfg.max_message_bytes;
+        let Ok(sid) = crate::sync::Session::session_of(bytes, max) else { return };
+        let folder = match self.sessions.folder_of(peer, sid) {
+            Some(folder) => folder,
+            None => {
+                let Some((_, 0, _)) = crate::wire::peek(bytes) else { return };
+                if !self.sessions.may_open(peer, sid) {
+                    return;
+                }
+                let folder = if self.open {
+                    crate::device::OPEN_FOLDER
+                } else {
+                    match AuthSession::folder_of(bytes, max) {
+                        Some(folder) => folder,
+                        None => return,
+                    }
+                };
+                let policy = self.session_policy(now, folder);
+                if self.keeps(&folder) {
+                    let i = self.replica_index(folder);
+                    self.sessions.open(peer, channel, sid, folder, policy, &self.replicas[i].1);
+                } else {
+                    let scratch = Replica::new_signed(0, folder.scope());
+                    self.sessions.open(peer, channel, sid, folder, policy, &scratch);
+                }
+                folder
+            }
+        };
+        let commits = self.sessions.commits.len();
+        if self.keeps(&folder) {
+            let i = self.replica_index(folder);
+            self.sessions.handle(now, peer, sid, &mut self.dir, &mut self.replicas[i].1, bytes);
+        } else {
+            // A folder the cloud does not know: the session refuses, nothing is kept.
+            let mut scratch = Replica::new_signed(0, folder.scope());
+            self.sessions.handle(now, peer, sid, &mut self.dir, &mut scratch, bytes);
+            self.sessions.commits.truncate(commits);
+        }
+        // The sender's device, named by its channel key (the transport binds the two).
+        let origin = Some(DeviceId(channel.0));
+        if self.sessions.commits.len() > commits && !self.open {
+            self.folder_changed(folder, origin);
+        }
+        self.after_directory_change(origin);
+        while let Some(e) = self.sessions.ended.pop_front() {
+            self.ended.push_back(e);
+        }
+    }
+
+    /// A control request from `device` (authenticated by the channel; the driver's peer handle
+    /// `peer`) numbered `id` by the device: the answer goes out as [`Stream::Response`].
+    pub fn handle_control(&mut self, now: Micros, peer: P, device: DeviceId, id: u64, bytes: &[u8]) {
+        let response = match control::decode::<Request>(bytes, control::CONTROL_MAX) {
+            Ok(request) => self.handle_request(now, device, request),
+            Err(_) => Response::Refused(ControlError::Limit),
+        };
+        let bytes = control::encode(&response);
+        self.sessions.transmit.push_back(Transmit { to: peer, stream: Stream::Response(id), bytes });
+    }
+
+    /// Runs the sessions' timers that are due.
+    pub fn handle_timeout(&mut self, now: Micros) {
+        for (peer, sid, folder) in self.sessions.due(now) {
+            if self.keeps(&folder) {
+                let i = self.replica_index(folder);
+                self.sessions.timeout(now, peer, sid, &self.replicas[i].1);
+            } else {
+                let scratch = Replica::new_signed(0, folder.scope());
+                self.sessions.timeout(now, peer, sid, &scratch);
+            }
+        }
+        while let Some(e) = self.sessions.ended.pop_front() {
+            self.ended.push_back(e);
+        }
+    }
+
+    /// The next bytes to send (session messages and answers to control requests).
+    pub fn poll_transmit(&mut self) -> Option<Transmit<P>> {
+        self.sessions.transmit.pop_front()
+    }
+
+    /// The earliest session deadline.
+    pub fn poll_timeout(&self) -> Option<Micros> {
+        self.sessions.poll_timeout()
+    }
+
+    /// The next session that ended.
+    pub fn poll_ended(&mut self) -> Option<Ended<P>> {
+        self.ended.pop_front()
+    }
+
+    /// Sessions running now.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// A crash and restart: sessions, the address book, pairings and queued notices are lost;
+    /// the directory and the replicas are what was stored, the replicas rebuilt under `epoch`.
+    pub fn restart(&mut self, epoch: u64) {
+        self.sessions.clear();
+        self.sessions.commits.clear();
+        self.ended.clear();
+        self.addrs.clear();
+        self.pairings.clear();
+        self.notices.clear();
+        self.epoch = epoch;
+        for (folder, replica) in &mut self.replicas {
+            *replica = crate::device::rebuilt(replica, epoch, *folder, !self.open);
         }
     }
 
@@ -131,7 +332,7 @@ impl Cloud {
     /// A ticket for the cloud itself, for its side of a sync session on `folder`.
     pub fn own_ticket(&mut self, now: Micros, folder: FolderId) -> Ticket {
         let rights = Rights { folders: vec![folder], relay: false };
-        self.authority.issue(self.id, self.id.into(), rights, now, TICKET_LIFETIME_US)
+        self.authority.issue(self.id, self.id.into(), rights, now, self.limits.ticket_lifetime_us)
     }
 
     /// Records that the cloud's replica of `folder` changed (a session or a posted feed merged
@@ -152,7 +353,11 @@ impl Cloud {
     fn request(&mut self, now: Micros, device: DeviceId, request: Request) -> Result<Response, ControlError> {
         Ok(match request {
             Request::Ticket => {
-                let ticket = self.authority.issue_from(&self.dir, device, device.into(), now);
+                let active = self.dir.user_of(&device).is_some();
+                let folders = if active { self.dir.folders_of(&device) } else { Vec::new() };
+                let rights = Rights { folders, relay: active };
+                let lifetime = self.limits.ticket_lifetime_us;
+                let ticket = self.authority.issue(device, device.into(), rights, now, lifetime);
                 Response::Ticket { ticket, cloud: self.id }
             }
             Request::Directory { heads, changes } => {
@@ -280,8 +485,11 @@ impl Cloud {
         }
     }
 
-    /// Directory changes to store, each handed out once.
-    pub fn poll_persist(&mut self) -> Option<Persist> {
+    /// What to store: directory changes (each handed out once) and replica changes.
+    pub fn poll_persist(&mut self) -> Option<Persist<P>> {
+        if let Some(c) = self.sessions.commits.pop_front() {
+            return Some(Persist::Items(c));
+        }
         if self.dir.len() == self.handed_out.len() {
             return None;
         }
@@ -324,6 +532,13 @@ impl Cloud {
         }
         if self.handed_out.len() > self.dir.len() {
             return Err("handed out a change the directory does not hold");
+        }
+        self.sessions.check_invariants()?;
+        if self.replicas.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return Err("replicas out of order");
+        }
+        if self.replicas.iter().any(|(_, r)| r.check_structure().is_err()) {
+            return Err("a replica's structure");
         }
         Ok(())
     }

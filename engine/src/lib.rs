@@ -12,19 +12,24 @@
 //! - [`authz`]: the authorized session (directory catch-up, ticket and directory checks, then sync).
 //! - [`time`]: the caller's microseconds (`Micros`).
 //! - [`refusal`]: why something was refused, locally and as typed codes on the wire.
-//! - [`cloud`]: the cloud's control plane as a sans-IO state machine (directory, tickets, address
-//!   book, pairing mailbox, notices).
+//! - [`cloud`]: the cloud as a sans-IO state machine (directory, tickets, address book, pairing
+//!   mailbox, notices, replicas and their sessions).
+//! - [`device`]: the device as a sans-IO state machine (directory, replicas, sessions, ticket,
+//!   control requests); the node and the simulator run it.
+//! - [`sessions`]: the session table the device and the cloud share.
 //! - [`control`]: the control plane between a device and the cloud (tickets, directory, addresses,
 //!   pairing, notices), as typed, versioned, bounded messages.
 
 pub mod authz;
 pub mod cloud;
 pub mod control;
+pub mod device;
 pub mod directory;
 pub mod feedsync;
 pub mod refusal;
 pub mod replica;
 pub mod riblt;
+pub mod sessions;
 pub mod signing;
 pub mod sync;
 pub mod ticket;

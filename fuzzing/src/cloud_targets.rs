@@ -24,7 +24,7 @@ fn fresh() -> Cloud {
     Cloud::new(
         w.key("cloud").clone(),
         w.dir.clone(),
-        CloudLimits { pairings_per_user: 4, pairings_max: 8, notices_max: 16 },
+        CloudLimits { pairings_per_user: 4, pairings_max: 8, notices_max: 16, ..CloudLimits::default() },
     )
 }
 

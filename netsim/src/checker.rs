@@ -93,6 +93,8 @@ pub struct Checker {
     /// replica's fingerprint of that state: the same state reaches every node, so it is worked
     /// out once.
     learned: BTreeMap<u64, Arc<Vec<u32>>>,
+    /// Writes lost with a store (see [`Checker::store_lost`]).
+    excused: BTreeSet<u32>,
 }
 
 impl Checker {
@@ -105,6 +107,7 @@ impl Checker {
             unknown_versions: 0,
             sample_every: sample_every.max(1),
             learned: BTreeMap::new(),
+            excused: BTreeSet::new(),
         }
     }
 
@@ -193,6 +196,20 @@ impl Checker {
         }
     }
 
+    /// `node` lost its store: it has seen nothing now. Writes that no other node had seen are
+    /// lost by that fault, not by the protocol: they are excused from the durability check.
+    /// Returns how many.
+    pub fn store_lost(&mut self, node: u32) -> u64 {
+        self.seen[node as usize] = BTreeMap::new();
+        let mut excused = 0;
+        for (id, w) in self.writes.iter().enumerate() {
+            if w.reached.len() == 1 && w.reached.contains(&node) && self.excused.insert(id as u32) {
+                excused += 1;
+            }
+        }
+        excused
+    }
+
     /// Writes that are neither a final version nor in the causal past of one.
     pub fn lost_writes(&self, finals: &[Arc<Item>]) -> u64 {
         let mut covered: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
@@ -209,6 +226,7 @@ impl Checker {
             .writes
             .iter()
             .enumerate()
+            .filter(|(id, _)| !self.excused.contains(&(*id as u32)))
             .filter(|(id, w)| !covered.get(&w.item).is_some_and(|set| set.contains(&(*id as u32))))
             .count() as u64;
         lost + self.unknown_versions
@@ -219,7 +237,10 @@ impl Checker {
     pub fn convergence(&self, live: &[u32]) -> (u64, u64, u64, u64) {
         let mut histogram = Histogram::default();
         let mut unconverged = 0;
-        for w in &self.writes {
+        for (id, w) in self.writes.iter().enumerate() {
+            if self.excused.contains(&(id as u32)) {
+                continue;
+            }
             if live.iter().all(|n| w.reached.contains(n)) {
                 histogram.record((w.last_reach.saturating_sub(w.at)) / 1_000);
             } else {

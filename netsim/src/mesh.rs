@@ -6,8 +6,10 @@
 //! The directory's genesis (users, pairings, the folder, invitations, acceptances, mappings) is
 //! made at time 0 by the devices' own keys, as if before the run; every later change (the
 //! removal) spreads only through the authorized sessions' directory catch-up, the cloud's
-//! replica (node 0, a device of user 0) included. Tickets are issued from the cloud replica's
-//! directory, as a local event (no network round trip) every half lifetime.
+//! included. The cloud (node 0) is the engine's `Cloud`, holding no device key, as in the
+//! relay. Devices are the engine's `Device`: each asks the cloud for a fresh ticket over the
+//! control plane at half its ticket's lifetime (retried until answered); only the adversaries'
+//! tickets (replayed, injected) are the driver's doing.
 //!
 //! Clocks: a device's ticket clock is `BASE_US + virtual time + its skew` (drift is not applied
 //! to it), so that skews never go below zero; the authorized session's timers are in that clock
@@ -150,9 +152,15 @@ fn pair(
         .expect("an active device pairs a new one");
 }
 
-/// Builds the world for `devices` devices plus the cloud (node 0): returns it and every node's
-/// mesh state (index = node).
-pub fn build(spec: &Mesh, devices: u32, rng: &mut ChaCha8Rng, when: i64) -> (MeshWorld, Vec<MeshNode>) {
+/// Builds the world for `devices` devices plus the cloud (node 0): returns it, every node's
+/// mesh state (index = node; the cloud's names its ticket key, it is no device of the
+/// directory), the cloud's ticket key and the genesis directory.
+pub fn build(
+    spec: &Mesh,
+    devices: u32,
+    rng: &mut ChaCha8Rng,
+    when: i64,
+) -> (MeshWorld, Vec<MeshNode>, DeviceKey, Directory) {
     let role_of = |d: u32| {
         if spec.injected.contains(&d) {
             Role::Injected
@@ -171,7 +179,6 @@ pub fn build(spec: &Mesh, devices: u32, rng: &mut ChaCha8Rng, when: i64) -> (Mes
     let in_dir: Vec<u32> = (1..=devices).filter(|&d| role_of(d) != Role::Injected).collect();
     let users = spec.users as usize;
     let mut user_index = vec![None; devices as usize + 1];
-    user_index[0] = Some(0);
     for (k, &d) in in_dir.iter().enumerate() {
         user_index[d as usize] = Some(k % users);
     }
@@ -183,7 +190,7 @@ pub fn build(spec: &Mesh, devices: u32, rng: &mut ChaCha8Rng, when: i64) -> (Mes
         dir.make(k, when, Op::CreateUser { name: format!("user-{u}") }).expect("a new user");
         user_ids.push(UserId::of_first_device(DeviceId::of(k)));
     }
-    for d in std::iter::once(0).chain(in_dir.iter().copied()) {
+    for d in in_dir.iter().copied() {
         let u = user_index[d as usize].expect("directory devices have users");
         if firsts[u] != d {
             let existing = keys[firsts[u] as usize].clone();
@@ -198,7 +205,7 @@ pub fn build(spec: &Mesh, devices: u32, rng: &mut ChaCha8Rng, when: i64) -> (Mes
         let invitation = dir.make(owner, when, invite).expect("the owner invites").invite_id();
         dir.make(&keys[firsts[u] as usize], when, Op::Accept { invitation }).expect("the invitee accepts");
     }
-    for d in std::iter::once(0).chain(in_dir.iter().copied()) {
+    for d in in_dir.iter().copied() {
         dir.make(&keys[d as usize], when, Op::Map { folder }).expect("a participant maps the folder");
     }
     let lifetime_us = spec.ticket_lifetime_ms * 1_000;
@@ -207,6 +214,8 @@ pub fn build(spec: &Mesh, devices: u32, rng: &mut ChaCha8Rng, when: i64) -> (Mes
     let removed_user = spec.remove_user.map(|u| user_ids[u as usize]);
     let mut nodes = Vec::with_capacity(devices as usize + 1);
     for (i, key) in keys.into_iter().enumerate() {
+        // The cloud (node 0) holds no device key: it is named by its ticket key.
+        let key = if i == 0 { cloud_key.clone() } else { key };
         let device = DeviceId::of(&key);
         let channel = ChannelKey::from(device);
         let role = if i == 0 { Role::Honest } else { role_of(i as u32) };
@@ -256,9 +265,9 @@ pub fn build(spec: &Mesh, devices: u32, rng: &mut ChaCha8Rng, when: i64) -> (Mes
         lifetime_us,
         forged: BTreeSet::new(),
         write_times: BTreeMap::new(),
-        report: MeshReport { tickets_issued: devices as u64 + 1, ..MeshReport::default() },
+        report: MeshReport { tickets_issued: devices as u64, ..MeshReport::default() },
     };
-    (world, nodes)
+    (world, nodes, cloud_key, dir)
 }
 
 impl MeshWorld {
@@ -302,10 +311,10 @@ impl MeshWorld {
     }
 
     /// The owner's removal of the member, made on its device (the cloud learns it by syncing).
-    pub fn remove_member(&mut self, owner: &mut MeshNode, when: i64) {
+    pub fn remove_member(&mut self, owner_dir: &mut Directory, when: i64) {
         let Some(user) = self.removed_user else { return };
         let op = Op::RemoveMember { folder: self.folder, user };
-        let _ = owner.dir.make(&self.owner_key, when, op);
+        let _ = owner_dir.make(&self.owner_key, when, op);
     }
 }
 

@@ -399,6 +399,22 @@ pub struct Faults {
     pub churn_per_min: f64,
     #[serde(default = "default_away")]
     pub churn_away_ms: u64,
+    /// The cloud crashes at these virtual times (ms) and restarts `down_ms` later: its sessions,
+    /// address book, pairings and queued notices are lost, its store (directory, replicas) kept,
+    /// and its replicas come back under a new epoch. Relayed traffic is lost while it is down.
+    #[serde(default)]
+    pub cloud_crashes_ms: Vec<u64>,
+    /// Per merge a device accepts, the chance (ppm) that it crashes before committing it: the
+    /// merge is lost with the device's volatile state, and the device restarts `down_ms` later
+    /// from what it had committed.
+    #[serde(default)]
+    pub crash_before_commit_ppm: u32,
+    /// Per device crash, the chance (ppm) that the device's store is lost too: it comes back as a
+    /// new endpoint with an empty replica (FeedSync profile: a lost store is a new endpoint).
+    /// Writes only that device held are counted as lost by the fault, not by the protocol.
+    /// Plain model only (a keyed device that lost its key must be paired again).
+    #[serde(default)]
+    pub lost_store_ppm: u32,
 }
 
 fn default_away() -> u64 {
@@ -580,6 +596,15 @@ impl Scenario {
         }
         if !(0.0..=60.0).contains(&self.faults.churn_per_min) {
             return bad("faults.churn_per_min", "must be 0..=60");
+        }
+        if self.faults.cloud_crashes_ms.iter().any(|&at| at >= self.duration_ms) {
+            return bad("faults.cloud_crashes_ms", "every crash must be before duration_ms");
+        }
+        if self.faults.crash_before_commit_ppm > 1_000_000 || self.faults.lost_store_ppm > 1_000_000 {
+            return bad("faults", "crash_before_commit_ppm and lost_store_ppm are at most 1000000");
+        }
+        if self.faults.lost_store_ppm > 0 && self.mesh.as_ref().is_some_and(|m| m.enabled) {
+            return bad("faults.lost_store_ppm", "only without [mesh]: a keyed device that lost its key must be paired again");
         }
         if self.faults.churn_per_min > 0.0 && self.faults.churn_away_ms == 0 {
             return bad("faults.churn_away_ms", "must be at least 1 with churn");

@@ -3,13 +3,18 @@
 //! network. Nothing here reads a clock or OS randomness; the same scenario and seed give the same
 //! trace hash.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use engine::authz::AuthSession;
+use engine::cloud::{Cloud, CloudLimits, Persist as CloudPersist};
+use engine::device::{Device, DeviceConfig, Event, Identity, Persist, OPEN_FOLDER};
+use engine::directory::{Directory, FolderId};
 use engine::feedsync::{self, Edit, Endpoint, Item, ItemId, When};
 use engine::replica::Replica;
-use engine::sync::{Config, Outcome, Retained, Session};
+use engine::sessions::{Commit, Ended, Stream};
+use engine::signing::{DeviceId, DeviceKey};
+use engine::sync::{Config, Outcome};
+use engine::ticket::ChannelKey;
 use rand::{Rng as _, SeedableRng as _};
 use rand_chacha::ChaCha8Rng;
 
@@ -33,6 +38,7 @@ enum Payload {
     Deliver {
         to: u32,
         from: u32,
+        stream: Stream,
         bytes: Arc<Vec<u8>>,
     },
     /// A copy of a relayed datagram reaches the relay (the cloud), which sends it on to `to`.
@@ -41,6 +47,7 @@ enum Payload {
         from: u32,
         /// [`crate::net::ToRelay::twin`].
         twin: u32,
+        stream: Stream,
         /// The datagram; `None` for a no-op node's ping.
         bytes: Option<Arc<Vec<u8>>>,
     },
@@ -50,10 +57,9 @@ enum Payload {
     Write {
         node: u32,
     },
-    SessionTimer {
+    /// A role's earliest deadline (stale unless it is the node's armed time).
+    Timer {
         node: u32,
-        peer: u32,
-        sid: u64,
     },
     Crash {
         node: u32,
@@ -80,8 +86,13 @@ enum Payload {
     Rejoin {
         node: u32,
     },
-    /// Mesh model: the cloud issues `node` a fresh ticket.
+    /// Mesh model: a replayer takes device 1's current ticket; an injected device gets one from
+    /// the lying cloud.
     TicketRefresh {
+        node: u32,
+    },
+    /// Mesh model: a stale device stops refreshing its ticket.
+    StopRefresh {
         node: u32,
     },
     /// Mesh model: a forger forges a version.
@@ -92,43 +103,14 @@ enum Payload {
     RemoveMember,
 }
 
-/// A node's session: plain, or authorized (mesh model; boxed, so that the plain path keeps its
-/// size and layout).
+/// What runs at a node: the engine's device or cloud (the very types the binaries run), a
+/// scripted injected device (mesh model), or nothing (the no-op model).
 #[derive(Debug)]
-#[allow(clippy::large_enum_variant)]
-enum Sess {
-    Plain(Session),
-    Auth(Box<AuthSession>),
-}
-
-impl Sess {
-    fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        match self {
-            Sess::Plain(s) => s.poll_transmit(),
-            Sess::Auth(s) => s.poll_transmit(),
-        }
-    }
-
-    fn poll_timeout(&self) -> Option<Micros> {
-        match self {
-            Sess::Plain(s) => s.poll_timeout(),
-            Sess::Auth(s) => s.poll_timeout(),
-        }
-    }
-
-    fn outcome(&self) -> Outcome {
-        match self {
-            Sess::Plain(s) => s.outcome().clone(),
-            Sess::Auth(s) => s.outcome(),
-        }
-    }
-
-    fn handle_timeout(&mut self, now: Micros) {
-        match self {
-            Sess::Plain(s) => s.handle_timeout(now),
-            Sess::Auth(s) => s.handle_timeout(now),
-        }
-    }
+enum Host {
+    Device(Box<Device<u32>>),
+    Cloud(Box<Cloud<u32>>),
+    Injected,
+    Noop,
 }
 
 /// The trace hash's input, buffered: hashing many small updates one by one would cost more than
@@ -159,66 +141,18 @@ impl Trace {
     }
 }
 
-/// A small map by peer: a sorted vector. A device keeps state for a handful of peers (the cloud,
-/// a few LAN or overlay neighbours), where a `BTreeMap`'s first node alone costs ~600 bytes; at
-/// 100,000 nodes that is most of the simulator's memory.
-#[derive(Debug)]
-struct PeerMap<V> {
-    entries: Vec<(u32, V)>,
-}
-
-impl<V> Default for PeerMap<V> {
-    fn default() -> Self {
-        Self { entries: Vec::new() }
-    }
-}
-
-impl<V> PeerMap<V> {
-    fn find(&self, peer: u32) -> Result<usize, usize> {
-        self.entries.binary_search_by_key(&peer, |(p, _)| *p)
-    }
-
-    fn get(&self, peer: &u32) -> Option<&V> {
-        self.find(*peer).ok().map(|i| &self.entries[i].1)
-    }
-
-    fn contains_key(&self, peer: &u32) -> bool {
-        self.find(*peer).is_ok()
-    }
-
-    fn insert(&mut self, peer: u32, value: V) {
-        match self.find(peer) {
-            Ok(i) => self.entries[i].1 = value,
-            Err(i) => self.entries.insert(i, (peer, value)),
-        }
-    }
-
-    fn remove(&mut self, peer: &u32) {
-        if let Ok(i) = self.find(*peer) {
-            self.entries.remove(i);
-        }
-    }
-
-    fn clear(&mut self) {
-        self.entries = Vec::new();
-    }
-}
-
 /// One simulated node: the cloud (index 0) or a device.
 #[derive(Debug)]
 struct Node {
-    replica: Replica,
-    endpoint: Endpoint,
-    /// Sessions by (peer, session id).
-    sessions: BTreeMap<(u32, u64), Box<Sess>>,
-    /// The session this node initiated with each peer, if one is running.
-    outgoing: PeerMap<u64>,
-    /// Initiator-side cursors per peer (volatile).
-    retained: PeerMap<Retained>,
+    host: Host,
     skew_ms: i64,
     drift_ppm: i64,
-    /// Mesh model: keys, directory, ticket, role.
+    /// Mesh model: keys, channel, role.
     mesh: Option<Box<MeshNode>>,
+    /// The virtual time of the node's armed timer (`u64::MAX`: none).
+    timer_at: Micros,
+    /// Stores lost so far (a device that lost its store comes back as a new endpoint).
+    incarnation: u32,
 }
 
 impl Node {
@@ -263,6 +197,8 @@ pub struct Report {
     pub trace_hash: String,
     /// The first failed check, if any.
     pub failure: Option<String>,
+    /// Storage faults applied (cloud crashes, crashes before commit, lost stores).
+    pub faults: FaultCounts,
     /// The mesh security model's figures (with `[mesh]`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mesh: Option<MeshReport>,
@@ -307,6 +243,23 @@ pub struct Sim {
     violation: Option<String>,
     /// The mesh model's world (with `[mesh] enabled = true`).
     mesh: Option<Box<MeshWorld>>,
+    /// The feed every node syncs: the mesh model's folder, or the open feed.
+    folder: FolderId,
+    /// Devices whose next merge crashes them before it is committed.
+    crash_armed: BTreeSet<u32>,
+    /// Devices whose current crash also loses their store.
+    store_lost: BTreeSet<u32>,
+    faults_applied: FaultCounts,
+}
+
+/// How many of the storage faults were applied.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct FaultCounts {
+    pub cloud_crashes: u64,
+    pub crashes_before_commit: u64,
+    pub stores_lost: u64,
+    /// Writes that only a device whose store was lost held (lost by the fault, not the protocol).
+    pub writes_lost_with_store: u64,
 }
 
 impl Sim {
@@ -314,6 +267,7 @@ impl Sim {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let devices = sc.devices;
         let mut nodes = Vec::with_capacity(devices as usize + 1);
+        let mut epochs: Vec<u64> = Vec::with_capacity(devices as usize + 1);
         // One NAT per LAN group, shared by its devices.
         let groups = devices.div_ceil(sc.lan_group);
         let group_nats: Vec<(Nat, bool)> = (0..groups)
@@ -335,29 +289,61 @@ impl Sim {
                 let d = i64::from(sc.faults.clock_drift_ppm);
                 rng.random_range(-d..=d)
             };
-            nodes.push(Node {
-                replica: Replica::new(rng.random()),
-                endpoint: Endpoint::new(&if i == CLOUD { "cloud".to_string() } else { format!("dev-{i}") })
-                    .expect("generated endpoint names are valid"),
-                sessions: BTreeMap::new(),
-                outgoing: PeerMap::default(),
-                retained: PeerMap::default(),
-                skew_ms,
-                drift_ppm,
-                mesh: None,
-            });
+            nodes.push(Node { host: Host::Noop, skew_ms, drift_ppm, mesh: None, timer_at: u64::MAX, incarnation: 0 });
+            epochs.push(rng.random::<u64>());
         }
+        let plain_cfg = Config {
+            rto_us: 600_000,
+            rto_max_us: 2_400_000,
+            // Past the initiator's whole retransmission schedule (0.6 + 1.2 + 8 x 2.4 s = 21 s).
+            linger_us: 25_000_000,
+            // A repeated Hello meets a new responder here (`deliver`), so one-round-trip
+            // responders finish at once.
+            linger_after_hello: false,
+            max_retries: 10,
+            ..Config::default()
+        };
+        // An authorized session's feed part is not its first message: a repeated inner Hello
+        // meets the same session, whose responder must still be lingering.
+        let auth_cfg = Config { linger_after_hello: true, ..plain_cfg.clone() };
+        let device_cfg = |sync: Config| DeviceConfig {
+            sync,
+            request_rto_us: 600_000,
+            request_rto_max_us: 4_800_000,
+            refresh_tickets: true,
+        };
+        let mut folder = OPEN_FOLDER;
+        let engine = sc.model == NodeModel::Engine;
         let mesh = sc.mesh.as_ref().filter(|m| m.enabled).map(|spec| {
-            let (world, states) = crate::mesh::build(spec, devices, &mut rng, EPOCH_UNIX_SECS);
-            for (node, state) in nodes.iter_mut().zip(states) {
-                let epoch = node.replica.cursor().epoch;
-                // A forger keeps an unsigned replica: it holds what it forges.
-                let scope = world.folder.scope();
-                node.replica = if state.role == Role::Forger {
-                    Replica::new(epoch).scoped(scope)
+            let (world, states, cloud_key, dir) = crate::mesh::build(spec, devices, &mut rng, EPOCH_UNIX_SECS);
+            folder = world.folder;
+            let scope = world.folder.scope();
+            for (i, (node, mut state)) in nodes.iter_mut().zip(states).enumerate() {
+                let epoch = epochs[i];
+                if !engine {
+                } else if i == 0 {
+                    let limits = CloudLimits { ticket_lifetime_us: world.lifetime_us, ..CloudLimits::default() };
+                    let mut cloud = Cloud::new(cloud_key.clone(), dir.clone(), limits).with_sessions(auth_cfg.clone(), epoch);
+                    cloud.install(world.folder, Replica::new_signed(epoch, scope));
+                    node.host = Host::Cloud(Box::new(cloud));
+                } else if state.role == Role::Injected {
+                    node.host = Host::Injected;
                 } else {
-                    Replica::new_signed(epoch, scope)
-                };
+                    // A forger keeps an unsigned replica: it holds what it forges.
+                    let replica = if state.role == Role::Forger {
+                        Replica::new(epoch).scoped(scope)
+                    } else {
+                        Replica::new_signed(epoch, scope)
+                    };
+                    let identity = Identity::Keyed { key: state.key.clone(), cloud: world.authority.id() };
+                    let dir = std::mem::take(&mut state.dir);
+                    let mut device = Device::new(identity, Some(CLOUD), dir, vec![(world.folder, replica)], epoch, device_cfg(auth_cfg.clone()));
+                    // A replayer presents device 1's ticket and never asks for its own.
+                    device.set_refresh_tickets(state.role != Role::Replayer);
+                    let local = (BASE_US as i64 + node.skew_ms * 1_000) as u64;
+                    device.set_ticket(local, state.creds.ticket.clone());
+                    node.host = Host::Device(Box::new(device));
+                }
                 node.mesh = Some(Box::new(state));
             }
             for &(d, ms) in &spec.skews_ms {
@@ -365,6 +351,18 @@ impl Sim {
             }
             Box::new(world)
         });
+        if mesh.is_none() && engine {
+            // The cloud of the plain model: open sessions, no directory; its ticket key signs
+            // nothing here.
+            let key = DeviceKey::from_bytes(&[7; 32]);
+            let cloud = Cloud::new(key, Directory::new(), CloudLimits::default()).with_sessions(plain_cfg.clone(), epochs[0]).open_sessions();
+            nodes[0].host = Host::Cloud(Box::new(cloud));
+            for (i, node) in nodes.iter_mut().enumerate().skip(1) {
+                let name = Endpoint::new(&format!("dev-{i}")).expect("generated endpoint names are valid");
+                let device = Device::new(Identity::Open(name), Some(CLOUD), Directory::new(), Vec::new(), epochs[i], device_cfg(plain_cfg.clone()));
+                node.host = Host::Device(Box::new(device));
+            }
+        }
         let graph = match &sc.graph {
             Some(spec) if *spec != crate::topology::GraphSpec::Complete => {
                 // Validated when the scenario was read; a failure here leaves the mesh complete.
@@ -378,17 +376,7 @@ impl Sim {
         let zipf_cdf = crate::net::zipf_cdf(sc.workload.items, sc.workload.zipf_s);
         let faults_until = sc.duration_ms * 1_000;
         let end = faults_until + sc.quiet_ms * 1_000;
-        let cfg = Config {
-            rto_us: 600_000,
-            rto_max_us: 2_400_000,
-            // Past the initiator's whole retransmission schedule (0.6 + 1.2 + 8 x 2.4 s = 21 s).
-            linger_us: 25_000_000,
-            // A repeated Hello meets a new responder here (`deliver`), so one-round-trip
-            // responders finish at once.
-            linger_after_hello: false,
-            max_retries: 10,
-            ..Config::default()
-        };
+        let cfg = plain_cfg;
         // About 40 sampled writes keep their reach times for the plot.
         let expected_writes =
             f64::from(devices) * sc.workload.writes_per_min * sc.duration_ms as f64 / 60_000.0;
@@ -418,7 +406,14 @@ impl Sim {
             violation: None,
             graph,
             mesh,
+            folder,
+            crash_armed: BTreeSet::new(),
+            store_lost: BTreeSet::new(),
+            faults_applied: FaultCounts::default(),
         };
+        for node in 0..=devices {
+            sim.pump(node);
+        }
         sim.schedule_initial();
         sim
     }
@@ -466,8 +461,15 @@ impl Sim {
             let forge_every = world.spec.forge_every_ms * 1_000;
             let forgers = world.spec.forgers.clone();
             let remove_at = world.spec.remove_at_ms;
-            for node in 0..=devices {
-                self.push(half, Payload::TicketRefresh { node });
+            let stale_at = world.spec.stale_after_ms * 1_000;
+            // Honest devices refresh their own tickets over the control plane; the adversaries'
+            // tickets are the driver's doing.
+            for node in 1..=devices {
+                match self.nodes[node as usize].mesh.as_ref().map(|m| m.role) {
+                    Some(Role::Replayer | Role::Injected) => self.push(half, Payload::TicketRefresh { node }),
+                    Some(Role::Stale) => self.push(stale_at, Payload::StopRefresh { node }),
+                    _ => {}
+                }
             }
             for node in forgers {
                 self.push(forge_every, Payload::Forge { node });
@@ -475,6 +477,9 @@ impl Sim {
             if let Some(at) = remove_at {
                 self.push(at * 1_000, Payload::RemoveMember);
             }
+        }
+        for at in self.sc.faults.cloud_crashes_ms.clone() {
+            self.push(at * 1_000, Payload::Crash { node: CLOUD });
         }
         for index in 0..self.sc.partitions.len() {
             let p = &self.sc.partitions[index];
@@ -561,7 +566,7 @@ impl Sim {
                 }
                 self.schedule_write(node, self.now);
             }
-            Payload::Deliver { to, from, bytes } => {
+            Payload::Deliver { to, from, stream, bytes } => {
                 if tracing::enabled!(tracing::Level::TRACE) {
                     let (sid, step, kind) = engine::wire::peek(&bytes).unwrap_or((0, 0, "?"));
                     let up = self.up(to);
@@ -581,31 +586,49 @@ impl Sim {
                 self.trace.update(&to.to_le_bytes());
                 self.trace.update(&bytes);
                 if self.sc.model == NodeModel::Engine {
-                    self.deliver(to, from, &bytes);
+                    self.deliver(to, from, stream, &bytes);
                     self.check_touched(to);
                 }
             }
-            Payload::Relay { to, from, twin, bytes } => {
+            Payload::Relay { to, from, twin, stream, bytes } => {
                 tracing::trace!(t_us = self.now, from, to, "relay");
                 self.trace.update(b"relay");
                 self.trace.update(&to.to_le_bytes());
+                // The relay runs in the cloud's process: down with it.
+                if !self.up(CLOUD) {
+                    return;
+                }
                 let len = bytes.as_ref().map_or(PING_LEN, |b| b.len());
                 let copies = self.net.forward(&mut self.rng, self.now, to, len, twin);
                 for &delay in copies.as_slice() {
                     let payload = match &bytes {
-                        Some(bytes) => Payload::Deliver { to, from, bytes: bytes.clone() },
+                        Some(bytes) => Payload::Deliver { to, from, stream, bytes: bytes.clone() },
                         None => Payload::Ping { to },
                     };
                     self.push(self.now + delay, payload);
                 }
             }
-            Payload::SessionTimer { node, peer, sid } => {
-                tracing::trace!(t_us = self.now, node, peer, sid, "timer");
+            Payload::Timer { node } => {
+                if self.nodes[node as usize].timer_at != self.now || !self.up(node) {
+                    return;
+                }
+                tracing::trace!(t_us = self.now, node, "timer");
                 self.trace.update(b"timer");
+                self.nodes[node as usize].timer_at = u64::MAX;
                 let now = self.local_us(node);
-                let Some(session) = self.nodes[node as usize].sessions.get_mut(&(peer, sid)) else { return };
-                session.handle_timeout(now);
-                self.after_session(node, peer, sid, None);
+                match &mut self.nodes[node as usize].host {
+                    Host::Device(d) => d.handle_timeout(now),
+                    Host::Cloud(c) => c.handle_timeout(now),
+                    Host::Injected | Host::Noop => {}
+                }
+                self.pump(node);
+                self.check_touched(node);
+            }
+            Payload::StopRefresh { node } => {
+                self.trace.update(b"stale");
+                if let Host::Device(d) = &mut self.nodes[node as usize].host {
+                    d.set_refresh_tickets(false);
+                }
             }
             Payload::TicketRefresh { node } => {
                 self.trace.update(b"ticket");
@@ -621,15 +644,23 @@ impl Sim {
                 tracing::debug!(t_us = self.now, "member removed");
                 self.trace.update(b"remove");
                 let when = EPOCH_UNIX_SECS + (self.now / 1_000_000) as i64;
-                if let (Some(world), Some(owner)) = (self.mesh.as_mut(), self.nodes[1].mesh.as_mut()) {
-                    world.remove_member(owner, when);
+                if let (Some(world), Host::Device(owner)) = (self.mesh.as_mut(), &mut self.nodes[1].host) {
+                    world.remove_member(owner.directory_mut(), when);
+                    owner.flush();
                 }
-                self.note_removal(1);
+                self.pump(1);
             }
             Payload::Crash { node } => {
                 tracing::debug!(t_us = self.now, node, "crash");
                 self.trace.update(b"crash");
                 if self.up(node) {
+                    if node == CLOUD {
+                        self.faults_applied.cloud_crashes += 1;
+                    } else if self.sc.faults.lost_store_ppm > 0
+                        && self.rng.random_range(0..1_000_000) < self.sc.faults.lost_store_ppm
+                    {
+                        self.store_lost.insert(node);
+                    }
                     self.go_down(node);
                     let back = self.now + self.sc.faults.down_ms * 1_000;
                     self.push(back, Payload::Restart { node });
@@ -641,6 +672,9 @@ impl Sim {
                 self.down[node as usize] = self.down[node as usize].saturating_sub(1);
                 if matches!(payload, Payload::Rejoin { .. }) {
                     self.schedule_leave(node, self.now);
+                }
+                if self.up(node) {
+                    self.come_up(node);
                 }
             }
             Payload::Ping { to } => {
@@ -720,55 +754,36 @@ impl Sim {
         }
     }
 
+    /// The channel key the transport would authenticate for `node` (mesh model; none otherwise).
+    fn channel(&self, node: u32) -> ChannelKey {
+        self.nodes[node as usize].mesh.as_ref().map_or(ChannelKey([0; 32]), |m| m.channel)
+    }
+
     fn start_session(&mut self, node: u32, peer: u32) {
-        // One outgoing session per peer at a time.
-        if self.nodes[node as usize].outgoing.contains_key(&peer) {
-            return;
-        }
-        let sid: u64 = self.rng.random();
-        let now = self.now;
-        tracing::trace!(t_us = now, node, peer, sid, "session start");
-        if let Some(world) = &self.mesh {
-            let folder = world.folder;
-            let local = self.local_us(node);
-            let Some(peer_channel) = self.nodes[peer as usize].mesh.as_ref().map(|m| m.channel) else {
-                return;
-            };
-            let n = &mut self.nodes[node as usize];
-            let Some(m) = n.mesh.as_ref() else { return };
-            if m.role == Role::Injected {
+        let folder = self.folder;
+        let local = self.local_us(node);
+        let channel = self.channel(peer);
+        match &self.nodes[node as usize].host {
+            // One outgoing session per peer and folder at a time.
+            Host::Device(d) if d.syncing(peer, folder) => return,
+            Host::Device(_) => {}
+            Host::Injected => {
+                let sid: u64 = self.rng.random();
+                let Some(m) = self.nodes[node as usize].mesh.as_ref() else { return };
                 let hello = crate::mesh::injected_hello(m, folder, sid);
                 self.sessions_started += 1;
-                self.send(node, peer, hello);
+                self.send(node, peer, Stream::Sync, hello);
                 return;
             }
-            let retained = n.retained.get(&peer).copied().unwrap_or_default();
-            let session = AuthSession::initiate(
-                sid,
-                local,
-                folder,
-                m.policy(),
-                peer_channel,
-                &m.dir,
-                &n.replica,
-                // An authorized session's feed part is not its first message: a repeated inner
-                // Hello meets the same session, whose responder must still be lingering.
-                Config { linger_after_hello: true, ..self.cfg.clone() },
-                retained,
-            );
-            n.sessions.insert((peer, sid), Box::new(Sess::Auth(Box::new(session))));
-            n.outgoing.insert(peer, sid);
-            self.sessions_started += 1;
-            self.after_session(node, peer, sid, None);
-            return;
+            Host::Cloud(_) | Host::Noop => return,
         }
-        let n = &mut self.nodes[node as usize];
-        let retained = n.retained.get(&peer).copied().unwrap_or_default();
-        let session = Session::initiate(sid, now, &n.replica, self.cfg.clone(), retained);
-        n.sessions.insert((peer, sid), Box::new(Sess::Plain(session)));
-        n.outgoing.insert(peer, sid);
-        self.sessions_started += 1;
-        self.after_session(node, peer, sid, None);
+        let sid: u64 = self.rng.random();
+        tracing::trace!(t_us = self.now, node, peer, sid, "session start");
+        let Host::Device(d) = &mut self.nodes[node as usize].host else { return };
+        if d.start_sync(local, peer, channel, folder, sid).is_ok() {
+            self.sessions_started += 1;
+        }
+        self.pump(node);
     }
 
     /// Whether a node is up (kept apart from the nodes: the hottest per-node bit, checked on
@@ -778,87 +793,244 @@ impl Sim {
         self.down[node as usize] == 0
     }
 
-    /// Goes down for one more reason (crash, churn, offline); the first loses volatile state.
+    /// Goes down for one more reason (crash, churn, offline); the first is a crash of the
+    /// node's process: its volatile state is lost, its store kept (the simulator commits every
+    /// output at the end of the event that made it, so the store is what the role holds now),
+    /// and it will come back under a new replica epoch.
     fn go_down(&mut self, node: u32) {
         if self.down[node as usize] == 0 {
+            let epoch: u64 = self.rng.random();
             let n = &mut self.nodes[node as usize];
-            n.sessions.clear();
-            n.outgoing.clear();
-            n.retained.clear();
+            n.timer_at = u64::MAX;
+            match &mut n.host {
+                Host::Device(d) => d.restart(epoch),
+                Host::Cloud(c) => c.restart(epoch),
+                Host::Injected | Host::Noop => {}
+            }
+            self.crash_armed.remove(&node);
         }
         self.down[node as usize] += 1;
     }
 
-    /// The constant-time structural checks of a replica an event touched (all of its invariants
-    /// with `paranoid`). A failure ends the run at once with the check named.
+    /// Back up: a device whose store was lost starts over as a new endpoint; every role arms
+    /// its timers again.
+    fn come_up(&mut self, node: u32) {
+        if self.store_lost.remove(&node) {
+            self.faults_applied.stores_lost += 1;
+            self.faults_applied.writes_lost_with_store += self.checker.store_lost(node);
+            let epoch: u64 = self.rng.random();
+            let n = &mut self.nodes[node as usize];
+            n.incarnation += 1;
+            if let Host::Device(d) = &mut n.host {
+                let name = format!("dev-{node}-{}", n.incarnation);
+                let name = Endpoint::new(&name).expect("generated endpoint names are valid");
+                let cfg = d.config().clone();
+                **d = Device::new(Identity::Open(name), Some(CLOUD), Directory::new(), Vec::new(), epoch, cfg);
+            }
+        }
+        self.pump(node);
+    }
+
+    /// The structural checks of the roles an event touched (every replica invariant with
+    /// `paranoid`). A failure ends the run at once with the check named.
     fn check_touched(&mut self, node: u32) {
         if self.violation.is_some() {
             return;
         }
-        let replica = &self.nodes[node as usize].replica;
-        let result = if self.sc.paranoid { replica.check_invariants() } else { replica.check_structure() };
+        let result = match &self.nodes[node as usize].host {
+            Host::Device(d) => d.check_invariants(),
+            Host::Cloud(c) => c.check_invariants().map_err(String::from),
+            Host::Injected | Host::Noop => Ok(()),
+        };
+        let result = result.and_then(|()| match (self.sc.paranoid, self.replica(node)) {
+            (true, Some(r)) => r.check_invariants(),
+            _ => Ok(()),
+        });
         if let Err(e) = result {
-            self.violation = Some(format!("replica invariants: node {node} at {} us: {e}", self.now));
+            self.violation = Some(format!("invariants: node {node} at {} us: {e}", self.now));
         }
     }
 
-    fn deliver(&mut self, to: u32, from: u32, bytes: &[u8]) {
+    /// The node's replica of the feed, if it holds one.
+    fn replica(&self, node: u32) -> Option<&Replica> {
+        match &self.nodes[node as usize].host {
+            Host::Device(d) => d.replica(&self.folder),
+            Host::Cloud(c) => c.replica(&self.folder),
+            Host::Injected | Host::Noop => None,
+        }
+    }
+
+    /// The node's directory (mesh model).
+    fn directory(&self, node: u32) -> Option<&Directory> {
+        match &self.nodes[node as usize].host {
+            Host::Device(d) => Some(d.directory()),
+            Host::Cloud(c) => Some(c.directory()),
+            Host::Injected => self.nodes[node as usize].mesh.as_ref().map(|m| &m.dir),
+            Host::Noop => None,
+        }
+    }
+
+    fn deliver(&mut self, to: u32, from: u32, stream: Stream, bytes: &[u8]) {
         if !self.up(to) {
             return;
         }
-        let Some((sid, step, kind)) = engine::wire::peek(bytes) else { return };
-        if self.mesh.is_some() {
-            self.deliver_mesh(to, from, bytes, sid, step, kind);
-            return;
+        let local = self.local_us(to);
+        let channel = self.channel(from);
+        let max = self.cfg.max_message_bytes;
+        let from_device = self.nodes[from as usize].mesh.as_ref().map_or(DeviceId([0; 32]), |m| m.device);
+        // Crash before commit: a device armed for it keeps what it had committed; if this message
+        // makes it merge anything, it crashes before committing.
+        let ppm = self.sc.faults.crash_before_commit_ppm;
+        if ppm > 0 && to != CLOUD && stream == Stream::Sync && self.rng.random_range(0..1_000_000) < ppm {
+            self.crash_armed.insert(to);
         }
-        let now = self.now;
-        let cfg = self.cfg.clone();
+        let armed = self.crash_armed.contains(&to);
         let n = &mut self.nodes[to as usize];
-        if !n.sessions.contains_key(&(from, sid)) {
-            // Only a session's first message (a Hello, step 0) opens a responder; anything else
-            // belongs to a session that is over here.
-            if step != 0 || n.outgoing.get(&from) == Some(&sid) {
+        match &mut n.host {
+            Host::Injected => {
+                let Some(m) = n.mesh.as_mut() else { return };
+                if let Some(answer) = crate::mesh::injected_answer(m, bytes, max) {
+                    self.send(to, from, Stream::Sync, answer);
+                }
                 return;
             }
-            n.sessions.insert((from, sid), Box::new(Sess::Plain(Session::respond(sid, &n.replica, cfg))));
+            Host::Noop => return,
+            Host::Cloud(c) => match stream {
+                Stream::Sync => c.handle_sync(local, from, channel, bytes),
+                Stream::Request(id) => c.handle_control(local, from, from_device, id, bytes),
+                Stream::Response(_) => return,
+            },
+            Host::Device(d) => match stream {
+                Stream::Sync if armed => {
+                    let committed: Vec<(FolderId, Replica)> =
+                        d.replicas().map(|(f, r)| (*f, r.clone())).collect();
+                    d.handle_sync(local, from, channel, bytes);
+                    let mut merged = false;
+                    let mut kept = Vec::new();
+                    while let Some(p) = d.poll_persist() {
+                        merged |= matches!(p, Persist::Items(_));
+                        kept.push(p);
+                    }
+                    if merged {
+                        tracing::debug!(t_us = self.now, node = to, "crash before commit");
+                        for (folder, replica) in committed {
+                            d.install(folder, replica);
+                        }
+                        self.faults_applied.crashes_before_commit += 1;
+                        self.go_down(to);
+                        let back = self.now + self.sc.faults.down_ms * 1_000;
+                        self.push(back, Payload::Restart { node: to });
+                        return;
+                    }
+                    // Nothing merged: the outputs stand, and the fault waits for a merge.
+                    self.absorb(to, kept);
+                }
+                Stream::Sync => d.handle_sync(local, from, channel, bytes),
+                Stream::Response(id) => d.handle_response(local, id, bytes),
+                Stream::Request(_) => return,
+            },
         }
-        let head = n.replica.head();
-        let Some(session) = n.sessions.get_mut(&(from, sid)) else { return };
-        if let Sess::Plain(session) = session.as_mut() {
-            let _ = session.handle_message(now, &mut n.replica, bytes);
-        }
-        self.after_session(to, from, sid, Some(head));
+        self.pump(to);
     }
 
-    /// [`Sim::deliver`] in the mesh model: authorized sessions (responders open on a `DirHello`),
-    /// the injected devices' scripted answers, and who has seen the removal.
-    fn deliver_mesh(&mut self, to: u32, from: u32, bytes: &[u8], sid: u64, step: u32, kind: &str) {
-        let local = self.local_us(to);
-        let cfg = self.cfg.clone();
-        let Some(peer_channel) = self.nodes[from as usize].mesh.as_ref().map(|m| m.channel) else { return };
-        let n = &mut self.nodes[to as usize];
-        let Some(m) = n.mesh.as_mut() else { return };
-        if m.role == Role::Injected {
-            if let Some(answer) = crate::mesh::injected_answer(m, bytes, cfg.max_message_bytes) {
-                self.send(to, from, answer);
+    /// Runs a node's output: commits (the checker learns what the node now holds), events,
+    /// then transmits, then arms its timer.
+    fn pump(&mut self, node: u32) {
+        let mut persists = Vec::new();
+        let mut ended: Vec<Ended<u32>> = Vec::new();
+        let mut out = Vec::new();
+        let mut renewed = 0u64;
+        let mut dir_changed = false;
+        let timeout = match &mut self.nodes[node as usize].host {
+            Host::Device(d) => {
+                while let Some(p) = d.poll_persist() {
+                    persists.push(p);
+                }
+                while let Some(e) = d.poll_event() {
+                    match e {
+                        Event::SessionEnded(e) => ended.push(e),
+                        Event::TicketRenewed { .. } => renewed += 1,
+                        Event::DirectoryChanged => dir_changed = true,
+                        _ => {}
+                    }
+                }
+                while let Some(t) = d.poll_transmit() {
+                    out.push(t);
+                }
+                d.poll_timeout()
             }
-            return;
-        }
-        if !n.sessions.contains_key(&(from, sid)) {
-            if step != 0 || kind != "DirHello" || n.outgoing.get(&from) == Some(&sid) {
-                return;
+            Host::Cloud(c) => {
+                while let Some(p) = c.poll_persist() {
+                    match p {
+                        CloudPersist::Items(commit) => persists.push(Persist::Items(commit)),
+                        CloudPersist::Directory(_) => dir_changed = true,
+                    }
+                }
+                // Notices to connected devices are not simulated: devices sync on their own
+                // schedule, which a lost notice falls back to anyway.
+                while c.poll_notice().is_some() {}
+                while let Some(e) = c.poll_ended() {
+                    ended.push(e);
+                }
+                while let Some(t) = c.poll_transmit() {
+                    out.push(t);
+                }
+                c.poll_timeout()
             }
-            let cfg = Config { linger_after_hello: true, ..cfg };
-            let session = AuthSession::respond(sid, m.policy(), peer_channel, &n.replica, cfg);
-            n.sessions.insert((from, sid), Box::new(Sess::Auth(Box::new(session))));
+            Host::Injected | Host::Noop => None,
+        };
+        self.absorb(node, persists);
+        if dir_changed {
+            self.note_removal(node);
         }
-        let head = n.replica.head();
-        let Some(session) = n.sessions.get_mut(&(from, sid)) else { return };
-        if let Sess::Auth(session) = session.as_mut() {
-            let _ = session.handle_message(local, &mut m.dir, &mut n.replica, bytes);
+        if let Some(world) = self.mesh.as_mut() {
+            world.report.tickets_issued += renewed;
         }
-        self.note_removal(to);
-        self.after_session(to, from, sid, Some(head));
+        for e in ended {
+            self.session_ended(node, &e);
+        }
+        for t in out {
+            self.send(node, t.to, t.stream, t.bytes);
+        }
+        if let Some(t) = timeout {
+            let at = self.virtual_us(node, t);
+            if at < self.nodes[node as usize].timer_at {
+                self.nodes[node as usize].timer_at = at;
+                self.push(at, Payload::Timer { node });
+            }
+        }
+    }
+
+    /// The checker learns what a node committed.
+    fn absorb(&mut self, node: u32, persists: Vec<Persist<u32>>) {
+        for p in persists {
+            let Persist::Items(Commit { from: Some(peer), items, .. }) = p else { continue };
+            if self.mesh.is_some() {
+                self.mesh_received(node, peer, &items);
+            }
+            // A forger's replica holds versions no write made.
+            let forger = self.nodes[node as usize].mesh.as_ref().is_some_and(|m| m.role == Role::Forger);
+            if forger {
+                continue;
+            }
+            for (item, fp) in items {
+                self.checker.absorb_state(node, &item, fp, self.now);
+            }
+        }
+    }
+
+    fn session_ended(&mut self, node: u32, e: &Ended<u32>) {
+        tracing::trace!(t_us = self.now, node, peer = e.peer, sid = e.session, outcome = ?e.outcome, "session end");
+        if matches!(e.outcome, Outcome::Failed(_)) {
+            self.sessions_failed += 1;
+        }
+        if let Some(world) = self.mesh.as_mut() {
+            match &e.outcome {
+                Outcome::Failed(error) => world.count_failure(error, self.now),
+                Outcome::Done { .. } => world.report.sessions_done += 1,
+                Outcome::Running => {}
+            }
+        }
     }
 
     /// This node's ticket clock (mesh model; virtual time otherwise).
@@ -904,30 +1076,40 @@ impl Sim {
     fn note_removal(&mut self, node: u32) {
         let Some(world) = &self.mesh else { return };
         let now = self.now;
+        let shows = self.directory(node).is_some_and(|dir| world.shows_removal(dir));
         if let Some(m) = self.nodes[node as usize].mesh.as_mut() {
-            if m.removal_known_at.is_none() && world.shows_removal(&m.dir) {
+            if m.removal_known_at.is_none() && shows {
                 m.removal_known_at = Some(now);
             }
         }
     }
 
-    /// The cloud issues `node` a fresh ticket (a stale device's refreshes stop; a replayer
-    /// takes device 1's current one), and schedules the next.
+    /// The adversaries' tickets: a replayer takes device 1's current one, an injected device gets
+    /// one from the lying cloud; then the next refresh is scheduled. (Honest devices ask the
+    /// cloud themselves, over the control plane.)
     fn refresh_ticket(&mut self, node: u32) {
         let Some(world) = self.mesh.as_mut() else { return };
         let Some(m) = self.nodes[node as usize].mesh.as_ref() else { return };
-        if m.role == Role::Stale && self.now >= world.spec.stale_after_ms * 1_000 {
-            return;
-        }
-        let ticket = if m.role == Role::Replayer {
-            self.nodes[1].mesh.as_ref().map(|v| v.creds.ticket.clone())
-        } else {
-            let cloud_dir = self.nodes[0].mesh.as_ref().map(|c| &c.dir);
-            cloud_dir.map(|dir| world.issue(m, dir, self.now))
-        };
         let next = self.now + (world.lifetime_us / 2).max(1);
-        if let (Some(ticket), Some(m)) = (ticket, self.nodes[node as usize].mesh.as_mut()) {
-            m.creds.ticket = ticket;
+        let local = (BASE_US as i64 + self.now as i64 + self.nodes[node as usize].skew_ms * 1_000) as u64;
+        match m.role {
+            Role::Replayer => {
+                let stolen = match &self.nodes[1].host {
+                    Host::Device(d) => d.ticket().cloned(),
+                    _ => None,
+                };
+                if let (Some(ticket), Host::Device(d)) = (stolen, &mut self.nodes[node as usize].host) {
+                    d.set_ticket(local, ticket);
+                }
+            }
+            Role::Injected => {
+                let Host::Cloud(cloud) = &self.nodes[CLOUD as usize].host else { return };
+                let ticket = world.issue(m, cloud.directory(), self.now);
+                if let Some(m) = self.nodes[node as usize].mesh.as_mut() {
+                    m.creds.ticket = ticket;
+                }
+            }
+            _ => return,
         }
         if next <= self.end {
             self.push(next, Payload::TicketRefresh { node });
@@ -944,81 +1126,21 @@ impl Sim {
         let item = crate::net::sample_cdf(&self.zipf_cdf, self.rng.random_range(0..u64::MAX));
         let id = ItemId::new(&format!("item-{item}")).expect("generated ids are valid");
         let Some(victim) = self.nodes[1].mesh.as_ref().map(|v| v.device.endpoint()) else { return };
+        let folder = self.folder;
+        let now = self.now;
         let n = &mut self.nodes[node as usize];
-        let clock_ms = n.clock_ms(self.now);
+        let clock_ms = n.clock_ms(now);
         let when = When::from_unix_secs(EPOCH_UNIX_SECS + clock_ms.div_euclid(1_000))
             .expect("simulated times are in range");
-        let text = format!("<title>forged by {} at {}</title>", n.endpoint, self.now);
-        let Some(forged) = crate::mesh::forge(n.replica.item(&id), &id, &victim, &when, text) else { return };
+        let Host::Device(d) = &mut n.host else { return };
+        let text = format!("<title>forged by {} at {now}</title>", d.endpoint());
+        let Some(replica) = d.replica_mut(&folder) else { return };
+        let Some(forged) = crate::mesh::forge(replica.item(&id), &id, &victim, &when, text) else { return };
+        let key = crate::mesh::version_key(&forged.version);
+        let _ = replica.merge(&Arc::new(forged));
         let Some(world) = self.mesh.as_mut() else { return };
-        world.forged.insert(crate::mesh::version_key(&forged.version));
+        world.forged.insert(key);
         world.report.forged_made += 1;
-        let _ = n.replica.merge(&Arc::new(forged));
-    }
-
-    /// Sends what a session has to send, arms its timer, records replica changes, retires it.
-    fn after_session(&mut self, node: u32, peer: u32, sid: u64, head_before: Option<engine::replica::Seq>) {
-        if let Some(head) = head_before {
-            let n = &self.nodes[node as usize];
-            let changed: Vec<(Arc<Item>, u64)> =
-                n.replica.log_since(head).map(|c| (c.item.clone(), c.fp)).collect();
-            // A forger's replica holds versions no write made.
-            let forger = n.mesh.as_ref().is_some_and(|m| m.role == Role::Forger);
-            if self.mesh.is_some() {
-                self.mesh_received(node, peer, &changed);
-            }
-            for (item, fp) in changed {
-                if !forger {
-                    self.checker.absorb_state(node, &item, fp, self.now);
-                }
-            }
-        }
-        let mut out = Vec::new();
-        let (timeout, finished, outcome) = {
-            let Some(session) = self.nodes[node as usize].sessions.get_mut(&(peer, sid)) else { return };
-            while let Some(bytes) = session.poll_transmit() {
-                out.push(bytes);
-            }
-            let timeout = session.poll_timeout();
-            let outcome = session.outcome().clone();
-            (timeout, timeout.is_none() && !matches!(outcome, Outcome::Running), outcome)
-        };
-        for bytes in out {
-            self.send(node, peer, bytes);
-        }
-        if let Some(t) = timeout {
-            let t = self.virtual_us(node, t);
-            self.push(t, Payload::SessionTimer { node, peer, sid });
-        }
-        let n = &mut self.nodes[node as usize];
-        let initiated = n.outgoing.get(&peer) == Some(&sid);
-        match &outcome {
-            Outcome::Done { retained, .. } if initiated => {
-                n.retained.insert(peer, *retained);
-            }
-            Outcome::Failed(_) if finished && initiated => {
-                n.retained.remove(&peer);
-            }
-            _ => {}
-        }
-        // The initiator is free to start the next session once its outcome is known.
-        if initiated && !matches!(outcome, Outcome::Running) {
-            n.outgoing.remove(&peer);
-        }
-        if finished {
-            tracing::trace!(t_us = self.now, node, peer, sid, outcome = ?outcome, "session end");
-            if matches!(outcome, Outcome::Failed(_)) {
-                self.sessions_failed += 1;
-            }
-            if let Some(world) = self.mesh.as_mut() {
-                match &outcome {
-                    Outcome::Failed(e) => world.count_failure(e, self.now),
-                    Outcome::Done { .. } => world.report.sessions_done += 1,
-                    Outcome::Running => {}
-                }
-            }
-            self.nodes[node as usize].sessions.remove(&(peer, sid));
-        }
     }
 
     /// Mesh model: versions that reached a removed member's device from a sender that knew of
@@ -1039,9 +1161,9 @@ impl Sim {
         }
     }
 
-    fn send(&mut self, from: u32, to: u32, bytes: Vec<u8>) {
+    fn send(&mut self, from: u32, to: u32, stream: Stream, bytes: Vec<u8>) {
         let bytes = match self.mesh.as_mut() {
-            Some(world) if world.spec.cloud_tamper_ppm > 0 => {
+            Some(world) if world.spec.cloud_tamper_ppm > 0 && stream == Stream::Sync => {
                 let ppm = world.spec.cloud_tamper_ppm;
                 let tampered = (self.rng.random_range(0..1_000_000) < ppm)
                     .then(|| crate::mesh::tamper(&bytes, self.cfg.max_message_bytes))
@@ -1057,7 +1179,14 @@ impl Sim {
             }
             _ => bytes,
         };
-        if let Some((_, _, kind)) = engine::wire::peek(&bytes) {
+        let kind = match stream {
+            Stream::Sync => engine::wire::peek(&bytes).map(|(_, _, kind)| kind),
+            Stream::Request(_) => engine::control::decode::<engine::control::Request>(&bytes, engine::control::CONTROL_MAX)
+                .ok()
+                .map(|r| r.kind()),
+            Stream::Response(_) => Some("Response"),
+        };
+        if let Some(kind) = kind {
             if let Some(entry) = self.kinds.get_mut(kind) {
                 entry.0 += 1;
                 entry.1 += bytes.len() as u64;
@@ -1065,12 +1194,12 @@ impl Sim {
                 self.kinds.insert(kind.to_string(), (1, bytes.len() as u64));
             }
         }
-        self.transmit(from, to, Arc::new(bytes));
+        self.transmit(from, to, stream, Arc::new(bytes));
     }
 
     /// Hands a datagram to the network model and schedules its arriving copies (and the relay's
     /// forwarding of relayed ones).
-    fn transmit(&mut self, from: u32, to: u32, bytes: Arc<Vec<u8>>) {
+    fn transmit(&mut self, from: u32, to: u32, stream: Stream, bytes: Arc<Vec<u8>>) {
         self.messages += 1;
         self.bytes += bytes.len() as u64;
         let sent = self.net.transmit(&mut self.rng, self.now, from, to, bytes.len());
@@ -1084,11 +1213,11 @@ impl Sim {
             "send"
         );
         for &delay in sent.arrive.as_slice() {
-            self.push(self.now + delay, Payload::Deliver { to, from, bytes: bytes.clone() });
+            self.push(self.now + delay, Payload::Deliver { to, from, stream, bytes: bytes.clone() });
         }
         let twin = sent.relay.twin;
         for &delay in sent.relay.delays.as_slice() {
-            self.push(self.now + delay, Payload::Relay { to, from, twin, bytes: Some(bytes.clone()) });
+            self.push(self.now + delay, Payload::Relay { to, from, twin, stream, bytes: Some(bytes.clone()) });
         }
     }
 
@@ -1102,7 +1231,7 @@ impl Sim {
         }
         let twin = sent.relay.twin;
         for &delay in sent.relay.delays.as_slice() {
-            self.push(self.now + delay, Payload::Relay { to, from, twin, bytes: None });
+            self.push(self.now + delay, Payload::Relay { to, from, twin, stream: Stream::Sync, bytes: None });
         }
     }
 
@@ -1112,27 +1241,29 @@ impl Sim {
         let delete = draw < self.sc.workload.delete_ppm;
         let resolve =
             !delete && draw < self.sc.workload.delete_ppm.saturating_add(self.sc.workload.resolve_ppm);
+        let folder = self.folder;
+        let now = self.now;
         let n = &mut self.nodes[node as usize];
-        let clock_ms = n.clock_ms(self.now);
+        let clock_ms = n.clock_ms(now);
         let when = When::from_unix_secs(EPOCH_UNIX_SECS + clock_ms.div_euclid(1_000))
             .expect("simulated times are in range");
         let id = ItemId::new(&format!("item-{item}")).expect("generated ids are valid");
+        let Host::Device(d) = &mut n.host else { return };
         let content = Arc::new(feedsync::Content {
             attrs: "".into(),
-            inner: format!("<title>{} by {} at {}</title>", id, n.endpoint, self.now).into(),
+            inner: format!("<title>{} by {} at {}</title>", id, d.endpoint(), now).into(),
             ..feedsync::Content::empty()
         });
         let edit = Edit { content: Some(content), delete, resolve };
-        let changed = match &n.mesh {
-            Some(m) => n.replica.change_signed(&id, &m.key, &when, &edit),
-            None => n.replica.change(&id, &n.endpoint.clone(), &when, &edit),
-        };
-        if changed.is_ok() {
-            let state = n.replica.item(&id).expect("just changed").clone();
+        if let Ok(state) = d.write(folder, &id, &when, &edit) {
             if let Some(world) = self.mesh.as_mut() {
-                world.write_times.insert(crate::mesh::version_key(&state.version), self.now);
+                world.write_times.insert(crate::mesh::version_key(&state.version), now);
             }
-            self.checker.write(node, &state, self.now);
+            self.checker.write(node, &state, now);
+        }
+        // The write's commit is the checker's `write` above.
+        if let Host::Device(d) = &mut self.nodes[node as usize].host {
+            while d.poll_persist().is_some() {}
         }
     }
 
@@ -1141,56 +1272,50 @@ impl Sim {
         let first = if self.sc.topology == Topology::Mesh { 1 } else { CLOUD };
         let live: Vec<u32> = (first..=self.sc.devices).filter(|&i| self.up(i) && self.expected(i)).collect();
         let reference = live.first().copied().unwrap_or(CLOUD);
-        let digest = self.nodes[reference as usize].replica.digest();
+        let digest_of = |sim: &Self, i: u32| sim.replica(i).map_or(0, Replica::digest);
+        let digest = digest_of(&self, reference);
         let mut failure = self.violation.take();
-        let converged = live.iter().all(|&i| self.nodes[i as usize].replica.digest() == digest);
+        let converged = live.iter().all(|&i| digest_of(&self, i) == digest);
         if !converged {
-            let other = live.iter().find(|&&i| self.nodes[i as usize].replica.digest() != digest).copied();
+            let other = live.iter().find(|&&i| digest_of(&self, i) != digest).copied();
             failure = Some(format!(
                 "convergence: node {} differs from node {reference}",
                 other.unwrap_or_default()
             ));
         }
         if std::env::var_os("FEEDMESH_SIM_DEBUG").is_some() && !converged {
-            let r = &self.nodes[reference as usize].replica;
-            for &i in &live {
-                let other = &self.nodes[i as usize].replica;
-                if other.digest() == r.digest() {
-                    continue;
-                }
-                for item in r.items() {
-                    if other.item(item.id()).map(|x| x.as_ref() != item.as_ref()).unwrap_or(true) {
-                        eprintln!(
-                            "node {i}: item {} differs: ref u={} c={} vs {:?}",
-                            item.id(),
-                            item.version.updates,
-                            item.conflicts.len(),
-                            other.item(item.id()).map(|x| (x.version.updates, x.conflicts.len()))
-                        );
+            if let Some(r) = self.replica(reference) {
+                for &i in &live {
+                    let Some(other) = self.replica(i) else { continue };
+                    if other.digest() == r.digest() {
+                        continue;
                     }
-                }
-                eprintln!(
-                    "node {i}: {} items vs {}; sessions open {}",
-                    other.len(),
-                    r.len(),
-                    self.nodes[i as usize].sessions.len()
-                );
-                for ((peer, sid), session) in &self.nodes[i as usize].sessions {
-                    eprintln!(
-                        "  session with {peer} sid {sid}: {:?} timeout {:?} outgoing {:?}",
-                        session.outcome(),
-                        session.poll_timeout(),
-                        self.nodes[i as usize].outgoing.get(peer)
-                    );
+                    for item in r.items() {
+                        if other.item(item.id()).map(|x| x.as_ref() != item.as_ref()).unwrap_or(true) {
+                            eprintln!(
+                                "node {i}: item {} differs: ref u={} c={} vs {:?}",
+                                item.id(),
+                                item.version.updates,
+                                item.conflicts.len(),
+                                other.item(item.id()).map(|x| (x.version.updates, x.conflicts.len()))
+                            );
+                        }
+                    }
+                    let sessions = match &self.nodes[i as usize].host {
+                        Host::Device(d) => d.sessions(),
+                        _ => 0,
+                    };
+                    eprintln!("node {i}: {} items vs {}; sessions open {sessions}", other.len(), r.len());
                 }
             }
         }
-        for node in &self.nodes {
-            if let Err(e) = node.replica.check_invariants() {
+        for i in 0..=self.sc.devices {
+            if let Some(Err(e)) = self.replica(i).map(Replica::check_invariants) {
                 failure.get_or_insert(format!("replica invariants: {e}"));
             }
         }
-        let finals: Vec<Arc<Item>> = self.nodes[reference as usize].replica.items().cloned().collect();
+        let finals: Vec<Arc<Item>> =
+            self.replica(reference).map(|r| r.items().cloned().collect()).unwrap_or_default();
         let lost = self.checker.lost_writes(&finals);
         if lost > 0 && failure.is_none() {
             failure = Some(format!(
@@ -1209,7 +1334,8 @@ impl Sim {
                 if m.role == Role::Forger || m.role == Role::Injected {
                     continue;
                 }
-                for item in n.replica.items() {
+                let Some(replica) = self.replica(i as u32) else { continue };
+                for item in replica.items() {
                     let forged = crate::mesh::versions(item)
                         .filter(|v| world.forged.contains(&crate::mesh::version_key(v)))
                         .count();
@@ -1260,6 +1386,7 @@ impl Sim {
             digest: format!("{digest:016x}"),
             trace_hash: self.trace.finalize().to_hex().to_string(),
             failure,
+            faults: self.faults_applied,
             mesh,
             timelines: self.checker.timelines(),
             replica_nodes: self.sc.devices + u32::from(first == CLOUD),

@@ -98,7 +98,7 @@ pub fn merged(local: &Item, incoming: &Item) -> Option<Item> {
     // the newer attestation).
     let mut all: Vec<&Version> = Vec::with_capacity(l_all.len() + i_all.len());
     for v in i_all.iter().chain(&l_all) {
-        if !all.iter().any(|w| *w == *v) {
+        if !all.contains(v) {
             all.push(v);
         }
     }

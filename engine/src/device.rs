@@ -1,0 +1,607 @@
+//! A device as a sans-IO state machine: its directory, its replicas, its sync sessions with peers
+//! and the cloud, its ticket and the control requests it makes. The simulator and the node run
+//! this same type; they differ only in what they feed it and where its output goes.
+//!
+//! One API shape (as [`crate::cloud::Cloud`]):
+//! - in: [`Device::handle_sync`] (a sync message from a peer), [`Device::handle_response`] (the
+//!   cloud's answer to a control request), [`Device::handle_notice`], [`Device::handle_timeout`],
+//!   and local commands ([`Device::write`], [`Device::start_sync`], [`Device::request`]);
+//! - out: [`Device::poll_transmit`], [`Device::poll_persist`], [`Device::poll_event`],
+//!   [`Device::poll_timeout`].
+//!
+//! Time: every `now` is the device's clock in microseconds since the Unix epoch. Timers are
+//! deadlines on that clock and ticket windows are checked against it, so a driver passes its wall
+//! time at start plus a monotonic clock's elapsed time (the node), or its virtual clock plus the
+//! device's skew (the simulator). Randomness (session ids, the replica epoch) comes from the
+//! caller.
+//!
+//! Persistence and crashes: each [`Persist`] is what the driver must commit before it sends any
+//! transmit polled after it. A crash loses everything not committed: sessions, cursors, pending
+//! requests, and merges whose commit did not happen. The driver restarts the device from its
+//! store with a new replica epoch ([`Device::restart`]), so that peers' cursors into the old log
+//! are not trusted.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::authz::{Credentials, Policy};
+use crate::control::{self, ControlError, Notice, PeerAddr, Request, Response};
+use crate::directory::{Directory, FolderId, SignedChange, CHANGES_PER_BATCH_MAX};
+use crate::feedsync::{Edit, Endpoint, FeedsyncError, Item, ItemId, When};
+use crate::replica::Replica;
+use crate::sessions::{Commit, Ended, Peer, Sessions, Stream, Transmit};
+use crate::signing::{DeviceId, DeviceKey};
+use crate::sync::Config;
+use crate::ticket::{ChannelKey, CloudId, Ticket};
+use crate::time::Micros;
+
+/// The folder of an open (unauthorized, unsigned) device: it has one feed and no directory.
+pub const OPEN_FOLDER: FolderId = FolderId([0; 16]);
+
+/// Control requests a device has outstanding at once (one per kind and folder).
+pub const REQUESTS_MAX: usize = 64;
+
+/// Who the device is.
+#[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // made once per device
+pub enum Identity {
+    /// No key, no directory, no tickets: one unsigned feed ([`OPEN_FOLDER`]) synced with
+    /// plain sessions. The simulator's plain model.
+    Open(Endpoint),
+    /// A keyed device: signed versions, the verified directory, tickets from the cloud `cloud`.
+    Keyed { key: DeviceKey, cloud: CloudId },
+}
+
+/// How the device behaves.
+#[derive(Clone, Debug)]
+pub struct DeviceConfig {
+    /// The sync sessions' configuration.
+    pub sync: Config,
+    /// First retry of an unanswered control request; doubles up to `request_rto_max_us`.
+    pub request_rto_us: Micros,
+    pub request_rto_max_us: Micros,
+    /// Refresh the ticket when half of its lifetime is over.
+    pub refresh_tickets: bool,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        Self { sync: Config::default(), request_rto_us: 1_000_000, request_rto_max_us: 30_000_000, refresh_tickets: true }
+    }
+}
+
+/// Something a driver or application must see.
+#[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // polled one at a time, never stored in bulk
+pub enum Event<P> {
+    /// A session ended, with its outcome (a refusal carries its typed reason).
+    SessionEnded(Ended<P>),
+    /// The directory gained changes (from a session's catch-up or a control answer).
+    DirectoryChanged,
+    /// A fresh ticket arrived.
+    TicketRenewed { expires_us: Micros },
+    /// The cloud refused a control request.
+    Refused { request: &'static str, error: ControlError },
+    /// The cloud's answer to a peers request.
+    Peers { folder: FolderId, peers: Vec<PeerAddr> },
+    /// Any other answer (pairing, announce), for the application.
+    Answer { request: Request, response: Response },
+    /// The cloud says a folder changed: sync it with the cloud soon.
+    FolderChanged(FolderId),
+    /// An answer that does not fit its request (a ticket for another device or from another
+    /// cloud); dropped.
+    BadAnswer { request: &'static str },
+}
+
+/// What the driver must store.
+#[derive(Clone, Debug)]
+pub enum Persist<P> {
+    Items(Commit<P>),
+    Directory(Vec<SignedChange>),
+}
+
+/// Why a local command did not run.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CommandError {
+    #[error("this device has no ticket yet")]
+    NoTicket,
+    #[error("a session with this peer on this folder is already running")]
+    Busy,
+    #[error("this device does not hold that folder")]
+    NotHeld,
+    #[error("too many control requests outstanding")]
+    TooManyRequests,
+    #[error(transparent)]
+    Feedsync(#[from] FeedsyncError),
+}
+
+#[derive(Debug)]
+struct Pending {
+    id: u64,
+    request: Request,
+    deadline: Micros,
+    retries: u32,
+}
+
+/// The device.
+#[derive(Debug)]
+pub struct Device<P: Peer> {
+    endpoint: Endpoint,
+    key: Option<DeviceKey>,
+    id: Option<DeviceId>,
+    cloud_id: Option<CloudId>,
+    /// The peer handle of the cloud (where control requests go).
+    cloud: Option<P>,
+    ticket: Option<Ticket>,
+    ticket_due: Option<Micros>,
+    dir: Directory,
+    dir_persisted: usize,
+    /// Replicas by folder, sorted.
+    replicas: Vec<(FolderId, Replica)>,
+    epoch: u64,
+    cfg: DeviceConfig,
+    sessions: Sessions<P>,
+    requests: Vec<Pending>,
+    next_request: u64,
+    events: VecDeque<Event<P>>,
+    persist: VecDeque<Persist<P>>,
+}
+
+impl<P: Peer> Device<P> {
+    /// A device restored from its store: `dir` and `replicas` are what was committed (replicas
+    /// are rebuilt under `epoch`, which the caller draws anew on every start).
+    pub fn new(
+        identity: Identity,
+        cloud: Option<P>,
+        dir: Directory,
+        replicas: Vec<(FolderId, Replica)>,
+        epoch: u64,
+        cfg: DeviceConfig,
+    ) -> Self {
+        let (endpoint, key, id, cloud_id) = match identity {
+            Identity::Open(endpoint) => (endpoint, None, None, None),
+            Identity::Keyed { key, cloud } => {
+                let id = DeviceId::of(&key);
+                (id.endpoint(), Some(key), Some(id), Some(cloud))
+            }
+        };
+        let dir_persisted = dir.len();
+        let mut device = Self {
+            endpoint,
+            key,
+            id,
+            cloud_id,
+            cloud,
+            ticket: None,
+            ticket_due: None,
+            dir,
+            dir_persisted,
+            replicas: Vec::new(),
+            epoch,
+            sessions: Sessions::new(cfg.sync.clone()),
+            cfg,
+            requests: Vec::new(),
+            next_request: 1,
+            events: VecDeque::new(),
+            persist: VecDeque::new(),
+        };
+        for (folder, replica) in replicas {
+            device.install(folder, replica);
+        }
+        if device.key.is_none() && device.replica(&OPEN_FOLDER).is_none() {
+            device.install(OPEN_FOLDER, Replica::new(epoch));
+        }
+        device
+    }
+
+    /// Installs `replica` as the replica of `folder` as it is (the driver's own choice of
+    /// replica: the simulator's forger keeps an unsigned one).
+    pub fn install(&mut self, folder: FolderId, replica: Replica) {
+        match self.replicas.binary_search_by_key(&folder, |(f, _)| *f) {
+            Ok(i) => self.replicas[i].1 = replica,
+            Err(i) => self.replicas.insert(i, (folder, replica)),
+        }
+    }
+
+    pub fn config(&self) -> &DeviceConfig {
+        &self.cfg
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    pub fn id(&self) -> Option<DeviceId> {
+        self.id
+    }
+
+    pub fn directory(&self) -> &Directory {
+        &self.dir
+    }
+
+    pub fn ticket(&self) -> Option<&Ticket> {
+        self.ticket.as_ref()
+    }
+
+    pub fn replica(&self, folder: &FolderId) -> Option<&Replica> {
+        self.replicas.binary_search_by_key(folder, |(f, _)| *f).ok().map(|i| &self.replicas[i].1)
+    }
+
+    /// Replicas, by folder.
+    pub fn replicas(&self) -> impl Iterator<Item = (&FolderId, &Replica)> {
+        self.replicas.iter().map(|(f, r)| (f, r))
+    }
+
+    /// Sessions running now.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Whether a session this device started with `peer` on `folder` runs.
+    pub fn syncing(&self, peer: P, folder: FolderId) -> bool {
+        self.sessions.busy(peer, folder)
+    }
+
+    /// Sets the ticket (the first one from pairing or from the store; later ones come from
+    /// [`Device::handle_response`]) and schedules its refresh at half its lifetime.
+    pub fn set_ticket(&mut self, now: Micros, ticket: Ticket) {
+        let lifetime = ticket.body.expires_us.saturating_sub(ticket.body.issued_us);
+        self.ticket_due = self.cfg.refresh_tickets.then(|| now.saturating_add(lifetime / 2));
+        self.ticket = Some(ticket);
+    }
+
+    /// Stops (or resumes) refreshing the ticket.
+    pub fn set_refresh_tickets(&mut self, on: bool) {
+        self.cfg.refresh_tickets = on;
+        if !on {
+            self.ticket_due = None;
+        }
+    }
+
+    /// Whether this device holds `folder`: an open device its one feed; a keyed one the folders
+    /// its directory says are mapped here.
+    fn holds(&self, folder: &FolderId) -> bool {
+        match self.id {
+            None => *folder == OPEN_FOLDER,
+            Some(id) => {
+                self.replica(folder).is_some()
+                    || self.dir.folder(folder).is_some_and(|f| f.mapped.contains(&id))
+            }
+        }
+    }
+
+    fn replica_index(&mut self, folder: FolderId) -> usize {
+        match self.replicas.binary_search_by_key(&folder, |(f, _)| *f) {
+            Ok(i) => i,
+            Err(i) => {
+                let replica = Replica::new_signed(self.epoch, folder.scope());
+                self.replicas.insert(i, (folder, replica));
+                i
+            }
+        }
+    }
+
+    fn policy(&self) -> Option<Policy> {
+        match (self.id, self.cloud_id) {
+            (Some(device), Some(cloud)) => {
+                let ticket = self.ticket.clone()?;
+                Some(Policy::Directory(Box::new(Credentials { device, ticket, cloud })))
+            }
+            _ => Some(Policy::Open),
+        }
+    }
+
+    // ------------------------------------------------------------------ local commands
+
+    /// Writes (puts, edits, deletes or resolves) item `id` of `folder` at wall time `when`.
+    pub fn write(&mut self, folder: FolderId, id: &ItemId, when: &When, edit: &Edit) -> Result<Arc<Item>, CommandError> {
+        if !self.holds(&folder) {
+            return Err(CommandError::NotHeld);
+        }
+        let i = self.replica_index(folder);
+        let replica = &mut self.replicas[i].1;
+        let head = replica.head();
+        match &self.key {
+            Some(key) => replica.change_signed(id, key, when, edit)?,
+            None => replica.change(id, &self.endpoint, when, edit)?,
+        };
+        let items: Vec<(Arc<Item>, u64)> = replica.log_since(head).map(|c| (c.item.clone(), c.fp)).collect();
+        let state = replica.item(id).cloned().ok_or(CommandError::NotHeld)?;
+        self.persist.push_back(Persist::Items(Commit { folder, from: None, items }));
+        Ok(state)
+    }
+
+    /// Starts a sync session of `folder` with `peer`, whose channel key the transport
+    /// authenticated as `channel`; `sid` is the caller's random session id.
+    pub fn start_sync(&mut self, now: Micros, peer: P, channel: ChannelKey, folder: FolderId, sid: u64) -> Result<(), CommandError> {
+        if self.sessions.busy(peer, folder) {
+            return Err(CommandError::Busy);
+        }
+        if !self.holds(&folder) {
+            return Err(CommandError::NotHeld);
+        }
+        let policy = self.policy().ok_or(CommandError::NoTicket)?;
+        let i = self.replica_index(folder);
+        let replica = &self.replicas[i].1;
+        self.sessions.initiate(now, peer, channel, sid, folder, policy, &self.dir, replica);
+        self.drain();
+        Ok(())
+    }
+
+    /// Sends a control request to the cloud (retried until answered). At most one request of each
+    /// kind and folder is outstanding: a new one replaces the old.
+    pub fn request(&mut self, now: Micros, request: Request) -> Result<u64, CommandError> {
+        let Some(cloud) = self.cloud else { return Err(CommandError::NoTicket) };
+        self.requests.retain(|p| !same_kind(&p.request, &request));
+        if self.requests.len() >= REQUESTS_MAX {
+            return Err(CommandError::TooManyRequests);
+        }
+        let id = self.next_request;
+        self.next_request += 1;
+        let bytes = control::encode(&request);
+        self.sessions.transmit.push_back(Transmit { to: cloud, stream: Stream::Request(id), bytes });
+        self.requests.push(Pending { id, request, deadline: now.saturating_add(self.cfg.request_rto_us), retries: 0 });
+        Ok(id)
+    }
+
+    // ------------------------------------------------------------------ input
+
+    /// A sync message from `peer` (authenticated by the transport as `channel`). A message of a
+    /// session that runs nowhere here opens a responder only if it is a session's first message
+    /// (a `Hello` for an open device, a `DirHello` for a keyed one).
+    pub fn handle_sync(&mut self, now: Micros, peer: P, channel: ChannelKey, bytes: &[u8]) {
+        let max = self.cfg.sync.max_message_bytes;
+        let Ok(sid) = crate::sync::Session::session_of(bytes, max) else { return };
+        let folder = match self.sessions.folder_of(peer, sid) {
+            Some(folder) => folder,
+            None => {
+                let Some((_, step, _)) = crate::wire::peek(bytes) else { return };
+                if step != 0 || !self.sessions.may_open(peer, sid) {
+                    return;
+                }
+                let folder = match self.id {
+                    None => OPEN_FOLDER,
+                    Some(_) => match crate::authz::AuthSession::folder_of(bytes, max) {
+                        Some(folder) => folder,
+                        None => return,
+                    },
+                };
+                let Some(policy) = self.policy() else { return };
+                if self.holds(&folder) {
+                    let i = self.replica_index(folder);
+                    self.sessions.open(peer, channel, sid, folder, policy, &self.replicas[i].1);
+                } else {
+                    // Not held here: the session refuses; nothing reaches a replica.
+                    let scratch = Replica::new_signed(0, folder.scope());
+                    self.sessions.open(peer, channel, sid, folder, policy, &scratch);
+                }
+                folder
+            }
+        };
+        let dir_len = self.dir.len();
+        if self.holds(&folder) {
+            let i = self.replica_index(folder);
+            self.sessions.handle(now, peer, sid, &mut self.dir, &mut self.replicas[i].1, bytes);
+        } else {
+            let mut scratch = Replica::new_signed(0, folder.scope());
+            let commits = self.sessions.commits.len();
+            self.sessions.handle(now, peer, sid, &mut self.dir, &mut scratch, bytes);
+            self.sessions.commits.truncate(commits);
+        }
+        if self.dir.len() != dir_len {
+            self.events.push_back(Event::DirectoryChanged);
+        }
+        self.drain();
+    }
+
+    /// The cloud's answer to control request `id` (a late or unknown answer is ignored).
+    pub fn handle_response(&mut self, now: Micros, id: u64, bytes: &[u8]) {
+        let Some(i) = self.requests.iter().position(|p| p.id == id) else { return };
+        let Ok(response) = control::decode::<Response>(bytes, control::CONTROL_MAX) else { return };
+        let request = self.requests.swap_remove(i).request;
+        match (request, response) {
+            (request, Response::Refused(error)) => {
+                self.events.push_back(Event::Refused { request: request.kind(), error });
+            }
+            (Request::Ticket, Response::Ticket { ticket, cloud }) => {
+                if Some(cloud) != self.cloud_id || Some(ticket.body.device) != self.id {
+                    self.events.push_back(Event::BadAnswer { request: "ticket" });
+                    return;
+                }
+                let expires_us = ticket.body.expires_us;
+                self.set_ticket(now, ticket);
+                self.events.push_back(Event::TicketRenewed { expires_us });
+            }
+            (Request::Directory { .. }, Response::Directory { changes }) => {
+                let full = changes.len() == CHANGES_PER_BATCH_MAX;
+                match self.dir.apply(&changes) {
+                    Ok(0) => {}
+                    Ok(_) => {
+                        self.events.push_back(Event::DirectoryChanged);
+                        if full {
+                            let _ = self.sync_directory(now);
+                        }
+                    }
+                    Err(e) => self.events.push_back(Event::Refused {
+                        request: "directory",
+                        error: ControlError::Directory(crate::refusal::DirCode::of(&e)),
+                    }),
+                }
+                self.drain();
+            }
+            (Request::Peers { folder }, Response::Peers { peers }) => {
+                self.events.push_back(Event::Peers { folder, peers });
+            }
+            (request, response) => self.events.push_back(Event::Answer { request, response }),
+        }
+    }
+
+    /// Pushes this device's directory changes to the cloud and asks for what it lacks.
+    pub fn sync_directory(&mut self, now: Micros) -> Result<u64, CommandError> {
+        let heads = self.dir.heads().into_iter().collect();
+        let changes = self.dir.changes().take(CHANGES_PER_BATCH_MAX).cloned().collect();
+        self.request(now, Request::Directory { heads, changes })
+    }
+
+    /// A notice from the cloud. Notices are hints: a lost one costs only the wait for the
+    /// device's own schedule.
+    pub fn handle_notice(&mut self, notice: Notice) {
+        match notice {
+            Notice::Folder(folder) if self.holds(&folder) => self.events.push_back(Event::FolderChanged(folder)),
+            Notice::Folder(_) => {}
+            Notice::Directory => self.events.push_back(Event::DirectoryChanged),
+            Notice::Pairing => {}
+        }
+    }
+
+    /// Runs every timer that is due: session retransmissions and expiries, request retries, the
+    /// ticket refresh.
+    pub fn handle_timeout(&mut self, now: Micros) {
+        for (peer, sid, folder) in self.sessions.due(now) {
+            let i = self.replica_index(folder);
+            self.sessions.timeout(now, peer, sid, &self.replicas[i].1);
+        }
+        if let Some(cloud) = self.cloud {
+            let (rto, max) = (self.cfg.request_rto_us, self.cfg.request_rto_max_us);
+            for p in self.requests.iter_mut().filter(|p| p.deadline <= now) {
+                // The same id: a late answer to the first send still counts.
+                p.retries = p.retries.saturating_add(1);
+                let backoff = (rto << p.retries.min(16)).min(max.max(rto));
+                p.deadline = now.saturating_add(backoff);
+                let bytes = control::encode(&p.request);
+                self.sessions.transmit.push_back(Transmit { to: cloud, stream: Stream::Request(p.id), bytes });
+            }
+        }
+        if self.ticket_due.is_some_and(|t| t <= now) {
+            self.ticket_due = None;
+            if !self.requests.iter().any(|p| matches!(p.request, Request::Ticket)) {
+                let _ = self.request(now, Request::Ticket);
+            }
+        }
+        self.drain();
+    }
+
+    /// Forgets what a crash loses (sessions, cursors, requests, unsent output) and rebuilds the
+    /// replicas from what they hold under a new `epoch`. The driver calls this when the device
+    /// comes back; what it holds then must be what was committed.
+    pub fn restart(&mut self, epoch: u64) {
+        self.sessions.clear();
+        self.sessions.commits.clear();
+        self.requests.clear();
+        self.events.clear();
+        self.persist.clear();
+        self.epoch = epoch;
+        for (folder, replica) in &mut self.replicas {
+            *replica = rebuilt(replica, epoch, *folder, self.key.is_some());
+        }
+        if self.ticket.is_some() {
+            // A ticket from before the crash may be near its end: refresh at once.
+            self.ticket_due = self.cfg.refresh_tickets.then_some(0);
+        }
+    }
+
+    // ------------------------------------------------------------------ output
+
+    /// The next bytes to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit<P>> {
+        self.sessions.transmit.pop_front()
+    }
+
+    /// The next thing to commit. Commit it before sending any transmit polled after it.
+    pub fn poll_persist(&mut self) -> Option<Persist<P>> {
+        self.persist.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event<P>> {
+        self.events.pop_front()
+    }
+
+    /// The earliest deadline: a session's, a request retry's, or the ticket refresh.
+    pub fn poll_timeout(&self) -> Option<Micros> {
+        let requests = self.requests.iter().map(|p| p.deadline).min();
+        [self.sessions.poll_timeout(), requests, self.ticket_due].into_iter().flatten().min()
+    }
+
+    /// Moves the session table's output into the device's queues.
+    fn drain(&mut self) {
+        while let Some(c) = self.sessions.commits.pop_front() {
+            self.persist.push_back(Persist::Items(c));
+        }
+        if self.dir.len() > self.dir_persisted {
+            let new: Vec<SignedChange> = self.dir.changes().skip(self.dir_persisted).cloned().collect();
+            self.dir_persisted = self.dir.len();
+            if !new.is_empty() {
+                self.persist.push_back(Persist::Directory(new));
+            }
+        }
+        while let Some(e) = self.sessions.ended.pop_front() {
+            self.events.push_back(Event::SessionEnded(e));
+        }
+    }
+
+    /// Checks the device's invariants (the simulator calls it after every event): the session
+    /// table's structure, replicas sorted and each one's structure, bounded requests.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.sessions.check_invariants()?;
+        if self.replicas.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return Err("replicas out of order".into());
+        }
+        if self.requests.len() > REQUESTS_MAX {
+            return Err("too many requests".into());
+        }
+        if self.dir_persisted > self.dir.len() {
+            return Err("persisted more directory changes than held".into());
+        }
+        for (_, r) in &self.replicas {
+            r.check_structure()?;
+        }
+        Ok(())
+    }
+
+    /// The driver's escape hatch for adversaries the simulator plays (a forger merging what it
+    /// forged): the replica of `folder`, if held.
+    pub fn replica_mut(&mut self, folder: &FolderId) -> Option<&mut Replica> {
+        let i = self.replicas.binary_search_by_key(folder, |(f, _)| *f).ok()?;
+        Some(&mut self.replicas[i].1)
+    }
+
+    /// The directory, for a simulated adversary or an owner's local change
+    /// ([`Directory::make`]); changes made here are persisted by the next poll.
+    pub fn directory_mut(&mut self) -> &mut Directory {
+        &mut self.dir
+    }
+
+    /// Hands out directory changes made through [`Device::directory_mut`].
+    pub fn flush(&mut self) {
+        if self.dir.len() != self.dir_persisted {
+            self.events.push_back(Event::DirectoryChanged);
+        }
+        self.drain();
+    }
+}
+
+/// Whether two requests are the same kind (and folder): a new one replaces the old.
+fn same_kind(a: &Request, b: &Request) -> bool {
+    match (a, b) {
+        (Request::Peers { folder: x }, Request::Peers { folder: y }) => x == y,
+        _ => std::mem::discriminant(a) == std::mem::discriminant(b),
+    }
+}
+
+/// `replica`'s items in a new replica under `epoch` (same signing mode and scope).
+pub(crate) fn rebuilt(replica: &Replica, epoch: u64, folder: FolderId, keyed: bool) -> Replica {
+    let mut fresh = match (keyed, replica.scope(), replica.signing()) {
+        (true, _, crate::replica::Signing::Off) => Replica::new(epoch).scoped(folder.scope()),
+        (true, _, _) => Replica::new_signed(epoch, folder.scope()),
+        (false, Some(scope), _) => Replica::new(epoch).scoped(scope),
+        (false, None, _) => Replica::new(epoch),
+    };
+    if let Some(signers) = replica.signers() {
+        fresh.set_signers(Some((*signers).clone()));
+    }
+    for item in replica.items() {
+        // From the device's own store: verified when they came in, not verified again.
+        let _ = fresh.merge_checked(item);
+    }
+    fresh
+}

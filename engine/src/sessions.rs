@@ -1,0 +1,267 @@
+//! The session table both roles keep: authorized sync sessions by peer and session id, the
+//! initiator's cursors per peer and folder, and what the sessions send and report. The device
+//! ([`crate::device::Device`]) and the cloud ([`crate::cloud::Cloud`]) own one each; a driver
+//! never touches a session directly.
+//!
+//! A peer is whatever the driver names peers by (`P`): a device id in the binaries, a node index
+//! in the simulator. The table keeps at most [`SESSIONS_MAX`] sessions; past it a new responder
+//! is not opened (the initiator retries on its own schedule).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use crate::authz::{AuthSession, Policy};
+use crate::directory::{Directory, FolderId};
+use crate::feedsync::Item;
+use crate::replica::{Replica, Seq};
+use crate::sync::{Config, Outcome, Retained};
+use crate::ticket::ChannelKey;
+use crate::time::Micros;
+
+/// Sessions one role runs at once (responders past it are not opened).
+pub const SESSIONS_MAX: usize = 4096;
+
+/// What a driver names a peer by.
+pub trait Peer: Copy + Ord + Debug {}
+impl<T: Copy + Ord + Debug> Peer for T {}
+
+/// Which logical stream a transmit belongs to. Over QUIC each sync session is one bidirectional
+/// stream and each control request another; a datagram driver (the simulator) carries the tag
+/// beside the bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stream {
+    /// A sync session's message (the session id is inside the bytes).
+    Sync,
+    /// A control request (`control::encode(&Request)`), numbered by the device.
+    Request(u64),
+    /// The cloud's answer to request `id` (`control::encode(&Response)`).
+    Response(u64),
+}
+
+/// Bytes for a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit<P> {
+    pub to: P,
+    pub stream: Stream,
+    pub bytes: Vec<u8>,
+}
+
+/// What changed in a replica, for the driver to store. The driver commits it before it sends any
+/// transmit polled after it (a peer may act on an answer only once what it answers is stored);
+/// what is not committed is lost on a crash, and the role restarts from what was.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Commit<P> {
+    pub folder: FolderId,
+    /// The peer whose session brought the change (`None`: a local write).
+    pub from: Option<P>,
+    /// The new states of the items that changed, with their fingerprints, in log order.
+    pub items: Vec<(Arc<Item>, u64)>,
+}
+
+/// A session that ended.
+#[derive(Clone, Debug)]
+pub struct Ended<P> {
+    pub peer: P,
+    pub folder: FolderId,
+    pub session: u64,
+    /// This side started it.
+    pub initiated: bool,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug)]
+struct Entry {
+    folder: FolderId,
+    initiated: bool,
+    session: Box<AuthSession>,
+}
+
+/// The table.
+#[derive(Debug)]
+pub(crate) struct Sessions<P: Peer> {
+    pub(crate) cfg: Config,
+    table: BTreeMap<(P, u64), Entry>,
+    /// The session this side started with each (peer, folder), while it runs.
+    outgoing: Vec<((P, FolderId), u64)>,
+    /// Initiator-side cursors per (peer, folder) (volatile).
+    retained: Vec<((P, FolderId), Retained)>,
+    pub(crate) transmit: VecDeque<Transmit<P>>,
+    pub(crate) commits: VecDeque<Commit<P>>,
+    pub(crate) ended: VecDeque<Ended<P>>,
+}
+
+fn find<K: Ord, V>(v: &[(K, V)], k: &K) -> Result<usize, usize> {
+    v.binary_search_by(|(x, _)| x.cmp(k))
+}
+
+impl<P: Peer> Sessions<P> {
+    pub(crate) fn new(cfg: Config) -> Self {
+        Self {
+            cfg,
+            table: BTreeMap::new(),
+            outgoing: Vec::new(),
+            retained: Vec::new(),
+            transmit: VecDeque::new(),
+            commits: VecDeque::new(),
+            ended: VecDeque::new(),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Forgets every session and cursor (a crash: this is volatile state).
+    pub(crate) fn clear(&mut self) {
+        self.table = BTreeMap::new();
+        self.outgoing = Vec::new();
+        self.retained = Vec::new();
+        self.transmit.clear();
+        self.ended.clear();
+    }
+
+    /// Whether this side runs a session it started with `peer` on `folder`.
+    pub(crate) fn busy(&self, peer: P, folder: FolderId) -> bool {
+        find(&self.outgoing, &(peer, folder)).is_ok()
+    }
+
+    /// Starts a session as initiator (the caller checked [`Sessions::busy`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn initiate(
+        &mut self,
+        now: Micros,
+        peer: P,
+        channel: ChannelKey,
+        sid: u64,
+        folder: FolderId,
+        policy: Policy,
+        dir: &Directory,
+        replica: &Replica,
+    ) {
+        let retained = find(&self.retained, &(peer, folder)).map(|i| self.retained[i].1).unwrap_or_default();
+        let session = AuthSession::initiate(sid, now, folder, policy, channel, dir, replica, self.cfg.clone(), retained);
+        self.table.insert((peer, sid), Entry { folder, initiated: true, session: Box::new(session) });
+        match find(&self.outgoing, &(peer, folder)) {
+            Ok(i) => self.outgoing[i].1 = sid,
+            Err(i) => self.outgoing.insert(i, ((peer, folder), sid)),
+        }
+        self.after(peer, sid, replica, None);
+    }
+
+    /// The folder of the session a message belongs to, if it runs here.
+    pub(crate) fn folder_of(&self, peer: P, sid: u64) -> Option<FolderId> {
+        self.table.get(&(peer, sid)).map(|e| e.folder)
+    }
+
+    /// Whether a message of session `sid` from `peer` that runs nowhere here may open a
+    /// responder: not one of this side's own sessions, and room in the table.
+    pub(crate) fn may_open(&self, peer: P, sid: u64) -> bool {
+        self.table.len() < SESSIONS_MAX && !self.outgoing.iter().any(|((p, _), s)| *p == peer && *s == sid)
+    }
+
+    /// Opens a responder for the first message of session `sid`.
+    pub(crate) fn open(&mut self, peer: P, channel: ChannelKey, sid: u64, folder: FolderId, policy: Policy, replica: &Replica) {
+        let session = AuthSession::respond(sid, policy, channel, replica, self.cfg.clone());
+        self.table.insert((peer, sid), Entry { folder, initiated: false, session: Box::new(session) });
+    }
+
+    /// Hands a message to its session; returns whether the replica changed.
+    pub(crate) fn handle(
+        &mut self,
+        now: Micros,
+        peer: P,
+        sid: u64,
+        dir: &mut Directory,
+        replica: &mut Replica,
+        bytes: &[u8],
+    ) {
+        let head = replica.head();
+        let Some(entry) = self.table.get_mut(&(peer, sid)) else { return };
+        // A refusal or a bad message ends the session; its outcome says why.
+        let _ = entry.session.handle_message(now, dir, replica, bytes);
+        self.after(peer, sid, replica, Some(head));
+    }
+
+    /// The earliest deadline of any session.
+    pub(crate) fn poll_timeout(&self) -> Option<Micros> {
+        self.table.values().filter_map(|e| e.session.poll_timeout()).min()
+    }
+
+    /// Sessions whose deadline passed, for [`Sessions::timeout`].
+    pub(crate) fn due(&self, now: Micros) -> Vec<(P, u64, FolderId)> {
+        self.table
+            .iter()
+            .filter(|(_, e)| e.session.poll_timeout().is_some_and(|t| t <= now))
+            .map(|(&(p, s), e)| (p, s, e.folder))
+            .collect()
+    }
+
+    pub(crate) fn timeout(&mut self, now: Micros, peer: P, sid: u64, replica: &Replica) {
+        let Some(entry) = self.table.get_mut(&(peer, sid)) else { return };
+        entry.session.handle_timeout(now);
+        self.after(peer, sid, replica, None);
+    }
+
+    /// Collects what a session has to send, records replica changes, keeps the initiator's
+    /// cursor, and retires it once it is over.
+    fn after(&mut self, peer: P, sid: u64, replica: &Replica, head_before: Option<Seq>) {
+        let Some(entry) = self.table.get_mut(&(peer, sid)) else { return };
+        let folder = entry.folder;
+        if let Some(head) = head_before {
+            if replica.head() != head {
+                let items: Vec<(Arc<Item>, u64)> = replica.log_since(head).map(|c| (c.item.clone(), c.fp)).collect();
+                self.commits.push_back(Commit { folder, from: Some(peer), items });
+            }
+        }
+        while let Some(bytes) = entry.session.poll_transmit() {
+            self.transmit.push_back(Transmit { to: peer, stream: Stream::Sync, bytes });
+        }
+        let timeout = entry.session.poll_timeout();
+        let outcome = entry.session.outcome();
+        let initiated = entry.initiated;
+        let finished = timeout.is_none() && !matches!(outcome, Outcome::Running);
+        let mine = initiated && find(&self.outgoing, &(peer, folder)).is_ok_and(|i| self.outgoing[i].1 == sid);
+        if mine {
+            match &outcome {
+                Outcome::Done { retained, .. } => match find(&self.retained, &(peer, folder)) {
+                    Ok(i) => self.retained[i].1 = *retained,
+                    Err(i) => self.retained.insert(i, ((peer, folder), *retained)),
+                },
+                Outcome::Failed(_) if finished => {
+                    if let Ok(i) = find(&self.retained, &(peer, folder)) {
+                        self.retained.remove(i);
+                    }
+                }
+                _ => {}
+            }
+            // The initiator may start the next session once its outcome is known.
+            if !matches!(outcome, Outcome::Running) {
+                if let Ok(i) = find(&self.outgoing, &(peer, folder)) {
+                    self.outgoing.remove(i);
+                }
+            }
+        }
+        if finished {
+            self.table.remove(&(peer, sid));
+            self.ended.push_back(Ended { peer, folder, session: sid, initiated, outcome });
+        }
+    }
+
+    /// Structural checks: every outgoing entry names a running session of its own.
+    pub(crate) fn check_invariants(&self) -> Result<(), &'static str> {
+        if self.table.len() > SESSIONS_MAX + 1 {
+            return Err("more sessions than SESSIONS_MAX");
+        }
+        for ((peer, folder), sid) in &self.outgoing {
+            match self.table.get(&(*peer, *sid)) {
+                Some(e) if e.initiated && e.folder == *folder => {}
+                _ => return Err("an outgoing entry without its session"),
+            }
+        }
+        if self.outgoing.windows(2).any(|w| w[0].0 >= w[1].0) || self.retained.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return Err("peer maps out of order");
+        }
+        Ok(())
+    }
+}
