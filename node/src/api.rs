@@ -4,7 +4,8 @@
 //! - `GET /v1/status`; `GET /v1/folders`;
 //! - `GET /v1/folders/{folder}/items`, `GET|PUT|DELETE /v1/folders/{folder}/items/{id}`
 //!   (PUT takes `{"title": ..., "text": ...}`);
-//! - `GET /v1/folders/{folder}/feed.atom`;
+//! - `GET /v1/folders/{folder}/feed.atom` and `feed.json` (Atom with FeedSync, JSON Feed 1.1);
+//!   `GET /v1/news.atom`, `news.rss`, `news.json` (the directory's news);
 //! - `POST /v1/exec` with a CLI command as JSON (what the `feedmesh` CLI uses while the daemon
 //!   holds the database).
 //!
@@ -18,11 +19,11 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use engine::feedsync::{write_feed, Dialect, ItemId};
+use engine::feedsync::ItemId;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::cmd::{exec, status_json, Cmd, Ctx};
+use crate::cmd::{exec, folder_document, news_document, status_json, Cmd, Ctx, Format};
 use crate::net::lock;
 
 /// What `api.json` holds.
@@ -80,6 +81,10 @@ pub async fn serve(ctx: Arc<Ctx>, listener: tokio::net::TcpListener, token: Stri
         .route("/v1/folders/{folder}/items", get(items))
         .route("/v1/folders/{folder}/items/{id}", get(get_item).put(put_item).delete(delete_item))
         .route("/v1/folders/{folder}/feed.atom", get(feed))
+        .route("/v1/folders/{folder}/feed.json", get(feed_json))
+        .route("/v1/news.atom", get(|s, h| news(s, h, Format::Atom)))
+        .route("/v1/news.rss", get(|s, h| news(s, h, Format::Rss)))
+        .route("/v1/news.json", get(|s, h| news(s, h, Format::Json)))
         .layer(axum::extract::DefaultBodyLimit::max(8 << 20))
         .with_state(app);
     axum::serve(listener, router).await?;
@@ -199,12 +204,36 @@ async fn feed(
     headers: HeaderMap,
     Path(folder): Path<String>,
 ) -> Result<Response, ApiError> {
-    check(&app, &headers)?;
+    folder_feed(&app, &headers, &folder, Format::Atom)
+}
+
+async fn feed_json(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(folder): Path<String>,
+) -> Result<Response, ApiError> {
+    folder_feed(&app, &headers, &folder, Format::Json)
+}
+
+fn folder_feed(app: &App, headers: &HeaderMap, folder: &str, format: Format) -> Result<Response, ApiError> {
+    check(app, headers)?;
     let n = lock(&app.ctx.node);
-    let folder = n.folder(&folder)?;
-    let items: Vec<&engine::feedsync::Item> =
-        n.replicas.get(&folder).map(|r| r.items().map(|i| &**i).collect()).unwrap_or_default();
-    let feed = transport::view::feed_of(Dialect::Atom, items)
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok(([(header::CONTENT_TYPE, "application/atom+xml; charset=utf-8")], write_feed(&feed)).into_response())
+    let folder = n.folder(folder)?;
+    let (text, _) = folder_document(&n, &folder, format)?;
+    Ok(([(header::CONTENT_TYPE, media_type(format))], text).into_response())
+}
+
+/// The directory's news feed (`/v1/news.atom`, `.rss`, `.json`).
+async fn news(State(app): State<App>, headers: HeaderMap, format: Format) -> Result<Response, ApiError> {
+    check(&app, &headers)?;
+    let (text, _) = news_document(&lock(&app.ctx.node), format)?;
+    Ok(([(header::CONTENT_TYPE, media_type(format))], text).into_response())
+}
+
+fn media_type(format: Format) -> &'static str {
+    match format {
+        Format::Atom => transport::syndication::ATOM_TYPE,
+        Format::Rss => transport::syndication::RSS_TYPE,
+        Format::Json => transport::syndication::JSON_FEED_TYPE,
+    }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail};
 use clap::{Subcommand, ValueEnum};
 use engine::directory::{InviteId, InviteState, MemberState, Op, Role};
-use engine::feedsync::{read_feed, write_feed, Dialect, Edit, ItemId};
+use engine::feedsync::{read_feed, Edit, ItemId};
 use engine::signing::hex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
@@ -73,14 +73,26 @@ pub enum Cmd {
     /// Resolve an item's conflicts (optionally with new text).
     Resolve { folder: String, id: String, text: Option<String> },
     /// Items of a folder that have conflicts, with every version.
-    Conflicts { folder: String },
+    Conflicts {
+        /// Folder name or id.
+        folder: String,
+    },
+    /// The directory's news (users, devices, folders, members) as a feed.
+    News {
+        /// Document kind.
+        #[arg(long, value_enum, default_value = "atom")]
+        format: Format,
+    },
     /// Cloud connection, peers (LAN, direct or relayed, and why) and pending changes.
     Status,
     /// One sync round now (directory, ticket, every folder with the cloud and peers).
     Sync,
-    /// Write a folder as a FeedSync feed.
+    /// Write a folder as a feed: Atom (RFC 4287) or RSS 2.0 with FeedSync's `sx:sync` in every
+    /// entry (what `import` reads back), or JSON Feed 1.1.
     Export {
+        /// Folder name or id.
         folder: String,
+        /// Document kind.
         #[arg(long, value_enum, default_value = "atom")]
         format: Format,
         /// Output file (default: stdout).
@@ -90,7 +102,9 @@ pub enum Cmd {
     /// Merge a FeedSync feed into a folder: signed versions are merged as they are; others are
     /// written again as this device's changes.
     Import {
+        /// Folder name or id.
         folder: String,
+        /// A FeedSync feed (RSS 2.0 or Atom), e.g. one `export` wrote.
         file: PathBuf,
         #[arg(skip)]
         bytes: Option<Vec<u8>>,
@@ -154,8 +168,53 @@ pub enum MemberCmd {
 
 #[derive(ValueEnum, Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Format {
+    /// RSS 2.0 with FeedSync.
     Rss,
+    /// Atom 1.0 (RFC 4287) with FeedSync.
     Atom,
+    /// JSON Feed 1.1 (FeedSync state in each item's `_feedsync`; not read back by `import`).
+    Json,
+}
+
+/// A folder's feed in `format` (`transport::syndication`): the node's `export` and local API.
+pub fn folder_document(n: &crate::state::Node, folder: &engine::directory::FolderId, format: Format) -> anyhow::Result<(String, usize)> {
+    let f = n.dir.folder(folder).ok_or_else(|| anyhow!("no such folder"))?;
+    let owner = n.dir.state().users.get(&f.owner).map(|u| u.name.clone()).unwrap_or_default();
+    let meta = transport::syndication::Meta::folder(&hex(&folder.0), &f.name, &owner, now_when()?);
+    let mut items: Vec<&engine::feedsync::Item> =
+        n.replicas.get(folder).map(|r| r.items().map(|i| &**i).collect()).unwrap_or_default();
+    items.sort_by(|a, b| a.id().as_str().cmp(b.id().as_str()));
+    document(&meta, format, items)
+}
+
+/// The directory's news feed in `format`.
+pub fn news_document(n: &crate::state::Node, format: Format) -> anyhow::Result<(String, usize)> {
+    let meta = transport::syndication::Meta::news(&hex(&n.cfg.cloud.0), now_when()?);
+    let news = n.dir.news();
+    document(&meta, format, news.items())
+}
+
+fn now_when() -> anyhow::Result<engine::feedsync::When> {
+    engine::feedsync::When::from_unix_secs(transport::now_secs()).map_err(|e| anyhow!("the clock: {e}"))
+}
+
+fn document<'a>(
+    meta: &transport::syndication::Meta,
+    format: Format,
+    items: impl IntoIterator<Item = &'a engine::feedsync::Item>,
+) -> anyhow::Result<(String, usize)> {
+    let items: Vec<&engine::feedsync::Item> = items.into_iter().collect();
+    let len = items.len();
+    let text = match format {
+        Format::Rss => transport::syndication::rss(meta, items).map_err(|e| anyhow!("{e}"))?,
+        Format::Atom => transport::syndication::atom(meta, items).map_err(|e| anyhow!("{e}"))?,
+        Format::Json => {
+            let mut text = serde_json::to_string_pretty(&transport::syndication::json_feed(meta, items))?;
+            text.push('\n');
+            text
+        }
+    };
+    Ok((text, len))
 }
 
 /// Where commands get the network from.
@@ -537,23 +596,16 @@ async fn exec_once(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<String> {
         Cmd::Export { folder, format, output } => {
             let n = lock(node);
             let folder = n.folder(&folder)?;
-            let dialect = match format {
-                Format::Rss => Dialect::Rss,
-                Format::Atom => Dialect::Atom,
-            };
-            let mut items: Vec<&engine::feedsync::Item> =
-                n.replicas.get(&folder).map(|r| r.items().map(|i| &**i).collect()).unwrap_or_default();
-            items.sort_by(|a, b| a.id().as_str().cmp(b.id().as_str()));
-            let feed = transport::view::feed_of(dialect, items).map_err(|e| anyhow!("{e}"))?;
-            let text = write_feed(&feed);
+            let (text, len) = folder_document(&n, &folder, format)?;
             match output {
                 Some(path) => {
                     std::fs::write(&path, &text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-                    Ok(format!("wrote {} items to {}\n", feed.len(), path.display()))
+                    Ok(format!("wrote {len} items to {}\n", path.display()))
                 }
                 None => Ok(text),
             }
         }
+        Cmd::News { format } => Ok(news_document(&lock(node), format)?.0),
         Cmd::Import { folder, file, bytes } => {
             let bytes = match bytes {
                 Some(b) => b,
@@ -564,6 +616,8 @@ async fn exec_once(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<String> {
             let folder = n.folder(&folder)?;
             let (mut merged, mut rewritten) = (0, 0);
             for item in feed.items() {
+                // A feed written by `export` (or a relay) has entries stamped for readers.
+                let item = &transport::syndication::restore(item);
                 let arc = Arc::new(item.clone());
                 let ok = n.replica_mut(&folder).merge(&arc).is_ok();
                 if ok {

@@ -241,6 +241,12 @@ impl State {
     pub fn dir(&self) -> &Directory {
         self.control.directory()
     }
+
+    /// This run's epoch: replicas' change logs and the long-poll's event numbers count from
+    /// zero in each (a restart makes a new one).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
 }
 
 /// Most posted items merged under one hold of the cloud's lock.

@@ -42,7 +42,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use engine::directory::{FolderId, InviteState, MemberState, UserId};
-use engine::feedsync::{read_feed, write_feed, Dialect, Item};
+use engine::feedsync::{read_feed, Item};
 use engine::replica::Seq;
 use engine::signing::{hex, unhex, DeviceId};
 use serde::{Deserialize, Serialize};
@@ -379,6 +379,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/folders/{id}/items", get(items))
         .route("/v1/folders/{id}/items/{item}", get(item))
         .route("/v1/folders/{id}/feed.atom", get(feed_atom))
+        .route("/v1/folders/{id}/feed.json", get(feed_json))
         .route("/v1/folders/{id}/feed", post(post_feed).layer(DefaultBodyLimit::max(POST_FEED_MAX)))
         .route("/v1/notifications", get(notifications))
         .layer(DefaultBodyLimit::max(BODY_MAX))
@@ -682,6 +683,23 @@ struct Since {
     epoch: Option<u64>,
 }
 
+/// The self URL of a request on this relay: `http://HOST/PATH`, when the Host header is a
+/// plain host name or address (anything else gets no self link rather than a made-up one).
+fn self_url(headers: &HeaderMap, path: &str) -> Option<String> {
+    let host = headers.get(header::HOST)?.to_str().ok()?;
+    let plain = !host.is_empty()
+        && host.len() <= 255
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+    plain.then(|| format!("http://{host}{path}"))
+}
+
+/// Which document a feed route writes.
+#[derive(Clone, Copy, Debug)]
+enum FeedDoc {
+    Atom,
+    Json,
+}
+
 async fn feed_atom(
     State(app): State<App>,
     headers: HeaderMap,
@@ -689,8 +707,24 @@ async fn feed_atom(
     Query(q): Query<Since>,
 ) -> Result<Response, ApiError> {
     count(&app, "feed-atom");
-    let who = principal(&app, &headers)?;
-    let id = parse_folder(&id)?;
+    folder_feed(&app, &headers, &id, &q, FeedDoc::Atom)
+}
+
+async fn feed_json(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<Since>,
+) -> Result<Response, ApiError> {
+    count(&app, "feed-json");
+    folder_feed(&app, &headers, &id, &q, FeedDoc::Json)
+}
+
+/// A folder as Atom (RFC 4287, with `sx:sync`) or JSON Feed 1.1 (`transport::syndication`).
+fn folder_feed(app: &App, headers: &HeaderMap, id: &str, q: &Since, doc: FeedDoc) -> Result<Response, ApiError> {
+    let who = principal(app, headers)?;
+    let folder_hex = id.to_string();
+    let id = parse_folder(id)?;
     let st = app.cloud.lock();
     may_see(&st, &who, &id)?;
     let (epoch, head, items) = match st.replicas.get(&id) {
@@ -703,17 +737,30 @@ async fn feed_atom(
             };
             (r.epoch(), r.head().0, r.log_since(since).map(|c| &**c.item).collect::<Vec<&Item>>())
         }
-        None => (0, 0, Vec::new()),
+        None => (st.epoch(), 0, Vec::new()),
     };
-    let feed = transport::view::feed_of(Dialect::Atom, items)
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let folder = st.dir().folder(&id).ok_or_else(|| not_found("folder"))?;
+    let owner = st.dir().state().users.get(&folder.owner).map(|u| u.name.clone()).unwrap_or_default();
+    let now = engine::feedsync::When::from_unix_secs(transport::now_secs())
+        .map_err(|e| internal(anyhow::anyhow!("clock: {e}")))?;
+    let mut meta = transport::syndication::Meta::folder(&folder_hex.to_lowercase(), &folder.name, &owner, now);
+    let (path, kind) = match doc {
+        FeedDoc::Atom => ("feed.atom", transport::syndication::ATOM_TYPE),
+        FeedDoc::Json => ("feed.json", transport::syndication::JSON_FEED_TYPE),
+    };
+    meta.self_url = self_url(headers, &format!("/v1/folders/{}/{path}", folder_hex.to_lowercase()));
+    let body = match doc {
+        FeedDoc::Atom => transport::syndication::atom(&meta, items)
+            .map_err(|e| internal(anyhow::anyhow!("writing the feed: {e}")))?,
+        FeedDoc::Json => transport::syndication::json_feed(&meta, items).to_string(),
+    };
     Ok((
         [
-            (header::CONTENT_TYPE, "application/atom+xml; charset=utf-8".to_string()),
+            (header::CONTENT_TYPE, kind.to_string()),
             (header::HeaderName::from_static("x-feedmesh-epoch"), epoch.to_string()),
             (header::HeaderName::from_static("x-feedmesh-head"), head.to_string()),
         ],
-        write_feed(&feed),
+        body,
     )
         .into_response())
 }
@@ -739,7 +786,9 @@ async fn post_feed(
         let _permit = permit;
         let feed = read_feed(&body)
             .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("not a FeedSync feed: {e}")))?;
-        let items: Vec<Item> = feed.items().cloned().collect();
+        // A feed this relay or a node wrote has its entries stamped for readers: undo that, so
+        // the signed bytes are what is checked.
+        let items: Vec<Item> = feed.items().map(transport::syndication::restore).collect();
         drop(feed);
         cloud.merge_posted(&id, items).map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
     });

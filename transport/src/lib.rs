@@ -28,6 +28,7 @@ use iroh::{Endpoint, EndpointAddr, EndpointId, RelayMode, RelayUrl, SecretKey};
 use serde::Serialize;
 
 pub mod store;
+pub mod syndication;
 pub mod view;
 
 /// The one ALPN both binaries speak.
