@@ -222,3 +222,61 @@ fn the_http_api_serves_what_the_devices_synced() {
     }
     drop(b1);
 }
+
+/// Issue 13, item 2: a relay restarted between two long-polls loses no notification. The
+/// second poll carries the first answer's `latest` and `epoch`; the restarted relay counts
+/// events from 0 again, so it answers at once with `resync: true` and the events it has,
+/// instead of holding the poll until its counter passes the old one.
+#[test]
+fn a_relay_restarted_between_two_long_polls_loses_no_notification() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut relay = Relay::start();
+    let root = tempfile::tempdir().unwrap();
+    let a1 = Dev::new(root.path(), "a1");
+    a1.ok(&["init", "--relay", &relay.url, "--name", "alice", "--account", "alice"]);
+    let folder = a1.ok(&["folder", "create", "photos"]).split_whitespace().last().unwrap().to_string();
+    for i in 0..5 {
+        a1.ok(&["put", "photos", &format!("p{i}"), "text"]);
+        a1.ok(&["sync"]);
+    }
+    let url = relay.url.clone();
+    let c = reqwest::Client::new();
+    let token = relay.rt.block_on(async {
+        let v: Value = c
+            .post(format!("{url}/v1/login"))
+            .json(&json!({"account": "alice", "password": PASSWORD}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["token"].as_str().unwrap().to_string()
+    });
+    let poll = |relay: &Relay, query: &str| -> Value {
+        relay.rt.block_on(async {
+            c.get(format!("{url}/v1/notifications?{query}")).bearer_auth(&token).send().await.unwrap().json().await.unwrap()
+        })
+    };
+    let first = poll(&relay, "timeout=0");
+    let (latest, epoch) = (first["latest"].as_u64().unwrap(), first["epoch"].as_u64().unwrap());
+    assert!(latest >= 5, "five folder changes at least: {first}");
+    assert_eq!(first["resync"], false);
+
+    relay.restart();
+    // One change after the restart: the new epoch's first events.
+    a1.ok(&["put", "photos", "after", "the restart"]);
+    a1.ok(&["sync"]);
+
+    let t0 = Instant::now();
+    let second = poll(&relay, &format!("since={latest}&epoch={epoch}&timeout=30"));
+    assert!(t0.elapsed() < Duration::from_secs(10), "answered at once, not held: {second}");
+    assert_eq!(second["resync"], true, "{second}");
+    assert_ne!(second["epoch"].as_u64().unwrap(), epoch, "a new epoch: {second}");
+    let evs = second["events"].as_array().unwrap();
+    assert!(evs.iter().any(|e| e["kind"] == "folder" && e["folder"] == folder), "the change is there: {second}");
+    // In the new epoch, a poll with the new cursor is held as usual (no resync).
+    let third = poll(&relay, &format!("since={}&epoch={}&timeout=1", second["latest"], second["epoch"]));
+    assert_eq!(third["resync"], false, "{third}");
+    assert!(third["events"].as_array().unwrap().is_empty(), "{third}");
+}

@@ -5,7 +5,9 @@
 //! admin-issued account token, or the admin token) and shows what that account's user may see:
 //! users, devices, folders, members, invitations, items (JSON), feeds as FeedSync Atom
 //! (`GET /v1/folders/{id}/feed.atom?since=SEQ`), a FeedSync feed merged by POST, and long-poll
-//! notifications (`GET /v1/notifications?since=N&timeout=S`, held up to 60 s).
+//! notifications (`GET /v1/notifications?since=N&epoch=E&timeout=S`, held up to 60 s; an
+//! answer carries `latest` and `epoch` for the next call, and `resync: true` when events may
+//! have been missed: the relay restarted, or the cursor is older than the events kept).
 //!
 //! `POST /v1/logout` revokes the presented token. Tokens expire (`limits.token_ttl_secs`) and
 //! survive a restart (the store keeps their hashes); an account keeps at most
@@ -801,6 +803,8 @@ async fn post_feed(
 struct Poll {
     since: Option<u64>,
     timeout: Option<u64>,
+    /// The `epoch` of the answer `since` came from.
+    epoch: Option<u64>,
 }
 
 async fn notifications(
@@ -813,7 +817,21 @@ async fn notifications(
     let token = bearer(&headers).map_err(IntoResponse::into_response)?;
     let record = app.cloud.token_record(token).ok_or_else(|| unauthorized().into_response())?;
     let who = principal_of(&app, &record.account).map_err(IntoResponse::into_response)?;
-    let since = q.since.unwrap_or(0);
+    // Event numbers count from 0 in each epoch (the relay's run), and only the last
+    // EVENTS_KEPT stay: a cursor from another epoch, from beyond the counter, or from before the
+    // oldest kept event may have missed events. Such a poll is answered at once with
+    // `"resync": true` and every event kept (the client re-reads what it shows), never held on a
+    // counter that went back.
+    let (epoch, resync) = {
+        let st = app.cloud.lock();
+        let since = q.since.unwrap_or(0);
+        let oldest = st.events.front().map_or(st.event_seq + 1, |e| e.seq);
+        let resync = q.epoch.is_some_and(|e| e != st.epoch())
+            || since > st.event_seq
+            || (q.since.is_some() && since + 1 < oldest);
+        (st.epoch(), resync)
+    };
+    let since = if resync { 0 } else { q.since.unwrap_or(0) };
     let wait = Duration::from_secs(q.timeout.unwrap_or(LONG_POLL_MAX_S).min(LONG_POLL_MAX_S));
     let started = tokio::time::Instant::now();
     let deadline = started + wait;
@@ -859,8 +877,8 @@ async fn notifications(
                 .collect();
             (events, st.event_seq)
         };
-        if !events.is_empty() || tokio::time::Instant::now() >= deadline {
-            return Ok(Json(json!({ "events": events, "latest": latest })));
+        if resync || !events.is_empty() || tokio::time::Instant::now() >= deadline {
+            return Ok(Json(json!({ "events": events, "latest": latest, "epoch": epoch, "resync": resync })));
         }
         // Woken by an event, a token change or the token's end: look again (the top checks the
         // token); at the deadline the next look answers.

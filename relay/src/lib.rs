@@ -129,6 +129,8 @@ pub struct Running {
     pub admin_token: String,
     relay_server: Option<iroh_relay::server::Server>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The data directory's lock ([`lock_data_dir`]).
+    lock: Option<std::fs::File>,
 }
 
 impl Running {
@@ -137,7 +139,9 @@ impl Running {
         http::connect_info(&self.cloud, &self.endpoint, &self.relay_url, self.qad_port)
     }
 
-    /// Stops every task and closes the endpoint.
+    /// Stops every task and closes the endpoint, then waits (at most [`SHUTDOWN_WAIT`]) for the
+    /// connections' tasks to let go of the cloud, so its store is closed when this returns and
+    /// the data directory can be opened again at once (a restart, or the next process).
     pub async fn shutdown(mut self) {
         for t in self.tasks.drain(..) {
             t.abort();
@@ -146,6 +150,42 @@ impl Running {
         if let Some(server) = self.relay_server.take() {
             let _ = server.shutdown().await;
         }
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_WAIT;
+        while Arc::strong_count(&self.cloud) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        if Arc::strong_count(&self.cloud) > 1 {
+            tracing::warn!("connections still held the cloud after {SHUTDOWN_WAIT:?}");
+        }
+        drop(self.lock.take());
+    }
+}
+
+/// Longest [`Running::shutdown`] waits for connections to end.
+pub const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The lock file that keeps a second relay off a data directory.
+pub const LOCK_FILE: &str = "relay.lock";
+
+/// Why a relay could not take its data directory.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("another feedmesh-relay is running on {0} (it holds {LOCK_FILE}); stop it first")]
+    Held(String),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+/// Takes the data directory's advisory lock without waiting: held until the returned file is
+/// dropped (or the process ends, however it ends).
+pub fn lock_data_dir(dir: &Path) -> Result<std::fs::File, LockError> {
+    let path = dir.join(LOCK_FILE);
+    let io = |source| LockError::Io { path: path.display().to_string(), source };
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(LockError::Held(dir.display().to_string())),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
     }
 }
 
@@ -203,6 +243,8 @@ fn self_signed(dir: &Path, names: &[String]) -> anyhow::Result<(PathBuf, PathBuf
 /// Starts the relay: storage, the cloud endpoint, the iroh relay server and the HTTP API.
 pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    // Before anything else touches the directory: a second relay stops here at once.
+    let lock = lock_data_dir(&cfg.data_dir)?;
     let key = load_key(&cfg.data_dir)?;
     let store = transport::store::Store::open(&cfg.data_dir.join("relay.redb"), "relay")
         .with_context(|| format!("opening {}", cfg.data_dir.join("relay.redb").display()))?;
@@ -317,5 +359,6 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         admin_token,
         relay_server: Some(relay_server),
         tasks,
+        lock: Some(lock),
     })
 }

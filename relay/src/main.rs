@@ -153,9 +153,12 @@ fn main() -> ExitCode {
             ),
         }
         println!("  devices join with: feedmesh init --relay http://{}", running.http_addr);
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutting down");
+        let signal = transport::shutdown_signal().await;
+        // Every change is committed when it is accepted; stopping closes connections, waits for
+        // them to let go of the store, and releases the data directory's lock.
+        println!("feedmesh-relay: {signal}: stopping");
         running.shutdown().await;
+        println!("feedmesh-relay: stopped");
         ExitCode::SUCCESS
     })
 }

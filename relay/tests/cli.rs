@@ -68,3 +68,42 @@ fn an_address_in_use_fails_cleanly() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("binding HTTP"), "{err}");
 }
+
+/// Issue 13, item 5: a second relay on a data directory in use fails at once with a clear
+/// message, and SIGTERM stops a relay as cleanly as Ctrl-C (it says so, and lets go of the
+/// directory: another relay can start on it right after).
+#[test]
+fn a_second_relay_on_one_directory_fails_at_once_and_sigterm_stops_cleanly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        relay()
+            .args(["--data-dir", dir.path().to_str().unwrap()])
+            .args(["--http", "127.0.0.1:0", "--relay", "127.0.0.1:0", "--quic", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = start();
+    let mut lines = BufReader::new(first.stdout.take().unwrap()).lines();
+    let up = lines.next().unwrap().unwrap();
+    assert_eq!(up, "feedmesh-relay is up");
+
+    let t0 = std::time::Instant::now();
+    let second = start().wait_with_output().unwrap();
+    assert!(t0.elapsed() < std::time::Duration::from_secs(1), "refused at once: {:?}", t0.elapsed());
+    assert_eq!(second.status.code(), Some(1));
+    let err = String::from_utf8(second.stderr).unwrap();
+    assert!(err.contains("another feedmesh-relay is running on"), "{err}");
+
+    let killed = Command::new("kill").args(["-TERM", &first.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    assert!(first.wait().unwrap().success(), "SIGTERM is a clean stop: {rest:?}");
+    assert!(rest.iter().any(|l| l == "feedmesh-relay: SIGTERM: stopping"), "{rest:?}");
+    assert_eq!(rest.last().map(String::as_str), Some("feedmesh-relay: stopped"));
+    // The directory is free again.
+    relay::lock_data_dir(dir.path()).expect("the lock was released");
+}

@@ -29,6 +29,23 @@ use serde::Serialize;
 
 pub mod store;
 pub mod syndication;
+
+/// Waits for SIGINT (Ctrl-C) or SIGTERM (`kill`, systemd, containers): both stop a daemon the
+/// same clean way. The signal's name, for the line the daemon logs.
+pub async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            return tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            };
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    "SIGINT"
+}
 pub mod view;
 
 /// The one ALPN both binaries speak.

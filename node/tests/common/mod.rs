@@ -35,6 +35,20 @@ impl Relay {
         Self { rt, running: Some(running), url, _dir: dir }
     }
 
+    /// Stops the relay and starts it again on the same data directory and addresses (devices
+    /// keep the addresses they were given at `init`).
+    pub fn restart(&mut self) {
+        let running = self.running.take().unwrap();
+        let mut cfg = relay::Config::loopback(self._dir.path());
+        cfg.http = running.http_addr;
+        cfg.relay = format!("{}:{}", "127.0.0.1", running.relay_url.port().unwrap()).parse().unwrap();
+        cfg.quic = *running.endpoint.bound_sockets().iter().find(|a| a.is_ipv4()).unwrap();
+        cfg.qad = running.qad_addr;
+        self.rt.block_on(running.shutdown());
+        let running = self.rt.block_on(relay::start(cfg)).expect("relay starts again");
+        self.running = Some(running);
+    }
+
     pub fn cloud(&self) -> &std::sync::Arc<relay::Cloud> {
         &self.running.as_ref().unwrap().cloud
     }
