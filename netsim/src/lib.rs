@@ -1,5 +1,5 @@
-//! feedmesh's deterministic network simulator: engine replicas and sync sessions (the very code
-//! the binaries run) over a modelled network with latency, loss, duplication, reordering,
+//! feedmesh's deterministic network simulator: the engine's `Device` and `Cloud` state machines
+//! (the very types the binaries run) over a modelled network with latency, loss, duplication, reordering,
 //! partitions, NATs, crashes and clock skew. Time and randomness come from the scenario's seed.
 
 pub mod checker;
@@ -16,4 +16,4 @@ pub mod sweep;
 pub mod topology;
 
 pub use scenario::Scenario;
-pub use sim::{run, Report};
+pub use sim::{run, FaultCounts, Report};

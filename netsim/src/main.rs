@@ -244,6 +244,13 @@ fn print_report(r: &Report, source: &str, wall_ms: u64) {
         "  device paths         {:>12}   direct, {} relayed through the cloud",
         r.direct_paths, r.relayed_paths
     );
+    let f = &r.faults;
+    if f.cloud_crashes + f.crashes_before_commit + f.stores_lost > 0 {
+        println!(
+            "  storage faults       {:>12}   cloud crashes, {} crashes before commit, {} stores lost ({} writes only they held)",
+            f.cloud_crashes, f.crashes_before_commit, f.stores_lost, f.writes_lost_with_store
+        );
+    }
     println!();
     println!(
         "  converged            {:>12}   (all live replicas hold digest {})",

@@ -816,6 +816,7 @@ impl Sim {
     /// its timers again.
     fn come_up(&mut self, node: u32) {
         if self.store_lost.remove(&node) {
+            tracing::debug!(t_us = self.now, node, "store lost");
             self.faults_applied.stores_lost += 1;
             self.faults_applied.writes_lost_with_store += self.checker.store_lost(node);
             let epoch: u64 = self.rng.random();
