@@ -21,3 +21,37 @@ pub fn is_locked(e: &anyhow::Error) -> bool {
         matches!(c.downcast_ref::<transport::store::StoreError>(), Some(transport::store::StoreError::Locked))
     })
 }
+
+/// The lock file that keeps a second daemon off a data directory.
+pub const DAEMON_LOCK: &str = "daemon.lock";
+
+/// Takes the data directory's daemon lock without waiting (held until the file is dropped or the
+/// process ends, however it ends); a clear error when another daemon holds it.
+pub fn lock_daemon(dir: &Path) -> anyhow::Result<std::fs::File> {
+    use anyhow::Context;
+    if !dir.join(state::KEY_FILE).exists() {
+        anyhow::bail!("{} is not initialised (run `feedmesh init`)", dir.display());
+    }
+    let path = dir.join(DAEMON_LOCK);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let pid = std::fs::read_to_string(dir.join(state::API_FILE))
+                .ok()
+                .and_then(|t| serde_json::from_str::<api::ApiFile>(&t).ok())
+                .map(|f| format!(" (pid {})", f.pid))
+                .unwrap_or_default();
+            anyhow::bail!(
+                "another feedmesh daemon is running on {}{pid}; stop it first, or use the CLI, which talks to it",
+                dir.display()
+            )
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+    }
+}

@@ -222,7 +222,9 @@ fn run(dir: &Path, top: Top) -> anyhow::Result<()> {
             if !api.ip().is_loopback() {
                 bail!("the local API listens on loopback only");
             }
-            // A short CLI command may hold the database for a moment: wait for it.
+            // One daemon per data directory: a second one stops here at once (a short CLI
+            // command may still hold the database for a moment: that is waited for below).
+            let _daemon_lock = node::lock_daemon(dir)?;
             let node = shared(open_waiting(dir)?);
             let rt = runtime()?;
             rt.block_on(async move {
@@ -249,10 +251,14 @@ fn run(dir: &Path, top: Top) -> anyhow::Result<()> {
                     dir.join(state::API_FILE).display()
                 );
                 tokio::spawn(net.clone().run(Duration::from_secs(interval.max(1))));
-                let _ = tokio::signal::ctrl_c().await;
+                let signal = transport::shutdown_signal().await;
+                // Writes are committed before they are acknowledged; what sessions merged is
+                // saved as they end. Stopping: no new commands, then leave the mesh.
+                println!("feedmesh: {signal}: stopping");
                 let _ = std::fs::remove_file(dir.join(state::API_FILE));
                 net.disconnect().await;
                 net.endpoint.close().await;
+                println!("feedmesh: stopped");
                 anyhow::Ok(())
             })
         }
