@@ -777,6 +777,15 @@ impl Cloud {
     pub fn handle_request(&self, device: DeviceId, request: Request) -> Response {
         let mut guard = self.lock();
         let st = &mut *guard;
+        if let Request::Directory { changes, .. } = &request {
+            if let Some(name) = taken_user_name(st.dir(), changes) {
+                tracing::info!(%device, name, "refused a user whose name is taken");
+                self.metrics.refusals.get_or_create(&crate::metrics::Reason::new("user-name-taken")).inc();
+                // The engine's control plane has no code of its own for this yet: a squatter is
+                // not entitled to a name another user holds.
+                return Response::Refused(ControlError::Directory(engine::refusal::DirCode::NotEntitled));
+            }
+        }
         let is_ticket = matches!(request, Request::Ticket);
         let response = st.control.handle_request(now_us(), device, request);
         if is_ticket && matches!(response, Response::Ticket { .. }) {
@@ -1032,6 +1041,33 @@ fn hash_password(password: &str) -> anyhow::Result<String> {
         .hash_password(password.as_bytes(), &salt)
         .map_err(|e| anyhow::anyhow!("hashing: {e}"))?
         .to_string())
+}
+
+/// The first name a `CreateUser` of `changes` takes that another user holds on this relay (or
+/// that two new users of the batch share). Names are compared case-insensitively, so "Alice"
+/// cannot squat beside "alice". A user's own `CreateUser` sent again is not a second user.
+pub fn taken_user_name(dir: &Directory, changes: &[engine::directory::SignedChange]) -> Option<String> {
+    let key = |name: &str| name.to_lowercase();
+    let mut held: BTreeMap<String, UserId> =
+        dir.state().users.iter().map(|(id, u)| (key(&u.name), *id)).collect();
+    for change in changes {
+        if let engine::directory::Op::CreateUser { name } = &change.body.op {
+            let user = UserId(change.body.author.0);
+            match held.get(&key(name)) {
+                Some(holder) if *holder != user => return Some(name.clone()),
+                _ => {
+                    held.insert(key(name), user);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Whether a user name is taken on this relay (compared as [`taken_user_name`] does).
+pub fn user_name_taken(dir: &Directory, name: &str) -> bool {
+    let name = name.to_lowercase();
+    dir.state().users.values().any(|u| u.name.to_lowercase() == name)
 }
 
 /// Account names: 1 to 64 of `a-z 0-9 . _ -`.

@@ -26,7 +26,8 @@
 //! 429). Refusals carry `Retry-After`. Behind a reverse proxy listed in `trusted_proxies`, the
 //! client is the forwarded address; otherwise every client behind it shares its address.
 //!
-//! Errors are JSON `{"error": "..."}` with a fitting status.
+//! Errors are JSON `{"error": CODE, "message": TEXT}` with a fitting status, on every route and
+//! for unknown ones ([`error_code`]: one stable code per status).
 
 pub mod conn;
 
@@ -304,14 +305,72 @@ pub fn connect_info(
     ConnectInfo { cloud: hex(&cloud.id.0), relay_url: relay_url.to_string(), addrs, qad_port }
 }
 
-/// An API error.
+/// An API error: JSON `{"error": CODE, "message": TEXT}`, where CODE is stable (one per
+/// status, [`error_code`]) and TEXT is for people.
 #[derive(Debug)]
 pub struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        (self.0, Json(json!({ "error": error_code(self.0), "message": self.1 }))).into_response()
     }
+}
+
+/// The stable `error` code of an error status (docs/deploy.md lists them).
+pub fn error_code(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "bad-request",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not-found",
+        405 => "method-not-allowed",
+        408 => "timeout",
+        409 => "conflict",
+        413 => "too-large",
+        415 => "unsupported-media-type",
+        422 => "unprocessable",
+        429 => "rate-limited",
+        503 => "unavailable",
+        400..=499 => "client-error",
+        _ => "internal",
+    }
+}
+
+/// Every error answer is JSON with a stable code, whoever made it: axum's own rejections (a
+/// body over its limit, JSON that does not decode, a bad query), unknown routes and methods.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if status.as_u16() < 400 || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.map(|b| String::from_utf8_lossy(&b).into_owned());
+    let text = text.unwrap_or_default();
+    let message = match status {
+        StatusCode::NOT_FOUND => format!("no such resource: {method} {path}"),
+        StatusCode::METHOD_NOT_ALLOWED => format!("{method} is not allowed on {path}"),
+        StatusCode::PAYLOAD_TOO_LARGE => format!(
+            "the request body is too large: at most {} KiB here ({} MiB for a FeedSync feed)",
+            BODY_MAX >> 10,
+            POST_FEED_MAX >> 20
+        ),
+        _ if text.is_empty() => status.canonical_reason().unwrap_or("error").to_lowercase(),
+        _ => text,
+    };
+    let mut out = ApiError(status, message).into_response();
+    for name in [header::RETRY_AFTER, header::ALLOW] {
+        if let Some(v) = parts.headers.get(&name) {
+            out.headers_mut().insert(name, v.clone());
+        }
+    }
+    out
 }
 
 fn internal(e: anyhow::Error) -> ApiError {
@@ -368,6 +427,7 @@ pub fn router(app: App) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/connect", get(connect))
+        .route("/v1/names/{name}", get(names))
         .route("/v1/login", post(login))
         .route("/v1/logout", post(logout))
         .route("/v1/accounts/{name}/tokens", post(account_token))
@@ -384,8 +444,10 @@ pub fn router(app: App) -> Router {
         .route("/v1/folders/{id}/feed.json", get(feed_json))
         .route("/v1/folders/{id}/feed", post(post_feed).layer(DefaultBodyLimit::max(POST_FEED_MAX)))
         .route("/v1/notifications", get(notifications))
+        .fallback(|| async { StatusCode::NOT_FOUND })
         .layer(DefaultBodyLimit::max(BODY_MAX))
         .layer(middleware::from_fn_with_state(app.clone(), per_address))
+        .layer(middleware::from_fn(json_errors))
         .with_state(app)
 }
 
@@ -412,6 +474,19 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
 async fn connect(State(app): State<App>) -> Json<ConnectInfo> {
     count(&app, "connect");
     Json(connect_info(&app.cloud, &app.endpoint, &app.relay_url, app.qad_port))
+}
+
+/// Whether a user name and an account name are taken here: what `feedmesh init` checks before
+/// it creates anything. It tells no more than any device learns (every device holds the
+/// directory's user names; a device asking for a taken account name is told so).
+async fn names(State(app): State<App>, Path(name): Path<String>) -> Json<Value> {
+    count(&app, "names");
+    let st = app.cloud.lock();
+    Json(json!({
+        "name": name,
+        "user_taken": crate::cloud::user_name_taken(st.dir(), &name),
+        "account_taken": st.accounts.contains_key(&name),
+    }))
 }
 
 #[derive(Deserialize)]

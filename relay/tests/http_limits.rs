@@ -34,7 +34,8 @@ fn each_client_address_has_a_request_budget() {
     assert!((5..=allowed).contains(&ok), "{ok} requests got through; the budget allows 5 to {allowed}");
     assert_eq!(status, 429);
     assert_eq!(retry.as_deref(), Some("1"));
-    assert!(body["error"].as_str().unwrap().contains("too many requests"), "{body}");
+    assert_eq!(body["error"], "rate-limited", "{body}");
+    assert!(body["message"].as_str().unwrap().contains("too many requests"), "{body}");
     let metrics = relay.running().cloud.metrics.render(0);
     assert!(metrics.contains("feedmesh_refusals_total{kind=\"http-rate\"} 1"), "{metrics}");
 }
@@ -443,4 +444,41 @@ fn the_database_is_private() {
     std::fs::set_permissions(dir.path().join("relay.redb"), std::fs::Permissions::from_mode(0o644)).unwrap();
     let dir = Relay::start_in(dir, relay::Limits::default()).stop();
     assert_eq!(mode(&dir), 0o600, "an existing one is tightened");
+}
+
+/// Issue 13, item 4: every error is JSON with a stable `error` code, on every route and for
+/// routes that do not exist, axum's own rejections included (a body over the limit, JSON that
+/// does not decode, a method a route does not take).
+#[test]
+fn every_error_is_json_with_a_stable_code() {
+    let relay = Relay::start(relay::Limits::default());
+    let base = format!("http://{}", relay.http_addr());
+    let c = reqwest::Client::new();
+    let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
+        (c.get(format!("{base}/no/such/route")), 404, "not-found"),
+        (c.get(format!("{base}/v1/folders/00/feed.atom")), 401, "unauthorized"),
+        (c.delete(format!("{base}/health")), 405, "method-not-allowed"),
+        (c.post(format!("{base}/v1/login")).header("content-type", "application/json").body("{not json"), 400, "bad-request"),
+        (c.post(format!("{base}/v1/login")).body("{}"), 415, "unsupported-media-type"),
+        (
+            c.post(format!("{base}/v1/login")).header("content-type", "application/json").body(vec![b' '; 10 << 20]),
+            413,
+            "too-large",
+        ),
+        (c.get(format!("{base}/v1/folders/xyz/feed.json")).bearer_auth(relay.admin()), 400, "bad-request"),
+        (c.get(format!("{base}/v1/folders/{}/feed.json", "0".repeat(32))).bearer_auth(relay.admin()), 404, "not-found"),
+    ];
+    relay.rt.block_on(async {
+        for (request, status, code) in cases {
+            let r = request.send().await.unwrap();
+            assert_eq!(r.status().as_u16(), status);
+            assert!(r.headers()["content-type"].to_str().unwrap().starts_with("application/json"));
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(body["error"], code, "{body}");
+            assert!(!body["message"].as_str().unwrap().is_empty(), "{body}");
+        }
+        // Names: what `feedmesh init` checks first.
+        let names: Value = c.get(format!("{base}/v1/names/alice")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(names["user_taken"], false);
+    });
 }

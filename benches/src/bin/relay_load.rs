@@ -901,7 +901,7 @@ async fn poll_loop(plan: Arc<Plan>, token: String, stats: Arc<Attackers>, mut st
             Some(Ok(Exchange::Answer(a))) => {
                 // The error names the limit: "long-polls-address: too many requests, ...".
                 let answer: Value = serde_json::from_slice(&a.body).unwrap_or(Value::Null);
-                let kind = answer["error"].as_str().and_then(|e| e.split_once(':')).map_or("?", |(k, _)| k);
+                let kind = answer["message"].as_str().and_then(|e| e.split_once(':')).map_or("?", |(k, _)| k);
                 t.add(format!("refused_{}_{kind}", a.status), 1);
                 true
             }
