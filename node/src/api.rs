@@ -9,7 +9,8 @@
 //! - `POST /v1/exec` with a CLI command as JSON (what the `feedmesh` CLI uses while the daemon
 //!   holds the database).
 //!
-//! `{folder}` is a folder name or id. Errors are JSON `{"error": ...}`.
+//! `{folder}` is a folder name or id. Errors are JSON `{"error": CODE, "message": TEXT}` on
+//! every route, unknown ones included.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,18 +41,73 @@ struct App {
     token: Arc<str>,
 }
 
-struct ApiError(StatusCode, String);
+/// An error answer: `{"error": CODE, "message": TEXT}`; CODE is stable (the relay's codes by
+/// status, or a device refusal's own: `text-too-large`, `not-a-member`, `not-mapped`).
+struct ApiError(StatusCode, String, Option<&'static str>);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        let code = self.2.unwrap_or_else(|| error_code(self.0));
+        (self.0, Json(json!({ "error": code, "message": self.1 }))).into_response()
     }
 }
 
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
-        ApiError(StatusCode::BAD_REQUEST, format!("{e:#}"))
+        let refused = e.chain().find_map(|c| c.downcast_ref::<crate::state::Refused>()).map(|r| r.code());
+        let status = if e.chain().any(|c| c.is::<crate::state::NotFound>()) {
+            StatusCode::NOT_FOUND
+        } else if refused == Some("text-too-large") {
+            StatusCode::PAYLOAD_TOO_LARGE
+        } else if refused.is_some() {
+            StatusCode::FORBIDDEN
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        ApiError(status, format!("{e:#}"), refused)
     }
+}
+
+fn error_code(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "bad-request",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not-found",
+        405 => "method-not-allowed",
+        413 => "too-large",
+        415 => "unsupported-media-type",
+        422 => "unprocessable",
+        400..=499 => "client-error",
+        _ => "internal",
+    }
+}
+
+/// Largest request body: a JSON command with a feed to import (`FEED` bytes as a JSON array)
+/// or an item's text; a larger text is still refused by its own limit, with its own message.
+pub const BODY_MAX: usize = 64 << 20;
+
+/// axum's own rejections, unknown routes and methods as JSON errors too.
+async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if status.as_u16() < 400 || is_json {
+        return resp;
+    }
+    let text = axum::body::to_bytes(resp.into_body(), 4096).await.map(|b| String::from_utf8_lossy(&b).into_owned());
+    let message = match status {
+        StatusCode::NOT_FOUND => format!("no such resource: {method} {path}"),
+        StatusCode::METHOD_NOT_ALLOWED => format!("{method} is not allowed on {path}"),
+        StatusCode::PAYLOAD_TOO_LARGE => format!("the request body is over {} MiB", BODY_MAX >> 20),
+        _ => text.unwrap_or_default(),
+    };
+    ApiError(status, message, None).into_response()
 }
 
 fn check(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -63,7 +119,7 @@ fn check(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError(StatusCode::UNAUTHORIZED, "a valid bearer token is required (see api.json)".into()))
+        Err(ApiError(StatusCode::UNAUTHORIZED, "a valid bearer token is required (see api.json)".into(), None))
     }
 }
 
@@ -85,7 +141,9 @@ pub async fn serve(ctx: Arc<Ctx>, listener: tokio::net::TcpListener, token: Stri
         .route("/v1/news.atom", get(|s, h| news(s, h, Format::Atom)))
         .route("/v1/news.rss", get(|s, h| news(s, h, Format::Rss)))
         .route("/v1/news.json", get(|s, h| news(s, h, Format::Json)))
-        .layer(axum::extract::DefaultBodyLimit::max(8 << 20))
+        .fallback(|| async { StatusCode::NOT_FOUND })
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_MAX))
+        .layer(axum::middleware::from_fn(json_errors))
         .with_state(app);
     axum::serve(listener, router).await?;
     Ok(())
@@ -148,12 +206,12 @@ async fn get_item(
     check(&app, &headers)?;
     let n = lock(&app.ctx.node);
     let folder = n.folder(&folder)?;
-    let fid = ItemId::new(&id).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let fid = ItemId::new(&id).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("item id: {e}"), None))?;
     let item = n
         .replicas
         .get(&folder)
         .and_then(|r| r.item(&fid))
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no item {id}")))?;
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no item {id}"), None))?;
     Ok(Json(transport::view::item_json(item, true)))
 }
 

@@ -529,6 +529,7 @@ async fn exec_once(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<String> {
         Cmd::Ls { folder, all } => {
             let n = lock(node);
             let folder = n.folder(&folder)?;
+            n.check_mapped(&folder)?;
             let mut out = String::new();
             if let Some(r) = n.replicas.get(&folder) {
                 let mut items: Vec<_> = r.items().filter(|i| all || !i.version.deleted).collect();

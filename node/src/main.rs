@@ -136,9 +136,34 @@ fn run(dir: &Path, top: Top) -> anyhow::Result<()> {
     match top {
         Top::Feedsync { .. } => unreachable!("handled in main"),
         Top::Init { relay, name, account, relay_ca } => {
+            // What can be checked here is checked before anything is created.
+            if let Some(name) = &name {
+                check_user_name(name)?;
+            }
+            let password = match &account {
+                Some(account) => {
+                    check_account_name(account)?;
+                    let p = password()?;
+                    if !(8..=1024).contains(&p.len()) {
+                        bail!("passwords are 8 to 1024 bytes (nothing was created)");
+                    }
+                    Some(p)
+                }
+                None => None,
+            };
+            if dir.join(state::KEY_FILE).exists() {
+                bail!("{} is already initialised (it has {})", dir.display(), state::KEY_FILE);
+            }
+            let relay_ca_pem = match relay_ca {
+                Some(p) => {
+                    Some(std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?)
+                }
+                None => None,
+            };
             let rt = runtime()?;
+            let base = relay.trim_end_matches('/').to_string();
             let info: relay_info::ConnectInfo = rt.block_on(async {
-                let url = format!("{}/v1/connect", relay.trim_end_matches('/'));
+                let url = format!("{base}/v1/connect");
                 // A relay started a moment ago may not listen yet: wait a little for it, saying so.
                 let deadline = tokio::time::Instant::now() + RELAY_WAIT;
                 let mut said = false;
@@ -159,16 +184,28 @@ fn run(dir: &Path, top: Top) -> anyhow::Result<()> {
                 if !resp.status().is_success() {
                     bail!("{url}: HTTP {}", resp.status());
                 }
-                resp.json().await.with_context(|| format!("{url}: not a feedmesh relay"))
+                let info = resp.json().await.with_context(|| format!("{url}: not a feedmesh relay"))?;
+                // Names taken on this relay: refused here, before anything is created.
+                for (kind, value) in [("user", &name), ("account", &account)] {
+                    let Some(value) = value else { continue };
+                    let mut url = reqwest::Url::parse(&base).with_context(|| format!("relay URL {base:?}"))?;
+                    url.path_segments_mut()
+                        .map_err(|_| anyhow!("relay URL {base:?} cannot take a path"))?
+                        .extend(["v1", "names", value.as_str()]);
+                    let names: serde_json::Value = reqwest::get(url.clone())
+                        .await
+                        .with_context(|| format!("reaching {url}"))?
+                        .json()
+                        .await
+                        .with_context(|| format!("{url}: not a feedmesh relay"))?;
+                    if names[format!("{kind}_taken")] == serde_json::Value::Bool(true) {
+                        bail!("the cloud refused: the {kind} name {value:?} is taken on this relay (nothing was created; choose another)");
+                    }
+                }
+                anyhow::Ok(info)
             })?;
             let cloud = node::state::parse_device_hex(&info.cloud)
                 .ok_or_else(|| anyhow!("the relay sent a bad cloud id"))?;
-            let relay_ca_pem = match relay_ca {
-                Some(p) => {
-                    Some(std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?)
-                }
-                None => None,
-            };
             let cfg = NodeConfig {
                 cloud,
                 relay_url: info.relay_url.clone(),
@@ -176,27 +213,64 @@ fn run(dir: &Path, top: Top) -> anyhow::Result<()> {
                 relay_ca_pem,
                 relay_qad_port: info.qad_port,
             };
+            let created_dir = !dir.exists();
             state::create(dir, &cfg)?;
             let node = Node::open(dir)?;
             let id = node.id;
             let node = shared(node);
             if let Some(name) = name {
                 node::net::lock(&node).make(engine::directory::Op::CreateUser { name: name.clone() })?;
-                println!("created user {name} with this device as its first device");
                 let ctx = Ctx::new(node.clone(), None);
                 let pushed = rt.block_on(async {
                     let net = ctx.net().await?;
-                    net.sync_directory().await?;
-                    if let Some(account) = account {
-                        let password = password()?;
-                        exec(&ctx, Cmd::Account { name: account, password: Some(password) }).await?;
-                        println!("cloud account set up");
-                    }
+                    let pushed = net.sync_directory().await.map(|_| ());
                     ctx.close().await;
-                    anyhow::Ok(())
+                    pushed
                 });
-                if let Err(e) = pushed {
-                    println!("(the cloud was not reached: {e:#}; the user syncs when it is)");
+                drop(ctx);
+                match pushed {
+                    Err(e) if refused(&e).is_some() => {
+                        // The cloud will not have this user: leave nothing behind, so that
+                        // `init` can simply run again.
+                        drop(node);
+                        undo_init(dir, created_dir);
+                        let hint = match refused(&e) {
+                            Some(transport::ControlError::Directory(_)) => {
+                                format!(" (is the user name {name:?} taken?)")
+                            }
+                            _ => String::new(),
+                        };
+                        bail!("the cloud refused: {e:#}{hint}; nothing was kept in {}", dir.display());
+                    }
+                    Err(e) => {
+                        println!("created user {name} with this device as its first device");
+                        println!("(the cloud was not reached: {e:#}; the user syncs when it is)");
+                        if account.is_some() {
+                            bail!("the cloud account was not set up: run `feedmesh account NAME` once the relay is reachable");
+                        }
+                    }
+                    Ok(()) => {
+                        println!("created user {name} with this device as its first device");
+                        if let (Some(account), Some(password)) = (account, password) {
+                            let ctx = Ctx::new(node.clone(), None);
+                            let done = rt.block_on(async {
+                                let out = exec(&ctx, Cmd::Account { name: account.clone(), password: Some(password) }).await;
+                                ctx.close().await;
+                                out
+                            });
+                            match done {
+                                Ok(_) => println!("cloud account {account} set up"),
+                                Err(e) if refused(&e).is_some() => bail!(
+                                    "the cloud refused the account {account:?}: {e:#}; user {name} and this device are set up in {}: choose another account name with `feedmesh account NAME`",
+                                    dir.display()
+                                ),
+                                Err(e) => bail!(
+                                    "the cloud account was not set up ({e:#}); user {name} and this device are set up in {}: retry with `feedmesh account {account}`",
+                                    dir.display()
+                                ),
+                            }
+                        }
+                    }
                 }
             }
             println!("device {} initialised in {}", engine::signing::hex(&id.0), dir.display());
@@ -273,6 +347,42 @@ fn run(dir: &Path, top: Top) -> anyhow::Result<()> {
     }
 }
 
+/// The cloud's typed refusal inside an error, if it is one.
+fn refused(e: &anyhow::Error) -> Option<transport::ControlError> {
+    e.chain().find_map(|c| c.downcast_ref::<transport::CloudRefused>()).map(|r| r.0)
+}
+
+/// Removes what a refused `init` made: the directory if it made it, else its files.
+fn undo_init(dir: &Path, created_dir: bool) {
+    if created_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    } else {
+        for file in [state::KEY_FILE, state::DB_FILE] {
+            let _ = std::fs::remove_file(dir.join(file));
+        }
+    }
+}
+
+/// A user name as the directory takes it (checked again there): 1 to 256 bytes, no control
+/// characters.
+fn check_user_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
+        bail!("user names are 1 to 256 bytes without control characters (nothing was created)");
+    }
+    Ok(())
+}
+
+/// An account name as the relay takes it: 1 to 64 of a-z, 0-9, '.', '_' and '-'.
+fn check_account_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if !ok {
+        bail!("account names are 1 to 64 characters of a-z, 0-9, '.', '_' and '-' (nothing was created)");
+    }
+    Ok(())
+}
+
 /// Opens the node, waiting up to 30 s while another process holds the database.
 fn open_waiting(dir: &Path) -> anyhow::Result<Node> {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -296,7 +406,13 @@ fn fill(cmd: Cmd) -> anyhow::Result<Cmd> {
         }
         Cmd::Put { folder, id, text: None, title, file: Some(f) } => {
             let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+            state::check_text(&text)?;
             Cmd::Put { folder, id, text: Some(text), title, file: None }
+        }
+        // Checked before it travels to a daemon: the same error either way.
+        Cmd::Put { folder, id, text: Some(text), title, file } => {
+            state::check_text(&text)?;
+            Cmd::Put { folder, id, text: Some(text), title, file }
         }
         other => other,
     })
@@ -342,7 +458,7 @@ fn via_daemon(dir: &Path, cmd: Cmd) -> anyhow::Result<()> {
         let status = resp.status();
         let body: serde_json::Value = resp.json().await?;
         if !status.is_success() {
-            bail!("{}", body["error"].as_str().unwrap_or("daemon error"));
+            bail!("{}", body["message"].as_str().or(body["error"].as_str()).unwrap_or("daemon error"));
         }
         anyhow::Ok(body)
     })?;

@@ -45,6 +45,35 @@ pub struct PeerStatus {
     pub last_outcome: String,
 }
 
+/// What a device refuses to do, with a stable code for the local API (`error`).
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error("item text is {len} bytes, over the limit of {} KiB", TEXT_MAX >> 10)]
+    TextTooLarge { len: usize },
+    #[error("you are not a member of folder {folder}")]
+    NotMember { folder: String },
+    #[error("folder {folder} is not mapped on this device: map it first (`feedmesh folder map {folder}`)")]
+    NotMapped { folder: String },
+}
+
+impl Refused {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refused::TextTooLarge { .. } => "text-too-large",
+            Refused::NotMember { .. } => "not-a-member",
+            Refused::NotMapped { .. } => "not-mapped",
+        }
+    }
+}
+
+/// The text limit, checked wherever text enters (CLI before it travels, local API, `put`).
+pub fn check_text(text: &str) -> Result<(), Refused> {
+    if text.len() > TEXT_MAX {
+        return Err(Refused::TextTooLarge { len: text.len() });
+    }
+    Ok(())
+}
+
 /// A name that matched nothing (the directory may be behind: callers refresh it and retry).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -287,6 +316,26 @@ impl Node {
         }
     }
 
+    /// Whether this device's user takes part in the folder (owner or active member).
+    pub fn check_member(&self, folder: &FolderId) -> anyhow::Result<()> {
+        let f = self.dir.folder(folder).ok_or_else(|| anyhow!("no such folder"))?;
+        let member = self.user().is_some_and(|u| self.dir.state().is_participant(f, &u));
+        if !member {
+            return Err(Refused::NotMember { folder: f.name.clone() }.into());
+        }
+        Ok(())
+    }
+
+    /// [`Node::check_member`], and the folder is mapped here (it has a replica).
+    pub fn check_mapped(&self, folder: &FolderId) -> anyhow::Result<()> {
+        self.check_member(folder)?;
+        let f = self.dir.folder(folder).ok_or_else(|| anyhow!("no such folder"))?;
+        if !f.mapped.contains(&self.id) {
+            return Err(Refused::NotMapped { folder: f.name.clone() }.into());
+        }
+        Ok(())
+    }
+
     /// Finds a user by directory name, account-free (unique names) or hex id (prefix).
     pub fn find_user(&self, name: &str) -> anyhow::Result<UserId> {
         let users = &self.dir.state().users;
@@ -323,10 +372,7 @@ impl Node {
 
     /// A local write: create/update/delete/resolve an item, signed, and durable on return.
     pub fn write(&mut self, folder: &FolderId, id: &str, edit: Edit) -> anyhow::Result<Arc<Item>> {
-        let f = self.dir.folder(folder).ok_or_else(|| anyhow!("no such folder"))?;
-        if !f.mapped.contains(&self.id) {
-            bail!("folder {} is not mapped on this device (`feedmesh folder map`)", f.name);
-        }
+        self.check_mapped(folder)?;
         let id = ItemId::new(id).map_err(|e| anyhow!("item id: {e}"))?;
         let when = When::from_unix_secs(transport::now_secs()).map_err(|e| anyhow!("{e}"))?;
         let key = self.key.clone();
@@ -353,9 +399,7 @@ impl Node {
         title: Option<&str>,
         text: &str,
     ) -> anyhow::Result<Arc<Item>> {
-        if text.len() > TEXT_MAX {
-            bail!("item text is {} bytes, over the limit of {} KiB", text.len(), TEXT_MAX >> 10);
-        }
+        check_text(text)?;
         self.write(folder, id, Edit { content: Some(content(title, text)), ..Edit::default() })
     }
 
