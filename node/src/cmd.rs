@@ -29,6 +29,7 @@ pub enum Cmd {
     /// Set up (or change the password of) this user's cloud account. The password comes from
     /// $FEEDMESH_PASSWORD or stdin.
     Account {
+        /// The account name (1 to 64 of a-z, 0-9, '.', '_', '-').
         name: String,
         #[arg(skip)]
         password: Option<String>,
@@ -50,9 +51,13 @@ pub enum Cmd {
     },
     /// Create or update an item: `put FOLDER ID [TEXT] [--title T] [--file F]`.
     Put {
+        /// Folder name or id.
         folder: String,
+        /// Item id (1 to 1024 bytes of letters, digits and ()+,-.:=@;$_!*'/?#, or %XX).
         id: String,
+        /// The item's text (at most 256 KiB; or --file).
         text: Option<String>,
+        /// The item's title.
         #[arg(long)]
         title: Option<String>,
         /// Read the text from a file.
@@ -60,18 +65,36 @@ pub enum Cmd {
         file: Option<PathBuf>,
     },
     /// Show an item.
-    Get { folder: String, id: String },
+    Get {
+        /// Folder name or id.
+        folder: String,
+        /// Item id.
+        id: String,
+    },
     /// Delete an item (a tombstone that syncs).
-    Rm { folder: String, id: String },
+    Rm {
+        /// Folder name or id.
+        folder: String,
+        /// Item id.
+        id: String,
+    },
     /// List a folder's items.
     Ls {
+        /// Folder name or id.
         folder: String,
         /// Include deleted items.
         #[arg(long)]
         all: bool,
     },
     /// Resolve an item's conflicts (optionally with new text).
-    Resolve { folder: String, id: String, text: Option<String> },
+    Resolve {
+        /// Folder name or id.
+        folder: String,
+        /// Item id.
+        id: String,
+        /// New text for the item (default: the winner's).
+        text: Option<String>,
+    },
     /// Items of a folder that have conflicts, with every version.
     Conflicts {
         /// Folder name or id.
@@ -116,38 +139,64 @@ pub enum DeviceCmd {
     /// List this user's devices.
     Ls,
     /// Remove a device of this user (it loses access at once).
-    Remove { device: String },
+    Remove {
+        /// Device id (or a prefix of at least 4 hex digits).
+        device: String,
+    },
     /// Approve a pairing whose code the new device shows.
-    Approve { code: String },
+    Approve {
+        /// The six-digit code the new device shows.
+        code: String,
+    },
 }
 
 #[derive(Subcommand, Debug, Clone, Serialize, Deserialize)]
 pub enum FolderCmd {
     /// Create a folder owned by this user (mapped on this device).
-    Create { name: String },
+    Create {
+        /// The folder's name.
+        name: String,
+    },
     /// Folders this user can see, and open invitations.
     Ls,
     /// Invite a user (by name or id) to a folder.
     Share {
+        /// Folder name or id.
         folder: String,
+        /// User name or id.
         user: String,
+        /// Invite as an admin (may invite and remove others).
         #[arg(long)]
         admin: bool,
     },
     /// Accept an invitation (by invitation id or folder name) and map the folder here.
-    Accept { invitation: String },
+    Accept {
+        /// Invitation id (prefix) or the folder's name.
+        invitation: String,
+    },
     /// Decline an invitation.
-    Decline { invitation: String },
+    Decline {
+        /// Invitation id (prefix) or the folder's name.
+        invitation: String,
+    },
     /// Map a folder on this device (it starts syncing).
-    Map { folder: String },
+    Map {
+        /// Folder name or id.
+        folder: String,
+    },
     /// Unmap a folder from this device (or another device of this user).
     Unmap {
+        /// Folder name or id.
         folder: String,
+        /// Another device of this user (default: this one).
         #[arg(long)]
         device: Option<String>,
     },
     /// Members of a folder.
-    Members { folder: String },
+    Members {
+        /// Folder name or id.
+        folder: String,
+    },
 }
 
 #[derive(Subcommand, Debug, Clone, Serialize, Deserialize)]
@@ -155,15 +204,26 @@ pub enum InviteCmd {
     /// Invitations sent or received.
     Ls,
     /// Send an open invitation again.
-    Resend { invitation: String },
+    Resend {
+        /// Invitation id (prefix).
+        invitation: String,
+    },
     /// Cancel an open invitation.
-    Cancel { invitation: String },
+    Cancel {
+        /// Invitation id (prefix).
+        invitation: String,
+    },
 }
 
 #[derive(Subcommand, Debug, Clone, Serialize, Deserialize)]
 pub enum MemberCmd {
     /// Remove a member from a folder (or leave it, naming yourself).
-    Remove { folder: String, user: String },
+    Remove {
+        /// Folder name or id.
+        folder: String,
+        /// User name or id (yourself to leave).
+        user: String,
+    },
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -782,7 +842,7 @@ pub fn status_text(n: &crate::state::Node) -> String {
     for p in n.peers.values() {
         out.push_str(&format!(
             "  {} {}: {}; last sync {} ({})\n",
-            &p.device[..16.min(p.device.len())],
+            peer_name(n, &p.device),
             if p.path.is_empty() { "incoming" } else { &p.path },
             if p.why.is_empty() { "they connected to us" } else { &p.why },
             p.last_sync_unix
@@ -792,6 +852,19 @@ pub fn status_text(n: &crate::state::Node) -> String {
         ));
     }
     out
+}
+
+/// A peer as people know it: its user's name and which of the user's devices it is (devices
+/// have no names of their own in the directory), with the start of its id.
+fn peer_name(n: &crate::state::Node, device_hex: &str) -> String {
+    let short_id = &device_hex[..16.min(device_hex.len())];
+    let Some(device) = crate::state::parse_device_hex(device_hex) else { return short_id.to_string() };
+    let st = n.dir.state();
+    let Some(u) = st.device_user.get(&device).and_then(|id| st.users.get(id)) else {
+        return format!("unknown device {short_id}");
+    };
+    let index = u.devices.keys().position(|d| *d == device).map_or(0, |i| i + 1);
+    format!("{}'s device {index} ({short_id})", u.name)
 }
 
 /// `status` as JSON (local API).

@@ -11,9 +11,15 @@ use engine::feedsync::{self, limits, xml, Edit, Endpoint, Feed, ItemId, When};
 #[derive(Subcommand, Debug)]
 pub enum FeedsyncCommand {
     /// Merge INCOMING into LOCAL (FeedSync 3.3); the merged feed, in LOCAL's dialect, on stdout.
-    Merge { local: PathBuf, incoming: PathBuf },
+    Merge {
+        /// The local feed (the result keeps its dialect).
+        local: PathBuf,
+        /// The incoming feed, merged into it.
+        incoming: PathBuf,
+    },
     /// Create or update one item (FeedSync 3.1/3.2, delete, resolve 3.4); the feed on stdout.
     Update {
+        /// The feed to change.
         feed: PathBuf,
         /// The item's sync id (RFC 2141 NSS characters).
         #[arg(long, value_parser = parse_id)]
@@ -35,9 +41,15 @@ pub enum FeedsyncCommand {
         resolve: bool,
     },
     /// Sparse purge of every item's history; the feed on stdout.
-    Purge { feed: PathBuf },
+    Purge {
+        /// The feed to purge.
+        feed: PathBuf,
+    },
     /// Check a feed: prints `ok`, or one `FILE:LINE: problem` line per problem (exit 1).
-    Validate { feed: PathBuf },
+    Validate {
+        /// The feed to check.
+        feed: PathBuf,
+    },
 }
 
 fn parse_id(text: &str) -> Result<ItemId, String> {

@@ -52,6 +52,7 @@ enum Top {
     /// Add this device to a user's mesh: shows a short code to confirm on an existing device
     /// (`feedmesh device approve CODE`). Password from $FEEDMESH_PASSWORD or stdin.
     Pair {
+        /// The user's cloud account.
         #[arg(long)]
         account: String,
         /// Give up after this many seconds.
@@ -476,5 +477,32 @@ mod relay_info {
         /// Absent from relays older than address discovery.
         #[serde(default)]
         pub qad_port: Option<u16>,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every argument of every command says what it is (issue 13, item 4).
+    #[test]
+    fn every_argument_has_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_long_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{path} {} (command)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "feedmesh", &mut missing);
+        assert!(missing.is_empty(), "arguments without help: {missing:#?}");
     }
 }

@@ -36,6 +36,12 @@ fn interrupt(pid: u32) {
 
 fn main() -> anyhow::Result<()> {
     use std::io::{BufRead, BufReader};
+    if benches::help_requested(
+        "relay_churn: connect and drop new device keys at a feedmesh-relay, and watch its memory\n\n\
+         usage: relay_churn [CYCLES] [SETTLE_SECONDS]   (defaults 2000 and 130; RELAY_WRAP wraps the relay)",
+    ) {
+        return Ok(());
+    }
     let n: usize = std::env::args().nth(1).map(|s| s.parse().unwrap()).unwrap_or(2000);
     let settle: u64 = std::env::args().nth(2).map(|s| s.parse().unwrap()).unwrap_or(130);
     let bin = std::env::current_exe()?.with_file_name("feedmesh-relay");

@@ -110,6 +110,15 @@ fn run(args: &Args) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    if benches::help_requested(
+        "results: criterion's output to papers/results/merge.json and xml.json\n\n\
+         usage: results [--criterion-dir DIR] [--out-dir DIR] [--conditions TEXT]\n  \
+         --criterion-dir DIR  criterion's output (default target/criterion)\n  \
+         --out-dir DIR        where the JSON goes (default papers/results)\n  \
+         --conditions TEXT    the machine and conditions, recorded beside the figures",
+    ) {
+        return ExitCode::SUCCESS;
+    }
     let args = match parse_args() {
         Ok(args) => args,
         Err(err) => {

@@ -134,6 +134,16 @@ fn automerge_cell(doc: &Automerge, d: usize, two_sided: bool, retained: bool) ->
 }
 
 fn main() -> anyhow::Result<()> {
+    if benches::help_requested(
+        "sync_sweep: one sync session per (n, d, sides, state), feedmesh beside automerge\n\n\
+         usage: sync_sweep [--quick] [--signed] [--sizes N,N,...] [--out FILE]\n  \
+         --quick       a reduced grid (also FEEDMESH_BENCH_QUICK=1)\n  \
+         --signed      signed replicas (writes papers/results/sync_signed.json)\n  \
+         --sizes N,N   the item counts n to run\n  \
+         --out FILE    where the JSON goes (default papers/results/sync.json)",
+    ) {
+        return Ok(());
+    }
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick") || std::env::var_os("FEEDMESH_BENCH_QUICK").is_some();
     let signed = args.iter().any(|a| a == "--signed");
