@@ -244,6 +244,13 @@ impl<P: Peer> Cloud<P> {
         self.sessions.transmit.push_back(Transmit { to: peer, stream: Stream::Response(id), bytes });
     }
 
+    /// Sends the driver's own answer to request `id` of `peer`: for the requests that need a
+    /// password checked first ([`Cloud::handle_pair_request`]), whose answer the driver makes.
+    pub fn respond(&mut self, peer: P, id: u64, response: &Response) {
+        let bytes = control::encode(response);
+        self.sessions.transmit.push_back(Transmit { to: peer, stream: Stream::Response(id), bytes });
+    }
+
     /// Runs the sessions' timers that are due.
     pub fn handle_timeout(&mut self, now: Micros) {
         for (peer, sid, folder) in self.sessions.due(now) {

@@ -111,6 +111,14 @@ pub enum CommandError {
     NotHeld,
     #[error("too many control requests outstanding")]
     TooManyRequests,
+    #[error("an open device has no key")]
+    NoKey,
+    #[error("this device's ticket does not grant the folder (a fresh one was asked for)")]
+    NotGranted,
+    #[error("this device is not an active device of its directory yet (pairing under way?)")]
+    NotActive,
+    #[error("directory change refused: {0}")]
+    Directory(#[from] crate::directory::DirError),
     #[error(transparent)]
     Feedsync(#[from] FeedsyncError),
 }
@@ -320,7 +328,18 @@ impl<P: Peer> Device<P> {
         if !self.holds(&folder) {
             return Err(CommandError::NotHeld);
         }
+        if self.id.is_some_and(|id| self.dir.user_of(&id).is_none()) {
+            return Err(CommandError::NotActive);
+        }
         let policy = self.policy().ok_or(CommandError::NoTicket)?;
+        // A ticket that does not grant the folder would only be refused by the peer: ask for a
+        // fresh one instead (the directory may have granted it since).
+        if self.ticket.as_ref().is_some_and(|t| t.body.rights.folders.binary_search(&folder).is_err()) {
+            if !self.pending(&Request::Ticket) {
+                let _ = self.request(now, Request::Ticket);
+            }
+            return Err(CommandError::NotGranted);
+        }
         let i = self.replica_index(folder);
         let replica = &self.replicas[i].1;
         self.sessions.initiate(now, peer, channel, sid, folder, policy, &self.dir, replica);
@@ -342,6 +361,16 @@ impl<P: Peer> Device<P> {
         self.sessions.transmit.push_back(Transmit { to: cloud, stream: Stream::Request(id), bytes });
         self.requests.push(Pending { id, request, deadline: now.saturating_add(self.cfg.request_rto_us), retries: 0 });
         Ok(id)
+    }
+
+    /// Makes a directory change signed by this device's key at wall time `when` (seconds):
+    /// creating a user or folder, inviting, mapping, pairing a device in. It goes to the cloud
+    /// with the next [`Device::sync_directory`] and to peers with the next session.
+    pub fn make(&mut self, when: i64, op: crate::directory::Op) -> Result<SignedChange, CommandError> {
+        let key = self.key.as_ref().ok_or(CommandError::NoKey)?;
+        let change = self.dir.make(key, when, op)?;
+        self.flush();
+        Ok(change)
     }
 
     // ------------------------------------------------------------------ input
@@ -436,6 +465,11 @@ impl<P: Peer> Device<P> {
         }
     }
 
+    /// Whether a request of `request`'s kind (and folder) is outstanding.
+    pub fn pending(&self, request: &Request) -> bool {
+        self.requests.iter().any(|p| same_kind(&p.request, request))
+    }
+
     /// Pushes this device's directory changes to the cloud and asks for what it lacks.
     pub fn sync_directory(&mut self, now: Micros) -> Result<u64, CommandError> {
         let heads = self.dir.heads().into_iter().collect();
@@ -443,9 +477,10 @@ impl<P: Peer> Device<P> {
         self.request(now, Request::Directory { heads, changes })
     }
 
-    /// A notice from the cloud. Notices are hints: a lost one costs only the wait for the
-    /// device's own schedule.
-    pub fn handle_notice(&mut self, notice: Notice) {
+    /// A notice from the cloud (its wire bytes). Notices are hints: a lost one costs only the
+    /// wait for the device's own schedule.
+    pub fn handle_notice(&mut self, bytes: &[u8]) {
+        let Ok(notice) = control::decode::<Notice>(bytes, control::CONTROL_MAX) else { return };
         match notice {
             Notice::Folder(folder) if self.holds(&folder) => self.events.push_back(Event::FolderChanged(folder)),
             Notice::Folder(_) => {}

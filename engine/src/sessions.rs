@@ -37,6 +37,8 @@ pub enum Stream {
     Request(u64),
     /// The cloud's answer to request `id` (`control::encode(&Response)`).
     Response(u64),
+    /// A notice from the cloud (`control::encode(&Notice)`), on a unidirectional stream.
+    Notice,
 }
 
 /// Bytes for a peer.

@@ -66,6 +66,51 @@ pub struct MeshNode {
     /// Injected: the cloud-signed `AddDevice` it offers, and how many answers it gave.
     pub inject: Option<SignedChange>,
     pub attempts: u64,
+    /// The user this device belongs to (or pairs into, if late).
+    pub user: Option<UserId>,
+    /// Not in the genesis directory: pairs in during the run.
+    pub late: bool,
+    /// The pairing a late device runs.
+    pub pair: Option<Box<PairState>>,
+    /// Peers the cloud named (node indices), sorted.
+    pub known: Vec<u32>,
+    /// Control rounds run.
+    pub rounds: u64,
+    /// Pairings this device answered (id -> its nonce) and those it added to the directory.
+    pub answered: BTreeMap<u64, [u8; 32]>,
+    pub added: BTreeSet<u64>,
+}
+
+/// A late device's side of its pairing.
+#[derive(Debug)]
+pub struct PairState {
+    pub id: Option<u64>,
+    pub nonce: [u8; 32],
+    pub consented: bool,
+    /// It mapped the folder once active.
+    pub mapped: bool,
+}
+
+/// The address a simulated device announces: its node index as 10.x.y.z:4433.
+pub fn addr_of(node: u32) -> std::net::SocketAddr {
+    let [_, a, b, c] = node.to_be_bytes();
+    std::net::SocketAddr::from(([10, a, b, c], 4433))
+}
+
+/// The node an announced address names.
+pub fn node_of(addr: &std::net::SocketAddr) -> Option<u32> {
+    match addr.ip() {
+        std::net::IpAddr::V4(v4) if addr.port() == 4433 => {
+            let [_, a, b, c] = v4.octets();
+            Some(u32::from_be_bytes([0, a, b, c]))
+        }
+        _ => None,
+    }
+}
+
+/// The account name and password of user `u` (the driver's web login, not the engine's).
+pub fn account_of(u: usize) -> (String, String) {
+    (format!("user-{u}"), format!("password-of-user-{u}"))
 }
 
 impl MeshNode {
@@ -100,12 +145,20 @@ pub struct MeshReport {
     pub removal_known_by: u32,
     /// Devices that must converge (honest, not removed, clock within the allowance).
     pub expected_devices: u32,
+    /// Late devices that paired in over the control plane, and when the last one was active.
+    pub pairings_completed: u32,
+    pub last_pairing_ms: u64,
+    /// Notices the cloud sent to devices, and those the extra notice loss dropped.
+    pub notices_sent: u64,
+    pub notices_dropped: u64,
 }
 
 /// The world's mesh state.
 #[derive(Debug)]
 pub struct MeshWorld {
     pub spec: Mesh,
+    /// Users by index (account `user-{u}`).
+    pub user_ids: Vec<UserId>,
     pub authority: TicketAuthority,
     pub folder: FolderId,
     pub removed_user: Option<UserId>,
@@ -177,6 +230,7 @@ pub fn build(
     let keys: Vec<DeviceKey> = (0..=devices).map(|_| key_from(rng)).collect();
     let cloud_key = key_from(rng);
     let in_dir: Vec<u32> = (1..=devices).filter(|&d| role_of(d) != Role::Injected).collect();
+    let late = |d: u32| spec.late_devices.contains(&d);
     let users = spec.users as usize;
     let mut user_index = vec![None; devices as usize + 1];
     for (k, &d) in in_dir.iter().enumerate() {
@@ -190,7 +244,7 @@ pub fn build(
         dir.make(k, when, Op::CreateUser { name: format!("user-{u}") }).expect("a new user");
         user_ids.push(UserId::of_first_device(DeviceId::of(k)));
     }
-    for d in in_dir.iter().copied() {
+    for d in in_dir.iter().copied().filter(|&d| !late(d)) {
         let u = user_index[d as usize].expect("directory devices have users");
         if firsts[u] != d {
             let existing = keys[firsts[u] as usize].clone();
@@ -205,7 +259,7 @@ pub fn build(
         let invitation = dir.make(owner, when, invite).expect("the owner invites").invite_id();
         dir.make(&keys[firsts[u] as usize], when, Op::Accept { invitation }).expect("the invitee accepts");
     }
-    for d in in_dir.iter().copied() {
+    for d in in_dir.iter().copied().filter(|&d| !late(d)) {
         dir.make(&keys[d as usize], when, Op::Map { folder }).expect("a participant maps the folder");
     }
     let lifetime_us = spec.ticket_lifetime_ms * 1_000;
@@ -233,8 +287,10 @@ pub fn build(
             };
             SignedChange::sign(body, &cloud_key)
         });
-        let rights = Rights { folders: vec![folder], relay: true };
-        // The first ticket; `refresh` issues the next ones.
+        // A late device is not active yet: its first ticket grants nothing.
+        let rights =
+            if i > 0 && late(i as u32) { Rights::default() } else { Rights { folders: vec![folder], relay: true } };
+        // The first ticket; the device asks the cloud for the next ones.
         let ticket = authority.issue(device, channel, rights, BASE_US, lifetime_us);
         let removed =
             removed_user.is_some() && user_index[i].is_some_and(|u| spec.remove_user == Some(u as u32));
@@ -249,6 +305,15 @@ pub fn build(
             removal_known_at: None,
             inject,
             attempts: 0,
+            user: user_index[i].map(|u| user_ids[u]),
+            late: i > 0 && late(i as u32),
+            pair: (i > 0 && late(i as u32)).then(|| {
+                Box::new(PairState { id: None, nonce: rng.random(), consented: false, mapped: false })
+            }),
+            known: Vec::new(),
+            rounds: 0,
+            answered: BTreeMap::new(),
+            added: BTreeSet::new(),
         });
     }
     // Replayers present device 1's ticket.
@@ -258,6 +323,7 @@ pub fn build(
     }
     let world = MeshWorld {
         spec: spec.clone(),
+        user_ids: user_ids.clone(),
         authority,
         folder,
         removed_user,

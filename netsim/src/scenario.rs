@@ -107,6 +107,22 @@ pub struct Mesh {
     /// Fixed clock offsets `[[device, ms], ...]` (replacing `faults.clock_skew_ms` for them).
     #[serde(default)]
     pub skews_ms: Vec<(u32, i64)>,
+    /// Devices that are not in the genesis directory: at `pair_at_ms` each pairs into its user
+    /// over the control plane (request with the account's password, the user's first device
+    /// answers with its nonce, consent, the first device adds it), maps the folder, and must
+    /// converge like the rest.
+    #[serde(default)]
+    pub late_devices: Vec<u32>,
+    #[serde(default = "default_pair_at")]
+    pub pair_at_ms: u64,
+    /// Extra loss (ppm) on the cloud's notices: a lost notice costs only the wait for the
+    /// device's own sync schedule.
+    #[serde(default)]
+    pub notice_loss_ppm: u32,
+}
+
+fn default_pair_at() -> u64 {
+    10_000
 }
 
 fn default_users() -> u32 {
@@ -133,11 +149,12 @@ impl Mesh {
         if devices > 500 {
             return bad("devices", "at most 500 with the mesh model");
         }
-        let lists: [(&'static str, &Vec<u32>); 4] = [
+        let lists: [(&'static str, &Vec<u32>); 5] = [
             ("mesh.stale_tickets", &self.stale_tickets),
             ("mesh.forgers", &self.forgers),
             ("mesh.replayers", &self.replayers),
             ("mesh.injected", &self.injected),
+            ("mesh.late_devices", &self.late_devices),
         ];
         let mut seen = std::collections::BTreeSet::new();
         for (field, list) in lists {
@@ -153,6 +170,13 @@ impl Mesh {
         let directory_devices = devices - self.injected.len() as u32;
         if self.users == 0 || self.users > directory_devices {
             return bad("mesh.users", "must be 1..=the devices that are not injected");
+        }
+        // Each user's first device (the first `users` directory devices) is in the genesis.
+        if self.late_devices.iter().any(|&d| d <= self.users + self.injected.len() as u32) {
+            return bad("mesh.late_devices", "a late device cannot be a user's first device (index > users)");
+        }
+        if self.notice_loss_ppm > 1_000_000 {
+            return bad("mesh.notice_loss_ppm", "must be at most 1000000");
         }
         if self.ticket_lifetime_ms < 2 || self.ticket_lifetime_ms > 3_600_000 {
             return bad("mesh.ticket_lifetime_ms", "must be 2..=3600000 (the verifiers' maximum)");

@@ -6,7 +6,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use engine::cloud::{Cloud, CloudLimits, Persist as CloudPersist};
+use engine::cloud::{Cloud, CloudLimits, Outgoing, Persist as CloudPersist};
+use engine::control::{PeerAddr, Request, Response};
+use engine::directory::Op;
 use engine::device::{Device, DeviceConfig, Event, Identity, Persist, OPEN_FOLDER};
 use engine::directory::{Directory, FolderId};
 use engine::feedsync::{self, Edit, Endpoint, Item, ItemId, When};
@@ -548,6 +550,9 @@ impl Sim {
                 let next = self.now + self.interval();
                 self.push(next, Payload::SyncTick { node });
                 if self.up(node) {
+                    if self.mesh.is_some() {
+                        self.control_round(node);
+                    }
                     if let Some(peer) = self.pick_peer(node) {
                         match self.sc.model {
                             NodeModel::Engine => self.start_session(node, peer),
@@ -722,6 +727,22 @@ impl Sim {
         let devices = self.sc.devices;
         match self.sc.topology {
             Topology::Star => Some(CLOUD),
+            // An injected device knows every address: the lying cloud tells it.
+            Topology::Mesh
+                if self.nodes[node as usize].mesh.as_ref().is_some_and(|m| m.role != Role::Injected) =>
+            {
+                // Peers are those the cloud's address book named (Peers over the control plane).
+                let m = self.nodes[node as usize].mesh.as_ref()?;
+                if let Some(graph) = &self.graph {
+                    let peer = graph.random_neighbor(node - 1, &mut self.rng).map(|p| p + 1)?;
+                    return m.known.binary_search(&peer).is_ok().then_some(peer);
+                }
+                if m.known.is_empty() {
+                    return None;
+                }
+                let i = self.rng.random_range(0..m.known.len());
+                Some(m.known[i])
+            }
             Topology::Mesh => {
                 if let Some(graph) = &self.graph {
                     return graph.random_neighbor(node - 1, &mut self.rng).map(|p| p + 1);
@@ -898,8 +919,25 @@ impl Sim {
             Host::Noop => return,
             Host::Cloud(c) => match stream {
                 Stream::Sync => c.handle_sync(local, from, channel, bytes),
-                Stream::Request(id) => c.handle_control(local, from, from_device, id, bytes),
-                Stream::Response(_) => return,
+                Stream::Request(id) => {
+                    let request = engine::control::decode::<Request>(bytes, engine::control::CONTROL_MAX);
+                    match (request, self.mesh.as_ref()) {
+                        // The driver checks the account's password (the relay's argon2 work),
+                        // then the engine takes the request.
+                        (Ok(Request::PairRequest { account, password, commitment }), Some(world)) => {
+                            let user = (0..world.user_ids.len())
+                                .find(|&u| crate::mesh::account_of(u) == (account.clone(), password.clone()))
+                                .map(|u| world.user_ids[u]);
+                            let response = match user {
+                                Some(user) => c.handle_pair_request(from_device, user, commitment),
+                                None => Response::Refused(engine::control::ControlError::WrongPassword),
+                            };
+                            c.respond(from, id, &response);
+                        }
+                        _ => c.handle_control(local, from, from_device, id, bytes),
+                    }
+                }
+                Stream::Response(_) | Stream::Notice => return,
             },
             Host::Device(d) => match stream {
                 Stream::Sync if armed => {
@@ -928,6 +966,7 @@ impl Sim {
                 }
                 Stream::Sync => d.handle_sync(local, from, channel, bytes),
                 Stream::Response(id) => d.handle_response(local, id, bytes),
+                Stream::Notice => d.handle_notice(bytes),
                 Stream::Request(_) => return,
             },
         }
@@ -942,6 +981,8 @@ impl Sim {
         let mut out = Vec::new();
         let mut renewed = 0u64;
         let mut dir_changed = false;
+        let mut app: Vec<Event<u32>> = Vec::new();
+        let mut notices = Vec::new();
         let timeout = match &mut self.nodes[node as usize].host {
             Host::Device(d) => {
                 while let Some(p) = d.poll_persist() {
@@ -951,8 +992,11 @@ impl Sim {
                     match e {
                         Event::SessionEnded(e) => ended.push(e),
                         Event::TicketRenewed { .. } => renewed += 1,
-                        Event::DirectoryChanged => dir_changed = true,
-                        _ => {}
+                        Event::DirectoryChanged => {
+                            dir_changed = true;
+                            app.push(Event::DirectoryChanged);
+                        }
+                        other => app.push(other),
                     }
                 }
                 while let Some(t) = d.poll_transmit() {
@@ -967,9 +1011,11 @@ impl Sim {
                         CloudPersist::Directory(_) => dir_changed = true,
                     }
                 }
-                // Notices to connected devices are not simulated: devices sync on their own
-                // schedule, which a lost notice falls back to anyway.
-                while c.poll_notice().is_some() {}
+                // Notices go to the devices that may see them (mesh model; the plain model's
+                // open cloud has no directory to say who may).
+                while let Some(n) = c.poll_notice() {
+                    notices.push(n);
+                }
                 while let Some(e) = c.poll_ended() {
                     ended.push(e);
                 }
@@ -992,6 +1038,12 @@ impl Sim {
         }
         for t in out {
             self.send(node, t.to, t.stream, t.bytes);
+        }
+        for e in app {
+            self.on_event(node, e);
+        }
+        if !notices.is_empty() {
+            self.send_notices(notices);
         }
         if let Some(t) = timeout {
             let at = self.virtual_us(node, t);
@@ -1016,6 +1068,178 @@ impl Sim {
             }
             for (item, fp) in items {
                 self.checker.absorb_state(node, &item, fp, self.now);
+            }
+        }
+    }
+
+    /// Mesh model: a device's control round on its sync tick, as the node's daemon runs it:
+    /// every third tick it pushes and pulls the directory, announces its address, asks for its
+    /// peers and lists its user's pending pairings; a late device runs its pairing.
+    fn control_round(&mut self, node: u32) {
+        let local = self.local_us(node);
+        let folder = self.folder;
+        let now = self.now;
+        let pair_at = self.mesh.as_ref().map_or(0, |w| w.spec.pair_at_ms * 1_000);
+        let n = &mut self.nodes[node as usize];
+        let (Host::Device(d), Some(m)) = (&mut n.host, n.mesh.as_mut()) else { return };
+        m.rounds += 1;
+        let Some(me) = d.id() else { return };
+        let active = d.directory().user_of(&me).is_some();
+        if let Some(pair) = m.pair.as_mut().filter(|_| !active) {
+            if now < pair_at {
+                return;
+            }
+            let request = match pair.id {
+                None => {
+                    let u = self.mesh.as_ref().and_then(|w| w.user_ids.iter().position(|x| Some(*x) == m.user));
+                    let (account, password) = crate::mesh::account_of(u.unwrap_or(0));
+                    let commitment = engine::directory::pairing_commitment(&me, &pair.nonce);
+                    Request::PairRequest { account, password, commitment }
+                }
+                Some(id) if !pair.consented => Request::PairStatus { id },
+                Some(_) => Request::Directory { heads: Vec::new(), changes: Vec::new() },
+            };
+            if matches!(request, Request::Directory { .. }) {
+                if !d.pending(&request) {
+                    let _ = d.sync_directory(local);
+                }
+            } else if !d.pending(&request) {
+                let _ = d.request(local, request);
+            }
+            self.pump(node);
+            return;
+        }
+        if !active || m.rounds % 3 != 1 {
+            return;
+        }
+        let addr = PeerAddr { device: me, relay: None, direct: vec![crate::mesh::addr_of(node)] };
+        for request in [Request::Announce { addr }, Request::Peers { folder }, Request::PairList] {
+            if !d.pending(&request) {
+                let _ = d.request(local, request);
+            }
+        }
+        let _ = d.sync_directory(local);
+        self.pump(node);
+    }
+
+    /// A device's event that its application (the simulated user and daemon) acts on.
+    fn on_event(&mut self, node: u32, event: Event<u32>) {
+        let local = self.local_us(node);
+        let folder = self.folder;
+        let when = EPOCH_UNIX_SECS + (self.now / 1_000_000) as i64;
+        match event {
+            // A notice: sync with the cloud now rather than at the next tick.
+            Event::FolderChanged(f) if f == folder => {
+                if self.up(node) {
+                    self.start_session(node, CLOUD);
+                }
+            }
+            Event::Peers { peers, .. } => {
+                let mut known: Vec<u32> =
+                    peers.iter().filter_map(|p| p.direct.first().and_then(crate::mesh::node_of)).collect();
+                known.sort_unstable();
+                known.dedup();
+                known.retain(|&p| p != node && p != CLOUD && p <= self.sc.devices);
+                if let Some(m) = self.nodes[node as usize].mesh.as_mut() {
+                    m.known = known;
+                }
+            }
+            Event::Answer { request, response } => self.on_answer(node, local, when, request, response),
+            Event::DirectoryChanged => {
+                // A late device that became active maps the folder, pushes that, and asks for a
+                // ticket that grants it.
+                let n = &mut self.nodes[node as usize];
+                let (Host::Device(d), Some(m)) = (&mut n.host, n.mesh.as_mut()) else { return };
+                let Some(pair) = m.pair.as_mut() else { return };
+                let Some(me) = d.id() else { return };
+                if pair.mapped || d.directory().user_of(&me).is_none() {
+                    return;
+                }
+                pair.mapped = true;
+                if d.make(when, Op::Map { folder }).is_ok() {
+                    let _ = d.sync_directory(local);
+                    let _ = d.request(local, Request::Ticket);
+                }
+                if let Some(world) = self.mesh.as_mut() {
+                    world.report.pairings_completed += 1;
+                    world.report.last_pairing_ms = self.now / 1_000;
+                }
+                self.pump(node);
+            }
+            _ => {}
+        }
+    }
+
+    /// The pairing ceremony's answers, on both sides.
+    fn on_answer(&mut self, node: u32, local: Micros, when: i64, request: Request, response: Response) {
+        let n = &mut self.nodes[node as usize];
+        let (Host::Device(d), Some(m)) = (&mut n.host, n.mesh.as_mut()) else { return };
+        let Some(me) = d.id() else { return };
+        match (request, response) {
+            (Request::PairRequest { .. }, Response::PairId { id }) => {
+                if let Some(pair) = m.pair.as_mut() {
+                    pair.id = Some(id);
+                }
+            }
+            (Request::PairStatus { id }, Response::PairStatus(view)) => {
+                let Some(pair) = m.pair.as_mut() else { return };
+                let Some((existing, nonce_existing)) = view.existing else { return };
+                // Both screens show the code; the user types it on the new device.
+                let code = engine::directory::short_code(&existing, &me, &nonce_existing, &pair.nonce);
+                let Ok(pairing) =
+                    engine::directory::pair_new_device(&m.key, view.user, existing, nonce_existing, pair.nonce, code)
+                else {
+                    return;
+                };
+                let _ = d.request(local, Request::PairConsent { id, pairing });
+            }
+            (Request::PairConsent { .. }, Response::Ok) => {
+                if let Some(pair) = m.pair.as_mut() {
+                    pair.consented = true;
+                }
+                let _ = d.sync_directory(local);
+            }
+            (Request::PairList, Response::Pairings(list)) => {
+                for p in list {
+                    match (&p.existing, &p.pairing) {
+                        (None, _) => {
+                            let nonce: [u8; 32] = self.rng.random();
+                            let nonce = *m.answered.entry(p.id).or_insert(nonce);
+                            let _ = d.request(local, Request::PairNonce { id: p.id, nonce });
+                        }
+                        (Some((existing, _)), Some(pairing)) if *existing == me && m.added.insert(p.id) => {
+                            let _ = d.make(when, Op::AddDevice { user: p.user, pairing: pairing.clone() });
+                            let _ = d.sync_directory(local);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => return,
+        }
+        self.pump(node);
+    }
+
+    /// The cloud's notices, to every up device that may see them (not the one that caused them),
+    /// over the network like any message.
+    fn send_notices(&mut self, notices: Vec<Outgoing>) {
+        let Some(loss) = self.mesh.as_ref().map(|w| w.spec.notice_loss_ppm) else { return };
+        for Outgoing { notice, origin } in notices {
+            let bytes = engine::control::encode(&notice);
+            for device in 1..=self.sc.devices {
+                let Some(id) = self.nodes[device as usize].mesh.as_ref().map(|m| m.device) else { continue };
+                let Host::Cloud(cloud) = &self.nodes[CLOUD as usize].host else { return };
+                if Some(id) == origin || !self.up(device) || !cloud.may_see(&notice, &id) {
+                    continue;
+                }
+                let dropped = loss > 0 && self.rng.random_range(0..1_000_000) < loss;
+                if let Some(world) = self.mesh.as_mut() {
+                    world.report.notices_sent += 1;
+                    world.report.notices_dropped += u64::from(dropped);
+                }
+                if !dropped {
+                    self.send(CLOUD, device, Stream::Notice, bytes.clone());
+                }
             }
         }
     }
@@ -1185,7 +1409,19 @@ impl Sim {
             Stream::Request(_) => engine::control::decode::<engine::control::Request>(&bytes, engine::control::CONTROL_MAX)
                 .ok()
                 .map(|r| r.kind()),
-            Stream::Response(_) => Some("Response"),
+            Stream::Response(_) => engine::control::decode::<Response>(&bytes, engine::control::CONTROL_MAX)
+                .ok()
+                .map(|r| match r {
+                    Response::Ok => "ok answer",
+                    Response::Refused(_) => "refused answer",
+                    Response::Ticket { .. } => "ticket answer",
+                    Response::Directory { .. } => "directory answer",
+                    Response::Peers { .. } => "peers answer",
+                    Response::PairId { .. } => "pair-id answer",
+                    Response::PairStatus(_) => "pair-status answer",
+                    Response::Pairings(_) => "pairings answer",
+                }),
+            Stream::Notice => Some("Notice"),
         };
         if let Some(kind) = kind {
             if let Some(entry) = self.kinds.get_mut(kind) {

@@ -173,3 +173,52 @@ fn mesh_scenarios_round_trip_through_toml() {
         assert_eq!(scenario.mesh, again.mesh);
     }
 }
+
+// ------------------------------------------------------------------ the control plane, per kind
+// Each control message kind runs over the simulated network (loss, duplication, latency jitter
+// that reorders) between the engine's Device and Cloud; ticket requests lost while the cloud is
+// down and retried are in tests/scenarios.rs (`the_mesh_cloud_crashes_...`).
+
+fn kind(report: &Report, kind: &str) -> u64 {
+    report.message_kinds.get(kind).map_or(0, |k| k.0)
+}
+
+#[test]
+fn a_pairing_completes_across_a_partition() {
+    let (report, mesh) = check(include_str!("../scenarios/late-pairing.toml"));
+    // Both late devices paired in, after the heal at 30 s, and converged with the rest.
+    assert_eq!(mesh.pairings_completed, 2);
+    assert!(mesh.last_pairing_ms > 30_000, "paired at {} ms", mesh.last_pairing_ms);
+    assert_eq!(mesh.expected_devices, 13);
+    // Pair requests were lost in the partition and retried; each step ran.
+    assert!(kind(&report, "pair-request") > 2, "{:?}", report.message_kinds);
+    assert_eq!(kind(&report, "pair-id answer"), 2);
+    for step in ["pair-status answer", "pair-nonce", "pair-consent"] {
+        assert!(kind(&report, step) >= 2, "{step}: {:?}", report.message_kinds);
+    }
+    // A device that is not active runs no session: it learns it was added only from the
+    // directory pulled over the control plane.
+    assert!(kind(&report, "directory answer") > 0);
+}
+
+#[test]
+fn peers_come_from_the_clouds_address_book() {
+    // Topology "mesh": devices sync only with the peers the cloud named in answer to Peers, from
+    // the addresses devices announced.
+    let (report, mesh) = check(include_str!("../scenarios/expired-tickets.toml"));
+    assert!(kind(&report, "announce") > 0 && kind(&report, "peers answer") > 0);
+    assert!(mesh.sessions_done > 0);
+}
+
+#[test]
+fn notices_speed_things_up_and_lost_ones_cost_only_time() {
+    let text = include_str!("../scenarios/member-removed.toml");
+    let (with, mesh_with) = check(text);
+    assert!(mesh_with.notices_sent > 0 && mesh_with.notices_dropped == 0);
+    assert_eq!(kind(&with, "Notice"), mesh_with.notices_sent);
+    // Every notice dropped: devices still catch up on their own schedule.
+    let (_, mesh_without) = check(&format!("{text}notice_loss_ppm = 1000000\n"));
+    assert!(mesh_without.notices_sent > 0);
+    assert_eq!(mesh_without.notices_dropped, mesh_without.notices_sent);
+    assert_eq!(mesh_without.expected_devices, 13);
+}
