@@ -78,7 +78,7 @@ fn error_code(status: StatusCode) -> &'static str {
         413 => "too-large",
         415 => "unsupported-media-type",
         422 => "unprocessable",
-        400..=499 => "client-error",
+        _ if status.is_client_error() => "client-error",
         _ => "internal",
     }
 }

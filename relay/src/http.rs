@@ -331,7 +331,7 @@ pub fn error_code(status: StatusCode) -> &'static str {
         422 => "unprocessable",
         429 => "rate-limited",
         503 => "unavailable",
-        400..=499 => "client-error",
+        _ if status.is_client_error() => "client-error",
         _ => "internal",
     }
 }

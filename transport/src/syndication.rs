@@ -229,9 +229,7 @@ pub fn restore_content(inner: &str) -> Option<String> {
         return None;
     }
     let mut rest = inner;
-    loop {
-        let Some(kids) = children(rest) else { break };
-        let Some((_, span)) = kids.first() else { break };
+    while let Some((_, span)) = children(rest).and_then(|kids| kids.into_iter().next()) {
         let element = &rest[span.clone()];
         let generated = span.start == 0 && start_tag(element).is_some_and(|tag| tag.contains(GEN));
         if !generated {
