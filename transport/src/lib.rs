@@ -28,6 +28,7 @@ use iroh::{Endpoint, EndpointAddr, EndpointId, RelayMode, RelayUrl, SecretKey};
 use serde::Serialize;
 
 pub mod store;
+pub mod stored;
 pub mod syndication;
 
 /// Waits for SIGINT (Ctrl-C) or SIGTERM (`kill`, systemd, containers): both stop a daemon the

@@ -3,7 +3,8 @@
 //!
 //! Tables: `meta` (schema version and kind), `blobs` (keys, settings), `directory` (the verified
 //! directory log in the order it was applied, a causal order), `items` (every folder replica's
-//! items as wire items, keyed by folder and item id), and `usage` (per-device byte counters).
+//! items in the store's own versioned encoding, [`crate::stored`], keyed by folder and item id),
+//! and `usage` (per-device byte counters).
 //! A database written by a newer schema is refused; older ones are migrated step by step.
 
 use std::collections::BTreeSet;
@@ -12,11 +13,13 @@ use std::sync::Arc;
 
 use engine::directory::{Directory, FolderId, SignedChange, CHANGES_PER_BATCH_MAX};
 use engine::feedsync::Item;
-use engine::wire::{from_wire, to_wire, WireItem};
+use engine::wire::{from_wire, WireItem};
+
+use crate::stored;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: u64 = 4;
+pub const SCHEMA_VERSION: u64 = 5;
 
 /// Blob set by the migration to schema 4 and cleared by [`Store::migrate_signatures`]: the stored
 /// items carry version signatures of the old form (not bound to their folder).
@@ -55,6 +58,8 @@ pub enum StoreError {
     WrongKind { found: String, expected: String },
     #[error("stored {0} is corrupt")]
     Corrupt(&'static str),
+    #[error(transparent)]
+    Item(#[from] stored::StoredError),
     #[error("storage: {0}")]
     Db(String),
 }
@@ -195,6 +200,22 @@ impl Store {
                             txn.open_table(BLOBS)?.insert(SIGNATURES_PENDING, [1u8].as_slice())?;
                         }
                     }
+                    // 4 -> 5: items in the store's own encoding, versioned apart from the wire.
+                    // Version 1 is the schema 4 row with its version byte in front.
+                    4 => {
+                        let mut table = txn.open_table(ITEMS)?;
+                        let mut rows = Vec::new();
+                        for entry in table.iter()? {
+                            let (k, v) = entry?;
+                            rows.push((k.value().to_vec(), v.value().to_vec()));
+                        }
+                        for (key, value) in rows {
+                            let mut row = Vec::with_capacity(value.len() + 1);
+                            row.push(1u8);
+                            row.extend_from_slice(&value);
+                            table.insert(key.as_slice(), row.as_slice())?;
+                        }
+                    }
                     _ => unreachable!("versions below SCHEMA_VERSION all have a step"),
                 }
                 version += 1;
@@ -285,7 +306,7 @@ impl Store {
         {
             let mut table = txn.open_table(ITEMS)?;
             for item in items {
-                let bytes = postcard::to_allocvec(&to_wire(item)).map_err(|_| StoreError::Corrupt("item"))?;
+                let bytes = stored::encode(item);
                 table.insert(item_key(folder, item.id().as_str()).as_slice(), bytes.as_slice())?;
                 n += 1;
             }
@@ -322,14 +343,13 @@ impl Store {
                 let folder = FolderId(
                     key.get(..16).and_then(|f| f.try_into().ok()).ok_or(StoreError::Corrupt("item key"))?,
                 );
-                let wire: WireItem = postcard::from_bytes(&value).map_err(|_| StoreError::Corrupt("item"))?;
+                let wire: WireItem = stored::decode_wire(&value).map_err(StoreError::Item)?;
                 // Content stored before it was checked at entry (issue 11) may no longer pass
                 // validation: such an item is dropped like one that cannot be signed again.
                 let repaired = from_wire(&wire).ok().and_then(|item| repair(&folder, &item));
                 match repaired {
                     Some(kept) => {
-                        let bytes = postcard::to_allocvec(&to_wire(&kept))
-                            .map_err(|_| StoreError::Corrupt("item"))?;
+                        let bytes = stored::encode(&kept);
                         table.insert(key.as_slice(), bytes.as_slice())?;
                         done.kept += 1;
                     }
@@ -355,7 +375,7 @@ impl Store {
         let mut out = Vec::new();
         for entry in table.range::<&[u8]>(lo.as_slice()..hi.as_slice())? {
             let (_, v) = entry?;
-            let wire: WireItem = postcard::from_bytes(v.value()).map_err(|_| StoreError::Corrupt("item"))?;
+            let wire: WireItem = stored::decode_wire(v.value()).map_err(StoreError::Item)?;
             match from_wire(&wire) {
                 Ok(item) => out.push(item),
                 Err(_) => match fit_stored(wire) {
@@ -450,6 +470,26 @@ impl Store {
         txn.commit()?;
         Ok(())
     }
+
+    /// Test hook: writes items as schemas up to 4 stored them (postcard of the wire item of
+    /// `WIRE_VERSION` 4, no version byte), to check the migration.
+    #[doc(hidden)]
+    pub fn save_items_schema4<'a>(
+        &self,
+        folder: &FolderId,
+        items: impl IntoIterator<Item = &'a Arc<Item>>,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(ITEMS)?;
+            for item in items {
+                let row = stored::encode(item);
+                table.insert(item_key(folder, item.id().as_str()).as_slice(), &row[1..])?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -488,6 +528,34 @@ mod tests {
         assert!(store.tokens().unwrap().is_empty());
     }
 
+    #[test]
+    fn a_schema_4_store_keeps_its_items_in_the_versioned_encoding() {
+        use engine::feedsync::{Edit, ItemId, When};
+        use engine::replica::Replica;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let folder = FolderId([6; 16]);
+        let mut r = Replica::new(1);
+        let by = engine::feedsync::Endpoint::new("e").unwrap();
+        let when = When::from_unix_secs(1_700_000_000).unwrap();
+        for id in ["a", "b"] {
+            r.change(&ItemId::new(id).unwrap(), &by, &when, &Edit::default()).unwrap();
+        }
+        let items: Vec<Arc<Item>> = r.items().cloned().collect();
+        let store = Store::open(&path, "node").unwrap();
+        store.save_items_schema4(&folder, items.iter()).unwrap();
+        store.force_schema_version(4).unwrap();
+        drop(store);
+        let store = Store::open(&path, "node").unwrap();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        let loaded: Vec<Item> = store.load_items(&folder).unwrap();
+        assert_eq!(loaded, items.iter().map(|i| (**i).clone()).collect::<Vec<_>>());
+        // Opening again changes nothing (the migration ran once).
+        drop(store);
+        let store = Store::open(&path, "node").unwrap();
+        assert_eq!(store.load_items(&folder).unwrap().len(), 2);
+    }
+
     /// Issue 11, defect 2: a schema 3 store holds versions whose signatures are not bound to a
     /// folder (stood in for here by signatures for another folder). On open, the node's own
     /// versions are signed again, another author's winner is dropped, and what verifies stays.
@@ -511,7 +579,7 @@ mod tests {
         let items =
             [write(old, "mine", &mine), write(old, "theirs", &theirs), write(folder.scope(), "ok", &theirs)];
         let store = Store::open(&path, "node").unwrap();
-        store.save_items(&folder, items.iter()).unwrap();
+        store.save_items_schema4(&folder, items.iter()).unwrap();
         store.force_schema_version(3).unwrap();
         drop(store);
         let store = Store::open(&path, "node").unwrap();

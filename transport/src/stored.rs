@@ -1,0 +1,180 @@
+//! How the store encodes an item, versioned on its own: a row is a version byte and then that
+//! version's encoding. The wire's item type (`engine::wire::WireItem`) may change with the sync
+//! protocol (`WIRE_VERSION`); the stored form does not change with it, so a wire change cannot
+//! make a store unreadable. A new stored form gets a new version byte and a reader for the old
+//! one.
+//!
+//! Version 1 has the same fields, in the same order, as the wire item of `WIRE_VERSION` 4, so
+//! schema 4 rows (postcard of that wire item, with no version byte) became version 1 rows by
+//! prefixing the byte (`Store::migrate`, schema 5).
+
+use engine::feedsync::Item;
+use engine::signing::Sig64;
+use engine::wire::{from_wire, to_wire, WireEntry, WireItem, WireVersion, WireWhen};
+use serde::{Deserialize, Serialize};
+
+/// The stored form this build writes.
+pub const ITEM_ENCODING: u8 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct WhenV1 {
+    secs: i64,
+    nanos: u32,
+    text: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EntryV1 {
+    sequence: u32,
+    when: Option<WhenV1>,
+    by: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct VersionV1 {
+    id: String,
+    updates: u32,
+    flags: u8,
+    history: Vec<EntryV1>,
+    attrs: String,
+    inner: String,
+    scope: Vec<(String, String)>,
+    signature: Option<Vec<u8>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ItemV1 {
+    version: VersionV1,
+    conflicts: Vec<VersionV1>,
+}
+
+/// Why a stored row does not read back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoredError {
+    #[error("stored item encoding {0} is unknown to this build (written by a newer feedmesh?)")]
+    Unknown(u8),
+    #[error("stored item does not decode")]
+    Corrupt,
+}
+
+fn version_v1(v: &WireVersion) -> VersionV1 {
+    VersionV1 {
+        id: v.id.clone(),
+        updates: v.updates,
+        flags: v.flags,
+        history: v
+            .history
+            .iter()
+            .map(|e| EntryV1 {
+                sequence: e.sequence,
+                when: e.when.as_ref().map(|w| WhenV1 { secs: w.secs, nanos: w.nanos, text: w.text.clone() }),
+                by: e.by.clone(),
+            })
+            .collect(),
+        attrs: v.attrs.clone(),
+        inner: v.inner.clone(),
+        scope: v.scope.clone(),
+        signature: v.signature.map(|s| s.0.to_vec()),
+    }
+}
+
+fn wire_version(v: VersionV1) -> Result<WireVersion, StoredError> {
+    let signature = match v.signature {
+        None => None,
+        Some(bytes) => Some(Sig64(bytes.try_into().map_err(|_| StoredError::Corrupt)?)),
+    };
+    Ok(WireVersion {
+        id: v.id,
+        updates: v.updates,
+        flags: v.flags,
+        history: v
+            .history
+            .into_iter()
+            .map(|e| WireEntry {
+                sequence: e.sequence,
+                when: e.when.map(|w| WireWhen { secs: w.secs, nanos: w.nanos, text: w.text }),
+                by: e.by,
+            })
+            .collect(),
+        attrs: v.attrs,
+        inner: v.inner,
+        scope: v.scope,
+        signature,
+    })
+}
+
+/// The row for `item`.
+pub fn encode(item: &Item) -> Vec<u8> {
+    let wire = to_wire(item);
+    let stored = ItemV1 { version: version_v1(&wire.version), conflicts: wire.conflicts.iter().map(version_v1).collect() };
+    let mut out = vec![ITEM_ENCODING];
+    // Serialising plain data into a Vec cannot fail.
+    out.extend(postcard::to_allocvec(&stored).unwrap_or_default());
+    out
+}
+
+/// A row's item in wire form (the caller validates it with `from_wire`, or repairs it).
+pub fn decode_wire(row: &[u8]) -> Result<WireItem, StoredError> {
+    let (&version, rest) = row.split_first().ok_or(StoredError::Corrupt)?;
+    match version {
+        1 => {
+            let stored: ItemV1 = postcard::from_bytes(rest).map_err(|_| StoredError::Corrupt)?;
+            Ok(WireItem {
+                version: wire_version(stored.version)?,
+                conflicts: stored.conflicts.into_iter().map(wire_version).collect::<Result<_, _>>()?,
+            })
+        }
+        other => Err(StoredError::Unknown(other)),
+    }
+}
+
+/// A row's item, validated.
+pub fn decode(row: &[u8]) -> Result<Item, StoredError> {
+    from_wire(&decode_wire(row)?).map_err(|_| StoredError::Corrupt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `encode(&item())` as version 1 writes it: if this changes, version 1 changed, and stores
+    /// written before cannot be read. Make a version 2 instead.
+    const PINNED: &str = "010178010001010180c49fd50c00000101650000000000";
+
+    fn item() -> Item {
+        let mut r = engine::replica::Replica::new(1);
+        let id = engine::feedsync::ItemId::new("x").unwrap();
+        let by = engine::feedsync::Endpoint::new("e").unwrap();
+        let when = engine::feedsync::When::from_unix_secs(1_700_000_000).unwrap();
+        r.change(&id, &by, &when, &engine::feedsync::Edit::default()).unwrap();
+        (**r.item(&id).unwrap()).clone()
+    }
+
+    #[test]
+    fn an_item_round_trips_through_its_row() {
+        let item = item();
+        assert_eq!(decode(&encode(&item)).unwrap(), item);
+    }
+
+    #[test]
+    fn a_schema_4_row_is_a_version_1_row_without_its_byte() {
+        // Schema 4 stored postcard(WireItem) as the wire of WIRE_VERSION 4 had it.
+        let item = item();
+        let old = postcard::to_allocvec(&to_wire(&item)).unwrap();
+        assert_eq!(encode(&item)[1..], old[..], "version 1 is byte for byte the schema 4 row");
+    }
+
+    #[test]
+    fn version_1_rows_keep_their_bytes() {
+        let row = encode(&item());
+        assert_eq!(row.iter().map(|b| format!("{b:02x}")).collect::<String>(), PINNED);
+    }
+
+    #[test]
+    fn an_unknown_encoding_is_refused_by_name() {
+        let mut row = encode(&item());
+        row[0] = 9;
+        assert_eq!(decode(&row), Err(StoredError::Unknown(9)));
+        assert_eq!(decode(&[]), Err(StoredError::Corrupt));
+    }
+}
