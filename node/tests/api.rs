@@ -41,7 +41,8 @@ fn the_local_api_checks_writes_as_the_cli_does() {
         })
     };
     let (status, text) = call(reqwest::Method::PUT, "big", Some(serde_json::json!({ "text": big })));
-    assert_eq!(status, 400, "{text}");
+    assert_eq!(status, 413, "{text}");
+    assert!(text.contains("\"error\":\"text-too-large\""), "a stable code: {text}");
     assert!(text.contains("over the limit of 256 KiB"), "{text}");
     let (status, text) = call(reqwest::Method::DELETE, "ghost", None);
     assert_eq!(status, 400, "a tombstone for an item that never was: {text}");

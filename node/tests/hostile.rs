@@ -238,7 +238,7 @@ fn bad_input_crashes_neither_the_relay_nor_a_node() {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 400);
+        assert_eq!(r.status(), 404, "no such folder is a typed not-found (issue 13)");
         let r = c
             .put(format!("{base}/v1/folders/f/items/bad%20id"))
             .bearer_auth(&token)
