@@ -18,6 +18,7 @@
 //! | `session_responder`, `session_initiator` | a `sync::Session` fed attacker messages and timers | [`session_targets`] |
 //! | `auth_responder`, `auth_initiator` | an `authz::AuthSession` likewise | [`session_targets`] |
 //! | `cloud_control` | `engine::cloud::Cloud` fed sequences of control requests | [`cloud_targets`] |
+//! | `roles` | an `engine::device::Device` and an `engine::cloud::Cloud` wired together, fed attacker bytes, commands and timers | [`role_targets`] |
 //! | `control` | `engine::control`'s `Open`, `Request`, `Response`, `Notice` | [`transport_targets`] |
 //! | `frame` | `transport::frame::Reader` over a chunked stream with cancelled reads, against a model | [`transport_targets`] |
 //! | `relay_http` | the relay's HTTP router: JSON bodies, queries, paths, the FeedSync POST | [`relay_targets`] |
@@ -28,6 +29,7 @@ pub mod engine_targets;
 pub mod fixture;
 #[cfg(feature = "relay")]
 pub mod relay_targets;
+pub mod role_targets;
 pub mod session_targets;
 pub mod transport_targets;
 
@@ -169,6 +171,17 @@ pub const TARGETS: &[Target] = &[
         run: cloud_targets::cloud_control,
         prepare: fixture::prepare,
         budget: Budget { peak_per_byte: 64, peak_base: 4 * MIB, total_per_byte: 512, total_base: 64 * MIB },
+    },
+    Target {
+        name: "roles",
+        run: role_targets::roles,
+        prepare: fixture::prepare,
+        budget: Budget {
+            peak_per_byte: 64,
+            peak_base: 16 * MIB,
+            total_per_byte: 64 << 10,
+            total_base: 64 * MIB,
+        },
     },
     Target {
         name: "control",

@@ -300,6 +300,11 @@ fn control() {
 }
 
 #[test]
+fn roles() {
+    replay_some("roles");
+}
+
+#[test]
 fn frame() {
     replay_some("frame");
 }
