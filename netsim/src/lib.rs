@@ -12,6 +12,7 @@ pub mod queue;
 pub mod scenario;
 pub mod shrink;
 pub mod sim;
+pub mod stream;
 pub mod sweep;
 pub mod topology;
 

@@ -244,6 +244,12 @@ fn print_report(r: &Report, source: &str, wall_ms: u64) {
         "  device paths         {:>12}   direct, {} relayed through the cloud",
         r.direct_paths, r.relayed_paths
     );
+    if r.packets > 0 {
+        println!(
+            "  packets              {:>12}   ({} retransmitted; {} connections broke on their idle timeout)",
+            r.packets, r.packets_retransmitted, r.connections_broken
+        );
+    }
     let f = &r.faults;
     if f.cloud_crashes + f.crashes_before_commit + f.stores_lost > 0 {
         println!(

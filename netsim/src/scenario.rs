@@ -61,6 +61,70 @@ pub struct Scenario {
     /// authorized sessions, with adversaries. None (or `enabled = false`): plain sessions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh: Option<Mesh>,
+    /// How engine messages travel. `datagram` (default): each message is one datagram, lost,
+    /// duplicated or queued whole, and the sessions retransmit (0.6 to 2.4 s). `stream`: as over
+    /// QUIC in the binaries: a connection per ordered pair of nodes, messages cut into MTU-sized
+    /// packets that each meet loss, bandwidth and queues, retransmitted under a congestion
+    /// window and delivered reliably and in order; a connection that makes no progress for
+    /// `idle_timeout_ms` breaks (what it held is lost) and the next message opens a new one.
+    #[serde(default)]
+    pub transport: Transport,
+    /// `[stream]`: the stream transport's and its sessions' settings.
+    #[serde(default)]
+    pub stream: StreamSpec,
+}
+
+/// How engine messages travel (see [`Scenario::transport`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    #[default]
+    Datagram,
+    Stream,
+}
+
+/// `[stream]`: packets, connections and the sessions above them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamSpec {
+    /// Packet payload, bytes (QUIC's 1200 by default).
+    #[serde(default = "default_mtu")]
+    pub mtu: usize,
+    /// A connection with data outstanding and no packet acknowledged for this long breaks.
+    #[serde(default = "default_idle")]
+    pub idle_timeout_ms: u64,
+    /// Largest engine message: sessions size their messages to the link (a message must cross
+    /// the slowest uplink well within `session_timeout_ms`).
+    #[serde(default = "default_stream_message")]
+    pub max_message_kb: usize,
+    /// The sessions' own timer (the stream is reliable: it only detects a peer that went away
+    /// or a broken connection), doubled per retry, three tries.
+    #[serde(default = "default_session_timeout")]
+    pub session_timeout_ms: u64,
+}
+
+impl Default for StreamSpec {
+    fn default() -> Self {
+        Self {
+            mtu: default_mtu(),
+            idle_timeout_ms: default_idle(),
+            max_message_kb: default_stream_message(),
+            session_timeout_ms: default_session_timeout(),
+        }
+    }
+}
+
+fn default_mtu() -> usize {
+    1200
+}
+fn default_idle() -> u64 {
+    30_000
+}
+fn default_stream_message() -> usize {
+    1024
+}
+fn default_session_timeout() -> u64 {
+    30_000
 }
 
 /// `[mesh]`: devices belong to `users` (device `i` of the non-injected devices, in index order,
@@ -620,6 +684,15 @@ impl Scenario {
         }
         if !(0.0..=60.0).contains(&self.faults.churn_per_min) {
             return bad("faults.churn_per_min", "must be 0..=60");
+        }
+        if !(256..=65_536).contains(&self.stream.mtu) {
+            return bad("stream.mtu", "must be 256..=65536 bytes");
+        }
+        if self.stream.idle_timeout_ms == 0 || self.stream.session_timeout_ms == 0 {
+            return bad("stream", "idle_timeout_ms and session_timeout_ms must be at least 1");
+        }
+        if !(16..=1024).contains(&self.stream.max_message_kb) {
+            return bad("stream.max_message_kb", "must be 16..=1024 (the engine's limit is 1 MiB)");
         }
         if self.faults.cloud_crashes_ms.iter().any(|&at| at >= self.duration_ms) {
             return bad("faults.cloud_crashes_ms", "every crash must be before duration_ms");

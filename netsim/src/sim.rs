@@ -24,7 +24,7 @@ use crate::checker::Checker;
 use crate::mesh::{MeshNode, MeshReport, MeshWorld, Role, BASE_US};
 use crate::net::{Cut, Nat, Net};
 use crate::queue::CalendarQueue;
-use crate::scenario::{NodeModel, PartitionKind, Scenario, Topology};
+use crate::scenario::{NodeModel, PartitionKind, Scenario, Topology, Transport};
 
 /// Virtual microseconds.
 pub type Micros = u64;
@@ -49,9 +49,29 @@ enum Payload {
         from: u32,
         /// [`crate::net::ToRelay::twin`].
         twin: u32,
-        stream: Stream,
-        /// The datagram; `None` for a no-op node's ping.
-        bytes: Option<Arc<Vec<u8>>>,
+        what: Carried,
+    },
+    /// Stream transport: packet `packet` of connection `conn` (from `from` to `to`) arrives.
+    Packet {
+        to: u32,
+        from: u32,
+        conn: u64,
+        packet: u64,
+    },
+    /// Stream transport: its acknowledgement reaches the sender `from`.
+    Ack {
+        from: u32,
+        to: u32,
+        conn: u64,
+        packet: u64,
+    },
+    /// Stream transport: the timer of transmission `attempt` of a packet.
+    PacketTimer {
+        from: u32,
+        to: u32,
+        conn: u64,
+        packet: u64,
+        attempt: u32,
     },
     SyncTick {
         node: u32,
@@ -103,6 +123,17 @@ enum Payload {
     },
     /// Mesh model: the folder owner removes the member.
     RemoveMember,
+}
+
+/// What a relayed copy carries.
+#[derive(Clone, Debug)]
+enum Carried {
+    /// A no-op node's ping.
+    Ping,
+    /// A whole message (datagram transport).
+    Datagram { stream: Stream, bytes: Arc<Vec<u8>> },
+    /// A packet of a stream connection.
+    Packet { conn: u64, packet: u64, len: usize },
 }
 
 /// What runs at a node: the engine's device or cloud (the very types the binaries run), a
@@ -201,6 +232,11 @@ pub struct Report {
     pub failure: Option<String>,
     /// Storage faults applied (cloud crashes, crashes before commit, lost stores).
     pub faults: FaultCounts,
+    /// Stream transport: packets sent (retransmissions included), retransmitted, and
+    /// connections that broke on their idle timeout (all 0 with datagrams).
+    pub packets: u64,
+    pub packets_retransmitted: u64,
+    pub connections_broken: u64,
     /// The mesh security model's figures (with `[mesh]`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mesh: Option<MeshReport>,
@@ -252,6 +288,11 @@ pub struct Sim {
     /// Devices whose current crash also loses their store.
     store_lost: BTreeSet<u32>,
     faults_applied: FaultCounts,
+    /// Stream transport: connections by (sender, receiver), the last id given out, and packets
+    /// sent, retransmitted, connections broken.
+    conns: BTreeMap<(u32, u32), crate::stream::Conn>,
+    next_conn: u64,
+    stream_stats: (u64, u64, u64),
 }
 
 /// How many of the storage faults were applied.
@@ -304,6 +345,20 @@ impl Sim {
             linger_after_hello: false,
             max_retries: 10,
             ..Config::default()
+        };
+        // Over streams, sessions are as in the binaries (`transport::stream_config`): the stream
+        // is reliable, so their timer only detects a peer that went away or a broken
+        // connection; their messages are sized to the links.
+        let plain_cfg = match sc.transport {
+            Transport::Datagram => plain_cfg,
+            Transport::Stream => Config {
+                max_message_bytes: sc.stream.max_message_kb << 10,
+                rto_us: sc.stream.session_timeout_ms * 1_000,
+                rto_max_us: sc.stream.session_timeout_ms * 2_000,
+                max_retries: 2,
+                linger_us: sc.stream.session_timeout_ms * 4_000,
+                ..plain_cfg
+            },
         };
         // An authorized session's feed part is not its first message: a repeated inner Hello
         // meets the same session, whose responder must still be lingering.
@@ -412,6 +467,9 @@ impl Sim {
             crash_armed: BTreeSet::new(),
             store_lost: BTreeSet::new(),
             faults_applied: FaultCounts::default(),
+            conns: BTreeMap::new(),
+            next_conn: 0,
+            stream_stats: (0, 0, 0),
         };
         for node in 0..=devices {
             sim.pump(node);
@@ -595,7 +653,7 @@ impl Sim {
                     self.check_touched(to);
                 }
             }
-            Payload::Relay { to, from, twin, stream, bytes } => {
+            Payload::Relay { to, from, twin, what } => {
                 tracing::trace!(t_us = self.now, from, to, "relay");
                 self.trace.update(b"relay");
                 self.trace.update(&to.to_le_bytes());
@@ -603,15 +661,41 @@ impl Sim {
                 if !self.up(CLOUD) {
                     return;
                 }
-                let len = bytes.as_ref().map_or(PING_LEN, |b| b.len());
+                let len = match &what {
+                    Carried::Ping => PING_LEN,
+                    Carried::Datagram { bytes, .. } => bytes.len(),
+                    Carried::Packet { len, .. } => *len,
+                };
                 let copies = self.net.forward(&mut self.rng, self.now, to, len, twin);
                 for &delay in copies.as_slice() {
-                    let payload = match &bytes {
-                        Some(bytes) => Payload::Deliver { to, from, stream, bytes: bytes.clone() },
-                        None => Payload::Ping { to },
+                    let payload = match &what {
+                        Carried::Datagram { stream, bytes } => {
+                            Payload::Deliver { to, from, stream: *stream, bytes: bytes.clone() }
+                        }
+                        Carried::Ping => Payload::Ping { to },
+                        Carried::Packet { conn, packet, .. } => {
+                            Payload::Packet { to, from, conn: *conn, packet: *packet }
+                        }
                     };
                     self.push(self.now + delay, payload);
                 }
+            }
+            Payload::Packet { to, from, conn, packet } => {
+                self.trace.update(b"packet");
+                self.trace.update(&packet.to_le_bytes());
+                self.packet_arrived(to, from, conn, packet);
+            }
+            Payload::Ack { from, to, conn, packet } => {
+                self.trace.update(b"ack");
+                let now = self.now;
+                let Some(c) = self.conns.get_mut(&(from, to)).filter(|c| c.id == conn) else { return };
+                if c.acked(packet, now) {
+                    self.pump_conn(from, to);
+                }
+            }
+            Payload::PacketTimer { from, to, conn, packet, attempt } => {
+                self.trace.update(b"ptimer");
+                self.packet_timer(from, to, conn, packet, attempt);
             }
             Payload::Timer { node } => {
                 if self.nodes[node as usize].timer_at != self.now || !self.up(node) {
@@ -829,6 +913,10 @@ impl Sim {
                 Host::Injected | Host::Noop => {}
             }
             self.crash_armed.remove(&node);
+            if !self.conns.is_empty() {
+                // Its connections die with it, both ways.
+                self.conns.retain(|&(a, b), _| a != node && b != node);
+            }
         }
         self.down[node as usize] += 1;
     }
@@ -1129,11 +1217,7 @@ impl Sim {
         let when = EPOCH_UNIX_SECS + (self.now / 1_000_000) as i64;
         match event {
             // A notice: sync with the cloud now rather than at the next tick.
-            Event::FolderChanged(f) if f == folder => {
-                if self.up(node) {
-                    self.start_session(node, CLOUD);
-                }
-            }
+            Event::FolderChanged(f) if f == folder && self.up(node) => self.start_session(node, CLOUD),
             Event::Peers { peers, .. } => {
                 let mut known: Vec<u32> =
                     peers.iter().filter_map(|p| p.direct.first().and_then(crate::mesh::node_of)).collect();
@@ -1431,7 +1515,99 @@ impl Sim {
                 self.kinds.insert(kind.to_string(), (1, bytes.len() as u64));
             }
         }
+        if self.sc.transport == Transport::Stream {
+            self.messages += 1;
+            self.bytes += bytes.len() as u64;
+            let now = self.now;
+            let mtu = self.sc.stream.mtu;
+            let id = &mut self.next_conn;
+            let conn = self.conns.entry((from, to)).or_insert_with(|| {
+                *id += 1;
+                crate::stream::Conn::new(*id, now)
+            });
+            conn.push(now, stream, Arc::new(bytes), mtu);
+            self.pump_conn(from, to);
+            return;
+        }
         self.transmit(from, to, stream, Arc::new(bytes));
+    }
+
+    /// Stream transport: sends what the connection's window lets out.
+    fn pump_conn(&mut self, from: u32, to: u32) {
+        loop {
+            let Some(c) = self.conns.get_mut(&(from, to)) else { return };
+            let Some((packet, len)) = c.next_to_send() else { return };
+            let conn = c.id;
+            self.send_packet(from, to, conn, packet, len, 1);
+        }
+    }
+
+    /// Stream transport: one transmission of a packet, through the network model, with its timer.
+    fn send_packet(&mut self, from: u32, to: u32, conn: u64, packet: u64, len: usize, attempt: u32) {
+        let now = self.now;
+        let Some(c) = self.conns.get_mut(&(from, to)) else { return };
+        c.inflight.insert(packet, crate::stream::InFlight { sent_at: now, len, attempt });
+        let rto = c.rto(attempt);
+        self.stream_stats.0 += 1;
+        if attempt > 1 {
+            self.stream_stats.1 += 1;
+        }
+        let sent = self.net.transmit(&mut self.rng, now, from, to, len);
+        for &delay in sent.arrive.as_slice() {
+            self.push(now + delay, Payload::Packet { to, from, conn, packet });
+        }
+        let twin = sent.relay.twin;
+        for &delay in sent.relay.delays.as_slice() {
+            let what = Carried::Packet { conn, packet, len };
+            self.push(now + delay, Payload::Relay { to, from, twin, what });
+        }
+        self.push(now + rto, Payload::PacketTimer { from, to, conn, packet, attempt });
+    }
+
+    /// Stream transport: a packet reaches `to`; complete messages are delivered in order and the
+    /// packet is acknowledged.
+    fn packet_arrived(&mut self, to: u32, from: u32, conn: u64, packet: u64) {
+        if !self.up(to) {
+            return;
+        }
+        let now = self.now;
+        let Some(c) = self.conns.get_mut(&(from, to)).filter(|c| c.id == conn) else { return };
+        let sent_at = c.inflight.get(&packet).map_or(now, |f| f.sent_at);
+        let done = c.receive(packet);
+        // The acknowledgement takes the packet's own one-way delay back.
+        let back = now.saturating_sub(sent_at).max(1);
+        self.push(now + back, Payload::Ack { from, to, conn, packet });
+        for m in done {
+            if tracing::enabled!(tracing::Level::TRACE) {
+                tracing::trace!(t_us = now, from, to, len = m.bytes.len(), "deliver (stream)");
+            }
+            self.trace.update(b"deliver");
+            self.trace.update(&to.to_le_bytes());
+            self.trace.update(&m.bytes);
+            self.deliver(to, from, m.stream, &m.bytes);
+            self.check_touched(to);
+            // Delivering may have crashed `to` or broken the connection.
+            if !self.conns.get(&(from, to)).is_some_and(|c| c.id == conn) || !self.up(to) {
+                return;
+            }
+        }
+    }
+
+    /// Stream transport: a packet's timer. Lost: the window halves and it goes again, unless
+    /// the connection made no progress for the idle timeout: then it breaks.
+    fn packet_timer(&mut self, from: u32, to: u32, conn: u64, packet: u64, attempt: u32) {
+        let now = self.now;
+        let idle = self.sc.stream.idle_timeout_ms * 1_000;
+        let Some(c) = self.conns.get_mut(&(from, to)).filter(|c| c.id == conn) else { return };
+        let Some(f) = c.lost(packet, attempt) else { return };
+        if now.saturating_sub(c.progress_at) >= idle {
+            tracing::debug!(t_us = now, from, to, conn, "connection broke (idle timeout)");
+            self.conns.remove(&(from, to));
+            self.stream_stats.2 += 1;
+            return;
+        }
+        self.send_packet(from, to, conn, packet, f.len, attempt + 1);
+        self.pump_conn(from, to);
     }
 
     /// Hands a datagram to the network model and schedules its arriving copies (and the relay's
@@ -1454,7 +1630,8 @@ impl Sim {
         }
         let twin = sent.relay.twin;
         for &delay in sent.relay.delays.as_slice() {
-            self.push(self.now + delay, Payload::Relay { to, from, twin, stream, bytes: Some(bytes.clone()) });
+            let what = Carried::Datagram { stream, bytes: bytes.clone() };
+            self.push(self.now + delay, Payload::Relay { to, from, twin, what });
         }
     }
 
@@ -1468,7 +1645,7 @@ impl Sim {
         }
         let twin = sent.relay.twin;
         for &delay in sent.relay.delays.as_slice() {
-            self.push(self.now + delay, Payload::Relay { to, from, twin, stream: Stream::Sync, bytes: None });
+            self.push(self.now + delay, Payload::Relay { to, from, twin, what: Carried::Ping });
         }
     }
 
@@ -1624,6 +1801,9 @@ impl Sim {
             trace_hash: self.trace.finalize().to_hex().to_string(),
             failure,
             faults: self.faults_applied,
+            packets: self.stream_stats.0,
+            packets_retransmitted: self.stream_stats.1,
+            connections_broken: self.stream_stats.2,
             mesh,
             timelines: self.checker.timelines(),
             replica_nodes: self.sc.devices + u32::from(first == CLOUD),

@@ -182,6 +182,34 @@ fn a_device_that_lost_its_store_comes_back_as_a_new_endpoint() {
 }
 
 #[test]
+fn slow_links_with_nat_timeouts_churn_and_a_bridge_partition_converge() {
+    let report = check_replays(include_str!("../scenarios/slow-links.toml"));
+    // Every fault it lists acted: churn, NAT mappings that expired and were punched again,
+    // relayed and direct paths, packets lost and sent again over the stream transport.
+    assert!(report.departures > 0, "churn");
+    assert!(report.repunches > 0, "NAT mapping timeouts");
+    assert!(report.relayed_paths > 0 && report.direct_paths > 0);
+    assert!(report.packets > report.messages, "messages travel as packets");
+    assert!(report.packets_retransmitted > 0);
+}
+
+#[test]
+fn the_stream_transport_carries_every_fault_scenario() {
+    // The same scenarios over QUIC-like streams instead of whole-message datagrams.
+    for text in [
+        include_str!("../scenarios/partition-heal.toml"),
+        include_str!("../scenarios/crash-restart.toml"),
+        include_str!("../scenarios/loss-30.toml"),
+        include_str!("../scenarios/cloud-crash.toml"),
+    ] {
+        let at = text.find("\n[").expect("a section");
+        let text = format!("{}\ntransport = \"stream\"{}", &text[..at], &text[at..]);
+        let report = check(&text);
+        assert!(report.packets >= report.messages);
+    }
+}
+
+#[test]
 fn one_seed_replays_bit_for_bit() {
     let scenario = Scenario::parse(include_str!("../scenarios/partition-heal.toml")).unwrap();
     let first = run(&scenario, 42, &mut |_, _| {});
