@@ -1587,7 +1587,7 @@ impl Sim {
             self.deliver(to, from, m.stream, &m.bytes);
             self.check_touched(to);
             // Delivering may have crashed `to` or broken the connection.
-            if !self.conns.get(&(from, to)).is_some_and(|c| c.id == conn) || !self.up(to) {
+            if self.conns.get(&(from, to)).is_none_or(|c| c.id != conn) || !self.up(to) {
                 return;
             }
         }
