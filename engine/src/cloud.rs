@@ -185,12 +185,12 @@ impl<P: Peer> Cloud<P> {
     /// that hold the folder (not to the sender).
     pub fn handle_sync(&mut self, now: Micros, peer: P, channel: ChannelKey, bytes: &[u8]) {
         let max = self.sessions.cfg.max_message_bytes;
-        let Ok(sid) = crate::sync::Session::session_of(bytes, max) else { return };
+        // The header only: the session decodes the message once.
+        let Some((sid, step, _)) = crate::wire::peek(bytes) else { return };
         let folder = match self.sessions.folder_of(peer, sid) {
             Some(folder) => folder,
             None => {
-                let Some((_, 0, _)) = crate::wire::peek(bytes) else { return };
-                if !self.sessions.may_open(peer, sid) {
+                if step != 0 || !self.sessions.may_open(peer, sid) {
                     return;
                 }
                 let folder = if self.open {

@@ -380,11 +380,11 @@ impl<P: Peer> Device<P> {
     /// (a `Hello` for an open device, a `DirHello` for a keyed one).
     pub fn handle_sync(&mut self, now: Micros, peer: P, channel: ChannelKey, bytes: &[u8]) {
         let max = self.cfg.sync.max_message_bytes;
-        let Ok(sid) = crate::sync::Session::session_of(bytes, max) else { return };
+        // The header only: the session decodes the message once.
+        let Some((sid, step, _)) = crate::wire::peek(bytes) else { return };
         let folder = match self.sessions.folder_of(peer, sid) {
             Some(folder) => folder,
             None => {
-                let Some((_, step, _)) = crate::wire::peek(bytes) else { return };
                 if step != 0 || !self.sessions.may_open(peer, sid) {
                     return;
                 }
@@ -640,3 +640,4 @@ pub(crate) fn rebuilt(replica: &Replica, epoch: u64, folder: FolderId, keyed: bo
     }
     fresh
 }
+

@@ -22,6 +22,9 @@ use crate::time::Micros;
 /// Sessions one role runs at once (responders past it are not opened).
 pub const SESSIONS_MAX: usize = 4096;
 
+/// Past this many sessions the table indexes their deadlines.
+const INDEX_FROM: usize = 32;
+
 /// What a driver names a peer by.
 pub trait Peer: Copy + Ord + Debug {}
 impl<T: Copy + Ord + Debug> Peer for T {}
@@ -76,6 +79,8 @@ pub struct Ended<P> {
 struct Entry {
     folder: FolderId,
     initiated: bool,
+    /// The session's deadline as last filed in [`Sessions::deadlines`].
+    deadline: Option<Micros>,
     session: Box<AuthSession>,
 }
 
@@ -84,6 +89,11 @@ struct Entry {
 pub(crate) struct Sessions<P: Peer> {
     pub(crate) cfg: Config,
     table: BTreeMap<(P, u64), Entry>,
+    /// Every session's deadline, so the earliest is found without visiting every session (a
+    /// cloud runs thousands at once). Kept only once the table has held more than
+    /// [`INDEX_FROM`] sessions (`indexed`); a device's handful are scanned.
+    deadlines: std::collections::BTreeSet<(Micros, P, u64)>,
+    indexed: bool,
     /// The session this side started with each (peer, folder), while it runs.
     outgoing: Vec<((P, FolderId), u64)>,
     /// Initiator-side cursors per (peer, folder) (volatile).
@@ -102,6 +112,8 @@ impl<P: Peer> Sessions<P> {
         Self {
             cfg,
             table: BTreeMap::new(),
+            deadlines: std::collections::BTreeSet::new(),
+            indexed: false,
             outgoing: Vec::new(),
             retained: Vec::new(),
             transmit: VecDeque::new(),
@@ -117,6 +129,8 @@ impl<P: Peer> Sessions<P> {
     /// Forgets every session and cursor (a crash: this is volatile state).
     pub(crate) fn clear(&mut self) {
         self.table = BTreeMap::new();
+        self.deadlines = std::collections::BTreeSet::new();
+        self.indexed = false;
         self.outgoing = Vec::new();
         self.retained = Vec::new();
         self.transmit.clear();
@@ -143,7 +157,7 @@ impl<P: Peer> Sessions<P> {
     ) {
         let retained = find(&self.retained, &(peer, folder)).map(|i| self.retained[i].1).unwrap_or_default();
         let session = AuthSession::initiate(sid, now, folder, policy, channel, dir, replica, self.cfg.clone(), retained);
-        self.table.insert((peer, sid), Entry { folder, initiated: true, session: Box::new(session) });
+        self.table.insert((peer, sid), Entry { folder, initiated: true, deadline: None, session: Box::new(session) });
         match find(&self.outgoing, &(peer, folder)) {
             Ok(i) => self.outgoing[i].1 = sid,
             Err(i) => self.outgoing.insert(i, ((peer, folder), sid)),
@@ -165,7 +179,8 @@ impl<P: Peer> Sessions<P> {
     /// Opens a responder for the first message of session `sid`.
     pub(crate) fn open(&mut self, peer: P, channel: ChannelKey, sid: u64, folder: FolderId, policy: Policy, replica: &Replica) {
         let session = AuthSession::respond(sid, policy, channel, replica, self.cfg.clone());
-        self.table.insert((peer, sid), Entry { folder, initiated: false, session: Box::new(session) });
+        self.table.insert((peer, sid), Entry { folder, initiated: false, deadline: None, session: Box::new(session) });
+        self.file_deadline(peer, sid);
     }
 
     /// Hands a message to its session; returns whether the replica changed.
@@ -187,16 +202,52 @@ impl<P: Peer> Sessions<P> {
 
     /// The earliest deadline of any session.
     pub(crate) fn poll_timeout(&self) -> Option<Micros> {
-        self.table.values().filter_map(|e| e.session.poll_timeout()).min()
+        if self.indexed {
+            self.deadlines.first().map(|&(t, _, _)| t)
+        } else {
+            self.table.values().filter_map(|e| e.deadline).min()
+        }
     }
 
     /// Sessions whose deadline passed, for [`Sessions::timeout`].
     pub(crate) fn due(&self, now: Micros) -> Vec<(P, u64, FolderId)> {
-        self.table
+        if self.poll_timeout().is_none_or(|t| t > now) {
+            return Vec::new();
+        }
+        if !self.indexed {
+            return self
+                .table
+                .iter()
+                .filter(|(_, e)| e.deadline.is_some_and(|t| t <= now))
+                .map(|(&(p, s), e)| (p, s, e.folder))
+                .collect();
+        }
+        self.deadlines
             .iter()
-            .filter(|(_, e)| e.session.poll_timeout().is_some_and(|t| t <= now))
-            .map(|(&(p, s), e)| (p, s, e.folder))
+            .take_while(|(t, _, _)| *t <= now)
+            .filter_map(|&(_, p, s)| self.table.get(&(p, s)).map(|e| (p, s, e.folder)))
             .collect()
+    }
+
+    /// Files a session's current deadline (after anything that may change it).
+    fn file_deadline(&mut self, peer: P, sid: u64) {
+        if !self.indexed && self.table.len() > INDEX_FROM {
+            self.indexed = true;
+            self.deadlines = self.table.iter().filter_map(|(&(p, s), e)| e.deadline.map(|t| (t, p, s))).collect();
+        }
+        let Some(entry) = self.table.get_mut(&(peer, sid)) else { return };
+        let now = entry.session.poll_timeout();
+        if now != entry.deadline {
+            if self.indexed {
+                if let Some(old) = entry.deadline {
+                    self.deadlines.remove(&(old, peer, sid));
+                }
+                if let Some(new) = now {
+                    self.deadlines.insert((new, peer, sid));
+                }
+            }
+            entry.deadline = now;
+        }
     }
 
     pub(crate) fn timeout(&mut self, now: Micros, peer: P, sid: u64, replica: &Replica) {
@@ -245,8 +296,14 @@ impl<P: Peer> Sessions<P> {
             }
         }
         if finished {
-            self.table.remove(&(peer, sid));
+            if let Some(entry) = self.table.remove(&(peer, sid)) {
+                if let (true, Some(old)) = (self.indexed, entry.deadline) {
+                    self.deadlines.remove(&(old, peer, sid));
+                }
+            }
             self.ended.push_back(Ended { peer, folder, session: sid, initiated, outcome });
+        } else {
+            self.file_deadline(peer, sid);
         }
     }
 
@@ -254,6 +311,19 @@ impl<P: Peer> Sessions<P> {
     pub(crate) fn check_invariants(&self) -> Result<(), &'static str> {
         if self.table.len() > SESSIONS_MAX + 1 {
             return Err("more sessions than SESSIONS_MAX");
+        }
+        if self.deadlines.len() > self.table.len() {
+            return Err("a deadline filed for a session that is gone");
+        }
+        // In full (every session's deadline filed as it is) when the table is small, as a
+        // device's is; a cloud's thousands are checked by count only, after every event.
+        if self.table.len() <= 64 {
+            for (&(peer, sid), e) in &self.table {
+                let t = e.session.poll_timeout();
+                if t != e.deadline || (self.indexed && t.is_some_and(|t| !self.deadlines.contains(&(t, peer, sid)))) {
+                    return Err("a session's deadline is not filed as it is");
+                }
+            }
         }
         for ((peer, folder), sid) in &self.outgoing {
             match self.table.get(&(*peer, *sid)) {

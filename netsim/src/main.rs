@@ -12,6 +12,9 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use netsim::{Report, Scenario};
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "feedmesh-sim", version, about = "Deterministic convergence simulations of feedmesh")]
 struct Cli {

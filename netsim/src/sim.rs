@@ -293,6 +293,9 @@ pub struct Sim {
     conns: BTreeMap<(u32, u32), crate::stream::Conn>,
     next_conn: u64,
     stream_stats: (u64, u64, u64),
+    /// `pump`'s buffers, kept between calls.
+    persist_buf: Vec<Persist<u32>>,
+    transmit_buf: Vec<engine::sessions::Transmit<u32>>,
 }
 
 /// How many of the storage faults were applied.
@@ -470,6 +473,8 @@ impl Sim {
             conns: BTreeMap::new(),
             next_conn: 0,
             stream_stats: (0, 0, 0),
+            persist_buf: Vec::new(),
+            transmit_buf: Vec::new(),
         };
         for node in 0..=devices {
             sim.pump(node);
@@ -1050,7 +1055,7 @@ impl Sim {
                         return;
                     }
                     // Nothing merged: the outputs stand, and the fault waits for a merge.
-                    self.absorb(to, kept);
+                    self.absorb(to, &mut kept);
                 }
                 Stream::Sync => d.handle_sync(local, from, channel, bytes),
                 Stream::Response(id) => d.handle_response(local, id, bytes),
@@ -1064,9 +1069,10 @@ impl Sim {
     /// Runs a node's output: commits (the checker learns what the node now holds), events,
     /// then transmits, then arms its timer.
     fn pump(&mut self, node: u32) {
-        let mut persists = Vec::new();
+        // Buffers kept between calls (a pump runs after nearly every event).
+        let mut persists = std::mem::take(&mut self.persist_buf);
         let mut ended: Vec<Ended<u32>> = Vec::new();
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.transmit_buf);
         let mut renewed = 0u64;
         let mut dir_changed = false;
         let mut app: Vec<Event<u32>> = Vec::new();
@@ -1114,7 +1120,8 @@ impl Sim {
             }
             Host::Injected | Host::Noop => None,
         };
-        self.absorb(node, persists);
+        self.absorb(node, &mut persists);
+        self.persist_buf = persists;
         if dir_changed {
             self.note_removal(node);
         }
@@ -1124,9 +1131,10 @@ impl Sim {
         for e in ended {
             self.session_ended(node, &e);
         }
-        for t in out {
+        for t in out.drain(..) {
             self.send(node, t.to, t.stream, t.bytes);
         }
+        self.transmit_buf = out;
         for e in app {
             self.on_event(node, e);
         }
@@ -1143,8 +1151,8 @@ impl Sim {
     }
 
     /// The checker learns what a node committed.
-    fn absorb(&mut self, node: u32, persists: Vec<Persist<u32>>) {
-        for p in persists {
+    fn absorb(&mut self, node: u32, persists: &mut Vec<Persist<u32>>) {
+        for p in persists.drain(..) {
             let Persist::Items(Commit { from: Some(peer), items, .. }) = p else { continue };
             if self.mesh.is_some() {
                 self.mesh_received(node, peer, &items);
