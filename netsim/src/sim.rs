@@ -40,7 +40,7 @@ enum Payload {
     Deliver {
         to: u32,
         from: u32,
-        stream: Stream,
+        tag: Tag,
         bytes: Arc<Vec<u8>>,
     },
     /// A copy of a relayed datagram reaches the relay (the cloud), which sends it on to `to`.
@@ -55,22 +55,22 @@ enum Payload {
     Packet {
         to: u32,
         from: u32,
-        conn: u64,
-        packet: u64,
+        conn: u32,
+        packet: u32,
     },
     /// Stream transport: its acknowledgement reaches the sender `from`.
     Ack {
         from: u32,
         to: u32,
-        conn: u64,
-        packet: u64,
+        conn: u32,
+        packet: u32,
     },
     /// Stream transport: the timer of transmission `attempt` of a packet.
     PacketTimer {
         from: u32,
         to: u32,
-        conn: u64,
-        packet: u64,
+        conn: u32,
+        packet: u32,
         attempt: u32,
     },
     SyncTick {
@@ -131,9 +131,36 @@ enum Carried {
     /// A no-op node's ping.
     Ping,
     /// A whole message (datagram transport).
-    Datagram { stream: Stream, bytes: Arc<Vec<u8>> },
+    Datagram { tag: Tag, bytes: Arc<Vec<u8>> },
     /// A packet of a stream connection.
-    Packet { conn: u64, packet: u64, len: usize },
+    Packet { conn: u32, packet: u32, len: u32 },
+}
+
+/// An engine [`Stream`] packed in 8 bytes (kind in the top two bits), so queued events stay
+/// small: the calendar queue moves millions of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tag(u64);
+
+impl Tag {
+    const ID: u64 = (1 << 62) - 1;
+
+    fn of(stream: Stream) -> Self {
+        Tag(match stream {
+            Stream::Sync => 0,
+            Stream::Notice => 1 << 62,
+            Stream::Request(id) => (2 << 62) | (id & Self::ID),
+            Stream::Response(id) => (3 << 62) | (id & Self::ID),
+        })
+    }
+
+    fn stream(self) -> Stream {
+        match self.0 >> 62 {
+            0 => Stream::Sync,
+            1 => Stream::Notice,
+            2 => Stream::Request(self.0 & Self::ID),
+            _ => Stream::Response(self.0 & Self::ID),
+        }
+    }
 }
 
 /// What runs at a node: the engine's device or cloud (the very types the binaries run), a
@@ -291,7 +318,7 @@ pub struct Sim {
     /// Stream transport: connections by (sender, receiver), the last id given out, and packets
     /// sent, retransmitted, connections broken.
     conns: BTreeMap<(u32, u32), crate::stream::Conn>,
-    next_conn: u64,
+    next_conn: u32,
     stream_stats: (u64, u64, u64),
     /// `pump`'s buffers, kept between calls.
     persist_buf: Vec<Persist<u32>>,
@@ -634,7 +661,8 @@ impl Sim {
                 }
                 self.schedule_write(node, self.now);
             }
-            Payload::Deliver { to, from, stream, bytes } => {
+            Payload::Deliver { to, from, tag, bytes } => {
+                let stream = tag.stream();
                 if tracing::enabled!(tracing::Level::TRACE) {
                     let (sid, step, kind) = engine::wire::peek(&bytes).unwrap_or((0, 0, "?"));
                     let up = self.up(to);
@@ -669,14 +697,12 @@ impl Sim {
                 let len = match &what {
                     Carried::Ping => PING_LEN,
                     Carried::Datagram { bytes, .. } => bytes.len(),
-                    Carried::Packet { len, .. } => *len,
+                    Carried::Packet { len, .. } => *len as usize,
                 };
                 let copies = self.net.forward(&mut self.rng, self.now, to, len, twin);
                 for &delay in copies.as_slice() {
                     let payload = match &what {
-                        Carried::Datagram { stream, bytes } => {
-                            Payload::Deliver { to, from, stream: *stream, bytes: bytes.clone() }
-                        }
+                        Carried::Datagram { tag, bytes } => Payload::Deliver { to, from, tag: *tag, bytes: bytes.clone() },
                         Carried::Ping => Payload::Ping { to },
                         Carried::Packet { conn, packet, .. } => {
                             Payload::Packet { to, from, conn: *conn, packet: *packet }
@@ -818,7 +844,8 @@ impl Sim {
             Topology::Star => Some(CLOUD),
             // An injected device knows every address: the lying cloud tells it.
             Topology::Mesh
-                if self.nodes[node as usize].mesh.as_ref().is_some_and(|m| m.role != Role::Injected) =>
+                if self.mesh.is_some()
+                    && self.nodes[node as usize].mesh.as_ref().is_some_and(|m| m.role != Role::Injected) =>
             {
                 // Peers are those the cloud's address book named (Peers over the control plane).
                 let m = self.nodes[node as usize].mesh.as_ref()?;
@@ -1551,7 +1578,7 @@ impl Sim {
     }
 
     /// Stream transport: one transmission of a packet, through the network model, with its timer.
-    fn send_packet(&mut self, from: u32, to: u32, conn: u64, packet: u64, len: usize, attempt: u32) {
+    fn send_packet(&mut self, from: u32, to: u32, conn: u32, packet: u32, len: usize, attempt: u32) {
         let now = self.now;
         let Some(c) = self.conns.get_mut(&(from, to)) else { return };
         c.inflight.insert(packet, crate::stream::InFlight { sent_at: now, len, attempt });
@@ -1566,7 +1593,7 @@ impl Sim {
         }
         let twin = sent.relay.twin;
         for &delay in sent.relay.delays.as_slice() {
-            let what = Carried::Packet { conn, packet, len };
+            let what = Carried::Packet { conn, packet, len: len as u32 };
             self.push(now + delay, Payload::Relay { to, from, twin, what });
         }
         self.push(now + rto, Payload::PacketTimer { from, to, conn, packet, attempt });
@@ -1574,7 +1601,7 @@ impl Sim {
 
     /// Stream transport: a packet reaches `to`; complete messages are delivered in order and the
     /// packet is acknowledged.
-    fn packet_arrived(&mut self, to: u32, from: u32, conn: u64, packet: u64) {
+    fn packet_arrived(&mut self, to: u32, from: u32, conn: u32, packet: u32) {
         if !self.up(to) {
             return;
         }
@@ -1603,7 +1630,7 @@ impl Sim {
 
     /// Stream transport: a packet's timer. Lost: the window halves and it goes again, unless
     /// the connection made no progress for the idle timeout: then it breaks.
-    fn packet_timer(&mut self, from: u32, to: u32, conn: u64, packet: u64, attempt: u32) {
+    fn packet_timer(&mut self, from: u32, to: u32, conn: u32, packet: u32, attempt: u32) {
         let now = self.now;
         let idle = self.sc.stream.idle_timeout_ms * 1_000;
         let Some(c) = self.conns.get_mut(&(from, to)).filter(|c| c.id == conn) else { return };
@@ -1634,11 +1661,11 @@ impl Sim {
             "send"
         );
         for &delay in sent.arrive.as_slice() {
-            self.push(self.now + delay, Payload::Deliver { to, from, stream, bytes: bytes.clone() });
+            self.push(self.now + delay, Payload::Deliver { to, from, tag: Tag::of(stream), bytes: bytes.clone() });
         }
         let twin = sent.relay.twin;
         for &delay in sent.relay.delays.as_slice() {
-            let what = Carried::Datagram { stream, bytes: bytes.clone() };
+            let what = Carried::Datagram { tag: Tag::of(stream), bytes: bytes.clone() };
             self.push(self.now + delay, Payload::Relay { to, from, twin, what });
         }
     }

@@ -31,7 +31,7 @@ pub const CWND_INITIAL: f64 = 10.0;
 #[derive(Debug)]
 pub struct Message {
     /// The packet number of its last packet.
-    pub last: u64,
+    pub last: u32,
     pub stream: Stream,
     pub bytes: Arc<Vec<u8>>,
 }
@@ -47,25 +47,25 @@ pub struct InFlight {
 /// One direction of one connection.
 #[derive(Debug)]
 pub struct Conn {
-    pub id: u64,
+    pub id: u32,
     /// Packets not yet sent (beyond the window): number and length.
-    pub queue: VecDeque<(u64, usize)>,
-    pub inflight: BTreeMap<u64, InFlight>,
-    pub next_packet: u64,
+    pub queue: VecDeque<(u32, usize)>,
+    pub inflight: BTreeMap<u32, InFlight>,
+    pub next_packet: u32,
     pub cwnd: f64,
     pub ssthresh: f64,
     pub srtt: Option<Micros>,
     /// Last time a packet was acknowledged (or the connection opened).
     pub progress_at: Micros,
     /// Receiver side: every packet below `contiguous` arrived; those above it that did.
-    pub contiguous: u64,
-    pub above: std::collections::BTreeSet<u64>,
+    pub contiguous: u32,
+    pub above: std::collections::BTreeSet<u32>,
     /// Messages not yet delivered, in order.
     pub messages: VecDeque<Message>,
 }
 
 impl Conn {
-    pub fn new(id: u64, now: Micros) -> Self {
+    pub fn new(id: u32, now: Micros) -> Self {
         Self {
             id,
             queue: VecDeque::new(),
@@ -105,7 +105,7 @@ impl Conn {
     }
 
     /// The next packet the window lets out, if any.
-    pub fn next_to_send(&mut self) -> Option<(u64, usize)> {
+    pub fn next_to_send(&mut self) -> Option<(u32, usize)> {
         if (self.inflight.len() as f64) < self.cwnd.floor().max(1.0) {
             self.queue.pop_front()
         } else {
@@ -114,7 +114,7 @@ impl Conn {
     }
 
     /// The receiver got packet `p`: returns the messages now complete, in order.
-    pub fn receive(&mut self, p: u64) -> Vec<Message> {
+    pub fn receive(&mut self, p: u32) -> Vec<Message> {
         if p >= self.contiguous {
             self.above.insert(p);
             while self.above.remove(&self.contiguous) {
@@ -131,7 +131,7 @@ impl Conn {
     }
 
     /// Packet `p` was acknowledged at `now`; returns whether it was in flight.
-    pub fn acked(&mut self, p: u64, now: Micros) -> bool {
+    pub fn acked(&mut self, p: u32, now: Micros) -> bool {
         let Some(f) = self.inflight.remove(&p) else { return false };
         // Karn: only a packet sent once gives an RTT sample.
         if f.attempt == 1 {
@@ -149,7 +149,7 @@ impl Conn {
 
     /// Packet `p`'s timer for transmission `attempt` fired: whether it is still that one in flight
     /// (then the window halves and the caller sends it again).
-    pub fn lost(&mut self, p: u64, attempt: u32) -> Option<InFlight> {
+    pub fn lost(&mut self, p: u32, attempt: u32) -> Option<InFlight> {
         let f = *self.inflight.get(&p)?;
         if f.attempt != attempt {
             return None;

@@ -1,0 +1,146 @@
+//! The role machines on their own: open devices and a cloud passing bytes by hand (no
+//! simulator), checking what a driver relies on: a write is handed out to commit, a merge is
+//! handed out before the transmit that answers it, a restart forgets volatile state and changes
+//! the replica epoch, and answers that fit no request are dropped.
+
+use std::sync::Arc;
+
+use engine::cloud::{Cloud, CloudLimits, Persist as CloudPersist};
+use engine::control::{self, Request, Response};
+use engine::device::{CommandError, Device, DeviceConfig, Event, Identity, Persist, OPEN_FOLDER};
+use engine::directory::Directory;
+use engine::feedsync::{Content, Edit, Endpoint, ItemId, When};
+use engine::sessions::Stream;
+use engine::signing::DeviceKey;
+use engine::ticket::ChannelKey;
+
+const CLOUD: u8 = 0;
+
+fn device(name: &str, epoch: u64) -> Device<u8> {
+    let endpoint = Endpoint::new(name).unwrap();
+    Device::new(Identity::Open(endpoint), Some(CLOUD), Directory::new(), Vec::new(), epoch, DeviceConfig::default())
+}
+
+fn cloud() -> Cloud<u8> {
+    Cloud::new(DeviceKey::from_bytes(&[7; 32]), Directory::new(), CloudLimits::default())
+        .with_sessions(engine::sync::Config::default(), 99)
+        .open_sessions()
+}
+
+fn edit(text: &str) -> Edit {
+    Edit {
+        content: Some(Arc::new(Content { inner: format!("<title>{text}</title>").into(), ..Content::empty() })),
+        ..Edit::default()
+    }
+}
+
+/// Delivers between device `me` (peer index `me`) and the cloud until both are quiet. Returns,
+/// in order, what the cloud polled: `true` for a commit, `false` for a transmit.
+fn run(now: u64, me: u8, d: &mut Device<u8>, c: &mut Cloud<u8>) -> Vec<bool> {
+    let mut cloud_order = Vec::new();
+    for _ in 0..64 {
+        let mut moved = false;
+        while d.poll_persist().is_some() {}
+        while d.poll_event().is_some() {}
+        let mut to_cloud = Vec::new();
+        while let Some(t) = d.poll_transmit() {
+            to_cloud.push(t);
+        }
+        for t in to_cloud {
+            moved = true;
+            assert_eq!(t.to, CLOUD);
+            match t.stream {
+                Stream::Sync => c.handle_sync(now, me, ChannelKey([me; 32]), &t.bytes),
+                Stream::Request(id) => c.handle_control(now, me, engine::signing::DeviceId([me; 32]), id, &t.bytes),
+                _ => {}
+            }
+            // What a driver must do: commit what the cloud hands out, then send.
+            while let Some(p) = c.poll_persist() {
+                cloud_order.push(matches!(p, CloudPersist::Items(_)));
+            }
+            while let Some(t) = c.poll_transmit() {
+                cloud_order.push(false);
+                match t.stream {
+                    Stream::Sync => d.handle_sync(now, CLOUD, ChannelKey([0; 32]), &t.bytes),
+                    Stream::Response(id) => d.handle_response(now, id, &t.bytes),
+                    _ => {}
+                }
+            }
+        }
+        if !moved {
+            break;
+        }
+    }
+    cloud_order
+}
+
+#[test]
+fn a_write_reaches_another_device_through_the_cloud_and_is_committed_before_it_is_answered() {
+    let (mut a, mut b, mut c) = (device("a", 1), device("b", 2), cloud());
+    let when = When::from_unix_secs(1_700_000_000).unwrap();
+    let id = ItemId::new("x").unwrap();
+    a.write(OPEN_FOLDER, &id, &when, &edit("hello")).unwrap();
+    match a.poll_persist() {
+        Some(Persist::Items(commit)) => {
+            assert_eq!(commit.from, None, "a local write");
+            assert_eq!(commit.items.len(), 1);
+        }
+        other => panic!("a write is handed out to commit: {other:?}"),
+    }
+    a.start_sync(1_000, CLOUD, ChannelKey([0; 32]), OPEN_FOLDER, 11).unwrap();
+    assert_eq!(a.start_sync(1_000, CLOUD, ChannelKey([0; 32]), OPEN_FOLDER, 12), Err(CommandError::Busy));
+    let order = run(1_000, 1, &mut a, &mut c);
+    // The cloud handed its merge out to commit, once, in the step that merged it (the driver
+    // commits it before sending that step's answer).
+    assert_eq!(order.iter().filter(|&&commit| commit).count(), 1, "{order:?}");
+    assert_eq!(c.replica(&OPEN_FOLDER).unwrap().len(), 1);
+    b.start_sync(2_000, CLOUD, ChannelKey([0; 32]), OPEN_FOLDER, 21).unwrap();
+    run(2_000, 2, &mut b, &mut c);
+    assert_eq!(b.replica(&OPEN_FOLDER).unwrap().digest(), a.replica(&OPEN_FOLDER).unwrap().digest());
+    a.check_invariants().unwrap();
+    b.check_invariants().unwrap();
+    c.check_invariants().unwrap();
+}
+
+#[test]
+fn a_restart_forgets_sessions_and_requests_and_changes_the_epoch() {
+    let mut a = device("a", 1);
+    let when = When::from_unix_secs(1_700_000_000).unwrap();
+    a.write(OPEN_FOLDER, &ItemId::new("x").unwrap(), &when, &edit("kept")).unwrap();
+    a.start_sync(0, CLOUD, ChannelKey([0; 32]), OPEN_FOLDER, 5).unwrap();
+    a.request(0, Request::Ticket).unwrap();
+    assert!(a.syncing(CLOUD, OPEN_FOLDER));
+    assert!(a.poll_timeout().is_some());
+    let digest = a.replica(&OPEN_FOLDER).unwrap().digest();
+    a.restart(77);
+    assert!(!a.syncing(CLOUD, OPEN_FOLDER), "sessions are volatile");
+    assert!(!a.pending(&Request::Ticket), "so are requests");
+    assert!(a.poll_transmit().is_none() && a.poll_persist().is_none());
+    let r = a.replica(&OPEN_FOLDER).unwrap();
+    assert_eq!(r.epoch(), 77, "a new epoch: peers' cursors into the old log are refused");
+    assert_eq!(r.digest(), digest, "what was committed is kept");
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn answers_that_fit_no_request_are_dropped() {
+    let mut a = device("a", 1);
+    // No request 5 is outstanding: nothing happens.
+    a.handle_response(0, 5, &control::encode(&Response::Ok));
+    assert!(a.poll_event().is_none());
+    // A request answered with a refusal says so, typed.
+    let id = a.request(0, Request::PairList).unwrap();
+    a.handle_response(0, id, &control::encode(&Response::Refused(control::ControlError::NotActive)));
+    match a.poll_event() {
+        Some(Event::Refused { request, error }) => {
+            assert_eq!(request, "pair-list");
+            assert_eq!(error, control::ControlError::NotActive);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Garbage is dropped after one bounded decode, and the request stays outstanding.
+    let id = a.request(0, Request::PairList).unwrap();
+    a.handle_response(0, id, &[0xff; 40]);
+    assert!(a.pending(&Request::PairList));
+    a.check_invariants().unwrap();
+}
