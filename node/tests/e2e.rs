@@ -113,6 +113,9 @@ fn three_nodes_two_users_converge_through_offline_and_restart() {
     let status = a1.ok(&["status"]);
     assert!(status.contains("cloud: online"), "{status}");
     assert!(status.contains("lan") || status.contains("direct") || status.contains("relayed"), "{status}");
+    // ...and names each peer by its user and which of the user's devices it is (issue 13).
+    assert!(status.contains("alice's device 2") || status.contains("bob's device 1"), "{status}");
+    assert!(!status.contains("unknown device"), "{status}");
 
     // Export and import round-trip into another folder.
     let file = root.path().join("photos.atom");

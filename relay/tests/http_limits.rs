@@ -522,3 +522,34 @@ fn every_error_is_json_with_a_stable_code() {
         assert_eq!(names["user_taken"], false);
     });
 }
+
+/// Issue 13, item 3: the cloud itself refuses a user whose name another user holds, whatever
+/// the client checked first, case-insensitively; the holder's own `CreateUser` sent again is not
+/// a second user; and the name still resolves to its first holder.
+#[test]
+fn the_cloud_refuses_a_user_name_another_user_holds() {
+    let relay = Relay::start(relay::Limits::default());
+    let mut mesh = Mesh::new();
+    let alice = mesh.person(&relay, 1, "alice");
+    for (seed, name) in [(2u8, "alice"), (3, "ALICE"), (4, "Alice")] {
+        let key = engine::signing::DeviceKey::from_bytes(&[seed; 32]);
+        let mut dir = engine::directory::Directory::new();
+        let change = dir.make(&key, 1_700_000_100, Op::CreateUser { name: name.into() }).unwrap();
+        let request = transport::Request::Directory { heads: Vec::new(), changes: vec![change] };
+        let answer = relay.running().cloud.handle_request(engine::signing::DeviceId::of(&key), request);
+        assert_eq!(
+            answer,
+            transport::Response::Refused(transport::ControlError::Directory(engine::refusal::DirCode::NotEntitled)),
+            "{name}"
+        );
+    }
+    // Alice's own change again is no squatter.
+    let again = mesh.dir.changes().next().unwrap().clone();
+    let request = transport::Request::Directory { heads: Vec::new(), changes: vec![again] };
+    let answer = relay.running().cloud.handle_request(alice.device, request);
+    assert!(matches!(answer, transport::Response::Directory { .. }), "{answer:?}");
+    let st = relay.running().cloud.lock();
+    let holders: Vec<_> = st.dir().state().users.iter().filter(|(_, u)| u.name.eq_ignore_ascii_case("alice")).collect();
+    assert_eq!(holders.len(), 1);
+    assert_eq!(*holders[0].0, alice.user);
+}

@@ -151,7 +151,7 @@ pub async fn request(
 /// Users with one device each, whose directory changes go to the cloud through its own request
 /// handler (as a device's would over QUIC).
 pub struct Mesh {
-    dir: Directory,
+    pub dir: Directory,
     when: i64,
 }
 
