@@ -139,8 +139,24 @@ fn every_feed_the_programs_write_is_valid_for_readers_and_keeps_feedsync() {
     }
 
     // feedparser (bozo false) reads the XML ones; it has no JSON Feed reader (6.0), so the JSON
-    // documents are checked by feed-rs and our own rules above.
-    let _ = (&json_file, &news_json_file, &relay_json_file);
+    // documents are read by Python's jsonfeed-util as the second parser (after feed-rs above).
+    match jsonfeed_ready() {
+        Ok(()) => {
+            let files = [json_file.as_path(), news_json_file.as_path(), relay_json_file.as_path()];
+            let read = jsonfeed(&files);
+            for ((title, ids), file) in read.iter().zip(&files) {
+                assert!(!title.is_empty(), "{}", file.display());
+                if file.file_name().unwrap().to_str().unwrap().starts_with("news") {
+                    assert_eq!(ids.len(), news_ids.len());
+                } else {
+                    assert_eq!(ids.len(), items.len(), "{}", file.display());
+                    assert!(ids.iter().any(|i| i.ends_with(":item:beach")), "{ids:?}");
+                }
+            }
+            println!("jsonfeed-util read {} JSON Feed documents", files.len());
+        }
+        Err(why) => println!("SKIPPED jsonfeed-util checks: it could not be installed ({why})"),
+    }
     match feedparser_ready() {
         Ok(()) => {
             let files: Vec<&std::path::Path> = xml_files.iter().map(PathBuf::as_path).collect();

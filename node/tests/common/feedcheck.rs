@@ -258,6 +258,60 @@ pub fn feedparser_ready() -> Result<(), String> {
     Err(tried.join("; "))
 }
 
+/// Whether the `jsonfeed-util` package (module `jsonfeed`, a JSON Feed 1.1 parser no one here
+/// wrote) can be imported, installing it with pip for this user when it cannot.
+pub fn jsonfeed_ready() -> Result<(), String> {
+    let importable = || {
+        Command::new("python3").args(["-c", "import jsonfeed; jsonfeed.Feed.parse_string"]).output().is_ok_and(|o| o.status.success())
+    };
+    if importable() {
+        return Ok(());
+    }
+    let attempts: [&[&str]; 2] = [
+        &["python3", "-m", "pip", "install", "--user", "--quiet", "jsonfeed-util"],
+        &["python3", "-m", "pip", "install", "--user", "--quiet", "--break-system-packages", "jsonfeed-util"],
+    ];
+    let mut tried = Vec::new();
+    for a in attempts {
+        let out = Command::new(a[0]).args(&a[1..]).output();
+        tried.push(format!("{}: {}", a.join(" "), match &out {
+            Ok(o) => format!("exit {}", o.status),
+            Err(e) => e.to_string(),
+        }));
+        if importable() {
+            return Ok(());
+        }
+    }
+    Err(tried.join("; "))
+}
+
+/// `jsonfeed-util`'s view of each JSON Feed file: its title and item ids (it refuses a feed
+/// without a title, an item without an id, an attachment or hub without its required fields).
+pub fn jsonfeed(files: &[&Path]) -> Vec<(String, Vec<String>)> {
+    let script = r#"
+import json, sys, jsonfeed
+out = []
+for path in sys.argv[1:]:
+    with open(path, encoding="utf-8") as f:
+        feed = jsonfeed.Feed.parse_string(f.read())
+    out.append({"title": feed.title, "ids": [i.id for i in feed.items]})
+print(json.dumps(out))
+"#;
+    let out = Command::new("python3").arg("-c").arg(script).args(files).output().expect("python3 runs");
+    assert!(out.status.success(), "jsonfeed-util: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["title"].as_str().unwrap_or_default().to_string(),
+                d["ids"].as_array().unwrap().iter().map(|i| i.as_str().unwrap_or_default().to_string()).collect(),
+            )
+        })
+        .collect()
+}
+
 /// feedparser's view of each file: (bozo, version, entry ids).
 pub fn feedparser(files: &[&Path]) -> Vec<(bool, String, Vec<String>)> {
     let script = r#"
