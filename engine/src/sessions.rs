@@ -293,6 +293,10 @@ impl<P: Peer> Sessions<P> {
                 if let Ok(i) = find(&self.outgoing, &(peer, folder)) {
                     self.outgoing.remove(i);
                 }
+                if self.outgoing.is_empty() {
+                    // Idle most of the time: hold no memory then.
+                    self.outgoing = Vec::new();
+                }
             }
         }
         if finished {
@@ -300,6 +304,10 @@ impl<P: Peer> Sessions<P> {
                 if let (true, Some(old)) = (self.indexed, entry.deadline) {
                     self.deadlines.remove(&(old, peer, sid));
                 }
+            }
+            if self.table.is_empty() {
+                // An empty map can still hold its root node: a device is idle most of the time.
+                self.table = BTreeMap::new();
             }
             self.ended.push_back(Ended { peer, folder, session: sid, initiated, outcome });
         } else {
