@@ -22,15 +22,15 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::authz::{AuthSession, Credentials, Policy};
 use crate::control::{self, ControlError, Notice, PairView, PeerAddr, Request, Response};
-use crate::replica::Replica;
-use crate::sessions::{Commit, Ended, Peer, Sessions, Stream, Transmit};
-use crate::sync::Config;
-use crate::ticket::ChannelKey;
 use crate::directory::{
     ChangeId, Directory, FolderId, SignedChange, UserId, CHANGES_PER_BATCH_MAX, DEPS_MAX,
 };
 use crate::refusal::DirCode;
+use crate::replica::Replica;
+use crate::sessions::{Commit, Ended, Peer, Sessions, Stream, Transmit};
 use crate::signing::{DeviceId, DeviceKey};
+use crate::sync::Config;
+use crate::ticket::ChannelKey;
 use crate::ticket::{CloudId, Rights, Ticket, TicketAuthority, TICKET_LIFETIME_US};
 use crate::time::Micros;
 
@@ -49,7 +49,12 @@ pub struct CloudLimits {
 
 impl Default for CloudLimits {
     fn default() -> Self {
-        Self { pairings_per_user: 16, pairings_max: 65_536, notices_max: 4096, ticket_lifetime_us: TICKET_LIFETIME_US }
+        Self {
+            pairings_per_user: 16,
+            pairings_max: 65_536,
+            notices_max: 4096,
+            ticket_lifetime_us: TICKET_LIFETIME_US,
+        }
     }
 }
 

@@ -66,7 +66,12 @@ pub struct DeviceConfig {
 
 impl Default for DeviceConfig {
     fn default() -> Self {
-        Self { sync: Config::default(), request_rto_us: 1_000_000, request_rto_max_us: 30_000_000, refresh_tickets: true }
+        Self {
+            sync: Config::default(),
+            request_rto_us: 1_000_000,
+            request_rto_max_us: 30_000_000,
+            refresh_tickets: true,
+        }
     }
 }
 
@@ -302,7 +307,13 @@ impl<P: Peer> Device<P> {
     // ------------------------------------------------------------------ local commands
 
     /// Writes (puts, edits, deletes or resolves) item `id` of `folder` at wall time `when`.
-    pub fn write(&mut self, folder: FolderId, id: &ItemId, when: &When, edit: &Edit) -> Result<Arc<Item>, CommandError> {
+    pub fn write(
+        &mut self,
+        folder: FolderId,
+        id: &ItemId,
+        when: &When,
+        edit: &Edit,
+    ) -> Result<Arc<Item>, CommandError> {
         if !self.holds(&folder) {
             return Err(CommandError::NotHeld);
         }
@@ -321,7 +332,14 @@ impl<P: Peer> Device<P> {
 
     /// Starts a sync session of `folder` with `peer`, whose channel key the transport
     /// authenticated as `channel`; `sid` is the caller's random session id.
-    pub fn start_sync(&mut self, now: Micros, peer: P, channel: ChannelKey, folder: FolderId, sid: u64) -> Result<(), CommandError> {
+    pub fn start_sync(
+        &mut self,
+        now: Micros,
+        peer: P,
+        channel: ChannelKey,
+        folder: FolderId,
+        sid: u64,
+    ) -> Result<(), CommandError> {
         if self.sessions.busy(peer, folder) {
             return Err(CommandError::Busy);
         }
@@ -359,7 +377,12 @@ impl<P: Peer> Device<P> {
         self.next_request += 1;
         let bytes = control::encode(&request);
         self.sessions.transmit.push_back(Transmit { to: cloud, stream: Stream::Request(id), bytes });
-        self.requests.push(Pending { id, request, deadline: now.saturating_add(self.cfg.request_rto_us), retries: 0 });
+        self.requests.push(Pending {
+            id,
+            request,
+            deadline: now.saturating_add(self.cfg.request_rto_us),
+            retries: 0,
+        });
         Ok(id)
     }
 
@@ -482,7 +505,9 @@ impl<P: Peer> Device<P> {
     pub fn handle_notice(&mut self, bytes: &[u8]) {
         let Ok(notice) = control::decode::<Notice>(bytes, control::CONTROL_MAX) else { return };
         match notice {
-            Notice::Folder(folder) if self.holds(&folder) => self.events.push_back(Event::FolderChanged(folder)),
+            Notice::Folder(folder) if self.holds(&folder) => {
+                self.events.push_back(Event::FolderChanged(folder))
+            }
             Notice::Folder(_) => {}
             Notice::Directory => self.events.push_back(Event::DirectoryChanged),
             Notice::Pairing => {}
@@ -504,7 +529,11 @@ impl<P: Peer> Device<P> {
                 let backoff = (rto << p.retries.min(16)).min(max.max(rto));
                 p.deadline = now.saturating_add(backoff);
                 let bytes = control::encode(&p.request);
-                self.sessions.transmit.push_back(Transmit { to: cloud, stream: Stream::Request(p.id), bytes });
+                self.sessions.transmit.push_back(Transmit {
+                    to: cloud,
+                    stream: Stream::Request(p.id),
+                    bytes,
+                });
             }
         }
         if self.ticket_due.is_some_and(|t| t <= now) {
@@ -650,4 +679,3 @@ pub(crate) fn rebuilt(replica: &Replica, epoch: u64, folder: FolderId, keyed: bo
     }
     fresh
 }
-

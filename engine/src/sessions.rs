@@ -156,8 +156,21 @@ impl<P: Peer> Sessions<P> {
         replica: &Replica,
     ) {
         let retained = find(&self.retained, &(peer, folder)).map(|i| self.retained[i].1).unwrap_or_default();
-        let session = AuthSession::initiate(sid, now, folder, policy, channel, dir, replica, self.cfg.clone(), retained);
-        self.table.insert((peer, sid), Entry { folder, initiated: true, deadline: None, session: Box::new(session) });
+        let session = AuthSession::initiate(
+            sid,
+            now,
+            folder,
+            policy,
+            channel,
+            dir,
+            replica,
+            self.cfg.clone(),
+            retained,
+        );
+        self.table.insert(
+            (peer, sid),
+            Entry { folder, initiated: true, deadline: None, session: Box::new(session) },
+        );
         match find(&self.outgoing, &(peer, folder)) {
             Ok(i) => self.outgoing[i].1 = sid,
             Err(i) => self.outgoing.insert(i, ((peer, folder), sid)),
@@ -177,9 +190,20 @@ impl<P: Peer> Sessions<P> {
     }
 
     /// Opens a responder for the first message of session `sid`.
-    pub(crate) fn open(&mut self, peer: P, channel: ChannelKey, sid: u64, folder: FolderId, policy: Policy, replica: &Replica) {
+    pub(crate) fn open(
+        &mut self,
+        peer: P,
+        channel: ChannelKey,
+        sid: u64,
+        folder: FolderId,
+        policy: Policy,
+        replica: &Replica,
+    ) {
         let session = AuthSession::respond(sid, policy, channel, replica, self.cfg.clone());
-        self.table.insert((peer, sid), Entry { folder, initiated: false, deadline: None, session: Box::new(session) });
+        self.table.insert(
+            (peer, sid),
+            Entry { folder, initiated: false, deadline: None, session: Box::new(session) },
+        );
         self.file_deadline(peer, sid);
     }
 
@@ -233,7 +257,8 @@ impl<P: Peer> Sessions<P> {
     fn file_deadline(&mut self, peer: P, sid: u64) {
         if !self.indexed && self.table.len() > INDEX_FROM {
             self.indexed = true;
-            self.deadlines = self.table.iter().filter_map(|(&(p, s), e)| e.deadline.map(|t| (t, p, s))).collect();
+            self.deadlines =
+                self.table.iter().filter_map(|(&(p, s), e)| e.deadline.map(|t| (t, p, s))).collect();
         }
         let Some(entry) = self.table.get_mut(&(peer, sid)) else { return };
         let now = entry.session.poll_timeout();
@@ -263,7 +288,8 @@ impl<P: Peer> Sessions<P> {
         let folder = entry.folder;
         if let Some(head) = head_before {
             if replica.head() != head {
-                let items: Vec<(Arc<Item>, u64)> = replica.log_since(head).map(|c| (c.item.clone(), c.fp)).collect();
+                let items: Vec<(Arc<Item>, u64)> =
+                    replica.log_since(head).map(|c| (c.item.clone(), c.fp)).collect();
                 self.commits.push_back(Commit { folder, from: Some(peer), items });
             }
         }
@@ -274,7 +300,8 @@ impl<P: Peer> Sessions<P> {
         let outcome = entry.session.outcome();
         let initiated = entry.initiated;
         let finished = timeout.is_none() && !matches!(outcome, Outcome::Running);
-        let mine = initiated && find(&self.outgoing, &(peer, folder)).is_ok_and(|i| self.outgoing[i].1 == sid);
+        let mine =
+            initiated && find(&self.outgoing, &(peer, folder)).is_ok_and(|i| self.outgoing[i].1 == sid);
         if mine {
             match &outcome {
                 Outcome::Done { retained, .. } => match find(&self.retained, &(peer, folder)) {
@@ -328,7 +355,9 @@ impl<P: Peer> Sessions<P> {
         if self.table.len() <= 64 {
             for (&(peer, sid), e) in &self.table {
                 let t = e.session.poll_timeout();
-                if t != e.deadline || (self.indexed && t.is_some_and(|t| !self.deadlines.contains(&(t, peer, sid)))) {
+                if t != e.deadline
+                    || (self.indexed && t.is_some_and(|t| !self.deadlines.contains(&(t, peer, sid))))
+                {
                     return Err("a session's deadline is not filed as it is");
                 }
             }
@@ -339,7 +368,9 @@ impl<P: Peer> Sessions<P> {
                 _ => return Err("an outgoing entry without its session"),
             }
         }
-        if self.outgoing.windows(2).any(|w| w[0].0 >= w[1].0) || self.retained.windows(2).any(|w| w[0].0 >= w[1].0) {
+        if self.outgoing.windows(2).any(|w| w[0].0 >= w[1].0)
+            || self.retained.windows(2).any(|w| w[0].0 >= w[1].0)
+        {
             return Err("peer maps out of order");
         }
         Ok(())

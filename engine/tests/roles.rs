@@ -18,7 +18,14 @@ const CLOUD: u8 = 0;
 
 fn device(name: &str, epoch: u64) -> Device<u8> {
     let endpoint = Endpoint::new(name).unwrap();
-    Device::new(Identity::Open(endpoint), Some(CLOUD), Directory::new(), Vec::new(), epoch, DeviceConfig::default())
+    Device::new(
+        Identity::Open(endpoint),
+        Some(CLOUD),
+        Directory::new(),
+        Vec::new(),
+        epoch,
+        DeviceConfig::default(),
+    )
 }
 
 fn cloud() -> Cloud<u8> {
@@ -29,7 +36,10 @@ fn cloud() -> Cloud<u8> {
 
 fn edit(text: &str) -> Edit {
     Edit {
-        content: Some(Arc::new(Content { inner: format!("<title>{text}</title>").into(), ..Content::empty() })),
+        content: Some(Arc::new(Content {
+            inner: format!("<title>{text}</title>").into(),
+            ..Content::empty()
+        })),
         ..Edit::default()
     }
 }
@@ -51,7 +61,9 @@ fn run(now: u64, me: u8, d: &mut Device<u8>, c: &mut Cloud<u8>) -> Vec<bool> {
             assert_eq!(t.to, CLOUD);
             match t.stream {
                 Stream::Sync => c.handle_sync(now, me, ChannelKey([me; 32]), &t.bytes),
-                Stream::Request(id) => c.handle_control(now, me, engine::signing::DeviceId([me; 32]), id, &t.bytes),
+                Stream::Request(id) => {
+                    c.handle_control(now, me, engine::signing::DeviceId([me; 32]), id, &t.bytes)
+                }
                 _ => {}
             }
             // What a driver must do: commit what the cloud hands out, then send.

@@ -49,7 +49,8 @@ fn fresh() -> (Device<u8>, Cloud<u8>) {
     let cfg = DeviceConfig { sync: config(), ..DeviceConfig::default() };
     let mut device = Device::new(identity, Some(0), w.dir.clone(), vec![(w.folder, replica)], 5, cfg);
     device.set_ticket(T0, w.tickets["a1"].clone());
-    let mut cloud = Cloud::new(w.key("cloud").clone(), w.dir.clone(), CloudLimits::default()).with_sessions(config(), 9);
+    let mut cloud =
+        Cloud::new(w.key("cloud").clone(), w.dir.clone(), CloudLimits::default()).with_sessions(config(), 9);
     cloud.install(w.folder, Replica::new_signed(9, w.folder.scope()));
     (device, cloud)
 }
@@ -145,20 +146,30 @@ pub fn roles(data: &[u8]) {
                     }
                     5 => {
                         let peer = [0, 2, 3][usize::from(arg % 3)];
-                        let _ = device.start_sync(now, peer, w.channel(name(peer)), w.folder, u64::from(arg2));
+                        let _ =
+                            device.start_sync(now, peer, w.channel(name(peer)), w.folder, u64::from(arg2));
                     }
                     6 => {
-                        let request = control::decode::<Request>(rest, CONTROL_MAX).unwrap_or(Request::Ticket);
+                        let request =
+                            control::decode::<Request>(rest, CONTROL_MAX).unwrap_or(Request::Ticket);
                         let _ = device.request(now, request);
                     }
                     _ => {
                         let id = ItemId::new(&format!("item-{arg}")).expect("generated ids are valid");
                         let when = When::from_unix_secs(1_700_000_000 + (now / 1_000_000) as i64 % 1_000_000)
                             .expect("a 2023 time is valid");
-                        let text = String::from_utf8_lossy(&tail[..tail.len().min(64)]).replace(['<', '&'], "");
-                        let content =
-                            Arc::new(Content { inner: format!("<title>{text}</title>").into(), ..Content::empty() });
-                        let _ = device.write(w.folder, &id, &when, &Edit { content: Some(content), ..Edit::default() });
+                        let text =
+                            String::from_utf8_lossy(&tail[..tail.len().min(64)]).replace(['<', '&'], "");
+                        let content = Arc::new(Content {
+                            inner: format!("<title>{text}</title>").into(),
+                            ..Content::empty()
+                        });
+                        let _ = device.write(
+                            w.folder,
+                            &id,
+                            &when,
+                            &Edit { content: Some(content), ..Edit::default() },
+                        );
                     }
                 }
             }

@@ -288,8 +288,11 @@ pub fn build(
             SignedChange::sign(body, &cloud_key)
         });
         // A late device is not active yet: its first ticket grants nothing.
-        let rights =
-            if i > 0 && late(i as u32) { Rights::default() } else { Rights { folders: vec![folder], relay: true } };
+        let rights = if i > 0 && late(i as u32) {
+            Rights::default()
+        } else {
+            Rights { folders: vec![folder], relay: true }
+        };
         // The first ticket; the device asks the cloud for the next ones.
         let ticket = authority.issue(device, channel, rights, BASE_US, lifetime_us);
         let removed =

@@ -701,7 +701,10 @@ impl Scenario {
             return bad("faults", "crash_before_commit_ppm and lost_store_ppm are at most 1000000");
         }
         if self.faults.lost_store_ppm > 0 && self.mesh.as_ref().is_some_and(|m| m.enabled) {
-            return bad("faults.lost_store_ppm", "only without [mesh]: a keyed device that lost its key must be paired again");
+            return bad(
+                "faults.lost_store_ppm",
+                "only without [mesh]: a keyed device that lost its key must be paired again",
+            );
         }
         if self.faults.churn_per_min > 0.0 && self.faults.churn_away_ms == 0 {
             return bad("faults.churn_away_ms", "must be at least 1 with churn");

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use engine::cloud::{Cloud, CloudLimits, Outgoing, Persist as CloudPersist};
 use engine::control::{PeerAddr, Request, Response};
-use engine::directory::Op;
 use engine::device::{Device, DeviceConfig, Event, Identity, Persist, OPEN_FOLDER};
+use engine::directory::Op;
 use engine::directory::{Directory, FolderId};
 use engine::feedsync::{self, Edit, Endpoint, Item, ItemId, When};
 use engine::replica::Replica;
@@ -362,7 +362,14 @@ impl Sim {
                 let d = i64::from(sc.faults.clock_drift_ppm);
                 rng.random_range(-d..=d)
             };
-            nodes.push(Node { host: Host::Noop, skew_ms, drift_ppm, mesh: None, timer_at: u64::MAX, incarnation: 0 });
+            nodes.push(Node {
+                host: Host::Noop,
+                skew_ms,
+                drift_ppm,
+                mesh: None,
+                timer_at: u64::MAX,
+                incarnation: 0,
+            });
             epochs.push(rng.random::<u64>());
         }
         let plain_cfg = Config {
@@ -402,15 +409,18 @@ impl Sim {
         let mut folder = OPEN_FOLDER;
         let engine = sc.model == NodeModel::Engine;
         let mesh = sc.mesh.as_ref().filter(|m| m.enabled).map(|spec| {
-            let (world, states, cloud_key, dir) = crate::mesh::build(spec, devices, &mut rng, EPOCH_UNIX_SECS);
+            let (world, states, cloud_key, dir) =
+                crate::mesh::build(spec, devices, &mut rng, EPOCH_UNIX_SECS);
             folder = world.folder;
             let scope = world.folder.scope();
             for (i, (node, mut state)) in nodes.iter_mut().zip(states).enumerate() {
                 let epoch = epochs[i];
                 if !engine {
                 } else if i == 0 {
-                    let limits = CloudLimits { ticket_lifetime_us: world.lifetime_us, ..CloudLimits::default() };
-                    let mut cloud = Cloud::new(cloud_key.clone(), dir.clone(), limits).with_sessions(auth_cfg.clone(), epoch);
+                    let limits =
+                        CloudLimits { ticket_lifetime_us: world.lifetime_us, ..CloudLimits::default() };
+                    let mut cloud = Cloud::new(cloud_key.clone(), dir.clone(), limits)
+                        .with_sessions(auth_cfg.clone(), epoch);
                     cloud.install(world.folder, Replica::new_signed(epoch, scope));
                     node.host = Host::Cloud(Box::new(cloud));
                 } else if state.role == Role::Injected {
@@ -424,7 +434,14 @@ impl Sim {
                     };
                     let identity = Identity::Keyed { key: state.key.clone(), cloud: world.authority.id() };
                     let dir = std::mem::take(&mut state.dir);
-                    let mut device = Device::new(identity, Some(CLOUD), dir, vec![(world.folder, replica)], epoch, device_cfg(auth_cfg.clone()));
+                    let mut device = Device::new(
+                        identity,
+                        Some(CLOUD),
+                        dir,
+                        vec![(world.folder, replica)],
+                        epoch,
+                        device_cfg(auth_cfg.clone()),
+                    );
                     // A replayer presents device 1's ticket and never asks for its own.
                     device.set_refresh_tickets(state.role != Role::Replayer);
                     let local = (BASE_US as i64 + node.skew_ms * 1_000) as u64;
@@ -442,11 +459,20 @@ impl Sim {
             // The cloud of the plain model: open sessions, no directory; its ticket key signs
             // nothing here.
             let key = DeviceKey::from_bytes(&[7; 32]);
-            let cloud = Cloud::new(key, Directory::new(), CloudLimits::default()).with_sessions(plain_cfg.clone(), epochs[0]).open_sessions();
+            let cloud = Cloud::new(key, Directory::new(), CloudLimits::default())
+                .with_sessions(plain_cfg.clone(), epochs[0])
+                .open_sessions();
             nodes[0].host = Host::Cloud(Box::new(cloud));
             for (i, node) in nodes.iter_mut().enumerate().skip(1) {
                 let name = Endpoint::new(&format!("dev-{i}")).expect("generated endpoint names are valid");
-                let device = Device::new(Identity::Open(name), Some(CLOUD), Directory::new(), Vec::new(), epochs[i], device_cfg(plain_cfg.clone()));
+                let device = Device::new(
+                    Identity::Open(name),
+                    Some(CLOUD),
+                    Directory::new(),
+                    Vec::new(),
+                    epochs[i],
+                    device_cfg(plain_cfg.clone()),
+                );
                 node.host = Host::Device(Box::new(device));
             }
         }
@@ -702,7 +728,9 @@ impl Sim {
                 let copies = self.net.forward(&mut self.rng, self.now, to, len, twin);
                 for &delay in copies.as_slice() {
                     let payload = match &what {
-                        Carried::Datagram { tag, bytes } => Payload::Deliver { to, from, tag: *tag, bytes: bytes.clone() },
+                        Carried::Datagram { tag, bytes } => {
+                            Payload::Deliver { to, from, tag: *tag, bytes: bytes.clone() }
+                        }
                         Carried::Ping => Payload::Ping { to },
                         Carried::Packet { conn, packet, .. } => {
                             Payload::Packet { to, from, conn: *conn, packet: *packet }
@@ -967,7 +995,8 @@ impl Sim {
                 let name = format!("dev-{node}-{}", n.incarnation);
                 let name = Endpoint::new(&name).expect("generated endpoint names are valid");
                 let cfg = d.config().clone();
-                **d = Device::new(Identity::Open(name), Some(CLOUD), Directory::new(), Vec::new(), epoch, cfg);
+                **d =
+                    Device::new(Identity::Open(name), Some(CLOUD), Directory::new(), Vec::new(), epoch, cfg);
             }
         }
         self.pump(node);
@@ -1214,7 +1243,8 @@ impl Sim {
             }
             let request = match pair.id {
                 None => {
-                    let u = self.mesh.as_ref().and_then(|w| w.user_ids.iter().position(|x| Some(*x) == m.user));
+                    let u =
+                        self.mesh.as_ref().and_then(|w| w.user_ids.iter().position(|x| Some(*x) == m.user));
                     let (account, password) = crate::mesh::account_of(u.unwrap_or(0));
                     let commitment = engine::directory::pairing_commitment(&me, &pair.nonce);
                     Request::PairRequest { account, password, commitment }
@@ -1305,9 +1335,14 @@ impl Sim {
                 let Some((existing, nonce_existing)) = view.existing else { return };
                 // Both screens show the code; the user types it on the new device.
                 let code = engine::directory::short_code(&existing, &me, &nonce_existing, &pair.nonce);
-                let Ok(pairing) =
-                    engine::directory::pair_new_device(&m.key, view.user, existing, nonce_existing, pair.nonce, code)
-                else {
+                let Ok(pairing) = engine::directory::pair_new_device(
+                    &m.key,
+                    view.user,
+                    existing,
+                    nonce_existing,
+                    pair.nonce,
+                    code,
+                ) else {
                     return;
                 };
                 let _ = d.request(local, Request::PairConsent { id, pairing });
@@ -1525,9 +1560,11 @@ impl Sim {
         };
         let kind = match stream {
             Stream::Sync => engine::wire::peek(&bytes).map(|(_, _, kind)| kind),
-            Stream::Request(_) => engine::control::decode::<engine::control::Request>(&bytes, engine::control::CONTROL_MAX)
-                .ok()
-                .map(|r| r.kind()),
+            Stream::Request(_) => {
+                engine::control::decode::<engine::control::Request>(&bytes, engine::control::CONTROL_MAX)
+                    .ok()
+                    .map(|r| r.kind())
+            }
             Stream::Response(_) => engine::control::decode::<Response>(&bytes, engine::control::CONTROL_MAX)
                 .ok()
                 .map(|r| match r {
@@ -1661,7 +1698,10 @@ impl Sim {
             "send"
         );
         for &delay in sent.arrive.as_slice() {
-            self.push(self.now + delay, Payload::Deliver { to, from, tag: Tag::of(stream), bytes: bytes.clone() });
+            self.push(
+                self.now + delay,
+                Payload::Deliver { to, from, tag: Tag::of(stream), bytes: bytes.clone() },
+            );
         }
         let twin = sent.relay.twin;
         for &delay in sent.relay.delays.as_slice() {

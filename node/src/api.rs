@@ -100,7 +100,8 @@ async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) 
     if status.as_u16() < 400 || is_json {
         return resp;
     }
-    let text = axum::body::to_bytes(resp.into_body(), 4096).await.map(|b| String::from_utf8_lossy(&b).into_owned());
+    let text =
+        axum::body::to_bytes(resp.into_body(), 4096).await.map(|b| String::from_utf8_lossy(&b).into_owned());
     let message = match status {
         StatusCode::NOT_FOUND => format!("no such resource: {method} {path}"),
         StatusCode::METHOD_NOT_ALLOWED => format!("{method} is not allowed on {path}"),
@@ -119,7 +120,11 @@ fn check(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError(StatusCode::UNAUTHORIZED, "a valid bearer token is required (see api.json)".into(), None))
+        Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "a valid bearer token is required (see api.json)".into(),
+            None,
+        ))
     }
 }
 
@@ -206,7 +211,8 @@ async fn get_item(
     check(&app, &headers)?;
     let n = lock(&app.ctx.node);
     let folder = n.folder(&folder)?;
-    let fid = ItemId::new(&id).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("item id: {e}"), None))?;
+    let fid =
+        ItemId::new(&id).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("item id: {e}"), None))?;
     let item = n
         .replicas
         .get(&folder)

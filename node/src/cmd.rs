@@ -237,7 +237,11 @@ pub enum Format {
 }
 
 /// A folder's feed in `format` (`transport::syndication`): the node's `export` and local API.
-pub fn folder_document(n: &crate::state::Node, folder: &engine::directory::FolderId, format: Format) -> anyhow::Result<(String, usize)> {
+pub fn folder_document(
+    n: &crate::state::Node,
+    folder: &engine::directory::FolderId,
+    format: Format,
+) -> anyhow::Result<(String, usize)> {
     let f = n.dir.folder(folder).ok_or_else(|| anyhow!("no such folder"))?;
     let owner = n.dir.state().users.get(&f.owner).map(|u| u.name.clone()).unwrap_or_default();
     let meta = transport::syndication::Meta::folder(&hex(&folder.0), &f.name, &owner, now_when()?);

@@ -255,7 +255,11 @@ fn run(dir: &Path, top: Top) -> anyhow::Result<()> {
                         if let (Some(account), Some(password)) = (account, password) {
                             let ctx = Ctx::new(node.clone(), None);
                             let done = rt.block_on(async {
-                                let out = exec(&ctx, Cmd::Account { name: account.clone(), password: Some(password) }).await;
+                                let out = exec(
+                                    &ctx,
+                                    Cmd::Account { name: account.clone(), password: Some(password) },
+                                )
+                                .await;
                                 ctx.close().await;
                                 out
                             });

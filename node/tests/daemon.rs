@@ -39,9 +39,14 @@ fn sigterm_stops_the_daemon_cleanly_and_a_second_daemon_fails_at_once() {
     assert!(t0.elapsed() < Duration::from_secs(1), "refused at once, took {:?}", t0.elapsed());
     assert_eq!(second.status.code(), Some(1));
     let err = String::from_utf8_lossy(&second.stderr);
-    assert!(err.contains("another feedmesh daemon is running on") && err.contains(&format!("pid {}", daemon.id())), "{err}");
+    assert!(
+        err.contains("another feedmesh daemon is running on")
+            && err.contains(&format!("pid {}", daemon.id())),
+        "{err}"
+    );
 
-    let killed = std::process::Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status().unwrap();
+    let killed =
+        std::process::Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status().unwrap();
     assert!(killed.success());
     let rest: Vec<String> = lines.map(Result::unwrap).collect();
     assert!(daemon.wait().unwrap().success(), "SIGTERM is a clean stop: {rest:?}");

@@ -62,13 +62,17 @@ fn every_feed_the_programs_write_is_valid_for_readers_and_keeps_feedsync() {
     // The node's export, in each format.
     let atom = a.ok(&["export", "photos", "--format", "atom"]);
     assert_eq!(check_atom(&atom, None), items);
-    assert!(atom.contains("<geo:lat xmlns:geo=\"http://www.w3.org/2003/01/geo/wgs84_pos#\">52.5</geo:lat>"), "{atom}");
+    assert!(
+        atom.contains("<geo:lat xmlns:geo=\"http://www.w3.org/2003/01/geo/wgs84_pos#\">52.5</geo:lat>"),
+        "{atom}"
+    );
     assert!(atom.contains("<sx:conflicts>"), "conflicts stay");
     xml_files.push(save("export.atom", &atom));
     let rss = a.ok(&["export", "photos", "--format", "rss"]);
     assert_eq!(check_rss(&rss), items);
     let beach = tree(&rss);
-    let beach = beach.one("", "channel").all("", "item").find(|i| i.kids[0].attrs["id"] == "beach").unwrap().clone();
+    let beach =
+        beach.one("", "channel").all("", "item").find(|i| i.kids[0].attrs["id"] == "beach").unwrap().clone();
     assert_eq!(beach.one(CONTENT, "encoded").text, "sand & <sea>");
     assert_eq!(beach.one("", "description").text, "sand & <sea>");
     assert_eq!(beach.one("", "title").text, "Beach \"day\"");
@@ -126,7 +130,10 @@ fn every_feed_the_programs_write_is_valid_for_readers_and_keeps_feedsync() {
     for (text, n) in [(&atom, items.len()), (&rss, items.len()), (&relay_atom, items.len())] {
         let entries = feed_rs(text);
         assert!(entries.len() >= n, "{entries:?}");
-        assert!(entries.iter().any(|(id, title)| id.ends_with(":item:beach") && title == "Beach \"day\""), "{entries:?}");
+        assert!(
+            entries.iter().any(|(id, title)| id.ends_with(":item:beach") && title == "Beach \"day\""),
+            "{entries:?}"
+        );
         assert!(entries.iter().any(|(id, _)| id.ends_with(":item:a%3Ab%2Fc%28d%29")), "{entries:?}");
     }
     for text in [&json, &relay_json] {
@@ -181,7 +188,14 @@ fn every_feed_the_programs_write_is_valid_for_readers_and_keeps_feedsync() {
     for format in ["atom", "rss"] {
         let file = dir.join(format!("export.{format}"));
         let out = b.ok(&["import", "photos", file.to_str().unwrap()]);
-        assert!(out.contains(&format!("imported {} items: {} merged as signed, 0 written", items.len(), items.len())), "{format}: {out}");
+        assert!(
+            out.contains(&format!(
+                "imported {} items: {} merged as signed, 0 written",
+                items.len(),
+                items.len()
+            )),
+            "{format}: {out}"
+        );
     }
     let posted: Value = rt.block_on(async {
         c.post(format!("{url}/v1/folders/{folder}/feed"))

@@ -35,7 +35,14 @@ fn names_limits_and_membership_get_honest_answers() {
     assert!(err.contains("the cloud refused: the account name \"alice\" is taken"), "{err}");
     assert!(!b.dir.exists());
     // A weak password is refused here, before the relay is asked.
-    let out = b.command().arg("--dir").arg(&b.dir).args(["init", "--relay", &relay.url, "--name", "bob", "--account", "bob"]).env("FEEDMESH_PASSWORD", "short").output().unwrap();
+    let out = b
+        .command()
+        .arg("--dir")
+        .arg(&b.dir)
+        .args(["init", "--relay", &relay.url, "--name", "bob", "--account", "bob"])
+        .env("FEEDMESH_PASSWORD", "short")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("passwords are 8 to 1024 bytes"));
     assert!(!b.dir.exists());
@@ -61,7 +68,13 @@ fn names_limits_and_membership_get_honest_answers() {
     relay.rt.block_on(async {
         let c = reqwest::Client::new();
         let text = "x".repeat(10 << 20);
-        let r = c.put(format!("{base}/v1/folders/photos/items/big")).bearer_auth(&token).json(&serde_json::json!({"text": text})).send().await.unwrap();
+        let r = c
+            .put(format!("{base}/v1/folders/photos/items/big"))
+            .bearer_auth(&token)
+            .json(&serde_json::json!({"text": text}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 413);
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["error"], "text-too-large", "{body}");

@@ -255,7 +255,14 @@ fn a_relay_restarted_between_two_long_polls_loses_no_notification() {
     });
     let poll = |relay: &Relay, query: &str| -> Value {
         relay.rt.block_on(async {
-            c.get(format!("{url}/v1/notifications?{query}")).bearer_auth(&token).send().await.unwrap().json().await.unwrap()
+            c.get(format!("{url}/v1/notifications?{query}"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
         })
     };
     let first = poll(&relay, "timeout=0");
@@ -274,7 +281,10 @@ fn a_relay_restarted_between_two_long_polls_loses_no_notification() {
     assert_eq!(second["resync"], true, "{second}");
     assert_ne!(second["epoch"].as_u64().unwrap(), epoch, "a new epoch: {second}");
     let evs = second["events"].as_array().unwrap();
-    assert!(evs.iter().any(|e| e["kind"] == "folder" && e["folder"] == folder), "the change is there: {second}");
+    assert!(
+        evs.iter().any(|e| e["kind"] == "folder" && e["folder"] == folder),
+        "the change is there: {second}"
+    );
     // In the new epoch, a poll with the new cursor is held as usual (no resync).
     let third = poll(&relay, &format!("since={}&epoch={}&timeout=1", second["latest"], second["epoch"]));
     assert_eq!(third["resync"], false, "{third}");

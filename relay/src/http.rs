@@ -798,7 +798,13 @@ async fn feed_json(
 }
 
 /// A folder as Atom (RFC 4287, with `sx:sync`) or JSON Feed 1.1 (`transport::syndication`).
-fn folder_feed(app: &App, headers: &HeaderMap, id: &str, q: &Since, doc: FeedDoc) -> Result<Response, ApiError> {
+fn folder_feed(
+    app: &App,
+    headers: &HeaderMap,
+    id: &str,
+    q: &Since,
+    doc: FeedDoc,
+) -> Result<Response, ApiError> {
     let who = principal(app, headers)?;
     let folder_hex = id.to_string();
     let id = parse_folder(id)?;
@@ -820,7 +826,8 @@ fn folder_feed(app: &App, headers: &HeaderMap, id: &str, q: &Since, doc: FeedDoc
     let owner = st.dir().state().users.get(&folder.owner).map(|u| u.name.clone()).unwrap_or_default();
     let now = engine::feedsync::When::from_unix_secs(transport::now_secs())
         .map_err(|e| internal(anyhow::anyhow!("clock: {e}")))?;
-    let mut meta = transport::syndication::Meta::folder(&folder_hex.to_lowercase(), &folder.name, &owner, now);
+    let mut meta =
+        transport::syndication::Meta::folder(&folder_hex.to_lowercase(), &folder.name, &owner, now);
     let (path, kind) = match doc {
         FeedDoc::Atom => ("feed.atom", transport::syndication::ATOM_TYPE),
         FeedDoc::Json => ("feed.json", transport::syndication::JSON_FEED_TYPE),

@@ -181,7 +181,8 @@ pub enum LockError {
 pub fn lock_data_dir(dir: &Path) -> Result<std::fs::File, LockError> {
     let path = dir.join(LOCK_FILE);
     let io = |source| LockError::Io { path: path.display().to_string(), source };
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io)?;
+    let file =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io)?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(LockError::Held(dir.display().to_string())),

@@ -458,10 +458,18 @@ fn every_error_is_json_with_a_stable_code() {
         (c.get(format!("{base}/no/such/route")), 404, "not-found"),
         (c.get(format!("{base}/v1/folders/00/feed.atom")), 401, "unauthorized"),
         (c.delete(format!("{base}/health")), 405, "method-not-allowed"),
-        (c.post(format!("{base}/v1/login")).header("content-type", "application/json").body("{not json"), 400, "bad-request"),
+        (
+            c.post(format!("{base}/v1/login")).header("content-type", "application/json").body("{not json"),
+            400,
+            "bad-request",
+        ),
         (c.post(format!("{base}/v1/login")).body("{}"), 415, "unsupported-media-type"),
         (c.get(format!("{base}/v1/folders/xyz/feed.json")).bearer_auth(relay.admin()), 400, "bad-request"),
-        (c.get(format!("{base}/v1/folders/{}/feed.json", "0".repeat(32))).bearer_auth(relay.admin()), 404, "not-found"),
+        (
+            c.get(format!("{base}/v1/folders/{}/feed.json", "0".repeat(32))).bearer_auth(relay.admin()),
+            404,
+            "not-found",
+        ),
     ];
     relay.rt.block_on(async {
         for (request, status, code) in cases {
@@ -518,7 +526,8 @@ fn every_error_is_json_with_a_stable_code() {
         let body: Value = serde_json::from_str(&body[start..end]).unwrap();
         assert_eq!(body["error"], "too-large", "{body}");
         // Names: what `feedmesh init` checks first.
-        let names: Value = c.get(format!("{base}/v1/names/alice")).send().await.unwrap().json().await.unwrap();
+        let names: Value =
+            c.get(format!("{base}/v1/names/alice")).send().await.unwrap().json().await.unwrap();
         assert_eq!(names["user_taken"], false);
     });
 }
@@ -539,7 +548,9 @@ fn the_cloud_refuses_a_user_name_another_user_holds() {
         let answer = relay.running().cloud.handle_request(engine::signing::DeviceId::of(&key), request);
         assert_eq!(
             answer,
-            transport::Response::Refused(transport::ControlError::Directory(engine::refusal::DirCode::NotEntitled)),
+            transport::Response::Refused(transport::ControlError::Directory(
+                engine::refusal::DirCode::NotEntitled
+            )),
             "{name}"
         );
     }
@@ -549,7 +560,8 @@ fn the_cloud_refuses_a_user_name_another_user_holds() {
     let answer = relay.running().cloud.handle_request(alice.device, request);
     assert!(matches!(answer, transport::Response::Directory { .. }), "{answer:?}");
     let st = relay.running().cloud.lock();
-    let holders: Vec<_> = st.dir().state().users.iter().filter(|(_, u)| u.name.eq_ignore_ascii_case("alice")).collect();
+    let holders: Vec<_> =
+        st.dir().state().users.iter().filter(|(_, u)| u.name.eq_ignore_ascii_case("alice")).collect();
     assert_eq!(holders.len(), 1);
     assert_eq!(*holders[0].0, alice.user);
 }

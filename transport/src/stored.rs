@@ -106,7 +106,10 @@ fn wire_version(v: VersionV1) -> Result<WireVersion, StoredError> {
 /// The row for `item`.
 pub fn encode(item: &Item) -> Vec<u8> {
     let wire = to_wire(item);
-    let stored = ItemV1 { version: version_v1(&wire.version), conflicts: wire.conflicts.iter().map(version_v1).collect() };
+    let stored = ItemV1 {
+        version: version_v1(&wire.version),
+        conflicts: wire.conflicts.iter().map(version_v1).collect(),
+    };
     let mut out = vec![ITEM_ENCODING];
     // Serialising plain data into a Vec cannot fail.
     out.extend(postcard::to_allocvec(&stored).unwrap_or_default());

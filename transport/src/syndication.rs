@@ -453,7 +453,11 @@ mod tests {
     #[test]
     fn a_stamped_feed_reads_back_to_the_items_it_was_made_of() {
         let items = [
-            item("beach", "<title>Beach</title><content type=\"text\">sand &amp; sea</content>", 1_750_000_000),
+            item(
+                "beach",
+                "<title>Beach</title><content type=\"text\">sand &amp; sea</content>",
+                1_750_000_000,
+            ),
             item("empty", "<content type=\"text\"/>", 1_750_000_001),
             item("bare", "", 1_750_000_002),
             item("odd:id/with(paren)%20", "<summary>x</summary><foo:bar xmlns:foo=\"urn:x\">y</foo:bar>", 1),
@@ -473,11 +477,13 @@ mod tests {
 
     #[test]
     fn rss_has_no_bare_content_and_atom_has_one_id_per_entry() {
-        let items = [item("beach", "<title>Beach</title><content type=\"text\">sea</content>", 1_750_000_000)];
+        let items =
+            [item("beach", "<title>Beach</title><content type=\"text\">sea</content>", 1_750_000_000)];
         let rss = rss(&meta(), &items).unwrap();
         assert!(rss.contains("<content:encoded fmv:was=\"\" type=\"text\">sea</content:encoded>"), "{rss}");
         assert!(!rss.contains("<content "), "{rss}");
-        assert!(rss.contains("<guid fmv:gen=\"\" isPermaLink=\"false\">urn:feedmesh:folder:00ff:item:beach</guid>"));
+        assert!(rss
+            .contains("<guid fmv:gen=\"\" isPermaLink=\"false\">urn:feedmesh:folder:00ff:item:beach</guid>"));
         let atom = atom(&meta(), &items).unwrap();
         assert_eq!(atom.matches("<id").count(), 2, "{atom}");
         assert!(atom.contains("<updated>2025-06-15T15:06:40Z</updated>"), "{atom}");

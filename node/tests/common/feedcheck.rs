@@ -51,7 +51,12 @@ pub fn tree(text: &str) -> El {
                 for a in e.attributes() {
                     let a = a.expect("attribute");
                     let key = a.key.as_ref().to_string();
-                    el.attrs.insert(key, a.normalized_value(quick_xml::XmlVersion::Implicit1_0).expect("attribute value").into_owned());
+                    el.attrs.insert(
+                        key,
+                        a.normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                            .expect("attribute value")
+                            .into_owned(),
+                    );
                 }
                 if matches!(event, Event::Start(_)) {
                     stack.push(el);
@@ -83,7 +88,9 @@ pub fn tree(text: &str) -> El {
                 };
                 stack.last_mut().unwrap().text.push_str(c);
             }
-            Event::CData(t) => stack.last_mut().unwrap().text.push_str(&t.xml_content(quick_xml::XmlVersion::Implicit1_0)),
+            Event::CData(t) => {
+                stack.last_mut().unwrap().text.push_str(&t.xml_content(quick_xml::XmlVersion::Implicit1_0))
+            }
             Event::Eof => break,
             _ => {}
         }
@@ -107,7 +114,8 @@ pub fn is_absolute_iri(s: &str) -> bool {
 
 /// An RFC 3339 date-time that is not in 1970; its unix seconds.
 pub fn date(s: &str) -> i64 {
-    let t = time::OffsetDateTime::parse(s.trim(), &Rfc3339).unwrap_or_else(|e| panic!("{s:?} is not RFC 3339: {e}"));
+    let t = time::OffsetDateTime::parse(s.trim(), &Rfc3339)
+        .unwrap_or_else(|e| panic!("{s:?} is not RFC 3339: {e}"));
     assert_ne!(t.year(), 1970, "a 1970 date: {s}");
     t.unix_timestamp()
 }
@@ -132,7 +140,10 @@ pub fn check_atom(text: &str, served_at: Option<&str>) -> Vec<String> {
         assert!(!a.one(ATOM, "name").text.is_empty());
     }
     if let Some(url) = served_at {
-        let selfs: Vec<&El> = feed.all(ATOM, "link").filter(|l| l.attrs.get("rel").map(String::as_str) == Some("self")).collect();
+        let selfs: Vec<&El> = feed
+            .all(ATOM, "link")
+            .filter(|l| l.attrs.get("rel").map(String::as_str) == Some("self"))
+            .collect();
         assert_eq!(selfs.len(), 1, "one link rel=self");
         assert_eq!(selfs[0].attrs["href"], url);
         assert!(is_absolute_iri(&selfs[0].attrs["href"]));
@@ -148,7 +159,9 @@ pub fn check_atom(text: &str, served_at: Option<&str>) -> Vec<String> {
         let updated = date(&entry.one(ATOM, "updated").text);
         assert!(
             entry.all(ATOM, "content").count() == 1
-                || entry.all(ATOM, "link").any(|l| l.attrs.get("rel").map(String::as_str) == Some("alternate")),
+                || entry
+                    .all(ATOM, "link")
+                    .any(|l| l.attrs.get("rel").map(String::as_str) == Some("alternate")),
             "an entry has content or an alternate link (RFC 4287 4.1.2)"
         );
         // FeedSync stays: sx:sync is the entry's first child.
@@ -207,8 +220,21 @@ pub fn check_json_feed(text: &str, served_at: Option<&str>) -> Vec<String> {
         assert!(item["content_text"].is_string() || item["content_html"].is_string(), "content");
         date(item["date_modified"].as_str().expect("date_modified"));
         for key in item.as_object().unwrap().keys() {
-            let known = ["id", "url", "title", "content_text", "content_html", "date_modified", "date_published", "authors", "summary"];
-            assert!(known.contains(&key.as_str()) || key.starts_with('_'), "unknown key {key} (extensions start with _)");
+            let known = [
+                "id",
+                "url",
+                "title",
+                "content_text",
+                "content_html",
+                "date_modified",
+                "date_published",
+                "authors",
+                "summary",
+            ];
+            assert!(
+                known.contains(&key.as_str()) || key.starts_with('_'),
+                "unknown key {key} (extensions start with _)"
+            );
         }
         ids.push(item["_feedsync"]["id"].as_str().unwrap().to_string());
     }
@@ -217,7 +243,8 @@ pub fn check_json_feed(text: &str, served_at: Option<&str>) -> Vec<String> {
 
 /// feed-rs reads the document; its entries' ids and titles.
 pub fn feed_rs(text: &str) -> Vec<(String, String)> {
-    let feed = feed_rs::parser::parse(text.as_bytes()).unwrap_or_else(|e| panic!("feed-rs refuses it: {e}\n{text}"));
+    let feed =
+        feed_rs::parser::parse(text.as_bytes()).unwrap_or_else(|e| panic!("feed-rs refuses it: {e}\n{text}"));
     assert!(!feed.id.is_empty() || feed.title.is_some(), "feed-rs sees an id or a title");
     feed.entries
         .iter()
@@ -247,10 +274,14 @@ pub fn feedparser_ready() -> Result<(), String> {
     let mut tried = Vec::new();
     for a in attempts {
         let out = Command::new(a[0]).args(&a[1..]).output();
-        tried.push(format!("{}: {}", a.join(" "), match &out {
-            Ok(o) => format!("exit {}", o.status),
-            Err(e) => e.to_string(),
-        }));
+        tried.push(format!(
+            "{}: {}",
+            a.join(" "),
+            match &out {
+                Ok(o) => format!("exit {}", o.status),
+                Err(e) => e.to_string(),
+            }
+        ));
         if importable() {
             return Ok(());
         }
@@ -262,7 +293,10 @@ pub fn feedparser_ready() -> Result<(), String> {
 /// wrote) can be imported, installing it with pip for this user when it cannot.
 pub fn jsonfeed_ready() -> Result<(), String> {
     let importable = || {
-        Command::new("python3").args(["-c", "import jsonfeed; jsonfeed.Feed.parse_string"]).output().is_ok_and(|o| o.status.success())
+        Command::new("python3")
+            .args(["-c", "import jsonfeed; jsonfeed.Feed.parse_string"])
+            .output()
+            .is_ok_and(|o| o.status.success())
     };
     if importable() {
         return Ok(());
@@ -274,10 +308,14 @@ pub fn jsonfeed_ready() -> Result<(), String> {
     let mut tried = Vec::new();
     for a in attempts {
         let out = Command::new(a[0]).args(&a[1..]).output();
-        tried.push(format!("{}: {}", a.join(" "), match &out {
-            Ok(o) => format!("exit {}", o.status),
-            Err(e) => e.to_string(),
-        }));
+        tried.push(format!(
+            "{}: {}",
+            a.join(" "),
+            match &out {
+                Ok(o) => format!("exit {}", o.status),
+                Err(e) => e.to_string(),
+            }
+        ));
         if importable() {
             return Ok(());
         }
@@ -306,7 +344,12 @@ print(json.dumps(out))
         .map(|d| {
             (
                 d["title"].as_str().unwrap_or_default().to_string(),
-                d["ids"].as_array().unwrap().iter().map(|i| i.as_str().unwrap_or_default().to_string()).collect(),
+                d["ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|i| i.as_str().unwrap_or_default().to_string())
+                    .collect(),
             )
         })
         .collect()
@@ -335,7 +378,12 @@ print(json.dumps(out))
             (
                 d["bozo"].as_bool().unwrap(),
                 d["version"].as_str().unwrap_or_default().to_string(),
-                d["ids"].as_array().unwrap().iter().map(|i| i.as_str().unwrap_or_default().to_string()).collect(),
+                d["ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|i| i.as_str().unwrap_or_default().to_string())
+                    .collect(),
             )
         })
         .collect()
