@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::authz::{AuthSession, Credentials, Policy};
+use crate::authz::{Credentials, Policy};
 use crate::control::{self, ControlError, Notice, PairView, PeerAddr, Request, Response};
 use crate::directory::{
     ChangeId, Directory, FolderId, SignedChange, UserId, CHANGES_PER_BATCH_MAX, DEPS_MAX,
@@ -189,47 +189,21 @@ impl<P: Peer> Cloud<P> {
     /// Changes it merges are handed out by [`Cloud::poll_persist`] and announced to the devices
     /// that hold the folder (not to the sender).
     pub fn handle_sync(&mut self, now: Micros, peer: P, channel: ChannelKey, bytes: &[u8]) {
-        let max = self.sessions.cfg.max_message_bytes;
-        // The header only: the session decodes the message once.
-        let Some((sid, step, _)) = crate::wire::peek(bytes) else { return };
-        let folder = match self.sessions.folder_of(peer, sid) {
-            Some(folder) => folder,
-            None => {
-                if step != 0 || !self.sessions.may_open(peer, sid) {
-                    return;
-                }
-                let folder = if self.open {
-                    crate::device::OPEN_FOLDER
-                } else {
-                    match AuthSession::folder_of(bytes, max) {
-                        Some(folder) => folder,
-                        None => return,
-                    }
-                };
-                let policy = self.session_policy(now, folder);
-                if self.keeps(&folder) {
-                    let i = self.replica_index(folder);
-                    self.sessions.open(peer, channel, sid, folder, policy, &self.replicas[i].1);
-                } else {
-                    let scratch = Replica::new_signed(0, folder.scope());
-                    self.sessions.open(peer, channel, sid, folder, policy, &scratch);
-                }
-                folder
+        let open_folder = self.open.then_some(crate::device::OPEN_FOLDER);
+        let Some((sid, folder, new)) = self.sessions.route(peer, bytes, open_folder) else { return };
+        let opens = new.then(|| self.session_policy(now, folder));
+        let replica = match self.keeps(&folder) {
+            true => {
+                let i = self.replica_index(folder);
+                Some(&mut self.replicas[i].1)
             }
+            false => None,
         };
-        let commits = self.sessions.commits.len();
-        if self.keeps(&folder) {
-            let i = self.replica_index(folder);
-            self.sessions.handle(now, peer, sid, &mut self.dir, &mut self.replicas[i].1, bytes);
-        } else {
-            // A folder the cloud does not know: the session refuses, nothing is kept.
-            let mut scratch = Replica::new_signed(0, folder.scope());
-            self.sessions.handle(now, peer, sid, &mut self.dir, &mut scratch, bytes);
-            self.sessions.commits.truncate(commits);
-        }
+        let committed =
+            self.sessions.deliver(now, peer, channel, sid, folder, opens, &mut self.dir, replica, bytes);
         // The sender's device, named by its channel key (the transport binds the two).
         let origin = Some(DeviceId(channel.0));
-        if self.sessions.commits.len() > commits && !self.open {
+        if committed && !self.open {
             self.folder_changed(folder, origin);
         }
         self.after_directory_change(origin);

@@ -402,44 +402,24 @@ impl<P: Peer> Device<P> {
     /// session that runs nowhere here opens a responder only if it is a session's first message
     /// (a `Hello` for an open device, a `DirHello` for a keyed one).
     pub fn handle_sync(&mut self, now: Micros, peer: P, channel: ChannelKey, bytes: &[u8]) {
-        let max = self.cfg.sync.max_message_bytes;
-        // The header only: the session decodes the message once.
-        let Some((sid, step, _)) = crate::wire::peek(bytes) else { return };
-        let folder = match self.sessions.folder_of(peer, sid) {
-            Some(folder) => folder,
-            None => {
-                if step != 0 || !self.sessions.may_open(peer, sid) {
-                    return;
-                }
-                let folder = match self.id {
-                    None => OPEN_FOLDER,
-                    Some(_) => match crate::authz::AuthSession::folder_of(bytes, max) {
-                        Some(folder) => folder,
-                        None => return,
-                    },
-                };
-                let Some(policy) = self.policy() else { return };
-                if self.holds(&folder) {
-                    let i = self.replica_index(folder);
-                    self.sessions.open(peer, channel, sid, folder, policy, &self.replicas[i].1);
-                } else {
-                    // Not held here: the session refuses; nothing reaches a replica.
-                    let scratch = Replica::new_signed(0, folder.scope());
-                    self.sessions.open(peer, channel, sid, folder, policy, &scratch);
-                }
-                folder
-            }
+        let open_folder = self.id.is_none().then_some(OPEN_FOLDER);
+        let Some((sid, folder, new)) = self.sessions.route(peer, bytes, open_folder) else { return };
+        let opens = match new {
+            true => match self.policy() {
+                Some(policy) => Some(policy),
+                None => return,
+            },
+            false => None,
         };
         let dir_len = self.dir.len();
-        if self.holds(&folder) {
-            let i = self.replica_index(folder);
-            self.sessions.handle(now, peer, sid, &mut self.dir, &mut self.replicas[i].1, bytes);
-        } else {
-            let mut scratch = Replica::new_signed(0, folder.scope());
-            let commits = self.sessions.commits.len();
-            self.sessions.handle(now, peer, sid, &mut self.dir, &mut scratch, bytes);
-            self.sessions.commits.truncate(commits);
-        }
+        let replica = match self.holds(&folder) {
+            true => {
+                let i = self.replica_index(folder);
+                Some(&mut self.replicas[i].1)
+            }
+            false => None,
+        };
+        self.sessions.deliver(now, peer, channel, sid, folder, opens, &mut self.dir, replica, bytes);
         if self.dir.len() != dir_len {
             self.events.push_back(Event::DirectoryChanged);
         }

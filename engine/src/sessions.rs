@@ -189,6 +189,67 @@ impl<P: Peer> Sessions<P> {
         self.table.len() < SESSIONS_MAX && !self.outgoing.iter().any(|((p, _), s)| *p == peer && *s == sid)
     }
 
+    /// Where a sync message from `peer` goes: its session's id and folder, and whether it opens
+    /// a new responder (only a session's first message does, from a session this side did not
+    /// start, with room in the table). An open role's sessions are all on `open_folder`; a keyed
+    /// role learns a new session's folder from its `DirHello`. `None`: drop it.
+    pub(crate) fn route(
+        &self,
+        peer: P,
+        bytes: &[u8],
+        open_folder: Option<FolderId>,
+    ) -> Option<(u64, FolderId, bool)> {
+        // The header only: the session decodes the message once.
+        let (sid, step, _) = crate::wire::peek(bytes)?;
+        if let Some(folder) = self.folder_of(peer, sid) {
+            return Some((sid, folder, false));
+        }
+        if step != 0 || !self.may_open(peer, sid) {
+            return None;
+        }
+        let folder = match open_folder {
+            Some(folder) => folder,
+            None => AuthSession::folder_of(bytes, self.cfg.max_message_bytes)?,
+        };
+        Some((sid, folder, true))
+    }
+
+    /// Hands a message to session `sid` with the role's replica of its folder, or, for a folder
+    /// the role does not hold (`None`), with an empty stand-in whose changes are never handed
+    /// out (the session refuses; nothing reaches a replica). Returns whether a commit was queued.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn deliver(
+        &mut self,
+        now: Micros,
+        peer: P,
+        channel: ChannelKey,
+        sid: u64,
+        folder: FolderId,
+        opens: Option<Policy>,
+        dir: &mut Directory,
+        replica: Option<&mut Replica>,
+        bytes: &[u8],
+    ) -> bool {
+        let commits = self.commits.len();
+        let held = replica.is_some();
+        let mut scratch;
+        let replica = match replica {
+            Some(r) => r,
+            None => {
+                scratch = Replica::new_signed(0, folder.scope());
+                &mut scratch
+            }
+        };
+        if let Some(policy) = opens {
+            self.open(peer, channel, sid, folder, policy, replica);
+        }
+        self.handle(now, peer, sid, dir, replica, bytes);
+        if !held {
+            self.commits.truncate(commits);
+        }
+        self.commits.len() > commits
+    }
+
     /// Opens a responder for the first message of session `sid`.
     pub(crate) fn open(
         &mut self,
