@@ -258,53 +258,32 @@ pub fn feed_rs(text: &str) -> Vec<(String, String)> {
 }
 
 /// Whether Python's feedparser can be imported, installing it when it cannot (pip for this
-/// user, else Debian's package). `None` with the reason when neither works.
+/// user, else Debian's package). `Err` with what was tried when nothing works.
 pub fn feedparser_ready() -> Result<(), String> {
-    let importable = || {
-        Command::new("python3").args(["-c", "import feedparser"]).output().is_ok_and(|o| o.status.success())
-    };
-    if importable() {
-        return Ok(());
-    }
-    let attempts: [&[&str]; 3] = [
-        &["python3", "-m", "pip", "install", "--user", "--quiet", "feedparser"],
-        &["python3", "-m", "pip", "install", "--user", "--quiet", "--break-system-packages", "feedparser"],
-        &["apt-get", "install", "-y", "-q", "python3-feedparser"],
-    ];
-    let mut tried = Vec::new();
-    for a in attempts {
-        let out = Command::new(a[0]).args(&a[1..]).output();
-        tried.push(format!(
-            "{}: {}",
-            a.join(" "),
-            match &out {
-                Ok(o) => format!("exit {}", o.status),
-                Err(e) => e.to_string(),
-            }
-        ));
-        if importable() {
-            return Ok(());
-        }
-    }
-    Err(tried.join("; "))
+    python_ready("import feedparser", "feedparser", Some("python3-feedparser"))
 }
 
 /// Whether the `jsonfeed-util` package (module `jsonfeed`, a JSON Feed 1.1 parser no one here
-/// wrote) can be imported, installing it with pip for this user when it cannot.
+/// wrote) can be imported, installing it with pip for this user when it cannot (Debian does not
+/// package it).
 pub fn jsonfeed_ready() -> Result<(), String> {
-    let importable = || {
-        Command::new("python3")
-            .args(["-c", "import jsonfeed; jsonfeed.Feed.parse_string"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
+    python_ready("import jsonfeed; jsonfeed.Feed.parse_string", "jsonfeed-util", None)
+}
+
+/// Whether `import` runs in python3, installing `pip_name` (then `apt_name`) when it does not.
+fn python_ready(import: &str, pip_name: &str, apt_name: Option<&str>) -> Result<(), String> {
+    let importable =
+        || Command::new("python3").args(["-c", import]).output().is_ok_and(|o| o.status.success());
     if importable() {
         return Ok(());
     }
-    let attempts: [&[&str]; 2] = [
-        &["python3", "-m", "pip", "install", "--user", "--quiet", "jsonfeed-util"],
-        &["python3", "-m", "pip", "install", "--user", "--quiet", "--break-system-packages", "jsonfeed-util"],
+    let mut attempts: Vec<Vec<&str>> = vec![
+        vec!["python3", "-m", "pip", "install", "--user", "--quiet", pip_name],
+        vec!["python3", "-m", "pip", "install", "--user", "--quiet", "--break-system-packages", pip_name],
     ];
+    if let Some(apt) = apt_name {
+        attempts.push(vec!["apt-get", "install", "-y", "-q", apt]);
+    }
     let mut tried = Vec::new();
     for a in attempts {
         let out = Command::new(a[0]).args(&a[1..]).output();
