@@ -350,7 +350,7 @@ mod tests {
                 let sum = if pick == 0 { 0 } else { mix(state % 3) };
                 remote.push(Symbol {
                     sum,
-                    check: if state % 5 == 0 { 0 } else { check_hash(sum) },
+                    check: if state.is_multiple_of(5) { 0 } else { check_hash(sum) },
                     count: (state % 7) as i64 - 3,
                 });
             }

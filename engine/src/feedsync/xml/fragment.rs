@@ -178,10 +178,13 @@ mod tests {
         }
     }
 
+    /// A case: namespace attributes, content, and what the problem must be.
+    type Case = (&'static str, &'static str, fn(&ContentProblem) -> bool);
+
     #[test]
     fn bad_content_is_refused_with_its_reason() {
         use ContentProblem::*;
-        let cases: &[(&str, &str, fn(&ContentProblem) -> bool)] = &[
+        let cases: &[Case] = &[
             ("", "<title>\u{1}</title>", |p| matches!(p, Character { code: 1, .. })),
             ("", "<title>\u{1b}[31m</title>", |p| matches!(p, Character { code: 0x1b, .. })),
             ("", "<title>&#1;</title>", |p| matches!(p, Character { code: 1, .. })),
