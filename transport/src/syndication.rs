@@ -13,11 +13,9 @@
 //! read back (`import`, the relay's POST) gives the very bytes that were signed. Unknown content
 //! and every `sx:` element are written as they are.
 
-use std::ops::Range;
 use std::sync::Arc;
 
 use engine::feedsync::{write_feed, Content, Dialect, Feed, FeedsyncError, Item, NsScope, Version, When};
-use quick_xml::events::Event;
 use serde_json::{json, Value};
 
 use crate::view::{escape, title_and_body};
@@ -126,29 +124,7 @@ fn feed_updated<'a>(meta: &Meta, items: impl IntoIterator<Item = &'a Item>) -> W
         .unwrap_or_else(|| meta.fallback_updated.whole_seconds())
 }
 
-/// Top-level children of raw content as `(qualified name, span)`; `None` if it does not parse.
-fn children(inner: &str) -> Option<Vec<(String, Range<usize>)>> {
-    let mut reader = quick_xml::Reader::from_str(inner);
-    reader.config_mut().check_end_names = true;
-    let mut out = Vec::new();
-    loop {
-        let start = reader.buffer_position() as usize;
-        match reader.read_event().ok()? {
-            Event::Start(e) => {
-                let name = e.name().as_ref().to_string();
-                reader.read_to_end(e.name()).ok()?;
-                out.push((name, start..reader.buffer_position() as usize));
-            }
-            Event::Empty(e) => {
-                let name = e.name().as_ref().to_string();
-                out.push((name, start..reader.buffer_position() as usize));
-            }
-            Event::Eof => return Some(out),
-            Event::End(_) => return None,
-            _ => {}
-        }
-    }
-}
+use engine::feedsync::xml::children;
 
 fn rfc822(when: &When) -> Option<String> {
     let t = time::OffsetDateTime::from_unix_timestamp(when.unix_secs()).ok()?;

@@ -9,7 +9,8 @@ use quick_xml::Reader;
 use super::super::model::{Content, Dialect, Envelope, ItemId, When};
 
 /// Top-level children of raw content as `(qualified name, byte span)`. `None` if unparsable.
-fn children(inner: &str) -> Option<Vec<(String, std::ops::Range<usize>)>> {
+/// Bounded by the content: one pass of quick-xml over it.
+pub fn children(inner: &str) -> Option<Vec<(String, std::ops::Range<usize>)>> {
     let mut reader = Reader::from_str(inner);
     reader.config_mut().check_end_names = true;
     let mut out = Vec::new();

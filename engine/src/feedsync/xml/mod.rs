@@ -5,7 +5,7 @@ mod fragment;
 mod read;
 mod write;
 
-pub use edit::{set_title, stamp_atom_entry};
+pub use edit::{children, set_title, stamp_atom_entry};
 pub use fragment::{check_content, forbidden as xml_forbids, ContentProblem};
 pub use read::read_feed;
 pub use write::write_feed;
