@@ -199,6 +199,17 @@ impl AuthSession {
         }
     }
 
+    /// The transport lost the stream the session ran on (reset, closed, or its connection gone):
+    /// a running session ends now as failed with [`SyncError::ConnectionLost`] instead of at its
+    /// retransmission timer, and one that already has its outcome stops lingering.
+    pub fn connection_lost(&mut self) {
+        if matches!(self.outcome(), Outcome::Running) {
+            self.outcome = Some(Outcome::Failed(SyncError::ConnectionLost));
+        }
+        self.phase = Phase::Over;
+        self.deadline = None;
+    }
+
     /// The feed session's counters (zero before authorization).
     pub fn stats(&self) -> Stats {
         self.inner.as_ref().map(|i| i.stats()).unwrap_or_default()

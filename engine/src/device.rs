@@ -85,12 +85,12 @@ pub enum Event<P> {
     DirectoryChanged,
     /// A fresh ticket arrived.
     TicketRenewed { expires_us: Micros },
-    /// The cloud refused a control request.
-    Refused { request: &'static str, error: ControlError },
-    /// The cloud's answer to a peers request.
-    Peers { folder: FolderId, peers: Vec<PeerAddr> },
-    /// Any other answer (pairing, announce), for the application.
-    Answer { request: Request, response: Response },
+    /// The cloud refused control request `id` (0: a directory answer this device refused).
+    Refused { id: u64, request: &'static str, error: ControlError },
+    /// The cloud's answer to peers request `id`.
+    Peers { id: u64, folder: FolderId, peers: Vec<PeerAddr> },
+    /// Any other answer to request `id` (pairing, announce, account), for the application.
+    Answer { id: u64, request: Request, response: Response },
     /// The cloud says a folder changed: sync it with the cloud soon.
     FolderChanged(FolderId),
     /// An answer that does not fit its request (a ticket for another device or from another
@@ -248,6 +248,11 @@ impl<P: Peer> Device<P> {
     /// Sessions running now.
     pub fn sessions(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// The folder of session `sid` with `peer`, while it runs here.
+    pub fn session_folder(&self, peer: P, sid: u64) -> Option<FolderId> {
+        self.sessions.folder_of(peer, sid)
     }
 
     /// Whether a session this device started with `peer` on `folder` runs.
@@ -433,7 +438,7 @@ impl<P: Peer> Device<P> {
         let request = self.requests.swap_remove(i).request;
         match (request, response) {
             (request, Response::Refused(error)) => {
-                self.events.push_back(Event::Refused { request: request.kind(), error });
+                self.events.push_back(Event::Refused { id, request: request.kind(), error });
             }
             (Request::Ticket, Response::Ticket { ticket, cloud }) => {
                 if Some(cloud) != self.cloud_id || Some(ticket.body.device) != self.id {
@@ -455,6 +460,7 @@ impl<P: Peer> Device<P> {
                         }
                     }
                     Err(e) => self.events.push_back(Event::Refused {
+                        id,
                         request: "directory",
                         error: ControlError::Directory(crate::refusal::DirCode::of(&e)),
                     }),
@@ -462,10 +468,16 @@ impl<P: Peer> Device<P> {
                 self.drain();
             }
             (Request::Peers { folder }, Response::Peers { peers }) => {
-                self.events.push_back(Event::Peers { folder, peers });
+                self.events.push_back(Event::Peers { id, folder, peers });
             }
-            (request, response) => self.events.push_back(Event::Answer { request, response }),
+            (request, response) => self.events.push_back(Event::Answer { id, request, response }),
         }
+    }
+
+    /// Whether request `id` is still outstanding (not answered, not replaced, not lost to a
+    /// restart).
+    pub fn is_pending(&self, id: u64) -> bool {
+        self.requests.iter().any(|p| p.id == id)
     }
 
     /// Whether a request of `request`'s kind (and folder) is outstanding.
@@ -492,6 +504,46 @@ impl<P: Peer> Device<P> {
             Notice::Directory => self.events.push_back(Event::DirectoryChanged),
             Notice::Pairing => {}
         }
+    }
+
+    /// The transport lost the stream of session `sid` with `peer`: the session ends at once,
+    /// failed with `ConnectionLost` (over a reliable stream nothing more of it can arrive).
+    pub fn handle_lost(&mut self, peer: P, sid: u64) {
+        let Some(folder) = self.sessions.folder_of(peer, sid) else { return };
+        match self.holds(&folder) {
+            true => {
+                let i = self.replica_index(folder);
+                self.sessions.lost(peer, sid, &self.replicas[i].1);
+            }
+            false => {
+                let scratch = Replica::new_signed(0, folder.scope());
+                self.sessions.lost(peer, sid, &scratch);
+            }
+        }
+        self.drain();
+    }
+
+    /// Merges items from outside any session (an import of a feed file) into `folder`, each
+    /// checked against the folder's signers as a session would; the ones that merged are handed
+    /// out by [`Device::poll_persist`]. Returns, per item, whether it merged.
+    pub fn import(&mut self, folder: FolderId, items: &[Arc<Item>]) -> Result<Vec<bool>, CommandError> {
+        if !self.holds(&folder) {
+            return Err(CommandError::NotHeld);
+        }
+        let signers = self.id.map(|_| self.dir.signers(&folder));
+        let i = self.replica_index(folder);
+        let replica = &mut self.replicas[i].1;
+        if let Some(signers) = signers {
+            replica.set_signers(Some(signers));
+        }
+        let head = replica.head();
+        let merged = items.iter().map(|item| replica.merge(item).is_ok()).collect();
+        let changed: Vec<(Arc<Item>, u64)> =
+            replica.log_since(head).map(|c| (c.item.clone(), c.fp)).collect();
+        if !changed.is_empty() {
+            self.persist.push_back(Persist::Items(Commit { folder, from: None, items: changed }));
+        }
+        Ok(merged)
     }
 
     /// Runs every timer that is due: session retransmissions and expiries, request retries, the

@@ -342,6 +342,14 @@ impl<P: Peer> Sessions<P> {
         self.after(peer, sid, replica, None);
     }
 
+    /// The transport lost session `sid`'s stream: the session ends (see
+    /// [`AuthSession::connection_lost`]) and is retired like any other.
+    pub(crate) fn lost(&mut self, peer: P, sid: u64, replica: &Replica) {
+        let Some(entry) = self.table.get_mut(&(peer, sid)) else { return };
+        entry.session.connection_lost();
+        self.after(peer, sid, replica, None);
+    }
+
     /// Collects what a session has to send, records replica changes, keeps the initiator's
     /// cursor, and retires it once it is over.
     fn after(&mut self, peer: P, sid: u64, replica: &Replica, head_before: Option<Seq>) {

@@ -144,7 +144,7 @@ fn answers_that_fit_no_request_are_dropped() {
     let id = a.request(0, Request::PairList).unwrap();
     a.handle_response(0, id, &control::encode(&Response::Refused(control::ControlError::NotActive)));
     match a.poll_event() {
-        Some(Event::Refused { request, error }) => {
+        Some(Event::Refused { request, error, .. }) => {
             assert_eq!(request, "pair-list");
             assert_eq!(error, control::ControlError::NotActive);
         }

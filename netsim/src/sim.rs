@@ -1293,7 +1293,7 @@ impl Sim {
                     m.known = known;
                 }
             }
-            Event::Answer { request, response } => self.on_answer(node, local, when, request, response),
+            Event::Answer { request, response, .. } => self.on_answer(node, local, when, request, response),
             Event::DirectoryChanged => {
                 // A late device that became active maps the folder, pushes that, and asks for a
                 // ticket that grants it.

@@ -461,23 +461,23 @@ const DRIVE_WAIT_MAX: Duration = Duration::from_secs(120);
 /// holds them back, the time it is given never goes backwards, and a deadline it polled is due
 /// by the session's own time when the timer for it fires.
 #[derive(Clone, Copy, Debug)]
-struct SessionClock {
+pub struct SessionClock {
     wall_us: Micros,
     start: tokio::time::Instant,
 }
 
 impl SessionClock {
-    fn start() -> Self {
+    pub fn start() -> Self {
         SessionClock { wall_us: now_us(), start: tokio::time::Instant::now() }
     }
 
     /// The session's time now.
-    fn now_us(&self) -> Micros {
+    pub fn now_us(&self) -> Micros {
         self.wall_us.saturating_add(self.start.elapsed().as_micros() as Micros)
     }
 
     /// The monotonic instant at which the session's time is `at` (now, if it already was).
-    fn instant_of(&self, at: Micros) -> tokio::time::Instant {
+    pub fn instant_of(&self, at: Micros) -> tokio::time::Instant {
         let after = Duration::from_micros(at.saturating_sub(self.wall_us));
         // Beyond what an Instant holds: wake after the longest wait, then look again.
         self.start.checked_add(after).unwrap_or_else(|| tokio::time::Instant::now() + DRIVE_WAIT_MAX)
