@@ -149,6 +149,10 @@ pub struct Device<P: Peer> {
     ticket_due: Option<Micros>,
     dir: Directory,
     dir_persisted: usize,
+    /// Each author's last change handed out for storing. The directory's log is in its total
+    /// order, not in arrival order: a change that arrives late can sort before stored ones, so
+    /// what is new is found by author and sequence number.
+    dir_heads: crate::directory::Heads,
     /// Replicas by folder, sorted.
     replicas: Vec<(FolderId, Replica)>,
     epoch: u64,
@@ -179,6 +183,7 @@ impl<P: Peer> Device<P> {
             }
         };
         let dir_persisted = dir.len();
+        let dir_heads = dir.heads();
         let mut device = Self {
             endpoint,
             key,
@@ -189,6 +194,7 @@ impl<P: Peer> Device<P> {
             ticket_due: None,
             dir,
             dir_persisted,
+            dir_heads,
             replicas: Vec::new(),
             epoch,
             sessions: Sessions::new(cfg.sync.clone()),
@@ -363,11 +369,42 @@ impl<P: Peer> Device<P> {
             }
             return Err(CommandError::NotGranted);
         }
+        self.begin(now, peer, channel, folder, sid, policy);
+        Ok(())
+    }
+
+    /// [`Device::start_sync`] without this side's own checks (that it holds the folder, is
+    /// active, and that its ticket grants the folder): for tests and simulated adversaries, so
+    /// that what is tested is the peer's checks. Still one session per peer and folder.
+    pub fn force_sync(
+        &mut self,
+        now: Micros,
+        peer: P,
+        channel: ChannelKey,
+        folder: FolderId,
+        sid: u64,
+    ) -> Result<(), CommandError> {
+        if self.sessions.busy(peer, folder) {
+            return Err(CommandError::Busy);
+        }
+        let policy = self.policy().ok_or(CommandError::NoTicket)?;
+        self.begin(now, peer, channel, folder, sid, policy);
+        Ok(())
+    }
+
+    fn begin(
+        &mut self,
+        now: Micros,
+        peer: P,
+        channel: ChannelKey,
+        folder: FolderId,
+        sid: u64,
+        policy: Policy,
+    ) {
         let i = self.replica_index(folder);
         let replica = &self.replicas[i].1;
         self.sessions.initiate(now, peer, channel, sid, folder, policy, &self.dir, replica);
         self.drain();
-        Ok(())
     }
 
     /// Sends a control request to the cloud (retried until answered). At most one request of each
@@ -624,7 +661,8 @@ impl<P: Peer> Device<P> {
             self.persist.push_back(Persist::Items(c));
         }
         if self.dir.len() > self.dir_persisted {
-            let new: Vec<SignedChange> = self.dir.changes().skip(self.dir_persisted).cloned().collect();
+            let new: Vec<SignedChange> = self.dir.missing_for(&self.dir_heads);
+            self.dir_heads = self.dir.heads();
             self.dir_persisted = self.dir.len();
             if !new.is_empty() {
                 self.persist.push_back(Persist::Directory(new));
