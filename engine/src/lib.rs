@@ -19,6 +19,8 @@
 //! - [`sessions`]: the session table the device and the cloud share.
 //! - [`control`]: the control plane between a device and the cloud (tickets, directory, addresses,
 //!   pairing, notices), as typed, versioned, bounded messages.
+//! - [`loopback`]: two sessions wired back to back in memory (clean or faulty channel), the one
+//!   pump tests, fuzz fixtures and benchmarks run session pairs with.
 
 pub mod authz;
 pub mod cloud;
@@ -26,6 +28,7 @@ pub mod control;
 pub mod device;
 pub mod directory;
 pub mod feedsync;
+pub mod loopback;
 pub mod refusal;
 pub mod replica;
 pub mod riblt;
