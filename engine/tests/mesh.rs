@@ -9,6 +9,7 @@ use engine::directory::{
     SignedChange, UserId,
 };
 use engine::feedsync::{read_feed, write_feed, Content, Dialect, Edit, Feed, ItemId, When};
+use engine::loopback::{self, Authorized, Channel, Clean, Direction};
 use engine::replica::Replica;
 use engine::signing::{DeviceId, DeviceKey, SignatureError};
 use engine::sync::{Config, Micros, Outcome, Retained, SyncError};
@@ -111,7 +112,7 @@ struct Ran {
 /// *channel* key (what the transport authenticated), whatever ticket it presents.
 fn run(i: Side<'_>, r: Side<'_>, folder: FolderId, now: Micros) -> Ran {
     let cfg = Config::default();
-    let mut si = AuthSession::initiate(
+    let session = AuthSession::initiate(
         9,
         now,
         folder,
@@ -122,27 +123,11 @@ fn run(i: Side<'_>, r: Side<'_>, folder: FolderId, now: Micros) -> Ran {
         cfg.clone(),
         Retained::default(),
     );
-    let mut sr: Option<AuthSession> = None;
-    for _ in 0..64 {
-        let mut moved = false;
-        while let Some(m) = si.poll_transmit() {
-            moved = true;
-            let s = sr.get_or_insert_with(|| {
-                AuthSession::respond(9, r.policy.clone(), i.channel, r.replica, cfg.clone())
-            });
-            let _ = s.handle_message(now, r.dir, r.replica, &m);
-        }
-        if let Some(s) = sr.as_mut() {
-            while let Some(m) = s.poll_transmit() {
-                moved = true;
-                let _ = si.handle_message(now, i.dir, i.replica, &m);
-            }
-        }
-        if !moved {
-            break;
-        }
-    }
-    Ran { initiator: si.outcome(), responder: sr.map(|s| s.outcome()).unwrap_or(Outcome::Running) }
+    let mut si = Authorized { session, directory: i.dir, replica: i.replica };
+    let session = AuthSession::respond(9, r.policy, i.channel, r.replica, cfg);
+    let mut sr = Authorized { session, directory: r.dir, replica: r.replica };
+    loopback::run_clean(&mut si, &mut sr, Clean { now, step_us: 0, rounds_max: 64 }, |_, _| {});
+    Ran { initiator: si.session.outcome(), responder: sr.session.outcome() }
 }
 
 fn refusal(outcome: &Outcome) -> Option<&Refusal> {
@@ -571,6 +556,38 @@ fn open_policy_is_the_plain_session() {
     assert_eq!(ra.digest(), rb.digest());
 }
 
+/// A channel on which messages arrive at once, one at a time: the oldest in flight, or (three
+/// times in ten) the newest; a third are lost and a tenth come twice, by the flips of `coin`.
+struct Shuffled<C> {
+    coin: C,
+    in_flight: Vec<(Micros, Direction, Vec<u8>)>,
+}
+
+impl<C: FnMut(u64) -> bool> Channel for Shuffled<C> {
+    fn send(&mut self, now: Micros, to: Direction, bytes: Vec<u8>) {
+        self.in_flight.push((now, to, bytes));
+    }
+
+    fn next_arrival(&self) -> Option<Micros> {
+        self.in_flight.iter().map(|(at, _, _)| *at).min()
+    }
+
+    fn arrive(&mut self) -> Option<(Micros, Direction, Vec<u8>)> {
+        if self.in_flight.is_empty() {
+            return None;
+        }
+        let pick = if (self.coin)(300_000) { self.in_flight.len() - 1 } else { 0 };
+        let m = self.in_flight.remove(pick);
+        if (self.coin)(330_000) {
+            return None;
+        }
+        if (self.coin)(100_000) {
+            self.in_flight.push(m.clone());
+        }
+        Some(m)
+    }
+}
+
 /// The directory phase survives loss, duplication and reordering: for many seeds, a session
 /// over a channel that drops a third of the messages and duplicates some still converges.
 #[test]
@@ -587,16 +604,15 @@ fn authorized_session_survives_a_lossy_channel() {
         let mut ra = signed_replica(&w, &[("x", "a1"), ("y", "a2")]);
         let mut rb = signed_replica(&w, &[("z", "b1")]);
         let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut coin = move |ppm: u64| {
+        let coin = move |ppm: u64| {
             rng ^= rng << 13;
             rng ^= rng >> 7;
             rng ^= rng << 17;
             rng % 1_000_000 < ppm
         };
-        let mut now = T0;
-        let mut si = AuthSession::initiate(
+        let session = AuthSession::initiate(
             3,
-            now,
+            T0,
             w.folder,
             pa.clone(),
             w.device("b1").into(),
@@ -605,48 +621,12 @@ fn authorized_session_survives_a_lossy_channel() {
             cfg.clone(),
             Retained::default(),
         );
-        let mut sr: Option<AuthSession> = None;
-        let mut in_flight: Vec<(bool, Vec<u8>)> = Vec::new();
-        for _ in 0..4000 {
-            while let Some(m) = si.poll_transmit() {
-                in_flight.push((true, m));
-            }
-            if let Some(s) = sr.as_mut() {
-                while let Some(m) = s.poll_transmit() {
-                    in_flight.push((false, m));
-                }
-            }
-            if in_flight.is_empty() {
-                let next = [si.poll_timeout(), sr.as_ref().and_then(|s| s.poll_timeout())]
-                    .into_iter()
-                    .flatten()
-                    .min();
-                let Some(next) = next else { break };
-                now = now.max(next);
-                si.handle_timeout(now);
-                if let Some(s) = sr.as_mut() {
-                    s.handle_timeout(now);
-                }
-                continue;
-            }
-            // Deliver one message, picked out of order, maybe lost, maybe duplicated.
-            let pick = if coin(300_000) { in_flight.len() - 1 } else { 0 };
-            let (to_r, m) = in_flight.remove(pick);
-            if coin(330_000) {
-                continue;
-            }
-            if coin(100_000) {
-                in_flight.push((to_r, m.clone()));
-            }
-            if to_r {
-                let s = sr.get_or_insert_with(|| {
-                    AuthSession::respond(3, pb.clone(), w.device("a1").into(), &rb, cfg.clone())
-                });
-                let _ = s.handle_message(now, &mut db, &mut rb, &m);
-            } else {
-                let _ = si.handle_message(now, &mut da, &mut ra, &m);
-            }
-        }
+        let mut si = Authorized { session, directory: &mut da, replica: &mut ra };
+        let session = AuthSession::respond(3, pb.clone(), w.device("a1").into(), &rb, cfg.clone());
+        let mut sr = Authorized { session, directory: &mut db, replica: &mut rb };
+        let mut channel = Shuffled { coin, in_flight: Vec::new() };
+        loopback::run_faulty(&mut si, &mut sr, &mut channel, T0, 4000);
+        let si = si.session;
         assert!(
             !matches!(si.outcome(), Outcome::Failed(SyncError::Refused(_))),
             "seed {seed}: {:?}",

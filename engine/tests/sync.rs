@@ -1,12 +1,12 @@
 //! Sync sessions through the public API: a channel that loses, duplicates and reorders; the byte
 //! and round-trip targets; retained cursors; an adversarial peer.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use engine::feedsync::{Content, Edit, Endpoint, ItemId, When};
+use engine::loopback::{self, Fate, Faulty, Plain};
 use engine::replica::Replica;
-use engine::sync::{Config, Micros, Outcome, Retained, Session, Stats};
+use engine::sync::{Config, Outcome, Retained, Session, Stats};
 use proptest::prelude::*;
 
 fn content(text: &str) -> Edit {
@@ -68,7 +68,8 @@ struct Run {
     a_outcome: Outcome,
 }
 
-/// Runs one session, `a` initiating, over a faulty channel with a virtual clock.
+/// Runs one session, `a` initiating, over a faulty channel with a virtual clock: each message
+/// arrives after a millisecond plus jitter, unless lost, and maybe twice.
 fn run(a: &mut Replica, b: &mut Replica, retained: Retained, faults: Faults, seed: u64, cfg: Config) -> Run {
     let mut rng = seed;
     let mut next = move || {
@@ -78,59 +79,26 @@ fn run(a: &mut Replica, b: &mut Replica, retained: Retained, faults: Faults, see
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     };
-    let mut now: Micros = 0;
-    let mut sa = Session::initiate(7, now, a, cfg.clone(), retained);
-    let mut sb = Session::respond(7, b, cfg);
-    // (deliver at, sequence) -> (to_b, bytes)
-    let mut wire: BTreeMap<(Micros, u64), (bool, Vec<u8>)> = BTreeMap::new();
-    let mut seq = 0u64;
-    let mut messages = 0u64;
-    for _ in 0..100_000 {
-        for (to_b, session) in [(true, &mut sa), (false, &mut sb)] {
-            while let Some(bytes) = session.poll_transmit() {
-                messages += 1;
-                let copies = if next() % 1_000_000 < faults.dup_ppm { 2 } else { 1 };
-                for _ in 0..copies {
-                    if next() % 1_000_000 < faults.loss_ppm {
-                        continue;
-                    }
-                    let delay = 1_000 + if faults.jitter_us > 0 { next() % faults.jitter_us } else { 0 };
-                    seq += 1;
-                    wire.insert((now + delay, seq), (to_b, bytes.clone()));
-                }
+    let mut channel = Faulty::new(|_, _: &[u8]| {
+        let mut fate = Fate::LOST;
+        let copies = if next() % 1_000_000 < faults.dup_ppm { 2 } else { 1 };
+        for copy in fate.copies.iter_mut().take(copies) {
+            if next() % 1_000_000 < faults.loss_ppm {
+                continue;
             }
+            *copy = Some(1_000 + if faults.jitter_us > 0 { next() % faults.jitter_us } else { 0 });
         }
-        let a_done = !matches!(sa.outcome(), Outcome::Running) && sa.poll_timeout().is_none();
-        let b_done = !matches!(sb.outcome(), Outcome::Running) && sb.poll_timeout().is_none();
-        if a_done && (b_done || matches!(sb.outcome(), Outcome::Done { .. })) && wire.is_empty() {
-            break;
-        }
-        let next_message = wire.keys().next().map(|k| k.0);
-        let next_timer = [sa.poll_timeout(), sb.poll_timeout()].into_iter().flatten().min();
-        let message_first = match (next_message, next_timer) {
-            (Some(m), Some(t)) => m <= t,
-            (Some(_), None) => true,
-            _ => false,
-        };
-        match (message_first, next_timer) {
-            (true, _) => {
-                let (key, (to_b, bytes)) = wire.pop_first().expect("non-empty");
-                now = key.0;
-                if to_b {
-                    let _ = sb.handle_message(now, b, &bytes);
-                } else {
-                    let _ = sa.handle_message(now, a, &bytes);
-                }
-            }
-            (false, Some(t)) => {
-                now = t;
-                sa.handle_timeout(now);
-                sb.handle_timeout(now);
-            }
-            (false, None) => break,
-        }
+        fate
+    });
+    let mut sa = Plain::initiate(7, 0, a, cfg.clone(), retained);
+    let mut sb = Plain::respond(7, b, cfg);
+    let pumped = loopback::run_faulty(&mut sa, &mut sb, &mut channel, 0, 100_000);
+    Run {
+        a: sa.session.stats(),
+        b: sb.session.stats(),
+        messages: pumped.messages,
+        a_outcome: sa.session.outcome().clone(),
     }
-    Run { a: sa.stats(), b: sb.stats(), messages, a_outcome: sa.outcome().clone() }
 }
 
 fn item_sets_equal(a: &Replica, b: &Replica) -> bool {
