@@ -14,9 +14,10 @@ use engine::directory::{
     pair_new_device, pairing_commitment, short_code, Directory, FolderId, Op, Role, SignedChange, UserId,
 };
 use engine::feedsync::{Content, Edit, Endpoint, ItemId, When};
+use engine::loopback::{self, Authorized, Clean, Direction, Plain};
 use engine::replica::Replica;
 use engine::signing::{DeviceId, DeviceKey};
-use engine::sync::{Config, Micros, Outcome, Retained, Session};
+use engine::sync::{Config, Micros, Outcome, Retained};
 use engine::ticket::{ChannelKey, Ticket, TicketAuthority};
 
 /// The clock at which every target starts (tickets are issued then).
@@ -24,7 +25,7 @@ pub const T0: Micros = 1_000_000_000_000;
 /// The session id of every fixture session (a recorded message names it).
 pub const SESSION: u64 = 9;
 /// Most steps a fixture session takes before it is declared stuck.
-const PUMP_MAX: usize = 256;
+const PUMP_MAX: u32 = 256;
 
 /// A device key from a one-byte seed.
 pub fn key(n: u8) -> DeviceKey {
@@ -247,33 +248,23 @@ pub fn prepare() {
 /// its bytes.
 pub type Transcript = Vec<(bool, Vec<u8>)>;
 
+/// The clean channel of every fixture session: from [`T0`], a millisecond a message, at most
+/// [`PUMP_MAX`] rounds.
+fn channel() -> Clean {
+    Clean { now: T0, step_us: 1_000, rounds_max: PUMP_MAX }
+}
+
 /// Runs a plain session from `a` to `b` on a clean channel (no loss, no timers) and returns the
 /// initiator's outcome and every message.
 pub fn run_plain(a: &mut Replica, b: &mut Replica, retained: Retained) -> (Outcome, Transcript) {
     let cfg = config();
-    let mut now = T0;
-    let mut si = Session::initiate(SESSION, now, a, cfg.clone(), retained);
-    let mut sr = Session::respond(SESSION, b, cfg);
+    let mut si = Plain::initiate(SESSION, T0, a, cfg.clone(), retained);
+    let mut sr = Plain::respond(SESSION, b, cfg);
     let mut transcript = Vec::new();
-    for _ in 0..PUMP_MAX {
-        let mut moved = false;
-        while let Some(m) = si.poll_transmit() {
-            moved = true;
-            now += 1_000;
-            let _ = sr.handle_message(now, b, &m);
-            transcript.push((true, m));
-        }
-        while let Some(m) = sr.poll_transmit() {
-            moved = true;
-            now += 1_000;
-            let _ = si.handle_message(now, a, &m);
-            transcript.push((false, m));
-        }
-        if !moved {
-            break;
-        }
-    }
-    (si.outcome().clone(), transcript)
+    loopback::run_clean(&mut si, &mut sr, channel(), |to, m| {
+        transcript.push((to == Direction::ToResponder, m))
+    });
+    (si.session.outcome().clone(), transcript)
 }
 
 /// Runs an authorized session from device `initiator` (with `a`, `dir_a`) to device `responder`
@@ -290,10 +281,9 @@ pub fn run_auth(
 ) -> (Outcome, Outcome, Transcript) {
     let w = world();
     let cfg = config();
-    let mut now = T0;
-    let mut si = AuthSession::initiate(
+    let session = AuthSession::initiate(
         SESSION,
-        now,
+        T0,
         w.folder,
         w.policy(initiator),
         w.channel(responder),
@@ -302,27 +292,14 @@ pub fn run_auth(
         cfg.clone(),
         retained,
     );
-    let mut sr = AuthSession::respond(SESSION, w.policy(responder), w.channel(initiator), b, cfg);
+    let mut si = Authorized { session, directory: dir_a, replica: a };
+    let session = AuthSession::respond(SESSION, w.policy(responder), w.channel(initiator), b, cfg);
+    let mut sr = Authorized { session, directory: dir_b, replica: b };
     let mut transcript = Vec::new();
-    for _ in 0..PUMP_MAX {
-        let mut moved = false;
-        while let Some(m) = si.poll_transmit() {
-            moved = true;
-            now += 1_000;
-            let _ = sr.handle_message(now, dir_b, b, &m);
-            transcript.push((true, m));
-        }
-        while let Some(m) = sr.poll_transmit() {
-            moved = true;
-            now += 1_000;
-            let _ = si.handle_message(now, dir_a, a, &m);
-            transcript.push((false, m));
-        }
-        if !moved {
-            break;
-        }
-    }
-    (si.outcome(), sr.outcome(), transcript)
+    loopback::run_clean(&mut si, &mut sr, channel(), |to, m| {
+        transcript.push((to == Direction::ToResponder, m))
+    });
+    (si.session.outcome(), sr.session.outcome(), transcript)
 }
 
 #[cfg(test)]
