@@ -15,20 +15,26 @@
 //! crash: the address book and the pairing mailbox are volatile by design (devices announce again
 //! and pairings are retried), the directory is rebuilt from the stored changes by [`Cloud::new`].
 //! Replica changes are handed out as [`Persist::Items`]; the driver commits them before it sends
-//! any transmit polled after them. [`Cloud::restart`] is a crash and restart: volatile state goes,
+//! any transmit polled after them. They come from sessions ([`Cloud::handle_sync`]) and from
+//! items the driver received outside any session ([`Cloud::merge_items`], the relay's FeedSync
+//! POST); a driver that checks signatures before it takes its lock hands the result in with
+//! [`Cloud::set_verified`], and a driver over streams reports a stream that broke with
+//! [`Cloud::handle_lost`]. [`Cloud::restart`] is a crash and restart: volatile state goes,
 //! the replicas are rebuilt from what they hold under a new epoch.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use crate::authz::{Credentials, Policy};
 use crate::control::{self, ControlError, Notice, PairView, PeerAddr, Request, Response};
 use crate::directory::{
     ChangeId, Directory, FolderId, SignedChange, UserId, CHANGES_PER_BATCH_MAX, DEPS_MAX,
 };
+use crate::feedsync::{FeedsyncError, Item};
 use crate::refusal::DirCode;
 use crate::replica::Replica;
 use crate::sessions::{Commit, Ended, Peer, Sessions, Stream, Transmit};
-use crate::signing::{DeviceId, DeviceKey};
+use crate::signing::{DeviceId, DeviceKey, Verified};
 use crate::sync::Config;
 use crate::ticket::ChannelKey;
 use crate::ticket::{CloudId, Rights, Ticket, TicketAuthority, TICKET_LIFETIME_US};
@@ -75,6 +81,65 @@ pub enum Persist<P = DeviceId> {
     Items(Commit<P>),
 }
 
+/// The cloud's replicas, by folder (sorted). Drivers and tests read them here; only the cloud
+/// changes them (there is no public way to make or change one of these).
+#[derive(Debug)]
+pub struct Replicas(Vec<(FolderId, Replica)>);
+
+impl Replicas {
+    pub fn get(&self, folder: &FolderId) -> Option<&Replica> {
+        self.index(folder).ok().map(|i| &self.0[i].1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Replicas with their folders, by folder.
+    pub fn iter(&self) -> impl Iterator<Item = (&FolderId, &Replica)> {
+        self.0.iter().map(|(f, r)| (f, r))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &FolderId> {
+        self.0.iter().map(|(f, _)| f)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Replica> {
+        self.0.iter().map(|(_, r)| r)
+    }
+
+    fn index(&self, folder: &FolderId) -> Result<usize, usize> {
+        self.0.binary_search_by_key(folder, |(f, _)| *f)
+    }
+}
+
+type Pair<'a> = (&'a FolderId, &'a Replica);
+
+fn pair((folder, replica): &(FolderId, Replica)) -> Pair<'_> {
+    (folder, replica)
+}
+
+impl<'a> IntoIterator for &'a Replicas {
+    type Item = Pair<'a>;
+    type IntoIter =
+        std::iter::Map<std::slice::Iter<'a, (FolderId, Replica)>, fn(&'a (FolderId, Replica)) -> Pair<'a>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(pair)
+    }
+}
+
+/// Why [`Cloud::merge_items`] merged nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MergeItemsError {
+    #[error("no such folder")]
+    NoSuchFolder,
+}
+
 /// The cloud.
 #[derive(Debug)]
 pub struct Cloud<P: Peer = DeviceId> {
@@ -92,8 +157,9 @@ pub struct Cloud<P: Peer = DeviceId> {
     notices: VecDeque<Outgoing>,
     /// Whether sessions are open (no tickets, no directory: the simulator's plain model).
     open: bool,
-    /// Replicas by folder, sorted.
-    replicas: Vec<(FolderId, Replica)>,
+    /// Replicas by folder, sorted. Public to read (a driver's HTTP views, tests); the cloud
+    /// alone changes them.
+    pub replicas: Replicas,
     epoch: u64,
     sessions: Sessions<P>,
     ended: VecDeque<Ended<P>>,
@@ -117,7 +183,7 @@ impl<P: Peer> Cloud<P> {
             announced_len,
             notices: VecDeque::new(),
             open: false,
-            replicas: Vec::new(),
+            replicas: Replicas(Vec::new()),
             epoch: 0,
             sessions: Sessions::new(Config::default()),
             ended: VecDeque::new(),
@@ -141,19 +207,19 @@ impl<P: Peer> Cloud<P> {
 
     /// Installs a stored replica of `folder`.
     pub fn install(&mut self, folder: FolderId, replica: Replica) {
-        match self.replicas.binary_search_by_key(&folder, |(f, _)| *f) {
-            Ok(i) => self.replicas[i].1 = replica,
-            Err(i) => self.replicas.insert(i, (folder, replica)),
+        match self.replicas.index(&folder) {
+            Ok(i) => self.replicas.0[i].1 = replica,
+            Err(i) => self.replicas.0.insert(i, (folder, replica)),
         }
     }
 
     pub fn replica(&self, folder: &FolderId) -> Option<&Replica> {
-        self.replicas.binary_search_by_key(folder, |(f, _)| *f).ok().map(|i| &self.replicas[i].1)
+        self.replicas.get(folder)
     }
 
     /// Replicas, by folder.
     pub fn replicas(&self) -> impl Iterator<Item = (&FolderId, &Replica)> {
-        self.replicas.iter().map(|(f, r)| (f, r))
+        self.replicas.iter()
     }
 
     /// Whether the cloud keeps a replica of `folder`: every folder of its directory (or the one
@@ -167,10 +233,10 @@ impl<P: Peer> Cloud<P> {
     }
 
     fn replica_index(&mut self, folder: FolderId) -> usize {
-        match self.replicas.binary_search_by_key(&folder, |(f, _)| *f) {
+        match self.replicas.index(&folder) {
             Ok(i) => i,
             Err(i) => {
-                self.replicas.insert(i, (folder, Replica::new_signed(self.epoch, folder.scope())));
+                self.replicas.0.insert(i, (folder, Replica::new_signed(self.epoch, folder.scope())));
                 i
             }
         }
@@ -195,7 +261,7 @@ impl<P: Peer> Cloud<P> {
         let replica = match self.keeps(&folder) {
             true => {
                 let i = self.replica_index(folder);
-                Some(&mut self.replicas[i].1)
+                Some(&mut self.replicas.0[i].1)
             }
             false => None,
         };
@@ -235,7 +301,7 @@ impl<P: Peer> Cloud<P> {
         for (peer, sid, folder) in self.sessions.due(now) {
             if self.keeps(&folder) {
                 let i = self.replica_index(folder);
-                self.sessions.timeout(now, peer, sid, &self.replicas[i].1);
+                self.sessions.timeout(now, peer, sid, &self.replicas.0[i].1);
             } else {
                 let scratch = Replica::new_signed(0, folder.scope());
                 self.sessions.timeout(now, peer, sid, &scratch);
@@ -244,6 +310,71 @@ impl<P: Peer> Cloud<P> {
         while let Some(e) = self.sessions.ended.pop_front() {
             self.ended.push_back(e);
         }
+    }
+
+    /// The transport lost the stream of session `sid` with `peer` (reset, finished early, or its
+    /// connection gone): the session ends now, failed with `ConnectionLost`, instead of at its
+    /// retransmission timer, so a peer that drops streams holds no table entry for long.
+    pub fn handle_lost(&mut self, peer: P, sid: u64) {
+        let Some(folder) = self.sessions.folder_of(peer, sid) else { return };
+        if self.keeps(&folder) {
+            let i = self.replica_index(folder);
+            self.sessions.lost(peer, sid, &self.replicas.0[i].1);
+        } else {
+            let scratch = Replica::new_signed(0, folder.scope());
+            self.sessions.lost(peer, sid, &scratch);
+        }
+        while let Some(e) = self.sessions.ended.pop_front() {
+            self.ended.push_back(e);
+        }
+    }
+
+    /// The folder of session `sid` with `peer`, while it runs.
+    pub fn session_folder(&self, peer: P, sid: u64) -> Option<FolderId> {
+        self.sessions.folder_of(peer, sid)
+    }
+
+    /// Signatures the driver checked ahead of the next message for `folder`, outside whatever
+    /// lock it keeps the cloud under (see `Replica::set_verified`); they replace the previous
+    /// set. Only valid signatures are in it, so it changes no outcome, only where the work runs.
+    pub fn set_verified(&mut self, folder: FolderId, verified: Verified) {
+        // A folder the cloud does not keep runs on a scratch replica that refuses.
+        if self.keeps(&folder) {
+            let i = self.replica_index(folder);
+            self.replicas.0[i].1.set_verified(verified);
+        }
+    }
+
+    /// Merges items from outside any session (a feed posted to the driver's web API) into the
+    /// replica of `folder`, each checked against the folder's signers as a session's are
+    /// (`verified`: signatures the driver checked ahead, see [`Cloud::set_verified`]). What
+    /// changed is handed out by [`Cloud::poll_persist`] as a commit from no peer, and devices
+    /// holding the folder are told. Returns, per item, whether it changed the replica or why it
+    /// was refused.
+    pub fn merge_items(
+        &mut self,
+        folder: FolderId,
+        items: &[Arc<Item>],
+        verified: Verified,
+    ) -> Result<Vec<Result<bool, FeedsyncError>>, MergeItemsError> {
+        if self.open || !self.keeps(&folder) {
+            return Err(MergeItemsError::NoSuchFolder);
+        }
+        let signers = self.dir.signers(&folder);
+        let i = self.replica_index(folder);
+        let replica = &mut self.replicas.0[i].1;
+        replica.set_signers(Some(signers));
+        replica.set_verified(verified);
+        let head = replica.head();
+        let results = items.iter().map(|item| replica.merge(item)).collect();
+        replica.set_verified(Verified::default());
+        let changed: Vec<(Arc<Item>, u64)> =
+            replica.log_since(head).map(|c| (c.item.clone(), c.fp)).collect();
+        if !changed.is_empty() {
+            self.sessions.commits.push_back(Commit { folder, from: None, items: changed });
+            self.folder_changed(folder, None);
+        }
+        Ok(results)
     }
 
     /// The next bytes to send (session messages and answers to control requests).
@@ -276,7 +407,7 @@ impl<P: Peer> Cloud<P> {
         self.pairings.clear();
         self.notices.clear();
         self.epoch = epoch;
-        for (folder, replica) in &mut self.replicas {
+        for (folder, replica) in &mut self.replicas.0 {
             *replica = crate::device::rebuilt(replica, epoch, *folder, !self.open);
         }
     }
@@ -520,10 +651,10 @@ impl<P: Peer> Cloud<P> {
             return Err("handed out a change the directory does not hold");
         }
         self.sessions.check_invariants()?;
-        if self.replicas.windows(2).any(|w| w[0].0 >= w[1].0) {
+        if self.replicas.0.windows(2).any(|w| w[0].0 >= w[1].0) {
             return Err("replicas out of order");
         }
-        if self.replicas.iter().any(|(_, r)| r.check_structure().is_err()) {
+        if self.replicas.values().any(|r| r.check_structure().is_err()) {
             return Err("a replica's structure");
         }
         Ok(())
