@@ -173,14 +173,14 @@ async fn folders(State(app): State<App>, headers: HeaderMap) -> Result<Json<Valu
     check(&app, &headers)?;
     let n = lock(&app.ctx.node);
     let list: Vec<Value> = n
-        .dir
+        .dir()
         .folders_of(&n.id)
         .into_iter()
         .map(|f| {
             json!({
                 "id": engine::signing::hex(&f.0),
-                "name": n.dir.folder(&f).map(|x| x.name.clone()),
-                "items": n.replicas.get(&f).map_or(0, |r| r.len()),
+                "name": n.dir().folder(&f).map(|x| x.name.clone()),
+                "items": n.replica(&f).map_or(0, |r| r.len()),
             })
         })
         .collect();
@@ -196,8 +196,7 @@ async fn items(
     let n = lock(&app.ctx.node);
     let folder = n.folder(&folder)?;
     let list: Vec<Value> = n
-        .replicas
-        .get(&folder)
+        .replica(&folder)
         .map(|r| r.items().map(|i| transport::view::item_json(i, false)).collect())
         .unwrap_or_default();
     Ok(Json(json!({ "items": list })))
@@ -214,8 +213,7 @@ async fn get_item(
     let fid =
         ItemId::new(&id).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("item id: {e}"), None))?;
     let item = n
-        .replicas
-        .get(&folder)
+        .replica(&folder)
         .and_then(|r| r.item(&fid))
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no item {id}"), None))?;
     Ok(Json(transport::view::item_json(item, true)))

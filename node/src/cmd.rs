@@ -242,11 +242,11 @@ pub fn folder_document(
     folder: &engine::directory::FolderId,
     format: Format,
 ) -> anyhow::Result<(String, usize)> {
-    let f = n.dir.folder(folder).ok_or_else(|| anyhow!("no such folder"))?;
-    let owner = n.dir.state().users.get(&f.owner).map(|u| u.name.clone()).unwrap_or_default();
+    let f = n.dir().folder(folder).ok_or_else(|| anyhow!("no such folder"))?;
+    let owner = n.dir().state().users.get(&f.owner).map(|u| u.name.clone()).unwrap_or_default();
     let meta = transport::syndication::Meta::folder(&hex(&folder.0), &f.name, &owner, now_when()?);
     let mut items: Vec<&engine::feedsync::Item> =
-        n.replicas.get(folder).map(|r| r.items().map(|i| &**i).collect()).unwrap_or_default();
+        n.replica(folder).map(|r| r.items().map(|i| &**i).collect()).unwrap_or_default();
     items.sort_by(|a, b| a.id().as_str().cmp(b.id().as_str()));
     document(&meta, format, items)
 }
@@ -254,7 +254,7 @@ pub fn folder_document(
 /// The directory's news feed in `format`.
 pub fn news_document(n: &crate::state::Node, format: Format) -> anyhow::Result<(String, usize)> {
     let meta = transport::syndication::Meta::news(&hex(&n.cfg.cloud.0), now_when()?);
-    let news = n.dir.news();
+    let news = n.dir().news();
     document(&meta, format, news.items())
 }
 
@@ -330,7 +330,7 @@ impl Ctx {
 }
 
 fn find_invitation(node: &crate::state::Node, text: &str) -> anyhow::Result<InviteId> {
-    let st = node.dir.state();
+    let st = node.dir().state();
     let me = node.user();
     let matches: Vec<InviteId> = st
         .invitations
@@ -400,7 +400,7 @@ async fn exec_once(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<String> {
         Cmd::Whoami => {
             let n = lock(node);
             let user = n.user().map(|u| {
-                let name = n.dir.state().users.get(&u).map(|x| x.name.clone()).unwrap_or_default();
+                let name = n.dir().state().users.get(&u).map(|x| x.name.clone()).unwrap_or_default();
                 format!("{} ({name})", hex(&u.0))
             });
             Ok(format!(
@@ -415,7 +415,7 @@ async fn exec_once(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<String> {
             DeviceCmd::Ls => {
                 let n = lock(node);
                 let user = n.user().ok_or_else(|| anyhow!("this device is not active in a user"))?;
-                let u = n.dir.state().users.get(&user).ok_or_else(|| anyhow!("user missing"))?;
+                let u = n.dir().state().users.get(&user).ok_or_else(|| anyhow!("user missing"))?;
                 let mut out = String::new();
                 for (d, active) in &u.devices {
                     let me = if *d == n.id { " (this device)" } else { "" };
@@ -455,11 +455,8 @@ async fn exec_once(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<String> {
                         if existing != n.id || pairing.nonce_existing != my_nonce {
                             continue;
                         }
-                        let key = n.key.clone();
                         let device = pairing.device;
-                        let now = transport::now_secs();
-                        if n.dir.add_paired_device(&key, user, p.commitment, pairing, code, now).is_ok() {
-                            n.persist_directory()?;
+                        if n.add_paired_device(user, p.commitment, pairing, code).is_ok() {
                             approved = Some(device);
                             break;
                         }
@@ -487,7 +484,7 @@ async fn exec_once(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<String> {
             match command {
                 InviteCmd::Ls => {
                     let me = n.user();
-                    let st = n.dir.state();
+                    let st = n.dir().state();
                     let mut out = String::new();
                     for (id, inv) in &st.invitations {
                         let folder = st.folders.get(&inv.folder);
@@ -561,7 +558,7 @@ async fn exec_once(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<String> {
             let content = text.map(|t| {
                 let fid = ItemId::new(&id).ok();
                 let title = fid
-                    .and_then(|fid| n.replicas.get(&folder).and_then(|r| r.item(&fid)).cloned())
+                    .and_then(|fid| n.replica(&folder).and_then(|r| r.item(&fid)).cloned())
                     .and_then(|i| title_and_body(&i.version.content).0);
                 content(title.as_deref(), &t)
             });
@@ -575,7 +572,7 @@ async fn exec_once(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<String> {
             let folder = n.folder(&folder)?;
             let fid = ItemId::new(&id).map_err(|e| anyhow!("{e}"))?;
             let item =
-                n.replicas.get(&folder).and_then(|r| r.item(&fid)).ok_or_else(|| anyhow!("no item {id}"))?;
+                n.replica(&folder).and_then(|r| r.item(&fid)).ok_or_else(|| anyhow!("no item {id}"))?;
             let (title, body) = title_and_body(&item.version.content);
             let top = item.version.topmost();
             Ok(format!(
@@ -595,7 +592,7 @@ async fn exec_once(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<String> {
             let folder = n.folder(&folder)?;
             n.check_mapped(&folder)?;
             let mut out = String::new();
-            if let Some(r) = n.replicas.get(&folder) {
+            if let Some(r) = n.replica(&folder) {
                 let mut items: Vec<_> = r.items().filter(|i| all || !i.version.deleted).collect();
                 items.sort_by(|a, b| a.id().as_str().cmp(b.id().as_str()));
                 for i in items {
@@ -623,7 +620,7 @@ async fn exec_once(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<String> {
             let n = lock(node);
             let folder = n.folder(&folder)?;
             let mut out = String::new();
-            if let Some(r) = n.replicas.get(&folder) {
+            if let Some(r) = n.replica(&folder) {
                 for i in r.items().filter(|i| !i.conflicts.is_empty()) {
                     out.push_str(&format!("{} ({} conflicts)\n", i.id(), i.conflicts.len()));
                     for (label, v) in std::iter::once(("winner", &i.version))
@@ -680,11 +677,11 @@ async fn exec_once(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<String> {
             let mut n = lock(node);
             let folder = n.folder(&folder)?;
             let (mut merged, mut rewritten) = (0, 0);
-            for item in feed.items() {
-                // A feed written by `export` (or a relay) has entries stamped for readers.
-                let item = &transport::syndication::restore(item);
-                let arc = Arc::new(item.clone());
-                let ok = n.replica_mut(&folder).merge(&arc).is_ok();
+            // A feed written by `export` (or a relay) has entries stamped for readers.
+            let items: Vec<Arc<engine::feedsync::Item>> =
+                feed.items().map(|i| Arc::new(transport::syndication::restore(i))).collect();
+            let results = n.import(&folder, &items)?;
+            for (item, ok) in items.iter().zip(results) {
                 if ok {
                     merged += 1;
                     continue;
@@ -698,7 +695,6 @@ async fn exec_once(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<String> {
                 n.write(&folder, item.id().as_str(), edit)?;
                 rewritten += 1;
             }
-            n.persist_folder(&folder)?;
             drop(n);
             ctx.changed();
             Ok(format!("imported {} items: {merged} merged as signed, {rewritten} written as this device's changes\n", merged + rewritten))
@@ -721,7 +717,7 @@ async fn folder_cmd(ctx: &Ctx, command: FolderCmd) -> anyhow::Result<String> {
         }
         FolderCmd::Ls => {
             let me = n.user();
-            let st = n.dir.state();
+            let st = n.dir().state();
             let mut out = String::new();
             for (id, f) in &st.folders {
                 let Some(u) = me else { break };
@@ -740,8 +736,7 @@ async fn folder_cmd(ctx: &Ctx, command: FolderCmd) -> anyhow::Result<String> {
                 } else {
                     format!("{:?}", f.members.get(&u).map(|m| m.role).unwrap_or(Role::Member)).to_lowercase()
                 };
-                let items =
-                    n.replicas.get(id).map_or(0, |r| r.items().filter(|i| !i.version.deleted).count());
+                let items = n.replica(id).map_or(0, |r| r.items().filter(|i| !i.version.deleted).count());
                 out.push_str(&format!("{} {}\t{role}, {mapped}, {items} items\n", hex(&id.0), f.name));
             }
             out
@@ -756,7 +751,7 @@ async fn folder_cmd(ctx: &Ctx, command: FolderCmd) -> anyhow::Result<String> {
         FolderCmd::Accept { invitation } => {
             let invitation = find_invitation(&n, &invitation)?;
             let folder = n
-                .dir
+                .dir()
                 .invitation(&invitation)
                 .map(|i| i.folder)
                 .ok_or_else(|| anyhow!("no such invitation"))?;
@@ -785,7 +780,7 @@ async fn folder_cmd(ctx: &Ctx, command: FolderCmd) -> anyhow::Result<String> {
         }
         FolderCmd::Members { folder } => {
             let folder = n.folder(&folder)?;
-            let st = n.dir.state();
+            let st = n.dir().state();
             let f = st.folders.get(&folder).ok_or_else(|| anyhow!("no such folder"))?;
             let name =
                 |u: &engine::directory::UserId| st.users.get(u).map(|x| x.name.clone()).unwrap_or_default();
@@ -819,14 +814,14 @@ pub fn status_text(n: &crate::state::Node) -> String {
         if n.cloud_online { "online" } else { "offline" },
         n.cloud_why
     );
-    if let Some(t) = &n.ticket {
+    if let Some(t) = n.ticket() {
         let left = (t.body.expires_us as i64 - transport::now_us() as i64) / 1_000_000;
         out.push_str(&format!("ticket: {} folders, expires in {left} s\n", t.body.rights.folders.len()));
     }
     out.push_str("folders:\n");
-    for folder in n.dir.folders_of(&n.id) {
-        let name = n.dir.folder(&folder).map(|f| f.name.clone()).unwrap_or_default();
-        let items = n.replicas.get(&folder).map_or(0, |r| r.len());
+    for folder in n.dir().folders_of(&n.id) {
+        let name = n.dir().folder(&folder).map(|f| f.name.clone()).unwrap_or_default();
+        let items = n.replica(&folder).map_or(0, |r| r.len());
         out.push_str(&format!(
             "  {name} {}: {items} items, {} changes not yet acknowledged by the cloud\n",
             short(&folder.0),
@@ -863,7 +858,7 @@ pub fn status_text(n: &crate::state::Node) -> String {
 fn peer_name(n: &crate::state::Node, device_hex: &str) -> String {
     let short_id = &device_hex[..16.min(device_hex.len())];
     let Some(device) = crate::state::parse_device_hex(device_hex) else { return short_id.to_string() };
-    let st = n.dir.state();
+    let st = n.dir().state();
     let Some(u) = st.device_user.get(&device).and_then(|id| st.users.get(id)) else {
         return format!("unknown device {short_id}");
     };
@@ -874,14 +869,14 @@ fn peer_name(n: &crate::state::Node, device_hex: &str) -> String {
 /// `status` as JSON (local API).
 pub fn status_json(n: &crate::state::Node) -> serde_json::Value {
     let folders: Vec<_> = n
-        .dir
+        .dir()
         .folders_of(&n.id)
         .into_iter()
         .map(|f| {
             serde_json::json!({
                 "id": hex(&f.0),
-                "name": n.dir.folder(&f).map(|x| x.name.clone()),
-                "items": n.replicas.get(&f).map_or(0, |r| r.len()),
+                "name": n.dir().folder(&f).map(|x| x.name.clone()),
+                "items": n.replica(&f).map_or(0, |r| r.len()),
                 "pending": n.pending(&f),
             })
         })

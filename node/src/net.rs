@@ -1,19 +1,31 @@
-//! The device on the network: its iroh endpoint, the connection to the cloud, direct or relayed
-//! connections to peers, sync rounds, and the daemon loop.
+//! The device on the network: a thin driver of the engine's device role
+//! ([`engine::device::Device`], inside [`Node`]). It feeds the role what arrives (sync frames of
+//! QUIC streams, the cloud's answers and notices), runs its timers on a monotonic clock, commits
+//! what it hands out before anything polled after it is sent, and carries its output: each sync
+//! session is one bidirectional QUIC stream, each control request another, notices arrive on
+//! unidirectional streams of the cloud connection.
+//!
+//! One driver: every input goes through [`Net::input`], which runs the role under the node's
+//! lock and then [`Net::pump`], the only place the role's output is handled. One timer task
+//! ([`Net::timers`]) runs `handle_timeout` at the role's `poll_timeout`. Stream tasks only move
+//! bytes; signatures are checked in them before the lock is taken (issue 11).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use engine::authz::{AuthSession, Credentials, Policy};
+use engine::control;
+use engine::device::Event;
 use engine::directory::FolderId;
+use engine::sessions::Stream;
 use engine::signing::DeviceId;
-use engine::sync::{Micros, Outcome, Session};
-use iroh::endpoint::Connection;
+use engine::sync::{Micros, Outcome};
+use iroh::endpoint::{Connection, RecvStream, SendStream};
 use iroh::{Endpoint, EndpointAddr, RelayUrl, TransportAddr};
-use tokio::sync::Notify;
-use transport::{frame, now_us, Notice, Open, Request, Response, FRAME_MAX};
+use tokio::sync::{mpsc, oneshot, Notify};
+use transport::{frame, Open, Request, Response, SessionClock, FRAME_MAX};
 
 use crate::state::Node;
 
@@ -23,6 +35,14 @@ pub type Shared = Arc<Mutex<Node>>;
 pub fn lock(node: &Shared) -> MutexGuard<'_, Node> {
     node.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// Messages queued for one session's stream before it counts as stuck (the session's own window
+/// keeps far fewer in flight).
+const STREAM_QUEUE: usize = 256;
+/// How long a command waits for the cloud's answer to a control request.
+const ANSWER_WAIT: Duration = Duration::from_secs(60);
+/// How long a sync round waits for its sessions.
+const ROUND_WAIT: Duration = Duration::from_secs(600);
 
 /// What one sync round did.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -35,22 +55,46 @@ pub struct Round {
     pub errors: Vec<String>,
 }
 
+/// An answer a command waits for: the cloud's response, or `None` when the device took it in
+/// itself (a ticket, directory changes).
+type Answer = anyhow::Result<Option<Response>>;
+
+/// The driver's routes: where each running session's messages go, and who waits for what.
+#[derive(Debug, Default)]
+struct Routes {
+    /// The writer of each running session's stream, by (peer, session id).
+    streams: BTreeMap<(DeviceId, u64), mpsc::Sender<Vec<u8>>>,
+    /// Commands waiting for the answer to a control request, by request id.
+    answers: BTreeMap<u64, oneshot::Sender<Answer>>,
+    /// Rounds waiting for a session's outcome.
+    sessions: BTreeMap<(DeviceId, u64), oneshot::Sender<Outcome>>,
+    /// The last connection error with a peer (a round reports it with the lost session).
+    unreachable: BTreeMap<DeviceId, String>,
+}
+
 /// A device's network side.
 #[derive(Debug)]
 pub struct Net {
     pub node: Shared,
     pub endpoint: Endpoint,
+    clock: SessionClock,
+    cloud_id: DeviceId,
     cloud: tokio::sync::Mutex<Option<Connection>>,
     peers: tokio::sync::Mutex<BTreeMap<DeviceId, Connection>>,
-    /// Woken by local writes and cloud notices.
+    /// Where peers were last said to be (the cloud's answers to peers requests).
+    addrs: Mutex<BTreeMap<DeviceId, EndpointAddr>>,
+    routes: Mutex<Routes>,
+    /// Woken by local writes and cloud notices (the daemon's next round).
     pub wake: Notify,
+    /// Woken after every input: the role's next deadline may have moved.
+    timer: Arc<Notify>,
     /// Sync with peers directly (not only with the cloud).
-    pub peer_sync: std::sync::atomic::AtomicBool,
+    pub peer_sync: AtomicBool,
     /// No UDP: every path is the relay.
     relay_only: bool,
 }
 
-fn session_id() -> u64 {
+fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     rand::fill(&mut b);
     u64::from_le_bytes(b)
@@ -85,16 +129,230 @@ impl Net {
             },
         )
         .await?;
-        Ok(Arc::new(Self {
+        let net = Arc::new(Self {
             node,
             endpoint,
+            clock: SessionClock::start(),
+            cloud_id: cfg.cloud,
             cloud: tokio::sync::Mutex::new(None),
             peers: tokio::sync::Mutex::new(BTreeMap::new()),
+            addrs: Mutex::new(BTreeMap::new()),
+            routes: Mutex::new(Routes::default()),
             wake: Notify::new(),
-            peer_sync: std::sync::atomic::AtomicBool::new(true),
+            timer: Arc::new(Notify::new()),
+            peer_sync: AtomicBool::new(true),
             relay_only,
-        }))
+        });
+        tokio::spawn(timers(Arc::downgrade(&net), net.timer.clone()));
+        Ok(net)
     }
+
+    fn routes(&self) -> MutexGuard<'_, Routes> {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The device's time now: Unix time at bind, advanced by a monotonic clock.
+    pub fn now_us(&self) -> Micros {
+        self.clock.now_us()
+    }
+
+    // ------------------------------------------------------------------ the driver
+
+    /// Runs `f` on the node (its device role) under the lock, then handles what the role
+    /// output. Every input to the role goes through here.
+    pub fn input<R>(self: &Arc<Self>, f: impl FnOnce(&mut Node, Micros) -> R) -> R {
+        let mut n = lock(&self.node);
+        let r = f(&mut n, self.now_us());
+        self.pump(&mut n);
+        drop(n);
+        self.timer.notify_one();
+        r
+    }
+
+    /// The role's output: commits first (nothing polled after a commit is sent before it is
+    /// stored), then transmits, then events.
+    fn pump(self: &Arc<Self>, n: &mut Node) {
+        {
+            match n.commit() {
+                Ok(c) if c.from_peers > 0 => {
+                    // New data from a peer: pass it on to the cloud soon.
+                    self.wake.notify_one();
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // Nothing that depends on it goes out: the sessions are ended below and
+                    // peers send again next time.
+                    tracing::error!(error = %format!("{e:#}"), "storing failed");
+                    n.last_errors.push(format!("storing failed: {e:#}"));
+                    let running: Vec<(DeviceId, u64)> = self.routes().streams.keys().copied().collect();
+                    for (peer, sid) in running {
+                        n.device.handle_lost(peer, sid);
+                    }
+                    while n.device.poll_transmit().is_some() {}
+                }
+            }
+            let mut stuck = Vec::new();
+            while let Some(t) = n.device.poll_transmit() {
+                match t.stream {
+                    Stream::Sync => {
+                        if let Some(key) = self.send_sync(t.to, t.bytes) {
+                            stuck.push(key);
+                        }
+                    }
+                    Stream::Request(id) => self.send_request(id, t.bytes),
+                    // A device answers nothing and sends no notices.
+                    Stream::Response(_) | Stream::Notice => {}
+                }
+            }
+            for (peer, sid) in stuck {
+                n.device.handle_lost(peer, sid);
+            }
+            while let Some(event) = n.device.poll_event() {
+                self.on_event(n, event);
+            }
+            // Requests the device answered itself (or gave up on): their waiters are done.
+            let mut routes = self.routes();
+            let done: Vec<u64> =
+                routes.answers.keys().copied().filter(|id| !n.device.is_pending(*id)).collect();
+            for id in done {
+                if let Some(tx) = routes.answers.remove(&id) {
+                    let _ = tx.send(Ok(None));
+                }
+            }
+        }
+    }
+
+    /// Hands a session message to its stream's writer, opening the stream for a session's first
+    /// message. Returns the session if its stream is stuck (the session is then ended).
+    fn send_sync(self: &Arc<Self>, peer: DeviceId, bytes: Vec<u8>) -> Option<(DeviceId, u64)> {
+        let (sid, _, _) = engine::wire::peek(&bytes)?;
+        let mut routes = self.routes();
+        if let Some(tx) = routes.streams.get(&(peer, sid)) {
+            return match tx.try_send(bytes) {
+                Ok(()) => None,
+                Err(_) => {
+                    routes.streams.remove(&(peer, sid));
+                    Some((peer, sid))
+                }
+            };
+        }
+        // A session this device starts: its stream is made now.
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let _ = tx.try_send(bytes);
+        routes.streams.insert((peer, sid), tx);
+        drop(routes);
+        tokio::spawn(self.clone().open_sync(peer, sid, rx));
+        None
+    }
+
+    /// Sends control request `id` on a stream of its own; the answer goes back to the device.
+    fn send_request(self: &Arc<Self>, id: u64, bytes: Vec<u8>) {
+        let Ok(request) = control::decode::<Request>(&bytes, control::CONTROL_MAX) else { return };
+        let me = self.clone();
+        tokio::spawn(async move {
+            match me.exchange(request).await {
+                Ok(response) => {
+                    let bytes = control::encode(&response);
+                    me.input(|n, now| n.device.handle_response(now, id, &bytes));
+                }
+                Err(e) => {
+                    // The device retries on its own schedule; a command waiting for this answer
+                    // hears of the failure now.
+                    if let Some(tx) = me.routes().answers.remove(&id) {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            }
+        });
+    }
+
+    /// One request-response exchange with the cloud.
+    async fn exchange(self: &Arc<Self>, request: Request) -> anyhow::Result<Response> {
+        let conn = self.cloud().await?;
+        let (mut send, mut recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                *self.cloud.lock().await = None;
+                return Err(e.into());
+            }
+        };
+        frame::write_value(&mut send, &Open::Control(request)).await?;
+        send.finish()?;
+        let response: Option<Response> =
+            tokio::time::timeout(ANSWER_WAIT, frame::read_value(&mut recv, control::CONTROL_MAX, "response"))
+                .await
+                .map_err(|_| anyhow!("the cloud did not answer within {} s", ANSWER_WAIT.as_secs()))??;
+        response.ok_or_else(|| anyhow!("the cloud closed the stream without an answer"))
+    }
+
+    fn on_event(self: &Arc<Self>, n: &mut Node, event: Event<DeviceId>) {
+        match event {
+            Event::SessionEnded(e) => {
+                let mut routes = self.routes();
+                routes.streams.remove(&(e.peer, e.session));
+                let waiter = routes.sessions.remove(&(e.peer, e.session));
+                let unreachable = routes.unreachable.get(&e.peer).cloned();
+                drop(routes);
+                let done = matches!(e.outcome, Outcome::Done { .. });
+                if e.peer == self.cloud_id {
+                    if let Err(err) = n.cloud_session_ended(e.session, done) {
+                        tracing::error!(error = %format!("{err:#}"), "saving the outbox");
+                    }
+                } else {
+                    let st = n.peers.entry(e.peer).or_default();
+                    st.device = engine::signing::hex(&e.peer.0);
+                    st.last_sync_unix = Some(transport::now_secs());
+                    st.last_outcome = match (&e.outcome, e.initiated) {
+                        (Outcome::Done { .. }, true) => "ok".into(),
+                        (Outcome::Done { .. }, false) => "ok (they initiated)".into(),
+                        (Outcome::Failed(engine::sync::SyncError::ConnectionLost), true) => {
+                            unreachable.unwrap_or_else(|| "connection lost".into())
+                        }
+                        (Outcome::Failed(err), _) => err.to_string(),
+                        (Outcome::Running, _) => "unfinished".into(),
+                    };
+                }
+                if !done {
+                    tracing::info!(peer = %engine::signing::hex(&e.peer.0[..8]), folder = %e.folder, outcome = ?e.outcome, "sync session failed");
+                }
+                if let Some(tx) = waiter {
+                    let _ = tx.send(e.outcome);
+                }
+            }
+            Event::Refused { id, request, error } => {
+                tracing::debug!(request, ?error, "the cloud refused a request");
+                if let Some(tx) = self.routes().answers.remove(&id) {
+                    let _ = tx.send(Err(transport::CloudRefused(error).into()));
+                }
+            }
+            Event::Peers { id, peers, .. } => {
+                let mut addrs = self.addrs.lock().unwrap_or_else(|p| p.into_inner());
+                for p in &peers {
+                    if let Some(addr) = transport::endpoint_addr(p) {
+                        addrs.insert(p.device, addr);
+                    }
+                }
+                drop(addrs);
+                if let Some(tx) = self.routes().answers.remove(&id) {
+                    let _ = tx.send(Ok(Some(Response::Peers { peers })));
+                }
+            }
+            Event::Answer { id, response, .. } => {
+                if let Some(tx) = self.routes().answers.remove(&id) {
+                    let _ = tx.send(Ok(Some(response)));
+                }
+            }
+            Event::FolderChanged(_) => self.wake.notify_one(),
+            // A notice or a session brought directory changes: a round pushes and pulls the rest.
+            Event::DirectoryChanged => self.wake.notify_one(),
+            Event::TicketRenewed { .. } => {}
+            Event::BadAnswer { request } => {
+                tracing::warn!(request, "the cloud's answer does not fit its request; dropped");
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ streams
 
     fn cloud_addr(&self) -> anyhow::Result<EndpointAddr> {
         let n = lock(&self.node);
@@ -124,10 +382,10 @@ impl Net {
         let me = self.clone();
         let notices = conn.clone();
         tokio::spawn(async move {
-            while let Ok(mut recv) = notices.accept_uni().await {
-                if let Ok(Some(notice)) = frame::read_value::<Notice>(&mut recv, 1024, "notice").await {
-                    tracing::debug!(?notice, "notice from the cloud");
-                    me.wake.notify_one();
+            while let Ok(recv) = notices.accept_uni().await {
+                let mut recv = frame::Reader::new(recv);
+                if let Ok(Some(bytes)) = recv.read(1024).await {
+                    me.input(|n, _| n.device.handle_notice(&bytes));
                 }
             }
         });
@@ -135,114 +393,249 @@ impl Net {
         Ok(conn)
     }
 
-    /// One control request to the cloud.
-    pub async fn request(self: &Arc<Self>, request: Request) -> anyhow::Result<Response> {
-        let conn = self.cloud().await?;
-        transport::request(&conn, request).await
-    }
-
-    /// Pushes my directory changes and pulls the cloud's until both have everything.
-    pub async fn sync_directory(self: &Arc<Self>) -> anyhow::Result<usize> {
-        let mut total = 0;
-        for _ in 0..64 {
-            let (heads, changes) = {
-                let n = lock(&self.node);
-                // Push everything: the cloud ignores what it has (cheap next to a round trip
-                // for its heads, and a directory is small).
-                (n.dir.heads().into_iter().collect(), n.dir.changes().cloned().collect::<Vec<_>>())
-            };
-            let changes: Vec<_> =
-                changes.into_iter().take(engine::directory::CHANGES_PER_BATCH_MAX).collect();
-            let Response::Directory { changes: got } =
-                self.request(Request::Directory { heads, changes }).await?
-            else {
-                bail!("unexpected answer to a directory request");
-            };
-            if got.is_empty() {
-                return Ok(total);
-            }
-            let full = got.len() == engine::directory::CHANGES_PER_BATCH_MAX;
-            total += lock(&self.node).apply_directory(&got)?;
-            if !full {
-                return Ok(total);
+    /// Connects to a peer device (direct when possible, through the relay otherwise).
+    async fn peer(&self, device: DeviceId) -> anyhow::Result<Connection> {
+        if let Some(c) = self.peers.lock().await.get(&device) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
             }
         }
-        Ok(total)
+        let addr = self
+            .addrs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&device)
+            .cloned()
+            .ok_or_else(|| anyhow!("no address known for this peer"))?;
+        // Not holding the map's lock while connecting: peers connect concurrently.
+        let conn =
+            tokio::time::timeout(Duration::from_secs(10), self.endpoint.connect(addr, transport::ALPN))
+                .await
+                .map_err(|_| anyhow!("peer did not answer within 10 s"))??;
+        self.peers.lock().await.insert(device, conn.clone());
+        Ok(conn)
+    }
+
+    /// Opens the stream of a session this device started and moves its messages both ways.
+    async fn open_sync(self: Arc<Self>, peer: DeviceId, sid: u64, rx: mpsc::Receiver<Vec<u8>>) {
+        let conn = if peer == self.cloud_id { self.cloud().await } else { self.peer(peer).await };
+        let opened = async {
+            let conn = conn?;
+            let (mut send, recv) = conn.open_bi().await?;
+            frame::write_value(&mut send, &Open::Sync).await?;
+            anyhow::Ok((conn, send, recv))
+        }
+        .await;
+        let (conn, send, recv) = match opened {
+            Ok(x) => x,
+            Err(e) => {
+                if peer == self.cloud_id {
+                    *self.cloud.lock().await = None;
+                } else {
+                    self.peers.lock().await.remove(&peer);
+                    let mut n = lock(&self.node);
+                    let st = n.peers.entry(peer).or_default();
+                    st.device = engine::signing::hex(&peer.0);
+                    st.path = "unreachable".into();
+                    st.why = format!("{e:#}");
+                }
+                self.routes().unreachable.insert(peer, format!("{e:#}"));
+                self.input(|n, _| n.device.handle_lost(peer, sid));
+                return;
+            }
+        };
+        if peer != self.cloud_id {
+            self.routes().unreachable.remove(&peer);
+            self.note_path(peer, &conn);
+        }
+        self.carry(peer, sid, None, send, frame::Reader::new(recv), rx).await;
+    }
+
+    /// Moves one session's messages: `rx` to the stream, the stream's frames to the role. Ends
+    /// the session in the role when the stream ends first.
+    async fn carry(
+        self: Arc<Self>,
+        peer: DeviceId,
+        sid: u64,
+        mut folder: Option<FolderId>,
+        mut send: SendStream,
+        mut recv: frame::Reader<RecvStream>,
+        mut rx: mpsc::Receiver<Vec<u8>>,
+    ) {
+        let writer = async move {
+            while let Some(bytes) = rx.recv().await {
+                if frame::write(&mut send, &bytes).await.is_err() {
+                    return;
+                }
+            }
+            // The session is over here: finish after everything it sent.
+            let _ = send.finish();
+        };
+        let channel = transport::endpoint_id(&peer).map(transport::channel_of);
+        let me = self.clone();
+        let reader = async move {
+            let Some(channel) = channel else { return };
+            while let Ok(Some(bytes)) = recv.read(FRAME_MAX).await {
+                if folder.is_none() {
+                    folder = lock(&me.node).device.session_folder(peer, sid);
+                }
+                me.deliver(peer, channel, folder, &bytes);
+            }
+        };
+        // The writer ends when the session ends here (its route is dropped) or the stream
+        // breaks; the reader when the peer finishes. Either way nothing more of the session
+        // can arrive.
+        let mut writer = tokio::spawn(writer);
+        tokio::select! {
+            _ = reader => {}
+            _ = &mut writer => {}
+        }
+        self.input(|n, _| n.device.handle_lost(peer, sid));
+        // Lets the writer send what is queued, then finish.
+        self.routes().streams.remove(&(peer, sid));
+    }
+
+    /// One sync message into the role; its signatures checked first, outside the lock.
+    fn deliver(
+        self: &Arc<Self>,
+        peer: DeviceId,
+        channel: engine::ticket::ChannelKey,
+        folder: Option<FolderId>,
+        bytes: &[u8],
+    ) {
+        let verified = folder.and_then(|folder| {
+            let signers = lock(&self.node).device.replica(&folder).map(|r| r.signers())?;
+            Some((folder, transport::preverify(bytes, Some(folder.scope()), signers.as_deref())))
+        });
+        self.input(|n, now| {
+            if let Some((folder, verified)) = verified {
+                if let Some(r) = n.device.replica_mut(&folder) {
+                    r.set_verified(verified);
+                }
+            }
+            n.device.handle_sync(now, peer, channel, bytes);
+        });
+    }
+
+    /// Serves connections from peers (sync sessions as responder).
+    pub async fn serve_incoming(self: Arc<Self>) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let Ok(accepting) = incoming.accept() else { return };
+                let Ok(conn) = accepting.await else { return };
+                loop {
+                    let Ok((send, recv)) = conn.accept_bi().await else { break };
+                    let me = me.clone();
+                    let remote = conn.remote_id();
+                    tokio::spawn(async move {
+                        if let Err(e) = me.respond(remote, send, recv).await {
+                            tracing::debug!(error = %e, "incoming stream failed");
+                        }
+                    });
+                }
+            });
+        }
+    }
+
+    async fn respond(
+        self: Arc<Self>,
+        remote: iroh::EndpointId,
+        mut send: SendStream,
+        recv: RecvStream,
+    ) -> anyhow::Result<()> {
+        let mut recv = frame::Reader::new(recv);
+        match recv.read_value::<Open>(1 << 16, "stream opening").await? {
+            Some(Open::Sync) => {}
+            Some(Open::Control(_)) => {
+                frame::write_value(&mut send, &Response::Refused(transport::ControlError::NotCloud)).await?;
+                let _ = send.finish();
+                return Ok(());
+            }
+            None => return Ok(()),
+        }
+        let Some(first) = recv.read(FRAME_MAX).await? else { return Ok(()) };
+        let (sid, step, _) = engine::wire::peek(&first).ok_or_else(|| anyhow!("not a sync message"))?;
+        if step != 0 {
+            bail!("sync must open with a session's first message");
+        }
+        let folder = engine::authz::AuthSession::folder_of(&first, FRAME_MAX)
+            .ok_or_else(|| anyhow!("sync must open with DirHello"))?;
+        let peer = transport::device_of(remote);
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        {
+            let mut routes = self.routes();
+            if routes.streams.contains_key(&(peer, sid)) {
+                bail!("a second stream for a running session");
+            }
+            routes.streams.insert((peer, sid), tx);
+        }
+        // Signatures of a folder this device does not hold are not checked at all: the session
+        // refuses it without looking at its items.
+        self.deliver(peer, transport::channel_of(remote), Some(folder), &first);
+        self.carry(peer, sid, Some(folder), send, recv, rx).await;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ commands
+
+    /// One control request to the cloud, through the device (retried by it); its answer.
+    pub async fn request(self: &Arc<Self>, request: Request) -> anyhow::Result<Response> {
+        match self.ask(request).await? {
+            Some(r) => Ok(r),
+            None => bail!("the device took the answer in itself"),
+        }
+    }
+
+    /// [`Net::request`]; `None` when the device took the answer in (tickets, directory).
+    async fn ask(self: &Arc<Self>, request: Request) -> Answer {
+        let (tx, rx) = oneshot::channel();
+        self.input(|n, now| {
+            let id = n.device.request(now, request).map_err(|e| anyhow!("{e}"))?;
+            self.routes().answers.insert(id, tx);
+            anyhow::Ok(())
+        })?;
+        match tokio::time::timeout(ANSWER_WAIT, rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => bail!("the request was given up"),
+            Err(_) => bail!("the cloud did not answer within {} s", ANSWER_WAIT.as_secs()),
+        }
+    }
+
+    /// Pushes my directory changes and pulls the cloud's until both have everything; how many
+    /// changes arrived.
+    pub async fn sync_directory(self: &Arc<Self>) -> anyhow::Result<usize> {
+        let before = lock(&self.node).dir().len();
+        for _ in 0..64 {
+            let (tx, rx) = oneshot::channel();
+            self.input(|n, now| {
+                let id = n.device.sync_directory(now).map_err(|e| anyhow!("{e}"))?;
+                self.routes().answers.insert(id, tx);
+                anyhow::Ok(())
+            })?;
+            match tokio::time::timeout(ANSWER_WAIT, rx).await {
+                Ok(Ok(answer)) => {
+                    answer?;
+                }
+                Ok(Err(_)) => bail!("the directory request was given up"),
+                Err(_) => bail!("the cloud did not answer within {} s", ANSWER_WAIT.as_secs()),
+            }
+            // A full batch: the device asked for the rest itself; wait for that one too.
+            let more = Request::Directory { heads: Vec::new(), changes: Vec::new() };
+            if !lock(&self.node).device.pending(&more) {
+                break;
+            }
+        }
+        Ok(lock(&self.node).dir().len().saturating_sub(before))
     }
 
     /// A fresh ticket from the cloud.
     pub async fn refresh_ticket(self: &Arc<Self>) -> anyhow::Result<()> {
-        let Response::Ticket { ticket, cloud } = self.request(Request::Ticket).await? else {
-            bail!("unexpected answer to a ticket request");
-        };
-        let mut n = lock(&self.node);
-        if cloud != n.cfg.cloud {
-            bail!("the cloud answered with another identity");
+        self.ask(Request::Ticket).await?;
+        if lock(&self.node).ticket().is_none() {
+            bail!("the cloud's ticket did not fit this device");
         }
-        n.ticket = Some(ticket);
         Ok(())
-    }
-
-    fn policy(&self) -> anyhow::Result<Policy> {
-        let n = lock(&self.node);
-        let ticket = n.ticket.clone().ok_or_else(|| anyhow!("no ticket yet"))?;
-        Ok(Policy::Directory(Box::new(Credentials { device: n.id, ticket, cloud: n.cfg.cloud })))
-    }
-
-    /// Runs one sync session for `folder` with the device at the other end of `conn`.
-    pub async fn sync_folder(&self, conn: &Connection, folder: FolderId) -> anyhow::Result<Outcome> {
-        let peer = transport::device_of(conn.remote_id());
-        let policy = self.policy()?;
-        let (mut send, recv) = conn.open_bi().await?;
-        let mut recv = frame::Reader::new(recv);
-        frame::write_value(&mut send, &Open::Sync).await?;
-        let mut at_start = std::collections::BTreeMap::new();
-        let mut session = {
-            let mut n = lock(&self.node);
-            if peer == n.cfg.cloud {
-                at_start = n.outbox_fingerprints(&folder);
-            }
-            let retained = n.retained.get(&(folder, peer)).copied().unwrap_or_default();
-            n.replica_mut(&folder);
-            let n = &*n;
-            let replica = n.replicas.get(&folder).expect("just made");
-            AuthSession::initiate(
-                session_id(),
-                now_us(),
-                folder,
-                policy,
-                transport::channel_of(conn.remote_id()),
-                &n.dir,
-                replica,
-                transport::stream_config(),
-                retained,
-            )
-        };
-        let node = self.node.clone();
-        let handle = move |s: &mut AuthSession, now: Micros, bytes: &[u8]| {
-            let signers = lock(&node).replica_mut(&folder).signers();
-            let verified = transport::preverify(bytes, Some(folder.scope()), signers.as_deref());
-            let mut guard = lock(&node);
-            let n = &mut *guard;
-            let replica = n.replica_mut(&folder);
-            replica.set_verified(verified);
-            let replica = n.replicas.get_mut(&folder).expect("just made");
-            s.handle_message(now, &mut n.dir, replica, bytes)
-        };
-        let driven =
-            transport::drive(&mut session, &mut send, &mut recv, handle, |s, now| s.handle_timeout(now))
-                .await?;
-        let mut n = lock(&self.node);
-        n.persist_directory()?;
-        n.persist_folder(&folder)?;
-        if let Outcome::Done { retained, .. } = &driven.outcome {
-            n.retained.insert((folder, peer), *retained);
-            if peer == n.cfg.cloud {
-                n.acknowledge(&folder, &at_start)?;
-                tracing::debug!(%folder, acked = at_start.len(), pending = n.pending(&folder), "cloud session done");
-            }
-        }
-        Ok(driven.outcome)
     }
 
     /// Folders this device syncs: mapped here, with this device active.
@@ -251,7 +644,7 @@ impl Net {
         if n.user().is_none() {
             return Vec::new();
         }
-        n.dir.folders_of(&n.id)
+        n.dir().folders_of(&n.id)
     }
 
     /// Answers pairing requests of this device's user with a nonce (the first step of the
@@ -275,21 +668,51 @@ impl Net {
         Ok(())
     }
 
-    /// Connects to a peer device (direct when possible, through the relay otherwise).
-    async fn peer(&self, addr: EndpointAddr) -> anyhow::Result<Connection> {
-        let device = transport::device_of(addr.id);
-        if let Some(c) = self.peers.lock().await.get(&device) {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
+    /// Runs one session of `folder` with `peer` (the cloud: `None`) past this device's own
+    /// checks, and returns its outcome: tests use it to show that the other side refuses what
+    /// this side would not have started.
+    pub async fn force_sync(
+        self: &Arc<Self>,
+        peer: Option<DeviceId>,
+        folder: FolderId,
+    ) -> anyhow::Result<Outcome> {
+        let rx = self.begin(peer.unwrap_or(self.cloud_id), folder, true)?;
+        tokio::time::timeout(ROUND_WAIT, rx).await?.map_err(|_| anyhow!("the session was dropped"))
+    }
+
+    /// Starts a session of `folder` with `peer`; a receiver of its outcome.
+    fn start(
+        self: &Arc<Self>,
+        peer: DeviceId,
+        folder: FolderId,
+    ) -> anyhow::Result<oneshot::Receiver<Outcome>> {
+        self.begin(peer, folder, false)
+    }
+
+    fn begin(
+        self: &Arc<Self>,
+        peer: DeviceId,
+        folder: FolderId,
+        forced: bool,
+    ) -> anyhow::Result<oneshot::Receiver<Outcome>> {
+        let channel = transport::endpoint_id(&peer)
+            .map(transport::channel_of)
+            .ok_or_else(|| anyhow!("a peer id that is not a key"))?;
+        let sid = random_u64();
+        let (tx, rx) = oneshot::channel();
+        self.input(|n, now| {
+            match forced {
+                true => n.device.force_sync(now, peer, channel, folder, sid),
+                false => n.device.start_sync(now, peer, channel, folder, sid),
             }
-        }
-        // Not holding the map's lock while connecting: peers connect concurrently.
-        let conn =
-            tokio::time::timeout(Duration::from_secs(10), self.endpoint.connect(addr, transport::ALPN))
-                .await
-                .map_err(|_| anyhow!("peer did not answer within 10 s"))??;
-        self.peers.lock().await.insert(device, conn.clone());
-        Ok(conn)
+            .map_err(|e| anyhow!("{e}"))?;
+            if peer == self.cloud_id {
+                n.cloud_session_started(sid, folder);
+            }
+            self.routes().sessions.insert((peer, sid), tx);
+            anyhow::Ok(())
+        })?;
+        Ok(rx)
     }
 
     /// One round: directory, ticket, pairings, every mapped folder with the cloud, then with
@@ -322,73 +745,48 @@ impl Net {
             };
         }
         result?;
-        let cloud = self.cloud().await?;
         let folders = self.mapped_folders();
+        let mut running = Vec::new();
         for &folder in &folders {
-            let r = self.sync_folder(&cloud, folder).await;
-            if r.is_err() {
-                // A dead connection: make a new one next time.
-                *self.cloud.lock().await = None;
-            }
-            self.record(&mut round, folder, None, r);
+            running.push((folder, None, self.start(self.cloud_id, folder)));
         }
-        if !self.peer_sync.load(std::sync::atomic::Ordering::Relaxed) {
-            return Ok(round);
-        }
-        // Peers, concurrently: one slow or unreachable peer must not hold up the others.
-        let mut work: BTreeMap<DeviceId, (EndpointAddr, Vec<FolderId>)> = BTreeMap::new();
-        for &folder in &folders {
-            match self.request(Request::Peers { folder }).await {
-                Ok(Response::Peers { peers }) => {
-                    for peer in peers {
-                        let Some(addr) = transport::endpoint_addr(&peer) else {
-                            round.errors.push(format!("peers of {folder}: an address that does not parse"));
-                            continue;
-                        };
-                        work.entry(peer.device).or_insert_with(|| (addr, Vec::new())).1.push(folder);
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => round.errors.push(format!("peers of {folder}: {e:#}")),
-            }
-        }
-        let mut set = tokio::task::JoinSet::new();
-        for (device, (addr, folders)) in work {
-            let me = self.clone();
-            set.spawn(async move {
-                let mut results = Vec::new();
-                match me.peer(addr).await {
-                    Ok(conn) => {
-                        for folder in folders {
-                            let r = me.sync_folder(&conn, folder).await;
-                            let failed = r.is_err();
-                            results.push((folder, r));
-                            if failed {
-                                me.peers.lock().await.remove(&device);
-                                break;
+        if self.peer_sync.load(Ordering::Relaxed) {
+            // Peers, concurrently: one slow or unreachable peer must not hold up the others.
+            let mut work: BTreeMap<DeviceId, Vec<FolderId>> = BTreeMap::new();
+            for &folder in &folders {
+                match self.request(Request::Peers { folder }).await {
+                    Ok(Response::Peers { peers }) => {
+                        for peer in peers {
+                            if transport::endpoint_addr(&peer).is_none() {
+                                round
+                                    .errors
+                                    .push(format!("peers of {folder}: an address that does not parse"));
+                                continue;
                             }
-                        }
-                        me.note_path(device, &conn);
-                    }
-                    Err(e) => {
-                        let mut n = lock(&me.node);
-                        let st = n.peers.entry(device).or_default();
-                        st.device = engine::signing::hex(&device.0);
-                        st.path = "unreachable".into();
-                        st.why = format!("{e:#}");
-                        if let Some(&f) = folders.first() {
-                            results.push((f, Err(e)));
+                            work.entry(peer.device).or_default().push(folder);
                         }
                     }
+                    Ok(_) => {}
+                    Err(e) => round.errors.push(format!("peers of {folder}: {e:#}")),
                 }
-                (device, results)
-            });
-        }
-        while let Some(done) = set.join_next().await {
-            let Ok((device, results)) = done else { continue };
-            for (folder, r) in results {
-                self.record(&mut round, folder, Some(device), r);
             }
+            for (device, folders) in work {
+                for folder in folders {
+                    running.push((folder, Some(device), self.start(device, folder)));
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + ROUND_WAIT;
+        for (folder, peer, started) in running {
+            let outcome = match started {
+                Ok(rx) => match tokio::time::timeout_at(deadline, rx).await {
+                    Ok(Ok(outcome)) => Ok(outcome),
+                    Ok(Err(_)) => Err(anyhow!("the session was dropped")),
+                    Err(_) => Err(anyhow!("the session did not end within {} s", ROUND_WAIT.as_secs())),
+                },
+                Err(e) => Err(e),
+            };
+            self.record(&mut round, folder, peer, outcome);
         }
         Ok(round)
     }
@@ -402,32 +800,25 @@ impl Net {
     ) {
         let label = format!(
             "{} with {}",
-            lock(&self.node).dir.folder(&folder).map(|f| f.name.clone()).unwrap_or_default(),
+            lock(&self.node).dir().folder(&folder).map(|f| f.name.clone()).unwrap_or_default(),
             peer.map_or("the cloud".to_string(), |p| engine::signing::hex(&p.0[..8]))
         );
-        let text = match &outcome {
-            Ok(Outcome::Done { .. }) => {
-                round.sessions_ok += 1;
-                "ok".to_string()
+        match &outcome {
+            Ok(Outcome::Done { .. }) => round.sessions_ok += 1,
+            Ok(Outcome::Failed(engine::sync::SyncError::ConnectionLost)) => {
+                round.sessions_failed += 1;
+                let why = peer.and_then(|p| self.routes().unreachable.get(&p).cloned());
+                round.errors.push(format!("{label}: {}", why.unwrap_or_else(|| "connection lost".into())));
             }
             Ok(Outcome::Failed(e)) => {
                 round.sessions_failed += 1;
                 round.errors.push(format!("{label}: {e}"));
-                e.to_string()
             }
-            Ok(Outcome::Running) => "unfinished".into(),
+            Ok(Outcome::Running) => {}
             Err(e) => {
                 round.sessions_failed += 1;
                 round.errors.push(format!("{label}: {e:#}"));
-                format!("{e:#}")
             }
-        };
-        if let Some(device) = peer {
-            let mut n = lock(&self.node);
-            let st = n.peers.entry(device).or_default();
-            st.device = engine::signing::hex(&device.0);
-            st.last_outcome = text;
-            st.last_sync_unix = Some(transport::now_secs());
         }
     }
 
@@ -457,121 +848,6 @@ impl Net {
         st.device = engine::signing::hex(&device.0);
         st.path = path.into();
         st.why = why;
-    }
-
-    /// Serves connections from peers (sync sessions as responder).
-    pub async fn serve_incoming(self: Arc<Self>) {
-        while let Some(incoming) = self.endpoint.accept().await {
-            let me = self.clone();
-            tokio::spawn(async move {
-                let Ok(accepting) = incoming.accept() else { return };
-                let Ok(conn) = accepting.await else { return };
-                loop {
-                    let Ok((send, recv)) = conn.accept_bi().await else { break };
-                    let me = me.clone();
-                    let remote = conn.remote_id();
-                    tokio::spawn(async move {
-                        if let Err(e) = me.respond(remote, send, recv).await {
-                            tracing::debug!(error = %e, "incoming stream failed");
-                        }
-                    });
-                }
-            });
-        }
-    }
-
-    async fn respond(
-        &self,
-        remote: iroh::EndpointId,
-        mut send: iroh::endpoint::SendStream,
-        recv: iroh::endpoint::RecvStream,
-    ) -> anyhow::Result<()> {
-        let mut recv = frame::Reader::new(recv);
-        match recv.read_value::<Open>(1 << 16, "stream opening").await? {
-            Some(Open::Sync) => {}
-            Some(Open::Control(_)) => {
-                frame::write_value(&mut send, &Response::Refused(transport::ControlError::NotCloud)).await?;
-                let _ = send.finish();
-                return Ok(());
-            }
-            None => return Ok(()),
-        }
-        let Some(first) = recv.read(FRAME_MAX).await? else { return Ok(()) };
-        let folder = AuthSession::folder_of(&first, FRAME_MAX)
-            .ok_or_else(|| anyhow!("sync must open with DirHello"))?;
-        let sid = Session::session_of(&first, FRAME_MAX)?;
-        let policy = self.policy()?;
-        let mut session = {
-            let mut n = lock(&self.node);
-            if n.dir.folder(&folder).is_none_or(|f| !f.mapped.contains(&n.id)) {
-                // Not mine: answer with an empty stand-in replica (the session will refuse).
-                let r = engine::replica::Replica::new_signed(0, folder.scope());
-                AuthSession::respond(
-                    sid,
-                    policy,
-                    transport::channel_of(remote),
-                    &r,
-                    transport::stream_config(),
-                )
-            } else {
-                let r = n.replica_mut(&folder);
-                AuthSession::respond(
-                    sid,
-                    policy,
-                    transport::channel_of(remote),
-                    r,
-                    transport::stream_config(),
-                )
-            }
-        };
-        let node = self.node.clone();
-        let handle = move |s: &mut AuthSession, now: Micros, bytes: &[u8]| {
-            let mapped =
-                |n: &crate::state::Node| n.dir.folder(&folder).is_some_and(|f| f.mapped.contains(&n.id));
-            // Signatures are checked before the node's lock is taken (only for a folder mapped
-            // here: anything else is refused without looking at its items).
-            let signers = {
-                let mut n = lock(&node);
-                mapped(&n).then(|| n.replica_mut(&folder).signers())
-            };
-            let verified = match &signers {
-                Some(signers) => transport::preverify(bytes, Some(folder.scope()), signers.as_deref()),
-                None => Default::default(),
-            };
-            let mut guard = lock(&node);
-            let n = &mut *guard;
-            if !mapped(n) {
-                let mut scratch = engine::replica::Replica::new_signed(0, folder.scope());
-                return s.handle_message(now, &mut n.dir, &mut scratch, bytes);
-            }
-            n.replica_mut(&folder).set_verified(verified);
-            let replica = n.replicas.get_mut(&folder).expect("just made");
-            s.handle_message(now, &mut n.dir, replica, bytes)
-        };
-        let _ = handle(&mut session, now_us(), &first);
-        let driven =
-            transport::drive(&mut session, &mut send, &mut recv, handle, |s, now| s.handle_timeout(now))
-                .await?;
-        let peer = transport::device_of(remote);
-        {
-            let mut n = lock(&self.node);
-            n.persist_directory()?;
-            let changed = n.persist_folder(&folder)?;
-            let st = n.peers.entry(peer).or_default();
-            st.device = engine::signing::hex(&peer.0);
-            st.last_sync_unix = Some(transport::now_secs());
-            st.last_outcome = match &driven.outcome {
-                Outcome::Done { .. } => "ok (they initiated)".into(),
-                Outcome::Failed(e) => e.to_string(),
-                Outcome::Running => "unfinished".into(),
-            };
-            if changed > 0 {
-                drop(n);
-                // New data from a peer: pass it on to the cloud soon.
-                self.wake.notify_one();
-            }
-        }
-        Ok(())
     }
 
     /// The daemon: a sync round now, then after every wake-up or `interval`.
@@ -616,6 +892,29 @@ impl Net {
     }
 }
 
+/// The timer task: runs the role's timers at its deadlines, on the monotonic clock. Holds the
+/// network side only while it runs them, and ends once it is gone.
+async fn timers(net: std::sync::Weak<Net>, timer: Arc<Notify>) {
+    loop {
+        let wake = {
+            let Some(me) = net.upgrade() else { return };
+            let deadline = lock(&me.node).device.poll_timeout();
+            match deadline {
+                Some(at) => me.clock.instant_of(at),
+                None => tokio::time::Instant::now() + Duration::from_secs(60),
+            }
+        };
+        tokio::select! {
+            // An input since the deadline was read left a permit: this returns at once.
+            _ = timer.notified() => {}
+            _ = tokio::time::sleep_until(wake) => {
+                let Some(me) = net.upgrade() else { return };
+                me.input(|n, now| n.device.handle_timeout(now));
+            }
+        }
+    }
+}
+
 /// Whether a peer's address is on this device's own network: loopback, link-local, or inside
 /// the subnet of one of this machine's interfaces. Another private address is some other
 /// network's NAT (a hole punched path between two NATs), not the LAN.
@@ -636,9 +935,8 @@ fn is_lan(ip: std::net::IpAddr) -> bool {
     }
 }
 
-/// Pairing, new device side: ask the cloud (account-checked), wait for an existing device's
-/// nonce, reveal mine with my consent, and return the code to show; then wait until the
-/// directory has this device.
+/// Pairing, new device side: ask the cloud (account-checked) with a commitment to my nonce;
+/// the pairing's id and my nonce.
 pub async fn pair_request(net: &Arc<Net>, account: &str, password: &str) -> anyhow::Result<(u64, [u8; 32])> {
     let mut nonce_new = [0u8; 32];
     rand::fill(&mut nonce_new);

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
-use engine::directory::{ChangeId, Directory, FolderId, Op, SignedChange, UserId};
+use engine::device::{Device, DeviceConfig, Identity, Persist};
+use engine::directory::{Directory, FolderId, Op, SignedChange, UserId};
 use engine::feedsync::{Edit, Item, ItemId, When};
-use engine::replica::{Replica, Seq};
+use engine::replica::Replica;
 use engine::signing::{hex, unhex, DeviceId, DeviceKey};
-use engine::sync::Retained;
 use engine::ticket::Ticket;
 use serde::{Deserialize, Serialize};
 use transport::store::Store;
@@ -83,7 +83,10 @@ fn not_found(text: String) -> anyhow::Error {
     anyhow::Error::new(NotFound(text))
 }
 
-/// The device.
+/// The device: the engine's device role ([`engine::device::Device`], which owns the directory,
+/// the replicas, the ticket, the sessions and the control requests) and what only this binary
+/// keeps beside it: the store, the outbox of unacknowledged writes, pairing nonces and what it
+/// last saw of its peers.
 #[derive(Debug)]
 pub struct Node {
     pub dir_path: PathBuf,
@@ -91,12 +94,7 @@ pub struct Node {
     pub id: DeviceId,
     pub cfg: NodeConfig,
     store: Store,
-    pub dir: Directory,
-    saved_changes: BTreeSet<ChangeId>,
-    pub replicas: BTreeMap<FolderId, Replica>,
-    persisted: BTreeMap<FolderId, Seq>,
-    pub retained: BTreeMap<(FolderId, DeviceId), Retained>,
-    pub ticket: Option<Ticket>,
+    pub device: Device<DeviceId>,
     pub peers: BTreeMap<DeviceId, PeerStatus>,
     /// Nonces this device sent for pairings it answered.
     pub pair_nonces: BTreeMap<u64, [u8; 32]>,
@@ -106,7 +104,18 @@ pub struct Node {
     pub outbox: BTreeMap<FolderId, BTreeSet<String>>,
     /// Errors of the last sync round.
     pub last_errors: Vec<String>,
-    epoch: u64,
+    /// The outbox's fingerprints when each running session with the cloud started, by session
+    /// id: what a finished session acknowledges.
+    at_start: BTreeMap<u64, (FolderId, BTreeMap<String, u64>)>,
+}
+
+/// What [`Node::commit`] stored.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Committed {
+    /// Items from sessions with peers other than the cloud (to pass on to the cloud).
+    pub from_peers: usize,
+    pub items: usize,
+    pub directory: usize,
 }
 
 pub const KEY_FILE: &str = "device.key";
@@ -159,7 +168,6 @@ impl Node {
                 postcard::from_bytes(&b).map_err(|_| anyhow!("stored relay_qad_port is corrupt"))?;
         }
         let dir_log = store.load_directory()?;
-        let saved_changes = dir_log.changes().map(|c| c.id()).collect();
         let pair_nonces = match store.get_blob("pair_nonces")? {
             Some(b) => postcard::from_bytes(&b).unwrap_or_default(),
             None => BTreeMap::new(),
@@ -168,6 +176,7 @@ impl Node {
             Some(b) => postcard::from_bytes(&b).unwrap_or_default(),
             None => BTreeMap::new(),
         };
+        // A new replica epoch on every start: peers' cursors into the last run's logs are void.
         let epoch = u64::from_le_bytes(random32()[..8].try_into().expect("8 bytes"));
         // A store from before signature v2: sign this device's versions again for their folder.
         if let Some(m) = store.migrate_signatures(|folder, item| {
@@ -179,8 +188,7 @@ impl Node {
                 "migrated stored items to folder-bound signatures"
             );
         }
-        let mut replicas = BTreeMap::new();
-        let mut persisted = BTreeMap::new();
+        let mut replicas = Vec::new();
         for folder in store.folders()? {
             let mut replica = Replica::new_signed(epoch, folder.scope());
             replica.set_signers(Some(dir_log.signers(&folder)));
@@ -188,9 +196,23 @@ impl Node {
             replica
                 .merge_all(&items, transport::verify_threads())
                 .map_err(|e| anyhow!("stored item of {folder} failed verification: {e}"))?;
-            persisted.insert(folder, replica.head());
-            replicas.insert(folder, replica);
+            replicas.push((folder, replica));
         }
+        let device = Device::new(
+            Identity::Keyed { key: key.clone(), cloud: cfg.cloud },
+            Some(cfg.cloud),
+            dir_log,
+            replicas,
+            epoch,
+            DeviceConfig {
+                sync: transport::stream_config(),
+                // Control requests travel on reliable streams: a retry only covers a lost
+                // connection.
+                request_rto_us: 10_000_000,
+                request_rto_max_us: 60_000_000,
+                refresh_tickets: true,
+            },
+        );
         let id = DeviceId::of(&key);
         Ok(Self {
             dir_path: dir.to_path_buf(),
@@ -198,103 +220,125 @@ impl Node {
             id,
             cfg,
             store,
-            dir: dir_log,
-            saved_changes,
-            replicas,
-            persisted,
-            retained: BTreeMap::new(),
-            ticket: None,
+            device,
             peers: BTreeMap::new(),
             pair_nonces,
             cloud_online: false,
             outbox,
             last_errors: Vec::new(),
             cloud_why: "this process has not reached it (is `feedmesh run` running?)".into(),
-            epoch,
+            at_start: BTreeMap::new(),
         })
+    }
+
+    /// The verified directory.
+    pub fn dir(&self) -> &Directory {
+        self.device.directory()
+    }
+
+    /// The replica of a folder held here.
+    pub fn replica(&self, folder: &FolderId) -> Option<&Replica> {
+        self.device.replica(folder)
+    }
+
+    /// The current ticket, if the cloud gave one in this run.
+    pub fn ticket(&self) -> Option<&Ticket> {
+        self.device.ticket()
     }
 
     pub fn user(&self) -> Option<UserId> {
-        self.dir.user_of(&self.id)
+        self.dir().user_of(&self.id)
     }
 
-    /// Saves directory changes not yet stored.
-    pub fn persist_directory(&mut self) -> anyhow::Result<usize> {
-        let new: Vec<SignedChange> =
-            self.dir.changes().filter(|c| !self.saved_changes.contains(&c.id())).cloned().collect();
-        self.store.save_changes(&new)?;
-        for c in &new {
-            self.saved_changes.insert(c.id());
-        }
-        if !new.is_empty() {
-            let folders: Vec<FolderId> = self.replicas.keys().copied().collect();
-            for f in folders {
-                let signers = self.dir.signers(&f);
-                if let Some(r) = self.replicas.get_mut(&f) {
-                    r.set_signers(Some(signers));
+    /// Commits everything the device handed out to store (directory changes, merged and written
+    /// items), each in one redb transaction, in the order handed out. The driver calls it before
+    /// it sends anything the device polled after.
+    pub fn commit(&mut self) -> anyhow::Result<Committed> {
+        self.commit_with(None, &[])
+    }
+
+    /// [`Node::commit`]; a local write's commit of `folder` also stores `blobs` in its
+    /// transaction.
+    fn commit_with(
+        &mut self,
+        folder: Option<FolderId>,
+        blobs: &[(&str, &[u8])],
+    ) -> anyhow::Result<Committed> {
+        let mut done = Committed::default();
+        let mut blobs = Some(blobs).filter(|b| !b.is_empty());
+        while let Some(p) = self.device.poll_persist() {
+            match p {
+                Persist::Directory(changes) => {
+                    self.store.save_changes(&changes)?;
+                    done.directory += changes.len();
+                }
+                Persist::Items(c) => {
+                    let items = c.items.iter().map(|(item, _)| item);
+                    let with = match (c.from, folder) {
+                        (None, Some(f)) if f == c.folder => blobs.take().unwrap_or(&[]),
+                        _ => &[],
+                    };
+                    self.store.save_items_and_blobs(&c.folder, items, with)?;
+                    done.items += c.items.len();
+                    if c.from.is_some_and(|p| p != self.cfg.cloud) {
+                        done.from_peers += c.items.len();
+                    }
                 }
             }
         }
-        Ok(new.len())
-    }
-
-    /// Saves a folder's changed items; how many.
-    pub fn persist_folder(&mut self, folder: &FolderId) -> anyhow::Result<usize> {
-        self.persist_folder_with(folder, &[])
-    }
-
-    /// Saves the folder's changed items and `blobs` in one commit.
-    fn persist_folder_with(&mut self, folder: &FolderId, blobs: &[(&str, &[u8])]) -> anyhow::Result<usize> {
-        let Some(replica) = self.replicas.get(folder) else {
-            self.store.save_items_and_blobs(folder, std::iter::empty(), blobs)?;
-            return Ok(0);
-        };
-        let since = self.persisted.get(folder).copied().unwrap_or_default();
-        let items: Vec<Arc<Item>> = if replica.head() <= since {
-            Vec::new()
-        } else {
-            replica.log_since(since).map(|c| c.item.clone()).collect()
-        };
-        if items.is_empty() && blobs.is_empty() {
-            return Ok(0);
+        if let Some(blobs) = blobs {
+            for (name, bytes) in blobs {
+                self.store.put_blob(name, bytes)?;
+            }
         }
-        let head = replica.head();
-        let n = self.store.save_items_and_blobs(folder, items.iter(), blobs)?;
-        self.persisted.insert(*folder, head);
-        Ok(n)
-    }
-
-    /// The replica of a folder (created empty when the folder is mapped here).
-    pub fn replica_mut(&mut self, folder: &FolderId) -> &mut Replica {
-        let signers = self.dir.signers(folder);
-        let epoch = self.epoch;
-        self.replicas.entry(*folder).or_insert_with(|| {
-            let mut r = Replica::new_signed(epoch, folder.scope());
-            r.set_signers(Some(signers));
-            r
-        })
+        Ok(done)
     }
 
     /// Makes a directory change with this device's key and stores it.
     pub fn make(&mut self, op: Op) -> anyhow::Result<SignedChange> {
-        let change = self.dir.make(&self.key, transport::now_secs(), op).map_err(|e| anyhow!("{e}"))?;
-        self.persist_directory()?;
+        let change = self.device.make(transport::now_secs(), op).map_err(|e| anyhow!("{e}"))?;
+        self.commit()?;
         Ok(change)
     }
 
     /// Applies directory changes from the cloud or a peer.
     pub fn apply_directory(&mut self, changes: &[SignedChange]) -> anyhow::Result<usize> {
-        let n = self.dir.apply(changes).map_err(|e| anyhow!("directory changes refused: {e}"))?;
-        self.persist_directory()?;
+        let n = self
+            .device
+            .directory_mut()
+            .apply(changes)
+            .map_err(|e| anyhow!("directory changes refused: {e}"))?;
+        self.device.flush();
+        self.commit()?;
         Ok(n)
+    }
+
+    /// Adds a paired device to this device's user (the existing device's approval) and stores
+    /// the change.
+    pub fn add_paired_device(
+        &mut self,
+        user: UserId,
+        commitment: [u8; 32],
+        pairing: engine::directory::Pairing,
+        code: u32,
+    ) -> anyhow::Result<()> {
+        let key = self.key.clone();
+        let now = transport::now_secs();
+        self.device
+            .directory_mut()
+            .add_paired_device(&key, user, commitment, pairing, code, now)
+            .map_err(|e| anyhow!("{e}"))?;
+        self.device.flush();
+        self.commit()?;
+        Ok(())
     }
 
     /// Finds a folder visible to this device by name or hex id (prefix).
     pub fn folder(&self, name: &str) -> anyhow::Result<FolderId> {
-        let folders = &self.dir.state().folders;
+        let folders = &self.dir().state().folders;
         let user = self.user();
         let visible =
-            |f: &engine::directory::Folder| user.is_some_and(|u| self.dir.state().is_participant(f, &u));
+            |f: &engine::directory::Folder| user.is_some_and(|u| self.dir().state().is_participant(f, &u));
         let by_name: Vec<FolderId> =
             folders.iter().filter(|(_, f)| f.name == name && visible(f)).map(|(id, _)| *id).collect();
         if by_name.len() == 1 {
@@ -318,8 +362,8 @@ impl Node {
 
     /// Whether this device's user takes part in the folder (owner or active member).
     pub fn check_member(&self, folder: &FolderId) -> anyhow::Result<()> {
-        let f = self.dir.folder(folder).ok_or_else(|| anyhow!("no such folder"))?;
-        let member = self.user().is_some_and(|u| self.dir.state().is_participant(f, &u));
+        let f = self.dir().folder(folder).ok_or_else(|| anyhow!("no such folder"))?;
+        let member = self.user().is_some_and(|u| self.dir().state().is_participant(f, &u));
         if !member {
             return Err(Refused::NotMember { folder: f.name.clone() }.into());
         }
@@ -329,7 +373,7 @@ impl Node {
     /// [`Node::check_member`], and the folder is mapped here (it has a replica).
     pub fn check_mapped(&self, folder: &FolderId) -> anyhow::Result<()> {
         self.check_member(folder)?;
-        let f = self.dir.folder(folder).ok_or_else(|| anyhow!("no such folder"))?;
+        let f = self.dir().folder(folder).ok_or_else(|| anyhow!("no such folder"))?;
         if !f.mapped.contains(&self.id) {
             return Err(Refused::NotMapped { folder: f.name.clone() }.into());
         }
@@ -338,7 +382,7 @@ impl Node {
 
     /// Finds a user by directory name, account-free (unique names) or hex id (prefix).
     pub fn find_user(&self, name: &str) -> anyhow::Result<UserId> {
-        let users = &self.dir.state().users;
+        let users = &self.dir().state().users;
         let by_name: Vec<UserId> = users.iter().filter(|(_, u)| u.name == name).map(|(id, _)| *id).collect();
         if by_name.len() == 1 {
             return Ok(by_name[0]);
@@ -358,7 +402,7 @@ impl Node {
     }
 
     pub fn find_device(&self, name: &str) -> anyhow::Result<DeviceId> {
-        let all: Vec<DeviceId> = self.dir.state().device_user.keys().copied().collect();
+        let all: Vec<DeviceId> = self.dir().state().device_user.keys().copied().collect();
         let found: Vec<DeviceId> = all
             .into_iter()
             .filter(|d| name.len() >= 4 && hex(&d.0).starts_with(&name.to_lowercase()))
@@ -370,24 +414,30 @@ impl Node {
         }
     }
 
-    /// A local write: create/update/delete/resolve an item, signed, and durable on return.
+    /// A local write: create/update/delete/resolve an item, signed, and durable on return (the
+    /// item and its outbox entry in one commit: a crash between two commits stranded an outbox
+    /// entry, or lost one).
     pub fn write(&mut self, folder: &FolderId, id: &str, edit: Edit) -> anyhow::Result<Arc<Item>> {
         self.check_mapped(folder)?;
         let id = ItemId::new(id).map_err(|e| anyhow!("item id: {e}"))?;
         let when = When::from_unix_secs(transport::now_secs()).map_err(|e| anyhow!("{e}"))?;
-        let key = self.key.clone();
-        let replica = self.replica_mut(folder);
-        if edit.resolve && replica.item(&id).is_none() {
+        if edit.resolve && self.replica(folder).and_then(|r| r.item(&id)).is_none() {
             bail!("no item {id} to resolve");
         }
-        replica.change_signed(&id, &key, &when, &edit).map_err(|e| anyhow!("{e}"))?;
-        let item = replica.item(&id).cloned().ok_or_else(|| anyhow!("item vanished"))?;
+        let item = self.device.write(*folder, &id, &when, &edit).map_err(|e| anyhow!("{e}"))?;
         self.outbox.entry(*folder).or_default().insert(id.as_str().to_string());
-        // One commit for the item and its outbox entry (a crash between two commits stranded an
-        // outbox entry, or lost one).
         let outbox = postcard::to_allocvec(&self.outbox)?;
-        self.persist_folder_with(folder, &[("outbox", &outbox)])?;
+        self.commit_with(Some(*folder), &[("outbox", &outbox)])?;
         Ok(item)
+    }
+
+    /// Merges items read from a feed file into `folder` (each checked against the folder's
+    /// signers); per item, whether it merged. Stored on return.
+    pub fn import(&mut self, folder: &FolderId, items: &[Arc<Item>]) -> anyhow::Result<Vec<bool>> {
+        self.check_mapped(folder)?;
+        let merged = self.device.import(*folder, items).map_err(|e| anyhow!("{e}"))?;
+        self.commit()?;
+        Ok(merged)
     }
 
     /// Puts an item's text and title: what the CLI's `put` and the local API's `PUT` both do,
@@ -407,7 +457,7 @@ impl Node {
     /// `DELETE` (which made a tombstone of any id before).
     pub fn remove(&mut self, folder: &FolderId, id: &str) -> anyhow::Result<Arc<Item>> {
         let fid = ItemId::new(id).map_err(|e| anyhow!("item id: {e}"))?;
-        if self.replicas.get(folder).and_then(|r| r.item(&fid)).is_none_or(|i| i.version.deleted) {
+        if self.replica(folder).and_then(|r| r.item(&fid)).is_none_or(|i| i.version.deleted) {
             bail!("no item {id}");
         }
         self.write(folder, id, Edit { delete: true, ..Edit::default() })
@@ -428,24 +478,35 @@ impl Node {
         self.outbox.get(folder).map_or(0, |s| s.len())
     }
 
-    /// After a finished session with the cloud: items whose fingerprint is what it was when the
-    /// session started are now in the cloud's replica.
-    pub fn acknowledge(&mut self, folder: &FolderId, at_start: &BTreeMap<String, u64>) -> anyhow::Result<()> {
-        let Some(replica) = self.replicas.get(folder) else { return Ok(()) };
-        let Some(out) = self.outbox.get_mut(folder) else { return Ok(()) };
+    /// A session with the cloud on `folder` started as `sid`: remember the outbox as it is.
+    pub fn cloud_session_started(&mut self, sid: u64, folder: FolderId) {
+        let at_start = self.outbox_fingerprints(&folder);
+        self.at_start.insert(sid, (folder, at_start));
+    }
+
+    /// A session with the cloud ended: if it finished, items whose fingerprint is what it was
+    /// when the session started are now in the cloud's replica.
+    pub fn cloud_session_ended(&mut self, sid: u64, done: bool) -> anyhow::Result<()> {
+        let Some((folder, at_start)) = self.at_start.remove(&sid) else { return Ok(()) };
+        if !done {
+            return Ok(());
+        }
+        let Some(replica) = self.device.replica(&folder) else { return Ok(()) };
+        let Some(out) = self.outbox.get_mut(&folder) else { return Ok(()) };
         out.retain(|id| {
             let now = ItemId::new(id).ok().and_then(|i| replica.fingerprint_of(&i));
             now.is_none() || now != at_start.get(id).copied()
         });
         if out.is_empty() {
-            self.outbox.remove(folder);
+            self.outbox.remove(&folder);
         }
+        tracing::debug!(%folder, acked = at_start.len(), pending = self.pending(&folder), "cloud session done");
         self.save_outbox()
     }
 
     /// Fingerprints of the outbox items of `folder` now.
     pub fn outbox_fingerprints(&self, folder: &FolderId) -> BTreeMap<String, u64> {
-        let (Some(replica), Some(out)) = (self.replicas.get(folder), self.outbox.get(folder)) else {
+        let (Some(replica), Some(out)) = (self.device.replica(folder), self.outbox.get(folder)) else {
             return BTreeMap::new();
         };
         out.iter()

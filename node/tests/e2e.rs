@@ -170,8 +170,7 @@ fn a_device_without_rights_is_refused() {
         let net = node::net::Net::bind(node.clone(), None).await.unwrap();
         net.sync_directory().await.unwrap();
         net.refresh_ticket().await.unwrap();
-        let conn = net.cloud().await.unwrap();
-        net.sync_folder(&conn, folder).await.unwrap()
+        net.force_sync(None, folder).await.unwrap()
     });
     match &outcome {
         engine::sync::Outcome::Failed(engine::sync::SyncError::Refused(r)) => {
@@ -180,7 +179,7 @@ fn a_device_without_rights_is_refused() {
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
-    assert!(node::net::lock(&node).replicas.get(&folder).is_none_or(|r| r.is_empty()));
+    assert!(node::net::lock(&node).replica(&folder).is_none_or(|r| r.is_empty()));
     // The cloud counts the session as refused once its side of the session has ended, which may
     // be just after Carol's side saw the refusal.
     wait_for(
