@@ -1,31 +1,34 @@
-//! The cloud services: the control plane (ticket authority, verified directory, address book,
-//! pairing mailbox, notices: the engine's `engine::cloud::Cloud`, driven here), a replica of every
-//! feed, accounts and change notifications. One lock guards the state; nothing awaits while
-//! holding it.
+//! The cloud services: the engine's cloud (`engine::cloud::Cloud`: ticket authority, verified
+//! directory, address book, pairing mailbox, notices, a replica of every feed and the sync
+//! sessions devices run against them), driven from one place ([`driver`]); and what stays here:
+//! accounts and passwords, HTTP tokens, rate limits, the storage quota and change notifications.
+//! One lock guards the state; nothing awaits while holding it.
 //!
 //! The cloud holds no device key: it cannot add a directory change or sign a version. It syncs
 //! feeds with the devices that may hold them (engine rule `Directory::may_hold`), and devices
 //! verify every version it passes on.
+
+mod driver;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
-use engine::authz::{AuthSession, Credentials, Policy};
-use engine::cloud::{CloudLimits, Persist};
+use engine::cloud::CloudLimits;
 use engine::control::ControlError;
 use engine::directory::{Directory, FolderId, UserId};
 use engine::feedsync::Item;
-use engine::replica::{Replica, Seq};
+use engine::replica::Replica;
 use engine::signing::{DeviceId, DeviceKey};
-use engine::sync::{Micros, Outcome, Session};
-use engine::wire::{self, Body, Message, WIRE_VERSION};
+use engine::wire;
 use iroh::endpoint::{Connection, RecvStream, SendStream};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, Notify};
 use transport::store::Store;
-use transport::{frame, now_secs, now_us, Notice, Open, Request, Response, FRAME_MAX};
+use transport::{frame, now_secs, now_us, Notice, Open, Request, Response};
+
+use driver::HostClock;
 
 use crate::metrics::Metrics;
 
@@ -222,10 +225,20 @@ pub fn token_hash(token: &str) -> [u8; 32] {
 /// The mutable state.
 #[derive(Debug)]
 pub struct State {
-    /// The control plane: directory, tickets, address book, pairing mailbox, notices.
+    /// The engine's cloud: directory, tickets, address book, pairing mailbox, notices, the
+    /// replicas and their sync sessions. Driven only through [`driver`]'s pump; read freely
+    /// (`State` derefs to it, so `st.replicas` are its replicas).
     pub control: engine::cloud::Cloud,
-    pub replicas: BTreeMap<FolderId, Replica>,
-    persisted: BTreeMap<FolderId, Seq>,
+    /// The writers of the sync streams, by device and session ([`driver`]).
+    streams: BTreeMap<(DeviceId, u64), driver::StreamOut>,
+    next_stream: u64,
+    /// Replica changes the engine handed out that could not be stored yet: retried before
+    /// anything else, and while any is left no sync message goes out.
+    unstored: VecDeque<engine::sessions::Commit<DeviceId>>,
+    /// The engine's time (wall time advanced monotonically).
+    clock: HostClock,
+    /// The deadline the timer task waits for.
+    armed: Option<engine::time::Micros>,
     pub accounts: BTreeMap<String, Account>,
     pub connections: BTreeMap<DeviceId, usize>,
     buckets: crate::limit::Buckets<DeviceId>,
@@ -234,6 +247,15 @@ pub struct State {
     /// HTTP bearer tokens by hash (account tokens are stored; the admin's is not).
     pub tokens: BTreeMap<[u8; 32], TokenRecord>,
     epoch: u64,
+}
+
+/// Reads of the engine's cloud: `st.replicas`, `st.addresses()` and the like.
+impl std::ops::Deref for State {
+    type Target = engine::cloud::Cloud;
+
+    fn deref(&self) -> &Self::Target {
+        &self.control
+    }
 }
 
 impl State {
@@ -269,6 +291,8 @@ pub struct Cloud {
     notices: broadcast::Sender<(Notice, Option<DeviceId>)>,
     /// Wakes long-poll requests.
     pub events_changed: Notify,
+    /// Wakes the timer task when the engine's next deadline comes earlier ([`driver`]).
+    timer: Arc<Notify>,
 }
 
 impl Cloud {
@@ -298,25 +322,27 @@ impl Cloud {
                 "migrated stored items to folder-bound signatures"
             );
         }
-        let mut replicas = BTreeMap::new();
-        let mut persisted = BTreeMap::new();
+        let control_limits =
+            CloudLimits { pairings_per_user: limits.pairings_per_user, ..CloudLimits::default() };
+        let mut control = engine::cloud::Cloud::new(key.clone(), dir, control_limits)
+            .with_sessions(transport::stream_config(), epoch);
         for folder in store.folders()? {
             let mut replica = Replica::new_signed(epoch, folder.scope());
-            replica.set_signers(Some(dir.signers(&folder)));
+            replica.set_signers(Some(control.directory().signers(&folder)));
             let items: Vec<_> = store.load_items(&folder)?.into_iter().map(Arc::new).collect();
             replica
                 .merge_all(&items, transport::verify_threads())
                 .map_err(|e| anyhow::anyhow!("stored item of {folder} failed verification: {e}"))?;
-            persisted.insert(folder, replica.head());
-            replicas.insert(folder, replica);
+            control.install(folder, replica);
         }
         let (notices, _) = broadcast::channel(1024);
-        let control_limits =
-            CloudLimits { pairings_per_user: limits.pairings_per_user, ..CloudLimits::default() };
         let state = State {
-            control: engine::cloud::Cloud::new(key.clone(), dir, control_limits),
-            replicas,
-            persisted,
+            control,
+            streams: BTreeMap::new(),
+            next_stream: 0,
+            unstored: VecDeque::new(),
+            clock: HostClock::start(),
+            armed: None,
             accounts,
             connections: BTreeMap::new(),
             buckets: crate::limit::Buckets::new(
@@ -342,6 +368,7 @@ impl Cloud {
             hashing: tokio::sync::Semaphore::new(2),
             notices,
             events_changed: Notify::new(),
+            timer: Arc::new(Notify::new()),
         })
     }
 
@@ -364,33 +391,23 @@ impl Cloud {
         self.notices.subscribe()
     }
 
-    /// Tells devices (notices) and long-polls (events) that something changed. A directory
-    /// change goes through [`Cloud::publish_directory`], which knows whom it concerns.
-    fn publish(&self, st: &mut State, notice: Notice, origin: Option<DeviceId>) {
-        if let Notice::Folder(f) = &notice {
-            Self::push_event(st, "folder", Some(*f), BTreeSet::new());
-            self.events_changed.notify_waiters();
-            st.control.folder_changed(*f, origin);
-        }
-        self.flush_notices(st);
-    }
-
-    /// Sends the notices the control plane owes connected devices to their forwarders (each
-    /// forwarder asks `Cloud::may_see` before it passes one on).
+    /// Sends the notices the engine owes connected devices to their forwarders (each forwarder
+    /// asks `Cloud::may_see` before it passes one on).
     fn flush_notices(&self, st: &mut State) {
         while let Some(out) = st.control.poll_notice() {
             let _ = self.notices.send((out.notice, out.origin));
         }
     }
 
+    /// Tells long-polls that a folder changed (devices are told by the engine's notices).
+    fn publish_folder(&self, st: &mut State, folder: FolderId) {
+        Self::push_event(st, "folder", Some(folder), BTreeSet::new());
+        self.events_changed.notify_waiters();
+    }
+
     /// Publishes new directory `changes`: long-polls see them as events naming the users they
     /// concern ([`directory_audience`]), at most [`AUDIENCE_MAX`] a event.
-    fn publish_directory(
-        &self,
-        st: &mut State,
-        changes: &[engine::directory::SignedChange],
-        origin: Option<DeviceId>,
-    ) {
+    fn publish_directory(&self, st: &mut State, changes: &[engine::directory::SignedChange]) {
         let users: Vec<UserId> = directory_audience(st.dir(), changes).into_iter().collect();
         if users.is_empty() {
             // Still an event (the admin sees every one), named to nobody else.
@@ -400,8 +417,6 @@ impl Cloud {
             Self::push_event(st, "directory", None, chunk.iter().copied().collect());
         }
         self.events_changed.notify_waiters();
-        let _ = origin;
-        self.flush_notices(st);
     }
 
     /// Appends one long-poll event, keeping the last [`EVENTS_KEPT`].
@@ -424,62 +439,6 @@ impl Cloud {
         }
     }
 
-    /// Saves directory changes not yet stored; notifies if there were any.
-    fn persist_directory(&self, st: &mut State, origin: Option<DeviceId>) -> anyhow::Result<()> {
-        st.control.after_directory_change(origin);
-        let mut new = Vec::new();
-        while let Some(Persist::Directory(changes)) = st.control.poll_persist() {
-            new.extend(changes);
-        }
-        if new.is_empty() {
-            self.flush_notices(st);
-            return Ok(());
-        }
-        if let Err(e) = self.store.save_changes(&new) {
-            // Handed out again next time: nothing is acknowledged before it is stored.
-            st.control.persist_failed(&new);
-            return Err(e.into());
-        }
-        // Signers follow the directory (a newly accepted member's devices may write).
-        let folders: Vec<FolderId> = st.replicas.keys().copied().collect();
-        for f in folders {
-            let signers = st.dir().signers(&f);
-            if let Some(r) = st.replicas.get_mut(&f) {
-                r.set_signers(Some(signers));
-            }
-        }
-        self.metrics.directory_changes.inc_by(new.len() as u64);
-        self.publish_directory(st, &new, origin);
-        Ok(())
-    }
-
-    /// Saves a replica's changed items; returns their encoded size.
-    fn persist_folder(
-        &self,
-        st: &mut State,
-        folder: &FolderId,
-        origin: Option<DeviceId>,
-    ) -> anyhow::Result<u64> {
-        let Some(replica) = st.replicas.get(folder) else { return Ok(0) };
-        let since = st.persisted.get(folder).copied().unwrap_or_default();
-        if replica.head() <= since {
-            return Ok(0);
-        }
-        let items: Vec<Arc<Item>> = replica.log_since(since).map(|c| c.item.clone()).collect();
-        let bytes: u64 = items.iter().map(|i| wire::encoded_len(&wire::to_wire(i)) as u64).sum();
-        self.store.save_items(folder, items.iter())?;
-        st.persisted.insert(*folder, replica.head());
-        self.metrics.items_stored.inc_by(items.len() as u64);
-        self.publish(st, Notice::Folder(*folder), origin);
-        Ok(bytes)
-    }
-
-    /// The cloud's credentials for a session on `folder` with the device `peer`.
-    fn policy(&self, st: &mut State, folder: FolderId) -> Policy {
-        let ticket = st.control.own_ticket(now_us(), folder);
-        Policy::Directory(Box::new(Credentials { device: self.id, ticket, cloud: self.id }))
-    }
-
     /// Token bucket: whether `device` may send one more frame now.
     pub fn admit_frame(&self, device: &DeviceId) -> bool {
         self.lock().buckets.take(device, now_us()).is_ok()
@@ -490,6 +449,7 @@ impl Cloud {
     /// Serves one device connection until it closes.
     pub async fn serve(self: Arc<Self>, conn: Connection) {
         let device = transport::device_of(conn.remote_id());
+        let channel = transport::channel_of(conn.remote_id());
         {
             let mut st = self.lock();
             let n = st.connections.entry(device).or_insert(0);
@@ -507,7 +467,7 @@ impl Cloud {
             let Ok((send, recv)) = conn.accept_bi().await else { break };
             let cloud = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = cloud.serve_stream(device, send, recv).await {
+                if let Err(e) = cloud.serve_stream(device, channel, send, recv).await {
                     tracing::debug!(%device, error = %e, "stream ended with an error");
                 }
             });
@@ -549,6 +509,7 @@ impl Cloud {
     async fn serve_stream(
         self: Arc<Self>,
         device: DeviceId,
+        channel: engine::ticket::ChannelKey,
         mut send: SendStream,
         recv: RecvStream,
     ) -> anyhow::Result<()> {
@@ -569,95 +530,8 @@ impl Cloud {
                 let _ = send.finish();
                 Ok(())
             }
-            Some(Open::Sync) => self.serve_sync(device, send, recv).await,
+            Some(Open::Sync) => self.serve_sync(device, channel, send, recv).await,
         }
-    }
-
-    async fn serve_sync(
-        &self,
-        device: DeviceId,
-        mut send: SendStream,
-        mut recv: frame::Reader<RecvStream>,
-    ) -> anyhow::Result<()> {
-        let Some(first) = recv.read(FRAME_MAX).await? else { return Ok(()) };
-        let folder = AuthSession::folder_of(&first, FRAME_MAX)
-            .ok_or_else(|| anyhow::anyhow!("a sync stream must open with DirHello"))?;
-        let sid = Session::session_of(&first, FRAME_MAX)?;
-        let usage = self.store.usage(&device.0)?;
-        if usage > self.limits.storage_bytes_per_device {
-            self.metrics.refusals.get_or_create(&crate::metrics::Reason::new("storage-limit")).inc();
-            let reason = engine::refusal::RefusalCode::StorageLimit {
-                limit_bytes: self.limits.storage_bytes_per_device,
-            };
-            let bytes = wire::encode(&Message {
-                version: WIRE_VERSION,
-                session: sid,
-                step: 3,
-                body: Body::Refused { reason },
-            });
-            frame::write(&mut send, &bytes).await?;
-            let _ = send.finish();
-            return Ok(());
-        }
-        let channel =
-            transport::channel_of(transport::endpoint_id(&device).ok_or_else(|| anyhow::anyhow!("bad id"))?);
-        let mut session = {
-            let mut st = self.lock();
-            let policy = self.policy(&mut st, folder);
-            let epoch = st.epoch;
-            let replica =
-                st.replicas.entry(folder).or_insert_with(|| Replica::new_signed(epoch, folder.scope()));
-            AuthSession::respond(sid, policy, channel, replica, transport::stream_config())
-        };
-        let handle = |s: &mut AuthSession, now: Micros, bytes: &[u8]| {
-            if !self.admit_frame(&device) {
-                return Err(engine::sync::SyncError::Protocol("rate limit".into()));
-            }
-            self.metrics.frames_received.inc();
-            // Signatures are checked before the cloud's lock is taken (issue 11: a message's
-            // ed25519 work must not stall every other device and request).
-            let signers = self.lock().replicas.get(&folder).and_then(Replica::signers);
-            let verified = transport::preverify(bytes, Some(folder.scope()), signers.as_deref());
-            let mut guard = self.lock();
-            let st = &mut *guard;
-            let epoch = st.epoch;
-            let replica =
-                st.replicas.entry(folder).or_insert_with(|| Replica::new_signed(epoch, folder.scope()));
-            replica.set_verified(verified);
-            let result = s.handle_message(now, st.control.directory_mut(), replica, bytes);
-            if let Err(e) = self.persist_directory(st, Some(device)) {
-                tracing::error!(error = %e, "saving directory changes");
-            }
-            result
-        };
-        let timeout = |s: &mut AuthSession, now: Micros| s.handle_timeout(now);
-        let _ = handle(&mut session, now_us(), &first);
-        let driven = transport::drive(&mut session, &mut send, &mut recv, handle, timeout).await?;
-        self.metrics.frames_sent.inc_by(driven.frames_sent);
-        let mut st = self.lock();
-        let added = self.persist_folder(&mut st, &folder, Some(device))?;
-        if added > 0 {
-            self.store.add_usage(&device.0, added)?;
-        }
-        // A refused session must not leave an empty replica for a folder nobody has.
-        if st.dir().folder(&folder).is_none() && st.replicas.get(&folder).is_some_and(|r| r.is_empty()) {
-            st.replicas.remove(&folder);
-        }
-        match &driven.outcome {
-            Outcome::Done { .. } => {
-                self.metrics.sessions.get_or_create(&crate::metrics::Reason::new("done")).inc()
-            }
-            Outcome::Failed(e) => {
-                tracing::info!(%device, %folder, error = %e, "sync session failed");
-                let reason = match e {
-                    engine::sync::SyncError::Refused(_) => "refused",
-                    _ => "failed",
-                };
-                self.metrics.sessions.get_or_create(&crate::metrics::Reason::new(reason)).inc()
-            }
-            Outcome::Running => 0,
-        };
-        Ok(())
     }
 
     // ------------------------------------------------------------------ control requests
@@ -679,7 +553,7 @@ impl Cloud {
                 let mut guard = self.lock();
                 let st = &mut *guard;
                 let response = st.control.handle_pair_request(device, user, commitment);
-                self.flush_notices(st);
+                let _ = self.pump(st);
                 response
             }
             Request::Account { name, password } => match self.set_account(device, name, password).await {
@@ -787,15 +661,15 @@ impl Cloud {
             }
         }
         let is_ticket = matches!(request, Request::Ticket);
-        let response = st.control.handle_request(now_us(), device, request);
+        let now = st.clock.now_us();
+        let response = st.control.handle_request(now, device, request);
         if is_ticket && matches!(response, Response::Ticket { .. }) {
             self.metrics.tickets_issued.inc();
         }
-        if let Err(e) = self.persist_directory(st, Some(device)) {
-            tracing::error!(error = %e, "saving directory changes");
+        // What the request changed is stored before it is acknowledged.
+        if self.pump(st).is_err() {
             return Response::Refused(ControlError::Storage);
         }
-        self.flush_notices(st);
         response
     }
 
@@ -810,9 +684,10 @@ impl Cloud {
     ///
     /// Work proportional to the body runs outside the cloud's lock: versions by a device that may
     /// not write the folder are refused first, without checking their signatures; the rest are
-    /// verified with no lock held; merging and saving then take the lock for at most
-    /// [`POST_CHUNK_ITEMS`] items at a time. Bytes added count against the storage limit of the
-    /// device that signed each item's winner, as a session's bytes count against its device.
+    /// verified with no lock held; the engine's cloud merges them ([`engine::cloud::Cloud::merge_items`])
+    /// and the driver stores what changed, under the lock for at most [`POST_CHUNK_ITEMS`] items
+    /// at a time. Bytes added count against the storage limit of the device that signed each
+    /// item's winner, as a session's bytes count against its device.
     pub fn merge_posted(
         &self,
         folder: &FolderId,
@@ -844,25 +719,28 @@ impl Cloud {
         let scope = folder.scope();
         let verified =
             engine::signing::Verified::check(&accepted, &scope, Some(&signers), transport::verify_threads());
+        let accepted: Vec<Arc<Item>> = accepted.into_iter().map(Arc::new).collect();
         let limit = self.limits.storage_bytes_per_device;
+        // The winner's signer, by construction one of `signers`.
+        let author = |item: &Item| item.version.topmost().by.as_ref().and_then(DeviceId::from_endpoint);
         let (mut merged, mut changed) = (0, 0);
         for chunk in accepted.chunks(POST_CHUNK_ITEMS) {
-            // The winner's signer, by construction one of `signers`.
-            let author = |item: &Item| item.version.topmost().by.as_ref().and_then(DeviceId::from_endpoint);
             let mut over = BTreeSet::new();
-            for device in chunk.iter().filter_map(author).collect::<BTreeSet<_>>() {
+            for device in chunk.iter().filter_map(|i| author(i)).collect::<BTreeSet<_>>() {
                 if self.store.usage(&device.0)? > limit {
                     over.insert(device);
                 }
             }
+            let within: Vec<Arc<Item>> =
+                chunk.iter().filter(|i| author(i).is_some_and(|d| !over.contains(&d))).cloned().collect();
+            let (results, stored) = {
+                let mut guard = self.lock();
+                let st = &mut *guard;
+                let results = st.control.merge_items(*folder, &within, verified.clone())?;
+                (results, self.pump(st))
+            };
+            let mut results = results.into_iter();
             let mut added: BTreeMap<DeviceId, u64> = BTreeMap::new();
-            let mut guard = self.lock();
-            let st = &mut *guard;
-            let epoch = st.epoch;
-            let replica =
-                st.replicas.entry(*folder).or_insert_with(|| Replica::new_signed(epoch, folder.scope()));
-            replica.set_signers(Some(signers.clone()));
-            replica.set_verified(verified.clone());
             for item in chunk {
                 let id = item.id().as_str().to_string();
                 let Some(device) = author(item) else { continue };
@@ -871,22 +749,20 @@ impl Cloud {
                     refused.push(format!("{id}: storage limit of {limit} bytes reached by {device}"));
                     continue;
                 }
-                let item = Arc::new(item.clone());
-                match replica.merge(&item) {
-                    Ok(c) => {
+                match results.next() {
+                    Some(Ok(c)) => {
                         merged += 1;
                         changed += usize::from(c);
                         if c {
                             *added.entry(device).or_default() +=
-                                wire::encoded_len(&wire::to_wire(&item)) as u64;
+                                wire::encoded_len(&wire::to_wire(item)) as u64;
                         }
                     }
-                    Err(e) => refused.push(format!("{id}: {e}")),
+                    Some(Err(e)) => refused.push(format!("{id}: {e}")),
+                    None => {}
                 }
             }
-            replica.set_verified(Default::default());
-            self.persist_folder(st, folder, None)?;
-            drop(guard);
+            stored.map_err(|_| anyhow::anyhow!("storing the merged items failed"))?;
             for (device, bytes) in added {
                 self.store.add_usage(&device.0, bytes)?;
             }

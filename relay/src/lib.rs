@@ -332,6 +332,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     cloud.set_admin_token(&admin_token);
 
     let mut tasks = Vec::new();
+    // The engine's session timers: the cloud's one host loop is this task and the pump every
+    // input path calls (`cloud::driver`).
+    tasks.push(cloud.spawn_timers());
     tasks.push(tokio::spawn(quic::accept(endpoint.clone(), cloud.clone())));
 
     let listener = tokio::net::TcpListener::bind(cfg.http)
