@@ -29,6 +29,7 @@ use transport::store::Store;
 use transport::{frame, now_secs, now_us, Notice, Open, Request, Response};
 
 use driver::HostClock;
+pub use driver::{STREAM_QUEUE, SYNC_STREAMS_PER_DEVICE};
 
 use crate::metrics::Metrics;
 

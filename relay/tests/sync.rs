@@ -207,3 +207,55 @@ fn a_device_over_its_storage_quota_is_refused() {
     );
     assert_eq!(cloud_items(&relay, &folder), 20);
 }
+
+/// One device runs at most `SYNC_STREAMS_PER_DEVICE` sessions at the cloud at once (the engine's
+/// session table is shared by every device): a stream past it is ended unanswered.
+#[test]
+fn one_device_runs_a_bounded_number_of_sync_streams() {
+    let relay = Relay::start(relay::Limits::default());
+    let mut mesh = Mesh::new();
+    let (alice, folder) = alice_with_folder(&relay, &mut mesh);
+    let dir = mesh.dir.clone();
+    let replica = replica_with(folder, &alice.key, 1);
+    let cap = relay::cloud::SYNC_STREAMS_PER_DEVICE;
+    relay.rt.block_on(async {
+        let (_ep, conn) = connect(&relay, &alice.key).await;
+        let Response::Ticket { ticket, cloud } = transport::request(&conn, Request::Ticket).await.unwrap()
+        else {
+            panic!("no ticket")
+        };
+        let mut open = Vec::new();
+        for sid in 0..=cap as u64 {
+            let policy = Policy::Directory(Box::new(Credentials {
+                device: alice.device,
+                ticket: ticket.clone(),
+                cloud,
+            }));
+            let mut session = AuthSession::initiate(
+                1000 + sid,
+                transport::now_us(),
+                folder,
+                policy,
+                transport::channel_of(conn.remote_id()),
+                &dir,
+                &replica,
+                transport::stream_config(),
+                Default::default(),
+            );
+            let (mut send, recv) = conn.open_bi().await.unwrap();
+            frame::write_value(&mut send, &Open::Sync).await.unwrap();
+            frame::write(&mut send, &session.poll_transmit().unwrap()).await.unwrap();
+            let mut recv = frame::Reader::new(recv);
+            let answer = tokio::time::timeout(PATIENCE, recv.read(transport::FRAME_MAX)).await.unwrap();
+            if (sid as usize) < cap {
+                assert!(answer.unwrap().is_some(), "session {sid} is answered");
+            } else {
+                assert!(!matches!(answer, Ok(Some(_))), "a session past the cap is not answered");
+            }
+            open.push((send, recv));
+        }
+        assert_eq!(relay.running().cloud.lock().control.sessions(), cap);
+    });
+    let metrics = relay.running().cloud.metrics.render(0);
+    assert!(metrics.contains("feedmesh_refusals_total{kind=\"sync-streams\"} 1"), "{metrics}");
+}

@@ -39,6 +39,11 @@ use crate::metrics::Reason;
 /// a stream that falls this far behind is not reading: it is dropped.
 pub const STREAM_QUEUE: usize = 8;
 
+/// Sync streams one device may run at once. The engine's session table is shared by every device
+/// (`engine::sessions::SESSIONS_MAX`); this keeps one device from filling it. A stream past it is
+/// finished unanswered (the device sees its session lost and retries on its schedule).
+pub const SYNC_STREAMS_PER_DEVICE: usize = 64;
+
 /// The writer of one sync stream, as the pump knows it.
 #[derive(Debug)]
 pub(super) struct StreamOut {
@@ -250,6 +255,10 @@ impl Cloud {
             let mut st = self.lock();
             if st.streams.contains_key(&(device, sid)) {
                 anyhow::bail!("session {sid} already runs on another stream");
+            }
+            if st.streams.range((device, 0)..=(device, u64::MAX)).count() >= SYNC_STREAMS_PER_DEVICE {
+                self.metrics.refusals.get_or_create(&Reason::new("sync-streams")).inc();
+                anyhow::bail!("{SYNC_STREAMS_PER_DEVICE} sync streams of this device run already");
             }
             st.next_stream += 1;
             let id = st.next_stream;
