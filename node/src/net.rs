@@ -680,6 +680,23 @@ impl Net {
         tokio::time::timeout(ROUND_WAIT, rx).await?.map_err(|_| anyhow!("the session was dropped"))
     }
 
+    /// Runs one session of `folder` with `peer` (the cloud: `None`) and returns its outcome.
+    pub async fn sync_folder(
+        self: &Arc<Self>,
+        peer: Option<DeviceId>,
+        folder: FolderId,
+    ) -> anyhow::Result<Outcome> {
+        let rx = self.start(peer.unwrap_or(self.cloud_id), folder)?;
+        tokio::time::timeout(ROUND_WAIT, rx).await?.map_err(|_| anyhow!("the session was dropped"))
+    }
+
+    /// Uses `conn` for sessions with the device at its other end (instead of connecting on its
+    /// own): benchmarks measure the connection they made.
+    pub async fn adopt(&self, conn: Connection) {
+        let device = transport::device_of(conn.remote_id());
+        self.peers.lock().await.insert(device, conn);
+    }
+
     /// Starts a session of `folder` with `peer`; a receiver of its outcome.
     fn start(
         self: &Arc<Self>,

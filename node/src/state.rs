@@ -266,23 +266,38 @@ impl Node {
     ) -> anyhow::Result<Committed> {
         let mut done = Committed::default();
         let mut blobs = Some(blobs).filter(|b| !b.is_empty());
-        while let Some(p) = self.device.poll_persist() {
-            match p {
-                Persist::Directory(changes) => {
+        // Consecutive commits of one folder go into one transaction (a bulk write is one commit,
+        // not one per item); the order of what is stored is the order handed out.
+        let mut run: Option<(FolderId, Vec<Arc<Item>>, bool)> = None;
+        loop {
+            let next = self.device.poll_persist();
+            let joins = match (&run, &next) {
+                (Some((f, _, _)), Some(Persist::Items(c))) => *f == c.folder,
+                _ => false,
+            };
+            if !joins {
+                if let Some((f, items, local)) = run.take() {
+                    let with = match (local, folder) {
+                        (true, Some(mine)) if mine == f => blobs.take().unwrap_or(&[]),
+                        _ => &[],
+                    };
+                    self.store.save_items_and_blobs(&f, items.iter(), with)?;
+                }
+            }
+            match next {
+                None => break,
+                Some(Persist::Directory(changes)) => {
                     self.store.save_changes(&changes)?;
                     done.directory += changes.len();
                 }
-                Persist::Items(c) => {
-                    let items = c.items.iter().map(|(item, _)| item);
-                    let with = match (c.from, folder) {
-                        (None, Some(f)) if f == c.folder => blobs.take().unwrap_or(&[]),
-                        _ => &[],
-                    };
-                    self.store.save_items_and_blobs(&c.folder, items, with)?;
+                Some(Persist::Items(c)) => {
                     done.items += c.items.len();
                     if c.from.is_some_and(|p| p != self.cfg.cloud) {
                         done.from_peers += c.items.len();
                     }
+                    let entry = run.get_or_insert_with(|| (c.folder, Vec::new(), false));
+                    entry.2 |= c.from.is_none();
+                    entry.1.extend(c.items.into_iter().map(|(item, _)| item));
                 }
             }
         }

@@ -285,12 +285,7 @@ fn pair(a: &mut Node, b: &Node) -> anyhow::Result<()> {
     let code = directory::short_code(&a.id, &b.id, &nonce_existing, &nonce_new);
     let pairing = directory::pair_new_device(&b.key, user, a.id, nonce_existing, nonce_new, code)
         .map_err(|e| anyhow!("{e}"))?;
-    let key = a.key.clone();
-    a.dir
-        .add_paired_device(&key, user, commitment, pairing, code, transport::now_secs())
-        .map_err(|e| anyhow!("{e}"))?;
-    a.persist_directory()?;
-    Ok(())
+    a.add_paired_device(user, commitment, pairing, code)
 }
 
 /// A `CreateUser` change by `key` (its own first device).
@@ -301,7 +296,7 @@ fn create_user(key: &DeviceKey, name: String) -> anyhow::Result<SignedChange> {
 /// Registers users made elsewhere with the cloud, through `net`'s connection.
 async fn register(net: &Arc<Net>, changes: &[SignedChange]) -> anyhow::Result<()> {
     for batch in changes.chunks(directory::CHANGES_PER_BATCH_MAX) {
-        let heads = lock(&net.node).dir.heads().into_iter().collect();
+        let heads = lock(&net.node).dir().heads().into_iter().collect();
         match net.request(Request::Directory { heads, changes: batch.to_vec() }).await? {
             Response::Directory { .. } => {}
             other => bail!("unexpected answer to a directory push: {other:?}"),
@@ -343,7 +338,7 @@ async fn setup_pair(
     for net in [&net_a, &net_b] {
         net.refresh_ticket().await?;
     }
-    let mapped = lock(&a).dir.folder(&folder).map_or(0, |f| f.mapped.len());
+    let mapped = lock(&a).dir().folder(&folder).map_or(0, |f| f.mapped.len());
     if mapped != 2 {
         bail!("the folder is mapped on {mapped} devices, not 2");
     }
@@ -358,26 +353,26 @@ async fn setup_pair(
 /// items' encodings concatenated (what the bare stream sends).
 fn write_items(a: &node::net::Shared, folder: &FolderId, items: usize) -> anyhow::Result<(u64, Vec<u8>)> {
     let mut n = lock(a);
-    let key = n.key.clone();
     let when = When::from_unix_secs(transport::now_secs()).map_err(|e| anyhow!("{e}"))?;
-    let replica = n.replica_mut(folder);
     for i in 0..items {
         let id = ItemId::new(&format!("item-{i:06}")).map_err(|e| anyhow!("{e}"))?;
         let edit = Edit { content: Some(node::state::content(None, &item_text(i))), ..Edit::default() };
-        replica.change_signed(&id, &key, &when, &edit).map_err(|e| anyhow!("{e}"))?;
+        n.device.write(*folder, &id, &when, &edit).map_err(|e| anyhow!("{e}"))?;
     }
+    // One redb commit for all of them (consecutive commits of a folder are stored together).
+    n.commit()?;
+    let replica = n.replica(folder).ok_or_else(|| anyhow!("A has no replica"))?;
     let mut payload = Vec::new();
     for item in replica.items() {
         payload.extend(postcard::to_allocvec(&wire::to_wire(item))?);
     }
     let counted: u64 = replica.items().map(|i| wire::encoded_len(&wire::to_wire(i)) as u64).sum();
     assert_eq!(counted, payload.len() as u64, "encoded_len and the encoding agree");
-    n.persist_folder(folder)?;
     Ok((counted, payload))
 }
 
 fn items_of(node: &node::net::Shared, folder: &FolderId) -> usize {
-    lock(node).replicas.get(folder).map_or(0, |r| r.len())
+    lock(node).replica(folder).map_or(0, |r| r.len())
 }
 
 /// One run of one mode.
@@ -450,27 +445,24 @@ impl ModeResult {
 
 /// B's work without a network, on A's items: verify and merge into a fresh signed replica, then
 /// commit them to a fresh node's database.
-fn receive_floor(
-    a: &node::net::Shared,
-    folder: &FolderId,
-    root: &Path,
-    cfg: &NodeConfig,
-    tag: &str,
-) -> anyhow::Result<Floor> {
+fn receive_floor(a: &node::net::Shared, folder: &FolderId, root: &Path, tag: &str) -> anyhow::Result<Floor> {
     let (items, signers) = {
         let n = lock(a);
-        let replica = n.replicas.get(folder).ok_or_else(|| anyhow!("A has no replica"))?;
-        (replica.items().cloned().collect::<Vec<_>>(), n.dir.signers(folder))
+        let replica = n.replica(folder).ok_or_else(|| anyhow!("A has no replica"))?;
+        (replica.items().cloned().collect::<Vec<_>>(), n.dir().signers(folder))
     };
-    let scratch = new_node(root, &format!("{tag}-floor"), cfg)?;
-    let mut n = lock(&scratch);
-    let replica = n.replica_mut(folder);
+    let dir = root.join(format!("{tag}-floor"));
+    std::fs::create_dir_all(&dir)?;
+    let store = transport::store::Store::open(&dir.join(node::state::DB_FILE), "node")?;
+    let mut replica = engine::replica::Replica::new_signed(1, folder.scope());
     replica.set_signers(Some(signers));
     let started = Instant::now();
     replica.merge_all(&items, transport::verify_threads()).map_err(|e| anyhow!("{e}"))?;
     let verify_merge_seconds = started.elapsed().as_secs_f64();
     let started = Instant::now();
-    n.persist_folder(folder)?;
+    // What the node's commit of a session's merge does: the items in one redb transaction.
+    let merged: Vec<_> = replica.log_since(Default::default()).map(|c| c.item.clone()).collect();
+    store.save_items(folder, merged.iter())?;
     Ok(Floor { verify_merge_seconds, store_seconds: started.elapsed().as_secs_f64() })
 }
 
@@ -513,12 +505,14 @@ async fn run_mode(
     online(&net_a.endpoint).await?;
     online(&net_b.endpoint).await?;
     tokio::spawn(net_a.clone().serve_incoming());
+    let peer_a = lock(&a).id;
     let addr = addr_of(&net_a.endpoint, relay_only);
     let t = Instant::now();
     let conn = tokio::time::timeout(Duration::from_secs(20), net_b.endpoint.connect(addr, ALPN))
         .await
         .map_err(|_| anyhow!("B could not reach A within 20 s"))??;
     let connect_seconds = t.elapsed().as_secs_f64();
+    net_b.adopt(conn.clone()).await;
 
     let endpoints = [&net_a.endpoint, &net_b.endpoint];
     let before = Counters::read(&conn, &endpoints, relay_port);
@@ -529,7 +523,7 @@ async fn run_mode(
         if sessions > 64 {
             bail!("B has {} of {items} items after 64 sessions", items_of(&b, &folder));
         }
-        match net_b.sync_folder(&conn, folder).await? {
+        match net_b.sync_folder(Some(peer_a), folder).await? {
             Outcome::Done { .. } => {}
             other => bail!("session {sessions} ended with {other:?}"),
         }
@@ -537,9 +531,7 @@ async fn run_mode(
     let seconds = started.elapsed().as_secs_f64();
     let bytes = Counters::read(&conn, &endpoints, relay_port).since(before);
     let feedmesh = Transfer::new(seconds, items, payload_bytes, bytes, path_of(&conn));
-    if lock(&b).replicas.get(&folder).map(|r| r.digest())
-        != lock(&a).replicas.get(&folder).map(|r| r.digest())
-    {
+    if lock(&b).replica(&folder).map(|r| r.digest()) != lock(&a).replica(&folder).map(|r| r.digest()) {
         bail!("B's replica differs from A's");
     }
     println!(
@@ -555,7 +547,7 @@ async fn run_mode(
         "[{mode}] bare iroh stream: {:.3} s ({:.1} MB/s, path {})",
         bare.seconds, bare.payload_mb_per_s, bare.path
     );
-    let floor = receive_floor(&a, &folder, root, cfg, tag)?;
+    let floor = receive_floor(&a, &folder, root, tag)?;
     Ok(Run { write_seconds, connect_seconds, sessions, floor, feedmesh, bare })
 }
 
@@ -662,7 +654,7 @@ async fn sync_bench(items: usize, runs: usize) -> anyhow::Result<Value> {
             "relay_tcp_bytes_ratio": "feedmesh relay_tcp_bytes / bare relay_tcp_bytes (relayed only)",
             "write_seconds": "A signing and storing the N items (not part of the sync time)",
             "connect_seconds": "B's QUIC connection to A (not part of the sync time)",
-            "receive_floor": "B's work alone on the same items, no network: verify_merge_seconds = Replica::merge_all of the N items into a fresh signed replica (signature checks on transport::verify_threads() threads, then validation, merge, fingerprint); store_seconds = Node::persist_folder of them into a fresh redb"
+            "receive_floor": "B's work alone on the same items, no network: verify_merge_seconds = Replica::merge_all of the N items into a fresh signed replica (signature checks on transport::verify_threads() threads, then validation, merge, fingerprint); store_seconds = one redb transaction of them (Store::save_items) in a fresh database, as the node commits a merge"
         },
         "modes": results,
     }))
