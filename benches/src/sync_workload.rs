@@ -1,6 +1,7 @@
 //! The sync workload, shared by the criterion sync bench and the sync sweep: `n` shared items
 //! (feedmesh replica or automerge document, one change per item), differences added as new items
-//! on one side, and a session driver over a clean in-order channel for each engine.
+//! on one side, and a session driver over a clean in-order channel for each engine (feedmesh's is
+//! the engine's own, `engine::loopback::run_clean`).
 
 use std::sync::Arc;
 
@@ -8,8 +9,9 @@ use automerge::sync::{self as am_sync, SyncDoc as _};
 use automerge::transaction::Transactable as _;
 use automerge::{ActorId, Automerge, ObjType, ROOT};
 use engine::feedsync::{Content, Edit, Endpoint, ItemId, When};
+use engine::loopback::{self, Clean, Plain};
 use engine::replica::Replica;
-use engine::sync::{Config, Outcome, Retained, Session, Stats};
+use engine::sync::{Config, Retained, Stats};
 
 fn edit(text: &str) -> Edit {
     Edit {
@@ -81,32 +83,17 @@ pub struct SessionRun {
     pub retained: Retained,
 }
 
-/// One feedmesh session, `a` initiating, on a clean in-order channel.
+/// One feedmesh session, `a` initiating, on a clean in-order channel ([`engine::loopback`]).
 pub fn session(a: &mut Replica, b: &mut Replica, retained: Retained) -> SessionRun {
-    let mut sa = Session::initiate(1, 0, a, Config::default(), retained);
-    let mut sb = Session::respond(1, b, Config::default());
-    let mut messages = 0;
-    loop {
-        let mut moved = false;
-        while let Some(m) = sa.poll_transmit() {
-            messages += 1;
-            moved = true;
-            let _ = sb.handle_message(0, b, &m);
-        }
-        while let Some(m) = sb.poll_transmit() {
-            messages += 1;
-            moved = true;
-            let _ = sa.handle_message(0, a, &m);
-        }
-        if !moved {
-            break;
-        }
+    let mut sa = Plain::initiate(1, 0, a, Config::default(), retained);
+    let mut sb = Plain::respond(1, b, Config::default());
+    let pumped = loopback::run_clean(&mut sa, &mut sb, Clean::at(0), |_, _| {});
+    SessionRun {
+        messages: pumped.messages,
+        initiator: sa.session.stats(),
+        responder: sb.session.stats(),
+        retained: sa.retained(),
     }
-    let retained = match sa.outcome() {
-        Outcome::Done { retained, .. } => *retained,
-        _ => Retained::default(),
-    };
-    SessionRun { messages, initiator: sa.stats(), responder: sb.stats(), retained }
 }
 
 /// An automerge document of `n` maps under ROOT, one change each.
