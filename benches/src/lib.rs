@@ -158,6 +158,17 @@ pub fn description(index: usize) -> String {
     out
 }
 
+/// Whether the command line asks for help (`--help` or `-h`); then `usage` has been printed and
+/// the binary should exit without running anything (issue 13: `sync_sweep --help` used to start
+/// a sweep).
+pub fn help_requested(usage: &str) -> bool {
+    let asked = std::env::args().skip(1).any(|a| a == "--help" || a == "-h");
+    if asked {
+        println!("{usage}");
+    }
+    asked
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,15 +204,4 @@ mod tests {
         assert_eq!(description(7), description(7));
         assert_ne!(description(7), description(8));
     }
-}
-
-/// Whether the command line asks for help (`--help` or `-h`); then `usage` has been printed and
-/// the binary should exit without running anything (issue 13: `sync_sweep --help` used to start
-/// a sweep).
-pub fn help_requested(usage: &str) -> bool {
-    let asked = std::env::args().skip(1).any(|a| a == "--help" || a == "-h");
-    if asked {
-        println!("{usage}");
-    }
-    asked
 }

@@ -111,13 +111,13 @@ fn main() -> anyhow::Result<()> {
                 drop(permit);
             });
             if (i + 1) % 500 == 0 {
-                while set.len() > 0 {
+                while !set.is_empty() {
                     set.join_next().await;
                 }
                 println!("after {} connections rss {} KiB", i + 1, rss(pid));
             }
         }
-        while set.len() > 0 {
+        while !set.is_empty() {
             set.join_next().await;
         }
         tokio::time::sleep(Duration::from_secs(settle)).await;
