@@ -285,14 +285,18 @@ impl Cloud {
             if wire::peek(&bytes).map(|(s, _, _)| s) != Some(sid) {
                 break Err(anyhow::anyhow!("a message of another session on the stream of {sid}"));
             }
-            self.sync_frame(device, channel, folder, sid, id, &bytes);
+            if !self.sync_frame(device, channel, folder, sid, id, &bytes) {
+                // The session is over: what else the device sends on the stream is not read.
+                break Ok(());
+            }
         };
         self.stream_ended(device, sid, id);
         ended
     }
 
     /// One sync message from `device` on its stream `id` of session `sid`: the frame budget, the
-    /// signatures (checked before the lock is taken), then the engine and the pump.
+    /// signatures (checked before the lock is taken), then the engine and the pump. Whether the
+    /// stream still carries a session (false: it ended, nothing more is read).
     fn sync_frame(
         &self,
         device: DeviceId,
@@ -301,12 +305,15 @@ impl Cloud {
         sid: u64,
         id: u64,
         bytes: &[u8],
-    ) {
+    ) -> bool {
         let signers = {
             let mut st = self.lock();
+            if !st.streams.get(&(device, sid)).is_some_and(|s| s.id == id) {
+                return false;
+            }
             if st.buckets.take(&device, transport::now_us()).is_err() {
                 // Dropped unread, as a lost packet would be: the session retransmits or times out.
-                return;
+                return true;
             }
             st.dir().folder(&folder).map(|_| st.dir().signers(&folder))
         };
@@ -328,7 +335,9 @@ impl Cloud {
         if mine && st.control.session_folder(device, sid).is_none() {
             st.streams.remove(&(device, sid));
             self.metrics.sessions.get_or_create(&Reason::new("failed")).inc();
+            return false;
         }
+        mine
     }
 
     /// The reader of stream `id` stopped: if its session still runs, it ends as lost.
