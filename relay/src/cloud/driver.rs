@@ -308,7 +308,7 @@ impl Cloud {
     ) -> bool {
         let signers = {
             let mut st = self.lock();
-            if !st.streams.get(&(device, sid)).is_some_and(|s| s.id == id) {
+            if st.streams.get(&(device, sid)).is_none_or(|s| s.id != id) {
                 return false;
             }
             if st.buckets.take(&device, transport::now_us()).is_err() {
