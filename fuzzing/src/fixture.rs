@@ -250,7 +250,7 @@ pub type Transcript = Vec<(bool, Vec<u8>)>;
 
 /// The clean channel of every fixture session: from [`T0`], a millisecond a message, at most
 /// [`PUMP_MAX`] rounds.
-fn channel() -> Clean {
+fn clean() -> Clean {
     Clean { now: T0, step_us: 1_000, rounds_max: PUMP_MAX }
 }
 
@@ -261,7 +261,7 @@ pub fn run_plain(a: &mut Replica, b: &mut Replica, retained: Retained) -> (Outco
     let mut si = Plain::initiate(SESSION, T0, a, cfg.clone(), retained);
     let mut sr = Plain::respond(SESSION, b, cfg);
     let mut transcript = Vec::new();
-    loopback::run_clean(&mut si, &mut sr, channel(), |to, m| {
+    loopback::run_clean(&mut si, &mut sr, clean(), |to, m| {
         transcript.push((to == Direction::ToResponder, m))
     });
     (si.session.outcome().clone(), transcript)
@@ -296,7 +296,7 @@ pub fn run_auth(
     let session = AuthSession::respond(SESSION, w.policy(responder), w.channel(initiator), b, cfg);
     let mut sr = Authorized { session, directory: dir_b, replica: b };
     let mut transcript = Vec::new();
-    loopback::run_clean(&mut si, &mut sr, channel(), |to, m| {
+    loopback::run_clean(&mut si, &mut sr, clean(), |to, m| {
         transcript.push((to == Direction::ToResponder, m))
     });
     (si.session.outcome(), sr.session.outcome(), transcript)
