@@ -136,27 +136,56 @@ struct Pending {
     retries: u32,
 }
 
+/// What only a keyed device has. Boxed: the simulator's plain model runs 100,000 open devices,
+/// for which it would be most of their memory.
+#[derive(Debug)]
+struct Keys {
+    key: DeviceKey,
+    id: DeviceId,
+    cloud: CloudId,
+    ticket: Option<Ticket>,
+    ticket_due: Option<Micros>,
+}
+
+/// The directory and how much of it was handed out to store. Boxed and made on first change, for
+/// the same reason as [`Keys`].
+#[derive(Debug, Default)]
+struct DirState {
+    dir: Directory,
+    persisted: usize,
+    /// Each author's last change handed out for storing. The directory's log is in its total
+    /// order, not in arrival order: a change that arrives late can sort before stored ones, so
+    /// what is new is found by author and sequence number.
+    heads: crate::directory::Heads,
+}
+
+/// How the device times its own requests and ticket refresh.
+#[derive(Clone, Copy, Debug)]
+struct Timing {
+    request_rto_us: Micros,
+    request_rto_max_us: Micros,
+    refresh_tickets: bool,
+}
+
+/// The directory of a device that has none.
+fn no_directory() -> &'static Directory {
+    static EMPTY: std::sync::OnceLock<Directory> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(Directory::new)
+}
+
 /// The device.
 #[derive(Debug)]
 pub struct Device<P: Peer> {
     endpoint: Endpoint,
-    key: Option<DeviceKey>,
-    id: Option<DeviceId>,
-    cloud_id: Option<CloudId>,
+    keys: Option<Box<Keys>>,
     /// The peer handle of the cloud (where control requests go).
     cloud: Option<P>,
-    ticket: Option<Ticket>,
-    ticket_due: Option<Micros>,
-    dir: Directory,
-    dir_persisted: usize,
-    /// Each author's last change handed out for storing. The directory's log is in its total
-    /// order, not in arrival order: a change that arrives late can sort before stored ones, so
-    /// what is new is found by author and sequence number.
-    dir_heads: crate::directory::Heads,
+    dir: Option<Box<DirState>>,
     /// Replicas by folder, sorted.
     replicas: Vec<(FolderId, Replica)>,
     epoch: u64,
-    cfg: DeviceConfig,
+    /// [`DeviceConfig`] but its sessions' part, which the session table keeps (once per device).
+    cfg: Timing,
     sessions: Sessions<P>,
     requests: Vec<Pending>,
     next_request: u64,
@@ -175,30 +204,29 @@ impl<P: Peer> Device<P> {
         epoch: u64,
         cfg: DeviceConfig,
     ) -> Self {
-        let (endpoint, key, id, cloud_id) = match identity {
-            Identity::Open(endpoint) => (endpoint, None, None, None),
+        let (endpoint, keys) = match identity {
+            Identity::Open(endpoint) => (endpoint, None),
             Identity::Keyed { key, cloud } => {
                 let id = DeviceId::of(&key);
-                (id.endpoint(), Some(key), Some(id), Some(cloud))
+                let keys = Keys { key, id, cloud, ticket: None, ticket_due: None };
+                (id.endpoint(), Some(Box::new(keys)))
             }
         };
-        let dir_persisted = dir.len();
-        let dir_heads = dir.heads();
+        let dir =
+            (!dir.is_empty()).then(|| Box::new(DirState { persisted: dir.len(), heads: dir.heads(), dir }));
         let mut device = Self {
             endpoint,
-            key,
-            id,
-            cloud_id,
+            keys,
             cloud,
-            ticket: None,
-            ticket_due: None,
             dir,
-            dir_persisted,
-            dir_heads,
             replicas: Vec::new(),
             epoch,
-            sessions: Sessions::new(cfg.sync.clone()),
-            cfg,
+            cfg: Timing {
+                request_rto_us: cfg.request_rto_us,
+                request_rto_max_us: cfg.request_rto_max_us,
+                refresh_tickets: cfg.refresh_tickets,
+            },
+            sessions: Sessions::new(cfg.sync),
             requests: Vec::new(),
             next_request: 1,
             events: VecDeque::new(),
@@ -207,7 +235,7 @@ impl<P: Peer> Device<P> {
         for (folder, replica) in replicas {
             device.install(folder, replica);
         }
-        if device.key.is_none() && device.replica(&OPEN_FOLDER).is_none() {
+        if device.keys.is_none() && device.replica(&OPEN_FOLDER).is_none() {
             device.install(OPEN_FOLDER, Replica::new(epoch));
         }
         device
@@ -218,12 +246,17 @@ impl<P: Peer> Device<P> {
     pub fn install(&mut self, folder: FolderId, replica: Replica) {
         match self.replicas.binary_search_by_key(&folder, |(f, _)| *f) {
             Ok(i) => self.replicas[i].1 = replica,
-            Err(i) => self.replicas.insert(i, (folder, replica)),
+            Err(i) => crate::sessions::insert_small(&mut self.replicas, i, (folder, replica)),
         }
     }
 
-    pub fn config(&self) -> &DeviceConfig {
-        &self.cfg
+    pub fn config(&self) -> DeviceConfig {
+        DeviceConfig {
+            sync: self.sessions.cfg.clone(),
+            request_rto_us: self.cfg.request_rto_us,
+            request_rto_max_us: self.cfg.request_rto_max_us,
+            refresh_tickets: self.cfg.refresh_tickets,
+        }
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -231,15 +264,15 @@ impl<P: Peer> Device<P> {
     }
 
     pub fn id(&self) -> Option<DeviceId> {
-        self.id
+        self.keys.as_ref().map(|k| k.id)
     }
 
     pub fn directory(&self) -> &Directory {
-        &self.dir
+        self.dir.as_ref().map_or(no_directory(), |d| &d.dir)
     }
 
     pub fn ticket(&self) -> Option<&Ticket> {
-        self.ticket.as_ref()
+        self.keys.as_ref().and_then(|k| k.ticket.as_ref())
     }
 
     pub fn replica(&self, folder: &FolderId) -> Option<&Replica> {
@@ -270,26 +303,28 @@ impl<P: Peer> Device<P> {
     /// [`Device::handle_response`]) and schedules its refresh at half its lifetime.
     pub fn set_ticket(&mut self, now: Micros, ticket: Ticket) {
         let lifetime = ticket.body.expires_us.saturating_sub(ticket.body.issued_us);
-        self.ticket_due = self.cfg.refresh_tickets.then(|| now.saturating_add(lifetime / 2));
-        self.ticket = Some(ticket);
+        if let Some(k) = self.keys.as_mut() {
+            k.ticket_due = self.cfg.refresh_tickets.then(|| now.saturating_add(lifetime / 2));
+            k.ticket = Some(ticket);
+        }
     }
 
     /// Stops (or resumes) refreshing the ticket.
     pub fn set_refresh_tickets(&mut self, on: bool) {
         self.cfg.refresh_tickets = on;
-        if !on {
-            self.ticket_due = None;
+        if let (false, Some(k)) = (on, self.keys.as_mut()) {
+            k.ticket_due = None;
         }
     }
 
     /// Whether this device holds `folder`: an open device its one feed; a keyed one the folders
     /// its directory says are mapped here.
     fn holds(&self, folder: &FolderId) -> bool {
-        match self.id {
+        match self.id() {
             None => *folder == OPEN_FOLDER,
             Some(id) => {
                 self.replica(folder).is_some()
-                    || self.dir.folder(folder).is_some_and(|f| f.mapped.contains(&id))
+                    || self.directory().folder(folder).is_some_and(|f| f.mapped.contains(&id))
             }
         }
     }
@@ -299,19 +334,19 @@ impl<P: Peer> Device<P> {
             Ok(i) => i,
             Err(i) => {
                 let replica = Replica::new_signed(self.epoch, folder.scope());
-                self.replicas.insert(i, (folder, replica));
+                crate::sessions::insert_small(&mut self.replicas, i, (folder, replica));
                 i
             }
         }
     }
 
     fn policy(&self) -> Option<Policy> {
-        match (self.id, self.cloud_id) {
-            (Some(device), Some(cloud)) => {
-                let ticket = self.ticket.clone()?;
-                Some(Policy::Directory(Box::new(Credentials { device, ticket, cloud })))
+        match &self.keys {
+            Some(k) => {
+                let ticket = k.ticket.clone()?;
+                Some(Policy::Directory(Box::new(Credentials { device: k.id, ticket, cloud: k.cloud })))
             }
-            _ => Some(Policy::Open),
+            None => Some(Policy::Open),
         }
     }
 
@@ -331,8 +366,8 @@ impl<P: Peer> Device<P> {
         let i = self.replica_index(folder);
         let replica = &mut self.replicas[i].1;
         let head = replica.head();
-        match &self.key {
-            Some(key) => replica.change_signed(id, key, when, edit)?,
+        match &self.keys {
+            Some(k) => replica.change_signed(id, &k.key, when, edit)?,
             None => replica.change(id, &self.endpoint, when, edit)?,
         };
         let items: Vec<(Arc<Item>, u64)> = replica.log_since(head).map(|c| (c.item.clone(), c.fp)).collect();
@@ -357,13 +392,13 @@ impl<P: Peer> Device<P> {
         if !self.holds(&folder) {
             return Err(CommandError::NotHeld);
         }
-        if self.id.is_some_and(|id| self.dir.user_of(&id).is_none()) {
+        if self.id().is_some_and(|id| self.directory().user_of(&id).is_none()) {
             return Err(CommandError::NotActive);
         }
         let policy = self.policy().ok_or(CommandError::NoTicket)?;
         // A ticket that does not grant the folder would only be refused by the peer: ask for a
         // fresh one instead (the directory may have granted it since).
-        if self.ticket.as_ref().is_some_and(|t| t.body.rights.folders.binary_search(&folder).is_err()) {
+        if self.ticket().is_some_and(|t| t.body.rights.folders.binary_search(&folder).is_err()) {
             if !self.pending(&Request::Ticket) {
                 let _ = self.request(now, Request::Ticket);
             }
@@ -403,7 +438,8 @@ impl<P: Peer> Device<P> {
     ) {
         let i = self.replica_index(folder);
         let replica = &self.replicas[i].1;
-        self.sessions.initiate(now, peer, channel, sid, folder, policy, &self.dir, replica);
+        let dir = self.dir.as_ref().map_or(no_directory(), |d| &d.dir);
+        self.sessions.initiate(now, peer, channel, sid, folder, policy, dir, replica);
         self.drain();
     }
 
@@ -432,8 +468,8 @@ impl<P: Peer> Device<P> {
     /// creating a user or folder, inviting, mapping, pairing a device in. It goes to the cloud
     /// with the next [`Device::sync_directory`] and to peers with the next session.
     pub fn make(&mut self, when: i64, op: crate::directory::Op) -> Result<SignedChange, CommandError> {
-        let key = self.key.as_ref().ok_or(CommandError::NoKey)?;
-        let change = self.dir.make(key, when, op)?;
+        let k = self.keys.as_ref().ok_or(CommandError::NoKey)?;
+        let change = self.dir.get_or_insert_with(Default::default).dir.make(&k.key, when, op)?;
         self.flush();
         Ok(change)
     }
@@ -444,7 +480,7 @@ impl<P: Peer> Device<P> {
     /// session that runs nowhere here opens a responder only if it is a session's first message
     /// (a `Hello` for an open device, a `DirHello` for a keyed one).
     pub fn handle_sync(&mut self, now: Micros, peer: P, channel: ChannelKey, bytes: &[u8]) {
-        let open_folder = self.id.is_none().then_some(OPEN_FOLDER);
+        let open_folder = self.keys.is_none().then_some(OPEN_FOLDER);
         let Some((sid, folder, new)) = self.sessions.route(peer, bytes, open_folder) else { return };
         let opens = match new {
             true => match self.policy() {
@@ -453,7 +489,7 @@ impl<P: Peer> Device<P> {
             },
             false => None,
         };
-        let dir_len = self.dir.len();
+        let dir_len = self.directory().len();
         let replica = match self.holds(&folder) {
             true => {
                 let i = self.replica_index(folder);
@@ -461,8 +497,14 @@ impl<P: Peer> Device<P> {
             }
             false => None,
         };
-        self.sessions.deliver(now, peer, channel, sid, folder, opens, &mut self.dir, replica, bytes);
-        if self.dir.len() != dir_len {
+        // An open device's sessions never touch a directory: a stand-in (no allocation).
+        let mut none = Directory::new();
+        let dir = match self.keys.is_some() {
+            true => &mut self.dir.get_or_insert_with(Default::default).dir,
+            false => &mut none,
+        };
+        self.sessions.deliver(now, peer, channel, sid, folder, opens, dir, replica, bytes);
+        if self.directory().len() != dir_len {
             self.events.push_back(Event::DirectoryChanged);
         }
         self.drain();
@@ -478,7 +520,8 @@ impl<P: Peer> Device<P> {
                 self.events.push_back(Event::Refused { id, request: request.kind(), error });
             }
             (Request::Ticket, Response::Ticket { ticket, cloud }) => {
-                if Some(cloud) != self.cloud_id || Some(ticket.body.device) != self.id {
+                if Some(cloud) != self.keys.as_ref().map(|k| k.cloud) || Some(ticket.body.device) != self.id()
+                {
                     self.events.push_back(Event::BadAnswer { request: "ticket" });
                     return;
                 }
@@ -488,7 +531,7 @@ impl<P: Peer> Device<P> {
             }
             (Request::Directory { .. }, Response::Directory { changes }) => {
                 let full = changes.len() == CHANGES_PER_BATCH_MAX;
-                match self.dir.apply(&changes) {
+                match self.dir.get_or_insert_with(Default::default).dir.apply(&changes) {
                     Ok(0) => {}
                     Ok(_) => {
                         self.events.push_back(Event::DirectoryChanged);
@@ -524,8 +567,8 @@ impl<P: Peer> Device<P> {
 
     /// Pushes this device's directory changes to the cloud and asks for what it lacks.
     pub fn sync_directory(&mut self, now: Micros) -> Result<u64, CommandError> {
-        let heads = self.dir.heads().into_iter().collect();
-        let changes = self.dir.changes().take(CHANGES_PER_BATCH_MAX).cloned().collect();
+        let heads = self.directory().heads().into_iter().collect();
+        let changes = self.directory().changes().take(CHANGES_PER_BATCH_MAX).cloned().collect();
         self.request(now, Request::Directory { heads, changes })
     }
 
@@ -567,7 +610,7 @@ impl<P: Peer> Device<P> {
         if !self.holds(&folder) {
             return Err(CommandError::NotHeld);
         }
-        let signers = self.id.map(|_| self.dir.signers(&folder));
+        let signers = self.id().map(|_| self.directory().signers(&folder));
         let i = self.replica_index(folder);
         let replica = &mut self.replicas[i].1;
         if let Some(signers) = signers {
@@ -605,8 +648,8 @@ impl<P: Peer> Device<P> {
                 });
             }
         }
-        if self.ticket_due.is_some_and(|t| t <= now) {
-            self.ticket_due = None;
+        if let Some(k) = self.keys.as_mut().filter(|k| k.ticket_due.is_some_and(|t| t <= now)) {
+            k.ticket_due = None;
             if !self.requests.iter().any(|p| matches!(p.request, Request::Ticket)) {
                 let _ = self.request(now, Request::Ticket);
             }
@@ -625,11 +668,11 @@ impl<P: Peer> Device<P> {
         self.persist.clear();
         self.epoch = epoch;
         for (folder, replica) in &mut self.replicas {
-            *replica = rebuilt(replica, epoch, *folder, self.key.is_some());
+            *replica = rebuilt(replica, epoch, *folder, self.keys.is_some());
         }
-        if self.ticket.is_some() {
+        if let Some(k) = self.keys.as_mut().filter(|k| k.ticket.is_some()) {
             // A ticket from before the crash may be near its end: refresh at once.
-            self.ticket_due = self.cfg.refresh_tickets.then_some(0);
+            k.ticket_due = self.cfg.refresh_tickets.then_some(0);
         }
     }
 
@@ -652,7 +695,8 @@ impl<P: Peer> Device<P> {
     /// The earliest deadline: a session's, a request retry's, or the ticket refresh.
     pub fn poll_timeout(&self) -> Option<Micros> {
         let requests = self.requests.iter().map(|p| p.deadline).min();
-        [self.sessions.poll_timeout(), requests, self.ticket_due].into_iter().flatten().min()
+        let ticket_due = self.keys.as_ref().and_then(|k| k.ticket_due);
+        [self.sessions.poll_timeout(), requests, ticket_due].into_iter().flatten().min()
     }
 
     /// Moves the session table's output into the device's queues.
@@ -660,10 +704,10 @@ impl<P: Peer> Device<P> {
         while let Some(c) = pop(&mut self.sessions.commits) {
             self.persist.push_back(Persist::Items(c));
         }
-        if self.dir.len() > self.dir_persisted {
-            let new: Vec<SignedChange> = self.dir.missing_for(&self.dir_heads);
-            self.dir_heads = self.dir.heads();
-            self.dir_persisted = self.dir.len();
+        if let Some(d) = self.dir.as_mut().filter(|d| d.dir.len() > d.persisted) {
+            let new: Vec<SignedChange> = d.dir.missing_for(&d.heads);
+            d.heads = d.dir.heads();
+            d.persisted = d.dir.len();
             if !new.is_empty() {
                 self.persist.push_back(Persist::Directory(new));
             }
@@ -683,7 +727,7 @@ impl<P: Peer> Device<P> {
         if self.requests.len() > REQUESTS_MAX {
             return Err("too many requests".into());
         }
-        if self.dir_persisted > self.dir.len() {
+        if self.dir.as_ref().is_some_and(|d| d.persisted > d.dir.len()) {
             return Err("persisted more directory changes than held".into());
         }
         for (_, r) in &self.replicas {
@@ -702,12 +746,12 @@ impl<P: Peer> Device<P> {
     /// The directory, for a simulated adversary or an owner's local change
     /// ([`Directory::make`]); changes made here are persisted by the next poll.
     pub fn directory_mut(&mut self) -> &mut Directory {
-        &mut self.dir
+        &mut self.dir.get_or_insert_with(Default::default).dir
     }
 
     /// Hands out directory changes made through [`Device::directory_mut`].
     pub fn flush(&mut self) {
-        if self.dir.len() != self.dir_persisted {
+        if self.dir.as_ref().is_some_and(|d| d.dir.len() != d.persisted) {
             self.events.push_back(Event::DirectoryChanged);
         }
         self.drain();

@@ -994,7 +994,7 @@ impl Sim {
             if let Host::Device(d) = &mut n.host {
                 let name = format!("dev-{node}-{}", n.incarnation);
                 let name = Endpoint::new(&name).expect("generated endpoint names are valid");
-                let cfg = d.config().clone();
+                let cfg = d.config();
                 **d =
                     Device::new(Identity::Open(name), Some(CLOUD), Directory::new(), Vec::new(), epoch, cfg);
             }
