@@ -337,6 +337,10 @@ fn run(dir: &Path, top: Top) -> anyhow::Result<()> {
                 let _ = std::fs::remove_file(dir.join(state::API_FILE));
                 net.disconnect().await;
                 net.endpoint.close().await;
+                // What sessions cut short had merged (a crash would lose only that).
+                if let Err(e) = node::net::lock(&node).sync_store() {
+                    eprintln!("feedmesh: saving merged items: {e:#}");
+                }
                 println!("feedmesh: stopped");
                 anyhow::Ok(())
             })

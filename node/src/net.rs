@@ -207,8 +207,15 @@ impl Net {
             for (peer, sid) in stuck {
                 n.device.handle_lost(peer, sid);
             }
+            let mut ended = false;
             while let Some(event) = n.device.poll_event() {
+                ended |= matches!(event, Event::SessionEnded(_));
                 self.on_event(n, event);
+            }
+            if ended {
+                if let Err(e) = n.sync_store() {
+                    tracing::error!(error = %format!("{e:#}"), "making merged items durable");
+                }
             }
             // Requests the device answered itself (or gave up on): their waiters are done.
             let mut routes = self.routes();
@@ -588,7 +595,7 @@ impl Net {
     }
 
     /// [`Net::request`]; `None` when the device took the answer in (tickets, directory).
-    async fn ask(self: &Arc<Self>, request: Request) -> Answer {
+    pub async fn ask(self: &Arc<Self>, request: Request) -> Answer {
         let (tx, rx) = oneshot::channel();
         self.input(|n, now| {
             let id = n.device.request(now, request).map_err(|e| anyhow!("{e}"))?;

@@ -297,9 +297,10 @@ fn create_user(key: &DeviceKey, name: String) -> anyhow::Result<SignedChange> {
 async fn register(net: &Arc<Net>, changes: &[SignedChange]) -> anyhow::Result<()> {
     for batch in changes.chunks(directory::CHANGES_PER_BATCH_MAX) {
         let heads = lock(&net.node).dir().heads().into_iter().collect();
-        match net.request(Request::Directory { heads, changes: batch.to_vec() }).await? {
-            Response::Directory { .. } => {}
-            other => bail!("unexpected answer to a directory push: {other:?}"),
+        // The device takes the cloud's answer in itself (`None`).
+        match net.ask(Request::Directory { heads, changes: batch.to_vec() }).await? {
+            None | Some(Response::Directory { .. }) => {}
+            Some(other) => bail!("unexpected answer to a directory push: {other:?}"),
         }
     }
     Ok(())
