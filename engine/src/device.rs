@@ -19,7 +19,10 @@
 //! transmit polled after it. A crash loses everything not committed: sessions, cursors, pending
 //! requests, and merges whose commit did not happen. The driver restarts the device from its
 //! store with a new replica epoch ([`Device::restart`]), so that peers' cursors into the old log
-//! are not trusted.
+//! are not trusted. One exception is open to a driver: items merged from a peer
+//! ([`Commit::from`] is `Some`) may be stored later (at the session's end), since a device
+//! acknowledges nothing it merges and a restarted one fetches again what it lost; the node does
+//! so. A cloud's merges are acknowledged and have no such exception.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
