@@ -503,13 +503,14 @@ fn may_sync(
     folder: &FolderId,
     peer: &DeviceId,
 ) -> Result<(), Refusal> {
-    if *peer == creds.cloud {
+    let allowed = if *peer == creds.cloud {
         directory.may_hold(folder, &creds.device)
     } else if creds.device == creds.cloud {
         directory.may_hold(folder, peer)
     } else {
         directory.may_sync(folder, &creds.device, peer)
-    }
+    };
+    Ok(allowed?)
 }
 
 fn heads_of(heads: &[(DeviceId, u32)]) -> Result<Heads, Refusal> {

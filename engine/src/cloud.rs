@@ -504,7 +504,9 @@ impl<P: Peer> Cloud<P> {
                 Response::Ok
             }
             Request::Peers { folder } => {
-                self.dir.may_hold(&folder, &device).map_err(|r| ControlError::Folder(r.code()))?;
+                self.dir
+                    .may_hold(&folder, &device)
+                    .map_err(|d| ControlError::Folder(crate::refusal::Refusal::from(d).code()))?;
                 let mapped = self.dir.folder(&folder).map(|f| f.mapped.clone()).unwrap_or_default();
                 let peers = mapped
                     .iter()

@@ -31,8 +31,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::feedsync::xml::xml_forbids;
 use crate::feedsync::{Content, Dialect, Endpoint, Feed, Item, ItemId, When};
-use crate::refusal::Refusal;
+pub use crate::ids::{FolderId, UserId};
 use crate::signing::{self, hex, DeviceId, DeviceKey, Sig64, SignatureError};
+use crate::ticket::{ChannelKey, Rights, Ticket, TicketAuthority, TICKET_LIFETIME_US};
+use crate::time::Micros;
 
 /// Domain of change signatures.
 pub const CHANGE_DOMAIN: &[u8] = b"feedmesh/directory-change/v1\0";
@@ -48,14 +50,6 @@ pub const DEPS_MAX: usize = 4096;
 pub const NAME_BYTES_MAX: usize = 256;
 /// Short codes have this many decimal digits.
 pub const SHORT_CODE_DIGITS: u32 = 6;
-
-/// A user: the key of the user's first device, which created the identity.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct UserId(pub [u8; 32]);
-
-/// A folder (a shared mesh object): the first 16 bytes of the id of the change that created it.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct FolderId(pub [u8; 16]);
 
 /// An invitation: the first 16 bytes of the id of the change that made it.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -79,24 +73,9 @@ macro_rules! short_debug {
         }
     };
 }
-short_debug!(UserId, "user");
-short_debug!(FolderId, "folder");
 
-impl FolderId {
-    /// What version signatures of this folder's feed are bound to.
-    pub fn scope(&self) -> crate::signing::FeedScope {
-        crate::signing::FeedScope(self.0)
-    }
-}
 short_debug!(InviteId, "invite");
 short_debug!(ChangeId, "change");
-
-impl UserId {
-    /// The user a first device creates.
-    pub fn of_first_device(device: DeviceId) -> Self {
-        Self(device.0)
-    }
-}
 
 /// A member's role: admins (and the owner) may change membership.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Serialize, Deserialize)]
@@ -619,6 +598,16 @@ struct Entry {
 /// The last `seq` of each author: what a side has of the log.
 pub type Heads = BTreeMap<DeviceId, u32>;
 
+/// Why the directory does not let a device sync or hold a folder ([`Directory::may_sync`],
+/// [`Directory::may_hold`]); a session refuses with it (`refusal::Refusal` takes it in).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    UnknownFolder { folder: FolderId },
+    DeviceNotActive { device: DeviceId },
+    NotMapped { device: DeviceId },
+    NotMember { device: DeviceId },
+}
+
 /// A verified directory log and its state.
 #[derive(Clone, Debug, Default)]
 pub struct Directory {
@@ -858,20 +847,20 @@ impl Directory {
     /// The rule: `me` syncs `folder` with `peer` only if both are active devices, the folder is
     /// mapped on both, and they belong to the same user or to participants (owner or active
     /// members) of the folder.
-    pub fn may_sync(&self, folder: &FolderId, me: &DeviceId, peer: &DeviceId) -> Result<(), Refusal> {
-        let f = self.folder(folder).ok_or(Refusal::UnknownFolder { folder: *folder })?;
-        let mine = self.user_of(me).ok_or(Refusal::DeviceNotActive { device: *me })?;
-        let theirs = self.user_of(peer).ok_or(Refusal::DeviceNotActive { device: *peer })?;
+    pub fn may_sync(&self, folder: &FolderId, me: &DeviceId, peer: &DeviceId) -> Result<(), Denied> {
+        let f = self.folder(folder).ok_or(Denied::UnknownFolder { folder: *folder })?;
+        let mine = self.user_of(me).ok_or(Denied::DeviceNotActive { device: *me })?;
+        let theirs = self.user_of(peer).ok_or(Denied::DeviceNotActive { device: *peer })?;
         if mine != theirs {
             for (device, user) in [(me, mine), (peer, theirs)] {
                 if !self.state.is_participant(f, &user) {
-                    return Err(Refusal::NotMember { device: *device });
+                    return Err(Denied::NotMember { device: *device });
                 }
             }
         }
         for device in [me, peer] {
             if !f.mapped.contains(device) {
-                return Err(Refusal::NotMapped { device: *device });
+                return Err(Denied::NotMapped { device: *device });
             }
         }
         Ok(())
@@ -879,14 +868,14 @@ impl Directory {
 
     /// Whether `device` may hold `folder` at all: it is active, its user owns the folder or is an
     /// active member, and the folder is mapped on it. (The rule for syncing with the cloud.)
-    pub fn may_hold(&self, folder: &FolderId, device: &DeviceId) -> Result<(), Refusal> {
-        let f = self.folder(folder).ok_or(Refusal::UnknownFolder { folder: *folder })?;
-        let user = self.user_of(device).ok_or(Refusal::DeviceNotActive { device: *device })?;
+    pub fn may_hold(&self, folder: &FolderId, device: &DeviceId) -> Result<(), Denied> {
+        let f = self.folder(folder).ok_or(Denied::UnknownFolder { folder: *folder })?;
+        let user = self.user_of(device).ok_or(Denied::DeviceNotActive { device: *device })?;
         if !self.state.is_participant(f, &user) {
-            return Err(Refusal::NotMember { device: *device });
+            return Err(Denied::NotMember { device: *device });
         }
         if !f.mapped.contains(device) {
-            return Err(Refusal::NotMapped { device: *device });
+            return Err(Denied::NotMapped { device: *device });
         }
         Ok(())
     }
@@ -931,4 +920,22 @@ impl Directory {
 
 fn escape_text(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// Tickets as the directory grants them (here, so that `ticket` needs nothing of the directory).
+impl TicketAuthority {
+    /// A ticket whose folders are those the cloud's copy of the directory maps on `device`
+    /// (none for a device that is not active), with relay use, for
+    /// [`crate::ticket::TICKET_LIFETIME_US`].
+    pub fn issue_from(
+        &mut self,
+        directory: &Directory,
+        device: DeviceId,
+        channel: ChannelKey,
+        now_us: Micros,
+    ) -> Ticket {
+        let active = directory.user_of(&device).is_some();
+        let folders = if active { directory.folders_of(&device) } else { Vec::new() };
+        self.issue(device, channel, Rights { folders, relay: active }, now_us, TICKET_LIFETIME_US)
+    }
 }

@@ -28,6 +28,7 @@ pub mod control;
 pub mod device;
 pub mod directory;
 pub mod feedsync;
+pub mod ids;
 pub mod loopback;
 pub mod refusal;
 pub mod replica;

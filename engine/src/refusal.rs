@@ -5,7 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::directory::{DirError, FolderId};
+use crate::directory::{Denied, DirError};
+use crate::ids::FolderId;
 use crate::signing::DeviceId;
 use crate::ticket::TicketError;
 
@@ -34,6 +35,17 @@ pub enum Refusal {
     /// The peer refused, for the reason it sent.
     #[error("peer refused: {0}")]
     Peer(RefusalCode),
+}
+
+impl From<Denied> for Refusal {
+    fn from(d: Denied) -> Self {
+        match d {
+            Denied::UnknownFolder { folder } => Refusal::UnknownFolder { folder },
+            Denied::DeviceNotActive { device } => Refusal::DeviceNotActive { device },
+            Denied::NotMapped { device } => Refusal::NotMapped { device },
+            Denied::NotMember { device } => Refusal::NotMember { device },
+        }
+    }
 }
 
 impl Refusal {

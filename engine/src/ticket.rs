@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::directory::{Directory, FolderId};
+use crate::ids::FolderId;
 use crate::signing::{self, DeviceId, DeviceKey, Sig64, SignatureError};
 use crate::time::Micros;
 
@@ -187,19 +187,5 @@ impl TicketAuthority {
         };
         let signature = signing::sign(&self.key, TICKET_DOMAIN, &body_bytes(&body));
         Ticket { body, signature }
-    }
-
-    /// A ticket whose folders are those the cloud's copy of the directory maps on `device`
-    /// (none for a device that is not active), with relay use, for [`TICKET_LIFETIME_US`].
-    pub fn issue_from(
-        &mut self,
-        directory: &Directory,
-        device: DeviceId,
-        channel: ChannelKey,
-        now_us: Micros,
-    ) -> Ticket {
-        let active = directory.user_of(&device).is_some();
-        let folders = if active { directory.folders_of(&device) } else { Vec::new() };
-        self.issue(device, channel, Rights { folders, relay: active }, now_us, TICKET_LIFETIME_US)
     }
 }

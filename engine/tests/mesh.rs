@@ -757,7 +757,10 @@ fn the_cloud_syncs_with_devices_that_hold_the_folder() {
     assert!(refusal(&ran.responder).is_some(), "{:?}", ran.responder);
     assert!(c1_rep.is_empty());
     // And the cloud applies the same rule itself: c1 may not hold it.
-    assert!(matches!(cloud_dir.may_hold(&folder, &w.device("c1")), Err(Refusal::NotMember { .. })));
+    assert!(matches!(
+        cloud_dir.may_hold(&folder, &w.device("c1")),
+        Err(engine::directory::Denied::NotMember { .. })
+    ));
     assert!(cloud_dir.may_hold(&folder, &w.device("b1")).is_ok());
 }
 
