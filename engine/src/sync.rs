@@ -725,6 +725,16 @@ impl Session {
         };
     }
 
+    /// The transport lost the stream the session ran on: a running session ends now as failed
+    /// with [`SyncError::ConnectionLost`], and one that already has its outcome stops lingering.
+    pub fn connection_lost(&mut self) {
+        if matches!(self.outcome, Outcome::Running) {
+            self.fail(SyncError::ConnectionLost);
+        }
+        self.phase = Phase::Finished;
+        self.deadline = None;
+    }
+
     fn fail(&mut self, err: SyncError) {
         self.phase = Phase::Finished;
         self.deadline = None;
