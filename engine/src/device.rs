@@ -398,7 +398,6 @@ impl<P: Peer> Device<P> {
         if self.id().is_some_and(|id| self.directory().user_of(&id).is_none()) {
             return Err(CommandError::NotActive);
         }
-        let policy = self.policy().ok_or(CommandError::NoTicket)?;
         // A ticket that does not grant the folder would only be refused by the peer: ask for a
         // fresh one instead (the directory may have granted it since).
         if self.ticket().is_some_and(|t| t.body.rights.folders.binary_search(&folder).is_err()) {
@@ -407,8 +406,7 @@ impl<P: Peer> Device<P> {
             }
             return Err(CommandError::NotGranted);
         }
-        self.begin(now, peer, channel, folder, sid, policy);
-        Ok(())
+        self.force_sync(now, peer, channel, folder, sid)
     }
 
     /// [`Device::start_sync`] without this side's own checks (that it holds the folder, is

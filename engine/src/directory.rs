@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::feedsync::xml::xml_forbids;
 use crate::feedsync::{Content, Dialect, Endpoint, Feed, Item, ItemId, When};
+use crate::ids::short_debug;
 pub use crate::ids::{FolderId, UserId};
 use crate::signing::{self, hex, DeviceId, DeviceKey, Sig64, SignatureError};
 use crate::ticket::{ChannelKey, Rights, Ticket, TicketAuthority, TICKET_LIFETIME_US};
@@ -58,21 +59,6 @@ pub struct InviteId(pub [u8; 16]);
 /// BLAKE3 of a change's signed bytes.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ChangeId(pub [u8; 32]);
-
-macro_rules! short_debug {
-    ($t:ty, $p:literal) => {
-        impl fmt::Debug for $t {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, concat!($p, ":{}"), hex(&self.0[..6]))
-            }
-        }
-        impl fmt::Display for $t {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                fmt::Debug::fmt(self, f)
-            }
-        }
-    };
-}
 
 short_debug!(InviteId, "invite");
 short_debug!(ChangeId, "change");

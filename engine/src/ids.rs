@@ -29,6 +29,8 @@ macro_rules! short_debug {
         }
     };
 }
+pub(crate) use short_debug;
+
 short_debug!(UserId, "user");
 short_debug!(FolderId, "folder");
 
