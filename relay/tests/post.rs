@@ -7,25 +7,13 @@ mod support;
 use std::sync::Arc;
 
 use engine::directory::FolderId;
-use engine::feedsync::{xml::write_feed, Dialect, Edit, ItemId, When};
-use engine::replica::Replica;
+use engine::feedsync::{xml::write_feed, Dialect};
 use engine::signing::DeviceKey;
 use support::{Mesh, Relay};
 
 /// A FeedSync Atom document of `n` items signed by `key` for `folder`.
 fn signed_feed(folder: FolderId, key: &DeviceKey, n: usize, text: &str) -> String {
-    let mut r = Replica::new_signed(1, folder.scope());
-    let when = When::from_unix_secs(1_700_000_000).unwrap();
-    for i in 0..n {
-        let content = transport::view::content(Some(&format!("{text} {i}")), text);
-        r.change_signed(
-            &ItemId::new(&format!("item-{i}")).unwrap(),
-            key,
-            &when,
-            &Edit { content: Some(content), ..Edit::default() },
-        )
-        .unwrap();
-    }
+    let r = support::signed_replica(folder, key, n, text, text);
     let items: Vec<_> = r.items().map(|i| (**i).clone()).collect();
     write_feed(&transport::view::feed_of(Dialect::Atom, items.iter()).unwrap())
 }

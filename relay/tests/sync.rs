@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use engine::authz::{AuthSession, Credentials, Policy};
 use engine::directory::{Directory, FolderId, Op};
-use engine::feedsync::{Edit, ItemId, When};
 use engine::replica::Replica;
 use engine::signing::DeviceKey;
 use engine::sync::{Outcome, SyncError};
@@ -21,19 +20,7 @@ use transport::{frame, EndpointOptions, Open, Request, Response, ALPN};
 
 /// `n` items signed by `key` for `folder`, in a device's replica.
 fn replica_with(folder: FolderId, key: &DeviceKey, n: usize) -> Replica {
-    let mut r = Replica::new_signed(1, folder.scope());
-    let when = When::from_unix_secs(1_700_000_000).unwrap();
-    for i in 0..n {
-        let content = transport::view::content(Some(&format!("item {i}")), "text");
-        r.change_signed(
-            &ItemId::new(&format!("item-{i}")).unwrap(),
-            key,
-            &when,
-            &Edit { content: Some(content), ..Edit::default() },
-        )
-        .unwrap();
-    }
-    r
+    support::signed_replica(folder, key, n, "item", "text")
 }
 
 /// A user with its folder mapped on its device.

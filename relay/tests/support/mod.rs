@@ -246,3 +246,28 @@ pub async fn get_on(stream: &mut tokio::net::TcpStream, path: &str) -> Option<u1
     };
     tokio::time::timeout(PATIENCE, answer).await.expect("an answer or a close")
 }
+
+/// A device's replica of `folder` with `n` items signed by `key`, titled `"{title} {i}"` with
+/// body `body`.
+pub fn signed_replica(
+    folder: FolderId,
+    key: &DeviceKey,
+    n: usize,
+    title: &str,
+    body: &str,
+) -> engine::replica::Replica {
+    use engine::feedsync::{Edit, ItemId, When};
+    let mut r = engine::replica::Replica::new_signed(1, folder.scope());
+    let when = When::from_unix_secs(1_700_000_000).unwrap();
+    for i in 0..n {
+        let content = transport::view::content(Some(&format!("{title} {i}")), body);
+        r.change_signed(
+            &ItemId::new(&format!("item-{i}")).unwrap(),
+            key,
+            &when,
+            &Edit { content: Some(content), ..Edit::default() },
+        )
+        .unwrap();
+    }
+    r
+}
