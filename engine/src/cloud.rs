@@ -185,14 +185,14 @@ impl<P: Peer> Cloud<P> {
             open: false,
             replicas: Replicas(Vec::new()),
             epoch: 0,
-            sessions: Sessions::new(Config::default()),
+            sessions: Sessions::new(Default::default()),
             ended: VecDeque::new(),
         }
     }
 
     /// Sets how the cloud's sync sessions run and the epoch of replicas it makes.
     pub fn with_sessions(mut self, cfg: Config, epoch: u64) -> Self {
-        self.sessions = Sessions::new(cfg);
+        self.sessions = Sessions::new(std::sync::Arc::new(cfg));
         self.epoch = epoch;
         self
     }

@@ -58,8 +58,8 @@ pub enum Identity {
 /// How the device behaves.
 #[derive(Clone, Debug)]
 pub struct DeviceConfig {
-    /// The sync sessions' configuration.
-    pub sync: Config,
+    /// The sync sessions' configuration, shared (a simulator's devices hold one copy).
+    pub sync: std::sync::Arc<Config>,
     /// First retry of an unanswered control request; doubles up to `request_rto_max_us`.
     pub request_rto_us: Micros,
     pub request_rto_max_us: Micros,
@@ -70,7 +70,7 @@ pub struct DeviceConfig {
 impl Default for DeviceConfig {
     fn default() -> Self {
         Self {
-            sync: Config::default(),
+            sync: Default::default(),
             request_rto_us: 1_000_000,
             request_rto_max_us: 30_000_000,
             refresh_tickets: true,

@@ -146,13 +146,13 @@ impl Run {
 /// The table.
 #[derive(Debug)]
 pub(crate) struct Sessions<P: Peer> {
-    pub(crate) cfg: Config,
+    /// Shared: a simulator's 100,000 devices hold one copy.
+    pub(crate) cfg: std::sync::Arc<Config>,
     table: BTreeMap<(P, u64), Entry>,
     /// Every session's deadline, so the earliest is found without visiting every session (a
     /// cloud runs thousands at once). Kept only once the table has held more than
-    /// [`INDEX_FROM`] sessions (`indexed`); a device's handful are scanned.
-    deadlines: std::collections::BTreeSet<(Micros, P, u64)>,
-    indexed: bool,
+    /// [`INDEX_FROM`] sessions; a device's handful are scanned (and its table pays one word).
+    deadlines: Option<Box<std::collections::BTreeSet<(Micros, P, u64)>>>,
     /// The session this side started with each (peer, folder), while it runs.
     outgoing: Vec<((P, FolderId), u64)>,
     /// Initiator-side cursors per (peer, folder) (volatile).
@@ -177,12 +177,11 @@ fn find<K: Ord, V>(v: &[(K, V)], k: &K) -> Result<usize, usize> {
 }
 
 impl<P: Peer> Sessions<P> {
-    pub(crate) fn new(cfg: Config) -> Self {
+    pub(crate) fn new(cfg: std::sync::Arc<Config>) -> Self {
         Self {
             cfg,
             table: BTreeMap::new(),
-            deadlines: std::collections::BTreeSet::new(),
-            indexed: false,
+            deadlines: None,
             outgoing: Vec::new(),
             retained: Vec::new(),
             transmit: VecDeque::new(),
@@ -198,8 +197,7 @@ impl<P: Peer> Sessions<P> {
     /// Forgets every session and cursor (a crash: this is volatile state).
     pub(crate) fn clear(&mut self) {
         self.table = BTreeMap::new();
-        self.deadlines = std::collections::BTreeSet::new();
-        self.indexed = false;
+        self.deadlines = None;
         self.outgoing = Vec::new();
         self.retained = Vec::new();
         self.transmit.clear();
@@ -227,7 +225,7 @@ impl<P: Peer> Sessions<P> {
         let retained = find(&self.retained, &(peer, folder)).map(|i| self.retained[i].1).unwrap_or_default();
         let session = match policy {
             Policy::Open => {
-                Run::Plain(Box::new(Session::initiate(sid, now, replica, self.cfg.clone(), retained)))
+                Run::Plain(Box::new(Session::initiate(sid, now, replica, Config::clone(&self.cfg), retained)))
             }
             policy => Run::Auth(Box::new(AuthSession::initiate(
                 sid,
@@ -237,7 +235,7 @@ impl<P: Peer> Sessions<P> {
                 channel,
                 dir,
                 replica,
-                self.cfg.clone(),
+                Config::clone(&self.cfg),
                 retained,
             ))),
         };
@@ -332,10 +330,14 @@ impl<P: Peer> Sessions<P> {
         replica: &Replica,
     ) {
         let session = match policy {
-            Policy::Open => Run::Plain(Box::new(Session::respond(sid, replica, self.cfg.clone()))),
-            policy => {
-                Run::Auth(Box::new(AuthSession::respond(sid, policy, channel, replica, self.cfg.clone())))
-            }
+            Policy::Open => Run::Plain(Box::new(Session::respond(sid, replica, Config::clone(&self.cfg)))),
+            policy => Run::Auth(Box::new(AuthSession::respond(
+                sid,
+                policy,
+                channel,
+                replica,
+                Config::clone(&self.cfg),
+            ))),
         };
         self.table.insert((peer, sid), Entry { folder, initiated: false, deadline: None, session });
         self.file_deadline(peer, sid);
@@ -360,10 +362,9 @@ impl<P: Peer> Sessions<P> {
 
     /// The earliest deadline of any session.
     pub(crate) fn poll_timeout(&self) -> Option<Micros> {
-        if self.indexed {
-            self.deadlines.first().map(|&(t, _, _)| t)
-        } else {
-            self.table.values().filter_map(|e| e.deadline).min()
+        match &self.deadlines {
+            Some(index) => index.first().map(|&(t, _, _)| t),
+            None => self.table.values().filter_map(|e| e.deadline).min(),
         }
     }
 
@@ -372,15 +373,15 @@ impl<P: Peer> Sessions<P> {
         if self.poll_timeout().is_none_or(|t| t > now) {
             return Vec::new();
         }
-        if !self.indexed {
+        let Some(index) = &self.deadlines else {
             return self
                 .table
                 .iter()
                 .filter(|(_, e)| e.deadline.is_some_and(|t| t <= now))
                 .map(|(&(p, s), e)| (p, s, e.folder))
                 .collect();
-        }
-        self.deadlines
+        };
+        index
             .iter()
             .take_while(|(t, _, _)| *t <= now)
             .filter_map(|&(_, p, s)| self.table.get(&(p, s)).map(|e| (p, s, e.folder)))
@@ -389,20 +390,20 @@ impl<P: Peer> Sessions<P> {
 
     /// Files a session's current deadline (after anything that may change it).
     fn file_deadline(&mut self, peer: P, sid: u64) {
-        if !self.indexed && self.table.len() > INDEX_FROM {
-            self.indexed = true;
-            self.deadlines =
-                self.table.iter().filter_map(|(&(p, s), e)| e.deadline.map(|t| (t, p, s))).collect();
+        if self.deadlines.is_none() && self.table.len() > INDEX_FROM {
+            self.deadlines = Some(Box::new(
+                self.table.iter().filter_map(|(&(p, s), e)| e.deadline.map(|t| (t, p, s))).collect(),
+            ));
         }
         let Some(entry) = self.table.get_mut(&(peer, sid)) else { return };
         let now = entry.session.poll_timeout();
         if now != entry.deadline {
-            if self.indexed {
+            if let Some(index) = &mut self.deadlines {
                 if let Some(old) = entry.deadline {
-                    self.deadlines.remove(&(old, peer, sid));
+                    index.remove(&(old, peer, sid));
                 }
                 if let Some(new) = now {
-                    self.deadlines.insert((new, peer, sid));
+                    index.insert((new, peer, sid));
                 }
             }
             entry.deadline = now;
@@ -470,8 +471,8 @@ impl<P: Peer> Sessions<P> {
         }
         if finished {
             if let Some(entry) = self.table.remove(&(peer, sid)) {
-                if let (true, Some(old)) = (self.indexed, entry.deadline) {
-                    self.deadlines.remove(&(old, peer, sid));
+                if let (Some(index), Some(old)) = (&mut self.deadlines, entry.deadline) {
+                    index.remove(&(old, peer, sid));
                 }
             }
             if self.table.is_empty() {
@@ -489,7 +490,7 @@ impl<P: Peer> Sessions<P> {
         if self.table.len() > SESSIONS_MAX + 1 {
             return Err("more sessions than SESSIONS_MAX");
         }
-        if self.deadlines.len() > self.table.len() {
+        if self.deadlines.as_ref().is_some_and(|index| index.len() > self.table.len()) {
             return Err("a deadline filed for a session that is gone");
         }
         // In full (every session's deadline filed as it is) when the table is small, as a
@@ -498,7 +499,9 @@ impl<P: Peer> Sessions<P> {
             for (&(peer, sid), e) in &self.table {
                 let t = e.session.poll_timeout();
                 if t != e.deadline
-                    || (self.indexed && t.is_some_and(|t| !self.deadlines.contains(&(t, peer, sid))))
+                    || t.is_some_and(|t| {
+                        self.deadlines.as_ref().is_some_and(|index| !index.contains(&(t, peer, sid)))
+                    })
                 {
                     return Err("a session's deadline is not filed as it is");
                 }

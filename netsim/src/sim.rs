@@ -399,8 +399,9 @@ impl Sim {
         };
         // An authorized session's feed part is not its first message: a repeated inner Hello
         // meets the same session, whose responder must still be lingering.
-        let auth_cfg = Config { linger_after_hello: true, ..plain_cfg.clone() };
-        let device_cfg = |sync: Config| DeviceConfig {
+        let auth_cfg = Arc::new(Config { linger_after_hello: true, ..plain_cfg.clone() });
+        let plain_cfg = Arc::new(plain_cfg);
+        let device_cfg = |sync: Arc<Config>| DeviceConfig {
             sync,
             request_rto_us: 600_000,
             request_rto_max_us: 4_800_000,
@@ -420,7 +421,7 @@ impl Sim {
                     let limits =
                         CloudLimits { ticket_lifetime_us: world.lifetime_us, ..CloudLimits::default() };
                     let mut cloud = Cloud::new(cloud_key.clone(), dir.clone(), limits)
-                        .with_sessions(auth_cfg.clone(), epoch);
+                        .with_sessions(Config::clone(&auth_cfg), epoch);
                     cloud.install(world.folder, Replica::new_signed(epoch, scope));
                     node.host = Host::Cloud(Box::new(cloud));
                 } else if state.role == Role::Injected {
@@ -460,7 +461,7 @@ impl Sim {
             // nothing here.
             let key = DeviceKey::from_bytes(&[7; 32]);
             let cloud = Cloud::new(key, Directory::new(), CloudLimits::default())
-                .with_sessions(plain_cfg.clone(), epochs[0])
+                .with_sessions(Config::clone(&plain_cfg), epochs[0])
                 .open_sessions();
             nodes[0].host = Host::Cloud(Box::new(cloud));
             for (i, node) in nodes.iter_mut().enumerate().skip(1) {
@@ -489,7 +490,7 @@ impl Sim {
         let zipf_cdf = crate::net::zipf_cdf(sc.workload.items, sc.workload.zipf_s);
         let faults_until = sc.duration_ms * 1_000;
         let end = faults_until + sc.quiet_ms * 1_000;
-        let cfg = plain_cfg;
+        let cfg = Config::clone(&plain_cfg);
         // About 40 sampled writes keep their reach times for the plot.
         let expected_writes =
             f64::from(devices) * sc.workload.writes_per_min * sc.duration_ms as f64 / 60_000.0;

@@ -209,7 +209,7 @@ impl Node {
             replicas,
             epoch,
             DeviceConfig {
-                sync: transport::stream_config(),
+                sync: std::sync::Arc::new(transport::stream_config()),
                 // Control requests travel on reliable streams: a retry only covers a lost
                 // connection.
                 request_rto_us: 10_000_000,
