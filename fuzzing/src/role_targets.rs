@@ -46,7 +46,7 @@ fn fresh() -> (Device<u8>, Cloud<u8>) {
     let w = world();
     let replica = Replica::new_signed(7, w.folder.scope());
     let identity = Identity::Keyed { key: w.key("a1").clone(), cloud: w.cloud() };
-    let cfg = DeviceConfig { sync: config(), ..DeviceConfig::default() };
+    let cfg = DeviceConfig { sync: config().into(), ..DeviceConfig::default() };
     let mut device = Device::new(identity, Some(0), w.dir.clone(), vec![(w.folder, replica)], 5, cfg);
     device.set_ticket(T0, w.tickets["a1"].clone());
     let mut cloud =
