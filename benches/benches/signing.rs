@@ -14,7 +14,7 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("signing/version");
     group.throughput(Throughput::Elements(versions.len() as u64));
     group.bench_function("sign", |b| {
-        b.iter(|| versions.iter().map(|v| sign_version(v, &SCOPE, &key).bytes()[0] as u64).sum::<u64>())
+        b.iter(|| versions.iter().map(|v| sign_version(v, &SCOPE, &key).to_bytes()[0] as u64).sum::<u64>())
     });
     group.bench_function("verify", |b| {
         b.iter(|| versions.iter().filter(|v| verify_version(v, &SCOPE).is_ok()).count())

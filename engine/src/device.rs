@@ -379,6 +379,36 @@ impl<P: Peer> Device<P> {
         Ok(state)
     }
 
+    /// Local changes to `folder`, all at `when`, as one write: signed together (one signature
+    /// per [`crate::signing::BATCH_MAX`] versions, [`Replica::change_signed_many`]) and
+    /// persisted as one commit. A bulk import's way in. Returns how many changes were made; on
+    /// an error, the changes before it are made and persisted, as with that many
+    /// [`Device::write`]s.
+    pub fn write_many(
+        &mut self,
+        folder: FolderId,
+        when: &When,
+        changes: &[(ItemId, Edit)],
+    ) -> Result<usize, CommandError> {
+        if !self.holds(&folder) {
+            return Err(CommandError::NotHeld);
+        }
+        let i = self.replica_index(folder);
+        let replica = &mut self.replicas[i].1;
+        let head = replica.head();
+        let result = match &self.keys {
+            Some(k) => replica.change_signed_many(&k.key, when, changes).map_err(|(_, e)| e),
+            None => changes
+                .iter()
+                .try_fold(0, |n, (id, edit)| replica.change(id, &self.endpoint, when, edit).map(|_| n + 1)),
+        };
+        let items: Vec<(Arc<Item>, u64)> = replica.log_since(head).map(|c| (c.item.clone(), c.fp)).collect();
+        if !items.is_empty() {
+            self.persist.push_back(Persist::Items(Commit { folder, from: None, items }));
+        }
+        Ok(result?)
+    }
+
     /// Starts a sync session of `folder` with `peer`, whose channel key the transport
     /// authenticated as `channel`; `sid` is the caller's random session id.
     pub fn start_sync(

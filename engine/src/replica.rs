@@ -175,23 +175,49 @@ impl Replica {
     /// the engine never asks the OS). The answer does not depend on `threads`: the error is
     /// that of the first failing item in order, as checking them one by one would give.
     pub fn check_incoming_all(&self, items: &[Arc<Item>], threads: usize) -> Result<(), SignatureError> {
-        /// Below this many items per thread, spawning costs more than it saves.
-        const PER_THREAD_MIN: usize = 32;
-        let threads = threads.min(items.len() / PER_THREAD_MIN).max(1);
-        if matches!(self.signing, Signing::Off) || threads == 1 {
-            return items.iter().try_for_each(|i| self.check_incoming(i));
+        let Signing::On { signers } = &self.signing else { return Ok(()) };
+        let scope = self.scope.as_ref().ok_or(SignatureError::NoScope)?;
+        // Each version's leaf hash once. What is neither held already nor checked ahead by the
+        // driver (`set_verified`) is checked here in one pass, which checks each batch root
+        // once; then each item in order, so the error is the first failing item's, as one by one.
+        let mut keys: Vec<Option<[u8; 32]>> = Vec::new();
+        let mut pending: Vec<(&feedsync::Version, [u8; 32])> = Vec::new();
+        for item in items {
+            let known = self.item(item.id()).map(|k| k.as_ref());
+            for v in std::iter::once(&item.version).chain(item.conflicts.iter()) {
+                let key = match &v.signature {
+                    Some(sig) if !signing::held(known, v) => {
+                        let leaf = signing::leaf_hash(v, scope);
+                        let key = signing::verified_key(&leaf, sig);
+                        if !self.verified.holds_key(&key) {
+                            pending.push((v, leaf));
+                        }
+                        Some(key)
+                    }
+                    _ => None,
+                };
+                keys.push(key);
+            }
         }
-        let check = |chunk: &[Arc<Item>]| chunk.iter().try_for_each(|i| self.check_incoming(i));
-        let mut chunks = items.chunks(items.len().div_ceil(threads));
-        let first = chunks.next().expect("items is not empty");
-        std::thread::scope(|scope| {
-            let rest: Vec<_> = chunks.map(|chunk| scope.spawn(move || check(chunk))).collect();
-            let first = check(first);
-            // Every thread is joined (a panic in one is passed on), then the first error wins.
-            let rest: Vec<_> =
-                rest.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect();
-            std::iter::once(first).chain(rest).collect()
-        })
+        let fresh = signing::Verified::check_leaves(&pending, scope, signers.as_deref(), threads);
+        let mut keys = keys.into_iter();
+        for item in items {
+            let known = self.item(item.id()).map(|k| k.as_ref());
+            for v in std::iter::once(&item.version).chain(item.conflicts.iter()) {
+                let key = keys.next().flatten();
+                if signing::held(known, v) {
+                    continue;
+                }
+                let device = match key {
+                    Some(k) if self.verified.holds_key(&k) || fresh.holds_key(&k) => signing::signer_of(v)?,
+                    _ => signing::verify_version(v, scope)?,
+                };
+                if signers.as_deref().is_some_and(|s| !s.contains(&device)) {
+                    return Err(SignatureError::NotAllowed { id: v.id.clone(), device });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Verifies a batch (see [`Replica::check_incoming_all`]) and, only if every item passes,
@@ -202,6 +228,19 @@ impl Replica {
         let mut changed = 0;
         for item in items {
             changed += usize::from(self.merge_checked(item)?);
+        }
+        Ok(changed)
+    }
+
+    /// Loads what this replica's own store held. Every stored item was checked (signature,
+    /// signer, validity) before it was committed, and the store's integrity is the store's job
+    /// (redb checksums its pages), so nothing is verified again: a restart with 10^6 items costs
+    /// their decoding and indexing, not 10^6 ed25519 checks. Never for items from anywhere else.
+    /// A merge error (the feed is full) stops there, keeping what was merged before it.
+    pub fn restore(&mut self, items: impl IntoIterator<Item = Arc<Item>>) -> Result<usize, FeedsyncError> {
+        let mut changed = 0;
+        for item in items {
+            changed += usize::from(self.merge_checked(&item)?);
         }
         Ok(changed)
     }
@@ -253,6 +292,11 @@ impl Replica {
 
     pub fn by_fingerprint(&self, fp: Fingerprint) -> Option<&Arc<Item>> {
         self.by_fp.get(&fp).and_then(|id| self.item(id))
+    }
+
+    /// The sequence number of the item's latest change here.
+    pub fn seq_of(&self, id: &ItemId) -> Option<Seq> {
+        self.items.get(id).map(|e| e.seq)
     }
 
     pub fn fingerprint_of(&self, id: &ItemId) -> Option<Fingerprint> {
@@ -316,6 +360,66 @@ impl Replica {
     ) -> Result<Seq, FeedsyncError> {
         let by = DeviceId::of(key).endpoint();
         self.change_inner(id, &by, when, edit, Some(key))
+    }
+
+    /// Local changes by `key`, all at `when`, signed together: one ed25519 signature per
+    /// [`signing::BATCH_MAX`] versions ([`signing::sign_versions`]), so a bulk write costs its
+    /// writer, and every device that receives it, a thirty-second of the signatures. Each version
+    /// still carries all it needs to be verified and forwarded alone. The same as `changes.len()`
+    /// calls of [`Replica::change_signed`] otherwise: in order, an id that comes again sees its
+    /// earlier change, and an error keeps the changes before it (and reports how many in `Err`).
+    pub fn change_signed_many(
+        &mut self,
+        key: &DeviceKey,
+        when: &When,
+        changes: &[(ItemId, Edit)],
+    ) -> Result<usize, (usize, FeedsyncError)> {
+        static NO_SCOPE: std::sync::LazyLock<Arc<feedsync::NsScope>> =
+            std::sync::LazyLock::new(Default::default);
+        let scope = self.scope.ok_or((0, SignatureError::NoScope.into()))?;
+        let by = DeviceId::of(key).endpoint();
+        let mut done = 0;
+        // New states not stored yet, and their ids (a repeated id stores the batch first).
+        let mut batch: Vec<Item> = Vec::new();
+        let mut ids: BTreeSet<ItemId> = BTreeSet::new();
+        let mut fresh = 0;
+        let mut result = Ok(());
+        for (id, edit) in changes {
+            if ids.contains(id) || batch.len() == signing::BATCH_MAX {
+                done += self.store_signed(&mut batch, &scope, key);
+                ids.clear();
+                fresh = 0;
+            }
+            let held = self.item(id).is_some();
+            let next = match Item::change(self.item(id).map(|i| i.as_ref()), id, &by, when, edit, &NO_SCOPE) {
+                Ok(next) => next,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            if !held && self.items.len() + fresh >= feedsync::limits::ITEMS_PER_FEED_MAX {
+                result = Err(FeedsyncError::TooManyItems);
+                break;
+            }
+            fresh += usize::from(!held);
+            ids.insert(id.clone());
+            batch.push(next);
+        }
+        done += self.store_signed(&mut batch, &scope, key);
+        result.map(|()| done).map_err(|e| (done, e))
+    }
+
+    /// Signs the winners of `batch` together and stores them (local changes); empties `batch`.
+    fn store_signed(&mut self, batch: &mut Vec<Item>, scope: &FeedScope, key: &DeviceKey) -> usize {
+        let versions: Vec<&feedsync::Version> = batch.iter().map(|i| &i.version).collect();
+        let signatures = signing::sign_versions(&versions, scope, key);
+        let n = batch.len();
+        for (mut item, signature) in batch.drain(..).zip(signatures) {
+            item.version.signature = Some(signature);
+            self.store(Arc::new(item), true);
+        }
+        n
     }
 
     fn change_inner(

@@ -145,27 +145,146 @@ impl<'de> Deserialize<'de> for Sig64 {
 /// attestation, not part of the version's identity: version equality, the winner rule, the
 /// canonical encoding and fingerprints ignore it.
 #[derive(Clone, PartialEq, Eq)]
-pub struct VersionSignature(pub Arc<Sig64>);
+pub struct VersionSignature(pub Arc<SignatureForm>);
+
+/// The two forms of a version signature. Both are checked by [`verify_version`] on the version
+/// alone, so a version of either form can be stored and forwarded on its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SignatureForm {
+    /// The device's signature of this version: `VERSION_SIGNATURE_DOMAIN || scope || canonical
+    /// encoding`. 64 bytes as bytes.
+    Single(Sig64),
+    /// The device's signature of a batch of its versions (a bulk write signs once per
+    /// [`BATCH_MAX`] versions), with this version's path to the batch's Merkle root.
+    Batch(BatchProof),
+}
+
+/// Versions signed under one root at most ([`sign_versions`]): a tree of depth at most
+/// [`BATCH_DEPTH_MAX`].
+pub const BATCH_MAX: usize = 1 << BATCH_DEPTH_MAX;
+/// Depth of the largest batch tree. Each level adds a 32-byte sibling to every version's proof,
+/// so the depth trades bytes on the wire (67 + 32 x depth per version, against 64) for
+/// signatures to check (one per 2^depth versions).
+pub const BATCH_DEPTH_MAX: usize = 5;
+/// The longest signature, as bytes: the batch form at the largest depth.
+pub const SIGNATURE_BYTES_MAX: usize = 67 + 32 * BATCH_DEPTH_MAX;
+/// What a batch root signature covers first; then the scope, the depth and the root.
+pub const BATCH_SIGNATURE_DOMAIN: &[u8] = b"feedmesh/version-batch/v1\0";
+
+/// A version's place in a signed batch: the root's signature, the leaf index, and the sibling
+/// hashes from the leaf up (the depth is their number, 1 to [`BATCH_DEPTH_MAX`]).
+///
+/// The tree: leaf `i` is `BLAKE3(0x00 || VERSION_SIGNATURE_DOMAIN || scope || canonical
+/// encoding)` of the batch's `i`-th version, positions past the last version hold 32 zero bytes,
+/// an inner node is `BLAKE3(0x01 || left || right)`, and the device signs
+/// `BATCH_SIGNATURE_DOMAIN || scope || depth || root`. The prefixes keep leaves and inner nodes
+/// apart, and the depth is signed, so a proof cannot pass an inner node off as a version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchProof {
+    pub root_signature: Sig64,
+    pub index: u16,
+    pub siblings: Vec<[u8; 32]>,
+}
+
+impl BatchProof {
+    /// The root this proof leads to from `leaf`.
+    fn root(&self, leaf: [u8; 32]) -> [u8; 32] {
+        let mut node = leaf;
+        for (level, sibling) in self.siblings.iter().enumerate() {
+            node = if (self.index >> level) & 1 == 0 { inner(&node, sibling) } else { inner(sibling, &node) };
+        }
+        node
+    }
+}
+
+fn inner(left: &[u8; 32], right: &[u8; 32]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(&[1]);
+    h.update(left);
+    h.update(right);
+    *h.finalize().as_bytes()
+}
+
+pub(crate) fn leaf_hash(version: &Version, scope: &FeedScope) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(&[0]);
+    h.update(VERSION_SIGNATURE_DOMAIN);
+    h.update(&version_message(version, scope));
+    *h.finalize().as_bytes()
+}
+
+fn root_message(scope: &FeedScope, depth: usize, root: &[u8; 32]) -> [u8; 49] {
+    let mut m = [0u8; 49];
+    m[..16].copy_from_slice(&scope.0);
+    m[16] = depth as u8;
+    m[17..].copy_from_slice(root);
+    m
+}
 
 impl VersionSignature {
-    pub fn bytes(&self) -> &[u8; 64] {
-        &self.0 .0
+    /// The version's own signature.
+    pub fn single(sig: Sig64) -> Self {
+        Self(Arc::new(SignatureForm::Single(sig)))
     }
 
-    /// 128 lowercase hex digits (how the FeedSync extension element writes it).
+    /// As bytes (the wire, the store and the FeedSync extension element carry these): the 64
+    /// signature bytes, or for a batch the root signature (64), the depth (1), the index (2,
+    /// little-endian) and the siblings (32 each).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        match &*self.0 {
+            SignatureForm::Single(s) => s.0.to_vec(),
+            SignatureForm::Batch(p) => {
+                let mut out = Vec::with_capacity(67 + 32 * p.siblings.len());
+                out.extend_from_slice(&p.root_signature.0);
+                out.push(p.siblings.len() as u8);
+                out.extend_from_slice(&p.index.to_le_bytes());
+                for s in &p.siblings {
+                    out.extend_from_slice(s);
+                }
+                out
+            }
+        }
+    }
+
+    /// The signature `bytes` encode ([`VersionSignature::to_bytes`]); `None` for any other length
+    /// or layout (a depth of 0 or over [`BATCH_DEPTH_MAX`], an index outside the tree).
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if let Ok(sig) = <[u8; 64]>::try_from(bytes) {
+            return Some(Self::single(Sig64(sig)));
+        }
+        let root_signature = Sig64(bytes.get(..64)?.try_into().ok()?);
+        let depth = usize::from(*bytes.get(64)?);
+        let index = u16::from_le_bytes(bytes.get(65..67)?.try_into().ok()?);
+        if !(1..=BATCH_DEPTH_MAX).contains(&depth) || bytes.len() != 67 + 32 * depth || index >> depth != 0 {
+            return None;
+        }
+        let siblings = bytes[67..].chunks_exact(32).map(|c| c.try_into().unwrap_or([0; 32])).collect();
+        Some(Self(Arc::new(SignatureForm::Batch(BatchProof { root_signature, index, siblings }))))
+    }
+
+    /// Lowercase hex of [`VersionSignature::to_bytes`] (how the FeedSync extension element
+    /// writes it): 128 digits for the single form, 198 to 454 for a batch.
     pub fn to_hex(&self) -> String {
-        hex(self.bytes())
+        hex(&self.to_bytes())
     }
 
     pub fn from_hex(text: &str) -> Option<Self> {
-        let bytes: [u8; 64] = unhex(text.trim())?.try_into().ok()?;
-        Some(Self(Arc::new(Sig64(bytes))))
+        let text = text.trim();
+        if text.len() > 2 * SIGNATURE_BYTES_MAX {
+            return None;
+        }
+        Self::from_bytes(&unhex(text)?)
     }
 }
 
 impl fmt::Debug for VersionSignature {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
+        match &*self.0 {
+            SignatureForm::Single(s) => fmt::Debug::fmt(s, f),
+            SignatureForm::Batch(p) => {
+                write!(f, "batch:{:?}[{}/{}]", p.root_signature, p.index, 1u32 << p.siblings.len())
+            }
+        }
     }
 }
 
@@ -198,20 +317,65 @@ fn version_message(version: &Version, scope: &FeedScope) -> Vec<u8> {
 /// The signature of `version` in the feed `scope` by `key` (the caller makes sure `key` is the
 /// topmost `by`).
 pub fn sign_version(version: &Version, scope: &FeedScope, key: &SigningKey) -> VersionSignature {
-    VersionSignature(Arc::new(sign(key, VERSION_SIGNATURE_DOMAIN, &version_message(version, scope))))
+    VersionSignature::single(sign(key, VERSION_SIGNATURE_DOMAIN, &version_message(version, scope)))
 }
 
-/// Checks a version's signature for the feed `scope`; returns the signing device.
-pub fn verify_version(version: &Version, scope: &FeedScope) -> Result<DeviceId, SignatureError> {
-    let device = version
+/// Signs `versions` (each of them `key`'s, in the feed `scope`) once per [`BATCH_MAX`]: each
+/// gets the batch form ([`BatchProof`]), or the single form when it is alone in its batch. A bulk
+/// write of `n` versions costs `n / 32` ed25519 signatures here and at every receiver, and each
+/// version still verifies on its own ([`verify_version`]).
+pub fn sign_versions(versions: &[&Version], scope: &FeedScope, key: &SigningKey) -> Vec<VersionSignature> {
+    let mut out = Vec::with_capacity(versions.len());
+    for batch in versions.chunks(BATCH_MAX) {
+        if let [only] = batch {
+            out.push(sign_version(only, scope, key));
+            continue;
+        }
+        let depth = batch.len().next_power_of_two().trailing_zeros() as usize;
+        let mut level: Vec<[u8; 32]> = batch.iter().map(|v| leaf_hash(v, scope)).collect();
+        level.resize(1 << depth, [0; 32]);
+        let mut levels = vec![level];
+        while levels.last().is_some_and(|l| l.len() > 1) {
+            let below = levels.last().map(Vec::as_slice).unwrap_or_default();
+            let up = below.chunks_exact(2).map(|pair| inner(&pair[0], &pair[1])).collect();
+            levels.push(up);
+        }
+        let root = levels.last().and_then(|l| l.first()).copied().unwrap_or_default();
+        let root_signature = sign(key, BATCH_SIGNATURE_DOMAIN, &root_message(scope, depth, &root));
+        for index in 0..batch.len() {
+            let siblings = (0..depth).map(|level| levels[level][(index >> level) ^ 1]).collect();
+            let proof = BatchProof { root_signature, index: index as u16, siblings };
+            out.push(VersionSignature(Arc::new(SignatureForm::Batch(proof))));
+        }
+    }
+    out
+}
+
+/// The device named in the version's topmost history entry.
+pub(crate) fn signer_of(version: &Version) -> Result<DeviceId, SignatureError> {
+    version
         .topmost()
         .by
         .as_ref()
         .and_then(DeviceId::from_endpoint)
-        .ok_or_else(|| SignatureError::NoSigner { id: version.id.clone() })?;
+        .ok_or_else(|| SignatureError::NoSigner { id: version.id.clone() })
+}
+
+/// Checks a version's signature (either form) for the feed `scope`; returns the signing device.
+pub fn verify_version(version: &Version, scope: &FeedScope) -> Result<DeviceId, SignatureError> {
+    let device = signer_of(version)?;
     let signature =
         version.signature.as_ref().ok_or_else(|| SignatureError::Missing { id: version.id.clone() })?;
-    device.verify(VERSION_SIGNATURE_DOMAIN, &version_message(version, scope), &signature.0)?;
+    match &*signature.0 {
+        SignatureForm::Single(sig) => {
+            device.verify(VERSION_SIGNATURE_DOMAIN, &version_message(version, scope), sig)?
+        }
+        SignatureForm::Batch(proof) => {
+            let root = proof.root(leaf_hash(version, scope));
+            let message = root_message(scope, proof.siblings.len(), &root);
+            device.verify(BATCH_SIGNATURE_DOMAIN, &message, &proof.root_signature)?
+        }
+    }
     Ok(device)
 }
 
@@ -251,12 +415,13 @@ pub struct Verified {
     checked: Arc<BTreeSet<[u8; 32]>>,
 }
 
-/// The key of a valid signature in [`Verified`].
-fn verified_key(version: &Version, scope: &FeedScope, signature: &Sig64) -> [u8; 32] {
+/// The key of a valid signature in [`Verified`]: the version's leaf hash (domain, scope,
+/// canonical encoding) and the signature's bytes.
+pub(crate) fn verified_key(leaf: &[u8; 32], signature: &VersionSignature) -> [u8; 32] {
     let mut hasher = blake3::Hasher::new();
-    hasher.update(VERSION_SIGNATURE_DOMAIN);
-    hasher.update(&version_message(version, scope));
-    hasher.update(&signature.0);
+    hasher.update(b"feedmesh/verified/v1\0");
+    hasher.update(leaf);
+    hasher.update(&signature.to_bytes());
     *hasher.finalize().as_bytes()
 }
 
@@ -265,17 +430,47 @@ impl Verified {
     /// threads. With `signers`, versions by any other device are not verified (they will be
     /// refused at merge anyway). Stops at the first invalid signature: a message with one is
     /// refused whole, so checking the rest would be wasted work an attacker chose.
-    pub fn check(
-        items: &[Item],
+    pub fn check<I: std::borrow::Borrow<Item> + Sync>(
+        items: &[I],
         scope: &FeedScope,
         signers: Option<&BTreeSet<DeviceId>>,
         threads: usize,
     ) -> Self {
-        /// Below this many items per thread, spawning costs more than it saves.
+        let versions: Vec<&Version> = items
+            .iter()
+            .flat_map(|i| std::iter::once(&i.borrow().version).chain(i.borrow().conflicts.iter()))
+            .collect();
+        Self::check_versions(&versions, scope, signers, threads)
+    }
+
+    /// [`Verified::check`] of a list of versions. A batch root is checked once per thread: the
+    /// versions of one bulk write share it, so a message of them costs one ed25519 check per
+    /// [`BATCH_MAX`] versions and hashing per version.
+    pub fn check_versions(
+        versions: &[&Version],
+        scope: &FeedScope,
+        signers: Option<&BTreeSet<DeviceId>>,
+        threads: usize,
+    ) -> Self {
+        let leaves: Vec<(&Version, [u8; 32])> = versions.iter().map(|v| (*v, leaf_hash(v, scope))).collect();
+        Self::check_leaves(&leaves, scope, signers, threads)
+    }
+
+    /// [`Verified::check_versions`] with each version's leaf hash computed already.
+    pub(crate) fn check_leaves(
+        versions: &[(&Version, [u8; 32])],
+        scope: &FeedScope,
+        signers: Option<&BTreeSet<DeviceId>>,
+        threads: usize,
+    ) -> Self {
+        /// Below this many versions per thread, spawning costs more than it saves.
         const PER_THREAD_MIN: usize = 32;
-        let check = |chunk: &[Item]| {
+        /// Checked roots remembered per thread (a message of 1 MiB holds a few thousand).
+        const ROOTS_MAX: usize = 1 << 14;
+        let check = |chunk: &[(&Version, [u8; 32])]| {
             let mut out = BTreeSet::new();
-            for version in chunk.iter().flat_map(|i| std::iter::once(&i.version).chain(i.conflicts.iter())) {
+            let mut roots: BTreeSet<(DeviceId, [u8; 32], Sig64)> = BTreeSet::new();
+            for &(version, leaf) in chunk {
                 let (Some(signature), Some(device)) =
                     (&version.signature, version.topmost().by.as_ref().and_then(DeviceId::from_endpoint))
                 else {
@@ -284,18 +479,37 @@ impl Verified {
                 if signers.is_some_and(|s| !s.contains(&device)) {
                     continue;
                 }
-                if verify_version(version, scope).is_err() {
+                let valid = match &*signature.0 {
+                    SignatureForm::Single(sig) => {
+                        device.verify(VERSION_SIGNATURE_DOMAIN, &version_message(version, scope), sig).is_ok()
+                    }
+                    SignatureForm::Batch(proof) => {
+                        let root = proof.root(leaf);
+                        let key = (device, root, proof.root_signature);
+                        roots.contains(&key) || {
+                            let message = root_message(scope, proof.siblings.len(), &root);
+                            let ok = device
+                                .verify(BATCH_SIGNATURE_DOMAIN, &message, &proof.root_signature)
+                                .is_ok();
+                            if ok && roots.len() < ROOTS_MAX {
+                                roots.insert(key);
+                            }
+                            ok
+                        }
+                    }
+                };
+                if !valid {
                     break;
                 }
-                out.insert(verified_key(version, scope, &signature.0));
+                out.insert(verified_key(&leaf, signature));
             }
             out
         };
-        let threads = threads.min(items.len() / PER_THREAD_MIN).max(1);
+        let threads = threads.min(versions.len() / PER_THREAD_MIN).max(1);
         let checked = if threads == 1 {
-            check(items)
+            check(versions)
         } else {
-            let chunks = items.chunks(items.len().div_ceil(threads));
+            let chunks = versions.chunks(versions.len().div_ceil(threads));
             std::thread::scope(|scope| {
                 let handles: Vec<_> = chunks.map(|chunk| scope.spawn(move || check(chunk))).collect();
                 let mut all = BTreeSet::new();
@@ -317,12 +531,17 @@ impl Verified {
         self.checked.is_empty()
     }
 
+    /// Whether the signature with this [`verified_key`] is held.
+    pub(crate) fn holds_key(&self, key: &[u8; 32]) -> bool {
+        self.checked.contains(key)
+    }
+
     fn contains(&self, version: &Version, scope: &FeedScope) -> bool {
         !self.checked.is_empty()
             && version
                 .signature
                 .as_ref()
-                .is_some_and(|s| self.checked.contains(&verified_key(version, scope, &s.0)))
+                .is_some_and(|s| self.checked.contains(&verified_key(&leaf_hash(version, scope), s)))
     }
 }
 
@@ -337,21 +556,11 @@ pub fn verify_item(
     verified: &Verified,
 ) -> Result<(), SignatureError> {
     for version in std::iter::once(&item.version).chain(item.conflicts.iter()) {
-        let seen = known.is_some_and(|k| {
-            std::iter::once(&k.version)
-                .chain(k.conflicts.iter())
-                .any(|v| v == version && v.signature.is_some() && v.signature == version.signature)
-        });
-        if seen {
+        if held(known, version) {
             continue;
         }
         let device = if verified.contains(version, scope) {
-            version
-                .topmost()
-                .by
-                .as_ref()
-                .and_then(DeviceId::from_endpoint)
-                .ok_or_else(|| SignatureError::NoSigner { id: version.id.clone() })?
+            signer_of(version)?
         } else {
             verify_version(version, scope)?
         };
@@ -360,6 +569,15 @@ pub fn verify_item(
         }
     }
     Ok(())
+}
+
+/// Whether `known` holds `version` with the same signature (it was checked when it arrived).
+pub(crate) fn held(known: Option<&Item>, version: &Version) -> bool {
+    known.is_some_and(|k| {
+        std::iter::once(&k.version)
+            .chain(k.conflicts.iter())
+            .any(|v| v == version && v.signature.is_some() && v.signature == version.signature)
+    })
 }
 
 /// Lowercase hex.

@@ -459,15 +459,17 @@ impl Session {
             Body::Diff { log, want, items, more } => {
                 self.merge_all(replica, &items)?;
                 self.peer_log = Some(cursor(log));
+                let mut ids = Vec::with_capacity(want.len());
                 for fp in want {
                     let fp = u64::from(fp);
                     match self.snapshot_id(fp) {
-                        Some(id) => self.outbox.push_back(id),
+                        Some(id) => ids.push(id),
                         None => {
                             return Err(SyncError::Protocol("peer wants a fingerprint we do not have".into()))
                         }
                     }
                 }
+                self.queue_in_log_order(replica, ids);
                 if more {
                     self.send(now, Body::Continue);
                 } else {
@@ -610,11 +612,8 @@ impl Session {
         if want.len() * 9 + 256 > self.cfg.max_message_bytes {
             return Err(SyncError::Protocol("difference too large for one message".into()));
         }
-        for fp in &difference.local {
-            if let Some(id) = self.snapshot_id(*fp) {
-                self.outbox.push_back(id);
-            }
-        }
+        let ids = difference.local.iter().filter_map(|fp| self.snapshot_id(*fp)).collect();
+        self.queue_in_log_order(replica, ids);
         let budget = self.cfg.max_message_bytes.saturating_sub(want.len() * 9 + 256);
         let items = self.take_chunk(replica, budget);
         let more = !self.outbox.is_empty();
@@ -739,6 +738,16 @@ impl Session {
         self.phase = Phase::Finished;
         self.deadline = None;
         self.outcome = Outcome::Failed(err);
+    }
+
+    /// Queues `ids` to send in the order of my change log, not the reconciliation's (fingerprint)
+    /// order: the versions of one bulk write are neighbours there, so they travel together and a
+    /// receiver checks their batch signature once per message, not once per version.
+    fn queue_in_log_order(&mut self, replica: &Replica, ids: Vec<crate::feedsync::ItemId>) {
+        let mut ids: Vec<(Seq, crate::feedsync::ItemId)> =
+            ids.into_iter().map(|id| (replica.seq_of(&id).unwrap_or_default(), id)).collect();
+        ids.sort_unstable();
+        self.outbox.extend(ids.into_iter().map(|(_, id)| id));
     }
 
     /// Items from the outbox, up to `budget` encoded bytes. The first item goes even past the

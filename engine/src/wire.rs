@@ -101,8 +101,54 @@ pub struct WireVersion {
     pub inner: String,
     /// Namespace bindings the content needs, `(prefix, uri)`.
     pub scope: Vec<(String, String)>,
-    /// The signing device's ed25519 signature (signed mode): exactly 64 bytes, 65 on the wire.
-    pub signature: Option<crate::signing::Sig64>,
+    /// The signature (signed mode), as [`crate::signing::VersionSignature::to_bytes`].
+    pub signature: Option<WireSignature>,
+}
+
+/// A version signature's bytes: a length-prefixed byte string of 64 bytes (the single form,
+/// encoded exactly as before batch signatures existed) or a batch form of 99 to
+/// [`crate::signing::SIGNATURE_BYTES_MAX`] bytes. The layout is checked by `from_wire`.
+///
+/// Batch signatures came without a new `WIRE_VERSION`: every message a version 4 peer could send
+/// still decodes the same, and a message carrying a batch-signed version is one such a peer
+/// refuses as undecodable (`WireError::Decode`), so a session between them fails cleanly instead
+/// of every session failing by version.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct WireSignature(pub Vec<u8>);
+
+impl Serialize for WireSignature {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for WireSignature {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = WireSignature;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "at most {} bytes", crate::signing::SIGNATURE_BYTES_MAX)
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<WireSignature, E> {
+                if v.len() > crate::signing::SIGNATURE_BYTES_MAX {
+                    return Err(E::invalid_length(v.len(), &self));
+                }
+                Ok(WireSignature(v.to_vec()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<WireSignature, A::Error> {
+                let mut bytes = Vec::new();
+                while let Some(b) = seq.next_element::<u8>()? {
+                    if bytes.len() == crate::signing::SIGNATURE_BYTES_MAX {
+                        return Err(serde::de::Error::invalid_length(bytes.len() + 1, &self));
+                    }
+                    bytes.push(b);
+                }
+                Ok(WireSignature(bytes))
+            }
+        }
+        d.deserialize_bytes(Visit)
+    }
 }
 
 /// One item (winner and conflicts) on the wire.
@@ -286,7 +332,7 @@ fn wire_version(v: &Version) -> WireVersion {
         attrs: v.content.attrs.to_string(),
         inner: v.content.inner.to_string(),
         scope: v.content.scope.bindings.iter().map(|(p, u)| (p.to_string(), u.to_string())).collect(),
-        signature: v.signature.as_ref().map(|s| *s.0),
+        signature: v.signature.as_ref().map(|s| WireSignature(s.to_bytes())),
     }
 }
 
@@ -318,6 +364,13 @@ fn from_wire_version(w: &WireVersion) -> Result<Version, String> {
         };
         history.push(HistoryEntry { sequence: h.sequence, when, by });
     }
+    let signature = match &w.signature {
+        None => None,
+        Some(bytes) => Some(
+            crate::signing::VersionSignature::from_bytes(&bytes.0)
+                .ok_or_else(|| format!("a signature of {} bytes is neither form", bytes.0.len()))?,
+        ),
+    };
     let mut bindings: Vec<(Box<str>, Box<str>)> =
         w.scope.iter().map(|(p, u)| (p.as_str().into(), u.as_str().into())).collect();
     bindings.sort();
@@ -333,7 +386,7 @@ fn from_wire_version(w: &WireVersion) -> Result<Version, String> {
             inner: w.inner.as_str().into(),
             scope: Arc::new(NsScope { bindings }),
         }),
-        signature: w.signature.map(|s| crate::signing::VersionSignature(Arc::new(s))),
+        signature,
     };
     version.check_invariants().map_err(|e| e.to_string())?;
     Ok(version)

@@ -173,9 +173,10 @@ proptest! {
                 v.history = Arc::from(h);
             }
             4 => {
-                let mut sig = *v.signature.as_ref().unwrap().bytes();
-                sig[bit % 64] ^= 1 << (bit % 8);
-                v.signature = Some(engine::signing::VersionSignature(Arc::new(Sig64(sig))));
+                let mut sig = v.signature.as_ref().unwrap().to_bytes();
+                let at = bit % sig.len();
+                sig[at] ^= 1 << (bit % 8);
+                v.signature = engine::signing::VersionSignature::from_bytes(&sig);
             }
             5 => v.signature = None,
             6 => {

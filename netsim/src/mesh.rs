@@ -482,7 +482,7 @@ pub fn forge(
     let mut forged = (**scratch.item(id)?).clone();
     let signature = current
         .and_then(|c| c.version.signature.clone())
-        .unwrap_or_else(|| VersionSignature(Arc::new(Sig64([7; 64]))));
+        .unwrap_or_else(|| VersionSignature::single(Sig64([7; 64])));
     forged.version.signature = Some(signature);
     Some(forged)
 }

@@ -9,8 +9,7 @@
 //! prefixing the byte (`Store::migrate`, schema 5).
 
 use engine::feedsync::Item;
-use engine::signing::Sig64;
-use engine::wire::{from_wire, to_wire, WireEntry, WireItem, WireVersion, WireWhen};
+use engine::wire::{from_wire, to_wire, WireEntry, WireItem, WireSignature, WireVersion, WireWhen};
 use serde::{Deserialize, Serialize};
 
 /// The stored form this build writes.
@@ -74,14 +73,17 @@ fn version_v1(v: &WireVersion) -> VersionV1 {
         attrs: v.attrs.clone(),
         inner: v.inner.clone(),
         scope: v.scope.clone(),
-        signature: v.signature.map(|s| s.0.to_vec()),
+        signature: v.signature.as_ref().map(|s| s.0.clone()),
     }
 }
 
 fn wire_version(v: VersionV1) -> Result<WireVersion, StoredError> {
+    // Either form's bytes (the batch form came later, in the same field: version 1 rows hold
+    // both); `from_wire` checks the layout.
     let signature = match v.signature {
         None => None,
-        Some(bytes) => Some(Sig64(bytes.try_into().map_err(|_| StoredError::Corrupt)?)),
+        Some(bytes) if bytes.len() <= engine::signing::SIGNATURE_BYTES_MAX => Some(WireSignature(bytes)),
+        Some(_) => return Err(StoredError::Corrupt),
     };
     Ok(WireVersion {
         id: v.id,
@@ -171,6 +173,36 @@ mod tests {
     fn version_1_rows_keep_their_bytes() {
         let row = encode(&item());
         assert_eq!(row.iter().map(|b| format!("{b:02x}")).collect::<String>(), PINNED);
+    }
+
+    #[test]
+    fn batch_signed_items_round_trip_in_version_1_rows() {
+        // The batch form lives in version 1's signature bytes: no new stored version was needed.
+        let scope = engine::signing::FeedScope([3; 16]);
+        let key = engine::signing::DeviceKey::from_bytes(&[4; 32]);
+        let mut r = engine::replica::Replica::new_signed(1, scope);
+        let when = engine::feedsync::When::from_unix_secs(1_700_000_000).unwrap();
+        let changes: Vec<_> = (0..5)
+            .map(|i| {
+                (engine::feedsync::ItemId::new(&format!("i{i}")).unwrap(), engine::feedsync::Edit::default())
+            })
+            .collect();
+        r.change_signed_many(&key, &when, &changes).unwrap();
+        for item in r.items() {
+            let row = encode(item);
+            assert_eq!(row[0], 1);
+            let back = decode(&row).unwrap();
+            assert_eq!(back.version.signature, item.version.signature);
+            engine::signing::verify_version(&back.version, &scope).unwrap();
+        }
+        // A signature longer than any form is a corrupt row, not an allocation.
+        let mut wire = to_wire(r.items().next().unwrap());
+        wire.version.signature = Some(WireSignature(vec![0; engine::signing::SIGNATURE_BYTES_MAX + 1]));
+        let mut row = vec![1];
+        row.extend(
+            postcard::to_allocvec(&ItemV1 { version: version_v1(&wire.version), conflicts: vec![] }).unwrap(),
+        );
+        assert_eq!(decode(&row), Err(StoredError::Corrupt));
     }
 
     #[test]

@@ -65,6 +65,10 @@ struct Args {
     /// Runs of each mode (fresh devices each time); the fastest is reported, every run is kept.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// How A signs its items: `batch` (one bulk write, one signature per 32 versions, as an
+    /// import does) or `single` (one signature per version, as items written one by one are).
+    #[arg(long, value_enum, default_value_t = Signatures::Batch)]
+    signatures: Signatures,
     /// Instead of the sync benchmark: connect this many idle devices to a relay process.
     #[arg(long)]
     idle_devices: Option<usize>,
@@ -76,13 +80,19 @@ struct Args {
     json: PathBuf,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Signatures {
+    Batch,
+    Single,
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let load = load_average();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let (section, mut value) = match args.idle_devices {
         Some(n) => ("idle_devices", rt.block_on(idle_devices(n, args.relay_bin.as_deref()))?),
-        None => ("sync", rt.block_on(sync_bench(args.items, args.runs.max(1)))?),
+        None => ("sync", rt.block_on(sync_bench(args.items, args.runs.max(1), args.signatures))?),
     };
     value["load_average_at_start"] = json!(load);
     value["load_average_at_end"] = json!(load_average());
@@ -352,13 +362,28 @@ async fn setup_pair(
 
 /// A writes `items` signed items in one go (one redb commit); returns the payload bytes and the
 /// items' encodings concatenated (what the bare stream sends).
-fn write_items(a: &node::net::Shared, folder: &FolderId, items: usize) -> anyhow::Result<(u64, Vec<u8>)> {
+fn write_items(
+    a: &node::net::Shared,
+    folder: &FolderId,
+    items: usize,
+    single: bool,
+) -> anyhow::Result<(u64, Vec<u8>)> {
     let mut n = lock(a);
     let when = When::from_unix_secs(transport::now_secs()).map_err(|e| anyhow!("{e}"))?;
+    let mut changes = Vec::with_capacity(items);
     for i in 0..items {
         let id = ItemId::new(&format!("item-{i:06}")).map_err(|e| anyhow!("{e}"))?;
         let edit = Edit { content: Some(node::state::content(None, &item_text(i))), ..Edit::default() };
-        n.device.write(*folder, &id, &when, &edit).map_err(|e| anyhow!("{e}"))?;
+        changes.push((id, edit));
+    }
+    if single {
+        // One signature per version: as items written one at a time are signed.
+        for (id, edit) in &changes {
+            n.device.write(*folder, id, &when, edit).map_err(|e| anyhow!("{e}"))?;
+        }
+    } else {
+        // A bulk write: one signature per batch of versions (`Device::write_many`).
+        n.device.write_many(*folder, &when, &changes).map_err(|e| anyhow!("{e}"))?;
     }
     // One redb commit for all of them (consecutive commits of a folder are stored together).
     n.commit()?;
@@ -476,6 +501,7 @@ async fn run_mode(
     mode: &'static str,
     tag: &str,
     items: usize,
+    signatures: Signatures,
 ) -> anyhow::Result<Run> {
     let relay_only = mode == "relayed";
     let relay_port = relay.relay_url.port().unwrap_or(0);
@@ -496,7 +522,7 @@ async fn run_mode(
     }
 
     let started = Instant::now();
-    let (payload_bytes, payload) = write_items(&a, &folder, items)?;
+    let (payload_bytes, payload) = write_items(&a, &folder, items, signatures == Signatures::Single)?;
     let write_seconds = started.elapsed().as_secs_f64();
     println!("[{mode}] A wrote {items} signed items ({payload_bytes} payload bytes) in {write_seconds:.2} s");
 
@@ -608,7 +634,7 @@ async fn bare_stream(
     Ok(Transfer::new(seconds, items, payload.len() as u64, bytes, path))
 }
 
-async fn sync_bench(items: usize, runs: usize) -> anyhow::Result<Value> {
+async fn sync_bench(items: usize, runs: usize, signatures: Signatures) -> anyhow::Result<Value> {
     let root = tempfile::tempdir()?;
     let relay = relay::start(relay::Config::loopback(&root.path().join("relay"))).await?;
     let info = relay.connect_info();
@@ -624,7 +650,10 @@ async fn sync_bench(items: usize, runs: usize) -> anyhow::Result<Value> {
     for mode in ["direct", "relayed"] {
         let mut done = Vec::new();
         for run in 0..runs {
-            done.push(run_mode(&relay, &cfg, root.path(), mode, &format!("{mode}-{run}"), items).await?);
+            done.push(
+                run_mode(&relay, &cfg, root.path(), mode, &format!("{mode}-{run}"), items, signatures)
+                    .await?,
+            );
         }
         results.push(ModeResult::of(mode, done));
     }
@@ -632,12 +661,14 @@ async fn sync_bench(items: usize, runs: usize) -> anyhow::Result<Value> {
 
     print_sync(items, runs, &results);
     Ok(json!({
-        "command": "cargo run --release -p feedmesh-benches --bin e2e_sync -- --items N --runs R",
+        "command": "cargo run --release -p feedmesh-benches --bin e2e_sync -- --items N --runs R --signatures S",
         "items": items,
+        "signatures": format!("{signatures:?}").to_lowercase(),
         "runs": runs,
         "item_text_bytes": 100,
         "workload": "A (first device of a user) writes N signed items with ~100 bytes of text each \
-                     (one redb commit); B (a second device of the same user, paired with the engine's \
+                     (one redb commit; with --signatures batch one bulk write, one signature per 32 \
+                     versions, with single one signature per version); B (a second device of the same user, paired with the engine's \
                      pairing functions) syncs the folder with A peer to peer over one QUIC connection \
                      until it has all N items (signature checks, merge and the redb commit of the \
                      received items included). Both devices and the relay in one process on loopback. \

@@ -222,7 +222,7 @@ fn signing_cost() -> Value {
     let start = Instant::now();
     let mut sigs = 0usize;
     for v in &versions {
-        sigs += sign_version(v, &SCOPE, &key).bytes()[0] as usize;
+        sigs += sign_version(v, &SCOPE, &key).to_bytes()[0] as usize;
     }
     let sign_ns = start.elapsed().as_nanos() as f64 / n as f64;
     let start = Instant::now();

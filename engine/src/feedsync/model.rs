@@ -366,7 +366,8 @@ impl Version {
             + VARINT
             + scope
             + 1
-            + 64
+            + VARINT
+            + crate::signing::SIGNATURE_BYTES_MAX
     }
 }
 

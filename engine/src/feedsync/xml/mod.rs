@@ -15,7 +15,8 @@ pub const FEEDSYNC_NS: &str = "http://feedsync.org/2007/feedsync";
 /// The older Simple Sharing Extensions namespace, read as an alias of [`FEEDSYNC_NS`].
 pub const SSE_NS: &str = "http://www.microsoft.com/schemas/rss/sse";
 /// feedmesh's extension namespace for version signatures: `<fms:signature>` inside `sx:sync`,
-/// 128 hex digits of the ed25519 signature of the version (see `crate::signing`). Readers that do
+/// the lowercase hex of the version's signature: 128 digits (the version's own ed25519 signature)
+/// or a batch signature with the version's Merkle path (see `crate::signing`). Readers that do
 /// not know it ignore it (FeedSync allows extension elements).
 pub const SIGNATURE_NS: &str = "urn:feedmesh:signature:1";
 /// The Atom 1.0 namespace.
@@ -89,6 +90,6 @@ pub enum ProblemKind {
     RelatedType(String),
     #[error("{0}")]
     Model(String),
-    #[error("fms:signature {0:?} is not 128 lowercase hex digits")]
+    #[error("fms:signature {0:?} is not a signature in lowercase hex (128 digits, or a batch form)")]
     Signature(String),
 }

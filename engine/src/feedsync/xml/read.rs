@@ -131,7 +131,7 @@ impl<'i> Parser<'i> {
     }
 
     /// The text of the element whose start tag was just read, up to its end tag; a child element
-    /// is malformed here. At most 256 bytes (a signature is 128).
+    /// is malformed here. At most 512 bytes (a signature is at most 454).
     fn text_only(&self, reader: &mut Reader<'i>) -> Result<String, Stop> {
         let mut text = String::new();
         loop {
@@ -157,7 +157,7 @@ impl<'i> Parser<'i> {
                     })
                 }
             }
-            if text.len() > 256 {
+            if text.len() > 512 {
                 return Err(Stop { offset, kind: ProblemKind::Signature(clip(&text)) });
             }
         }
