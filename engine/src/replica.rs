@@ -237,7 +237,51 @@ impl Replica {
     /// (redb checksums its pages), so nothing is verified again: a restart with 10^6 items costs
     /// their decoding and indexing, not 10^6 ed25519 checks. Never for items from anywhere else.
     /// A merge error (the feed is full) stops there, keeping what was merged before it.
-    pub fn restore(&mut self, items: impl IntoIterator<Item = Arc<Item>>) -> Result<usize, FeedsyncError> {
+    /// Fingerprints are computed on up to `threads` threads (the caller's choice).
+    pub fn restore(
+        &mut self,
+        items: impl IntoIterator<Item = Arc<Item>>,
+        threads: usize,
+    ) -> Result<usize, FeedsyncError> {
+        let items: Vec<Arc<Item>> = items.into_iter().collect();
+        // A store gives an empty replica its items by id, once each: the indexes are built in
+        // bulk (sorted input, no rebalancing), not item by item.
+        if self.items.is_empty()
+            && items.len() <= feedsync::limits::ITEMS_PER_FEED_MAX
+            && items.windows(2).all(|w| w[0].id() < w[1].id())
+        {
+            let start = self.head.0;
+            let threads = threads.clamp(1, items.len().div_ceil(4096).max(1));
+            let fps: Vec<Fingerprint> = if threads == 1 {
+                items.iter().map(|i| fingerprint(i)).collect()
+            } else {
+                std::thread::scope(|scope| {
+                    let handles: Vec<_> = items
+                        .chunks(items.len().div_ceil(threads))
+                        .map(|chunk| {
+                            scope.spawn(move || chunk.iter().map(|i| fingerprint(i)).collect::<Vec<_>>())
+                        })
+                        .collect();
+                    let parts = handles
+                        .into_iter()
+                        .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+                    parts.flatten().collect()
+                })
+            };
+            let seq = |k: usize| Seq(start + k as u64 + 1);
+            self.log = items.iter().enumerate().map(|(k, i)| (seq(k), i.id().clone())).collect();
+            self.by_fp = fps.iter().zip(&items).map(|(fp, i)| (*fp, i.id().clone())).collect();
+            self.digest = fps.iter().fold(self.digest, |d, fp| d.wrapping_add(*fp));
+            let n = items.len();
+            self.head = Seq(start + n as u64);
+            self.items = items
+                .into_iter()
+                .zip(fps)
+                .enumerate()
+                .map(|(k, (item, fp))| (item.id().clone(), Entry { item, fp, seq: seq(k), local: false }))
+                .collect();
+            return Ok(n);
+        }
         let mut changed = 0;
         for item in items {
             changed += usize::from(self.merge_checked(&item)?);

@@ -196,10 +196,10 @@ impl Node {
         for folder in store.folders()? {
             let mut replica = Replica::new_signed(epoch, folder.scope());
             replica.set_signers(Some(dir_log.signers(&folder)));
-            let items: Vec<_> = store.load_items(&folder)?.into_iter().map(Arc::new).collect();
+            // Verified before it was stored: loaded as it is (`Replica::restore`).
             replica
-                .merge_all(&items, transport::verify_threads())
-                .map_err(|e| anyhow!("stored item of {folder} failed verification: {e}"))?;
+                .restore(store.load_items(&folder)?.into_iter().map(Arc::new), transport::verify_threads())
+                .map_err(|e| anyhow!("stored items of {folder}: {e}"))?;
             replicas.push((folder, replica));
         }
         let device = Device::new(

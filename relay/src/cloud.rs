@@ -330,10 +330,10 @@ impl Cloud {
         for folder in store.folders()? {
             let mut replica = Replica::new_signed(epoch, folder.scope());
             replica.set_signers(Some(control.directory().signers(&folder)));
-            let items: Vec<_> = store.load_items(&folder)?.into_iter().map(Arc::new).collect();
+            // Verified before it was stored: loaded as it is (`Replica::restore`).
             replica
-                .merge_all(&items, transport::verify_threads())
-                .map_err(|e| anyhow::anyhow!("stored item of {folder} failed verification: {e}"))?;
+                .restore(store.load_items(&folder)?.into_iter().map(Arc::new), transport::verify_threads())
+                .map_err(|e| anyhow::anyhow!("stored items of {folder}: {e}"))?;
             control.install(folder, replica);
         }
         let (notices, _) = broadcast::channel(1024);

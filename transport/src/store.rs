@@ -365,25 +365,44 @@ impl Store {
         Ok(Some(done))
     }
 
-    /// Every stored item of `folder`.
+    /// Every stored item of `folder`, by id. What is stored was checked whole before it was
+    /// stored, so rows are decoded without the content check (`wire::from_own_store`), a chunk
+    /// of rows at a time on every core (`crate::verify_threads`): loading is most of a restart.
     pub fn load_items(&self, folder: &FolderId) -> Result<Vec<Item>, StoreError> {
+        /// Rows read before they are decoded (bounds the raw bytes held at once).
+        const CHUNK: usize = 16_384;
         let txn = self.db.begin_read()?;
         let table = txn.open_table(ITEMS)?;
         let lo = folder.0.to_vec();
         let mut hi = folder.0.to_vec();
         hi.push(0xff);
+        let threads = crate::verify_threads();
         let mut out = Vec::new();
-        for entry in table.range::<&[u8]>(lo.as_slice()..hi.as_slice())? {
-            let (_, v) = entry?;
-            let wire: WireItem = stored::decode_wire(v.value()).map_err(StoreError::Item)?;
-            match from_wire(&wire) {
-                Ok(item) => out.push(item),
-                Err(_) => match fit_stored(wire) {
-                    Some(item) => out.push(item),
-                    None => return Err(StoreError::Corrupt("item")),
-                },
+        let mut range = table.range::<&[u8]>(lo.as_slice()..hi.as_slice())?;
+        // This thread reads chunk k + 1 while `threads` others decode chunk k: at most two
+        // chunks of raw rows are held.
+        std::thread::scope(|scope| -> Result<(), StoreError> {
+            let mut decoding: Vec<std::thread::ScopedJoinHandle<'_, Result<Vec<Item>, StoreError>>> =
+                Vec::new();
+            loop {
+                let mut rows: Vec<Vec<u8>> = Vec::with_capacity(CHUNK);
+                for entry in range.by_ref().take(CHUNK) {
+                    let (_, v) = entry?;
+                    rows.push(v.value().to_vec());
+                }
+                for h in decoding.drain(..) {
+                    out.extend(h.join().unwrap_or(Err(StoreError::Corrupt("item")))?);
+                }
+                if rows.is_empty() {
+                    return Ok(());
+                }
+                let per = rows.len().div_ceil(threads).max(1);
+                while !rows.is_empty() {
+                    let part: Vec<Vec<u8>> = rows.drain(..per.min(rows.len())).collect();
+                    decoding.push(scope.spawn(move || decode_rows(&part)));
+                }
             }
-        }
+        })?;
         Ok(out)
     }
 
@@ -392,13 +411,17 @@ impl Store {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(ITEMS)?;
         let mut out = BTreeSet::new();
-        for entry in table.iter()? {
+        // One seek per folder, not a walk over every item (a store can hold 10^6).
+        let mut from = [0u8; 16];
+        loop {
+            let Some(entry) = table.range::<&[u8]>(from.as_slice()..)?.next() else { break };
             let (k, _) = entry?;
-            let k = k.value();
-            if k.len() >= 16 {
-                let mut f = [0u8; 16];
-                f.copy_from_slice(&k[..16]);
-                out.insert(FolderId(f));
+            let f: [u8; 16] =
+                k.value().get(..16).and_then(|f| f.try_into().ok()).ok_or(StoreError::Corrupt("item key"))?;
+            out.insert(FolderId(f));
+            match u128::from_be_bytes(f).checked_add(1) {
+                Some(next) => from = next.to_be_bytes(),
+                None => break,
             }
         }
         Ok(out)
@@ -609,6 +632,19 @@ mod tests {
 /// An item stored before items were bounded to fit a sync message
 /// ([`engine::feedsync::limits::ITEM_ENCODED_MAX`]): it keeps the best conflicts that fit, as a
 /// merge would. `None` if it is invalid otherwise, or its winner alone is too large.
+/// Stored rows to items ([`Store::load_items`]).
+fn decode_rows(rows: &[Vec<u8>]) -> Result<Vec<Item>, StoreError> {
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let wire: WireItem = stored::decode_wire(row).map_err(StoreError::Item)?;
+        match engine::wire::from_own_store(&wire) {
+            Ok(item) => out.push(item),
+            Err(_) => out.push(fit_stored(wire).ok_or(StoreError::Corrupt("item"))?),
+        }
+    }
+    Ok(out)
+}
+
 fn fit_stored(mut wire: WireItem) -> Option<engine::feedsync::Item> {
     let winner_only = WireItem { version: wire.version.clone(), conflicts: Vec::new() };
     let winner = from_wire(&winner_only).ok()?;

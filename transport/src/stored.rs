@@ -38,7 +38,14 @@ struct VersionV1 {
     attrs: String,
     inner: String,
     scope: Vec<(String, String)>,
+    /// postcard writes a `Vec<u8>` and a byte string alike (length, then the bytes), so reading
+    /// it as bytes is the same format without a call per byte.
+    #[serde(deserialize_with = "signature_bytes")]
     signature: Option<Vec<u8>>,
+}
+
+fn signature_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+    Option::<WireSignature>::deserialize(d).map(|s| s.map(|s| s.0))
 }
 
 #[derive(Serialize, Deserialize)]

@@ -400,6 +400,14 @@ impl Version {
 
     /// Checks the invariants a version must hold whatever path built it.
     pub fn check_invariants(&self) -> Result<(), FeedsyncError> {
+        self.check_structure()?;
+        super::xml::check_content(&self.content)
+            .map_err(|problem| FeedsyncError::Content { id: self.id.clone(), problem })
+    }
+
+    /// [`Version::check_invariants`] but the content check (an XML fragment parse, the
+    /// expensive part), for what was checked whole before it was stored.
+    pub fn check_structure(&self) -> Result<(), FeedsyncError> {
         if self.history.is_empty() {
             return Err(FeedsyncError::HistoryEmpty { id: self.id.clone() });
         }
@@ -417,8 +425,6 @@ impl Version {
                 return Err(FeedsyncError::HistoryAnonymous { id: self.id.clone() });
             }
         }
-        super::xml::check_content(&self.content)
-            .map_err(|problem| FeedsyncError::Content { id: self.id.clone(), problem })?;
         Ok(())
     }
 }
@@ -448,7 +454,17 @@ impl Item {
     }
 
     pub fn check_invariants(&self) -> Result<(), FeedsyncError> {
-        self.version.check_invariants()?;
+        self.check(true)
+    }
+
+    /// [`Item::check_invariants`] but the content checks ([`Version::check_structure`]).
+    pub fn check_structure(&self) -> Result<(), FeedsyncError> {
+        self.check(false)
+    }
+
+    fn check(&self, content: bool) -> Result<(), FeedsyncError> {
+        let version_ok = |v: &Version| if content { v.check_invariants() } else { v.check_structure() };
+        version_ok(&self.version)?;
         if self.conflicts.len() > limits::CONFLICTS_PER_ITEM_MAX {
             return Err(FeedsyncError::TooManyConflicts { id: self.id().clone() });
         }
@@ -458,7 +474,7 @@ impl Item {
         }
         let mut previous: Option<&Version> = None;
         for conflict in &self.conflicts {
-            conflict.check_invariants()?;
+            version_ok(conflict)?;
             if conflict.id != self.version.id {
                 return Err(FeedsyncError::ConflictIdMismatch { id: self.id().clone() });
             }
