@@ -409,7 +409,11 @@ pub fn from_own_store(w: &WireItem) -> Result<Item, WireError> {
     Ok(item)
 }
 
-fn from_wire_structure(w: &WireItem) -> Result<Item, WireError> {
+/// A received item decoded into the engine's types (ids, endpoints, times and each version's
+/// structure checked) without the item-level checks or the content check: for checking the
+/// signatures of a message ahead of the session that will take it (`transport::preverify`),
+/// which decodes it again with [`from_wire`]. Nothing decoded this way may be merged.
+pub fn from_wire_structure(w: &WireItem) -> Result<Item, WireError> {
     if w.conflicts.len() > feedsync::limits::CONFLICTS_PER_ITEM_MAX {
         return Err(WireError::Item("too many conflicts".into()));
     }

@@ -169,6 +169,7 @@ fn main() {
         }
     }
 
+    batch_signed_seeds(&mut out);
     directory_seeds(&mut out);
     ticket_seeds(&mut out);
     feed_seeds(&mut out);
@@ -176,6 +177,44 @@ fn main() {
     relay_seeds(&mut out);
     cloud_seeds(&mut out);
     println!("{} seeds in {}", out.written.len(), out.root.display());
+}
+
+/// Items of a bulk write (batch signatures of depth 1 to 3, issue 16) as `wire_item` seeds, and
+/// a signed session that carries them, from both sides.
+fn batch_signed_seeds(out: &mut Out) {
+    let w = world();
+    let when = engine::feedsync::When::from_unix_secs(1_700_000_100).expect("a valid time");
+    let mut a = Replica::new_signed(7, w.folder.scope());
+    for (n, label) in [(2, "b2"), (3, "b3"), (8, "b8")] {
+        let changes: Vec<_> = (0..n)
+            .map(|i| {
+                let id = engine::feedsync::ItemId::new(&format!("{label}-{i}")).expect("valid id");
+                let content = engine::feedsync::Content {
+                    inner: format!("<title>{label} {i}</title>").into(),
+                    ..engine::feedsync::Content::empty()
+                };
+                (
+                    id,
+                    engine::feedsync::Edit {
+                        content: Some(std::sync::Arc::new(content)),
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+        a.change_signed_many(w.key("a1"), &when, &changes).expect("a bulk write");
+    }
+    for (i, item) in a.items().enumerate() {
+        out.put(
+            "wire_item",
+            &format!("batch-{i:03}"),
+            &postcard::to_allocvec(&wire::to_wire(item)).expect("encodes"),
+        );
+    }
+    let mut b = Replica::new_signed(8, w.folder.scope());
+    let (_, transcript) = fixture::run_plain(&mut a, &mut b, Retained::default());
+    out.put("session_responder", "batch-signed", &steps(0x01, &transcript, true, false));
+    out.put("session_initiator", "batch-signed", &steps(0x01, &transcript, false, false));
 }
 
 fn empty(signed: bool, epoch: u64) -> Replica {

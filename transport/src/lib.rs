@@ -117,7 +117,10 @@ pub fn preverify(
 ) -> engine::signing::Verified {
     let Some(scope) = scope else { return Default::default() };
     let Ok(message) = engine::wire::decode(bytes, FRAME_MAX) else { return Default::default() };
-    let items: Vec<_> = message.body.items().iter().filter_map(|w| engine::wire::from_wire(w).ok()).collect();
+    // The session checks each item whole (content included) when it takes the message; here
+    // only what the signatures cover is needed.
+    let items: Vec<_> =
+        message.body.items().iter().filter_map(|w| engine::wire::from_wire_structure(w).ok()).collect();
     engine::signing::Verified::check(&items, &scope, signers, verify_threads())
 }
 
