@@ -83,7 +83,8 @@ impl Histogram {
 pub struct Checker {
     writes: Vec<Write>,
     /// Version identity -> (write id, causal past).
-    versions: BTreeMap<[u8; 16], (u32, Arc<BTreeSet<u32>>)>,
+    /// Sorted.
+    versions: BTreeMap<[u8; 16], (u32, Arc<[u32]>)>,
     /// Per node, per item: the writes it has seen.
     seen: Vec<BTreeMap<String, BTreeSet<u32>>>,
     unknown_versions: u64,
@@ -123,9 +124,11 @@ impl Checker {
     /// `node` made a local change; `state` is its item afterwards.
     pub fn write(&mut self, node: u32, state: &Item, now: u64) {
         let item = state.id().to_string();
-        let past = self.seen[node as usize].get(&item).cloned().unwrap_or_default();
+        let past: Arc<[u32]> = self.seen[node as usize]
+            .get(&item)
+            .map_or_else(|| Arc::from([]), |seen| seen.iter().copied().collect());
         let id = self.writes.len() as u32;
-        self.versions.insert(key(&state.version), (id, Arc::new(past)));
+        self.versions.insert(key(&state.version), (id, past));
         let times = id.is_multiple_of(self.sample_every).then(Vec::new);
         self.writes.push(Write {
             item: item.clone(),
@@ -164,17 +167,43 @@ impl Checker {
 
     /// The writes holding `state` implies having seen, sorted.
     fn learn(&mut self, state: &Item) -> Vec<u32> {
-        let mut learned: BTreeSet<u32> = BTreeSet::new();
+        let mut found: Vec<(u32, &Arc<[u32]>)> = Vec::with_capacity(1 + state.conflicts.len());
         for version in std::iter::once(&state.version).chain(&state.conflicts) {
             match self.versions.get(&key(version)) {
-                Some((id, past)) => {
-                    learned.insert(*id);
-                    learned.extend(past.iter().copied());
-                }
+                Some((id, past)) => found.push((*id, past)),
                 None => self.unknown_versions += 1,
             }
         }
-        learned.into_iter().collect()
+        let total: usize = found.iter().map(|(_, past)| 1 + past.len()).sum();
+        let words = self.writes.len().div_ceil(64);
+        // A hot item's state unites many long pasts (one version per concurrent writer): a bitset
+        // over the write ids. A usual state has one or two versions: sort what it has.
+        if total > words {
+            let mut bits = vec![0u64; words];
+            let mut set = |id: u32| bits[id as usize / 64] |= 1 << (id % 64);
+            for (id, past) in &found {
+                set(*id);
+                past.iter().for_each(|&p| set(p));
+            }
+            let mut learned = Vec::with_capacity(total);
+            for (w, &word) in bits.iter().enumerate() {
+                let mut word = word;
+                while word != 0 {
+                    learned.push((w * 64) as u32 + word.trailing_zeros());
+                    word &= word - 1;
+                }
+            }
+            learned
+        } else {
+            let mut learned: Vec<u32> = Vec::with_capacity(total);
+            for (id, past) in &found {
+                learned.push(*id);
+                learned.extend_from_slice(past);
+            }
+            learned.sort_unstable();
+            learned.dedup();
+            learned
+        }
     }
 
     fn note(&mut self, node: u32, state: &Item, learned: &[u32], now: u64) {

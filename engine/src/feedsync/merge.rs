@@ -103,8 +103,8 @@ pub fn merged(local: &Item, incoming: &Item) -> Option<Item> {
         }
     }
     // Twins (two different versions that subsume each other: a reused sequence number) both stay.
-    let dropped = |x: &Version| all.iter().any(|y| **y != *x && x.subsumed_by(y) && !y.subsumed_by(x));
-    let mut m: Vec<&Version> = all.iter().copied().filter(|x| !dropped(x)).collect();
+    let dropped = dominated(&all);
+    let mut m: Vec<&Version> = all.iter().zip(&dropped).filter(|(_, &d)| !d).map(|(x, _)| *x).collect();
     // M is non-empty: a version is only dropped for a non-twin subsumer, and the best version by
     // the winner rule among all of them cannot be dropped by both... but be total regardless.
     debug_assert!(!m.is_empty());
@@ -125,6 +125,58 @@ pub fn merged(local: &Item, incoming: &Item) -> Option<Item> {
     };
     let merged = Item { version: winner, conflicts };
     (merged != *local).then_some(merged)
+}
+
+/// For each version of `all`, whether another version of `all` subsumes it without being its twin
+/// or equal to it (what merge steps 3 and 4 drop, and what an item may not hold).
+///
+/// The pairwise test is quadratic in versions times a history scan, and a hot item holds one
+/// version per endpoint that wrote it concurrently, each with a history of about as many entries.
+/// So the candidates are found through an index of each endpoint's newest sequence per version:
+/// the work is the item's entries plus, per version, the few versions that hold its topmost
+/// endpoint at or past its sequence. Bounded by the item's bytes (`ITEM_ENCODED_MAX`).
+pub(crate) fn dominated(all: &[&Version]) -> Vec<bool> {
+    use std::collections::BTreeMap;
+    // Endpoints by (unkeyed hash, name): the hash makes most lookups integer compares, the name
+    // keeps crafted collisions apart. Few per item (one per writer), so a B-tree of them is small.
+    let key = |by: &str| {
+        by.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    };
+    let mut endpoints: BTreeMap<(u64, &str), usize> = BTreeMap::new();
+    // Per endpoint: (version index, its newest sequence there), in version order.
+    let mut newest: Vec<Vec<(usize, u32)>> = Vec::new();
+    for (j, y) in all.iter().enumerate() {
+        for entry in y.history.iter() {
+            let Some(by) = &entry.by else { continue };
+            let next = newest.len();
+            let e = *endpoints.entry((key(by.as_str()), by.as_str())).or_insert(next);
+            if e == next {
+                newest.push(Vec::new());
+            }
+            match newest[e].last_mut() {
+                Some(last) if last.0 == j => last.1 = last.1.max(entry.sequence),
+                _ => newest[e].push((j, entry.sequence)),
+            }
+        }
+    }
+    let subsumes_not_twin = |x: &Version, y: &Version| *y != *x && !y.subsumed_by(x);
+    all.iter()
+        .enumerate()
+        .map(|(i, x)| {
+            let top = x.topmost();
+            match &top.by {
+                // Entries without `by` are subsumed only by an equal sequence and instant: scan.
+                None => {
+                    all.iter().enumerate().any(|(j, y)| j != i && x.subsumed_by(y) && subsumes_not_twin(x, y))
+                }
+                Some(by) => endpoints.get(&(key(by.as_str()), by.as_str())).is_some_and(|&e| {
+                    newest[e].iter().any(|&(j, sequence)| {
+                        j != i && sequence >= top.sequence && subsumes_not_twin(x, all[j])
+                    })
+                }),
+            }
+        })
+        .collect()
 }
 
 /// The conflicts an item with winner `winner` keeps of `losers` (best first): the longest prefix
@@ -190,5 +242,58 @@ pub fn merge_one(local: &mut Feed, incoming: &Item, stats: &mut MergeStats) {
                 stats.changed += 1;
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::feedsync::model::{Content, Endpoint, HistoryEntry, ItemId, When};
+
+    fn version(history: &[(u32, Option<u8>, u8)]) -> Version {
+        let history: Vec<HistoryEntry> = history
+            .iter()
+            .map(|&(sequence, by, when)| HistoryEntry {
+                sequence,
+                when: Some(When::from_unix_secs(i64::from(when)).unwrap()),
+                by: by.map(|b| Endpoint::new(&format!("e{b}")).unwrap()),
+            })
+            .collect();
+        Version {
+            id: ItemId::new("x").unwrap(),
+            updates: history[0].sequence,
+            deleted: false,
+            noconflicts: false,
+            history: Arc::from(history),
+            content: Arc::new(Content::empty()),
+            signature: None,
+        }
+    }
+
+    proptest! {
+        /// The index finds exactly what the pairwise test of merge steps 3 and 4 finds, twins,
+        /// entries without `by` and repeated endpoints included.
+        #[test]
+        fn the_index_drops_what_the_pairwise_test_drops(
+            versions in proptest::collection::vec(
+                proptest::collection::vec((1u32..6, proptest::option::weighted(0.8, 0u8..4), 0u8..3), 1..6),
+                1..12,
+            )
+        ) {
+            let versions: Vec<Version> = versions.iter().map(|h| version(h)).collect();
+            let all: Vec<&Version> = versions.iter().collect();
+            let pairwise: Vec<bool> = all
+                .iter()
+                .enumerate()
+                .map(|(i, x)| {
+                    all.iter().enumerate().any(|(j, y)| j != i && **y != **x && x.subsumed_by(y) && !y.subsumed_by(x))
+                })
+                .collect();
+            prop_assert_eq!(dominated(&all), pairwise);
+        }
     }
 }
