@@ -50,9 +50,21 @@ impl RelayProcess {
     /// Starts `feedmesh-relay` on loopback ports, with a fresh data directory and its default
     /// limits, and reads the addresses it prints.
     pub fn spawn(bin: &Path) -> anyhow::Result<Self> {
+        Self::spawn_with(bin, None)
+    }
+
+    /// [`RelayProcess::spawn`] with a relay config file of this TOML text (e.g. a `[limits]`
+    /// table), written into the data directory and passed as `--config`.
+    pub fn spawn_with(bin: &Path, config: Option<&str>) -> anyhow::Result<Self> {
         use std::io::{BufRead, BufReader};
         let data = tempfile::tempdir()?;
-        let mut child = Command::new(bin)
+        let mut command = Command::new(bin);
+        if let Some(text) = config {
+            let path = data.path().join("relay.toml");
+            std::fs::write(&path, text)?;
+            command.arg("--config").arg(path);
+        }
+        let mut child = command
             .arg("--data-dir")
             .arg(data.path())
             .args(["--http", "127.0.0.1:0", "--relay", "127.0.0.1:0", "--quic", "127.0.0.1:0"])

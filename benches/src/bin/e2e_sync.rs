@@ -772,7 +772,15 @@ async fn idle_device(
 
 async fn idle_devices(n: usize, relay_bin: Option<&Path>) -> anyhow::Result<Value> {
     let bin = relay_bin_of(relay_bin)?;
-    let relay = RelayProcess::spawn(&bin)?;
+    // Every device connects from 127.0.0.1: the per-address handshake gate (10/s, burst 50, for
+    // a public relay) would refuse all but the first few dozen, so it is raised to let N through
+    // in a burst. Nothing else about the relay differs from its defaults.
+    let config = format!(
+        "[limits]\nquic_handshakes_per_second = {rate}\nquic_handshake_burst = {burst}\n",
+        rate = 1000,
+        burst = n + 64
+    );
+    let relay = RelayProcess::spawn_with(&bin, Some(&config))?;
     let pid = relay.pid();
     println!("feedmesh-relay (pid {pid}) up: {} (cloud {:?})", relay.relay_url, relay.cloud_udp);
     let rss_start = settled_rss(pid, Duration::from_secs(2)).await?;
@@ -877,7 +885,7 @@ async fn idle_devices(n: usize, relay_bin: Option<&Path>) -> anyhow::Result<Valu
         "relay_bytes_per_device_with_directory": per_device_with_directory.round(),
         "device_side_bytes_per_endpoint": device_side.round(),
         "definitions": {
-            "setup": "feedmesh-relay runs as its own process on loopback; N users are registered (each device the first device of its own user, one Request::Directory batch); then each device binds an iroh endpoint (UDP on 127.0.0.1, the relay as home relay, connected to it), connects to the cloud endpoint over UDP and sends Request::Announce; then nothing but keep-alives",
+            "setup": "feedmesh-relay runs as its own process on loopback, its default limits but the per-address QUIC handshake gate (quic_handshakes_per_second 1000, quic_handshake_burst N + 64: every device connects from 127.0.0.1); N users are registered (each device the first device of its own user, one Request::Directory batch); then each device binds an iroh endpoint (UDP on 127.0.0.1, the relay as home relay, connected to it), connects to the cloud endpoint over UDP and sends Request::Announce; then nothing but keep-alives",
             "relay_rss_bytes": "VmRSS of the relay process: the smallest of five readings one second apart, after 2 s (start), 3 s (users registered) and 10 s (devices connected) of settling",
             "relay_bytes_per_connected_device": "(devices_connected - users_registered) / connected: one QUIC connection to the cloud endpoint, one relay-server client, one address-book entry and the per-connection tasks",
             "relay_bytes_per_device_with_directory": "(devices_connected - start) / connected: the above plus the device's user in the directory",
