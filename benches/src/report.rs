@@ -371,6 +371,44 @@ pub fn to_json<T: Serialize>(value: &T) -> String {
     text
 }
 
+/// The workspace root: this crate's parent directory.
+pub fn workspace_dir() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// `HEAD` of the workspace, `-dirty` if `engine/` or `benches/` differ from it. Read-only git
+/// commands (`rev-parse`, `diff-index`), which never write the index.
+pub fn commit() -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git").arg("-C").arg(workspace_dir()).args(args).output().ok()
+    };
+    let Some(head) = git(&["rev-parse", "HEAD"]).filter(|out| out.status.success()) else {
+        return "unknown".to_string();
+    };
+    let mut commit = String::from_utf8_lossy(&head.stdout).trim().to_string();
+    let clean = git(&["diff-index", "--quiet", "HEAD", "--", "engine", "benches"])
+        .is_some_and(|out| out.status.success());
+    if !clean {
+        commit.push_str("-dirty");
+    }
+    commit
+}
+
+/// CPU model from /proc/cpuinfo (Linux), the CPUs this process may use, and the commit.
+pub fn machine(conditions: &str) -> Machine {
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|line| {
+                line.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim().to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown".to_string());
+    let cpus = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
+    Machine { cpu_model, cpus, commit: commit(), conditions: conditions.to_string() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
