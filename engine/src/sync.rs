@@ -831,7 +831,9 @@ impl Session {
 
 /// Validates every item of a message before any is merged (all or nothing).
 fn decode_items(items: &[WireItem]) -> Result<Vec<Arc<Item>>, SyncError> {
-    items.iter().map(|w| wire::from_wire(w).map(Arc::new).map_err(SyncError::from)).collect()
+    // One message's items share their endpoints and scopes (mostly one folder, few writers).
+    let mut shared = wire::Interner::default();
+    items.iter().map(|w| wire::from_wire_in(w, &mut shared).map(Arc::new).map_err(SyncError::from)).collect()
 }
 
 fn wire_cursor(c: Cursor) -> WireCursor {

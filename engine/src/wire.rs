@@ -344,7 +344,45 @@ pub fn to_wire(item: &Item) -> WireItem {
     }
 }
 
-fn from_wire_version(w: &WireVersion) -> Result<Version, String> {
+/// What many decoded items repeat, decoded once and shared: the endpoints that wrote them (one
+/// per device, named in every history entry) and their namespace scopes (usually one per folder).
+/// Sharing saves an allocation per entry and per item, and makes endpoint comparisons pointer
+/// comparisons. Bounded: past [`Interner::ENDPOINTS_MAX`] endpoints or
+/// [`Interner::SCOPES_MAX`] scopes, new ones are decoded unshared.
+#[derive(Debug, Default)]
+pub struct Interner {
+    endpoints: std::collections::BTreeMap<Box<str>, Endpoint>,
+    scopes: Vec<Arc<NsScope>>,
+}
+
+impl Interner {
+    pub const ENDPOINTS_MAX: usize = 4096;
+    pub const SCOPES_MAX: usize = 8;
+
+    fn endpoint(&mut self, text: &str) -> Result<Endpoint, String> {
+        if let Some(endpoint) = self.endpoints.get(text) {
+            return Ok(endpoint.clone());
+        }
+        let endpoint = Endpoint::new(text).map_err(|e| e.to_string())?;
+        if self.endpoints.len() < Self::ENDPOINTS_MAX {
+            self.endpoints.insert(text.into(), endpoint.clone());
+        }
+        Ok(endpoint)
+    }
+
+    fn scope(&mut self, bindings: Vec<(Box<str>, Box<str>)>) -> Arc<NsScope> {
+        if let Some(scope) = self.scopes.iter().find(|s| s.bindings == bindings) {
+            return scope.clone();
+        }
+        let scope = Arc::new(NsScope { bindings });
+        if self.scopes.len() < Self::SCOPES_MAX {
+            self.scopes.push(scope.clone());
+        }
+        scope
+    }
+}
+
+fn from_wire_version(w: &WireVersion, shared: &mut Interner) -> Result<Version, String> {
     let id = ItemId::new(&w.id).map_err(|e| e.to_string())?;
     if w.flags > 3 {
         return Err(format!("unknown flags {}", w.flags));
@@ -360,7 +398,7 @@ fn from_wire_version(w: &WireVersion) -> Result<Version, String> {
         };
         let by = match &h.by {
             None => None,
-            Some(b) => Some(Endpoint::new(b).map_err(|e| e.to_string())?),
+            Some(b) => Some(shared.endpoint(b)?),
         };
         history.push(HistoryEntry { sequence: h.sequence, when, by });
     }
@@ -384,7 +422,7 @@ fn from_wire_version(w: &WireVersion) -> Result<Version, String> {
         content: Arc::new(Content {
             attrs: w.attrs.as_str().into(),
             inner: w.inner.as_str().into(),
-            scope: Arc::new(NsScope { bindings }),
+            scope: shared.scope(bindings),
         }),
         signature,
     };
@@ -395,7 +433,12 @@ fn from_wire_version(w: &WireVersion) -> Result<Version, String> {
 
 /// A received item, checked: valid ids, endpoints and times, and every item invariant.
 pub fn from_wire(w: &WireItem) -> Result<Item, WireError> {
-    let item = from_wire_structure(w)?;
+    from_wire_in(w, &mut Interner::default())
+}
+
+/// [`from_wire`], sharing endpoints and scopes with the other items decoded through `shared`.
+pub fn from_wire_in(w: &WireItem, shared: &mut Interner) -> Result<Item, WireError> {
+    let item = from_wire_structure_in(w, shared)?;
     item.check_invariants().map_err(|e| WireError::Item(e.to_string()))?;
     Ok(item)
 }
@@ -404,7 +447,12 @@ pub fn from_wire(w: &WireItem) -> Result<Item, WireError> {
 /// (content included) before it was stored: everything but the content check, which is most of
 /// the cost of loading a large store. Never for bytes from a peer.
 pub fn from_own_store(w: &WireItem) -> Result<Item, WireError> {
-    let item = from_wire_structure(w)?;
+    from_own_store_in(w, &mut Interner::default())
+}
+
+/// [`from_own_store`], sharing endpoints and scopes with the other items decoded through `shared`.
+pub fn from_own_store_in(w: &WireItem, shared: &mut Interner) -> Result<Item, WireError> {
+    let item = from_wire_structure_in(w, shared)?;
     item.check_structure().map_err(|e| WireError::Item(e.to_string()))?;
     Ok(item)
 }
@@ -414,12 +462,20 @@ pub fn from_own_store(w: &WireItem) -> Result<Item, WireError> {
 /// signatures of a message ahead of the session that will take it (`transport::preverify`),
 /// which decodes it again with [`from_wire`]. Nothing decoded this way may be merged.
 pub fn from_wire_structure(w: &WireItem) -> Result<Item, WireError> {
+    from_wire_structure_in(w, &mut Interner::default())
+}
+
+fn from_wire_structure_in(w: &WireItem, shared: &mut Interner) -> Result<Item, WireError> {
     if w.conflicts.len() > feedsync::limits::CONFLICTS_PER_ITEM_MAX {
         return Err(WireError::Item("too many conflicts".into()));
     }
-    let version = from_wire_version(&w.version).map_err(WireError::Item)?;
-    let conflicts =
-        w.conflicts.iter().map(from_wire_version).collect::<Result<Vec<_>, _>>().map_err(WireError::Item)?;
+    let version = from_wire_version(&w.version, shared).map_err(WireError::Item)?;
+    let conflicts = w
+        .conflicts
+        .iter()
+        .map(|c| from_wire_version(c, shared))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(WireError::Item)?;
     Ok(Item { version, conflicts })
 }
 
@@ -446,6 +502,41 @@ mod tests {
         };
         assert_eq!(decode(&encode(&message), 1 << 20).unwrap(), message);
         assert_eq!(peek(&encode(&message)), Some((7, 3, "Items")));
+    }
+
+    #[test]
+    fn items_decoded_together_share_endpoints_and_scopes() {
+        let mut feed = feedsync::Feed::new(feedsync::Dialect::Atom);
+        let by = Endpoint::new("me").unwrap();
+        let when = When::from_unix_secs(1_000).unwrap();
+        for id in ["a", "b"] {
+            feed.change(&ItemId::new(id).unwrap(), &by, &when, &feedsync::Edit::default()).unwrap();
+        }
+        let wires: Vec<WireItem> = feed.items().map(to_wire).collect();
+        let mut shared = Interner::default();
+        let items: Vec<Item> = wires.iter().map(|w| from_wire_in(w, &mut shared).unwrap()).collect();
+        let by_of = |i: &Item| i.version.history[0].by.clone().unwrap();
+        assert!(std::ptr::eq(by_of(&items[0]).as_str().as_ptr(), by_of(&items[1]).as_str().as_ptr()));
+        assert!(Arc::ptr_eq(&items[0].version.content.scope, &items[1].version.content.scope));
+        // Decoded apart, they are equal but not shared; either way they equal the originals.
+        let apart = from_wire(&wires[1]).unwrap();
+        assert!(!std::ptr::eq(by_of(&items[0]).as_str().as_ptr(), by_of(&apart).as_str().as_ptr()));
+        assert_eq!(apart, items[1]);
+        assert_eq!(feed.items().cloned().collect::<Vec<_>>(), items);
+    }
+
+    #[test]
+    fn the_interner_stays_within_its_bounds() {
+        let mut shared = Interner::default();
+        for i in 0..Interner::ENDPOINTS_MAX + 10 {
+            shared.endpoint(&format!("e{i}")).unwrap();
+        }
+        assert_eq!(shared.endpoints.len(), Interner::ENDPOINTS_MAX);
+        for i in 0..Interner::SCOPES_MAX + 3 {
+            shared.scope(vec![(format!("p{i}").into(), "u".into())]);
+        }
+        assert_eq!(shared.scopes.len(), Interner::SCOPES_MAX);
+        assert!(shared.endpoint(&"x".repeat(feedsync::limits::BY_BYTES_MAX + 1)).is_err());
     }
 
     #[test]

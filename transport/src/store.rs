@@ -635,9 +635,10 @@ mod tests {
 /// Stored rows to items ([`Store::load_items`]).
 fn decode_rows(rows: &[Vec<u8>]) -> Result<Vec<Item>, StoreError> {
     let mut out = Vec::with_capacity(rows.len());
+    let mut shared = engine::wire::Interner::default();
     for row in rows {
         let wire: WireItem = stored::decode_wire(row).map_err(StoreError::Item)?;
-        match engine::wire::from_own_store(&wire) {
+        match engine::wire::from_own_store_in(&wire, &mut shared) {
             Ok(item) => out.push(item),
             Err(_) => out.push(fit_stored(wire).ok_or(StoreError::Corrupt("item"))?),
         }
