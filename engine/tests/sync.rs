@@ -160,6 +160,27 @@ fn one_difference_in_a_large_set_is_cheap() {
     assert!(total <= 2_000, "{total} bytes");
 }
 
+/// A new device (nothing held) learns everything without reconciliation: the responder sends its
+/// items at once, chunked, with no `More` rounds and only the Hello's symbols.
+#[test]
+fn an_empty_initiator_gets_everything_without_reconciling() {
+    let n = 5_000;
+    let (mut a, mut b) = pair(0, 0, n, 0);
+    assert_eq!(a.len(), 0);
+    let cfg = Config { max_message_bytes: 64 * 1024, ..Config::default() };
+    let r = run(&mut a, &mut b, Retained::default(), CLEAN, 1, cfg.clone());
+    assert!(matches!(r.a_outcome, Outcome::Done { .. }), "{:?}", r.a_outcome);
+    assert_eq!(a.digest(), b.digest());
+    assert_eq!(r.b.items_sent, n as u64);
+    assert_eq!(r.a.symbols_sent, cfg.initial_symbols, "no symbols past the Hello's");
+    // One message per chunk each way, plus Hello and Done.
+    let chunks = r.b.payload_bytes_sent.div_ceil(cfg.max_message_bytes as u64 - 256);
+    assert!(round_trips(&r) <= chunks + 2, "{} round trips for {chunks} chunks", round_trips(&r));
+    // A second session from the filled replica reconciles as before (equal digests: Done at once).
+    let again = run(&mut a, &mut b, Retained::default(), CLEAN, 2, Config::default());
+    assert_eq!(round_trips(&again), 1);
+}
+
 /// With retained cursors: one round trip, and at most 64 B + 8 B per changed item beyond the payload.
 #[test]
 fn retained_cursors_take_one_round_trip() {
