@@ -152,6 +152,7 @@ pub(crate) struct Sessions<P: Peer> {
     /// Every session's deadline, so the earliest is found without visiting every session (a
     /// cloud runs thousands at once). Kept only once the table has held more than
     /// [`INDEX_FROM`] sessions; a device's handful are scanned (and its table pays one word).
+    #[allow(clippy::box_collection)] // Boxed on purpose: it keeps `Device` in a smaller size class.
     deadlines: Option<Box<std::collections::BTreeSet<(Micros, P, u64)>>>,
     /// The session this side started with each (peer, folder), while it runs.
     outgoing: Vec<((P, FolderId), u64)>,

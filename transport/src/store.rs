@@ -515,6 +515,40 @@ impl Store {
     }
 }
 
+/// An item stored before items were bounded to fit a sync message
+/// ([`engine::feedsync::limits::ITEM_ENCODED_MAX`]): it keeps the best conflicts that fit, as a
+/// merge would. `None` if it is invalid otherwise, or its winner alone is too large.
+/// Stored rows to items ([`Store::load_items`]).
+fn decode_rows(rows: &[Vec<u8>]) -> Result<Vec<Item>, StoreError> {
+    let mut out = Vec::with_capacity(rows.len());
+    let mut shared = engine::wire::Interner::default();
+    for row in rows {
+        let wire: WireItem = stored::decode_wire(row).map_err(StoreError::Item)?;
+        match engine::wire::from_own_store_in(&wire, &mut shared) {
+            Ok(item) => out.push(item),
+            Err(_) => out.push(fit_stored(wire).ok_or(StoreError::Corrupt("item"))?),
+        }
+    }
+    Ok(out)
+}
+
+fn fit_stored(mut wire: WireItem) -> Option<engine::feedsync::Item> {
+    let winner_only = WireItem { version: wire.version.clone(), conflicts: Vec::new() };
+    let winner = from_wire(&winner_only).ok()?;
+    wire.conflicts.truncate(engine::feedsync::limits::CONFLICTS_PER_ITEM_MAX);
+    let conflicts: Vec<_> = wire
+        .conflicts
+        .iter()
+        .map(|c| from_wire(&WireItem { version: c.clone(), conflicts: Vec::new() }).map(|i| i.version))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let conflicts = engine::feedsync::merge::fit_conflicts(&winner.version, conflicts.iter());
+    let item = engine::feedsync::Item { version: winner.version, conflicts };
+    item.check_invariants().ok()?;
+    tracing::warn!(id = %item.id(), "a stored item was over the size limit; kept the conflicts that fit");
+    Some(item)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -627,38 +661,4 @@ mod tests {
         let _first = Store::open(&path, "node").unwrap();
         assert!(matches!(Store::open(&path, "node"), Err(StoreError::Locked)));
     }
-}
-
-/// An item stored before items were bounded to fit a sync message
-/// ([`engine::feedsync::limits::ITEM_ENCODED_MAX`]): it keeps the best conflicts that fit, as a
-/// merge would. `None` if it is invalid otherwise, or its winner alone is too large.
-/// Stored rows to items ([`Store::load_items`]).
-fn decode_rows(rows: &[Vec<u8>]) -> Result<Vec<Item>, StoreError> {
-    let mut out = Vec::with_capacity(rows.len());
-    let mut shared = engine::wire::Interner::default();
-    for row in rows {
-        let wire: WireItem = stored::decode_wire(row).map_err(StoreError::Item)?;
-        match engine::wire::from_own_store_in(&wire, &mut shared) {
-            Ok(item) => out.push(item),
-            Err(_) => out.push(fit_stored(wire).ok_or(StoreError::Corrupt("item"))?),
-        }
-    }
-    Ok(out)
-}
-
-fn fit_stored(mut wire: WireItem) -> Option<engine::feedsync::Item> {
-    let winner_only = WireItem { version: wire.version.clone(), conflicts: Vec::new() };
-    let winner = from_wire(&winner_only).ok()?;
-    wire.conflicts.truncate(engine::feedsync::limits::CONFLICTS_PER_ITEM_MAX);
-    let conflicts: Vec<_> = wire
-        .conflicts
-        .iter()
-        .map(|c| from_wire(&WireItem { version: c.clone(), conflicts: Vec::new() }).map(|i| i.version))
-        .collect::<Result<_, _>>()
-        .ok()?;
-    let conflicts = engine::feedsync::merge::fit_conflicts(&winner.version, conflicts.iter());
-    let item = engine::feedsync::Item { version: winner.version, conflicts };
-    item.check_invariants().ok()?;
-    tracing::warn!(id = %item.id(), "a stored item was over the size limit; kept the conflicts that fit");
-    Some(item)
 }
