@@ -137,16 +137,13 @@ pub fn merged(local: &Item, incoming: &Item) -> Option<Item> {
 /// endpoint at or past its sequence. Bounded by the item's bytes (`ITEM_ENCODED_MAX`).
 pub(crate) fn dominated(all: &[&Version]) -> Vec<bool> {
     let subsumes_not_twin = |x: &Version, y: &Version| *y != *x && !y.subsumed_by(x);
+    let pairwise = |i: usize, x: &Version| {
+        all.iter().enumerate().any(|(j, y)| j != i && x.subsumed_by(y) && subsumes_not_twin(x, y))
+    };
     // The usual item has a version or two: pairwise costs less than building the index.
     const PAIRWISE_MAX: usize = 8;
     if all.len() <= PAIRWISE_MAX {
-        return all
-            .iter()
-            .enumerate()
-            .map(|(i, x)| {
-                all.iter().enumerate().any(|(j, y)| j != i && x.subsumed_by(y) && subsumes_not_twin(x, y))
-            })
-            .collect();
+        return all.iter().enumerate().map(|(i, x)| pairwise(i, x)).collect();
     }
     use std::collections::BTreeMap;
     // Endpoints by (unkeyed hash, name): the hash makes most lookups integer compares, the name
@@ -177,9 +174,7 @@ pub(crate) fn dominated(all: &[&Version]) -> Vec<bool> {
             let top = x.topmost();
             match &top.by {
                 // Entries without `by` are subsumed only by an equal sequence and instant: scan.
-                None => {
-                    all.iter().enumerate().any(|(j, y)| j != i && x.subsumed_by(y) && subsumes_not_twin(x, y))
-                }
+                None => pairwise(i, x),
                 Some(by) => endpoints.get(&(key(by.as_str()), by.as_str())).is_some_and(|&e| {
                     newest[e].iter().any(|&(j, sequence)| {
                         j != i && sequence >= top.sequence && subsumes_not_twin(x, all[j])
