@@ -558,6 +558,11 @@ impl Session {
                     // known without decoding symbols (with 10^5 items that is about 1.4 * 10^5
                     // symbols and a dozen round trips). A peer that says 0 but holds items only
                     // gets ours now and sends its own in a later session.
+                    // What is served is the log as of now: `Done` must not report a later
+                    // position, or the initiator's cursor would pass changes merged from other
+                    // sessions meanwhile that it never got (found by the swarm, seed 89).
+                    self.served_log = Some(replica.cursor());
+                    self.changed_at_serve = self.stats.items_changed;
                     let ids: Vec<crate::feedsync::ItemId> =
                         replica.log_since(Seq(0)).map(|c| c.item.id().clone()).collect();
                     self.send_diff(now, replica, Vec::new(), ids)?;

@@ -181,6 +181,36 @@ fn an_empty_initiator_gets_everything_without_reconciling() {
     assert_eq!(round_trips(&again), 1);
 }
 
+/// A change the responder merges from elsewhere while it serves an empty initiator everything is
+/// not passed by the cursor the initiator keeps: its next incremental session gets it. (The swarm
+/// found the fast path reporting the responder's log as of `Done`, seed 89.)
+#[test]
+fn a_change_made_while_an_empty_initiator_is_served_reaches_it_next_time() {
+    let (mut a, mut b) = pair(0, 0, 3, 0);
+    let cfg = Config::default();
+    let mut sa = Session::initiate(9, 0, &a, cfg.clone(), Retained::default());
+    let mut sb = Session::respond(9, &b, cfg.clone());
+    let hello = sa.poll_transmit().expect("a Hello");
+    sb.handle_message(1, &mut b, &hello).unwrap();
+    let diff = sb.poll_transmit().expect("everything, at once");
+    // Meanwhile another peer's change reaches the responder.
+    let other = Endpoint::new("other").unwrap();
+    let t = When::from_unix_secs(1_700_000_000).unwrap();
+    b.change(&ItemId::new("late").unwrap(), &other, &t, &content("late")).unwrap();
+    sa.handle_message(2, &mut a, &diff).unwrap();
+    while let Some(m) = sa.poll_transmit() {
+        sb.handle_message(3, &mut b, &m).unwrap();
+        while let Some(reply) = sb.poll_transmit() {
+            sa.handle_message(4, &mut a, &reply).unwrap();
+        }
+    }
+    let Outcome::Done { retained, .. } = sa.outcome().clone() else { panic!("{:?}", sa.outcome()) };
+    assert!(a.item(&ItemId::new("late").unwrap()).is_none(), "the late change came after the Diff");
+    let r = run(&mut a, &mut b, retained, CLEAN, 3, cfg);
+    assert!(matches!(r.a_outcome, Outcome::Done { .. }), "{:?}", r.a_outcome);
+    assert_eq!(a.digest(), b.digest(), "the next session brings the late change");
+}
+
 /// With retained cursors: one round trip, and at most 64 B + 8 B per changed item beyond the payload.
 #[test]
 fn retained_cursors_take_one_round_trip() {
