@@ -574,6 +574,14 @@ impl<P: Peer> Cloud<P> {
         if self.dir.user_of(&device).is_some() {
             return Response::Refused(ControlError::AlreadyActive);
         }
+        // A retransmitted request (its answer was lost or late) gets the same pairing: a new id
+        // would orphan the one the device already took from the first answer, and it would ask
+        // about it forever (found by the swarm, seed 295).
+        if let Some(p) =
+            self.pairings.values().find(|p| p.device == device && p.user == user && p.commitment == commitment)
+        {
+            return Response::PairId { id: p.id };
+        }
         self.pairings.retain(|_, p| p.device != device);
         if self.pairings.values().filter(|p| p.user == user).count() >= self.limits.pairings_per_user {
             return Response::Refused(ControlError::TooManyPairings);

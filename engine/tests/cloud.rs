@@ -217,3 +217,32 @@ fn pending_pairings_are_bounded_per_user_and_in_all() {
     assert_eq!(cloud.pairings().count(), 3);
     cloud.check_invariants().unwrap();
 }
+
+/// A retransmitted pairing request (its answer lost or late) gets the pairing it made, not a new
+/// one that orphans the id the device took from the first answer (found by the swarm, seed 295:
+/// the new device asked about the orphaned id forever and never joined). A request with a new
+/// commitment replaces the old pairing.
+#[test]
+fn a_repeated_pairing_request_gets_the_same_pairing() {
+    let mut w = world();
+    let alice = UserId::of_first_device(id(&w.a1));
+    let new = key(7);
+    let commitment = pairing_commitment(&id(&new), &[2u8; 32]);
+    let Response::PairId { id: first } = w.cloud.handle_pair_request(id(&new), alice, commitment) else {
+        panic!("no pairing id")
+    };
+    drain_notices(&mut w.cloud);
+    assert_eq!(w.cloud.handle_pair_request(id(&new), alice, commitment), Response::PairId { id: first });
+    assert!(drain_notices(&mut w.cloud).is_empty(), "no second notice for the same pairing");
+    assert!(matches!(
+        w.cloud.handle_request(T0, id(&new), Request::PairStatus { id: first }),
+        Response::PairStatus(_)
+    ));
+    let again = pairing_commitment(&id(&new), &[3u8; 32]);
+    let Response::PairId { id: second } = w.cloud.handle_pair_request(id(&new), alice, again) else {
+        panic!("no pairing id")
+    };
+    assert_ne!(second, first);
+    assert_eq!(w.cloud.pairings().count(), 1, "the new request replaced the old");
+    w.cloud.check_invariants().unwrap();
+}
