@@ -57,6 +57,20 @@ pub struct Config {
     /// Threads that verify a signed message's items (1: on the caller's thread). Results do not
     /// depend on it; a driver on a multi-core machine raises it, the simulator keeps 1.
     pub verify_threads: usize,
+    /// Deliberately wrong behaviour, for showing that the simulator's swarm finds a bug and
+    /// shrinks it (`netsim/tests/swarm.rs`). No driver sets it; `None` by default.
+    #[doc(hidden)]
+    pub planted_bug: Option<PlantedBug>,
+}
+
+/// A bug the simulator's swarm test plants on purpose (see [`Config::planted_bug`]).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlantedBug {
+    /// A responder serving an initiator's cursor skips the first change after it: the
+    /// initiator's cursor then passes a change it never got.
+    CursorSkipsOneChange,
 }
 
 impl Default for Config {
@@ -71,6 +85,7 @@ impl Default for Config {
             linger_us: 60_000_000,
             linger_after_hello: true,
             verify_threads: 1,
+            planted_bug: None,
         }
     }
 }
@@ -541,7 +556,8 @@ impl Session {
                     self.awaiting_items = !self.want.is_empty();
                     self.pushed.extend(announced);
                     self.pushed.sort_unstable();
-                    for change in replica.log_since(since.seq) {
+                    let skip = usize::from(self.cfg.planted_bug == Some(PlantedBug::CursorSkipsOneChange));
+                    for change in replica.log_since(since.seq).skip(skip) {
                         if self.pushed.binary_search(&change.fp).is_err() {
                             self.outbox.push_back(change.item.id().clone());
                         }

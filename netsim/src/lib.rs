@@ -13,6 +13,7 @@ pub mod scenario;
 pub mod shrink;
 pub mod sim;
 pub mod stream;
+pub mod swarm;
 pub mod sweep;
 pub mod topology;
 

@@ -91,6 +91,30 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// Swarm testing: each seed draws a whole scenario at random (see "Swarm testing" in
+    /// netsim/README.md), runs it and demands convergence, no lost write and every invariant. A
+    /// failing seed is shrunk and written to --out as a scenario file with the command that
+    /// replays it. Exit 0 when every seed passes, 1 when one fails, 2 on bad usage.
+    Swarm {
+        /// How many seeds to run.
+        #[arg(long, default_value_t = 100)]
+        seeds: u64,
+        /// The first seed (seeds `first..first + seeds` run).
+        #[arg(long, default_value_t = 0)]
+        first: u64,
+        /// Simulations run at once (default: the available cores).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Directory for swarm.json and the scenarios of failing seeds.
+        #[arg(long, default_value = "swarm-out")]
+        out: PathBuf,
+        /// At most this many simulations to shrink each failure (0: do not shrink).
+        #[arg(long, default_value_t = 200)]
+        shrink_runs: usize,
+        /// Plant a bug in every node, to see the swarm find it: `cursor-skips-one-change`.
+        #[arg(long)]
+        plant: Option<String>,
+    },
     /// Shrink a failing scenario and seed: reduce devices, faults, writes and duration while the
     /// same check keeps failing, then print the smallest failing scenario.
     Shrink {
@@ -120,6 +144,9 @@ fn main() -> ExitCode {
             bench(&nodes, events, &engine_nodes, engine_secs, &engine_writes, json)
         }
         Command::Sweep { grid, jobs, out, quick } => sweep(&grid, jobs, &out, quick),
+        Command::Swarm { seeds, first, jobs, out, shrink_runs, plant } => {
+            swarm(seeds, first, jobs, &out, shrink_runs, plant.as_deref())
+        }
         Command::Shrink { scenario, seed, out, max_runs } => {
             shrink(&scenario, seed, out.as_deref(), max_runs)
         }
@@ -592,6 +619,23 @@ fn print_cells(plan: &netsim::sweep::Plan, rows: &[netsim::sweep::Row]) {
     }
 }
 
+/// One line per shrink attempt, on stderr.
+fn print_attempt(a: &netsim::shrink::Attempt<'_>, started: &Instant) {
+    use netsim::shrink;
+    let outcome = match (a.failure, a.kept) {
+        (None, _) => "passes".to_string(),
+        (Some(f), true) => format!("fails ({}): kept", shrink::failure_kind(f)),
+        (Some(f), false) => format!("fails ({}): not kept", shrink::failure_kind(f)),
+    };
+    eprintln!(
+        "shrink: run {:>3} [{:>6} ms] {:<36} seed {:<20} {outcome}",
+        a.run,
+        started.elapsed().as_millis(),
+        a.change,
+        a.seed
+    );
+}
+
 fn shrink(path: &Path, seed: Option<u64>, out: Option<&Path>, max_runs: usize) -> ExitCode {
     use netsim::shrink;
     if max_runs == 0 {
@@ -604,43 +648,21 @@ fn shrink(path: &Path, seed: Option<u64>, out: Option<&Path>, max_runs: usize) -
     };
     let seed = seed.unwrap_or(scenario.seed);
     let started = Instant::now();
-    let mut observe = |a: &shrink::Attempt<'_>| {
-        let outcome = match (a.failure, a.kept) {
-            (None, _) => "passes".to_string(),
-            (Some(f), true) => format!("fails ({}): kept", shrink::failure_kind(f)),
-            (Some(f), false) => format!("fails another check ({}): not kept", shrink::failure_kind(f)),
-        };
-        eprintln!(
-            "shrink: run {:>3} [{:>6} ms] {:<36} seed {:<20} {outcome}",
-            a.run,
-            started.elapsed().as_millis(),
-            a.change,
-            a.seed
-        );
-    };
+    let mut observe = |a: &shrink::Attempt<'_>| print_attempt(a, &started);
     let Some(shrunk) = shrink::shrink_observed(&scenario, seed, shrink::simulate, max_runs, &mut observe)
     else {
         eprintln!("feedmesh-sim: {source} passes with seed {seed}: nothing to shrink");
         return ExitCode::from(1);
     };
-    let mut minimal = shrunk.scenario.clone();
-    minimal.seed = shrunk.seed;
     let target = out.map_or_else(|| "<this file>".to_string(), |p| p.display().to_string());
     let replay = format!("feedmesh-sim run {target} --seed {}", shrunk.seed);
-    let body = match toml::to_string(&minimal) {
-        Ok(body) => body,
+    let text = match shrink::replay_file(&shrunk, &source, seed, &target) {
+        Ok(text) => text,
         Err(e) => {
             eprintln!("feedmesh-sim: cannot write the shrunk scenario: {e}");
             return ExitCode::from(2);
         }
     };
-    let mut text =
-        format!("# Shrunk by feedmesh-sim shrink from {source}, seed {seed}, in {} runs", shrunk.runs);
-    text.push_str(if shrunk.minimal { ".\n" } else { " (the run budget ran out: not minimal).\n" });
-    text.push_str(&format!("# Fails: {}\n", shrunk.failure));
-    text.push_str(&format!("# Reductions: {}\n", shrunk.kept.join("; ")));
-    text.push_str(&format!("# Replay: {replay}\n"));
-    text.push_str(&body);
     match out {
         Some(p) => {
             if let Err(e) = std::fs::write(p, &text) {
@@ -652,12 +674,175 @@ fn shrink(path: &Path, seed: Option<u64>, out: Option<&Path>, max_runs: usize) -
     }
     eprintln!(
         "feedmesh-sim: shrunk to {} devices, seed {}, in {} runs ({}): {}",
-        minimal.devices,
-        minimal.seed,
+        shrunk.scenario.devices,
+        shrunk.seed,
         shrunk.runs,
         if shrunk.minimal { "minimal" } else { "budget ran out" },
         shrunk.failure
     );
     eprintln!("feedmesh-sim: replay with: {replay}");
     ExitCode::SUCCESS
+}
+
+fn swarm(
+    seeds: u64,
+    first: u64,
+    jobs: Option<usize>,
+    out: &Path,
+    shrink_runs: usize,
+    plant: Option<&str>,
+) -> ExitCode {
+    use netsim::swarm;
+    let plant = match plant.map(|p| toml::Value::String(p.to_string()).try_into::<engine::sync::PlantedBug>())
+    {
+        None => None,
+        Some(Ok(bug)) => Some(bug),
+        Some(Err(_)) => {
+            eprintln!("feedmesh-sim: --plant: unknown bug (known: cursor-skips-one-change)");
+            return ExitCode::from(2);
+        }
+    };
+    let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if jobs == 0 || seeds == 0 {
+        eprintln!("feedmesh-sim: --jobs and --seeds must be at least 1");
+        return ExitCode::from(2);
+    }
+    if let Err(e) = std::fs::create_dir_all(out) {
+        eprintln!("feedmesh-sim: {}: {e}", out.display());
+        return ExitCode::from(2);
+    }
+    eprintln!(
+        "feedmesh-sim: swarm: seeds {first}..{} on {jobs} threads{}",
+        first.saturating_add(seeds),
+        plant.map_or(String::new(), |b| format!(", bug planted: {b:?}"))
+    );
+    let started = Instant::now();
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(seeds);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {pos}/{len} seeds [{bar:40}] {elapsed} eta {eta} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let failed_so_far = std::sync::atomic::AtomicU64::new(0);
+    let runs = swarm::run_seeds(first, seeds, jobs, plant, &|run| {
+        if let Some(failure) = &run.report.failure {
+            let n = failed_so_far.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            let line = format!("seed {} fails: {failure}", run.seed);
+            match &bar {
+                Some(bar) => {
+                    bar.set_message(format!("{n} failed"));
+                    bar.println(line);
+                }
+                None => eprintln!("feedmesh-sim: {line}"),
+            }
+        }
+        if let Some(bar) = &bar {
+            bar.inc(1);
+        }
+    });
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let run_ms = started.elapsed().as_millis() as u64;
+    let summary = swarm::Summary::of(&runs);
+    summary.print();
+    let mut failures = Vec::new();
+    for run in runs.iter().filter(|r| r.report.failure.is_some()) {
+        let failure = run.report.failure.clone().unwrap_or_default();
+        let original = out.join(format!("swarm-{}-original.toml", run.seed));
+        let mut entry = serde_json::json!({
+            "seed": run.seed,
+            "failure": failure,
+            "devices": run.scenario.devices,
+            "original": original.display().to_string(),
+            "replay_original": format!("feedmesh-sim run {} --seed {}", original.display(), run.seed),
+        });
+        let text = match toml::to_string(&run.scenario) {
+            Ok(body) => format!(
+                "# Drawn by feedmesh-sim swarm, seed {}; fails: {failure}\n# Replay: feedmesh-sim run {} --seed {}\n{body}",
+                run.seed,
+                original.display(),
+                run.seed
+            ),
+            Err(e) => {
+                eprintln!("feedmesh-sim: cannot write seed {}'s scenario: {e}", run.seed);
+                return ExitCode::from(2);
+            }
+        };
+        if let Err(e) = std::fs::write(&original, text) {
+            eprintln!("feedmesh-sim: {}: {e}", original.display());
+            return ExitCode::from(2);
+        }
+        println!("seed {} fails: {failure}", run.seed);
+        println!("  replay: feedmesh-sim run {} --seed {}", original.display(), run.seed);
+        if shrink_runs > 0 {
+            eprintln!("feedmesh-sim: shrinking seed {} (at most {shrink_runs} runs)", run.seed);
+            let shrink_started = Instant::now();
+            let mut observe = |a: &netsim::shrink::Attempt<'_>| print_attempt(a, &shrink_started);
+            let source = format!("swarm seed {}", run.seed);
+            if let Some(shrunk) = netsim::shrink::shrink_observed(
+                &run.scenario,
+                run.seed,
+                netsim::shrink::simulate,
+                shrink_runs,
+                &mut observe,
+            ) {
+                let path = out.join(format!("swarm-{}.toml", run.seed));
+                let target = path.display().to_string();
+                match netsim::shrink::replay_file(&shrunk, &source, run.seed, &target)
+                    .map_err(|e| e.to_string())
+                    .and_then(|text| std::fs::write(&path, text).map_err(|e| e.to_string()))
+                {
+                    Ok(()) => {}
+                    Err(e) => {
+                        eprintln!("feedmesh-sim: {target}: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+                println!(
+                    "  shrunk to {} devices in {} runs ({}): {}",
+                    shrunk.scenario.devices,
+                    shrunk.runs,
+                    if shrunk.minimal { "minimal" } else { "budget ran out" },
+                    shrunk.failure
+                );
+                println!("  replay: feedmesh-sim run {target} --seed {}", shrunk.seed);
+                entry["shrunk"] = serde_json::json!({
+                    "file": target,
+                    "devices": shrunk.scenario.devices,
+                    "seed": shrunk.seed,
+                    "failure": shrunk.failure,
+                    "runs": shrunk.runs,
+                    "minimal": shrunk.minimal,
+                    "reductions": shrunk.kept,
+                    "replay": format!("feedmesh-sim run {target} --seed {}", shrunk.seed),
+                });
+            }
+        }
+        failures.push(entry);
+    }
+    let json = serde_json::json!({
+        "first": first,
+        "seeds": seeds,
+        "jobs": jobs,
+        "planted_bug": plant.map(|b| format!("{b:?}")),
+        "run_ms": run_ms,
+        "summary": summary.json(),
+        "failures": failures,
+    });
+    let path = out.join("swarm.json");
+    if let Err(e) = std::fs::write(&path, format!("{json:#}\n")) {
+        eprintln!("feedmesh-sim: {}: {e}", path.display());
+        return ExitCode::from(2);
+    }
+    println!("wrote {} ({} ms of wall time for the runs)", path.display(), run_ms);
+    if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }

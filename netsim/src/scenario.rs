@@ -72,6 +72,11 @@ pub struct Scenario {
     /// `[stream]`: the stream transport's and its sessions' settings.
     #[serde(default)]
     pub stream: StreamSpec,
+    /// A bug planted in every node's sync sessions on purpose, to show that the swarm finds it
+    /// and the shrinker keeps it (`planted_bug = "cursor-skips-one-change"`). Never in a real
+    /// scenario.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub planted_bug: Option<engine::sync::PlantedBug>,
 }
 
 /// How engine messages travel (see [`Scenario::transport`]).

@@ -1,6 +1,11 @@
 //! Shrinking a failing run: greedily reduce devices, faults, writes and duration while the run
 //! still fails with the same check, so a failure found at scale can be read at its smallest.
 //!
+//! A reduction is kept only if the candidate fails the same check (the failure's kind) and still
+//! does with its quiet phase doubled (and never shorter than the original's): a failure that a
+//! longer quiet phase makes go away is the run ending too early, not the bug being kept. The
+//! quiet phase itself is never reduced. `netsim/README.md` lists every reduction.
+//!
 //! [`shrink`] is generic over the predicate (`Fn(&Scenario, seed) -> Option<failure>`): the CLI
 //! passes [`simulate`], tests pass synthetic predicates whose minimum is known.
 
@@ -116,7 +121,28 @@ pub fn shrink_observed(
                             failure: failure.as_deref(),
                             kept: same,
                         });
-                        if let (true, Some(failure)) = (same, failure) {
+                        // A run that fails only because its quiet phase is too short to drain
+                        // is not the bug: confirm with a quiet phase twice the candidate's and no
+                        // shorter than the original's.
+                        let confirmed = same && {
+                            let mut longer = candidate.clone();
+                            longer.quiet_ms = (candidate.quiet_ms.saturating_mul(2)).max(scenario.quiet_ms);
+                            if best.runs >= budget {
+                                return Some(best);
+                            }
+                            best.runs += 1;
+                            let again = predicate(&longer, try_seed);
+                            let same_again = again.as_deref().is_some_and(|f| failure_kind(f) == kind);
+                            observe(&Attempt {
+                                run: best.runs,
+                                change: &format!("confirm \"{change}\" with quiet_ms {}", longer.quiet_ms),
+                                seed: try_seed,
+                                failure: again.as_deref(),
+                                kept: same_again,
+                            });
+                            same_again
+                        };
+                        if let (true, Some(failure)) = (confirmed, failure) {
                             best.scenario = candidate;
                             best.seed = try_seed;
                             best.failure = failure;
@@ -136,6 +162,27 @@ pub fn shrink_observed(
     }
 }
 
+/// The shrunk scenario as a file that replays it: comment lines saying where it came from, what
+/// fails, the reductions kept and the command (`target` is the path it is written to), then the
+/// scenario with the failing seed.
+pub fn replay_file(
+    shrunk: &Shrunk,
+    source: &str,
+    seed: u64,
+    target: &str,
+) -> Result<String, toml::ser::Error> {
+    let mut minimal = shrunk.scenario.clone();
+    minimal.seed = shrunk.seed;
+    let body = toml::to_string(&minimal)?;
+    let mut text = format!("# Shrunk by feedmesh-sim from {source}, seed {seed}, in {} runs", shrunk.runs);
+    text.push_str(if shrunk.minimal { ".\n" } else { " (the run budget ran out: not minimal).\n" });
+    text.push_str(&format!("# Fails: {}\n", shrunk.failure));
+    text.push_str(&format!("# Reductions: {}\n", shrunk.kept.join("; ")));
+    text.push_str(&format!("# Replay: feedmesh-sim run {target} --seed {}\n", shrunk.seed));
+    text.push_str(&body);
+    Ok(text)
+}
+
 /// A candidate as the scenario format would read it back, or `None` when validation refuses it.
 fn valid(candidate: Scenario) -> Option<Scenario> {
     let text = toml::to_string(&candidate).ok()?;
@@ -144,9 +191,22 @@ fn valid(candidate: Scenario) -> Option<Scenario> {
 
 type Step = fn(&Scenario) -> Vec<(String, Scenario)>;
 
-/// The reductions, largest first: devices (which make runs cheaper), faults, writes, time.
-const STEPS: [Step; 10] =
-    [devices, partitions, crashes_skew_offline, loss, nat, write_rate, items, workload_mix, duration, quiet];
+/// The reductions, largest first: devices (which make runs cheaper), faults, writes, time. The
+/// quiet phase is never shortened: a run whose faults and writes have not drained is expected not
+/// to converge, so a "smaller" scenario with less quiet time would only show that.
+const STEPS: [Step; 11] = [
+    devices,
+    partitions,
+    mesh,
+    crashes_skew_offline,
+    storage,
+    loss,
+    nat,
+    write_rate,
+    items,
+    workload_mix,
+    duration,
+];
 
 fn with(s: &Scenario, change: String, edit: impl FnOnce(&mut Scenario)) -> (String, Scenario) {
     let mut candidate = s.clone();
@@ -216,6 +276,60 @@ fn crashes_skew_offline(s: &Scenario) -> Vec<(String, Scenario)> {
     }
     if s.graph.is_some() {
         out.push(with(s, "complete mesh".into(), |c| c.graph = None));
+    }
+    out
+}
+
+/// The mesh model's adversaries, then the mesh model itself, then the stream transport.
+fn mesh(s: &Scenario) -> Vec<(String, Scenario)> {
+    let mut out = Vec::new();
+    if let Some(m) = s.mesh.as_ref().filter(|m| m.enabled) {
+        if m.adversaries().next().is_some() {
+            out.push(with(s, "no mesh adversaries".into(), |c| {
+                if let Some(m) = c.mesh.as_mut() {
+                    m.forgers.clear();
+                    m.replayers.clear();
+                    m.stale_tickets.clear();
+                    m.injected.clear();
+                }
+            }));
+        }
+        if m.cloud_tamper_ppm != 0
+            || m.notice_loss_ppm != 0
+            || m.remove_user.is_some()
+            || !m.late_devices.is_empty()
+        {
+            out.push(with(s, "no tampering, notice loss, removal or late devices".into(), |c| {
+                if let Some(m) = c.mesh.as_mut() {
+                    m.cloud_tamper_ppm = 0;
+                    m.notice_loss_ppm = 0;
+                    m.remove_user = None;
+                    m.remove_at_ms = None;
+                    m.late_devices.clear();
+                }
+            }));
+        }
+        out.push(with(s, "no mesh model".into(), |c| c.mesh = None));
+    }
+    if s.transport == crate::scenario::Transport::Stream {
+        out.push(with(s, "datagram transport".into(), |c| {
+            c.transport = crate::scenario::Transport::Datagram
+        }));
+    }
+    out
+}
+
+/// Storage faults: cloud crashes, crashes before commit, lost stores.
+fn storage(s: &Scenario) -> Vec<(String, Scenario)> {
+    let mut out = Vec::new();
+    if !s.faults.cloud_crashes_ms.is_empty() {
+        out.push(with(s, "no cloud crashes".into(), |c| c.faults.cloud_crashes_ms.clear()));
+    }
+    if s.faults.crash_before_commit_ppm != 0 {
+        out.push(with(s, "no crashes before commit".into(), |c| c.faults.crash_before_commit_ppm = 0));
+    }
+    if s.faults.lost_store_ppm != 0 {
+        out.push(with(s, "no lost stores".into(), |c| c.faults.lost_store_ppm = 0));
     }
     out
 }
@@ -299,13 +413,4 @@ fn duration(s: &Scenario) -> Vec<(String, Scenario)> {
         return Vec::new();
     }
     vec![with(s, format!("duration_ms {ms} -> {}", ms / 2), |c| c.duration_ms = ms / 2)]
-}
-
-fn quiet(s: &Scenario) -> Vec<(String, Scenario)> {
-    let ms = s.quiet_ms;
-    let to = if ms < 2 { 0 } else { ms / 2 };
-    if to == ms {
-        return Vec::new();
-    }
-    vec![with(s, format!("quiet_ms {ms} -> {to}"), |c| c.quiet_ms = to)]
 }

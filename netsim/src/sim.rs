@@ -163,6 +163,9 @@ impl Tag {
     }
 }
 
+/// Draws of a random overlay graph before a disconnected one is used as it is.
+const GRAPH_DRAWS_MAX: u32 = 100;
+
 /// What runs at a node: the engine's device or cloud (the very types the binaries run), a
 /// scripted injected device (mesh model), or nothing (the no-op model).
 #[derive(Debug)]
@@ -304,6 +307,9 @@ pub struct Sim {
     kinds: BTreeMap<String, (u64, u64)>,
     /// The mesh overlay (device `i` is graph node `i - 1`); `None`: every device is a neighbour.
     graph: Option<crate::topology::Topology>,
+    /// The overlay leaves devices that must converge apart (after [`GRAPH_DRAWS_MAX`] draws):
+    /// the run fails its `overlay` check, since it cannot converge whatever the protocol does.
+    overlay_split: bool,
     /// The first invariant violation seen after an event.
     violation: Option<String>,
     /// The mesh model's world (with `[mesh] enabled = true`).
@@ -381,6 +387,7 @@ impl Sim {
             // responders finish at once.
             linger_after_hello: false,
             max_retries: 10,
+            planted_bug: sc.planted_bug,
             ..Config::default()
         };
         // Over streams, sessions are as in the binaries (`transport::stream_config`): the stream
@@ -477,10 +484,32 @@ impl Sim {
                 node.host = Host::Device(Box::new(device));
             }
         }
+        let mut overlay_split = false;
         let graph = match &sc.graph {
             Some(spec) if *spec != crate::topology::GraphSpec::Complete => {
                 // Validated when the scenario was read; a failure here leaves the mesh complete.
-                spec.build(devices, &mut rng).ok()
+                // A random overlay is drawn again until it is connected (a 2-regular graph is
+                // often two cycles): gossip over a disconnected overlay cannot converge, which
+                // says nothing about the protocol. An explicit graph is taken as written.
+                // With the mesh model, connected among the devices that must converge: honest
+                // ones not of the removed user (the others' sessions are refused).
+                let keep: Vec<bool> = nodes[1..]
+                    .iter()
+                    .map(|n| n.mesh.as_ref().is_none_or(|m| m.role == Role::Honest && !m.removed))
+                    .collect();
+                let mut graph = spec.build(devices, &mut rng).ok();
+                for _ in 0..GRAPH_DRAWS_MAX {
+                    if graph.as_ref().is_none_or(|g| g.is_connected_among(&keep))
+                        || matches!(spec, crate::topology::GraphSpec::Explicit { .. })
+                    {
+                        break;
+                    }
+                    graph = spec.build(devices, &mut rng).ok();
+                }
+                if graph.as_ref().is_some_and(|g| !g.is_connected_among(&keep)) {
+                    overlay_split = true;
+                }
+                graph
             }
             _ => None,
         };
@@ -519,6 +548,7 @@ impl Sim {
             kinds: BTreeMap::new(),
             violation: None,
             graph,
+            overlay_split,
             mesh,
             folder,
             crash_armed: BTreeSet::new(),
@@ -603,6 +633,11 @@ impl Sim {
         for index in 0..self.sc.partitions.len() {
             let p = &self.sc.partitions[index];
             let (at, heal) = (p.at_ms * 1_000, p.heal_ms.min(self.sc.duration_ms) * 1_000);
+            // Faults stop at `duration_ms`: a partition that would start then or later never
+            // does (else it would heal before it started, and never heal).
+            if at >= self.faults_until {
+                continue;
+            }
             self.push(at, Payload::PartitionStart { index });
             self.push(heal, Payload::PartitionEnd { index });
         }
@@ -1253,9 +1288,15 @@ impl Sim {
                 Some(id) if !pair.consented => Request::PairStatus { id },
                 Some(_) => Request::Directory { heads: Vec::new(), changes: Vec::new() },
             };
-            if matches!(request, Request::Directory { .. }) {
+            if let (Request::Directory { .. }, Some(id)) = (&request, pair.id) {
                 if !d.pending(&request) {
                     let _ = d.sync_directory(local);
+                }
+                // Still waiting to be added: is the pairing still there (a cloud that crashed
+                // lost it)?
+                let status = Request::PairStatus { id };
+                if m.rounds % 3 == 0 && !d.pending(&status) {
+                    let _ = d.request(local, status);
                 }
             } else if !d.pending(&request) {
                 let _ = d.request(local, request);
@@ -1295,6 +1336,19 @@ impl Sim {
                 }
             }
             Event::Answer { request, response, .. } => self.on_answer(node, local, when, request, response),
+            // The pairing is gone (the cloud crashed and lost it, or its bounds evicted it):
+            // start again, as a person would.
+            Event::Refused {
+                request: "pair-status" | "pair-consent",
+                error: engine::control::ControlError::NoSuchPairing,
+                ..
+            } => {
+                let n = &mut self.nodes[node as usize];
+                if let Some(pair) = n.mesh.as_mut().and_then(|m| m.pair.as_mut()) {
+                    pair.id = None;
+                    pair.consented = false;
+                }
+            }
             Event::DirectoryChanged => {
                 // A late device that became active maps the folder, pushes that, and asks for a
                 // ticket that grants it.
@@ -1765,6 +1819,11 @@ impl Sim {
         let digest_of = |sim: &Self, i: u32| sim.replica(i).map_or(0, Replica::digest);
         let digest = digest_of(&self, reference);
         let mut failure = self.violation.take();
+        if self.overlay_split {
+            failure.get_or_insert_with(|| {
+                "overlay: the graph leaves devices that must converge apart (the scenario cannot converge)".into()
+            });
+        }
         let converged = live.iter().all(|&i| digest_of(&self, i) == digest);
         if !converged {
             let other = live.iter().find(|&&i| digest_of(&self, i) != digest).copied();

@@ -139,6 +139,27 @@ impl Topology {
         petgraph::algo::connected_components(&self.graph) <= 1
     }
 
+    /// Whether the nodes with `keep[node]` are connected through each other alone (true when
+    /// fewer than two are kept).
+    pub fn is_connected_among(&self, keep: &[bool]) -> bool {
+        let kept = |v: u32| keep.get(v as usize).copied().unwrap_or(false);
+        let Some(start) = (0..self.len()).find(|&v| kept(v)) else { return true };
+        let mut seen = vec![false; self.neighbors.len()];
+        seen[start as usize] = true;
+        let mut stack = vec![start];
+        let mut reached = 1usize;
+        while let Some(v) = stack.pop() {
+            for &w in &self.neighbors[v as usize] {
+                if kept(w) && !seen[w as usize] {
+                    seen[w as usize] = true;
+                    reached += 1;
+                    stack.push(w);
+                }
+            }
+        }
+        reached == (0..self.len()).filter(|&v| kept(v)).count()
+    }
+
     /// A uniformly random neighbour of `node`, `None` when it has none.
     pub fn random_neighbor<R: Rng + ?Sized>(&self, node: u32, rng: &mut R) -> Option<u32> {
         let list = self.neighbors.get(node as usize)?;
@@ -444,6 +465,11 @@ mod tests {
         let t = explicit(4, &[(0, 1), (2, 1)]).unwrap();
         assert_eq!(t.edges(), vec![(0, 1), (1, 2)]);
         assert!(!t.is_connected(), "node 3 is alone");
+        // A path 0-1-2 with 3 alone: 0 and 2 are connected only through 1.
+        let path = explicit(4, &[(0, 1), (1, 2)]).unwrap();
+        assert!(path.is_connected_among(&[true, true, true, false]));
+        assert!(!path.is_connected_among(&[true, false, true, false]));
+        assert!(path.is_connected_among(&[false, false, true, false]));
         assert_eq!(explicit(3, &[(0, 3)]).unwrap_err(), TopologyError::EdgeOutOfRange { a: 0, b: 3, n: 3 });
         assert_eq!(explicit(3, &[(1, 1)]).unwrap_err(), TopologyError::SelfLoop { node: 1 });
         assert_eq!(explicit(3, &[(0, 1), (1, 0)]).unwrap_err(), TopologyError::DuplicateEdge { a: 1, b: 0 });

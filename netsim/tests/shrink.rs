@@ -34,7 +34,7 @@ fn reaches_the_minimal_scenario() {
     assert!(s.workload.writes_per_min < 2.0 * WRITE_RATE_MIN);
     assert_eq!(s.workload.items, 1);
     assert_eq!((s.workload.delete_ppm, s.workload.resolve_ppm), (0, 0));
-    assert_eq!((s.duration_ms, s.quiet_ms), (1, 0));
+    assert_eq!((s.duration_ms, s.quiet_ms), (1, start.quiet_ms), "the quiet phase is never shortened");
     assert_eq!(shrunk.seed, 1, "the original seed kept failing");
     assert_eq!(shrunk.failure, "convergence: synthetic");
     assert!(shrunk.kept.iter().any(|k| k == "drop partition 1 of 2"));
@@ -133,4 +133,21 @@ fn cli_shrinks_a_real_failure_to_a_scenario_that_still_fails() {
     assert!(shrunk.partitions.is_empty() || shrunk.network.loss_ppm == 0 || shrunk.faults.clock_skew_ms == 0);
     let again = netsim::shrink::simulate(&shrunk, shrunk.seed).expect("the shrunk scenario still fails");
     assert_eq!(failure_kind(&again), failure_kind(&failure));
+}
+
+/// A reduction whose failure a longer quiet phase cures is the run ending too early, not the bug:
+/// not kept. Here 50 devices and more fail whatever the quiet phase; 20 to 49 fail only when the
+/// quiet phase is at most 60 s, so the shrink must stop at 50 (and never shorten the quiet phase).
+#[test]
+fn a_failure_a_longer_quiet_phase_cures_is_not_kept() {
+    let predicate = |s: &Scenario, _: u64| {
+        let fails = s.devices >= 50 || (s.devices >= 20 && s.quiet_ms <= 60_000);
+        fails.then(|| "convergence: synthetic".to_string())
+    };
+    let start = default();
+    assert_eq!(start.quiet_ms, 60_000);
+    let shrunk = shrink(&start, 1, predicate, 1_000).unwrap();
+    assert!(shrunk.minimal);
+    assert_eq!(shrunk.scenario.devices, 50);
+    assert_eq!(shrunk.scenario.quiet_ms, start.quiet_ms);
 }
