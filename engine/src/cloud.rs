@@ -577,8 +577,10 @@ impl<P: Peer> Cloud<P> {
         // A retransmitted request (its answer was lost or late) gets the same pairing: a new id
         // would orphan the one the device already took from the first answer, and it would ask
         // about it forever (found by the swarm, seed 295).
-        if let Some(p) =
-            self.pairings.values().find(|p| p.device == device && p.user == user && p.commitment == commitment)
+        if let Some(p) = self
+            .pairings
+            .values()
+            .find(|p| p.device == device && p.user == user && p.commitment == commitment)
         {
             return Response::PairId { id: p.id };
         }
