@@ -16,7 +16,8 @@
 //! Each side checks the peer's ticket (signature, window with skew, channel binding, folder) and,
 //! after catching its directory up with the peer's, its own verified directory
 //! ([`Directory::may_sync`]); so a removal known to either side takes effect before any feed data
-//! moves. A refusal sends `Refused { reason }` and ends the session with
+//! moves. The rule is checked again before every feed message is handled, so a removal made or
+//! learned while a session runs stops it too. A refusal sends `Refused { reason }` and ends the session with
 //! `Outcome::Failed(SyncError::Refused(..))`; feed messages that arrive before authorization are
 //! dropped unread, so nothing from an unauthorized peer reaches a replica.
 
@@ -310,6 +311,16 @@ impl AuthSession {
             if self.phase != Phase::Feed {
                 // Not authorized yet (or never): feed data is dropped unread.
                 return Ok(());
+            }
+            // The rule holds for every feed message, not only at authorization: a removal made
+            // or learned while the session runs (the owner's own, between the peer's DirDone and
+            // its Hello) stops the feed before anything more moves (found by the swarm, seed 87).
+            if let (Policy::Directory(creds), Some(folder), Some(peer)) =
+                (&self.policy, self.folder, self.peer_device)
+            {
+                if let Err(refusal) = may_sync(directory, creds, &folder, &peer) {
+                    return self.refuse(now, refusal);
+                }
             }
             let Some(inner) = self.inner.as_mut() else { return Ok(()) };
             let result = inner.handle_message(now, replica, bytes);

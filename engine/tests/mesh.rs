@@ -350,6 +350,43 @@ fn removed_member_gets_no_later_change() {
     assert!(r_b1.item(&ItemId::new("after").unwrap()).is_none());
 }
 
+/// A removal made while a session runs stops it before any more feed data moves: the owner
+/// authorized the member, then removed it before the member's feed Hello arrived (the Hello had
+/// overtaken the DirDone and was retransmitted); the owner refuses instead of serving its later
+/// change (found by the swarm, seed 87).
+#[test]
+fn a_removal_made_during_a_session_stops_its_feed() {
+    let mut w = World::new();
+    let bob = UserId::of_first_device(w.device("b1"));
+    let (mut d_a1, mut d_b1) = (w.dir.clone(), w.dir.clone());
+    let mut r_a1 = signed_replica(&w, &[("x", "a1")]);
+    let mut r_b1 = Replica::new_signed(3, w.folder.scope());
+    let (p_a1, p_b1) = (w.policy("a1", T0), w.policy("b1", T0));
+    let (ch_a1, ch_b1) = (ChannelKey::from(w.device("a1")), ChannelKey::from(w.device("b1")));
+    let cfg = Config::default();
+    let mut i = AuthSession::initiate(9, T0, w.folder, p_b1, ch_a1, &d_b1, &r_b1, cfg.clone(), Retained::default());
+    let mut r = AuthSession::respond(9, p_a1, ch_b1, &r_a1, cfg);
+    // DirHello, DirSync: the owner authorized Bob's device.
+    let hello = i.poll_transmit().expect("DirHello");
+    r.handle_message(T0, &mut d_a1, &mut r_a1, &hello).unwrap();
+    let sync = r.poll_transmit().expect("DirSync");
+    i.handle_message(T0, &mut d_b1, &mut r_b1, &sync).unwrap();
+    let dir_done = i.poll_transmit().expect("DirDone");
+    let feed_hello = i.poll_transmit().expect("the feed Hello");
+    r.handle_message(T0, &mut d_a1, &mut r_a1, &dir_done).unwrap();
+    // Now the owner removes Bob and writes a change Bob must never get.
+    d_a1.make(w.key("a1"), 50, Op::RemoveMember { folder: w.folder, user: bob }).unwrap();
+    r_a1.change_signed(&ItemId::new("after").unwrap(), w.key("a1"), &when(60), &edit("secret")).unwrap();
+    let refused = r.handle_message(T0 + 1, &mut d_a1, &mut r_a1, &feed_hello);
+    assert!(matches!(refused, Err(SyncError::Refused(Refusal::NotMember { .. }))), "{refused:?}");
+    assert!(refusal(&r.outcome()).is_some(), "{:?}", r.outcome());
+    while let Some(reply) = r.poll_transmit() {
+        let _ = i.handle_message(T0 + 2, &mut d_b1, &mut r_b1, &reply);
+    }
+    assert!(refusal(&i.outcome()).is_some(), "the member learns it was refused: {:?}", i.outcome());
+    assert!(r_b1.is_empty(), "nothing reached the removed member");
+}
+
 /// Threat model: a ticket replayed by another device (another channel key) fails.
 #[test]
 fn replayed_ticket_from_another_device_fails() {
