@@ -216,7 +216,7 @@ fn a_directory_push_carries_only_what_the_cloud_lacks() {
     );
     d.make(10, engine::directory::Op::CreateUser { name: "me".into() }).unwrap();
     // Pushes once and returns how many changes the push carried.
-    let mut push = |d: &mut Device<u8>, c: &mut Cloud<u8>, now: u64| -> usize {
+    let push = |d: &mut Device<u8>, c: &mut Cloud<u8>, now: u64| -> usize {
         d.sync_directory(now).unwrap();
         let mut carried = None;
         while let Some(t) = d.poll_transmit() {

@@ -263,6 +263,9 @@ fn print_report(r: &Report, source: &str, wall_ms: u64) {
     );
     println!("  writes               {:>12}", r.writes);
     println!("  sessions             {:>12}   ({} failed)", r.sessions_started, r.sessions_failed);
+    for (reason, count) in &r.sessions_failed_by {
+        println!("    failed: {reason:<16} {count:>8}");
+    }
     println!(
         "  messages             {:>12}   ({} bytes, {} datagrams lost or cut)",
         r.messages, r.bytes, r.dropped
@@ -271,8 +274,8 @@ fn print_report(r: &Report, source: &str, wall_ms: u64) {
         println!("    {kind:<18} {count:>12}   ({bytes} bytes)");
     }
     println!(
-        "  device paths         {:>12}   direct, {} relayed through the cloud",
-        r.direct_paths, r.relayed_paths
+        "  device pairs         {:>12}   talked directly (hole punched), {} through the relay ({} and {} datagrams)",
+        r.direct_paths, r.relayed_paths, r.direct_datagrams, r.relayed_datagrams
     );
     if r.packets > 0 {
         println!(
@@ -281,18 +284,35 @@ fn print_report(r: &Report, source: &str, wall_ms: u64) {
         );
     }
     let f = &r.faults;
-    if f.cloud_crashes + f.crashes_before_commit + f.stores_lost > 0 {
-        println!(
-            "  storage faults       {:>12}   cloud crashes, {} crashes before commit, {} stores lost ({} writes only they held)",
-            f.cloud_crashes, f.crashes_before_commit, f.stores_lost, f.writes_lost_with_store
-        );
+    println!("  faults applied");
+    for (count, what) in [
+        (f.device_crashes, "device crashes".to_string()),
+        (r.departures, "departures (churn)".into()),
+        (f.devices_offline, "devices offline for the run".into()),
+        (f.devices_skewed, "devices with a skewed clock".into()),
+        (f.devices_drifting, "devices with a drifting clock".into()),
+        (f.partitions_started, format!("partitions ({} datagrams stopped)", f.datagrams_partitioned)),
+        (f.datagrams_lost, "datagrams lost".into()),
+        (f.datagrams_duplicated, "datagrams duplicated".into()),
+        (r.repunches, "NAT mappings expired and punched again".into()),
+        (r.queue_drops, "datagrams dropped by full uplink queues".into()),
+        (f.cloud_crashes, "cloud crashes".into()),
+        (f.crashes_before_commit, "crashes before commit".into()),
+        (f.stores_lost, format!("stores lost ({} writes only they held)", f.writes_lost_with_store)),
+    ] {
+        if count > 0 {
+            println!("    {count:>29}   {what}");
+        }
+    }
+    if !r.inert_faults.is_empty() {
+        println!("    configured, never applied:  {}", r.inert_faults.join(", "));
     }
     println!();
-    println!(
-        "  converged            {:>12}   (all live replicas hold digest {})",
-        yes(r.converged),
-        r.digest
-    );
+    if r.converged {
+        println!("  converged            {:>12}   (every live replica holds digest {})", "yes", r.digest);
+    } else {
+        println!("  converged            {:>12}   (live replicas differ; the first holds digest {})", "NO", r.digest);
+    }
     println!("  lost writes          {:>12}", r.lost_writes);
     println!("  writes not everywhere{:>12}", r.unconverged_writes);
     println!(
@@ -327,14 +347,6 @@ fn print_report(r: &Report, source: &str, wall_ms: u64) {
     match &r.failure {
         None => println!("{verdict}: every check held."),
         Some(f) => println!("{verdict}: {f}"),
-    }
-}
-
-fn yes(b: bool) -> &'static str {
-    if b {
-        "yes"
-    } else {
-        "NO"
     }
 }
 

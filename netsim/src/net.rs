@@ -185,6 +185,12 @@ pub struct NetStats {
     /// Datagrams between two devices sent directly (hole punched) or through the relay.
     pub direct: u64,
     pub relayed: u64,
+    /// Datagram copies made by duplication (on any wide-area leg).
+    pub duplicated: u64,
+    /// Datagrams (or relayed legs) lost to the loss model, random or bursty.
+    pub lost: u64,
+    /// Datagrams a partition stopped.
+    pub partitioned: u64,
     /// Same-NAT datagrams turned back in by a hairpinning NAT.
     pub hairpinned: u64,
     /// Datagrams dropped because the sender's uplink queue was full.
@@ -224,6 +230,12 @@ pub struct Net {
     /// The last twin number handed out (0 is never one).
     twin_last: u32,
     stats: NetStats,
+    /// Device pairs (unordered) that exchanged datagrams, and whether directly (hole punched) or
+    /// through the relay; kept only when asked for ([`Net::count_paths`]): the kernel benchmark's
+    /// 100,000-node meshes would fill it.
+    paths: Option<BTreeMap<(u32, u32), bool>>,
+    /// Datagrams stopped, by the partition that stopped them.
+    cut_drops: BTreeMap<usize, u64>,
 }
 
 impl Net {
@@ -251,6 +263,27 @@ impl Net {
             twins: BTreeMap::new(),
             twin_last: 0,
             stats: NetStats::default(),
+            paths: None,
+            cut_drops: BTreeMap::new(),
+        }
+    }
+
+    /// Keep the set of device pairs that talked directly or through the relay, for
+    /// [`Net::paths`].
+    pub fn count_paths(&mut self) {
+        self.paths.get_or_insert_with(BTreeMap::new);
+    }
+
+    /// Device pairs that talked (direct, relayed), when counted.
+    pub fn paths(&self) -> (u64, u64) {
+        let Some(paths) = &self.paths else { return (0, 0) };
+        let direct = paths.values().filter(|d| **d).count() as u64;
+        (direct, paths.len() as u64 - direct)
+    }
+
+    fn path_used(&mut self, from: u32, to: u32, direct: bool) {
+        if let Some(paths) = self.paths.as_mut() {
+            paths.entry((from.min(to), from.max(to))).or_insert(direct);
         }
     }
 
@@ -277,8 +310,16 @@ impl Net {
     }
 
     /// Whether a packet from `a` gets to `b` through every active partition.
-    fn reachable(&self, a: u32, b: u32) -> bool {
-        self.cuts.values().all(|cut| cut.passes(a, b))
+    fn reachable(&mut self, a: u32, b: u32) -> bool {
+        let Some((&index, _)) = self.cuts.iter().find(|(_, cut)| !cut.passes(a, b)) else { return true };
+        self.stats.partitioned += 1;
+        *self.cut_drops.entry(index).or_default() += 1;
+        false
+    }
+
+    /// Datagrams each partition (by index) stopped.
+    pub fn cut_drops(&self) -> &BTreeMap<usize, u64> {
+        &self.cut_drops
     }
 
     fn latency(rng: &mut ChaCha8Rng, latency: &Latency) -> u64 {
@@ -321,11 +362,13 @@ impl Net {
     fn wan_leg(&mut self, rng: &mut ChaCha8Rng, path: (u32, u32)) -> Copies {
         let loss = self.loss_ppm(rng, path);
         if rng.random_range(0..1_000_000) < loss {
+            self.stats.lost += 1;
             return Copies::default();
         }
         let mut delays = Copies::one(Self::latency(rng, &self.cfg.wan));
         if rng.random_range(0..1_000_000) < self.cfg.dup_ppm {
             delays.push(Self::latency(rng, &self.cfg.wan));
+            self.stats.duplicated += 1;
         }
         delays
     }
@@ -438,6 +481,7 @@ impl Net {
         }
         if !same_lan && !self.star && punch(hf.nat, ht.nat) {
             self.stats.direct += 1;
+            self.path_used(from, to, true);
             if !self.reachable(from, to) {
                 return Sent::default();
             }
@@ -450,6 +494,7 @@ impl Net {
         }
         // Relayed through the cloud: two legs, each may lose or duplicate, each queues.
         self.stats.relayed += 1;
+        self.path_used(from, to, false);
         if self.uplink_kbps(0) != 0 {
             // The cloud's uplink is booked when a copy gets there, in `forward`.
             if !self.reachable(from, 0) {

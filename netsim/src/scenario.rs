@@ -31,6 +31,15 @@ pub struct Scenario {
     /// Devices per LAN group (hybrid).
     #[serde(default = "default_lan")]
     pub lan_group: u32,
+    /// Hybrid: the share of sync ticks (ppm) on which a device syncs with a random device outside
+    /// its LAN group, over a hole-punched path or through the relay as their NATs allow (the
+    /// rest go half to the cloud, half to a LAN peer).
+    #[serde(default)]
+    pub remote_peer_ppm: u32,
+    /// Fail the run (check `faults`) when a fault the scenario configures never acted: a
+    /// scenario must do what it says. The swarm turns this off and counts such faults instead.
+    #[serde(default = "default_true")]
+    pub require_faults_act: bool,
     /// Virtual time with writes and faults, then `quiet_ms` without either.
     pub duration_ms: u64,
     #[serde(default = "default_quiet")]
@@ -600,6 +609,12 @@ impl Scenario {
                     return Err(ScenarioError::Invalid { field: "graph", why: e.to_string() });
                 }
             }
+        }
+        if self.remote_peer_ppm > 1_000_000 {
+            return bad("remote_peer_ppm", "must be at most 1000000");
+        }
+        if self.remote_peer_ppm > 0 && self.topology != Topology::Hybrid {
+            return bad("remote_peer_ppm", "only a hybrid topology picks remote peers");
         }
         if self.lan_group == 0 {
             return bad("lan_group", "must be at least 1");

@@ -246,8 +246,18 @@ pub struct Report {
     pub dropped: u64,
     pub sessions_started: u64,
     pub sessions_failed: u64,
+    /// Failed sessions by reason ("timeout", "connection lost", "refused", ...).
+    pub sessions_failed_by: BTreeMap<String, u64>,
+    /// Device pairs that exchanged datagrams through the relay or over a hole-punched direct path
+    /// (engine model; LAN and cloud traffic are not paths between devices).
     pub relayed_paths: u64,
     pub direct_paths: u64,
+    /// Datagrams between devices, relayed and direct.
+    pub relayed_datagrams: u64,
+    pub direct_datagrams: u64,
+    /// Faults the scenario configures that never acted (the `faults` check fails on them unless
+    /// `require_faults_act = false`).
+    pub inert_faults: Vec<String>,
     /// Network model counters: queue drops, re-punched mappings, hairpinned datagrams.
     pub queue_drops: u64,
     pub repunches: u64,
@@ -303,6 +313,8 @@ pub struct Sim {
     bytes: u64,
     sessions_started: u64,
     sessions_failed: u64,
+    /// Failed sessions by reason.
+    failed_by: BTreeMap<&'static str, u64>,
     departures: u64,
     kinds: BTreeMap<String, (u64, u64)>,
     /// The mesh overlay (device `i` is graph node `i - 1`); `None`: every device is a neighbour.
@@ -339,6 +351,18 @@ pub struct FaultCounts {
     pub stores_lost: u64,
     /// Writes that only a device whose store was lost held (lost by the fault, not the protocol).
     pub writes_lost_with_store: u64,
+    /// Device crashes (process crashes; crashes before commit are counted apart).
+    pub device_crashes: u64,
+    /// Partitions that started, and datagrams they stopped.
+    pub partitions_started: u64,
+    pub datagrams_partitioned: u64,
+    /// Devices offline for the run, with a clock off (skew) or running fast or slow (drift).
+    pub devices_offline: u64,
+    pub devices_skewed: u64,
+    pub devices_drifting: u64,
+    /// Datagrams lost by the loss model, and copies made by duplication.
+    pub datagrams_lost: u64,
+    pub datagrams_duplicated: u64,
 }
 
 impl Sim {
@@ -514,8 +538,11 @@ impl Sim {
             _ => None,
         };
         let star = sc.topology == Topology::Star;
-        let net =
+        let mut net =
             Net::new(sc.network.clone(), devices, sc.lan_group, group_nats, star, sc.nat.mapping_timeout_ms);
+        if engine {
+            net.count_paths();
+        }
         let zipf_cdf = crate::net::zipf_cdf(sc.workload.items, sc.workload.zipf_s);
         let faults_until = sc.duration_ms * 1_000;
         let end = faults_until + sc.quiet_ms * 1_000;
@@ -544,6 +571,7 @@ impl Sim {
             bytes: 0,
             sessions_started: 0,
             sessions_failed: 0,
+            failed_by: BTreeMap::new(),
             departures: 0,
             kinds: BTreeMap::new(),
             violation: None,
@@ -600,6 +628,7 @@ impl Sim {
                 self.push(at, Payload::Crash { node });
             }
             if self.rng.random_range(0..1_000_000) < self.sc.faults.offline_ppm {
+                self.faults_applied.devices_offline += 1;
                 self.go_down(node);
                 self.push(self.faults_until, Payload::BackOnline { node });
             }
@@ -840,7 +869,11 @@ impl Sim {
                 if self.up(node) {
                     if node == CLOUD {
                         self.faults_applied.cloud_crashes += 1;
-                    } else if self.sc.faults.lost_store_ppm > 0
+                    } else {
+                        self.faults_applied.device_crashes += 1;
+                    }
+                    if node != CLOUD
+                        && self.sc.faults.lost_store_ppm > 0
                         && self.rng.random_range(0..1_000_000) < self.sc.faults.lost_store_ppm
                     {
                         self.store_lost.insert(node);
@@ -878,6 +911,7 @@ impl Sim {
             }
             Payload::PartitionStart { index } => {
                 tracing::debug!(t_us = self.now, index, "partition cut");
+                self.faults_applied.partitions_started += 1;
                 self.trace.update(b"cut");
                 let p = &self.sc.partitions[index];
                 let devices = self.sc.devices;
@@ -941,6 +975,18 @@ impl Sim {
                 let group = self.sc.lan_group;
                 let first = lan * group + 1;
                 let last = (first + group - 1).min(devices);
+                let outside = devices - (last - first + 1);
+                // A peer elsewhere (drawn only when configured, so other runs replay unchanged).
+                if self.sc.remote_peer_ppm > 0
+                    && outside > 0
+                    && self.rng.random_range(0..1_000_000) < self.sc.remote_peer_ppm
+                {
+                    let mut peer = self.rng.random_range(1..=outside);
+                    if peer >= first {
+                        peer += last - first + 1;
+                    }
+                    return Some(peer);
+                }
                 // Half the ticks go to the cloud, half to a LAN peer (if there is one).
                 if last > first && self.rng.random_range(0..2) == 0 {
                     let mut peer = self.rng.random_range(first..last);
@@ -1455,8 +1501,9 @@ impl Sim {
 
     fn session_ended(&mut self, node: u32, e: &Ended<u32>) {
         tracing::trace!(t_us = self.now, node, peer = e.peer, sid = e.session, outcome = ?e.outcome, "session end");
-        if matches!(e.outcome, Outcome::Failed(_)) {
+        if let Outcome::Failed(err) = &e.outcome {
             self.sessions_failed += 1;
+            *self.failed_by.entry(failure_reason(err)).or_default() += 1;
         }
         if let Some(world) = self.mesh.as_mut() {
             match &e.outcome {
@@ -1589,6 +1636,7 @@ impl Sim {
             for version in crate::mesh::versions(item) {
                 let key = crate::mesh::version_key(version);
                 if world.write_times.get(&key).is_some_and(|&at| at > known) {
+                    tracing::debug!(t_us = self.now, node, peer, item = %item.id(), known, "leak to a removed member");
                     world.report.removed_leaks += 1;
                 }
             }
@@ -1706,7 +1754,13 @@ impl Sim {
         self.push(now + back, Payload::Ack { from, to, conn, packet });
         for m in done {
             if tracing::enabled!(tracing::Level::TRACE) {
-                tracing::trace!(t_us = now, from, to, len = m.bytes.len(), "deliver (stream)");
+                let (sid, step, kind) = match m.stream {
+                    Stream::Sync => engine::wire::peek(&m.bytes).unwrap_or((0, 0, "?")),
+                    Stream::Request(_) => (0, 0, "request"),
+                    Stream::Response(_) => (0, 0, "response"),
+                    Stream::Notice => (0, 0, "notice"),
+                };
+                tracing::trace!(t_us = now, from, to, sid, step, kind, len = m.bytes.len(), "deliver (stream)");
             }
             self.trace.update(b"deliver");
             self.trace.update(&to.to_le_bytes());
@@ -1907,6 +1961,20 @@ impl Sim {
             report
         });
         self.trace.update(&digest.to_le_bytes());
+        let (direct_paths, relayed_paths) = self.net.paths();
+        let stats = self.net.stats();
+        let applied = &mut self.faults_applied;
+        applied.datagrams_partitioned = stats.partitioned;
+        applied.datagrams_lost = stats.lost;
+        applied.datagrams_duplicated = stats.duplicated;
+        applied.devices_skewed = self.nodes.iter().skip(1).filter(|n| n.skew_ms != 0).count() as u64;
+        applied.devices_drifting = self.nodes.iter().skip(1).filter(|n| n.drift_ppm != 0).count() as u64;
+        let inert_faults = self.inert_faults(stats);
+        if self.sc.require_faults_act && !inert_faults.is_empty() {
+            failure.get_or_insert_with(|| {
+                format!("faults: configured but never applied: {}", inert_faults.join(", "))
+            });
+        }
         Report {
             scenario: self.sc.name.clone(),
             seed: 0,
@@ -1925,8 +1993,12 @@ impl Sim {
             dropped: self.net.stats().dropped,
             sessions_started: self.sessions_started,
             sessions_failed: self.sessions_failed,
-            relayed_paths: self.net.stats().relayed,
-            direct_paths: self.net.stats().direct,
+            sessions_failed_by: self.failed_by.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            relayed_paths,
+            direct_paths,
+            relayed_datagrams: self.net.stats().relayed,
+            direct_datagrams: self.net.stats().direct,
+            inert_faults,
             queue_drops: self.net.stats().queue_drops,
             repunches: self.net.stats().repunches,
             hairpinned: self.net.stats().hairpinned,
@@ -1943,6 +2015,61 @@ impl Sim {
             timelines: self.checker.timelines(),
             replica_nodes: self.sc.devices + u32::from(first == CLOUD),
         }
+    }
+}
+
+impl Sim {
+    /// The faults the scenario configures that never acted in this run.
+    fn inert_faults(&self, stats: crate::net::NetStats) -> Vec<String> {
+        let (sc, a) = (&self.sc, &self.faults_applied);
+        let f = &sc.faults;
+        let mut inert = Vec::new();
+        let mut check = |configured: bool, acted: bool, name: &str| {
+            if configured && !acted {
+                inert.push(name.to_string());
+            }
+        };
+        check(f.crashes_per_min > 0.0, a.device_crashes > 0, "crashes");
+        check(f.offline_ppm > 0, a.devices_offline > 0, "offline devices");
+        check(f.clock_skew_ms > 0, a.devices_skewed > 0, "clock skew");
+        check(f.clock_drift_ppm > 0, a.devices_drifting > 0, "clock drift");
+        check(f.churn_per_min > 0.0, self.departures > 0, "churn");
+        check(!f.cloud_crashes_ms.is_empty(), a.cloud_crashes > 0, "cloud crashes");
+        check(f.crash_before_commit_ppm > 0, a.crashes_before_commit > 0, "crashes before commit");
+        check(f.lost_store_ppm > 0, a.stores_lost > 0, "lost stores");
+        let net = &sc.network;
+        check(net.loss_ppm > 0 || net.burst.is_some(), stats.lost > 0, "loss");
+        check(net.dup_ppm > 0, stats.duplicated > 0, "duplication");
+        check(sc.nat.mapping_timeout_ms > 0, stats.repunches > 0, "NAT mapping timeouts");
+        let n = &sc.nat;
+        let nats = n.full_cone_ppm + n.restricted_ppm + n.port_restricted_ppm + n.symmetric_ppm > 0;
+        check(
+            nats && sc.model == NodeModel::Engine,
+            stats.direct + stats.relayed > 0,
+            "NATs (no device-to-device path crossed one)",
+        );
+        let drops = self.net.cut_drops();
+        for (i, p) in sc.partitions.iter().enumerate() {
+            let started = p.at_ms < sc.duration_ms;
+            check(true, started && drops.get(&i).is_some_and(|&d| d > 0), &format!("partition {}", i + 1));
+        }
+        inert
+    }
+}
+
+/// A failed session's reason, as the report counts it.
+fn failure_reason(err: &engine::sync::SyncError) -> &'static str {
+    use engine::sync::SyncError;
+    match err {
+        SyncError::Timeout(_) => "timeout",
+        SyncError::Protocol(_) => "protocol",
+        SyncError::Aborted(_) => "aborted by the peer",
+        SyncError::ConnectionLost => "connection lost",
+        SyncError::TooManySymbols(_) => "too many symbols",
+        SyncError::Symbols(_) => "bad symbols",
+        SyncError::Wire(_) => "wire",
+        SyncError::Refused(_) => "refused",
+        SyncError::Signature(_) => "refused version",
     }
 }
 

@@ -113,7 +113,7 @@ fn a_faster_cloud_uplink_never_drops_more_relayed_datagrams() {
         assert!(drops.windows(2).all(|w| w[0] >= w[1]), "{model}: more bandwidth, more drops: {drops:?}");
         assert_eq!(drops[2..], [0, 0], "{model}: a fast link drops nothing");
         for r in reports {
-            assert!(r.relayed_paths > 0 && r.direct_paths == 0, "{}: all through the relay", r.scenario);
+            assert!(r.relayed_datagrams > 0 && r.direct_datagrams == 0, "{}: all through the relay", r.scenario);
             assert_eq!(r.dropped, r.queue_drops, "{}: no other loss", r.scenario);
         }
     }
@@ -132,6 +132,52 @@ fn paranoid_checks_hold_after_every_event() {
 fn the_embedded_default_passes() {
     let report = check(netsim::scenario::DEFAULT);
     assert_eq!(report.nodes, 301);
+    // The NAT mix acts: device pairs talk over punched paths and through the relay.
+    assert!(report.direct_paths > 0 && report.relayed_paths > 0, "{report:?}");
+    assert!(report.inert_faults.is_empty());
+    let f = &report.faults;
+    assert!(f.device_crashes > 0 && f.devices_offline > 0 && f.devices_skewed > 0 && f.partitions_started == 1);
+    assert!(f.datagrams_lost > 0 && f.datagrams_duplicated > 0 && f.datagrams_partitioned > 0);
+}
+
+/// Every fault a small scenario configures acts, and removing any one of them changes the run's
+/// trace hash: a scenario does what it says (issue 15: the default's NAT mix used to change
+/// nothing).
+#[test]
+fn removing_any_configured_fault_changes_the_trace_hash() {
+    const ALL: &str = "name = \"every-fault\"\nseed = 3\ndevices = 24\ntopology = \"hybrid\"\nlan_group = 4\n\
+        remote_peer_ppm = 300000\nduration_ms = 60000\nquiet_ms = 60000\nsync_interval_ms = 1000\n\
+        [network]\nloss_ppm = 30000\ndup_ppm = 20000\n\
+        [workload]\nwrites_per_min = 6.0\nitems = 40\n\
+        [nat]\nfull_cone_ppm = 250000\nport_restricted_ppm = 250000\nsymmetric_ppm = 250000\nmapping_timeout_ms = 3000\n\
+        [faults]\ncrashes_per_min = 0.5\ndown_ms = 3000\nclock_skew_ms = 5000\nclock_drift_ppm = 500\noffline_ppm = 100000\n\
+        churn_per_min = 2.0\nchurn_away_ms = 5000\ncloud_crashes_ms = [20000]\ncrash_before_commit_ppm = 20000\nlost_store_ppm = 300000\n\
+        [[partitions]]\nat_ms = 10000\nheal_ms = 30000\nshare_ppm = 300000\n";
+    let all = check(ALL);
+    assert!(all.inert_faults.is_empty(), "{:?}", all.inert_faults);
+    let base = Scenario::parse(ALL).unwrap();
+    let removals: [(&str, fn(&mut Scenario)); 14] = [
+        ("loss", |s| s.network.loss_ppm = 0),
+        ("duplication", |s| s.network.dup_ppm = 0),
+        ("NATs", |s| s.nat = Default::default()),
+        ("NAT mapping timeouts", |s| s.nat.mapping_timeout_ms = 0),
+        ("remote peers", |s| s.remote_peer_ppm = 0),
+        ("crashes", |s| s.faults.crashes_per_min = 0.0),
+        ("clock skew", |s| s.faults.clock_skew_ms = 0),
+        ("clock drift", |s| s.faults.clock_drift_ppm = 0),
+        ("offline devices", |s| s.faults.offline_ppm = 0),
+        ("churn", |s| s.faults.churn_per_min = 0.0),
+        ("cloud crashes", |s| s.faults.cloud_crashes_ms.clear()),
+        ("crashes before commit", |s| s.faults.crash_before_commit_ppm = 0),
+        ("lost stores", |s| s.faults.lost_store_ppm = 0),
+        ("the partition", |s| s.partitions.clear()),
+    ];
+    for (what, remove) in removals {
+        let mut less = base.clone();
+        remove(&mut less);
+        let report = run(&less, less.seed, &mut |_, _| {});
+        assert_ne!(report.trace_hash, all.trace_hash, "removing {what} changed nothing");
+    }
 }
 
 /// Runs a scenario twice with its seed: the same trace, digest and fault counts.

@@ -14,7 +14,7 @@ fn jobs() -> usize {
 /// Seeds of the smoke whose failure is an open finding, with the check that fails: listed in
 /// netsim/README.md ("Swarm findings") with what is known. The smoke fails on any other failure,
 /// and when a listed seed passes (take it off the list with its fix).
-const KNOWN_OPEN: &[(u64, &str)] = &[(87, "removal")];
+const KNOWN_OPEN: &[(u64, &str)] = &[];
 
 fn failures(first: u64, count: u64) -> Vec<(u64, String)> {
     let runs = run_seeds(first, count, jobs(), None, &|_| {});
