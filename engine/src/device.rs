@@ -218,10 +218,14 @@ impl<P: Peer> Device<P> {
                 (id.endpoint(), Some(Box::new(keys)))
             }
         };
-        let dir =
-            (!dir.is_empty()).then(|| {
-                Box::new(DirState { persisted: dir.len(), heads: dir.heads(), cloud_heads: Default::default(), dir })
-            });
+        let dir = (!dir.is_empty()).then(|| {
+            Box::new(DirState {
+                persisted: dir.len(),
+                heads: dir.heads(),
+                cloud_heads: Default::default(),
+                dir,
+            })
+        });
         let mut device = Self {
             endpoint,
             keys,

@@ -364,7 +364,8 @@ fn a_removal_made_during_a_session_stops_its_feed() {
     let (p_a1, p_b1) = (w.policy("a1", T0), w.policy("b1", T0));
     let (ch_a1, ch_b1) = (ChannelKey::from(w.device("a1")), ChannelKey::from(w.device("b1")));
     let cfg = Config::default();
-    let mut i = AuthSession::initiate(9, T0, w.folder, p_b1, ch_a1, &d_b1, &r_b1, cfg.clone(), Retained::default());
+    let mut i =
+        AuthSession::initiate(9, T0, w.folder, p_b1, ch_a1, &d_b1, &r_b1, cfg.clone(), Retained::default());
     let mut r = AuthSession::respond(9, p_a1, ch_b1, &r_a1, cfg);
     // DirHello, DirSync: the owner authorized Bob's device.
     let hello = i.poll_transmit().expect("DirHello");

@@ -221,7 +221,9 @@ fn a_directory_push_carries_only_what_the_cloud_lacks() {
         let mut carried = None;
         while let Some(t) = d.poll_transmit() {
             let Stream::Request(id) = t.stream else { continue };
-            if let Ok(Request::Directory { changes, .. }) = control::decode::<Request>(&t.bytes, control::CONTROL_MAX) {
+            if let Ok(Request::Directory { changes, .. }) =
+                control::decode::<Request>(&t.bytes, control::CONTROL_MAX)
+            {
                 carried = Some(changes.len());
             }
             c.handle_control(now, 1, me, id, &t.bytes);

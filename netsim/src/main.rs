@@ -311,7 +311,10 @@ fn print_report(r: &Report, source: &str, wall_ms: u64) {
     if r.converged {
         println!("  converged            {:>12}   (every live replica holds digest {})", "yes", r.digest);
     } else {
-        println!("  converged            {:>12}   (live replicas differ; the first holds digest {})", "NO", r.digest);
+        println!(
+            "  converged            {:>12}   (live replicas differ; the first holds digest {})",
+            "NO", r.digest
+        );
     }
     println!("  lost writes          {:>12}", r.lost_writes);
     println!("  writes not everywhere{:>12}", r.unconverged_writes);

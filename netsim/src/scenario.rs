@@ -33,7 +33,7 @@ pub struct Scenario {
     pub lan_group: u32,
     /// Hybrid: the share of sync ticks (ppm) on which a device syncs with a random device outside
     /// its LAN group, over a hole-punched path or through the relay as their NATs allow (the
-    /// rest go half to the cloud, half to a LAN peer).
+    /// rest go half to the cloud, half to a LAN peer). Other topologies ignore it.
     #[serde(default)]
     pub remote_peer_ppm: u32,
     /// Fail the run (check `faults`) when a fault the scenario configures never acted: a
@@ -612,9 +612,6 @@ impl Scenario {
         }
         if self.remote_peer_ppm > 1_000_000 {
             return bad("remote_peer_ppm", "must be at most 1000000");
-        }
-        if self.remote_peer_ppm > 0 && self.topology != Topology::Hybrid {
-            return bad("remote_peer_ppm", "only a hybrid topology picks remote peers");
         }
         if self.lan_group == 0 {
             return bad("lan_group", "must be at least 1");

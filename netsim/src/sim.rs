@@ -822,12 +822,18 @@ impl Sim {
                 self.packet_timer(from, to, conn, packet, attempt);
             }
             Payload::Timer { node } => {
-                if self.nodes[node as usize].timer_at != self.now || !self.up(node) {
+                if self.nodes[node as usize].timer_at != self.now {
+                    return;
+                }
+                // The armed timer is spent even when the node is down: else a node armed while
+                // down (an owner removing a member while offline) kept a past `timer_at`, and
+                // no later deadline, being later, was ever armed again (found by the swarm).
+                self.nodes[node as usize].timer_at = u64::MAX;
+                if !self.up(node) {
                     return;
                 }
                 tracing::trace!(t_us = self.now, node, "timer");
                 self.trace.update(b"timer");
-                self.nodes[node as usize].timer_at = u64::MAX;
                 let now = self.local_us(node);
                 match &mut self.nodes[node as usize].host {
                     Host::Device(d) => d.handle_timeout(now),
@@ -852,6 +858,10 @@ impl Sim {
                 self.trace.update(b"forge");
                 self.trace.update(&node.to_le_bytes());
                 self.forge(node);
+            }
+            Payload::RemoveMember if !self.up(1) => {
+                // The owner's device is off: the person removes the member once it is back.
+                self.push(self.now + 1_000_000, Payload::RemoveMember);
             }
             Payload::RemoveMember => {
                 tracing::debug!(t_us = self.now, "member removed");
@@ -1760,7 +1770,16 @@ impl Sim {
                     Stream::Response(_) => (0, 0, "response"),
                     Stream::Notice => (0, 0, "notice"),
                 };
-                tracing::trace!(t_us = now, from, to, sid, step, kind, len = m.bytes.len(), "deliver (stream)");
+                tracing::trace!(
+                    t_us = now,
+                    from,
+                    to,
+                    sid,
+                    step,
+                    kind,
+                    len = m.bytes.len(),
+                    "deliver (stream)"
+                );
             }
             self.trace.update(b"deliver");
             self.trace.update(&to.to_le_bytes());
@@ -1887,6 +1906,12 @@ impl Sim {
             ));
         }
         if std::env::var_os("FEEDMESH_SIM_DEBUG").is_some() && !converged {
+            for &i in &live {
+                let neighbors =
+                    self.graph.as_ref().map(|g| g.neighbors(i - 1).iter().map(|p| p + 1).collect::<Vec<_>>());
+                let known = self.nodes[i as usize].mesh.as_ref().map(|m| m.known.clone());
+                eprintln!("node {i}: overlay neighbours {neighbors:?}, known peers {known:?}");
+            }
             if let Some(r) = self.replica(reference) {
                 for &i in &live {
                     let Some(other) = self.replica(i) else { continue };

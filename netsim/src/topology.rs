@@ -139,6 +139,11 @@ impl Topology {
         petgraph::algo::connected_components(&self.graph) <= 1
     }
 
+    /// `node`'s neighbours, sorted.
+    pub fn neighbors(&self, node: u32) -> &[u32] {
+        self.neighbors.get(node as usize).map_or(&[], Vec::as_slice)
+    }
+
     /// Whether the nodes with `keep[node]` are connected through each other alone (true when
     /// fewer than two are kept).
     pub fn is_connected_among(&self, keep: &[bool]) -> bool {

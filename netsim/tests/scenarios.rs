@@ -113,7 +113,11 @@ fn a_faster_cloud_uplink_never_drops_more_relayed_datagrams() {
         assert!(drops.windows(2).all(|w| w[0] >= w[1]), "{model}: more bandwidth, more drops: {drops:?}");
         assert_eq!(drops[2..], [0, 0], "{model}: a fast link drops nothing");
         for r in reports {
-            assert!(r.relayed_datagrams > 0 && r.direct_datagrams == 0, "{}: all through the relay", r.scenario);
+            assert!(
+                r.relayed_datagrams > 0 && r.direct_datagrams == 0,
+                "{}: all through the relay",
+                r.scenario
+            );
             assert_eq!(r.dropped, r.queue_drops, "{}: no other loss", r.scenario);
         }
     }
@@ -136,7 +140,9 @@ fn the_embedded_default_passes() {
     assert!(report.direct_paths > 0 && report.relayed_paths > 0, "{report:?}");
     assert!(report.inert_faults.is_empty());
     let f = &report.faults;
-    assert!(f.device_crashes > 0 && f.devices_offline > 0 && f.devices_skewed > 0 && f.partitions_started == 1);
+    assert!(
+        f.device_crashes > 0 && f.devices_offline > 0 && f.devices_skewed > 0 && f.partitions_started == 1
+    );
     assert!(f.datagrams_lost > 0 && f.datagrams_duplicated > 0 && f.datagrams_partitioned > 0);
 }
 
