@@ -1333,28 +1333,28 @@ impl Sim {
             if now < pair_at {
                 return;
             }
+            // The directory says when the pairing is done (the user's device added this one),
+            // whatever became of the pairing at the cloud, so it is pulled on every round once
+            // consented, and on every third round before.
+            let directory = Request::Directory { heads: Vec::new(), changes: Vec::new() };
+            if (pair.consented || m.rounds % 3 == 0) && !d.pending(&directory) {
+                let _ = d.sync_directory(local);
+            }
             let request = match pair.id {
                 None => {
                     let u =
                         self.mesh.as_ref().and_then(|w| w.user_ids.iter().position(|x| Some(*x) == m.user));
                     let (account, password) = crate::mesh::account_of(u.unwrap_or(0));
                     let commitment = engine::directory::pairing_commitment(&me, &pair.nonce);
-                    Request::PairRequest { account, password, commitment }
+                    Some(Request::PairRequest { account, password, commitment })
                 }
-                Some(id) if !pair.consented => Request::PairStatus { id },
-                Some(_) => Request::Directory { heads: Vec::new(), changes: Vec::new() },
+                Some(id) if !pair.consented => Some(Request::PairStatus { id }),
+                // Consented and waiting to be added: is the pairing still there (a cloud that
+                // crashed lost it; one the cloud dropped because it completed shows in the
+                // directory pulled above)?
+                Some(id) => (m.rounds % 3 == 0).then_some(Request::PairStatus { id }),
             };
-            if let (Request::Directory { .. }, Some(id)) = (&request, pair.id) {
-                if !d.pending(&request) {
-                    let _ = d.sync_directory(local);
-                }
-                // Still waiting to be added: is the pairing still there (a cloud that crashed
-                // lost it)?
-                let status = Request::PairStatus { id };
-                if m.rounds % 3 == 0 && !d.pending(&status) {
-                    let _ = d.request(local, status);
-                }
-            } else if !d.pending(&request) {
+            if let Some(request) = request.filter(|r| !d.pending(r)) {
                 let _ = d.request(local, request);
             }
             self.pump(node);
@@ -1369,7 +1369,12 @@ impl Sim {
                 let _ = d.request(local, request);
             }
         }
-        let _ = d.sync_directory(local);
+        // Not over a push still in flight: its answer would be dropped as replaced, and the
+        // device would never learn what the cloud holds (every push whole again: the swarm's
+        // seed 676, 47 KB each round on a lossy link).
+        if !d.pending(&Request::Directory { heads: Vec::new(), changes: Vec::new() }) {
+            let _ = d.sync_directory(local);
+        }
         self.pump(node);
     }
 
@@ -1766,9 +1771,23 @@ impl Sim {
             if tracing::enabled!(tracing::Level::TRACE) {
                 let (sid, step, kind) = match m.stream {
                     Stream::Sync => engine::wire::peek(&m.bytes).unwrap_or((0, 0, "?")),
-                    Stream::Request(_) => (0, 0, "request"),
+                    Stream::Request(_) => {
+                        let request =
+                            engine::control::decode::<Request>(&m.bytes, engine::control::CONTROL_MAX);
+                        (0, 0, request.map_or("request", |r| r.kind()))
+                    }
                     Stream::Response(_) => (0, 0, "response"),
                     Stream::Notice => (0, 0, "notice"),
+                };
+                // A refused answer says why.
+                let refused = match m.stream {
+                    Stream::Response(_) => {
+                        match engine::control::decode::<Response>(&m.bytes, engine::control::CONTROL_MAX) {
+                            Ok(Response::Refused(e)) => format!("{e:?}"),
+                            _ => String::new(),
+                        }
+                    }
+                    _ => String::new(),
                 };
                 tracing::trace!(
                     t_us = now,
@@ -1777,6 +1796,7 @@ impl Sim {
                     sid,
                     step,
                     kind,
+                    refused,
                     len = m.bytes.len(),
                     "deliver (stream)"
                 );

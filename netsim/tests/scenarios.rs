@@ -162,7 +162,8 @@ fn removing_any_configured_fault_changes_the_trace_hash() {
     let all = check(ALL);
     assert!(all.inert_faults.is_empty(), "{:?}", all.inert_faults);
     let base = Scenario::parse(ALL).unwrap();
-    let removals: [(&str, fn(&mut Scenario)); 14] = [
+    type Removal = (&'static str, fn(&mut Scenario));
+    let removals: [Removal; 14] = [
         ("loss", |s| s.network.loss_ppm = 0),
         ("duplication", |s| s.network.dup_ppm = 0),
         ("NATs", |s| s.nat = Default::default()),
