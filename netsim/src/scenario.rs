@@ -506,7 +506,8 @@ pub struct Faults {
     /// and its replicas come back under a new epoch. Relayed traffic is lost while it is down.
     #[serde(default)]
     pub cloud_crashes_ms: Vec<u64>,
-    /// Per merge a device accepts, the chance (ppm) that it crashes before committing it: the
+    /// Per merge a device accepts before `duration_ms` (faults stop there), the chance (ppm)
+    /// that it crashes before committing it: the
     /// merge is lost with the device's volatile state, and the device restarts `down_ms` later
     /// from what it had committed.
     #[serde(default)]

@@ -1144,7 +1144,14 @@ impl Sim {
         // Crash before commit: a device armed for it keeps what it had committed; if this message
         // makes it merge anything, it crashes before committing.
         let ppm = self.sc.faults.crash_before_commit_ppm;
-        if ppm > 0 && to != CLOUD && stream == Stream::Sync && self.rng.random_range(0..1_000_000) < ppm {
+        // Faults stop at `duration_ms`: a device crashing in the quiet phase would be down at the
+        // end, and on a sparse overlay cut its neighbours apart (the swarm's open ring finding).
+        if ppm > 0
+            && to != CLOUD
+            && stream == Stream::Sync
+            && self.now < self.faults_until
+            && self.rng.random_range(0..1_000_000) < ppm
+        {
             self.crash_armed.insert(to);
         }
         let armed = self.crash_armed.contains(&to);
@@ -1311,6 +1318,16 @@ impl Sim {
                 continue;
             }
             for (item, fp) in items {
+                tracing::trace!(
+                    t_us = self.now,
+                    node,
+                    peer,
+                    item = %item.id(),
+                    updates = item.version.updates,
+                    conflicts = item.conflicts.len(),
+                    fp,
+                    "merged"
+                );
                 self.checker.absorb_state(node, &item, fp, self.now);
             }
         }
