@@ -239,6 +239,19 @@ impl Checker {
         excused
     }
 
+    /// Writes no node in `keep` ever held (a removed member's writes that reached no continuing
+    /// member before the removal cut it off): lost by the removal, not by the protocol, they are
+    /// excused from the durability check. Returns how many were newly excused.
+    pub fn cut_off(&mut self, keep: impl Fn(u32) -> bool) -> u64 {
+        let mut excused = 0;
+        for (id, w) in self.writes.iter().enumerate() {
+            if !w.reached.iter().any(|&n| keep(n)) && self.excused.insert(id as u32) {
+                excused += 1;
+            }
+        }
+        excused
+    }
+
     /// Writes that are neither a final version nor in the causal past of one.
     pub fn lost_writes(&self, finals: &[Arc<Item>]) -> u64 {
         let mut covered: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();

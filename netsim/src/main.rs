@@ -295,6 +295,8 @@ fn print_report(r: &Report, source: &str, wall_ms: u64) {
         (f.datagrams_lost, "datagrams lost".into()),
         (f.datagrams_duplicated, "datagrams duplicated".into()),
         (r.repunches, "NAT mappings expired and punched again".into()),
+        (f.punches_failed, "direct paths not punched: the relay was down or cut off".into()),
+        (f.writes_cut_off_by_removal, "writes of a removed member no one else held (excused)".into()),
         (r.queue_drops, "datagrams dropped by full uplink queues".into()),
         (f.cloud_crashes, "cloud crashes".into()),
         (f.crashes_before_commit, "crashes before commit".into()),

@@ -191,6 +191,9 @@ pub struct NetStats {
     pub lost: u64,
     /// Datagrams a partition stopped.
     pub partitioned: u64,
+    /// Direct paths that could not be punched because the relay was down or cut off from a
+    /// side (the datagram is lost).
+    pub punches_failed: u64,
     /// Same-NAT datagrams turned back in by a hairpinning NAT.
     pub hairpinned: u64,
     /// Datagrams dropped because the sender's uplink queue was full.
@@ -236,6 +239,8 @@ pub struct Net {
     paths: Option<BTreeMap<(u32, u32), bool>>,
     /// Datagrams stopped, by the partition that stopped them.
     cut_drops: BTreeMap<usize, u64>,
+    /// The relay is up (it coordinates hole punching).
+    relay_up: bool,
 }
 
 impl Net {
@@ -265,6 +270,7 @@ impl Net {
             stats: NetStats::default(),
             paths: None,
             cut_drops: BTreeMap::new(),
+            relay_up: true,
         }
     }
 
@@ -407,16 +413,34 @@ impl Net {
 
     /// A hole-punched direct path is used at `now`: false (and re-punched) when its mapping had
     /// timed out, so this datagram is lost.
+    /// Whether the NAT mappings of the direct path `a`-`b` are open. A path is punched with the
+    /// relay's help (each side learns the other's public address from it and both send at
+    /// once), so punching one, the first time or after its mappings timed out, needs the relay
+    /// up and both sides reaching it: otherwise the datagram is lost and the path stays shut. A
+    /// re-punch costs the datagram that found the mapping gone; a punched path works without
+    /// the relay until its mappings time out.
     fn mapping_alive(&mut self, now: u64, a: u32, b: u32) -> bool {
         let key = (a.min(b), a.max(b));
-        let last = self.punched.insert(key, now);
-        match last {
-            Some(last) if self.mapping_timeout_us > 0 && now - last > self.mapping_timeout_us => {
-                self.stats.repunches += 1;
-                false
+        let last = self.punched.get(&key).copied();
+        let expired =
+            last.is_some_and(|last| self.mapping_timeout_us > 0 && now - last > self.mapping_timeout_us);
+        if last.is_none() || expired {
+            if !(self.relay_up && self.reachable(a, 0) && self.reachable(b, 0)) {
+                self.stats.punches_failed += 1;
+                return false;
             }
-            _ => true,
         }
+        self.punched.insert(key, now);
+        if expired {
+            self.stats.repunches += 1;
+            return false;
+        }
+        true
+    }
+
+    /// The relay (the cloud) is up or down: punching new direct paths needs it.
+    pub fn set_relay_up(&mut self, up: bool) {
+        self.relay_up = up;
     }
 
     /// Sends a datagram of `len` bytes `from` -> `to` at `now`: the delays of the copies that
@@ -650,6 +674,37 @@ mod tests {
         assert!(net.transmit(&mut rng, 2_000_000, 1, 2, 10).arrive.is_empty(), "idle 1.1 s: expired");
         assert_eq!(net.transmit(&mut rng, 2_100_000, 1, 2, 10).arrive.as_slice(), &[5_000], "re-punched");
         assert_eq!(net.stats().repunches, 1);
+    }
+
+    /// Hole punching needs the relay: a new direct path is not punched while the relay is down
+    /// or a side cannot reach it; a punched one keeps working without it.
+    #[test]
+    fn punching_a_direct_path_needs_the_relay() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        // Two LAN groups of one device, both behind full-cone NATs: they punch through.
+        let groups = vec![(Nat::FullCone, false), (Nat::FullCone, false)];
+        let mut net = Net::new(constant(10), 2, 1, groups, false, 0);
+        net.set_relay_up(false);
+        assert!(net.transmit(&mut rng, 0, 1, 2, 10).arrive.is_empty(), "no relay, no punch");
+        assert_eq!(net.stats().punches_failed, 1);
+        // A one-way cut of device 1 from the rest: it cannot reach the relay either.
+        net.set_relay_up(true);
+        net.cut(0, Cut::Oneway(1..2));
+        assert!(net.transmit(&mut rng, 1, 2, 1, 10).arrive.is_empty(), "device 1 cannot reach the relay");
+        assert_eq!(net.stats().punches_failed, 2);
+        net.heal(0);
+        assert_eq!(
+            net.transmit(&mut rng, 2, 1, 2, 10).arrive.as_slice(),
+            &[10_000],
+            "punched with the relay"
+        );
+        net.set_relay_up(false);
+        assert_eq!(
+            net.transmit(&mut rng, 3, 2, 1, 10).arrive.as_slice(),
+            &[10_000],
+            "punched paths outlive it"
+        );
+        assert_eq!(net.stats().punches_failed, 2);
     }
 
     #[test]

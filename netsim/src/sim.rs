@@ -363,6 +363,12 @@ pub struct FaultCounts {
     /// Datagrams lost by the loss model, and copies made by duplication.
     pub datagrams_lost: u64,
     pub datagrams_duplicated: u64,
+    /// Direct paths that could not be punched: the relay that coordinates it was down or cut
+    /// off from a side.
+    pub punches_failed: u64,
+    /// A removed member's writes that no continuing member (nor the cloud) ever held: cut off
+    /// by the removal, excused from the durability check.
+    pub writes_cut_off_by_removal: u64,
 }
 
 impl Sim {
@@ -1065,6 +1071,9 @@ impl Sim {
                 Host::Injected | Host::Noop => {}
             }
             self.crash_armed.remove(&node);
+            if node == CLOUD {
+                self.net.set_relay_up(false);
+            }
             if !self.conns.is_empty() {
                 // Its connections die with it, both ways.
                 self.conns.retain(|&(a, b), _| a != node && b != node);
@@ -1076,6 +1085,9 @@ impl Sim {
     /// Back up: a device whose store was lost starts over as a new endpoint; every role arms
     /// its timers again.
     fn come_up(&mut self, node: u32) {
+        if node == CLOUD {
+            self.net.set_relay_up(true);
+        }
         if self.store_lost.remove(&node) {
             tracing::debug!(t_us = self.now, node, "store lost");
             self.faults_applied.stores_lost += 1;
@@ -1981,6 +1993,11 @@ impl Sim {
         }
         let finals: Vec<Arc<Item>> =
             self.replica(reference).map(|r| r.items().cloned().collect()).unwrap_or_default();
+        if self.mesh.as_ref().is_some_and(|w| w.spec.remove_user.is_some()) {
+            let keep: Vec<bool> = (0..=self.sc.devices).map(|i| i == CLOUD || self.expected(i)).collect();
+            self.faults_applied.writes_cut_off_by_removal =
+                self.checker.cut_off(|n| keep.get(n as usize).copied().unwrap_or(false));
+        }
         let lost = self.checker.lost_writes(&finals);
         if lost > 0 && failure.is_none() {
             failure = Some(format!(
@@ -2029,6 +2046,7 @@ impl Sim {
         applied.datagrams_partitioned = stats.partitioned;
         applied.datagrams_lost = stats.lost;
         applied.datagrams_duplicated = stats.duplicated;
+        applied.punches_failed = stats.punches_failed;
         applied.devices_skewed = self.nodes.iter().skip(1).filter(|n| n.skew_ms != 0).count() as u64;
         applied.devices_drifting = self.nodes.iter().skip(1).filter(|n| n.drift_ppm != 0).count() as u64;
         let inert_faults = self.inert_faults(stats);
