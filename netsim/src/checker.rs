@@ -23,8 +23,9 @@ fn key(version: &Version) -> [u8; 16] {
 struct Write {
     item: String,
     at: u64,
-    /// Nodes that have seen it, and when the last of them did.
-    reached: BTreeSet<u32>,
+    /// Nodes that have seen it (with how long after the write, in ms), and when the last of
+    /// them did.
+    reached: BTreeMap<u32, u32>,
     last_reach: u64,
     /// For sampled writes: when each node got it (microseconds), for the run's plot.
     times: Option<Vec<u64>>,
@@ -133,7 +134,7 @@ impl Checker {
         self.writes.push(Write {
             item: item.clone(),
             at: now,
-            reached: BTreeSet::new(),
+            reached: BTreeMap::new(),
             last_reach: now,
             times,
         });
@@ -215,7 +216,8 @@ impl Checker {
         for &id in learned {
             if seen.insert(id) {
                 let w = &mut self.writes[id as usize];
-                if w.reached.insert(node) {
+                if let std::collections::btree_map::Entry::Vacant(e) = w.reached.entry(node) {
+                    e.insert(((now.saturating_sub(w.at)) / 1_000).min(u64::from(u32::MAX)) as u32);
                     w.last_reach = w.last_reach.max(now);
                     if let Some(times) = &mut w.times {
                         times.push(now);
@@ -232,7 +234,7 @@ impl Checker {
         self.seen[node as usize] = BTreeMap::new();
         let mut excused = 0;
         for (id, w) in self.writes.iter().enumerate() {
-            if w.reached.len() == 1 && w.reached.contains(&node) && self.excused.insert(id as u32) {
+            if w.reached.len() == 1 && w.reached.contains_key(&node) && self.excused.insert(id as u32) {
                 excused += 1;
             }
         }
@@ -245,7 +247,7 @@ impl Checker {
     pub fn cut_off(&mut self, keep: impl Fn(u32) -> bool) -> u64 {
         let mut excused = 0;
         for (id, w) in self.writes.iter().enumerate() {
-            if !w.reached.iter().any(|&n| keep(n)) && self.excused.insert(id as u32) {
+            if !w.reached.keys().any(|&n| keep(n)) && self.excused.insert(id as u32) {
                 excused += 1;
             }
         }
@@ -283,13 +285,90 @@ impl Checker {
             if self.excused.contains(&(id as u32)) {
                 continue;
             }
-            if live.iter().all(|n| w.reached.contains(n)) {
+            if live.iter().all(|n| w.reached.contains_key(n)) {
                 histogram.record((w.last_reach.saturating_sub(w.at)) / 1_000);
             } else {
                 unconverged += 1;
             }
         }
         (histogram.quantile(0.5), histogram.quantile(0.99), histogram.max, unconverged)
+    }
+}
+
+/// How fast writes spread among the devices that were online: per write, the time until 50%,
+/// 99% and 100% of them held it; over the writes, the median, 99th percentile and maximum of
+/// each (ms, from a log-linear histogram: each value within 1/16 of its power of two).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Propagation {
+    /// The devices counted (online: live at the end, not offline for the write phase).
+    pub devices: u32,
+    /// Writes counted (excused ones are not).
+    pub writes: u64,
+    /// `[p50, p99, max]` over the writes, in ms, of the time to 50%, 99% and 100% of the devices.
+    pub to_50_ms: [u64; 3],
+    pub to_99_ms: [u64; 3],
+    pub to_100_ms: [u64; 3],
+    /// Writes that never reached 50%, 99%, 100% of them.
+    pub short_of: [u64; 3],
+}
+
+/// What the final state says about concurrent edits.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Conflicts {
+    /// Final items that hold conflicts, and the conflicting versions they hold.
+    pub items: u64,
+    pub versions: u64,
+    /// Conflicting versions written later (in virtual time) than the version that won: the
+    /// later real-time edit lost (FeedSync picks by update count, then by `when`, then by
+    /// endpoint, and `when` is a device's skewed clock).
+    pub later_edit_lost: u64,
+}
+
+impl Checker {
+    /// See [`Propagation`]; `devices` are the devices counted.
+    pub fn propagation(&self, devices: &[u32]) -> Propagation {
+        let n = devices.len();
+        let mut out = Propagation { devices: n as u32, ..Propagation::default() };
+        if n == 0 {
+            return out;
+        }
+        let ranks = [n.div_ceil(2), (n * 99).div_ceil(100), n];
+        let mut histograms: [Histogram; 3] = Default::default();
+        let mut delays: Vec<u32> = Vec::with_capacity(n);
+        for (id, w) in self.writes.iter().enumerate() {
+            if self.excused.contains(&(id as u32)) {
+                continue;
+            }
+            out.writes += 1;
+            delays.clear();
+            delays.extend(devices.iter().filter_map(|d| w.reached.get(d).copied()));
+            delays.sort_unstable();
+            for (i, &rank) in ranks.iter().enumerate() {
+                match delays.get(rank.max(1) - 1) {
+                    Some(&ms) => histograms[i].record(u64::from(ms)),
+                    None => out.short_of[i] += 1,
+                }
+            }
+        }
+        let summary = |h: &Histogram| [h.quantile(0.5), h.quantile(0.99), h.max];
+        out.to_50_ms = summary(&histograms[0]);
+        out.to_99_ms = summary(&histograms[1]);
+        out.to_100_ms = summary(&histograms[2]);
+        out
+    }
+
+    /// See [`Conflicts`], over the final items.
+    pub fn conflicts(&self, finals: &[Arc<Item>]) -> Conflicts {
+        let mut out = Conflicts::default();
+        let at = |v: &Version| self.versions.get(&key(v)).map(|(id, _)| self.writes[*id as usize].at);
+        for item in finals.iter().filter(|i| !i.conflicts.is_empty()) {
+            out.items += 1;
+            out.versions += item.conflicts.len() as u64;
+            let Some(won) = at(&item.version) else { continue };
+            out.later_edit_lost +=
+                item.conflicts.iter().filter(|c| at(c).is_some_and(|t| t > won)).count() as u64;
+        }
+        out
     }
 }
 

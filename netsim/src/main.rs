@@ -320,9 +320,27 @@ fn print_report(r: &Report, source: &str, wall_ms: u64) {
     }
     println!("  lost writes          {:>12}", r.lost_writes);
     println!("  writes not everywhere{:>12}", r.unconverged_writes);
+    let p = &r.propagation;
     println!(
-        "  propagation          p50 {} ms, p99 {} ms, max {} ms   (write to every live node)",
+        "  propagation          per write, to the {} devices online (median / p99 / max over {} writes, ms; log-linear histogram, within 1/16)",
+        p.devices, p.writes
+    );
+    for (share, [p50, p99, max], short) in [
+        ("50%", p.to_50_ms, p.short_of[0]),
+        ("99%", p.to_99_ms, p.short_of[1]),
+        ("100%", p.to_100_ms, p.short_of[2]),
+    ] {
+        let short = if short > 0 { format!("   ({short} writes never got there)") } else { String::new() };
+        println!("    to {share:<4} of them    {p50:>9} / {p99} / {max}{short}");
+    }
+    println!(
+        "  to every live node   p50 {} ms, p99 {} ms, max {} ms   (the cloud and offline devices included)",
         r.convergence_ms_p50, r.convergence_ms_p99, r.convergence_ms_max
+    );
+    let c = &r.conflicts;
+    println!(
+        "  conflicts            {:>12}   items hold {} conflicting versions; {} of them were written after the version that won",
+        c.items, c.versions, c.later_edit_lost
     );
     if let Some(m) = &r.mesh {
         println!();

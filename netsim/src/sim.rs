@@ -255,6 +255,10 @@ pub struct Report {
     /// Datagrams between devices, relayed and direct.
     pub relayed_datagrams: u64,
     pub direct_datagrams: u64,
+    /// How fast writes spread among the devices that were online (see [`crate::checker::Propagation`]).
+    pub propagation: crate::checker::Propagation,
+    /// Concurrent edits in the final state.
+    pub conflicts: crate::checker::Conflicts,
     /// Faults the scenario configures that never acted (the `faults` check fails on them unless
     /// `require_faults_act = false`).
     pub inert_faults: Vec<String>,
@@ -332,6 +336,8 @@ pub struct Sim {
     crash_armed: BTreeSet<u32>,
     /// Devices whose current crash also loses their store.
     store_lost: BTreeSet<u32>,
+    /// Devices offline for the write phase (left out of the propagation figures).
+    offline_for_run: BTreeSet<u32>,
     faults_applied: FaultCounts,
     /// Stream transport: connections by (sender, receiver), the last id given out, and packets
     /// sent, retransmitted, connections broken.
@@ -587,6 +593,7 @@ impl Sim {
             folder,
             crash_armed: BTreeSet::new(),
             store_lost: BTreeSet::new(),
+            offline_for_run: BTreeSet::new(),
             faults_applied: FaultCounts::default(),
             conns: BTreeMap::new(),
             next_conn: 0,
@@ -635,6 +642,7 @@ impl Sim {
             }
             if self.rng.random_range(0..1_000_000) < self.sc.faults.offline_ppm {
                 self.faults_applied.devices_offline += 1;
+                self.offline_for_run.insert(node);
                 self.go_down(node);
                 self.push(self.faults_until, Payload::BackOnline { node });
             }
@@ -1993,12 +2001,25 @@ impl Sim {
         }
         let finals: Vec<Arc<Item>> =
             self.replica(reference).map(|r| r.items().cloned().collect()).unwrap_or_default();
+        // Durability is judged against every live node's final items, not one node's (they are
+        // the same when the run converged: each distinct replica state is taken once).
+        let mut judged = finals.clone();
+        let mut digests = BTreeSet::from([digest]);
+        for &i in &live {
+            if let Some(r) = self.replica(i).filter(|r| digests.insert(r.digest())) {
+                judged.extend(r.items().cloned());
+            }
+        }
+        let conflicts = self.checker.conflicts(&finals);
+        let online: Vec<u32> =
+            live.iter().copied().filter(|&i| i != CLOUD && !self.offline_for_run.contains(&i)).collect();
+        let propagation = self.checker.propagation(&online);
         if self.mesh.as_ref().is_some_and(|w| w.spec.remove_user.is_some()) {
             let keep: Vec<bool> = (0..=self.sc.devices).map(|i| i == CLOUD || self.expected(i)).collect();
             self.faults_applied.writes_cut_off_by_removal =
                 self.checker.cut_off(|n| keep.get(n as usize).copied().unwrap_or(false));
         }
-        let lost = self.checker.lost_writes(&finals);
+        let lost = self.checker.lost_writes(&judged);
         if lost > 0 && failure.is_none() {
             failure = Some(format!(
                 "durability: {lost} accepted writes are neither final versions nor in the causal past of one"
@@ -2079,6 +2100,8 @@ impl Sim {
             relayed_datagrams: self.net.stats().relayed,
             direct_datagrams: self.net.stats().direct,
             inert_faults,
+            propagation,
+            conflicts,
             queue_drops: self.net.stats().queue_drops,
             repunches: self.net.stats().repunches,
             hairpinned: self.net.stats().hairpinned,

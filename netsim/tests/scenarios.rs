@@ -144,6 +144,17 @@ fn the_embedded_default_passes() {
         f.device_crashes > 0 && f.devices_offline > 0 && f.devices_skewed > 0 && f.partitions_started == 1
     );
     assert!(f.datagrams_lost > 0 && f.datagrams_duplicated > 0 && f.datagrams_partitioned > 0);
+    // Propagation among the devices online: every write reached all of them, and half of them
+    // no later than all of them.
+    let p = &report.propagation;
+    assert!(p.devices > 250 && p.devices < 300 && p.writes > 0, "{p:?}");
+    assert_eq!(p.short_of, [0, 0, 0]);
+    for i in 0..3 {
+        assert!(p.to_50_ms[i] <= p.to_99_ms[i] && p.to_99_ms[i] <= p.to_100_ms[i], "{p:?}");
+    }
+    assert!(p.to_100_ms[2] <= report.convergence_ms_max, "the online devices are among the live nodes");
+    let c = &report.conflicts;
+    assert!(c.items > 0 && c.versions >= c.items && c.later_edit_lost <= c.versions, "{c:?}");
 }
 
 /// Every fault a small scenario configures acts, and removing any one of them changes the run's
