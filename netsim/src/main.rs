@@ -289,6 +289,13 @@ fn print_report(r: &Report, source: &str, wall_ms: u64) {
         (f.device_crashes, "device crashes".to_string()),
         (r.departures, "departures (churn)".into()),
         (f.devices_offline, "devices offline for the run".into()),
+        (
+            f.disconnections,
+            format!(
+                "disconnections of devices left on ({} datagrams lost to them)",
+                f.datagrams_disconnected
+            ),
+        ),
         (f.devices_skewed, "devices with a skewed clock".into()),
         (f.devices_drifting, "devices with a drifting clock".into()),
         (f.partitions_started, format!("partitions ({} datagrams stopped)", f.datagrams_partitioned)),

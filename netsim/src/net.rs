@@ -194,6 +194,8 @@ pub struct NetStats {
     /// Direct paths that could not be punched because the relay was down or cut off from a
     /// side (the datagram is lost).
     pub punches_failed: u64,
+    /// Datagrams to or from a device off the network.
+    pub disconnected: u64,
     /// Same-NAT datagrams turned back in by a hairpinning NAT.
     pub hairpinned: u64,
     /// Datagrams dropped because the sender's uplink queue was full.
@@ -241,6 +243,8 @@ pub struct Net {
     cut_drops: BTreeMap<usize, u64>,
     /// The relay is up (it coordinates hole punching).
     relay_up: bool,
+    /// Devices on but off the network (offline writers, connectivity windows).
+    disconnected: std::collections::BTreeSet<u32>,
 }
 
 impl Net {
@@ -271,6 +275,7 @@ impl Net {
             paths: None,
             cut_drops: BTreeMap::new(),
             relay_up: true,
+            disconnected: std::collections::BTreeSet::new(),
         }
     }
 
@@ -317,6 +322,11 @@ impl Net {
 
     /// Whether a packet from `a` gets to `b` through every active partition.
     fn reachable(&mut self, a: u32, b: u32) -> bool {
+        if !self.disconnected.is_empty() && (self.disconnected.contains(&a) || self.disconnected.contains(&b))
+        {
+            self.stats.disconnected += 1;
+            return false;
+        }
         let Some((&index, _)) = self.cuts.iter().find(|(_, cut)| !cut.passes(a, b)) else { return true };
         self.stats.partitioned += 1;
         *self.cut_drops.entry(index).or_default() += 1;
@@ -424,11 +434,9 @@ impl Net {
         let last = self.punched.get(&key).copied();
         let expired =
             last.is_some_and(|last| self.mapping_timeout_us > 0 && now - last > self.mapping_timeout_us);
-        if last.is_none() || expired {
-            if !(self.relay_up && self.reachable(a, 0) && self.reachable(b, 0)) {
-                self.stats.punches_failed += 1;
-                return false;
-            }
+        if (last.is_none() || expired) && !(self.relay_up && self.reachable(a, 0) && self.reachable(b, 0)) {
+            self.stats.punches_failed += 1;
+            return false;
         }
         self.punched.insert(key, now);
         if expired {
@@ -436,6 +444,15 @@ impl Net {
             return false;
         }
         true
+    }
+
+    /// A device leaves the network (still on: it keeps its state and writes) or comes back.
+    pub fn set_connected(&mut self, node: u32, connected: bool) {
+        if connected {
+            self.disconnected.remove(&node);
+        } else {
+            self.disconnected.insert(node);
+        }
     }
 
     /// The relay (the cloud) is up or down: punching new direct paths needs it.

@@ -57,6 +57,9 @@ pub struct Scenario {
     pub faults: Faults,
     #[serde(default)]
     pub partitions: Vec<Partition>,
+    /// Connectivity windows per device (see [`Window`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<Window>,
     /// What the nodes run: `engine` (replicas and sync sessions) or `noop` (each tick sends one
     /// small datagram to the chosen peer and a delivery does nothing: the kernel and network
     /// model alone, for benchmarks).
@@ -475,7 +478,7 @@ pub struct Nat {
     pub mapping_timeout_ms: u64,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Faults {
     /// Device crashes per device per minute; a crashed device is down `down_ms` and loses its
@@ -518,6 +521,56 @@ pub struct Faults {
     /// Plain model only (a keyed device that lost its key must be paired again).
     #[serde(default)]
     pub lost_store_ppm: u32,
+    /// The share of devices (ppm) whose clock is skewed by `clock_skew_ms` (the rest keep exact
+    /// time; default: all).
+    #[serde(default = "all_ppm")]
+    pub clock_skew_share_ppm: u32,
+    /// Fixed clock offsets `[[device, ms], ...]`, replacing the drawn skew of those devices.
+    #[serde(default)]
+    pub device_skews_ms: Vec<(u32, i64)>,
+    /// Offline devices (`offline_ppm`) stay on and keep writing while disconnected, as a laptop
+    /// on a plane would; they reconnect for the quiet phase. Default: they are off.
+    #[serde(default)]
+    pub offline_writes: bool,
+    /// The share of devices (ppm) that churn (default: all).
+    #[serde(default = "all_ppm")]
+    pub churn_share_ppm: u32,
+}
+
+fn all_ppm() -> u32 {
+    1_000_000
+}
+
+impl Default for Faults {
+    /// What a scenario with an empty `[faults]` table gets.
+    fn default() -> Self {
+        Self {
+            crashes_per_min: 0.0,
+            down_ms: default_down(),
+            clock_skew_ms: 0,
+            offline_ppm: 0,
+            clock_drift_ppm: 0,
+            churn_per_min: 0.0,
+            churn_away_ms: default_away(),
+            cloud_crashes_ms: Vec::new(),
+            crash_before_commit_ppm: 0,
+            lost_store_ppm: 0,
+            clock_skew_share_ppm: all_ppm(),
+            device_skews_ms: Vec::new(),
+            offline_writes: false,
+            churn_share_ppm: all_ppm(),
+        }
+    }
+}
+
+/// `[[windows]]`: a device connected only within its windows during the write phase (always in
+/// the quiet phase); it stays on and keeps writing while disconnected.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Window {
+    pub device: u32,
+    /// `[[from_ms, to_ms], ...]`, in order, not overlapping.
+    pub online_ms: Vec<(u64, u64)>,
 }
 
 fn default_away() -> u64 {
@@ -723,6 +776,30 @@ impl Scenario {
                 "faults.lost_store_ppm",
                 "only without [mesh]: a keyed device that lost its key must be paired again",
             );
+        }
+        if self.faults.clock_skew_share_ppm > 1_000_000 || self.faults.churn_share_ppm > 1_000_000 {
+            return bad("faults", "clock_skew_share_ppm and churn_share_ppm are at most 1000000");
+        }
+        for &(d, ms) in &self.faults.device_skews_ms {
+            if d == 0 || d > self.devices {
+                return bad("faults.device_skews_ms", "device indices must be 1..=devices");
+            }
+            if ms.unsigned_abs() > 86_400_000 {
+                return bad("faults.device_skews_ms", "offsets must be within one day");
+            }
+        }
+        for w in &self.windows {
+            if w.device == 0 || w.device > self.devices {
+                return bad("windows.device", "device indices must be 1..=devices");
+            }
+            if w.online_ms.iter().any(|&(from, to)| from > to)
+                || w.online_ms.windows(2).any(|pair| pair[0].1 > pair[1].0)
+            {
+                return bad(
+                    "windows.online_ms",
+                    "windows must be [from, to] with from <= to, in order, not overlapping",
+                );
+            }
         }
         if self.faults.churn_per_min > 0.0 && self.faults.churn_away_ms == 0 {
             return bad("faults.churn_away_ms", "must be at least 1 with churn");

@@ -123,6 +123,11 @@ enum Payload {
     },
     /// Mesh model: the folder owner removes the member.
     RemoveMember,
+    /// A device (on) leaves the network or comes back: offline writers, connectivity windows.
+    Connect {
+        node: u32,
+        on: bool,
+    },
 }
 
 /// What a relayed copy carries.
@@ -375,6 +380,10 @@ pub struct FaultCounts {
     /// A removed member's writes that no continuing member (nor the cloud) ever held: cut off
     /// by the removal, excused from the durability check.
     pub writes_cut_off_by_removal: u64,
+    /// Times a device (on) left the network (offline writers, connectivity windows), and
+    /// datagrams lost to it.
+    pub disconnections: u64,
+    pub datagrams_disconnected: u64,
 }
 
 impl Sim {
@@ -392,7 +401,12 @@ impl Sim {
             })
             .collect();
         for i in 0..=devices {
-            let skew_ms = if i == CLOUD || sc.faults.clock_skew_ms == 0 {
+            // Drawn only when a share is set, so that runs without one replay unchanged.
+            let skewed = i != CLOUD
+                && (sc.faults.clock_skew_share_ppm >= 1_000_000
+                    || sc.faults.clock_skew_ms == 0
+                    || rng.random_range(0..1_000_000) < sc.faults.clock_skew_share_ppm);
+            let skew_ms = if !skewed || sc.faults.clock_skew_ms == 0 {
                 0
             } else {
                 let s = sc.faults.clock_skew_ms as i64;
@@ -450,6 +464,9 @@ impl Sim {
             request_rto_max_us: 4_800_000,
             refresh_tickets: true,
         };
+        for &(d, ms) in &sc.faults.device_skews_ms {
+            nodes[d as usize].skew_ms = ms;
+        }
         let mut folder = OPEN_FOLDER;
         let engine = sc.model == NodeModel::Engine;
         let mesh = sc.mesh.as_ref().filter(|m| m.enabled).map(|spec| {
@@ -643,10 +660,21 @@ impl Sim {
             if self.rng.random_range(0..1_000_000) < self.sc.faults.offline_ppm {
                 self.faults_applied.devices_offline += 1;
                 self.offline_for_run.insert(node);
-                self.go_down(node);
-                self.push(self.faults_until, Payload::BackOnline { node });
+                if self.sc.faults.offline_writes {
+                    // On, writing, off the network until the quiet phase.
+                    self.net.set_connected(node, false);
+                    self.push(self.faults_until, Payload::Connect { node, on: true });
+                } else {
+                    self.go_down(node);
+                    self.push(self.faults_until, Payload::BackOnline { node });
+                }
             }
-            self.schedule_leave(node, 0);
+            let churns = self.sc.faults.churn_share_ppm >= 1_000_000
+                || self.sc.faults.churn_per_min <= 0.0
+                || self.rng.random_range(0..1_000_000) < self.sc.faults.churn_share_ppm;
+            if churns {
+                self.schedule_leave(node, 0);
+            }
         }
         if let Some(world) = &self.mesh {
             let half = (world.lifetime_us / 2).max(1);
@@ -669,6 +697,22 @@ impl Sim {
             if let Some(at) = remove_at {
                 self.push(at * 1_000, Payload::RemoveMember);
             }
+        }
+        for w in self.sc.windows.clone() {
+            // Off the network outside its windows, back for good at the quiet phase.
+            if w.online_ms.first().is_none_or(|&(from, _)| from > 0) {
+                self.net.set_connected(w.device, false);
+                self.faults_applied.disconnections += 1;
+            }
+            for &(from, to) in &w.online_ms {
+                if from > 0 && from * 1_000 < self.faults_until {
+                    self.push(from * 1_000, Payload::Connect { node: w.device, on: true });
+                }
+                if to * 1_000 < self.faults_until {
+                    self.push(to * 1_000, Payload::Connect { node: w.device, on: false });
+                }
+            }
+            self.push(self.faults_until, Payload::Connect { node: w.device, on: true });
         }
         for at in self.sc.faults.cloud_crashes_ms.clone() {
             self.push(at * 1_000, Payload::Crash { node: CLOUD });
@@ -950,6 +994,15 @@ impl Sim {
                     },
                 };
                 self.net.cut(index, cut);
+            }
+            Payload::Connect { node, on } => {
+                tracing::debug!(t_us = self.now, node, on, "connectivity");
+                self.trace.update(if on { b"connect" } else { b"disconn" });
+                self.trace.update(&node.to_le_bytes());
+                if !on {
+                    self.faults_applied.disconnections += 1;
+                }
+                self.net.set_connected(node, on);
             }
             Payload::PartitionEnd { index } => {
                 tracing::debug!(t_us = self.now, index, "partition healed");
@@ -2068,6 +2121,7 @@ impl Sim {
         applied.datagrams_lost = stats.lost;
         applied.datagrams_duplicated = stats.duplicated;
         applied.punches_failed = stats.punches_failed;
+        applied.datagrams_disconnected = stats.disconnected;
         applied.devices_skewed = self.nodes.iter().skip(1).filter(|n| n.skew_ms != 0).count() as u64;
         applied.devices_drifting = self.nodes.iter().skip(1).filter(|n| n.drift_ppm != 0).count() as u64;
         let inert_faults = self.inert_faults(stats);
@@ -2140,6 +2194,8 @@ impl Sim {
         check(!f.cloud_crashes_ms.is_empty(), a.cloud_crashes > 0, "cloud crashes");
         check(f.crash_before_commit_ppm > 0, a.crashes_before_commit > 0, "crashes before commit");
         check(f.lost_store_ppm > 0, a.stores_lost > 0, "lost stores");
+        check(!sc.windows.is_empty(), a.disconnections > 0, "connectivity windows");
+        check(f.device_skews_ms.iter().any(|&(_, ms)| ms != 0), a.devices_skewed > 0, "device skews");
         let net = &sc.network;
         check(net.loss_ppm > 0 || net.burst.is_some(), stats.lost > 0, "loss");
         check(net.dup_ppm > 0, stats.duplicated > 0, "duplication");

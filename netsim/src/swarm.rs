@@ -26,7 +26,7 @@ use crate::topology::GraphSpec;
 use crate::Report;
 
 /// Keeps a swarm seed's draws apart from the same number used as a simulation seed.
-const DOMAIN: u64 = 0x5357_4152_4d00_0001; // "SWARM", version 1 of the distribution
+const DOMAIN: u64 = 0x5357_4152_4d00_0002; // "SWARM", version 2 of the distribution
 
 /// Largest drawn scenario, in devices: small enough that 100 seeds run in a minute or two on two
 /// cores, large enough for LAN groups, rings and bridges.
@@ -142,10 +142,17 @@ pub fn draw(seed: u64) -> Scenario {
     }
     if r.random_range(0..100) < 30 {
         f.offline_ppm = r.random_range(0..=200_000);
+        f.offline_writes = r.random_range(0..2) == 0;
     }
     if r.random_range(0..100) < 30 {
         f.churn_per_min = f64::from(r.random_range(1..=20u32)) / 10.0;
         f.churn_away_ms = r.random_range(2_000..=30_000);
+        if r.random_range(0..2) == 0 {
+            f.churn_share_ppm = r.random_range(100_000..=900_000);
+        }
+    }
+    if f.clock_skew_ms > 0 && r.random_range(0..2) == 0 {
+        f.clock_skew_share_ppm = r.random_range(100_000..=900_000);
     }
     if r.random_range(0..100) < 20 {
         let crashes = r.random_range(1..=2);
@@ -181,6 +188,26 @@ pub fn draw(seed: u64) -> Scenario {
         s.partitions.push(p);
     }
 
+    // Connectivity windows: up to two devices online only in one or two stretches.
+    if r.random_range(0..100) < 20 {
+        for _ in 0..r.random_range(1..=2u32.min(n)) {
+            let device = r.random_range(1..=n);
+            if s.windows.iter().any(|w| w.device == device) {
+                continue;
+            }
+            let mut online_ms = Vec::new();
+            let mut at = r.random_range(0..s.duration_ms / 2);
+            for _ in 0..r.random_range(1..=2) {
+                let to = (at + r.random_range(1_000..=20_000)).min(s.duration_ms);
+                online_ms.push((at, to));
+                at = to + r.random_range(1_000..=20_000);
+                if at >= s.duration_ms {
+                    break;
+                }
+            }
+            s.windows.push(crate::scenario::Window { device, online_ms });
+        }
+    }
     let w = &mut s.workload;
     w.writes_per_min = f64::from(r.random_range(5..=100u32)) / 10.0;
     w.items = match r.random_range(0..3) {
@@ -367,6 +394,13 @@ impl Summary {
             drawn("clock skew", sc.faults.clock_skew_ms > 0);
             drawn("clock drift", sc.faults.clock_drift_ppm > 0);
             drawn("offline devices", sc.faults.offline_ppm > 0);
+            drawn("offline writers", sc.faults.offline_ppm > 0 && sc.faults.offline_writes);
+            drawn("connectivity windows", !sc.windows.is_empty());
+            drawn(
+                "skew on a share",
+                sc.faults.clock_skew_ms > 0 && sc.faults.clock_skew_share_ppm < 1_000_000,
+            );
+            drawn("churn on a share", sc.faults.churn_per_min > 0.0 && sc.faults.churn_share_ppm < 1_000_000);
             drawn("cloud crashes", !sc.faults.cloud_crashes_ms.is_empty());
             drawn("crashes before commit", sc.faults.crash_before_commit_ppm > 0);
             drawn("lost stores", sc.faults.lost_store_ppm > 0);
@@ -478,6 +512,10 @@ mod tests {
         assert!(any(&|s| s.faults.lost_store_ppm > 0));
         assert!(any(&|s| s.faults.crash_before_commit_ppm > 0));
         assert!(any(&|s| s.faults.clock_drift_ppm > 0));
+        assert!(any(&|s| s.faults.offline_writes && s.faults.offline_ppm > 0));
+        assert!(any(&|s| !s.windows.is_empty()));
+        assert!(any(&|s| s.faults.churn_share_ppm < 1_000_000));
+        assert!(any(&|s| s.faults.clock_skew_share_ppm < 1_000_000));
         assert!(any(&|s| s.mesh.as_ref().is_some_and(|m| !m.forgers.is_empty())));
         assert!(any(&|s| s.mesh.as_ref().is_some_and(|m| !m.injected.is_empty())));
         assert!(any(&|s| s.mesh.as_ref().is_some_and(|m| !m.late_devices.is_empty())));

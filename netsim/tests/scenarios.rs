@@ -157,6 +157,32 @@ fn the_embedded_default_passes() {
     assert!(c.items > 0 && c.versions >= c.items && c.later_edit_lost <= c.versions, "{c:?}");
 }
 
+/// Devices left on while off the network keep writing, and nothing they wrote is lost: offline
+/// writers (back for the quiet phase) and a device online only in two windows. Skew and churn
+/// limited to a share of the devices.
+#[test]
+fn devices_writing_while_off_the_network_lose_nothing() {
+    let text = "name = \"offline-writers\"\nseed = 9\ndevices = 20\ntopology = \"hybrid\"\nlan_group = 4\n\
+        remote_peer_ppm = 200000\nduration_ms = 60000\nquiet_ms = 60000\nsync_interval_ms = 1000\n\
+        [workload]\nwrites_per_min = 6.0\nitems = 30\n\
+        [faults]\noffline_ppm = 300000\noffline_writes = true\nclock_skew_ms = 10000\nclock_skew_share_ppm = 300000\n\
+        churn_per_min = 2.0\nchurn_away_ms = 5000\nchurn_share_ppm = 200000\n\
+        [[windows]]\ndevice = 2\nonline_ms = [[20000, 25000], [50000, 55000]]\n";
+    let report = check(text);
+    let f = &report.faults;
+    assert!(f.devices_offline > 0 && f.disconnections > 0 && f.datagrams_disconnected > 0, "{f:?}");
+    assert!(f.devices_skewed > 0 && f.devices_skewed < 20, "a share of the devices is skewed: {f:?}");
+    assert!(report.departures > 0);
+    // The same run with the offline devices off: fewer writes (they made none while away).
+    let off = run(
+        &Scenario::parse(&text.replace("offline_writes = true", "offline_writes = false")).unwrap(),
+        9,
+        &mut |_, _| {},
+    );
+    assert!(off.failure.is_none(), "{:?}", off.failure);
+    assert!(report.writes > off.writes, "offline writers wrote: {} against {}", report.writes, off.writes);
+}
+
 /// Every fault a small scenario configures acts, and removing any one of them changes the run's
 /// trace hash: a scenario does what it says (issue 15: the default's NAT mix used to change
 /// nothing).
@@ -169,12 +195,16 @@ fn removing_any_configured_fault_changes_the_trace_hash() {
         [nat]\nfull_cone_ppm = 250000\nport_restricted_ppm = 250000\nsymmetric_ppm = 250000\nmapping_timeout_ms = 3000\n\
         [faults]\ncrashes_per_min = 0.5\ndown_ms = 3000\nclock_skew_ms = 5000\nclock_drift_ppm = 500\noffline_ppm = 100000\n\
         churn_per_min = 2.0\nchurn_away_ms = 5000\ncloud_crashes_ms = [20000]\ncrash_before_commit_ppm = 20000\nlost_store_ppm = 300000\n\
-        [[partitions]]\nat_ms = 10000\nheal_ms = 30000\nshare_ppm = 300000\n";
+        device_skews_ms = [[3, -40000]]\n\
+        [[partitions]]\nat_ms = 10000\nheal_ms = 30000\nshare_ppm = 300000\n\
+        [[windows]]\ndevice = 5\nonline_ms = [[10000, 20000], [40000, 45000]]\n";
     let all = check(ALL);
     assert!(all.inert_faults.is_empty(), "{:?}", all.inert_faults);
     let base = Scenario::parse(ALL).unwrap();
     type Removal = (&'static str, fn(&mut Scenario));
-    let removals: [Removal; 14] = [
+    let removals: [Removal; 16] = [
+        ("the connectivity window", |s| s.windows.clear()),
+        ("the device skew", |s| s.faults.device_skews_ms.clear()),
         ("loss", |s| s.network.loss_ppm = 0),
         ("duplication", |s| s.network.dup_ppm = 0),
         ("NATs", |s| s.nat = Default::default()),
