@@ -303,6 +303,7 @@ fn print_report(r: &Report, source: &str, wall_ms: u64) {
         (f.datagrams_duplicated, "datagrams duplicated".into()),
         (r.repunches, "NAT mappings expired and punched again".into()),
         (f.punches_failed, "direct paths not punched: the relay was down or cut off".into()),
+        (f.datagrams_unrelayed, "datagrams no punched path nor relay could carry (relay = false)".into()),
         (f.writes_cut_off_by_removal, "writes of a removed member no one else held (excused)".into()),
         (r.queue_drops, "datagrams dropped by full uplink queues".into()),
         (f.cloud_crashes, "cloud crashes".into()),
@@ -649,7 +650,7 @@ fn print_cells(plan: &netsim::sweep::Plan, rows: &[netsim::sweep::Row]) {
         let params: Vec<String> =
             cell.params.iter().map(|(p, v)| format!("{p}={}", netsim::sweep::display_value(v))).collect();
         println!(
-            "cell {index:>3} {:<40} failed {}/{}  p50 {} ms  p99 {} ms  max {} ms  messages {}",
+            "cell {index:>3} {:<40} failed {}/{}  p50 {} ms  p99 {} ms  max {} ms  messages {}  sessions failed {}",
             params.join(" "),
             mine.iter().filter(|r| r.failure.is_some()).count(),
             mine.len(),
@@ -657,6 +658,7 @@ fn print_cells(plan: &netsim::sweep::Plan, rows: &[netsim::sweep::Row]) {
             mean(|r| r.convergence_ms_p99),
             mean(|r| r.convergence_ms_max),
             mean(|r| r.messages),
+            mean(|r| r.sessions_failed),
         );
     }
 }

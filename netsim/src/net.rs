@@ -196,6 +196,9 @@ pub struct NetStats {
     pub punches_failed: u64,
     /// Datagrams to or from a device off the network.
     pub disconnected: u64,
+    /// Datagrams between devices that could neither punch a path nor use the relay (`relay =
+    /// false`).
+    pub unrelayed: u64,
     /// Same-NAT datagrams turned back in by a hairpinning NAT.
     pub hairpinned: u64,
     /// Datagrams dropped because the sender's uplink queue was full.
@@ -532,6 +535,11 @@ impl Net {
             }
             let Some(queued) = self.uplink(from, now, len) else { return Sent::default() };
             return arrive(self.wan_leg(rng, (from, to)).after(queued));
+        }
+        if !self.cfg.relay {
+            // No relay: a pair that cannot punch through cannot talk.
+            self.stats.unrelayed += 1;
+            return Sent::default();
         }
         // Relayed through the cloud: two legs, each may lose or duplicate, each queues.
         self.stats.relayed += 1;

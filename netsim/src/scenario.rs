@@ -375,6 +375,10 @@ pub struct Network {
     /// shared NAT's public address, which works only if it hairpins, else through the relay.
     #[serde(default = "default_true")]
     pub lan_discovery: bool,
+    /// The cloud relays datagrams between devices that cannot punch a direct path (true), or
+    /// does not (false: such pairs cannot talk at all; for experiments).
+    #[serde(default = "default_true")]
+    pub relay: bool,
 }
 
 fn default_queue() -> u64 {
@@ -411,6 +415,7 @@ impl Default for Network {
             queue_kb: default_queue(),
             cloud_bandwidth_kbps: 0,
             lan_discovery: true,
+            relay: true,
         }
     }
 }

@@ -384,6 +384,9 @@ pub struct FaultCounts {
     /// datagrams lost to it.
     pub disconnections: u64,
     pub datagrams_disconnected: u64,
+    /// Datagrams between devices that neither a punched path nor the relay could carry (with
+    /// `relay = false`).
+    pub datagrams_unrelayed: u64,
 }
 
 impl Sim {
@@ -2122,6 +2125,7 @@ impl Sim {
         applied.datagrams_duplicated = stats.duplicated;
         applied.punches_failed = stats.punches_failed;
         applied.datagrams_disconnected = stats.disconnected;
+        applied.datagrams_unrelayed = stats.unrelayed;
         applied.devices_skewed = self.nodes.iter().skip(1).filter(|n| n.skew_ms != 0).count() as u64;
         applied.devices_drifting = self.nodes.iter().skip(1).filter(|n| n.drift_ppm != 0).count() as u64;
         let inert_faults = self.inert_faults(stats);

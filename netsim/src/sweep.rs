@@ -312,7 +312,7 @@ pub fn run(
 }
 
 /// The columns after the parameters and the seed, in CSV order.
-pub const COLUMNS: [&str; 14] = [
+pub const COLUMNS: [&str; 21] = [
     "converged",
     "convergence_ms_p50",
     "convergence_ms_p99",
@@ -323,6 +323,13 @@ pub const COLUMNS: [&str; 14] = [
     "bytes",
     "events",
     "virtual_ms",
+    "sessions_started",
+    "sessions_failed",
+    "direct_paths",
+    "relayed_paths",
+    "datagrams_unrelayed",
+    "online_to_50_ms_p50",
+    "online_to_100_ms_p50",
     "wall_ms",
     "trace_hash",
     "failure",
@@ -330,7 +337,7 @@ pub const COLUMNS: [&str; 14] = [
 ];
 
 /// The figures averaged over a cell's seeds in `sweep.json`.
-pub const FIGURES: [&str; 9] = [
+pub const FIGURES: [&str; 16] = [
     "convergence_ms_p50",
     "convergence_ms_p99",
     "convergence_ms_max",
@@ -340,6 +347,13 @@ pub const FIGURES: [&str; 9] = [
     "bytes",
     "events",
     "virtual_ms",
+    "sessions_started",
+    "sessions_failed",
+    "direct_paths",
+    "relayed_paths",
+    "datagrams_unrelayed",
+    "online_to_50_ms_p50",
+    "online_to_100_ms_p50",
 ];
 
 fn figure(report: &Report, name: &str) -> u64 {
@@ -353,6 +367,13 @@ fn figure(report: &Report, name: &str) -> u64 {
         "bytes" => report.bytes,
         "events" => report.events,
         "virtual_ms" => report.virtual_ms,
+        "sessions_started" => report.sessions_started,
+        "sessions_failed" => report.sessions_failed,
+        "direct_paths" => report.direct_paths,
+        "relayed_paths" => report.relayed_paths,
+        "datagrams_unrelayed" => report.faults.datagrams_unrelayed,
+        "online_to_50_ms_p50" => report.propagation.to_50_ms[0],
+        "online_to_100_ms_p50" => report.propagation.to_100_ms[0],
         _ => 0,
     }
 }
