@@ -575,12 +575,18 @@ impl<P: Peer> Device<P> {
             (Request::Directory { changes: pushed, .. }, Response::Directory { changes }) => {
                 let full = changes.len() == CHANGES_PER_BATCH_MAX;
                 let state = self.dir.get_or_insert_with(Default::default);
-                // The cloud accepted what we pushed and holds what it sent.
-                for c in pushed.iter().chain(&changes) {
-                    let head = state.cloud_heads.entry(c.body.author).or_insert(0);
-                    *head = (*head).max(c.body.seq);
+                let applied = state.dir.apply(&changes);
+                if applied.is_ok() {
+                    // The cloud accepted what we pushed and holds what it sent (only changes our
+                    // own directory accepted count: a hostile answer cannot grow this map).
+                    for c in pushed.iter().chain(&changes) {
+                        let head = state.cloud_heads.entry(c.body.author).or_insert(0);
+                        *head = (*head).max(c.body.seq);
+                    }
+                } else {
+                    state.cloud_heads.clear();
                 }
-                match state.dir.apply(&changes) {
+                match applied {
                     Ok(0) => {}
                     Ok(_) => {
                         self.events.push_back(Event::DirectoryChanged);
