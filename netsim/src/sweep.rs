@@ -311,30 +311,9 @@ pub fn run(
     slots.into_iter().flatten().collect()
 }
 
-/// The columns after the parameters and the seed, in CSV order.
-pub const COLUMNS: [&str; 21] = [
-    "converged",
-    "convergence_ms_p50",
-    "convergence_ms_p99",
-    "convergence_ms_max",
-    "writes",
-    "lost_writes",
-    "messages",
-    "bytes",
-    "events",
-    "virtual_ms",
-    "sessions_started",
-    "sessions_failed",
-    "direct_paths",
-    "relayed_paths",
-    "datagrams_unrelayed",
-    "online_to_50_ms_p50",
-    "online_to_100_ms_p50",
-    "wall_ms",
-    "trace_hash",
-    "failure",
-    "scenario_file",
-];
+/// The CSV's columns after the parameters and the seed: `converged`, every [`FIGURES`] entry,
+/// then these.
+pub const TRAILING_COLUMNS: [&str; 4] = ["wall_ms", "trace_hash", "failure", "scenario_file"];
 
 /// The figures averaged over a cell's seeds in `sweep.json`.
 pub const FIGURES: [&str; 16] = [
@@ -408,7 +387,9 @@ pub fn csv(plan: &Plan, rows: &[Row]) -> String {
         .iter()
         .map(|p| csv_field(p))
         .chain(["seed".to_string()])
-        .chain(COLUMNS.map(String::from))
+        .chain(std::iter::once("converged".to_string()))
+        .chain(FIGURES.map(String::from))
+        .chain(TRAILING_COLUMNS.map(String::from))
         .collect();
     out.push_str(&header.join(","));
     out.push('\n');
