@@ -58,13 +58,13 @@ pub struct DirStats {
     pub changes_received: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Role {
     Initiator,
     Responder,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Phase {
     /// Exchanging tickets and directory changes.
     Directory,
@@ -75,7 +75,8 @@ enum Phase {
 }
 
 /// One authorized sync session for one folder with one peer.
-#[derive(Debug)]
+/// `Clone` forks a session with its whole state (the model checker explores both branches).
+#[derive(Clone, Debug)]
 pub struct AuthSession {
     role: Role,
     id: u64,
@@ -96,6 +97,26 @@ pub struct AuthSession {
     feed_heard: bool,
     outcome: Option<Outcome>,
     dir_stats: DirStats,
+}
+
+impl AuthSession {
+    /// Feeds the session's state to `h` for a model checker, as [`Session::hash_state`] does:
+    /// left out are the configuration and credentials (fixed for the session's life) and the
+    /// directory-phase counters; times are relative to `now`.
+    pub fn hash_state<H: std::hash::Hasher>(&self, now: Micros, h: &mut H) {
+        use std::hash::Hash;
+        (self.role, self.id, self.peer, self.folder, self.peer_device, self.retained, self.phase).hash(h);
+        (&self.transmit, &self.last_dir, self.retries, self.feed_heard).hash(h);
+        self.deadline.map(|d| i128::from(d) - i128::from(now)).hash(h);
+        match &self.inner {
+            None => 0u8.hash(h),
+            Some(inner) => inner.hash_state(now, h),
+        }
+        match &self.outcome {
+            None => 0u8.hash(h),
+            Some(o) => crate::sync::hash_outcome(o, h),
+        }
+    }
 }
 
 impl AuthSession {

@@ -8,7 +8,7 @@
 //! the other can decode. Deterministic: integer arithmetic plus IEEE `sqrt`, which is exact.
 
 /// One coded symbol.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Symbol {
     /// XOR of the elements.
     pub sum: u64,
@@ -36,7 +36,7 @@ fn check_hash(x: u64) -> u64 {
 }
 
 /// The indices of the symbols an element belongs to, ascending, starting at 0.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Hash)]
 pub struct Mapping {
     prng: u64,
     next: u64,
@@ -63,7 +63,7 @@ impl Mapping {
 
 /// Encodes a set's symbol stream incrementally: each element keeps its place in its index
 /// sequence, so producing `m` symbols in any number of batches costs O(n log m) in all.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Hash)]
 pub struct Encoder {
     elements: Vec<(u64, u64, Mapping)>,
     produced: u64,
@@ -129,7 +129,7 @@ pub fn encode(set: impl IntoIterator<Item = u64>, from: u64, len: usize) -> Vec<
 
 /// What decoding found so far: elements only the remote side has (`remote`) and only the local
 /// side has (`local`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Difference {
     pub remote: Vec<u64>,
     pub local: Vec<u64>,
@@ -155,7 +155,7 @@ pub enum DecodeError {
 /// Work is bounded by what was received: at most one peel per symbol (else
 /// [`DecodeError::TooLarge`]), each element peeled once (else [`DecodeError::Repeated`]), and a
 /// peel touches the `O(log m)` symbols of one element's mapping.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Hash)]
 pub struct Decoder {
     /// remote symbols minus local symbols, with decoded elements peeled off.
     symbols: Vec<Symbol>,

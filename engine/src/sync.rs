@@ -135,7 +135,7 @@ impl SyncError {
 }
 
 /// What a caller keeps per peer between sessions (from the initiator's point of view).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Retained {
     /// How far I have the peer's log.
     pub peer_log: Option<Cursor>,
@@ -144,7 +144,7 @@ pub struct Retained {
 }
 
 /// Counters of one session, for reports and benchmarks.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Stats {
     pub messages_sent: u64,
     pub bytes_sent: u64,
@@ -170,13 +170,13 @@ pub enum Outcome {
     Failed(SyncError),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Role {
     Initiator,
     Responder,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Phase {
     /// Waiting for the peer's next message.
     Waiting,
@@ -186,7 +186,8 @@ enum Phase {
 }
 
 /// One sync session.
-#[derive(Debug)]
+/// `Clone` forks a session with its whole state (the model checker explores both branches).
+#[derive(Clone, Debug)]
 pub struct Session {
     role: Role,
     id: u64,
@@ -231,6 +232,33 @@ pub struct Session {
     changed_at_serve: u64,
     stats: Stats,
     outcome: Outcome,
+}
+
+impl Session {
+    /// Feeds the session's state to `h` for a model checker (`proofs/src/model.rs`): everything a
+    /// later step can depend on, and nothing else. Left out: the configuration (fixed for the
+    /// session's life) and the counters no decision reads (`Stats` but `items_changed`). Times
+    /// are hashed relative to `now`, the caller's clock, so that two states that differ only by a
+    /// shift of time are one state (the session compares times only with each other).
+    pub fn hash_state<H: std::hash::Hasher>(&self, now: Micros, h: &mut H) {
+        use std::hash::Hash;
+        (self.role, self.id, self.next_step, self.expect, &self.last_sent, &self.phase).hash(h);
+        self.deadline.map(|d| i128::from(d) - i128::from(now)).hash(h);
+        (self.retries, &self.transmit, &self.snapshot, &self.decoder, &self.encoder).hash(h);
+        (self.symbols_sent, &self.outbox, self.my_log_at_start, self.peer_log, self.acked).hash(h);
+        (&self.pushed, &self.announced, &self.want, self.awaiting_items, self.sending_mine).hash(h);
+        (self.served_log, self.changed_at_serve, self.stats.items_changed).hash(h);
+        hash_outcome(&self.outcome, h);
+    }
+}
+
+/// Hashes an outcome (for [`Session::hash_state`]): its description, which names every field.
+pub(crate) fn hash_outcome<H: std::hash::Hasher>(outcome: &Outcome, h: &mut H) {
+    use std::hash::Hash;
+    match outcome {
+        Outcome::Running => 0u8.hash(h),
+        other => format!("{other:?}").hash(h),
+    }
 }
 
 impl Session {

@@ -2,6 +2,8 @@
 //! item states by merge. The property tests drive them randomly, the exhaustive test drives them
 //! through every schedule of a small scope; both compare replicas by their canonical item sets.
 
+pub mod model;
+
 use std::sync::Arc;
 
 use engine::feedsync::{self, Content, Dialect, Edit, Endpoint, Feed, Item, ItemId, When};
