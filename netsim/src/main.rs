@@ -301,6 +301,7 @@ fn print_report(r: &Report, source: &str, wall_ms: u64) {
         (f.partitions_started, format!("partitions ({} datagrams stopped)", f.datagrams_partitioned)),
         (f.datagrams_lost, "datagrams lost".into()),
         (f.datagrams_duplicated, "datagrams duplicated".into()),
+        (f.datagrams_reordered, "datagrams reordered (overtook one sent earlier on the same pair)".into()),
         (r.repunches, "NAT mappings expired and punched again".into()),
         (f.punches_failed, "direct paths not punched: the relay was down or cut off".into()),
         (f.datagrams_unrelayed, "datagrams no punched path nor relay could carry (relay = false)".into()),

@@ -205,6 +205,11 @@ pub struct NetStats {
     pub queue_drops: u64,
     /// Direct paths punched again after their NAT mapping timed out (the first datagram is lost).
     pub repunches: u64,
+    /// Datagrams that arrive before one their sender sent earlier to the same node (the first
+    /// copy of each counts); kept with the path counts ([`Net::count_paths`]). Relayed datagrams
+    /// through a bandwidth-limited relay are not counted (their second leg is drawn when they
+    /// reach it).
+    pub reordered: u64,
 }
 
 /// The network state.
@@ -242,6 +247,9 @@ pub struct Net {
     /// through the relay; kept only when asked for ([`Net::count_paths`]): the kernel benchmark's
     /// 100,000-node meshes would fill it.
     paths: Option<BTreeMap<(u32, u32), bool>>,
+    /// Per directed pair, the latest arrival of a datagram sent so far (for
+    /// [`NetStats::reordered`]); kept with `paths`.
+    arrivals: Option<BTreeMap<(u32, u32), u64>>,
     /// Datagrams stopped, by the partition that stopped them.
     cut_drops: BTreeMap<usize, u64>,
     /// The relay is up (it coordinates hole punching).
@@ -276,6 +284,7 @@ impl Net {
             twin_last: 0,
             stats: NetStats::default(),
             paths: None,
+            arrivals: None,
             cut_drops: BTreeMap::new(),
             relay_up: true,
             disconnected: std::collections::BTreeSet::new(),
@@ -286,6 +295,7 @@ impl Net {
     /// [`Net::paths`].
     pub fn count_paths(&mut self) {
         self.paths.get_or_insert_with(BTreeMap::new);
+        self.arrivals.get_or_insert_with(BTreeMap::new);
     }
 
     /// Device pairs that talked (direct, relayed), when counted.
@@ -471,6 +481,15 @@ impl Net {
         if sent.arrive.is_empty() && sent.relay.delays.is_empty() {
             self.stats.dropped += 1;
         }
+        if let (Some(arrivals), Some(first)) = (self.arrivals.as_mut(), sent.arrive.as_slice().iter().min()) {
+            let at = now + first;
+            let latest = arrivals.entry((from, to)).or_insert(0);
+            if at < *latest {
+                self.stats.reordered += 1;
+            } else {
+                *latest = at;
+            }
+        }
         sent
     }
 
@@ -627,6 +646,27 @@ mod tests {
         let bridge = Cut::Bridge { first: 1..5, bridges: 4..5 };
         assert!(bridge.passes(1, 2) && bridge.passes(5, 0) && bridge.passes(4, 0) && bridge.passes(1, 4));
         assert!(!bridge.passes(1, 0) && !bridge.passes(6, 2));
+    }
+
+    #[test]
+    fn datagrams_that_overtake_an_earlier_one_are_counted_as_reordered() {
+        // Constant latency keeps order; jitter (uniform 10..100 ms) reorders some of 200
+        // datagrams sent 1 ms apart on one pair. Counted only with the path counts.
+        let count = |cfg: Network, count_paths: bool| {
+            let mut net = net(cfg, &[Nat::Public, Nat::Public], false, 0);
+            if count_paths {
+                net.count_paths();
+            }
+            let mut rng = ChaCha8Rng::seed_from_u64(7);
+            for t in 0..200u64 {
+                let _ = net.transmit(&mut rng, t * 1_000, 1, 2, 100);
+            }
+            net.stats().reordered
+        };
+        let jitter = Network { wan: Latency::Uniform { min_ms: 10, max_ms: 100 }, ..constant(10) };
+        assert_eq!(count(constant(10), true), 0);
+        assert!(count(jitter.clone(), true) > 20, "jitter of 90 ms over 1 ms gaps reorders often");
+        assert_eq!(count(jitter, false), 0);
     }
 
     #[test]

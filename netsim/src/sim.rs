@@ -374,6 +374,8 @@ pub struct FaultCounts {
     /// Datagrams lost by the loss model, and copies made by duplication.
     pub datagrams_lost: u64,
     pub datagrams_duplicated: u64,
+    /// Datagrams that arrived before one their sender sent earlier to the same node.
+    pub datagrams_reordered: u64,
     /// Direct paths that could not be punched: the relay that coordinates it was down or cut
     /// off from a side.
     pub punches_failed: u64,
@@ -2123,6 +2125,7 @@ impl Sim {
         applied.datagrams_partitioned = stats.partitioned;
         applied.datagrams_lost = stats.lost;
         applied.datagrams_duplicated = stats.duplicated;
+        applied.datagrams_reordered = stats.reordered;
         applied.punches_failed = stats.punches_failed;
         applied.datagrams_disconnected = stats.disconnected;
         applied.datagrams_unrelayed = stats.unrelayed;
