@@ -55,6 +55,62 @@ struct Entry {
     seq: Seq,
     /// The latest change was a local operation (not a merge of a peer's version).
     local: bool,
+    /// Where each version (winner first, then the conflicts in order) entered this replica: the
+    /// sequence of the change that brought it. Empty when every version came with the latest
+    /// change (`seq`), as for every item without conflicts. A peer whose cursor of this log is at
+    /// `c` holds every version that entered at or before `c` (it merged a state of the item that
+    /// held it: see [`Replica::wire_item_since`]).
+    arrivals: Arc<[Seq]>,
+    /// The latest change that removed a version which no version brought by that change
+    /// subsumes (a conflict past the bounds, a crafted history): a peer behind it is sent the
+    /// whole item, since the versions it lacks would not remove that version on its side.
+    whole_since: Seq,
+}
+
+impl Entry {
+    fn arrival(&self, k: usize) -> Seq {
+        self.arrivals.get(k).copied().unwrap_or(self.seq)
+    }
+}
+
+/// The versions of an item, winner first.
+fn versions(item: &Item) -> impl Iterator<Item = &feedsync::Version> {
+    std::iter::once(&item.version).chain(item.conflicts.iter())
+}
+
+/// For a new state `item` of an entry stored at `seq`: each version's arrival (kept from `old`
+/// for versions it held) and the entry's `whole_since`. Bounded by the item: at most
+/// `CONFLICTS_PER_ITEM_MAX + 1` versions on each side, compared pairwise only on a matching
+/// topmost sequence.
+fn arrivals_of(old: Option<&Entry>, item: &Item, seq: Seq) -> (Arc<[Seq]>, Seq) {
+    let Some(old) = old else { return (Arc::from([]), Seq(0)) };
+    if old.item.conflicts.is_empty() && item.conflicts.is_empty() {
+        // The usual update: one version replaced by another, which subsumes it (else a merge or
+        // a local write would have kept both).
+        let subsumed = old.item.version == item.version || old.item.version.subsumed_by(&item.version);
+        return (Arc::from([]), if subsumed { old.whole_since } else { seq });
+    }
+    let same =
+        |a: &feedsync::Version, b: &feedsync::Version| a.topmost().sequence == b.topmost().sequence && a == b;
+    let mut kept = vec![false; old.item.conflicts.len() + 1];
+    let arrivals: Vec<Seq> = versions(item)
+        .map(|v| match versions(&old.item).enumerate().find(|(k, o)| !kept[*k] && same(v, o)) {
+            Some((k, _)) => {
+                kept[k] = true;
+                old.arrival(k)
+            }
+            None => seq,
+        })
+        .collect();
+    let brought: Vec<&feedsync::Version> =
+        versions(item).zip(&arrivals).filter(|(_, a)| **a == seq).map(|(v, _)| v).collect();
+    let covered = versions(&old.item)
+        .zip(&kept)
+        .filter(|(_, k)| !**k)
+        .all(|(r, _)| brought.iter().any(|n| r.subsumed_by(n) && !n.subsumed_by(r)));
+    let whole_since = if covered { old.whole_since } else { seq };
+    let arrivals = if arrivals.iter().all(|a| *a == seq) { Arc::from([]) } else { Arc::from(arrivals) };
+    (arrivals, whole_since)
 }
 
 /// One entry of the change log, as [`Replica::log_since`] gives it.
@@ -278,7 +334,21 @@ impl Replica {
                 .into_iter()
                 .zip(fps)
                 .enumerate()
-                .map(|(k, (item, fp))| (item.id().clone(), Entry { item, fp, seq: seq(k), local: false }))
+                .map(|(k, (item, fp))| {
+                    (
+                        item.id().clone(),
+                        Entry {
+                            item,
+                            fp,
+                            seq: seq(k),
+                            local: false,
+                            // Restored: every version counts as brought by this change, so a peer
+                            // gets the whole item once (the store keeps no arrivals).
+                            arrivals: Arc::from([]),
+                            whole_since: Seq(0),
+                        },
+                    )
+                })
                 .collect();
             return Ok(n);
         }
@@ -361,13 +431,61 @@ impl Replica {
         })
     }
 
+    /// The item `id` as a peer needs it whose cursor of this log (this epoch) is at `since`:
+    /// only the versions that entered after `since`, less those that entered through a change in
+    /// one of the `skip` ranges (`(from, to]`: merges of versions the peer sent in this session),
+    /// as an item of their own. The versions keep the item's best-first order, so the first is the
+    /// winner of the subset. `None` when the peer holds every version (or the item is gone).
+    ///
+    /// Sound because a cursor at `since` means the peer merged a state of this item from a
+    /// moment when every version that had entered by `since` was in it (a version stays in the
+    /// item from its arrival on, or it would have a later arrival), so merging the subset gives
+    /// the peer what merging the whole item would: merge keeps the maximal versions of the union,
+    /// and a held version or one the peer dropped for a subsuming version of its own changes
+    /// nothing. Two cases are not covered and get the whole item: a peer behind a change that
+    /// removed a version none of the versions it brought subsumes (`whole_since`), and a subset
+    /// led by a `noconflicts` winner with others. (Subsumption is assumed transitive, as it is for
+    /// histories the engine writes; a crafted history that is not can leave two replicas
+    /// differing in that item until a full reconciliation: a new pairing or a lost cursor.)
+    pub fn item_since(&self, id: &ItemId, since: Seq, skip: &[(Seq, Seq)]) -> Option<Arc<Item>> {
+        let entry = self.items.get(id)?;
+        if entry.arrivals.is_empty() || entry.whole_since > since {
+            return (entry.seq > since).then(|| entry.item.clone());
+        }
+        let wanted = |a: Seq| a > since && !skip.iter().any(|&(from, to)| a > from && a <= to);
+        let picked: Vec<&feedsync::Version> = versions(&entry.item)
+            .enumerate()
+            .filter(|(k, _)| wanted(entry.arrival(*k)))
+            .map(|(_, v)| v)
+            .collect();
+        match picked.split_first() {
+            None => None,
+            Some(_) if picked.len() == entry.item.conflicts.len() + 1 => Some(entry.item.clone()),
+            Some((winner, _)) if winner.noconflicts && picked.len() > 1 => Some(entry.item.clone()),
+            Some((winner, rest)) => Some(Arc::new(Item {
+                version: (*winner).clone(),
+                conflicts: rest.iter().map(|v| (*v).clone()).collect(),
+            })),
+        }
+    }
+
+    /// The arrivals of an item's versions and its `whole_since` (see [`Replica::item_since`]),
+    /// for a model checker's state hash.
+    pub fn arrivals(&self, id: &ItemId) -> Option<(Vec<Seq>, Seq)> {
+        self.items
+            .get(id)
+            .map(|e| ((0..=e.item.conflicts.len()).map(|k| e.arrival(k)).collect(), e.whole_since))
+    }
+
     /// Records a new state for an item: next sequence number, log, digest, index.
     fn store(&mut self, item: Arc<Item>, local: bool) -> Seq {
         let fp = fingerprint(&item);
         let id = item.id().clone();
         self.head = Seq(self.head.0 + 1);
         let seq = self.head;
-        if let Some(old) = self.items.insert(id.clone(), Entry { item, fp, seq, local }) {
+        let (arrivals, whole_since) = arrivals_of(self.items.get(&id), &item, seq);
+        let entry = Entry { item, fp, seq, local, arrivals, whole_since };
+        if let Some(old) = self.items.insert(id.clone(), entry) {
             self.log.remove(&old.seq);
             self.by_fp.remove(&old.fp);
             self.digest = self.digest.wrapping_sub(old.fp);

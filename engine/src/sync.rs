@@ -230,6 +230,14 @@ pub struct Session {
     served_log: Option<Cursor>,
     /// `stats.items_changed` when `served_log` was fixed.
     changed_at_serve: u64,
+    /// Incremental path: the peer's cursor of my log. Items then go as the versions the peer
+    /// lacks ([`Replica::item_since`]): a hot item holds a conflict per concurrent writer, and
+    /// sending all of them in every session made its cost grow with every update.
+    delta_since: Option<Seq>,
+    /// Ranges `(from, to]` of my log made by merging the peer's items in this session: the
+    /// versions they brought are the peer's, not sent back. Coalesced; at most
+    /// [`BROUGHT_RANGES_MAX`] (past it, more is sent back, never less).
+    brought: Vec<(Seq, Seq)>,
     stats: Stats,
     outcome: Outcome,
 }
@@ -248,6 +256,7 @@ impl Session {
         (self.symbols_sent, &self.outbox, self.my_log_at_start, self.peer_log, self.acked).hash(h);
         (&self.pushed, &self.announced, &self.want, self.awaiting_items, self.sending_mine).hash(h);
         (self.served_log, self.changed_at_serve, self.stats.items_changed).hash(h);
+        (self.delta_since, &self.brought).hash(h);
         hash_outcome(&self.outcome, h);
     }
 }
@@ -293,6 +302,8 @@ impl Session {
             sending_mine: false,
             served_log: None,
             changed_at_serve: 0,
+            delta_since: None,
+            brought: Vec::new(),
             stats: Stats::default(),
             outcome: Outcome::Running,
         }
@@ -317,7 +328,10 @@ impl Session {
             let mut have = Vec::new();
             for change in replica.log_since(from) {
                 if change.local {
-                    items.push(wire::to_wire(change.item));
+                    // The versions the peer lacks: a local change brought at least one.
+                    if let Some(item) = replica.item_since(change.item.id(), from, &[]) {
+                        items.push(wire::to_wire(&item));
+                    }
                 } else {
                     have.push(Fixed64::from(change.fp));
                     s.announced.push((change.fp, change.item.id().clone()));
@@ -328,6 +342,7 @@ impl Session {
                 s.stats.payload_bytes_sent += bytes as u64;
                 s.stats.items_sent += items.len() as u64;
                 s.announced.sort_unstable_by_key(|(fp, _)| *fp);
+                s.delta_since = Some(from);
                 push = Some(Push { epoch: mine.epoch, from: from.0, items, have });
             } else {
                 s.announced.clear();
@@ -582,6 +597,7 @@ impl Session {
                     self.want.sort_unstable();
                     self.want.dedup();
                     self.awaiting_items = !self.want.is_empty();
+                    self.delta_since = Some(since.seq);
                     self.pushed.extend(announced);
                     self.pushed.sort_unstable();
                     let skip = usize::from(self.cfg.planted_bug == Some(PlantedBug::CursorSkipsOneChange));
@@ -831,11 +847,15 @@ impl Session {
         let mut used = 0usize;
         let whole = self.cfg.max_message_bytes.saturating_sub(256);
         while let Some(id) = self.outbox.front() {
-            let Some(item) = replica.item(id) else {
+            let item = match self.delta_since {
+                Some(since) => replica.item_since(id, since, &self.brought),
+                None => replica.item(id).cloned(),
+            };
+            let Some(item) = item else {
                 self.outbox.pop_front();
                 continue;
             };
-            let wire_item = wire::to_wire(item);
+            let wire_item = wire::to_wire(&item);
             let len = wire::encoded_len(&wire_item);
             if used + len > budget && (!items.is_empty() || budget < whole) {
                 break;
@@ -880,6 +900,21 @@ impl Session {
     fn merge_items(&mut self, replica: &mut Replica, items: Vec<Arc<Item>>) -> Result<(), SyncError> {
         // A signed replica verifies every item of the message before merging any.
         replica.check_incoming_all(&items, self.cfg.verify_threads)?;
+        let from = replica.head();
+        let result = self.merge_checked_all(replica, items);
+        let to = replica.head();
+        if to > from {
+            let n = self.brought.len();
+            match self.brought.last_mut() {
+                Some(last) if last.1 == from => last.1 = to,
+                _ if n < BROUGHT_RANGES_MAX => self.brought.push((from, to)),
+                _ => {}
+            }
+        }
+        result
+    }
+
+    fn merge_checked_all(&mut self, replica: &mut Replica, items: Vec<Arc<Item>>) -> Result<(), SyncError> {
         for item in items {
             self.stats.items_received += 1;
             if replica.merge_checked(&item).map_err(|e| SyncError::Protocol(e.to_string()))? {
@@ -900,6 +935,10 @@ impl Session {
         self.deadline = Some(now + self.cfg.rto_us);
     }
 }
+
+/// Most ranges a session keeps of what the peer's items brought ([`Session`]'s `brought`): one
+/// per message merged, coalesced when nothing else changed the log between them.
+const BROUGHT_RANGES_MAX: usize = 64;
 
 /// Validates every item of a message before any is merged (all or nothing).
 fn decode_items(items: &[WireItem]) -> Result<Vec<Arc<Item>>, SyncError> {

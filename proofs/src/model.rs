@@ -203,6 +203,8 @@ impl Hash for State {
             n.replica.cursor().hash(h);
             for c in n.replica.log_since(Default::default()) {
                 (c.seq, c.fp, c.local).hash(h);
+                // Which versions a peer is sent depends on where each entered.
+                n.replica.arrivals(c.item.id()).hash(h);
             }
             // Absolute time is left out: the sessions hash their deadlines relative to it.
             n.writes_left.hash(h);
