@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use std::collections::BTreeSet;
 
-use crate::feedsync::{self, Edit, Endpoint, FeedsyncError, Item, ItemId, MergeOutcome, When};
+use crate::feedsync::{self, Edit, Endpoint, FeedsyncError, Item, ItemId, When};
 use crate::signing::{self, DeviceId, DeviceKey, FeedScope, SignatureError};
 
 /// A 64-bit fingerprint of an item's whole state (id, winner, conflicts).
@@ -32,19 +32,39 @@ pub struct Cursor {
     pub seq: Seq,
 }
 
-/// Fingerprint of an item: BLAKE3 (keyed with a fixed domain key) over the canonical encodings of
-/// its winner and conflicts, truncated to 64 bits.
-pub fn fingerprint(item: &Item) -> Fingerprint {
-    const KEY: [u8; 32] = *b"feedmesh item fingerprint v1 ###";
-    let mut bytes = Vec::with_capacity(256);
-    feedsync::encode_version_into(&item.version, &mut bytes);
-    for conflict in &item.conflicts {
-        bytes.push(b'C');
-        feedsync::encode_version_into(conflict, &mut bytes);
-    }
+/// A version's hash: BLAKE3 (keyed with a fixed domain key) of its canonical encoding, 128 bits.
+/// What an item's [`fingerprint`] is made of.
+pub fn version_hash(version: &feedsync::Version) -> u128 {
+    const KEY: [u8; 32] = *b"feedmesh version hash v1 #######";
+    let mut bytes = Vec::with_capacity(128 + version.history.len() * 48 + version.content.inner.len());
+    feedsync::encode_version_into(version, &mut bytes);
     let hash = blake3::keyed_hash(&KEY, &bytes);
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&hash.as_bytes()[..16]);
+    u128::from_le_bytes(first)
+}
+
+/// Fingerprint of an item's whole state (id, winner, conflicts), 64 bits: for an item without
+/// conflicts, its version's [`version_hash`] truncated; else BLAKE3 (keyed) of the version hashes,
+/// winner first, truncated. Made of version hashes so that a replica holding a hot item (a
+/// conflict per concurrent writer) hashes only the versions a change brings, not all of them.
+pub fn fingerprint(item: &Item) -> Fingerprint {
+    if item.conflicts.is_empty() {
+        return version_hash(&item.version) as u64;
+    }
+    let hashes: Vec<u128> = versions(item).map(version_hash).collect();
+    fingerprint_of(&hashes)
+}
+
+/// [`fingerprint`] of an item with conflicts, from its version hashes (winner first).
+fn fingerprint_of(hashes: &[u128]) -> Fingerprint {
+    const KEY: [u8; 32] = *b"feedmesh item fingerprint v2 ###";
+    let mut hasher = blake3::Hasher::new_keyed(&KEY);
+    for h in hashes {
+        hasher.update(&h.to_le_bytes());
+    }
     let mut first = [0u8; 8];
-    first.copy_from_slice(&hash.as_bytes()[..8]);
+    first.copy_from_slice(&hasher.finalize().as_bytes()[..8]);
     u64::from_le_bytes(first)
 }
 
@@ -55,21 +75,32 @@ struct Entry {
     seq: Seq,
     /// The latest change was a local operation (not a merge of a peer's version).
     local: bool,
-    /// Where each version (winner first, then the conflicts in order) entered this replica: the
-    /// sequence of the change that brought it. Empty when every version came with the latest
-    /// change (`seq`), as for every item without conflicts. A peer whose cursor of this log is at
-    /// `c` holds every version that entered at or before `c` (it merged a state of the item that
-    /// held it: see [`Replica::wire_item_since`]).
-    arrivals: Arc<[Seq]>,
-    /// The latest change that removed a version which no version brought by that change
-    /// subsumes (a conflict past the bounds, a crafted history): a peer behind it is sent the
-    /// whole item, since the versions it lacks would not remove that version on its side.
-    whole_since: Seq,
+    /// For an item with conflicts, what each version (winner first) keeps; `None` for an item
+    /// without (its one version came with the latest change, `seq`) and after a restore.
+    versions: Option<Arc<Versions>>,
+}
+
+/// Per version of an entry's item, winner first.
+#[derive(Debug)]
+struct Versions {
+    /// Where the version entered this replica: the sequence of the change that brought it. A
+    /// peer whose cursor of this log is at `c` holds every version that entered at or before `c`
+    /// (see [`Replica::item_since`]).
+    arrivals: Vec<Seq>,
+    /// Its [`version_hash`], so that a change hashes only the versions it brings.
+    hashes: Vec<u128>,
 }
 
 impl Entry {
     fn arrival(&self, k: usize) -> Seq {
-        self.arrivals.get(k).copied().unwrap_or(self.seq)
+        self.versions.as_ref().and_then(|v| v.arrivals.get(k).copied()).unwrap_or(self.seq)
+    }
+
+    fn hash(&self, k: usize) -> u128 {
+        match self.versions.as_ref().and_then(|v| v.hashes.get(k).copied()) {
+            Some(h) => h,
+            None => versions(&self.item).nth(k).map(version_hash).unwrap_or_default(),
+        }
     }
 }
 
@@ -78,39 +109,34 @@ fn versions(item: &Item) -> impl Iterator<Item = &feedsync::Version> {
     std::iter::once(&item.version).chain(item.conflicts.iter())
 }
 
-/// For a new state `item` of an entry stored at `seq`: each version's arrival (kept from `old`
-/// for versions it held) and the entry's `whole_since`. Bounded by the item: at most
-/// `CONFLICTS_PER_ITEM_MAX + 1` versions on each side, compared pairwise only on a matching
-/// topmost sequence.
-fn arrivals_of(old: Option<&Entry>, item: &Item, seq: Seq) -> (Arc<[Seq]>, Seq) {
-    let Some(old) = old else { return (Arc::from([]), Seq(0)) };
-    if old.item.conflicts.is_empty() && item.conflicts.is_empty() {
-        // The usual update: one version replaced by another, which subsumes it (else a merge or
-        // a local write would have kept both).
-        let subsumed = old.item.version == item.version || old.item.version.subsumed_by(&item.version);
-        return (Arc::from([]), if subsumed { old.whole_since } else { seq });
+/// The fingerprint and per-version state of `item`, the new state of the entry `old` (if any)
+/// stored at `seq`: the versions `old` held keep their arrival and hash, the others arrive at
+/// `seq` and are hashed. Bounded by the item: at most `CONFLICTS_PER_ITEM_MAX + 1` versions on
+/// each side, compared in full only on an equal topmost sequence.
+fn entry_state(old: Option<&Entry>, item: &Item, seq: Seq) -> (Fingerprint, Option<Arc<Versions>>) {
+    if item.conflicts.is_empty() {
+        return (fingerprint(item), None);
     }
     let same =
         |a: &feedsync::Version, b: &feedsync::Version| a.topmost().sequence == b.topmost().sequence && a == b;
-    let mut kept = vec![false; old.item.conflicts.len() + 1];
-    let arrivals: Vec<Seq> = versions(item)
-        .map(|v| match versions(&old.item).enumerate().find(|(k, o)| !kept[*k] && same(v, o)) {
-            Some((k, _)) => {
+    let mut kept = vec![false; old.map_or(0, |o| o.item.conflicts.len() + 1)];
+    let mut arrivals = Vec::with_capacity(item.conflicts.len() + 1);
+    let mut hashes = Vec::with_capacity(item.conflicts.len() + 1);
+    for v in versions(item) {
+        let held = old.and_then(|o| versions(&o.item).enumerate().find(|(k, h)| !kept[*k] && same(v, h)));
+        match (old, held) {
+            (Some(o), Some((k, _))) => {
                 kept[k] = true;
-                old.arrival(k)
+                arrivals.push(o.arrival(k));
+                hashes.push(o.hash(k));
             }
-            None => seq,
-        })
-        .collect();
-    let brought: Vec<&feedsync::Version> =
-        versions(item).zip(&arrivals).filter(|(_, a)| **a == seq).map(|(v, _)| v).collect();
-    let covered = versions(&old.item)
-        .zip(&kept)
-        .filter(|(_, k)| !**k)
-        .all(|(r, _)| brought.iter().any(|n| r.subsumed_by(n) && !n.subsumed_by(r)));
-    let whole_since = if covered { old.whole_since } else { seq };
-    let arrivals = if arrivals.iter().all(|a| *a == seq) { Arc::from([]) } else { Arc::from(arrivals) };
-    (arrivals, whole_since)
+            _ => {
+                arrivals.push(seq);
+                hashes.push(version_hash(v));
+            }
+        }
+    }
+    (fingerprint_of(&hashes), Some(Arc::new(Versions { arrivals, hashes })))
 }
 
 /// One entry of the change log, as [`Replica::log_since`] gives it.
@@ -344,8 +370,7 @@ impl Replica {
                             local: false,
                             // Restored: every version counts as brought by this change, so a peer
                             // gets the whole item once (the store keeps no arrivals).
-                            arrivals: Arc::from([]),
-                            whole_since: Seq(0),
+                            versions: None,
                         },
                     )
                 })
@@ -439,17 +464,17 @@ impl Replica {
     ///
     /// Sound because a cursor at `since` means the peer merged a state of this item from a
     /// moment when every version that had entered by `since` was in it (a version stays in the
-    /// item from its arrival on, or it would have a later arrival), so merging the subset gives
-    /// the peer what merging the whole item would: merge keeps the maximal versions of the union,
-    /// and a held version or one the peer dropped for a subsuming version of its own changes
-    /// nothing. Two cases are not covered and get the whole item: a peer behind a change that
-    /// removed a version none of the versions it brought subsumes (`whole_since`), and a subset
-    /// led by a `noconflicts` winner with others. (Subsumption is assumed transitive, as it is for
-    /// histories the engine writes; a crafted history that is not can leave two replicas
-    /// differing in that item until a full reconciliation: a new pairing or a lost cursor.)
+    /// item from its arrival on, or it would have a later arrival), and merge keeps the maximal
+    /// versions of the union: merging the subset gives the peer what merging the whole item
+    /// would, for a version it holds changes nothing and one it dropped was dropped for a
+    /// version of its own that subsumes it. (That last step takes subsumption to be transitive,
+    /// as it is for histories the engine writes. A crafted history for which it is not can make
+    /// two replicas differ in that item, as it could with whole items, where such a pair of
+    /// states sends nothing either.) A subset led by a `noconflicts` winner with others, which
+    /// is not a valid item, goes whole.
     pub fn item_since(&self, id: &ItemId, since: Seq, skip: &[(Seq, Seq)]) -> Option<Arc<Item>> {
         let entry = self.items.get(id)?;
-        if entry.arrivals.is_empty() || entry.whole_since > since {
+        if entry.versions.is_none() {
             return (entry.seq > since).then(|| entry.item.clone());
         }
         let wanted = |a: Seq| a > since && !skip.iter().any(|&(from, to)| a > from && a <= to);
@@ -469,22 +494,19 @@ impl Replica {
         }
     }
 
-    /// The arrivals of an item's versions and its `whole_since` (see [`Replica::item_since`]),
-    /// for a model checker's state hash.
-    pub fn arrivals(&self, id: &ItemId) -> Option<(Vec<Seq>, Seq)> {
-        self.items
-            .get(id)
-            .map(|e| ((0..=e.item.conflicts.len()).map(|k| e.arrival(k)).collect(), e.whole_since))
+    /// Where each version of an item entered this replica (see [`Replica::item_since`]), for a
+    /// model checker's state hash.
+    pub fn arrivals(&self, id: &ItemId) -> Option<Vec<Seq>> {
+        self.items.get(id).map(|e| (0..=e.item.conflicts.len()).map(|k| e.arrival(k)).collect())
     }
 
     /// Records a new state for an item: next sequence number, log, digest, index.
     fn store(&mut self, item: Arc<Item>, local: bool) -> Seq {
-        let fp = fingerprint(&item);
         let id = item.id().clone();
         self.head = Seq(self.head.0 + 1);
         let seq = self.head;
-        let (arrivals, whole_since) = arrivals_of(self.items.get(&id), &item, seq);
-        let entry = Entry { item, fp, seq, local, arrivals, whole_since };
+        let (fp, versions) = entry_state(self.items.get(&id), &item, seq);
+        let entry = Entry { item, fp, seq, local, versions };
         if let Some(old) = self.items.insert(id.clone(), entry) {
             self.log.remove(&old.seq);
             self.by_fp.remove(&old.fp);
@@ -628,10 +650,11 @@ impl Replica {
                 if Arc::ptr_eq(local, incoming) {
                     return Ok(false);
                 }
-                let (merged, outcome) = feedsync::merge_item(local, incoming);
-                match outcome {
-                    MergeOutcome::Unchanged => Ok(false),
-                    MergeOutcome::Changed => {
+                // Both hold the item invariants: this replica's items by construction, incoming
+                // ones checked when decoded or restored.
+                match feedsync::merge::merged_valid(local, incoming) {
+                    None => Ok(false),
+                    Some(merged) => {
                         // Share the incoming Arc when the result is exactly it.
                         let merged = if merged == **incoming { incoming.clone() } else { Arc::new(merged) };
                         self.store(merged, false);

@@ -898,7 +898,13 @@ impl Session {
     }
 
     fn merge_items(&mut self, replica: &mut Replica, items: Vec<Arc<Item>>) -> Result<(), SyncError> {
-        // A signed replica verifies every item of the message before merging any.
+        // Every item of the message is checked before any is merged (all or nothing): the item
+        // invariants (only for the versions this replica lacks: the rest passed them when they
+        // entered), then, in a signed replica, the signatures.
+        for item in &items {
+            item.check_against(replica.item(item.id()).map(|i| i.as_ref()))
+                .map_err(|e| SyncError::Wire(WireError::Item(e.to_string())))?;
+        }
         replica.check_incoming_all(&items, self.cfg.verify_threads)?;
         let from = replica.head();
         let result = self.merge_checked_all(replica, items);
@@ -940,11 +946,15 @@ impl Session {
 /// per message merged, coalesced when nothing else changed the log between them.
 const BROUGHT_RANGES_MAX: usize = 64;
 
-/// Validates every item of a message before any is merged (all or nothing).
+/// Decodes the items of a message (their structure: ids, endpoints, times). The item checks
+/// come in `merge_items`, against what the replica holds, before any item is merged.
 fn decode_items(items: &[WireItem]) -> Result<Vec<Arc<Item>>, SyncError> {
     // One message's items share their endpoints and scopes (mostly one folder, few writers).
     let mut shared = wire::Interner::default();
-    items.iter().map(|w| wire::from_wire_in(w, &mut shared).map(Arc::new).map_err(SyncError::from)).collect()
+    items
+        .iter()
+        .map(|w| wire::from_wire_structure_in(w, &mut shared).map(Arc::new).map_err(SyncError::from))
+        .collect()
 }
 
 fn wire_cursor(c: Cursor) -> WireCursor {

@@ -465,7 +465,7 @@ pub fn from_wire_structure(w: &WireItem) -> Result<Item, WireError> {
     from_wire_structure_in(w, &mut Interner::default())
 }
 
-fn from_wire_structure_in(w: &WireItem, shared: &mut Interner) -> Result<Item, WireError> {
+pub(crate) fn from_wire_structure_in(w: &WireItem, shared: &mut Interner) -> Result<Item, WireError> {
     if w.conflicts.len() > feedsync::limits::CONFLICTS_PER_ITEM_MAX {
         return Err(WireError::Item("too many conflicts".into()));
     }

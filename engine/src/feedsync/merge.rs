@@ -127,6 +127,89 @@ pub fn merged(local: &Item, incoming: &Item) -> Option<Item> {
     (merged != *local).then_some(merged)
 }
 
+/// [`merged`] for two items that hold the item invariants, as every item a replica stores or
+/// takes does (decoding and restoring check them): no version of an item is subsumed by another
+/// of the same item that is not its twin. Then a version both sides hold is dropped by nothing
+/// and drops nothing, and a version only one side holds can be dropped only by a version only the
+/// other side holds, so only those pairs are tested: a hot item that gets a few new versions
+/// costs those few against the rest, not every pair of all of them. The result is `merged`'s
+/// (the test `the_checked_merge_is_the_merge` compares them on items that hold the invariants).
+pub fn merged_valid(local: &Item, incoming: &Item) -> Option<Item> {
+    merged_valid_with(local, incoming, 1024)
+}
+
+/// [`merged_valid`] with the pairwise test up to `pairs_max` pairs (tests take both paths).
+fn merged_valid_with(local: &Item, incoming: &Item, pairs_max: usize) -> Option<Item> {
+    if local.conflicts.is_empty() && incoming.conflicts.is_empty() {
+        return merged(local, incoming);
+    }
+    let quick_same = |a: &Version, b: &Version| {
+        a.updates == b.updates && a.topmost().sequence == b.topmost().sequence && a == b
+    };
+    let l_all: Vec<&Version> = std::iter::once(&local.version).chain(local.conflicts.iter()).collect();
+    let i_all: Vec<&Version> = std::iter::once(&incoming.version).chain(incoming.conflicts.iter()).collect();
+    // Which local versions incoming holds too (the incoming copy stands for both, as in `merged`).
+    let mut shared = vec![false; l_all.len()];
+    let mut new_at: Vec<usize> = Vec::with_capacity(i_all.len());
+    for (k, v) in i_all.iter().enumerate() {
+        match l_all.iter().position(|l| quick_same(v, l)) {
+            Some(j) => shared[j] = true,
+            None => new_at.push(k),
+        }
+    }
+    if new_at.is_empty() {
+        // Everything incoming holds is here already: nothing is dropped, nothing is new.
+        return None;
+    }
+    let i_only: Vec<&Version> = new_at.iter().map(|&k| i_all[k]).collect();
+    let l_only: Vec<&Version> = l_all.iter().zip(&shared).filter(|(_, s)| !**s).map(|(v, _)| *v).collect();
+    let drops =
+        |x: &Version, others: &[&Version]| others.iter().any(|y| x.subsumed_by(y) && !y.subsumed_by(x));
+    // The pairwise test is cheap for the usual few new versions; past it, the index of `dominated`.
+    let (i_dropped, l_dropped): (Vec<bool>, Vec<bool>) = if i_only.len() * l_only.len() <= pairs_max {
+        (
+            i_only.iter().map(|x| drops(x, &l_only)).collect(),
+            l_only.iter().map(|x| drops(x, &i_only)).collect(),
+        )
+    } else {
+        let all: Vec<&Version> = i_only.iter().chain(&l_only).copied().collect();
+        let mut dropped = dominated(&all);
+        let l_dropped = dropped.split_off(i_only.len());
+        (dropped, l_dropped)
+    };
+    if !i_dropped.contains(&false) && !l_dropped.contains(&true) {
+        // Every new version was dropped and no held one: the same set, so the same item.
+        return None;
+    }
+    // The kept versions, best first: incoming's (but its dropped new ones) and local's own, each
+    // already in that order (the item invariants), merged.
+    let mut keep = vec![true; i_all.len()];
+    for (&k, &dropped) in new_at.iter().zip(&i_dropped) {
+        keep[k] = !dropped;
+    }
+    let mut from_incoming = i_all.iter().zip(&keep).filter(|(_, k)| **k).map(|(v, _)| *v).peekable();
+    let mut from_local = l_only.iter().zip(&l_dropped).filter(|(_, d)| !**d).map(|(v, _)| *v).peekable();
+    let mut m: Vec<&Version> = Vec::with_capacity(i_all.len() + l_only.len());
+    loop {
+        let next = match (from_incoming.peek(), from_local.peek()) {
+            (Some(a), Some(b)) if compare(a, b) == std::cmp::Ordering::Less => from_local.next(),
+            (Some(_), _) => from_incoming.next(),
+            (None, _) => from_local.next(),
+        };
+        match next {
+            Some(v) => m.push(v),
+            None => break,
+        }
+    }
+    debug_assert!(m.windows(2).all(|w| compare(w[0], w[1]) == std::cmp::Ordering::Greater));
+    let Some(&first) = m.first() else { return None };
+    let winner = first.clone();
+    let conflicts: Vec<Version> =
+        if winner.noconflicts { Vec::new() } else { fit_conflicts(&winner, m[1..].iter().copied()) };
+    let merged = Item { version: winner, conflicts };
+    (merged != *local).then_some(merged)
+}
+
 /// For each version of `all`, whether another version of `all` subsumes it without being its twin
 /// or equal to it (what merge steps 3 and 4 drop, and what an item may not hold).
 ///
@@ -300,6 +383,67 @@ mod tests {
                 })
                 .collect();
             prop_assert_eq!(dominated(&all), pairwise);
+        }
+    }
+
+    /// An item holding the invariants, made as merges make them: the merge of single versions.
+    fn item_of(versions: &[Version]) -> Item {
+        let mut item = Item::new(versions[0].clone());
+        for v in &versions[1..] {
+            if let Some(next) = merged(&item, &Item::new(v.clone())) {
+                item = next;
+            }
+        }
+        item
+    }
+
+    proptest! {
+        /// The merge of items that hold the invariants (a replica's) is the general merge, by
+        /// either path of its dominance test, whichever side is local.
+        #[test]
+        fn the_checked_merge_is_the_merge(
+            pool in proptest::collection::vec(
+                proptest::collection::vec((1u32..8, proptest::option::weighted(0.9, 0u8..12), 0u8..3), 1..5),
+                2..40,
+            ),
+            a in proptest::collection::vec(any::<proptest::sample::Index>(), 1..30),
+            b in proptest::collection::vec(any::<proptest::sample::Index>(), 1..30),
+        ) {
+            let pool: Vec<Version> = pool.iter().map(|h| version(h)).collect();
+            let pick = |ix: &[proptest::sample::Index]| ix.iter().map(|i| i.get(&pool).clone()).collect::<Vec<_>>();
+            let (x, y) = (item_of(&pick(&a)), item_of(&pick(&b)));
+            prop_assume!(x.check_structure().is_ok() && y.check_structure().is_ok());
+            for (l, i) in [(&x, &y), (&y, &x)] {
+                let general = merged(l, i);
+                prop_assert_eq!(&merged_valid_with(l, i, usize::MAX), &general);
+                prop_assert_eq!(&merged_valid_with(l, i, 0), &general);
+            }
+        }
+    }
+
+    proptest! {
+        /// Checking an incoming item against a held one (skipping what it holds) gives the
+        /// verdict of checking it whole, for any incoming item, valid or not.
+        #[test]
+        fn checking_against_a_held_item_is_checking_it(
+            pool in proptest::collection::vec(
+                proptest::collection::vec((1u32..8, proptest::option::weighted(0.9, 0u8..12), 0u8..3), 1..5),
+                2..30,
+            ),
+            held in proptest::collection::vec(any::<proptest::sample::Index>(), 1..20),
+            incoming in proptest::collection::vec(any::<proptest::sample::Index>(), 1..12),
+            sorted in any::<bool>(),
+        ) {
+            let pool: Vec<Version> = pool.iter().map(|h| version(h)).collect();
+            let held = item_of(&held.iter().map(|i| i.get(&pool).clone()).collect::<Vec<_>>());
+            prop_assume!(held.check_invariants().is_ok());
+            let mut picked: Vec<Version> = incoming.iter().map(|i| i.get(&pool).clone()).collect();
+            if sorted {
+                picked.sort_by(|a, b| compare(b, a));
+                picked.dedup();
+            }
+            let item = Item { version: picked[0].clone(), conflicts: picked[1..].to_vec() };
+            prop_assert_eq!(item.check_against(Some(&held)).is_ok(), item.check_invariants().is_ok());
         }
     }
 }

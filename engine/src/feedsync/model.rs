@@ -198,27 +198,41 @@ impl When {
             out.extend_from_slice(text.as_bytes());
             return;
         }
-        let date = time::OffsetDateTime::from_unix_timestamp(self.unix_secs)
-            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-        let (year, month, day) = date.to_calendar_date();
-        let (hour, minute, second) = date.to_hms();
+        // Days since 1970-01-01 to a proleptic Gregorian date (the civil-from-days algorithm of
+        // H. Hinnant's `chrono`-compatible date algorithms), integer arithmetic only.
+        let days = self.unix_secs.div_euclid(86_400);
+        let secs = self.unix_secs.rem_euclid(86_400) as u32;
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        let two = |out: &mut Vec<u8>, value: u32| {
+            out.extend_from_slice(&[b'0' + (value / 10) as u8, b'0' + (value % 10) as u8])
+        };
+        // Years are 0000..=9999 (`from_unix_secs` and `parse` check the range).
+        let year = year.clamp(0, 9999) as u32;
+        two(out, year / 100);
+        two(out, year % 100);
+        out.push(b'-');
+        two(out, month);
+        out.push(b'-');
+        two(out, day);
+        out.push(b'T');
+        two(out, secs / 3_600);
+        out.push(b':');
+        two(out, secs / 60 % 60);
+        out.push(b':');
+        two(out, secs % 60);
         let digits = |out: &mut Vec<u8>, value: u32, width: u32| {
             for place in (0..width).rev() {
                 out.push(b'0' + (value / 10u32.pow(place) % 10) as u8);
             }
         };
-        // Years are 0000..=9999 (`from_unix_secs` and `parse` check the range).
-        digits(out, year.clamp(0, 9999) as u32, 4);
-        out.push(b'-');
-        digits(out, u32::from(u8::from(month)), 2);
-        out.push(b'-');
-        digits(out, u32::from(day), 2);
-        out.push(b'T');
-        digits(out, u32::from(hour), 2);
-        out.push(b':');
-        digits(out, u32::from(minute), 2);
-        out.push(b':');
-        digits(out, u32::from(second), 2);
         if self.nanos != 0 {
             out.push(b'.');
             let mut nanos = self.nanos;
@@ -375,12 +389,15 @@ impl PartialEq for Version {
     /// Same version: same `sx:sync` (id, updates, flags, history) and same content (the
     /// signature is an attestation of the version, not part of it).
     fn eq(&self, other: &Self) -> bool {
+        // Cheapest and most telling first: the versions of one item share their id, so it goes
+        // last, and a topmost sequence tells most of them apart.
         self.updates == other.updates
             && self.deleted == other.deleted
             && self.noconflicts == other.noconflicts
-            && self.id == other.id
+            && self.history.first().map(|h| h.sequence) == other.history.first().map(|h| h.sequence)
             && (Arc::ptr_eq(&self.history, &other.history) || self.history == other.history)
             && (Arc::ptr_eq(&self.content, &other.content) || self.content == other.content)
+            && self.id == other.id
     }
 }
 impl Eq for Version {}
@@ -462,9 +479,39 @@ impl Item {
         self.check(false)
     }
 
+    /// [`Item::check_invariants`] for an incoming item against `held`, the item this replica holds
+    /// under its id (which holds the invariants): a version equal to one of `held`'s passed the
+    /// version checks when it entered, and two such versions passed the pairwise ones, so only
+    /// the versions `held` lacks are checked, and the pairs with one of them. A hot item that
+    /// comes back with a few new versions costs those few. Same verdict as `check_invariants`.
+    pub fn check_against(&self, held: Option<&Item>) -> Result<(), FeedsyncError> {
+        let Some(held) = held.filter(|h| h.id() == self.id()) else { return self.check(true) };
+        let all: Vec<&Version> = std::iter::once(&self.version).chain(&self.conflicts).collect();
+        let new: Vec<bool> = all
+            .iter()
+            .map(|v| !std::iter::once(&held.version).chain(&held.conflicts).any(|h| h == *v))
+            .collect();
+        self.check_with(true, &new)
+    }
+
     fn check(&self, content: bool) -> Result<(), FeedsyncError> {
-        let version_ok = |v: &Version| if content { v.check_invariants() } else { v.check_structure() };
-        version_ok(&self.version)?;
+        self.check_with(content, &[])
+    }
+
+    /// The checks, skipping the per-version ones of versions marked `false` in `new` (all are
+    /// new when `new` is empty) and the pairs of two of them.
+    fn check_with(&self, content: bool, new: &[bool]) -> Result<(), FeedsyncError> {
+        let is_new = |k: usize| new.get(k).copied().unwrap_or(true);
+        let version_ok = |k: usize, v: &Version| {
+            if !is_new(k) {
+                Ok(())
+            } else if content {
+                v.check_invariants()
+            } else {
+                v.check_structure()
+            }
+        };
+        version_ok(0, &self.version)?;
         if self.conflicts.len() > limits::CONFLICTS_PER_ITEM_MAX {
             return Err(FeedsyncError::TooManyConflicts { id: self.id().clone() });
         }
@@ -473,8 +520,8 @@ impl Item {
             return Err(FeedsyncError::TooLarge { id: self.id().clone(), bytes });
         }
         let mut previous: Option<&Version> = None;
-        for conflict in &self.conflicts {
-            version_ok(conflict)?;
+        for (k, conflict) in self.conflicts.iter().enumerate() {
+            version_ok(k + 1, conflict)?;
             if conflict.id != self.version.id {
                 return Err(FeedsyncError::ConflictIdMismatch { id: self.id().clone() });
             }
@@ -497,7 +544,19 @@ impl Item {
         // (`merge::dominated`). (No two versions are equal here: the checks above refuse a conflict equal to the
         // winner or not strictly below the previous conflict.)
         let all: Vec<&Version> = std::iter::once(&self.version).chain(&self.conflicts).collect();
-        if all.len() > 1 && super::merge::dominated(&all).contains(&true) {
+        let fresh = (0..all.len()).filter(|&k| is_new(k)).count();
+        let subsumed = if all.len() < 2 {
+            false
+        } else if fresh == all.len() || fresh * all.len() > 1024 {
+            super::merge::dominated(&all).contains(&true)
+        } else {
+            // Only pairs with a new version: old ones hold the invariant among themselves.
+            let drops = |x: &Version, y: &Version| x.subsumed_by(y) && !y.subsumed_by(x);
+            (0..all.len()).filter(|&k| is_new(k)).any(|k| {
+                all.iter().enumerate().any(|(j, y)| j != k && (drops(all[k], y) || drops(y, all[k])))
+            })
+        };
+        if subsumed {
             return Err(FeedsyncError::ConflictSubsumed { id: self.id().clone() });
         }
         Ok(())
