@@ -12,8 +12,15 @@ use crate::riblt::Symbol;
 /// The wire format version this engine speaks (2: versions carry an optional signature; pushes
 /// announce relayed changes by fingerprint; directory catch-up and refusal bodies. 3: version
 /// signatures are bound to the folder, `signing::VERSION_SIGNATURE_DOMAIN` v2, so a version 2
-/// peer's signatures would not verify; it is refused by version instead).
-pub const WIRE_VERSION: u8 = 4;
+/// peer's signatures would not verify; it is refused by version instead. 5: an item names its id
+/// once and its endpoints once, in a table its history entries index: a FeedSync history holds an
+/// entry per endpoint that wrote the item, a 64-hex-digit device id each, which made most of the
+/// bytes of an item many devices write).
+pub const WIRE_VERSION: u8 = 5;
+
+/// Most endpoints one item's table may name. An item within [`feedsync::limits::ITEM_ENCODED_MAX`]
+/// cannot name more (every history entry with an endpoint counts at least 64 bytes there).
+pub const ENDPOINTS_PER_ITEM_MAX: usize = feedsync::limits::ITEM_ENCODED_MAX / 64;
 
 /// Errors decoding a message. A peer's bytes produce these, never a panic.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -87,12 +94,12 @@ pub struct WireWhen {
 pub struct WireEntry {
     pub sequence: u32,
     pub when: Option<WireWhen>,
-    pub by: Option<String>,
+    /// The entry's endpoint, as an index into its item's [`WireItem::endpoints`].
+    pub by: Option<u32>,
 }
 
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct WireVersion {
-    pub id: String,
     pub updates: u32,
     /// bit 0 deleted, bit 1 noconflicts.
     pub flags: u8,
@@ -151,9 +158,14 @@ impl<'de> Deserialize<'de> for WireSignature {
     }
 }
 
-/// One item (winner and conflicts) on the wire.
+/// One item (winner and conflicts) on the wire: its id and the endpoints its histories name, once
+/// each, then its versions.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct WireItem {
+    pub id: String,
+    /// The endpoints the histories name, each once, in order of first appearance (winner first);
+    /// at most [`ENDPOINTS_PER_ITEM_MAX`].
+    pub endpoints: Vec<String>,
     pub version: WireVersion,
     pub conflicts: Vec<WireVersion>,
 }
@@ -311,9 +323,39 @@ pub fn decode(bytes: &[u8], max_bytes: usize) -> Result<Message, WireError> {
     Ok(message)
 }
 
-fn wire_version(v: &Version) -> WireVersion {
+/// An item's endpoint table as it is built: each endpoint once, found by its shared text first
+/// (the endpoints of a replica's items are mostly shared) and by its text otherwise.
+#[derive(Default)]
+struct EndpointTable<'a> {
+    by_ptr: std::collections::BTreeMap<usize, u32>,
+    by_text: std::collections::BTreeMap<&'a str, u32>,
+    names: Vec<String>,
+}
+
+impl<'a> EndpointTable<'a> {
+    fn index(&mut self, endpoint: &'a Endpoint) -> u32 {
+        let text = endpoint.as_str();
+        let ptr = text.as_ptr() as usize;
+        if let Some(&k) = self.by_ptr.get(&ptr) {
+            return k;
+        }
+        let k = match self.by_text.get(text) {
+            Some(&k) => k,
+            None => {
+                // An item holds far fewer distinct endpoints than u32::MAX (ENDPOINTS_PER_ITEM_MAX).
+                let k = self.names.len() as u32;
+                self.names.push(text.to_string());
+                self.by_text.insert(text, k);
+                k
+            }
+        };
+        self.by_ptr.insert(ptr, k);
+        k
+    }
+}
+
+fn wire_version<'a>(v: &'a Version, table: &mut EndpointTable<'a>) -> WireVersion {
     WireVersion {
-        id: v.id.as_str().to_string(),
         updates: v.updates,
         flags: u8::from(v.deleted) | (u8::from(v.noconflicts) << 1),
         history: v
@@ -326,7 +368,7 @@ fn wire_version(v: &Version) -> WireVersion {
                     nanos: w.nanos(),
                     text: w.text_as_read().map(str::to_string),
                 }),
-                by: h.by.as_ref().map(|b| b.as_str().to_string()),
+                by: h.by.as_ref().map(|b| table.index(b)),
             })
             .collect(),
         attrs: v.content.attrs.to_string(),
@@ -338,10 +380,10 @@ fn wire_version(v: &Version) -> WireVersion {
 
 /// An item as it travels.
 pub fn to_wire(item: &Item) -> WireItem {
-    WireItem {
-        version: wire_version(&item.version),
-        conflicts: item.conflicts.iter().map(wire_version).collect(),
-    }
+    let mut table = EndpointTable::default();
+    let version = wire_version(&item.version, &mut table);
+    let conflicts = item.conflicts.iter().map(|c| wire_version(c, &mut table)).collect();
+    WireItem { id: item.id().as_str().to_string(), endpoints: table.names, version, conflicts }
 }
 
 /// What many decoded items repeat, decoded once and shared: the endpoints that wrote them (one
@@ -382,8 +424,12 @@ impl Interner {
     }
 }
 
-fn from_wire_version(w: &WireVersion, shared: &mut Interner) -> Result<Version, String> {
-    let id = ItemId::new(&w.id).map_err(|e| e.to_string())?;
+fn from_wire_version(
+    w: &WireVersion,
+    id: &ItemId,
+    endpoints: &[Endpoint],
+    shared: &mut Interner,
+) -> Result<Version, String> {
     if w.flags > 3 {
         return Err(format!("unknown flags {}", w.flags));
     }
@@ -396,9 +442,11 @@ fn from_wire_version(w: &WireVersion, shared: &mut Interner) -> Result<Version, 
             None => None,
             Some(t) => Some(When::from_parts(t.secs, t.nanos, t.text.as_deref()).map_err(|e| e.to_string())?),
         };
-        let by = match &h.by {
+        let by = match h.by {
             None => None,
-            Some(b) => Some(shared.endpoint(b)?),
+            Some(k) => Some(endpoints.get(k as usize).cloned().ok_or_else(|| {
+                format!("a history entry names endpoint {k} of a table of {}", endpoints.len())
+            })?),
         };
         history.push(HistoryEntry { sequence: h.sequence, when, by });
     }
@@ -414,7 +462,7 @@ fn from_wire_version(w: &WireVersion, shared: &mut Interner) -> Result<Version, 
     bindings.sort();
     bindings.dedup_by(|a, b| a.0 == b.0);
     let version = Version {
-        id,
+        id: id.clone(),
         updates: w.updates,
         deleted: w.flags & 1 != 0,
         noconflicts: w.flags & 2 != 0,
@@ -469,11 +517,17 @@ pub(crate) fn from_wire_structure_in(w: &WireItem, shared: &mut Interner) -> Res
     if w.conflicts.len() > feedsync::limits::CONFLICTS_PER_ITEM_MAX {
         return Err(WireError::Item("too many conflicts".into()));
     }
-    let version = from_wire_version(&w.version, shared).map_err(WireError::Item)?;
+    if w.endpoints.len() > ENDPOINTS_PER_ITEM_MAX {
+        return Err(WireError::Bound("endpoints per item"));
+    }
+    let id = ItemId::new(&w.id).map_err(|e| WireError::Item(e.to_string()))?;
+    let endpoints: Vec<Endpoint> =
+        w.endpoints.iter().map(|e| shared.endpoint(e)).collect::<Result<_, _>>().map_err(WireError::Item)?;
+    let version = from_wire_version(&w.version, &id, &endpoints, shared).map_err(WireError::Item)?;
     let conflicts = w
         .conflicts
         .iter()
-        .map(|c| from_wire_version(c, shared))
+        .map(|c| from_wire_version(c, &id, &endpoints, shared))
         .collect::<Result<Vec<_>, _>>()
         .map_err(WireError::Item)?;
     Ok(Item { version, conflicts })
@@ -525,6 +579,32 @@ mod tests {
         assert_eq!(feed.items().cloned().collect::<Vec<_>>(), items);
     }
 
+    /// A history names an endpoint per writer (64 hex digits for a device): the item carries
+    /// each once, and the entries an index.
+    #[test]
+    fn an_item_names_each_endpoint_once() {
+        let mut feed = feedsync::Feed::new(feedsync::Dialect::Atom);
+        let id = ItemId::new("hot").unwrap();
+        let writers: Vec<Endpoint> = (0..20).map(|k| Endpoint::new(&format!("{k:064x}")).unwrap()).collect();
+        for (k, by) in writers.iter().enumerate() {
+            let when = When::from_unix_secs(1_000 + k as i64).unwrap();
+            feed.change(&id, by, &when, &feedsync::Edit::default()).unwrap();
+        }
+        let item = feed.item(&id).unwrap().clone();
+        assert_eq!(item.version.history.len(), 20);
+        let wire = to_wire(&item);
+        assert_eq!(wire.endpoints.len(), 20);
+        assert!(encoded_len(&wire) < 20 * 64 + 20 * 16 + 64, "{} bytes", encoded_len(&wire));
+        assert_eq!(from_wire(&wire).unwrap(), item);
+        // An entry naming an endpoint past the table is a typed error, not a panic.
+        let mut bad = wire.clone();
+        bad.version.history[0].by = Some(20);
+        assert!(matches!(from_wire(&bad), Err(WireError::Item(_))));
+        let mut bad = wire;
+        bad.endpoints = vec![String::new(); ENDPOINTS_PER_ITEM_MAX + 1];
+        assert_eq!(from_wire(&bad), Err(WireError::Bound("endpoints per item")));
+    }
+
     #[test]
     fn the_interner_stays_within_its_bounds() {
         let mut shared = Interner::default();
@@ -563,11 +643,14 @@ mod tests {
         #[test]
         fn arbitrary_wire_items_are_checked(
             id in "[a-z]{0,4}", updates in 0u32..3, flags in 0u8..6, seq in 0u32..3,
-            by in proptest::option::of("[a-z]{0,3}"), secs in proptest::option::of(-1i64..3),
+            endpoints in proptest::collection::vec("[a-z]{0,3}", 0..3), by in proptest::option::of(0u32..4),
+            secs in proptest::option::of(-1i64..3),
         ) {
             let item = WireItem {
+                id,
+                endpoints,
                 version: WireVersion {
-                    id, updates, flags,
+                    updates, flags,
                     history: vec![WireEntry { sequence: seq, when: secs.map(|s| WireWhen { secs: s * 1_000_000_000_000, nanos: 0, text: None }), by }],
                     attrs: String::new(), inner: String::new(), scope: vec![], signature: None,
                 },

@@ -318,11 +318,12 @@ mod adversary {
 
     fn wire_item(id: String, updates: u32, seq: u32, by: Option<String>) -> WireItem {
         WireItem {
+            id,
+            endpoints: by.iter().cloned().collect(),
             version: WireVersion {
-                id,
                 updates,
                 flags: 0,
-                history: vec![WireEntry { sequence: seq, when: None, by }],
+                history: vec![WireEntry { sequence: seq, when: None, by: by.map(|_| 0) }],
                 attrs: String::new(),
                 inner: "<title>evil</title>".into(),
                 scope: vec![],

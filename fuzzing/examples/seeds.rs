@@ -161,7 +161,7 @@ fn main() {
     }
     for (i, a) in items.iter().enumerate() {
         for (j, b) in items.iter().enumerate() {
-            if i < j && a.version.id == b.version.id {
+            if i < j && a.id == b.id {
                 let mut bytes = postcard::to_allocvec(a).expect("encodes");
                 bytes.extend(postcard::to_allocvec(b).expect("encodes"));
                 out.put("wire_item", &format!("pair-{i:03}-{j:03}"), &bytes);

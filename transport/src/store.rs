@@ -533,13 +533,19 @@ fn decode_rows(rows: &[Vec<u8>]) -> Result<Vec<Item>, StoreError> {
 }
 
 fn fit_stored(mut wire: WireItem) -> Option<engine::feedsync::Item> {
-    let winner_only = WireItem { version: wire.version.clone(), conflicts: Vec::new() };
+    let alone = |version: &engine::wire::WireVersion| WireItem {
+        id: wire.id.clone(),
+        endpoints: wire.endpoints.clone(),
+        version: version.clone(),
+        conflicts: Vec::new(),
+    };
+    let winner_only = alone(&wire.version);
     let winner = from_wire(&winner_only).ok()?;
     wire.conflicts.truncate(engine::feedsync::limits::CONFLICTS_PER_ITEM_MAX);
     let conflicts: Vec<_> = wire
         .conflicts
         .iter()
-        .map(|c| from_wire(&WireItem { version: c.clone(), conflicts: Vec::new() }).map(|i| i.version))
+        .map(|c| from_wire(&alone(c)).map(|i| i.version))
         .collect::<Result<_, _>>()
         .ok()?;
     let conflicts = engine::feedsync::merge::fit_conflicts(&winner.version, conflicts.iter());

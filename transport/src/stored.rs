@@ -6,7 +6,9 @@
 //!
 //! Version 1 has the same fields, in the same order, as the wire item of `WIRE_VERSION` 4, so
 //! schema 4 rows (postcard of that wire item, with no version byte) became version 1 rows by
-//! prefixing the byte (`Store::migrate`, schema 5).
+//! prefixing the byte (`Store::migrate`, schema 5). `WIRE_VERSION` 5 names an item's id and
+//! endpoints once per item; version 1 rows keep them per version and per entry, and are
+//! converted on the way in and out.
 
 use engine::feedsync::Item;
 use engine::wire::{from_wire, to_wire, WireEntry, WireItem, WireSignature, WireVersion, WireWhen};
@@ -63,9 +65,9 @@ pub enum StoredError {
     Corrupt,
 }
 
-fn version_v1(v: &WireVersion) -> VersionV1 {
+fn version_v1(v: &WireVersion, id: &str, endpoints: &[String]) -> VersionV1 {
     VersionV1 {
-        id: v.id.clone(),
+        id: id.to_string(),
         updates: v.updates,
         flags: v.flags,
         history: v
@@ -74,7 +76,8 @@ fn version_v1(v: &WireVersion) -> VersionV1 {
             .map(|e| EntryV1 {
                 sequence: e.sequence,
                 when: e.when.as_ref().map(|w| WhenV1 { secs: w.secs, nanos: w.nanos, text: w.text.clone() }),
-                by: e.by.clone(),
+                // `to_wire` made the table: every index is in it.
+                by: e.by.and_then(|k| endpoints.get(k as usize).cloned()),
             })
             .collect(),
         attrs: v.attrs.clone(),
@@ -84,7 +87,7 @@ fn version_v1(v: &WireVersion) -> VersionV1 {
     }
 }
 
-fn wire_version(v: VersionV1) -> Result<WireVersion, StoredError> {
+fn wire_version(v: VersionV1, endpoints: &mut Endpoints) -> Result<WireVersion, StoredError> {
     // Either form's bytes (the batch form came later, in the same field: version 1 rows hold
     // both); `from_wire` checks the layout.
     let signature = match v.signature {
@@ -93,7 +96,6 @@ fn wire_version(v: VersionV1) -> Result<WireVersion, StoredError> {
         Some(_) => return Err(StoredError::Corrupt),
     };
     Ok(WireVersion {
-        id: v.id,
         updates: v.updates,
         flags: v.flags,
         history: v
@@ -102,7 +104,7 @@ fn wire_version(v: VersionV1) -> Result<WireVersion, StoredError> {
             .map(|e| WireEntry {
                 sequence: e.sequence,
                 when: e.when.map(|w| WireWhen { secs: w.secs, nanos: w.nanos, text: w.text }),
-                by: e.by,
+                by: e.by.map(|by| endpoints.index(by)),
             })
             .collect(),
         attrs: v.attrs,
@@ -112,12 +114,29 @@ fn wire_version(v: VersionV1) -> Result<WireVersion, StoredError> {
     })
 }
 
+/// The endpoint table of a wire item, built from a row's per-entry endpoints.
+#[derive(Default)]
+struct Endpoints {
+    index: std::collections::BTreeMap<String, u32>,
+    names: Vec<String>,
+}
+
+impl Endpoints {
+    fn index(&mut self, name: String) -> u32 {
+        let next = self.names.len() as u32;
+        *self.index.entry(name).or_insert_with_key(|name| {
+            self.names.push(name.clone());
+            next
+        })
+    }
+}
+
 /// The row for `item`.
 pub fn encode(item: &Item) -> Vec<u8> {
     let wire = to_wire(item);
     let stored = ItemV1 {
-        version: version_v1(&wire.version),
-        conflicts: wire.conflicts.iter().map(version_v1).collect(),
+        version: version_v1(&wire.version, &wire.id, &wire.endpoints),
+        conflicts: wire.conflicts.iter().map(|c| version_v1(c, &wire.id, &wire.endpoints)).collect(),
     };
     let mut out = vec![ITEM_ENCODING];
     // Serialising plain data into a Vec cannot fail.
@@ -131,10 +150,19 @@ pub fn decode_wire(row: &[u8]) -> Result<WireItem, StoredError> {
     match version {
         1 => {
             let stored: ItemV1 = postcard::from_bytes(rest).map_err(|_| StoredError::Corrupt)?;
-            Ok(WireItem {
-                version: wire_version(stored.version)?,
-                conflicts: stored.conflicts.into_iter().map(wire_version).collect::<Result<_, _>>()?,
-            })
+            // One id per item on the wire: a row whose versions disagree is corrupt.
+            let id = stored.version.id.clone();
+            if stored.conflicts.iter().any(|c| c.id != id) {
+                return Err(StoredError::Corrupt);
+            }
+            let mut endpoints = Endpoints::default();
+            let version = wire_version(stored.version, &mut endpoints)?;
+            let conflicts = stored
+                .conflicts
+                .into_iter()
+                .map(|c| wire_version(c, &mut endpoints))
+                .collect::<Result<_, _>>()?;
+            Ok(WireItem { id, endpoints: endpoints.names, version, conflicts })
         }
         other => Err(StoredError::Unknown(other)),
     }
@@ -150,7 +178,9 @@ mod tests {
     use super::*;
 
     /// `encode(&item())` as version 1 writes it: if this changes, version 1 changed, and stores
-    /// written before cannot be read. Make a version 2 instead.
+    /// written before cannot be read. Make a version 2 instead. (These are also the bytes of the
+    /// schema 4 row of this item, after the version byte: postcard of the `WIRE_VERSION` 4 item,
+    /// whose fields `ItemV1` keeps.)
     const PINNED: &str = "010178010001010180c49fd50c00000101650000000000";
 
     fn item() -> Item {
@@ -168,12 +198,22 @@ mod tests {
         assert_eq!(decode(&encode(&item)).unwrap(), item);
     }
 
+    /// An item many endpoints wrote, with conflicts, reads back from its row (the row names the
+    /// endpoints per entry, the wire item once per item).
     #[test]
-    fn a_schema_4_row_is_a_version_1_row_without_its_byte() {
-        // Schema 4 stored postcard(WireItem) as the wire of WIRE_VERSION 4 had it.
-        let item = item();
-        let old = postcard::to_allocvec(&to_wire(&item)).unwrap();
-        assert_eq!(encode(&item)[1..], old[..], "version 1 is byte for byte the schema 4 row");
+    fn an_item_with_conflicts_and_many_writers_round_trips() {
+        let id = engine::feedsync::ItemId::new("hot").unwrap();
+        let when = engine::feedsync::When::from_unix_secs(1_700_000_000).unwrap();
+        let mut r = engine::replica::Replica::new(1);
+        for k in 0..6 {
+            let mut w = engine::replica::Replica::new(2);
+            let by = engine::feedsync::Endpoint::new(&format!("{k:064x}")).unwrap();
+            w.change(&id, &by, &when, &engine::feedsync::Edit::default()).unwrap();
+            r.merge(w.item(&id).unwrap()).unwrap();
+        }
+        let item = (**r.item(&id).unwrap()).clone();
+        assert_eq!(item.conflicts.len(), 5);
+        assert_eq!(decode(&encode(&item)).unwrap(), item);
     }
 
     #[test]
@@ -207,7 +247,11 @@ mod tests {
         wire.version.signature = Some(WireSignature(vec![0; engine::signing::SIGNATURE_BYTES_MAX + 1]));
         let mut row = vec![1];
         row.extend(
-            postcard::to_allocvec(&ItemV1 { version: version_v1(&wire.version), conflicts: vec![] }).unwrap(),
+            postcard::to_allocvec(&ItemV1 {
+                version: version_v1(&wire.version, &wire.id, &wire.endpoints),
+                conflicts: vec![],
+            })
+            .unwrap(),
         );
         assert_eq!(decode(&row), Err(StoredError::Corrupt));
     }

@@ -202,7 +202,7 @@ fn merged_valid_with(local: &Item, incoming: &Item, pairs_max: usize) -> Option<
         }
     }
     debug_assert!(m.windows(2).all(|w| compare(w[0], w[1]) == std::cmp::Ordering::Greater));
-    let Some(&first) = m.first() else { return None };
+    let &first = m.first()?;
     let winner = first.clone();
     let conflicts: Vec<Version> =
         if winner.noconflicts { Vec::new() } else { fit_conflicts(&winner, m[1..].iter().copied()) };
