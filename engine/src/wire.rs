@@ -323,34 +323,26 @@ pub fn decode(bytes: &[u8], max_bytes: usize) -> Result<Message, WireError> {
     Ok(message)
 }
 
-/// An item's endpoint table as it is built: each endpoint once, found by its shared text first
-/// (the endpoints of a replica's items are mostly shared) and by its text otherwise.
+/// An item's endpoint table as it is built: each endpoint once, in order of first appearance.
+/// A hash map by text (SipHash with a per-process key, so a peer's endpoints cannot be chosen to
+/// collide): the same endpoint has a different shared text in each message it came in by, so
+/// looking it up by pointer rarely hits. Its order reaches nothing: indices are assigned in order
+/// of first appearance.
 #[derive(Default)]
 struct EndpointTable<'a> {
-    by_ptr: std::collections::BTreeMap<usize, u32>,
-    by_text: std::collections::BTreeMap<&'a str, u32>,
+    by_text: std::collections::HashMap<&'a str, u32>,
     names: Vec<String>,
 }
 
 impl<'a> EndpointTable<'a> {
     fn index(&mut self, endpoint: &'a Endpoint) -> u32 {
         let text = endpoint.as_str();
-        let ptr = text.as_ptr() as usize;
-        if let Some(&k) = self.by_ptr.get(&ptr) {
-            return k;
-        }
-        let k = match self.by_text.get(text) {
-            Some(&k) => k,
-            None => {
-                // An item holds far fewer distinct endpoints than u32::MAX (ENDPOINTS_PER_ITEM_MAX).
-                let k = self.names.len() as u32;
-                self.names.push(text.to_string());
-                self.by_text.insert(text, k);
-                k
-            }
-        };
-        self.by_ptr.insert(ptr, k);
-        k
+        // An item holds far fewer distinct endpoints than u32::MAX (ENDPOINTS_PER_ITEM_MAX).
+        let next = self.names.len() as u32;
+        *self.by_text.entry(text).or_insert_with(|| {
+            self.names.push(text.to_string());
+            next
+        })
     }
 }
 
