@@ -69,6 +69,12 @@ struct Args {
     /// import does) or `single` (one signature per version, as items written one by one are).
     #[arg(long, value_enum, default_value_t = Signatures::Batch)]
     signatures: Signatures,
+    /// Take signature checking out of the measurement (issue 16 item 3): B's replica is given
+    /// the checked signatures of A's items before the timed sync (`Replica::set_verified`), so
+    /// what is timed is the rest of the pipeline (framing, decoding, checking the items,
+    /// merging, storing). Written to its own section, `sync_preverified`.
+    #[arg(long)]
+    preverified: bool,
     /// Instead of the sync benchmark: connect this many idle devices to a relay process.
     #[arg(long)]
     idle_devices: Option<usize>,
@@ -92,7 +98,11 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let (section, mut value) = match args.idle_devices {
         Some(n) => ("idle_devices", rt.block_on(idle_devices(n, args.relay_bin.as_deref()))?),
-        None => ("sync", rt.block_on(sync_bench(args.items, args.runs.max(1), args.signatures))?),
+        None if args.preverified => (
+            "sync_preverified",
+            rt.block_on(sync_bench(args.items, args.runs.max(1), args.signatures, true))?,
+        ),
+        None => ("sync", rt.block_on(sync_bench(args.items, args.runs.max(1), args.signatures, false))?),
     };
     value["load_average_at_start"] = json!(load);
     value["load_average_at_end"] = json!(load_average());
@@ -530,6 +540,7 @@ async fn run_mode(
     tag: &str,
     items: usize,
     signatures: Signatures,
+    preverified: bool,
 ) -> anyhow::Result<Run> {
     let relay_only = mode == "relayed";
     let relay_port = relay.relay_url.port().unwrap_or(0);
@@ -568,6 +579,30 @@ async fn run_mode(
         .map_err(|_| anyhow!("B could not reach A within 20 s"))??;
     let connect_seconds = t.elapsed().as_secs_f64();
     net_b.adopt(conn.clone()).await;
+    if preverified {
+        // Untimed: B checks the signatures of A's items now, as if it had seen them before.
+        let (all, signers) = {
+            let n = lock(&a);
+            let replica = n.replica(&folder).ok_or_else(|| anyhow!("A has no replica"))?;
+            (replica.items().cloned().collect::<Vec<_>>(), n.dir().signers(&folder))
+        };
+        let verified = engine::signing::Verified::check(
+            &all,
+            &folder.scope(),
+            Some(&signers),
+            transport::verify_threads(),
+        );
+        let mut n = lock(&b);
+        // B makes its replica of the folder at its first session; here it is made now (empty,
+        // signed for the folder, as B would make it) to hold the set.
+        if n.device.replica(&folder).is_none() {
+            let epoch = u64::from_le_bytes(random_key().to_bytes()[..8].try_into()?);
+            n.device.install(folder, engine::replica::Replica::new_signed(epoch, folder.scope()));
+        }
+        let replica = n.device.replica_mut(&folder).ok_or_else(|| anyhow!("B has no replica"))?;
+        replica.set_verified(verified);
+        net_b.keep_verified.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 
     let endpoints = [&net_a.endpoint, &net_b.endpoint];
     let before = Counters::read(&conn, &endpoints, relay_port);
@@ -686,7 +721,12 @@ async fn bare_stream(
     Ok(Transfer::new(seconds, items, payload.len() as u64, bytes, path))
 }
 
-async fn sync_bench(items: usize, runs: usize, signatures: Signatures) -> anyhow::Result<Value> {
+async fn sync_bench(
+    items: usize,
+    runs: usize,
+    signatures: Signatures,
+    preverified: bool,
+) -> anyhow::Result<Value> {
     let root = tempfile::tempdir()?;
     let relay = relay::start(relay::Config::loopback(&root.path().join("relay"))).await?;
     let info = relay.connect_info();
@@ -703,8 +743,17 @@ async fn sync_bench(items: usize, runs: usize, signatures: Signatures) -> anyhow
         let mut done = Vec::new();
         for run in 0..runs {
             done.push(
-                run_mode(&relay, &cfg, root.path(), mode, &format!("{mode}-{run}"), items, signatures)
-                    .await?,
+                run_mode(
+                    &relay,
+                    &cfg,
+                    root.path(),
+                    mode,
+                    &format!("{mode}-{run}"),
+                    items,
+                    signatures,
+                    preverified,
+                )
+                .await?,
             );
         }
         results.push(ModeResult::of(mode, done));

@@ -4,7 +4,9 @@
 //! It builds the release binaries it runs (unless `--no-build`), then runs, one after another so
 //! that no two share the cores:
 //! 1. `e2e_sync`: 10^5 batch-signed items from A to B, direct and relayed (best of 3), beside a
-//!    bare iroh stream, a bare stream into a synced file, and checking the signatures alone;
+//!    bare iroh stream, a bare stream into a synced file, and checking the signatures alone; then
+//!    again with `--preverified` (B holds the checked signatures first: item 3's measurement of
+//!    the rest of the pipeline against the bare stream into a synced file);
 //! 2. `restart`: a node and a relay opening a store of 10^6 items (best of 3);
 //! 3. the criterion `merge` bench at n = 10^5 (c in {0, 0.01, 1}, h in {1, 8}: every cell automerge
 //!    runs at), feedmesh beside automerge in one group per cell;
@@ -168,6 +170,22 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("no {name} mode in e2e_sync's results"))
     };
     let (direct, relayed) = (mode("direct")?, mode("relayed")?);
+    // Item 3: the same, with B given the checked signatures first (verification out of the
+    // measurement), each mode beside its own bare stream into a synced file.
+    run(
+        &bin("e2e_sync"),
+        &["--items", &items, "--runs", &runs, "--preverified", "--json", &tmp("e2e.json")],
+        &[],
+    )?;
+    let e2e = read_json(&scratch.path().join("e2e.json"))?;
+    let preverified = |name: &str| -> anyhow::Result<Value> {
+        e2e.pointer("/sync_preverified/modes")
+            .and_then(Value::as_array)
+            .and_then(|modes| modes.iter().find(|m| m["mode"] == name))
+            .cloned()
+            .with_context(|| format!("no pre-verified {name} mode in e2e_sync's results"))
+    };
+    let (pre_direct, pre_relayed) = (preverified("direct")?, preverified("relayed")?);
 
     step(2, &format!("restart with {} items", sizes.restart_items));
     let restart_items = sizes.restart_items.to_string();
@@ -256,8 +274,22 @@ fn main() -> anyhow::Result<()> {
             "direct vs bare stream into a file (with verification)",
             num(&direct, "/throughput_vs_bare_file")?,
             "ratio",
-            ">= 0.5 without verification (no pre-verified mode yet: reported)",
+            "reported",
             None,
+        ),
+        figure(
+            "direct vs bare stream into a file, pre-verified",
+            num(&pre_direct, "/throughput_vs_bare_file")?,
+            "ratio",
+            ">= 0.5",
+            Some(num(&pre_direct, "/throughput_vs_bare_file")? >= 0.5),
+        ),
+        figure(
+            "relayed vs bare stream into a file, pre-verified",
+            num(&pre_relayed, "/throughput_vs_bare_file")?,
+            "ratio",
+            ">= 0.5",
+            Some(num(&pre_relayed, "/throughput_vs_bare_file")? >= 0.5),
         ),
         figure("node restart", restart_node, "s", "<= 2", Some(restart_node <= 2.0)),
         figure("relay restart", restart_relay, "s", "<= 2", Some(restart_relay <= 2.0)),
@@ -280,6 +312,7 @@ fn main() -> anyhow::Result<()> {
         "seconds": started.elapsed().as_secs_f64().round(),
         "headline": headline,
         "e2e_sync": e2e["sync"],
+        "e2e_sync_preverified": e2e["sync_preverified"],
         "restart": restart,
         "merge_cells": merge_cells,
         "simulator_bench": sim,
