@@ -532,6 +532,7 @@ fn receive_floor(a: &node::net::Shared, folder: &FolderId, root: &Path, tag: &st
 
 /// B syncs with A until it has every item (the timed part), then the same payload goes over a
 /// bare stream between two fresh endpoints.
+#[allow(clippy::too_many_arguments)] // one benchmark run's knobs, passed through as they are
 async fn run_mode(
     relay: &relay::Running,
     cfg: &NodeConfig,
