@@ -161,31 +161,24 @@ fn main() -> anyhow::Result<()> {
     step(1, &format!("end-to-end sync of {} items, direct and relayed", sizes.items));
     let (items, runs) = (sizes.items.to_string(), sizes.runs.to_string());
     run(&bin("e2e_sync"), &["--items", &items, "--runs", &runs, "--json", &tmp("e2e.json")], &[])?;
-    let e2e = read_json(&scratch.path().join("e2e.json"))?;
-    let mode = |name: &str| -> anyhow::Result<Value> {
-        e2e.pointer("/sync/modes")
-            .and_then(Value::as_array)
-            .and_then(|modes| modes.iter().find(|m| m["mode"] == name))
-            .cloned()
-            .with_context(|| format!("no {name} mode in e2e_sync's results"))
-    };
-    let (direct, relayed) = (mode("direct")?, mode("relayed")?);
     // Item 3: the same, with B given the checked signatures first (verification out of the
-    // measurement), each mode beside its own bare stream into a synced file.
+    // measurement), each mode beside its own bare stream into a synced file (its own section).
     run(
         &bin("e2e_sync"),
         &["--items", &items, "--runs", &runs, "--preverified", "--json", &tmp("e2e.json")],
         &[],
     )?;
     let e2e = read_json(&scratch.path().join("e2e.json"))?;
-    let preverified = |name: &str| -> anyhow::Result<Value> {
-        e2e.pointer("/sync_preverified/modes")
+    let mode = |section: &str, name: &str| -> anyhow::Result<Value> {
+        e2e.pointer(&format!("/{section}/modes"))
             .and_then(Value::as_array)
             .and_then(|modes| modes.iter().find(|m| m["mode"] == name))
             .cloned()
-            .with_context(|| format!("no pre-verified {name} mode in e2e_sync's results"))
+            .with_context(|| format!("no {name} mode in e2e_sync's {section} results"))
     };
-    let (pre_direct, pre_relayed) = (preverified("direct")?, preverified("relayed")?);
+    let (direct, relayed) = (mode("sync", "direct")?, mode("sync", "relayed")?);
+    let (pre_direct, pre_relayed) =
+        (mode("sync_preverified", "direct")?, mode("sync_preverified", "relayed")?);
 
     step(2, &format!("restart with {} items", sizes.restart_items));
     let restart_items = sizes.restart_items.to_string();
