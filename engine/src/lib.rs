@@ -19,6 +19,7 @@
 //! - [`sessions`]: the session table the device and the cloud share.
 //! - [`control`]: the control plane between a device and the cloud (tickets, directory, addresses,
 //!   pairing, notices), as typed, versioned, bounded messages.
+//! - [`folder`]: Live Folders: file entries, checked paths, the content scheduler.
 //! - [`loopback`]: two sessions wired back to back in memory (clean or faulty channel), the one
 //!   pump tests, fuzz fixtures and benchmarks run session pairs with.
 
@@ -28,6 +29,7 @@ pub mod control;
 pub mod device;
 pub mod directory;
 pub mod feedsync;
+pub mod folder;
 pub mod ids;
 pub mod loopback;
 pub mod refusal;

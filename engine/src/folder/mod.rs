@@ -1,0 +1,15 @@
+//! Live Folders: a folder of files as a FeedSync feed. Each file is an item ([`entry`]) named by a
+//! checked path ([`path`]); content is addressed by its BLAKE3 root and fetched in verified chunk
+//! groups from whichever peers hold it, chosen by the sans-IO scheduler ([`fetch`]) that the node
+//! and the simulator both run.
+
+pub mod entry;
+pub mod fetch;
+pub mod path;
+
+pub use entry::{conflict_copy, ContentHash, EntryError, FileEntry};
+pub use fetch::{
+    Command, Event, Failure, FetchConfig, FetchError, Fetcher, Policy, Progress, Request, RequestId, Route,
+    Waiting,
+};
+pub use path::{FilePath, PathError, Platform};
