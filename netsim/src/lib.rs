@@ -4,6 +4,7 @@
 
 pub mod checker;
 pub mod clock_skew;
+pub mod content;
 pub mod gossip;
 pub mod mesh;
 pub mod net;

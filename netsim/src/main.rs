@@ -74,6 +74,18 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Run a content experiment (Live Folders): one large file written on one device, fetched by
+    /// every other device and the cloud under each source-choice policy; print a table, or JSON.
+    Content {
+        /// An experiment TOML file (e.g. netsim/experiments/content.toml).
+        experiment: PathBuf,
+        /// Override the experiment's seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Also write the report as JSON to this file.
+        #[arg(long, value_name = "FILE.json")]
+        json: Option<PathBuf>,
+    },
     /// Print the embedded default scenario.
     Default,
     /// Run a grid of parameters x seeds in parallel; write sweep.csv and sweep.json (see the
@@ -144,6 +156,7 @@ fn main() -> ExitCode {
             bench(&nodes, events, &engine_nodes, engine_secs, &engine_writes, json)
         }
         Command::Sweep { grid, jobs, out, quick } => sweep(&grid, jobs, &out, quick),
+        Command::Content { experiment, seed, json } => content(&experiment, seed, json.as_deref()),
         Command::Swarm { seeds, first, jobs, out, shrink_runs, plant } => {
             swarm(seeds, first, jobs, &out, shrink_runs, plant.as_deref())
         }
@@ -541,6 +554,57 @@ fn plot_run(path: &std::path::Path, report: &Report) -> Result<(), netsim::plot:
         y_range: Some((0.0, 1.0)),
     };
     netsim::plot::write_svg(path, &chart, &series)
+}
+
+fn content(path: &Path, seed: Option<u64>, json: Option<&Path>) -> ExitCode {
+    use netsim::content;
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("feedmesh-sim: {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let mut experiment: content::ContentScenario = match toml::from_str(&text) {
+        Ok(experiment) => experiment,
+        Err(e) => {
+            eprintln!("feedmesh-sim: {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(seed) = seed {
+        experiment.seed = seed;
+    }
+    let started = std::time::Instant::now();
+    let report = match content::run(&experiment) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("feedmesh-sim: {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    print!("{}", content::table(&report));
+    println!("({:.1} s of wall time)", started.elapsed().as_secs_f64());
+    if let Some(json) = json {
+        let text = match serde_json::to_string_pretty(&report) {
+            Ok(text) => text + "\n",
+            Err(e) => {
+                eprintln!("feedmesh-sim: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        if let Err(e) = std::fs::write(json, text) {
+            eprintln!("feedmesh-sim: {}: {e}", json.display());
+            return ExitCode::from(2);
+        }
+    }
+    let all_done = report.runs.iter().all(|r| r.done_s.iter().all(Option::is_some));
+    if all_done {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("feedmesh-sim: some device did not get the file within limit_s (see the table)");
+        ExitCode::from(1)
+    }
 }
 
 fn sweep(grid_path: &Path, jobs: Option<usize>, out: &Path, quick: bool) -> ExitCode {

@@ -168,6 +168,19 @@ impl Cut {
     }
 }
 
+/// How one node reaches another ([`Net::path_kind`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathKind {
+    /// Within a LAN group (or turned back in by a hairpinning NAT).
+    Lan,
+    /// Between a device and the cloud.
+    Cloud,
+    /// Hole punched (or public) across the internet.
+    Direct,
+    /// Through the cloud's relay.
+    Relayed,
+}
+
 /// Where a node sits: its LAN group (devices of a group share one NAT) and that NAT.
 #[derive(Clone, Copy, Debug)]
 pub struct Host {
@@ -235,6 +248,8 @@ pub struct Net {
     /// (a relayed datagram books the cloud's when it gets there), so `free_at - now` is exactly
     /// the backlog at `now`.
     free_at: Vec<u64>,
+    /// When each device's LAN link is free again (with `lan_bandwidth_kbps`; empty without).
+    lan_free_at: Vec<u64>,
     /// The latest time a link was booked: bookings must come in time order.
     booked_at: u64,
     /// Duplicated relayed datagrams with one copy forwarded: whether that copy was lost. At most
@@ -270,6 +285,7 @@ impl Net {
     ) -> Self {
         let n = devices as usize + 1;
         Self {
+            lan_free_at: if cfg.lan_bandwidth_kbps > 0 { vec![0; n] } else { Vec::new() },
             cfg,
             lan_group: lan_group.max(1),
             groups,
@@ -303,6 +319,30 @@ impl Net {
         let Some(paths) = &self.paths else { return (0, 0) };
         let direct = paths.values().filter(|d| **d).count() as u64;
         (direct, paths.len() as u64 - direct)
+    }
+
+    /// When `node`'s uplink (or, with `lan` and a LAN bandwidth set, its LAN link) has sent
+    /// everything booked on it: a sender that paces itself sends its next datagram then.
+    pub fn link_free_at(&self, node: u32, lan: bool) -> u64 {
+        let links = if lan && !self.lan_free_at.is_empty() { &self.lan_free_at } else { &self.free_at };
+        links.get(node as usize).copied().unwrap_or(0)
+    }
+
+    /// How `from` reaches `to` (what [`Net::transmit`] would use, partitions aside): `None` when
+    /// it cannot (no punchable path and no relay).
+    pub fn path_kind(&self, from: u32, to: u32) -> Option<PathKind> {
+        let (hf, ht) = (self.host(from), self.host(to));
+        let same_lan = from != 0 && to != 0 && hf.lan == ht.lan;
+        if same_lan && (self.cfg.lan_discovery || hf.nat == Nat::Public || hf.hairpin) {
+            return Some(PathKind::Lan);
+        }
+        if from == 0 || to == 0 {
+            return Some(PathKind::Cloud);
+        }
+        if !same_lan && !self.star && punch(hf.nat, ht.nat) {
+            return Some(PathKind::Direct);
+        }
+        self.cfg.relay.then_some(PathKind::Relayed)
     }
 
     fn path_used(&mut self, from: u32, to: u32, direct: bool) {
@@ -413,7 +453,13 @@ impl Net {
     /// Queues `len` bytes on `node`'s uplink at time `at`: the delay until the last bit leaves,
     /// or `None` when the queue is full (drop-tail).
     fn uplink(&mut self, node: u32, at: u64, len: usize) -> Option<u64> {
-        let kbps = self.uplink_kbps(node);
+        self.book(node, at, len, false)
+    }
+
+    /// [`Net::uplink`] on the uplink or, with `lan` and a LAN bandwidth set, on the LAN link.
+    fn book(&mut self, node: u32, at: u64, len: usize, lan: bool) -> Option<u64> {
+        let lan = lan && !self.lan_free_at.is_empty();
+        let kbps = if lan { self.cfg.lan_bandwidth_kbps } else { self.uplink_kbps(node) };
         if kbps == 0 {
             return Some(0);
         }
@@ -421,7 +467,7 @@ impl Net {
         // before it as queued bytes (issue 12).
         assert!(at >= self.booked_at, "uplink booked at {at} us after one at {} us", self.booked_at);
         self.booked_at = at;
-        let free = &mut self.free_at[node as usize];
+        let free = if lan { &mut self.lan_free_at[node as usize] } else { &mut self.free_at[node as usize] };
         let start = (*free).max(at);
         // Bytes still queued ahead of this datagram: (start - at) us at kbps/8000 bytes per us;
         // none when the link is idle (start == at).
@@ -529,7 +575,9 @@ impl Net {
             if !self.reachable(from, to) {
                 return Sent::default();
             }
-            let Some(queued) = self.uplink(from, now, len) else { return Sent::default() };
+            let Some(queued) = self.book(from, now, len, self.cfg.lan_discovery) else {
+                return Sent::default();
+            };
             if !self.cfg.lan_discovery && hf.nat != Nat::Public {
                 self.stats.hairpinned += 1;
             }

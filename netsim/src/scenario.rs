@@ -371,6 +371,10 @@ pub struct Network {
     /// The cloud's uplink (0: unlimited).
     #[serde(default)]
     pub cloud_bandwidth_kbps: u64,
+    /// Each device's LAN link in kilobits per second, a link of its own (0: LAN traffic shares
+    /// the uplink, as before this field existed).
+    #[serde(default)]
+    pub lan_bandwidth_kbps: u64,
     /// Devices of one LAN group find each other on the LAN (true), or must go through their
     /// shared NAT's public address, which works only if it hairpins, else through the relay.
     #[serde(default = "default_true")]
@@ -414,6 +418,7 @@ impl Default for Network {
             bandwidth_kbps: 0,
             queue_kb: default_queue(),
             cloud_bandwidth_kbps: 0,
+            lan_bandwidth_kbps: 0,
             lan_discovery: true,
             relay: true,
         }

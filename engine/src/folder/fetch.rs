@@ -11,10 +11,14 @@
 //! [`Fetcher::handle_timeout`]. Nothing unverified is ever reported, so a lying peer costs time,
 //! never data.
 //!
-//! Choice ([`Policy::Nearest`], the default): the holders of a file reached by the best route
-//! that has a usable holder (LAN, then direct, then relayed, then the cloud), fastest measured
-//! first, up to [`FetchConfig::sources_per_fetch_max`] of them at once, each taking a different
-//! run of missing groups. A source that stalls (no verified group within
+//! Choice ([`Policy::Nearest`], the default): the holders reached by the best route that has
+//! something the device lacks (LAN, then direct, then relayed, then the cloud), up to
+//! [`FetchConfig::sources_per_fetch_max`] of them at once, each taking a different run of missing
+//! groups; when they are busy the fetch waits for them rather than taking a worse route. Within a
+//! route, devices start at different peers, and at different points of the file
+//! ([`FetchConfig::spread`]): a holder may hold part of the file (a peer fetching it too announces
+//! its groups, [`Fetcher::handle_holder_runs`]) and is asked only for what it holds, so devices
+//! that start apart have parts to trade. A source that stalls (no verified group within
 //! [`FetchConfig::stall_us`], or slower than [`FetchConfig::rate_floor_bytes_per_s`] over a
 //! request) is cancelled and backs off, doubling; its groups go to the next choice, which may be
 //! a worse route. When every missing group is in flight, an idle usable source duplicates the
@@ -77,6 +81,12 @@ pub struct FetchConfig {
     /// First back-off of a source that stalled or failed; doubles up to `backoff_max_us`.
     pub backoff_us: Micros,
     pub backoff_max_us: Micros,
+    /// Where this device starts, so that devices fetching the same file do not all do the same:
+    /// in the file's groups (a point of the file drawn from this; devices that start at
+    /// different points hold different parts early and can trade them), and in the holders under
+    /// [`Policy::Any`] (the peers' order, rotated by this). The simulator passes the device's
+    /// index, the node a hash of its id; 0 starts at the file's first group and the first peer.
+    pub spread: u64,
 }
 
 impl Default for FetchConfig {
@@ -90,6 +100,7 @@ impl Default for FetchConfig {
             rate_floor_bytes_per_s: 16 * 1024,
             backoff_us: 2_000_000,
             backoff_max_us: 120_000_000,
+            spread: 0,
         }
     }
 }
@@ -187,6 +198,24 @@ pub enum FetchError {
     TooManySources,
 }
 
+/// `runs` as [`Runs`], when they are ascending, disjoint, inside `0..groups` and at most
+/// [`RUNS_PER_FETCH_MAX`].
+fn checked_runs(runs: &[Range<u64>], groups: u64) -> Result<Runs, FetchError> {
+    if runs.len() > RUNS_PER_FETCH_MAX {
+        return Err(FetchError::BadHave);
+    }
+    let mut out = Runs::default();
+    let mut last_end = 0;
+    for (i, run) in runs.iter().enumerate() {
+        if run.start >= run.end || run.end > groups || (i > 0 && run.start < last_end) {
+            return Err(FetchError::BadHave);
+        }
+        last_end = run.end;
+        out.insert(run.clone());
+    }
+    Ok(out)
+}
+
 /// Sorted, disjoint, non-adjacent runs of group indices.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Runs(Vec<Range<u64>>);
@@ -238,10 +267,12 @@ struct InFlight<P> {
     twin: Option<RequestId>,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Holder {
     /// It sent bytes that do not verify, or said it lacks the content: never asked again.
     bad: bool,
+    /// The groups it holds, when it holds part of the file (it is fetching it too); `None`: all.
+    runs: Option<Runs>,
 }
 
 #[derive(Debug)]
@@ -260,6 +291,8 @@ struct Source {
     rate_bytes_per_s: u64,
     strikes: u32,
     backoff_until: Micros,
+    /// A back-off whose end is still to be handled (a timer is due for it).
+    backing_off: bool,
 }
 
 /// The content scheduler of one device (see the module doc). `P` names a peer (a device id in
@@ -323,18 +356,7 @@ impl<P: Ord + Clone> Fetcher<P> {
             return Err(FetchError::Full);
         }
         let groups = size.div_ceil(GROUP_BYTES);
-        if have.len() > RUNS_PER_FETCH_MAX {
-            return Err(FetchError::BadHave);
-        }
-        let mut runs = Runs::default();
-        let mut last_end = 0;
-        for (i, run) in have.iter().enumerate() {
-            if run.start >= run.end || run.end > groups || (i > 0 && run.start <= last_end) {
-                return Err(FetchError::BadHave);
-            }
-            last_end = run.end;
-            runs.insert(run.clone());
-        }
+        let runs = checked_runs(have, groups)?;
         if runs.count() == groups {
             self.events.push_back(Event::Done { hash });
             return Ok(());
@@ -375,11 +397,41 @@ impl<P: Ord + Clone> Fetcher<P> {
 
     fn add_holder(&mut self, peer: P, hash: ContentHash) -> bool {
         let Some(fetch) = self.fetches.get_mut(&hash) else { return false };
-        if fetch.holders.len() >= HOLDERS_PER_FETCH_MAX || fetch.holders.contains_key(&peer) {
+        if let Some(holder) = fetch.holders.get_mut(&peer) {
+            let partial = holder.runs.is_some();
+            holder.runs = None;
+            return partial;
+        }
+        if fetch.holders.len() >= HOLDERS_PER_FETCH_MAX {
             return false;
         }
         fetch.holders.insert(peer, Holder::default());
         true
+    }
+
+    /// `peer` holds the groups `runs` (ascending, disjoint) of `hash`: it is fetching the file
+    /// too, and serves what it has. Replaces what it announced before; a peer known to hold the
+    /// whole file stays so. Ignored for content not wanted or past [`HOLDERS_PER_FETCH_MAX`].
+    pub fn handle_holder_runs(
+        &mut self,
+        now: Micros,
+        peer: P,
+        hash: ContentHash,
+        runs: &[Range<u64>],
+    ) -> Result<(), FetchError> {
+        let Some(fetch) = self.fetches.get_mut(&hash) else { return Ok(()) };
+        let held = checked_runs(runs, fetch.groups)?;
+        let full = fetch.holders.len() >= HOLDERS_PER_FETCH_MAX;
+        match fetch.holders.get_mut(&peer) {
+            Some(holder) if holder.runs.is_none() => return Ok(()),
+            Some(holder) => holder.runs = Some(held),
+            None if full => return Ok(()),
+            None => {
+                fetch.holders.insert(peer, Holder { bad: false, runs: Some(held) });
+            }
+        }
+        self.schedule(now);
+        Ok(())
     }
 
     /// `peer` is reachable by `route` now, or not at all (`None`: it left, its connection
@@ -403,7 +455,14 @@ impl<P: Ord + Clone> Fetcher<P> {
             }
             self.sources.insert(
                 peer.clone(),
-                Source { route: None, inflight: 0, rate_bytes_per_s: 0, strikes: 0, backoff_until: 0 },
+                Source {
+                    route: None,
+                    inflight: 0,
+                    rate_bytes_per_s: 0,
+                    strikes: 0,
+                    backoff_until: 0,
+                    backing_off: false,
+                },
             );
         }
         let Some(source) = self.sources.get_mut(&peer) else { return Ok(()) };
@@ -461,7 +520,12 @@ impl<P: Ord + Clone> Fetcher<P> {
         match why {
             Failure::NotHeld | Failure::Corrupt => {
                 if let Some(holder) = self.fetches.get_mut(&hash).and_then(|f| f.holders.get_mut(&peer)) {
-                    holder.bad = true;
+                    match (&mut holder.runs, why) {
+                        // A partial holder that lacks what it announced: it holds nothing
+                        // until it announces again.
+                        (Some(runs), Failure::NotHeld) => *runs = Runs::default(),
+                        _ => holder.bad = true,
+                    }
                 }
                 if why == Failure::Corrupt {
                     self.strike(now, &peer);
@@ -484,6 +548,11 @@ impl<P: Ord + Clone> Fetcher<P> {
             self.strike(now, &peer);
             self.events.push_back(Event::Stalled { peer, hash });
         }
+        for source in self.sources.values_mut() {
+            if source.backing_off && now >= source.backoff_until {
+                source.backing_off = false;
+            }
+        }
         self.schedule(now);
     }
 
@@ -491,7 +560,7 @@ impl<P: Ord + Clone> Fetcher<P> {
     /// waiting.
     pub fn poll_timeout(&self) -> Option<Micros> {
         let stalls = self.requests.values().map(|r| self.deadline(r));
-        let backoffs = self.sources.values().filter(|s| s.strikes > 0).map(|s| s.backoff_until);
+        let backoffs = self.sources.values().filter(|s| s.backing_off).map(|s| s.backoff_until);
         stalls.chain(backoffs.filter(|_| !self.fetches.is_empty())).min()
     }
 
@@ -501,6 +570,12 @@ impl<P: Ord + Clone> Fetcher<P> {
 
     pub fn poll_event(&mut self) -> Option<Event<P>> {
         self.events.pop_front()
+    }
+
+    /// The groups of `hash` held so far (verified), as ascending runs: what a driver persists to
+    /// resume and announces to peers fetching the same file. `None` when it is not being fetched.
+    pub fn have(&self, hash: &ContentHash) -> Option<Vec<Range<u64>>> {
+        self.fetches.get(hash).map(|f| f.have.0.clone())
     }
 
     /// The files being fetched, first wanted first.
@@ -575,6 +650,7 @@ impl<P: Ord + Clone> Fetcher<P> {
             let backoff = self.config.backoff_us.saturating_mul(1 << source.strikes.min(20));
             source.backoff_until = now.saturating_add(backoff.min(self.config.backoff_max_us));
             source.strikes = source.strikes.saturating_add(1);
+            source.backing_off = true;
         }
     }
 
@@ -646,14 +722,28 @@ impl<P: Ord + Clone> Fetcher<P> {
             })
             .collect();
         match self.config.policy {
+            // Best route first (the caller keeps to the best route that has something to give);
+            // within a route, the peers' order from this device's own point, so that devices
+            // spread over the holders instead of all asking the same (measured rates would make
+            // them agree).
             Policy::Nearest => {
-                choices.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
-                if let Some(best) = choices.first().map(|c| c.0) {
-                    choices.retain(|c| c.0 == best);
+                choices.sort_by(|a, b| a.0.cmp(&b.0).then(a.2.cmp(&b.2)));
+                let mut at = 0;
+                while at < choices.len() {
+                    let route = choices[at].0;
+                    let len = choices[at..].iter().take_while(|c| c.0 == route).count();
+                    choices[at..at + len].rotate_left((self.config.spread % len as u64) as usize);
+                    at += len;
                 }
             }
-            // Any holder, in the peers' order: no preference.
-            Policy::Any | Policy::CloudOnly => choices.sort_by(|a, b| a.2.cmp(&b.2)),
+            // Any holder, in the peers' order from a point of the device's own: no preference.
+            Policy::Any | Policy::CloudOnly => {
+                choices.sort_by(|a, b| a.2.cmp(&b.2));
+                if !choices.is_empty() {
+                    let by = (self.config.spread % choices.len() as u64) as usize;
+                    choices.rotate_left(by);
+                }
+            }
         }
         choices.into_iter().map(|(route, _, peer)| (route, peer)).collect()
     }
@@ -720,20 +810,43 @@ impl<P: Ord + Clone> Fetcher<P> {
                     && (serving.contains(&peer)
                         || (serving.len() as u64) < u64::from(self.config.sources_per_fetch_max))
             };
-            let Some((route, peer)) = choices.iter().find(|(_, p)| room(p)).cloned() else { return };
+            let nearest = self.config.policy == Policy::Nearest;
             if !endgame {
-                let Some(groups) = self.free_run(&hash, fetch) else { return };
+                // What each choice could be asked for; with the nearest policy only the best
+                // route that has something to give is used (its holders may be busy: then the
+                // fetch waits for them rather than taking a worse route).
+                let offers: Vec<(Route, &P, Range<u64>)> = choices
+                    .iter()
+                    .filter_map(|(route, p)| {
+                        let held = fetch.holders.get(p).and_then(|h| h.runs.as_ref());
+                        self.free_run(&hash, fetch, held).map(|groups| (*route, p, groups))
+                    })
+                    .collect();
+                let best = offers.first().map(|o| o.0);
+                let next =
+                    offers.into_iter().find(|(route, p, _)| room(p) && (!nearest || Some(*route) == best));
+                let Some((route, peer, groups)) = next.map(|(r, p, g)| (r, p.clone(), g)) else { return };
                 self.issue(now, peer, route, hash, groups, None);
                 continue;
             }
+            // Endgame twins come from holders of the whole file (of the best such route).
+            let whole: Vec<&(Route, P)> = choices
+                .iter()
+                .filter(|(_, p)| fetch.holders.get(p).is_some_and(|h| h.runs.is_none()))
+                .collect();
+            let best = whole.first().map(|c| c.0);
+            let next = whole.into_iter().find(|(route, p)| room(p) && (!nearest || Some(*route) == best));
+            let Some((route, peer)) = next.cloned() else { return };
             // Endgame: everything missing is in flight. Duplicate, on another peer, the request
             // that has gone longest without progress, if it is slow: no verified group for a
-            // fifth of the stall time, or a measured rate under half of this peer's.
+            // fifth of the stall time, or a measured rate under half of this peer's (a peer not
+            // measured yet is not slow for that).
             let rate_of = |p: &P| self.sources.get(p).map_or(0, |s| s.rate_bytes_per_s);
             let rate = rate_of(&peer);
             let slow = |r: &InFlight<P>| {
+                let measured = rate_of(&r.peer);
                 now.saturating_sub(r.progress) >= self.config.stall_us / 5
-                    || rate_of(&r.peer).saturating_mul(2) < rate
+                    || (measured > 0 && measured.saturating_mul(2) < rate)
             };
             let oldest = self
                 .requests
@@ -747,20 +860,38 @@ impl<P: Ord + Clone> Fetcher<P> {
         }
     }
 
-    /// The first run of groups of `hash` neither held nor in flight, at most
-    /// `groups_per_request_max` long.
-    fn free_run(&self, hash: &ContentHash, fetch: &Fetch<P>) -> Option<Range<u64>> {
+    /// The first run of groups of `hash` neither held nor in flight, and held by the source
+    /// when it holds only `within`; at most `groups_per_request_max` long.
+    fn free_run(&self, hash: &ContentHash, fetch: &Fetch<P>, within: Option<&Runs>) -> Option<Range<u64>> {
         let mut busy = fetch.have.clone();
         for request in self.requests.values().filter(|r| r.hash == *hash) {
             busy.insert(request.groups.clone());
         }
-        let start = busy.first_gap(0);
-        if start >= fetch.groups {
-            return None;
+        #[allow(clippy::single_range_in_vec_init)] // one run: the whole file
+        let whole = [0..fetch.groups];
+        let within: &[Range<u64>] = within.map_or(&whole, |runs| &runs.0);
+        // From this device's point of the file to the end, then from the start to that point.
+        let from = if self.config.spread == 0 || fetch.groups == 0 {
+            0
+        } else {
+            self.config.spread.wrapping_mul(0x9E37_79B9_7F4A_7C15) % fetch.groups
+        };
+        let after = within.iter().filter(|w| w.end > from).map(|w| w.start.max(from)..w.end);
+        let before = within.iter().filter(|w| w.start < from).map(|w| w.start..w.end.min(from));
+        // Bound: twice RUNS_PER_FETCH_MAX runs of the source.
+        for run in after.chain(before) {
+            let start = busy.first_gap(run.start);
+            if start >= run.end.min(fetch.groups) {
+                continue;
+            }
+            let next_busy = busy.0.iter().find(|r| r.start > start).map_or(fetch.groups, |r| r.start);
+            let end = next_busy
+                .min(run.end)
+                .min(fetch.groups)
+                .min(start + self.config.groups_per_request_max.max(1));
+            return Some(start..end);
         }
-        let next_busy = busy.0.iter().find(|r| r.start > start).map_or(fetch.groups, |r| r.start);
-        let end = next_busy.min(fetch.groups).min(start + self.config.groups_per_request_max.max(1));
-        Some(start..end)
+        None
     }
 
     fn issue(
