@@ -168,10 +168,34 @@ def merge(results, out):
     write(out, "merge.tex", tabular("rrrrrr", ["$n$", "conflicts", "history", "feedmesh items/s", "automerge items/s", "speedup"], rows))
 
 
+def content(results, out):
+    d = load(results, "content.json")
+    mib = lambda b: b / (1 << 20)
+    names = {"nearest": "nearest first", "any": "any source", "cloud-only": "cloud only"}
+    rows = []
+    for r in d["runs"]:
+        route = lambda k: fmt(mib(r["bytes_by_route"].get(k, 0)))
+        rows.append([names.get(r["policy"], r["policy"]), fmt(r["lan_group_done_s"], 1), fmt(r["elsewhere_done_s"], 1),
+                     fmt(r["median_done_s"], 1), route("lan"), route("direct"), route("relayed"), route("cloud"),
+                     fmt(mib(r["writer_sent_bytes"]))])
+    write(out, "content.tex", tabular("lrrrrrrrr", ["policy", "LAN group (s)", "elsewhere (s)", "median (s)", "LAN MiB",
+                                                    "direct MiB", "relayed MiB", "cloud MiB", "writer sent MiB"], rows))
+    # Share of devices holding the file over time, per policy (a step per device).
+    for r in d["runs"]:
+        done = sorted(t for t in r["done_s"] if t is not None)
+        n = len(r["done_s"])
+        # From the first arrival at share 0 (a log axis has no 0).
+        dat = ["t share"] + ([f"{done[0]} 0"] if done else []) + [f"{t} {(i + 1) / n}" for i, t in enumerate(done)]
+        write(out, f"content-{r['policy']}.dat", "\n".join(dat) + "\n")
+    write(out, "content-setup.tex",
+          f"{fmt(mib(d['file_bytes']))}~MiB file, {fmt(d['devices'])} devices in LAN groups of {fmt(d['lan_group'])} "
+          f"({fmt(d['pairs_direct'])} device pairs punch a direct path, {fmt(d['pairs_relayed'])} need the relay)")
+
+
 def main():
     results, out = sys.argv[1], sys.argv[2]
     os.makedirs(out, exist_ok=True)
-    for step in (gossip, clock_skew, symmetric_nat, swarm, model, sync, perf, merge):
+    for step in (gossip, clock_skew, symmetric_nat, content, swarm, model, sync, perf, merge):
         step(results, out)
 
 
