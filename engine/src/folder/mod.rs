@@ -1,11 +1,13 @@
 //! Live Folders: a folder of files as a FeedSync feed. Each file is an item ([`entry`]) named by a
-//! checked path ([`path`]); content is addressed by its BLAKE3 root and fetched in verified chunk
+//! checked path ([`path`]); the planner ([`plan`]) brings a directory and its feed together;
+//! content is addressed by its BLAKE3 root and fetched in verified chunk
 //! groups from whichever peers hold it, chosen by the sans-IO scheduler ([`fetch`]) that the node
 //! and the simulator both run.
 
 pub mod entry;
 pub mod fetch;
 pub mod path;
+pub mod plan;
 
 pub use entry::{conflict_copy, ContentHash, EntryError, FileEntry};
 pub use fetch::{
@@ -13,3 +15,4 @@ pub use fetch::{
     Waiting,
 };
 pub use path::{FilePath, PathError, Platform};
+pub use plan::{plan, Action, DiskFile, Plan, Refused, Synced};
