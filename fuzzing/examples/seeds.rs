@@ -58,6 +58,7 @@ fn steps(header: u8, transcript: &Transcript, to_responder: bool, noisy: bool) -
 fn main() {
     let root = std::env::args().nth(1).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("fuzzing/corpus"));
     let mut out = Out { root, written: BTreeSet::new() };
+    folder_seeds(&mut out);
     let w = world();
     let mut messages: Vec<Vec<u8>> = Vec::new();
 
@@ -561,4 +562,46 @@ fn cloud_seeds(out: &mut Out) {
     step(&mut pair, 0, &Req::PairList);
     step(&mut pair, 5, &Req::Ticket);
     out.put("cloud_control", "pairing", &pair);
+}
+
+/// Live Folders: file entries and paths as peers send them, and bao responses for every choice of
+/// groups of the `blob_response` target's file (plus a forged one).
+fn folder_seeds(out: &mut Out) {
+    use engine::folder::blob::{encode, Outboard};
+    use engine::folder::fetch::GROUP_BYTES;
+    use engine::folder::{ContentHash, FileEntry, FilePath};
+    for (label, path) in
+        [("plain", "a.txt"), ("deep", "d/e/f/g.bin"), ("escaped", "x/<&\"'>.md"), ("unicode", "ünï/名前")]
+    {
+        let entry = FileEntry {
+            path: FilePath::new(path).expect("a valid path"),
+            size: 1234,
+            mtime_ns: 1_800_000_000_000_000_000,
+            executable: label == "deep",
+            root: ContentHash::of(path.as_bytes()),
+        };
+        out.put("folder_entry", label, entry.to_content().inner.as_bytes());
+    }
+    for (label, text) in [
+        ("dots", "a/../../etc"),
+        ("absolute", "/etc/passwd"),
+        ("windows", "con.txt"),
+        ("reserved", ".feedmesh/x"),
+    ] {
+        out.put("folder_entry", &format!("path-{label}"), text.as_bytes());
+    }
+    let file: Vec<u8> = (0..(3 * GROUP_BYTES + GROUP_BYTES / 2) as usize).map(|i| (i % 251) as u8).collect();
+    let outboard = Outboard::of(&file);
+    for pick in 0u8..16 {
+        let total = 4u64;
+        let start = u64::from(pick % 4).min(total - 1);
+        let end = (start + 1 + u64::from(pick / 4 % 4)).min(total);
+        let mut seed = vec![pick];
+        seed.extend(encode(&file, &outboard, start..end).expect("a response"));
+        out.put("blob_response", &format!("pick-{pick}-groups-{start}-{end}"), &seed);
+    }
+    let other: Vec<u8> = file.iter().map(|b| b ^ 1).collect();
+    let mut forged = vec![0u8];
+    forged.extend(encode(&other, &Outboard::of(&other), 0..1).expect("a response"));
+    out.put("blob_response", "forged", &forged);
 }

@@ -356,3 +356,55 @@ pub fn read_feed(data: &[u8]) {
         let _: &feedsync::Feed = &again;
     }
 }
+
+/// A Live Folders file entry as a peer's item content, and its path: no input panics; an
+/// accepted entry's path holds every rule (checked again from its text), round-trips through
+/// the writer, and names an item id of the fixed shape; a conflict copy of it is a path too.
+pub fn folder_entry(data: &[u8]) {
+    use engine::folder::{FileEntry, FilePath, Platform};
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    if let Ok(path) = FilePath::new(text) {
+        assert_eq!(FilePath::new(path.as_str()).as_ref(), Ok(&path));
+        assert!(path.components().all(|c| !c.is_empty() && c != "." && c != ".."));
+        let _ = path.check_local(Platform::Windows);
+    }
+    let content = feedsync::Content { attrs: "".into(), inner: text.into(), scope: Default::default() };
+    let Ok(entry) = FileEntry::from_content(&content) else { return };
+    assert_eq!(
+        FilePath::new(entry.path.as_str()).as_ref(),
+        Ok(&entry.path),
+        "an accepted path holds the rules"
+    );
+    assert_eq!(FileEntry::from_content(&entry.to_content()).as_ref(), Ok(&entry), "entries round-trip");
+    assert_eq!(entry.path.item_id().as_str().len(), 37);
+    let by = feedsync::Endpoint::new("0123456789abcdef").expect("a valid endpoint");
+    let when = feedsync::When::from_unix_secs(1_800_000_000).expect("a valid time");
+    let item = Item::create(entry.path.item_id(), &by, &when, entry.to_content(), false);
+    assert_eq!(FileEntry::from_version(&item.version).as_ref(), Ok(&entry));
+    if let Ok(copy) = engine::folder::conflict_copy(&entry.path, &item.version) {
+        assert_eq!(copy.parent(), entry.path.parent(), "a conflict copy sits beside its file");
+    }
+}
+
+/// A peer's response for some chunk groups of a known file (3.5 groups), checked against the
+/// file's root: the first byte picks the groups, the rest is the response. Whatever the bytes,
+/// every group the decoder yields is the file's own (an oracle: the file is known here).
+pub fn blob_response(data: &[u8]) {
+    use engine::folder::blob::{groups_of, Decoder, Groups, Outboard};
+    use engine::folder::fetch::GROUP_BYTES;
+    let Some((&pick, response)) = data.split_first() else { return };
+    let file: Vec<u8> = (0..(3 * GROUP_BYTES + GROUP_BYTES / 2) as usize).map(|i| (i % 251) as u8).collect();
+    static OUTBOARD: std::sync::OnceLock<Outboard> = std::sync::OnceLock::new();
+    let outboard = OUTBOARD.get_or_init(|| Outboard::of(&file));
+    let total = groups_of(file.len() as u64);
+    let start = u64::from(pick % 4).min(total - 1);
+    let end = (start + 1 + u64::from(pick / 4 % 4)).min(total);
+    let groups = Groups::new(start..end, outboard.size).expect("groups inside the file");
+    for (next, item) in (start..).zip(Decoder::new(outboard.root, &groups, response)) {
+        let Ok((group, bytes)) = item else { return };
+        assert_eq!(group, next, "groups come in order");
+        let at = (group * GROUP_BYTES) as usize;
+        let want = &file[at..(at + GROUP_BYTES as usize).min(file.len())];
+        assert_eq!(&bytes[..], want, "a verified group is the file's own");
+    }
+}

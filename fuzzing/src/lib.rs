@@ -117,6 +117,18 @@ pub const TARGETS: &[Target] = &[
         budget: Budget { peak_per_byte: 64, peak_base: MIB, total_per_byte: 512, total_base: 4 * MIB },
     },
     Target {
+        name: "folder_entry",
+        run: engine_targets::folder_entry,
+        prepare: nothing,
+        budget: Budget { peak_per_byte: 64, peak_base: MIB, total_per_byte: 512, total_base: 4 * MIB },
+    },
+    Target {
+        name: "blob_response",
+        run: engine_targets::blob_response,
+        prepare: nothing,
+        budget: Budget { peak_per_byte: 64, peak_base: MIB, total_per_byte: 512, total_base: 4 * MIB },
+    },
+    Target {
         name: "read_feed",
         run: engine_targets::read_feed,
         prepare: nothing,

@@ -270,6 +270,16 @@ fn read_feed() {
 }
 
 #[test]
+fn folder_entry() {
+    replay_some("folder_entry");
+}
+
+#[test]
+fn blob_response() {
+    replay_some("blob_response");
+}
+
+#[test]
 fn session_responder() {
     replay_some("session_responder");
 }

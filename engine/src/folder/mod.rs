@@ -4,11 +4,13 @@
 //! groups from whichever peers hold it, chosen by the sans-IO scheduler ([`fetch`]) that the node
 //! and the simulator both run.
 
+pub mod blob;
 pub mod entry;
 pub mod fetch;
 pub mod path;
 pub mod plan;
 
+pub use blob::{BlobError, Decoder, Groups, Outboard};
 pub use entry::{conflict_copy, ContentHash, EntryError, FileEntry};
 pub use fetch::{
     Command, Event, Failure, FetchConfig, FetchError, Fetcher, Policy, Progress, Request, RequestId, Route,

@@ -1,0 +1,303 @@
+//! A file's content, verified as it streams: bao, BLAKE3's own tree, with chunk groups of
+//! [`GROUP_BYTES`] (bao-tree's block size of 16 chunks of 1 KiB) as the unit a request names and
+//! a receiver verifies and writes. The root of the tree is the file's plain BLAKE3 hash (what
+//! [`ContentHash::of`] computes), so an entry's `blake3` attribute is all a receiver needs: a
+//! response for some groups carries the parent hashes that prove them, and each group is checked
+//! against the root before a byte of it is handed out.
+//!
+//! A holder keeps an outboard beside each file it serves ([`Outboard`]: the tree's parent hashes,
+//! about 1/256 of the file at this group size). Sans-IO: [`encode`] writes a response into a
+//! buffer, [`Decoder`] reads one from any `Read` (a stream, a buffer) and yields verified groups.
+
+use std::io::Read;
+use std::ops::Range;
+
+use bao_tree::io::outboard::PreOrderMemOutboard;
+use bao_tree::io::sync::{encode_ranges_validated, DecodeResponseIter};
+use bao_tree::io::{BaoContentItem, DecodeError};
+use bao_tree::{BaoTree, BlockSize, ChunkNum, ChunkRanges};
+
+use super::entry::{ContentHash, FILE_BYTES_MAX};
+use super::fetch::GROUP_BYTES;
+
+/// 16 chunks of 1 KiB: one chunk group of [`GROUP_BYTES`].
+pub const BLOCK: BlockSize = BlockSize::from_chunk_log(4);
+/// Chunks (1 KiB) per group.
+const GROUP_CHUNKS: u64 = GROUP_BYTES / 1024;
+
+/// Why content or a response was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BlobError {
+    #[error("bytes for group {group} do not verify against the root")]
+    Corrupt { group: u64 },
+    #[error("the response ends before group {group}")]
+    Truncated { group: u64 },
+    #[error("groups {start}..{end} are not inside a file of {groups} groups")]
+    Range { start: u64, end: u64, groups: u64 },
+    #[error("a file of {size} bytes is over the limit of {max} bytes", max = FILE_BYTES_MAX)]
+    TooLarge { size: u64 },
+    #[error("the outboard is {bytes} bytes long; a file of {size} bytes has one of {expected}")]
+    OutboardSize { bytes: usize, size: u64, expected: u64 },
+    #[error("the content does not match its outboard")]
+    Mismatch,
+    #[error("reading the response: {0}")]
+    Io(String),
+}
+
+/// The parent hashes of a file's tree (pre-order), and its root and size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outboard {
+    pub root: ContentHash,
+    pub size: u64,
+    hashes: Vec<u8>,
+}
+
+impl Outboard {
+    /// Hashes `data` (what a holder does once per file it serves).
+    pub fn of(data: &[u8]) -> Self {
+        let outboard = PreOrderMemOutboard::create(data, BLOCK);
+        Self { root: ContentHash(*outboard.root.as_bytes()), size: data.len() as u64, hashes: outboard.data }
+    }
+
+    /// The outboard as stored (its root and size are stored beside it).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.hashes
+    }
+
+    /// An outboard read back from storage: its length must be the tree's.
+    pub fn from_bytes(root: ContentHash, size: u64, hashes: Vec<u8>) -> Result<Self, BlobError> {
+        if size > FILE_BYTES_MAX {
+            return Err(BlobError::TooLarge { size });
+        }
+        let expected = BaoTree::new(size, BLOCK).outboard_size();
+        if hashes.len() as u64 != expected {
+            return Err(BlobError::OutboardSize { bytes: hashes.len(), size, expected });
+        }
+        Ok(Self { root, size, hashes })
+    }
+
+    fn mem(&self) -> PreOrderMemOutboard<&[u8]> {
+        PreOrderMemOutboard {
+            root: blake3::Hash::from_bytes(self.root.0),
+            tree: BaoTree::new(self.size, BLOCK),
+            data: &self.hashes,
+        }
+    }
+}
+
+/// Groups of a file of `size` bytes.
+pub fn groups_of(size: u64) -> u64 {
+    size.div_ceil(GROUP_BYTES)
+}
+
+fn chunk_ranges(groups: &Range<u64>, size: u64) -> Result<ChunkRanges, BlobError> {
+    let total = groups_of(size);
+    if groups.start >= groups.end || groups.end > total {
+        return Err(BlobError::Range { start: groups.start, end: groups.end, groups: total });
+    }
+    Ok(ChunkRanges::from(ChunkNum(groups.start * GROUP_CHUNKS)..ChunkNum(groups.end * GROUP_CHUNKS)))
+}
+
+/// The response for `groups` of `data` (whose outboard is `outboard`): the parents that prove
+/// them, then each group's bytes, in the order a [`Decoder`] reads them. The data is checked
+/// against the outboard as it is encoded, so a holder whose file changed under it sends nothing
+/// wrong ([`BlobError::Mismatch`]).
+pub fn encode(data: &[u8], outboard: &Outboard, groups: Range<u64>) -> Result<Vec<u8>, BlobError> {
+    if data.len() as u64 != outboard.size {
+        return Err(BlobError::Mismatch);
+    }
+    let ranges = chunk_ranges(&groups, outboard.size)?;
+    let mut out = Vec::with_capacity(((groups.end - groups.start) * (GROUP_BYTES + 128)) as usize);
+    encode_ranges_validated(data, outboard.mem(), &ranges, &mut out).map_err(|_| BlobError::Mismatch)?;
+    Ok(out)
+}
+
+/// The groups a request names, as the tree's chunk ranges (a decoder borrows them).
+#[derive(Clone, Debug)]
+pub struct Groups {
+    groups: Range<u64>,
+    size: u64,
+    ranges: ChunkRanges,
+}
+
+impl Groups {
+    /// `groups` of a file of `size` bytes.
+    pub fn new(groups: Range<u64>, size: u64) -> Result<Self, BlobError> {
+        if size > FILE_BYTES_MAX {
+            return Err(BlobError::TooLarge { size });
+        }
+        let ranges = chunk_ranges(&groups, size)?;
+        Ok(Self { groups, size, ranges })
+    }
+}
+
+/// Reads a response for some groups of the content `root` and yields each group, verified, in
+/// order: `(group, bytes)`. The first error ends it; what it yielded before stays good (a
+/// receiver keeps it and asks someone else for the rest).
+#[derive(Debug)]
+pub struct Decoder<'a, R: Read> {
+    inner: DecodeResponseIter<'a, R>,
+    next: u64,
+    end: u64,
+}
+
+impl<'a, R: Read> Decoder<'a, R> {
+    pub fn new(root: ContentHash, groups: &'a Groups, response: R) -> Self {
+        let tree = BaoTree::new(groups.size, BLOCK);
+        let inner = DecodeResponseIter::new(blake3::Hash::from_bytes(root.0), tree, response, &groups.ranges);
+        Self { inner, next: groups.groups.start, end: groups.groups.end }
+    }
+}
+
+impl<R: Read> Iterator for Decoder<'_, R> {
+    type Item = Result<(u64, bytes::Bytes), BlobError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        // Bound: the tree yields at most one leaf per requested group, and parents between.
+        loop {
+            if self.next >= self.end {
+                return None;
+            }
+            match self.inner.next()? {
+                Ok(BaoContentItem::Parent(_)) => continue,
+                Ok(BaoContentItem::Leaf(leaf)) => {
+                    let group = leaf.offset / GROUP_BYTES;
+                    self.next = group + 1;
+                    return Some(Ok((group, leaf.data)));
+                }
+                Err(e) => {
+                    let group = self.next;
+                    self.end = group;
+                    return Some(Err(match e {
+                        DecodeError::ParentHashMismatch(_) | DecodeError::LeafHashMismatch(_) => {
+                            BlobError::Corrupt { group }
+                        }
+                        DecodeError::ParentNotFound(_) | DecodeError::LeafNotFound(_) => {
+                            BlobError::Truncated { group }
+                        }
+                        DecodeError::Io(e) => BlobError::Io(e.to_string()),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn data(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8).collect()
+    }
+
+    fn decode_all(
+        root: ContentHash,
+        groups: &Groups,
+        response: &[u8],
+    ) -> (Vec<(u64, Vec<u8>)>, Option<BlobError>) {
+        let mut good = Vec::new();
+        for item in Decoder::new(root, groups, response) {
+            match item {
+                Ok((g, bytes)) => good.push((g, bytes.to_vec())),
+                Err(e) => return (good, Some(e)),
+            }
+        }
+        (good, None)
+    }
+
+    fn slice(d: &[u8], g: u64) -> &[u8] {
+        let start = (g * GROUP_BYTES) as usize;
+        &d[start..(start + GROUP_BYTES as usize).min(d.len())]
+    }
+
+    #[test]
+    fn the_root_is_the_plain_blake3_hash() {
+        for len in [0, 1, 1024, 16 * 1024 - 1, 16 * 1024, 16 * 1024 + 1, 300_000] {
+            let d = data(len, 1);
+            let outboard = Outboard::of(&d);
+            assert_eq!(outboard.root, ContentHash::of(&d), "{len}");
+            assert_eq!(outboard.size, len as u64);
+            let stored =
+                Outboard::from_bytes(outboard.root, outboard.size, outboard.as_bytes().to_vec()).unwrap();
+            assert_eq!(stored, outboard);
+        }
+        // A megabyte's outboard: 64 groups, 63 parent pairs of 64 bytes.
+        assert_eq!(Outboard::of(&data(1 << 20, 2)).as_bytes().len(), 63 * 64);
+        assert!(matches!(
+            Outboard::from_bytes(ContentHash::of(b""), 1 << 20, vec![0; 10]),
+            Err(BlobError::OutboardSize { .. })
+        ));
+    }
+
+    #[test]
+    fn a_response_gives_back_exactly_the_groups_asked_for() {
+        let d = data(10 * GROUP_BYTES as usize + 77, 3);
+        let outboard = Outboard::of(&d);
+        for groups in [0..1, 0..11, 3..7, 10..11] {
+            let response = encode(&d, &outboard, groups.clone()).unwrap();
+            let wanted = Groups::new(groups.clone(), outboard.size).unwrap();
+            let (good, error) = decode_all(outboard.root, &wanted, &response);
+            assert_eq!(error, None);
+            let expected: Vec<(u64, Vec<u8>)> = groups.clone().map(|g| (g, slice(&d, g).to_vec())).collect();
+            assert_eq!(good, expected, "{groups:?}");
+        }
+        assert_eq!(
+            Groups::new(11..12, outboard.size).unwrap_err(),
+            BlobError::Range { start: 11, end: 12, groups: 11 }
+        );
+        assert_eq!(encode(&d[1..], &outboard, 0..1), Err(BlobError::Mismatch), "a holder whose file changed");
+    }
+
+    #[test]
+    fn wrong_bytes_for_a_hash_are_refused_and_what_verified_before_is_kept() {
+        let d = data(8 * GROUP_BYTES as usize, 4);
+        let outboard = Outboard::of(&d);
+        let groups = Groups::new(0..8, outboard.size).unwrap();
+        let response = encode(&d, &outboard, 0..8).unwrap();
+        // Another file's response under this root: nothing verifies.
+        let other = data(8 * GROUP_BYTES as usize, 5);
+        let forged = encode(&other, &Outboard::of(&other), 0..8).unwrap();
+        let (good, error) = decode_all(outboard.root, &groups, &forged);
+        assert!(good.is_empty());
+        assert!(matches!(error, Some(BlobError::Corrupt { group: 0 })), "{error:?}");
+        // A truncated response: the whole groups before the cut verify.
+        let cut = response.len() / 2;
+        let (good, error) = decode_all(outboard.root, &groups, &response[..cut]);
+        assert!(!good.is_empty() && good.len() < 8);
+        assert!(good.iter().all(|(g, bytes)| bytes == slice(&d, *g)));
+        assert_eq!(error, Some(BlobError::Truncated { group: good.len() as u64 }));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Flip any byte of a response: the decoder never yields a wrong byte, and stops with
+        /// the group it could not verify.
+        #[test]
+        fn no_wrong_byte_ever_comes_out(
+            len in 1usize..(6 * GROUP_BYTES as usize),
+            start in 0u64..6,
+            count in 1u64..6,
+            at in any::<prop::sample::Index>(),
+            flip in 1u8..=255,
+        ) {
+            let d = data(len, 9);
+            let outboard = Outboard::of(&d);
+            let total = groups_of(len as u64);
+            let start = start.min(total - 1);
+            let range = start..(start + count).min(total);
+            let mut response = encode(&d, &outboard, range.clone()).unwrap();
+            let i = at.index(response.len());
+            response[i] ^= flip;
+            let groups = Groups::new(range.clone(), outboard.size).unwrap();
+            let (good, error) = decode_all(outboard.root, &groups, &response);
+            for (g, bytes) in &good {
+                prop_assert_eq!(bytes.as_slice(), slice(&d, *g));
+            }
+            prop_assert!(matches!(error, Some(BlobError::Corrupt { .. })), "{:?}", error);
+            prop_assert!(good.len() < (range.end - range.start) as usize);
+        }
+    }
+}
