@@ -2,11 +2,13 @@
 //! checked path ([`path`]); the planner ([`plan`]) brings a directory and its feed together;
 //! content is addressed by its BLAKE3 root and fetched in verified chunk
 //! groups from whichever peers hold it, chosen by the sans-IO scheduler ([`fetch`]) that the node
-//! and the simulator both run.
+//! and the simulator both run; content kept at the cloud is sealed with per-folder keys ([`keys`])
+//! only member devices hold.
 
 pub mod blob;
 pub mod entry;
 pub mod fetch;
+pub mod keys;
 pub mod path;
 pub mod plan;
 
@@ -16,5 +18,6 @@ pub use fetch::{
     Command, Event, Failure, FetchConfig, FetchError, Fetcher, Policy, Progress, Request, RequestId, Route,
     Waiting,
 };
+pub use keys::{ContentKey, KeyError, KeyRing, WrappedKey};
 pub use path::{FilePath, PathError, Platform};
 pub use plan::{plan, Action, DiskFile, Plan, Refused, Synced};
