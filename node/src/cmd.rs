@@ -179,12 +179,24 @@ pub enum FolderCmd {
         /// Invitation id (prefix) or the folder's name.
         invitation: String,
     },
-    /// Map a folder on this device (it starts syncing).
+    /// Map a folder on this device (it starts syncing), and with DIR keep it the same as that
+    /// directory: its files are published, the folder's files written there (see `folder scan`).
     Map {
         /// Folder name or id.
         folder: String,
+        /// A directory to keep the folder's files in (created if missing; files already there
+        /// are published).
+        #[arg(value_name = "DIR")]
+        path: Option<PathBuf>,
     },
-    /// Unmap a folder from this device (or another device of this user).
+    /// Bring a mapped directory and its folder together now (the daemon does it every round):
+    /// publish local changes, write and remove files as the folder says, keep conflict copies.
+    Scan {
+        /// Folder name or id.
+        folder: String,
+    },
+    /// Unmap a folder from this device (or another device of this user); a mapped directory's
+    /// files stay where they are.
     Unmap {
         /// Folder name or id.
         folder: String,
@@ -704,6 +716,22 @@ async fn exec_once(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<String> {
 
 async fn folder_cmd(ctx: &Ctx, command: FolderCmd) -> anyhow::Result<String> {
     let node = &ctx.node;
+    if let FolderCmd::Scan { folder } = &command {
+        let (folder, data_dir) = {
+            let n = lock(node);
+            (n.folder(folder)?, n.dir_path.clone())
+        };
+        let mappings = crate::folders::Mappings::load(&data_dir)?;
+        let dir = mappings
+            .dir_of(&folder)
+            .ok_or_else(|| anyhow!("the folder is not mapped to a directory here (`folder map NAME DIR`)"))?
+            .to_path_buf();
+        let shared = node.clone();
+        let pass =
+            tokio::task::spawn_blocking(move || crate::folders::pass(&shared, &folder, &dir)).await??;
+        ctx.changed();
+        return Ok(pass.summary());
+    }
     let mut n = lock(node);
     let out = match command {
         FolderCmd::Create { name } => {
@@ -764,11 +792,20 @@ async fn folder_cmd(ctx: &Ctx, command: FolderCmd) -> anyhow::Result<String> {
             n.make(Op::Decline { invitation })?;
             "declined\n".to_string()
         }
-        FolderCmd::Map { folder } => {
+        FolderCmd::Map { folder, path: dir } => {
             let folder = n.folder(&folder)?;
-            n.make(Op::Map { folder })?;
-            "mapped\n".to_string()
+            if n.check_mapped(&folder).is_err() {
+                n.make(Op::Map { folder })?;
+            }
+            match dir {
+                Some(dir) => {
+                    let dir = crate::folders::map(&n.dir_path, &folder, &dir)?;
+                    format!("mapped to {}; its files are published by the next scan (`folder scan`, or the daemon's round)\n", dir.display())
+                }
+                None => "mapped\n".to_string(),
+            }
         }
+        FolderCmd::Scan { .. } => bail!("a scan runs without the lock (handled above)"),
         FolderCmd::Unmap { folder, device } => {
             let folder = n.folder(&folder)?;
             let device = match device {
@@ -776,7 +813,15 @@ async fn folder_cmd(ctx: &Ctx, command: FolderCmd) -> anyhow::Result<String> {
                 None => n.id,
             };
             n.make(Op::Unmap { folder, device })?;
-            "unmapped\n".to_string()
+            if device == n.id {
+                if let Some(dir) = crate::folders::unmap(&n.dir_path, &folder)? {
+                    format!("unmapped; the files in {} stay where they are\n", dir.display())
+                } else {
+                    "unmapped\n".to_string()
+                }
+            } else {
+                "unmapped\n".to_string()
+            }
         }
         FolderCmd::Members { folder } => {
             let folder = n.folder(&folder)?;
@@ -827,6 +872,14 @@ pub fn status_text(n: &crate::state::Node) -> String {
             short(&folder.0),
             n.pending(&folder)
         ));
+    }
+    if let Ok(mappings) = crate::folders::Mappings::load(&n.dir_path) {
+        for (folder, dir) in &mappings.folders {
+            let name = crate::state::parse_folder_hex(folder)
+                .and_then(|f| n.dir().folder(&f).map(|f| f.name.clone()))
+                .unwrap_or_else(|| folder[..8].to_string());
+            out.push_str(&format!("  {name} is mapped to {}\n", dir.display()));
+        }
     }
     if !n.last_errors.is_empty() {
         out.push_str("last round's errors:\n");

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod cmd;
+pub mod folders;
 pub mod net;
 pub mod state;
 

@@ -887,8 +887,22 @@ impl Net {
         let mut backoff = Duration::from_secs(1);
         loop {
             let wait = match self.sync_all().await {
-                Ok(round) => {
+                Ok(mut round) => {
                     backoff = Duration::from_secs(1);
+                    // Mapped directories: publish what changed on disk, write what the folders
+                    // brought (off the async threads: it reads and hashes files).
+                    let node = self.node.clone();
+                    let passes = tokio::task::spawn_blocking(move || crate::folders::pass_all(&node)).await;
+                    let mut wrote = false;
+                    for (folder, pass) in passes.unwrap_or_default() {
+                        match pass {
+                            Ok(p) => wrote |= p.published + p.deleted + p.resolved > 0,
+                            Err(e) => round.errors.push(format!("mapped directory of {folder:?}: {e:#}")),
+                        }
+                    }
+                    if wrote {
+                        self.wake.notify_one();
+                    }
                     lock(&self.node).last_errors = round.errors.clone();
                     if round.sessions_failed > 0 {
                         tracing::info!(errors = ?round.errors, "sync round had failures");

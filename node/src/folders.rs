@@ -1,0 +1,483 @@
+//! Mapped folders: a folder's feed kept the same as a directory on disk (issue 14, item 1). The
+//! decisions are the engine's (`engine::folder::plan`); this is the IO around them: scanning the
+//! directory, carrying out the plan, keeping the base. Content that must come from another device
+//! is reported as waiting: moving content between devices is not built into the node yet.
+//!
+//! Under the mapped directory, `.feedmesh/` is the folder's own: `base.json` (what was last in
+//! sync per path), `tmp/` (files being written, renamed into place when whole) and `trash/`
+//! (content a peer's delete or replacement removed, kept by root so it stays retrievable).
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use engine::directory::FolderId;
+use engine::feedsync::{Edit, Item};
+use engine::folder::path::RESERVED_DIR;
+use engine::folder::{plan, Action, ContentHash, DiskFile, FilePath, Platform, Synced};
+use engine::signing::hex;
+use serde::{Deserialize, Serialize};
+
+use crate::net::{lock, Shared};
+
+/// The file in the data directory that says which folder is mapped to which directory.
+pub const MAPPINGS_FILE: &str = "mapped.json";
+/// Most files a scan looks at in one folder.
+pub const FILES_MAX: usize = 1_000_000;
+/// A file modified this recently is still being written: not published, not replaced.
+pub const STABLE: Duration = Duration::from_secs(2);
+/// Plans carried out in one pass (each settles what the previous one changed).
+const ROUNDS_MAX: usize = 4;
+
+/// Folder (hex id) -> directory.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Mappings {
+    pub folders: BTreeMap<String, PathBuf>,
+}
+
+impl Mappings {
+    pub fn load(data_dir: &Path) -> anyhow::Result<Self> {
+        let path = data_dir.join(MAPPINGS_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).with_context(|| format!("reading {}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    pub fn save(&self, data_dir: &Path) -> anyhow::Result<()> {
+        write_atomically(&data_dir.join(MAPPINGS_FILE), serde_json::to_string_pretty(self)?.as_bytes())
+    }
+
+    pub fn dir_of(&self, folder: &FolderId) -> Option<&Path> {
+        self.folders.get(&hex(&folder.0)).map(PathBuf::as_path)
+    }
+}
+
+/// Maps `folder` to `dir` (created if missing; its files stay as they are and are published by
+/// the next pass).
+pub fn map(data_dir: &Path, folder: &FolderId, dir: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))?;
+    let mut mappings = Mappings::load(data_dir)?;
+    if let Some((other, _)) = mappings.folders.iter().find(|(f, d)| **d == dir && **f != hex(&folder.0)) {
+        bail!("{} is mapped to folder {} already", dir.display(), &other[..8]);
+    }
+    std::fs::create_dir_all(dir.join(RESERVED_DIR))
+        .with_context(|| format!("creating {RESERVED_DIR} in {}", dir.display()))?;
+    mappings.folders.insert(hex(&folder.0), dir.clone());
+    mappings.save(data_dir)?;
+    Ok(dir)
+}
+
+/// Unmaps `folder`'s directory; its files stay where they are.
+pub fn unmap(data_dir: &Path, folder: &FolderId) -> anyhow::Result<Option<PathBuf>> {
+    let mut mappings = Mappings::load(data_dir)?;
+    let dir = mappings.folders.remove(&hex(&folder.0));
+    mappings.save(data_dir)?;
+    Ok(dir)
+}
+
+/// What one pass over a mapped folder did.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Pass {
+    pub published: usize,
+    pub deleted: usize,
+    pub resolved: usize,
+    pub written: usize,
+    pub removed: usize,
+    /// Files whose content must come from another device (not built yet), by path.
+    pub waiting: Vec<String>,
+    /// Items refused and files skipped, each with its reason.
+    pub refused: Vec<String>,
+    /// Files still being written (left for the next pass).
+    pub unstable: usize,
+}
+
+impl Pass {
+    pub fn summary(&self) -> String {
+        let mut out = format!(
+            "published {}, deleted {}, resolved {}, wrote {}, removed {}; {} still being written, {} waiting for content\n",
+            self.published, self.deleted, self.resolved, self.written, self.removed, self.unstable, self.waiting.len()
+        );
+        for w in &self.waiting {
+            out.push_str(&format!("  waiting: {w}: its content is on another device (fetching between devices is not built yet)\n"));
+        }
+        for r in &self.refused {
+            out.push_str(&format!("  refused: {r}\n"));
+        }
+        out
+    }
+}
+
+/// One pass at a time in a process (the daemon's round and a `folder scan` may meet): a pass
+/// reads and writes the folder's base.
+static PASSES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A pass over every mapped directory of folders still mapped on this device (the daemon's
+/// round); errors are per folder.
+pub fn pass_all(node: &Shared) -> Vec<(FolderId, anyhow::Result<Pass>)> {
+    let data_dir = lock(node).dir_path.clone();
+    let Ok(mappings) = Mappings::load(&data_dir) else { return Vec::new() };
+    let mut out = Vec::new();
+    for (folder_hex, dir) in &mappings.folders {
+        let Some(folder) = crate::state::parse_folder_hex(folder_hex) else { continue };
+        if lock(node).check_mapped(&folder).is_err() {
+            continue;
+        }
+        out.push((folder, pass(node, &folder, dir)));
+    }
+    out
+}
+
+/// One pass: scan, plan, carry out, until the plan has nothing left this device can do.
+/// Scanning and hashing run without the node's lock; it is taken to read the folder's items and
+/// for each write.
+pub fn pass(node: &Shared, folder: &FolderId, dir: &Path) -> anyhow::Result<Pass> {
+    let _one = PASSES.lock().unwrap_or_else(|p| p.into_inner());
+    let mut out = Pass::default();
+    let mut base = load_base(dir)?;
+    for _ in 0..ROUNDS_MAX {
+        let (files, skipped) = scan(dir, &base)?;
+        out.unstable = files.values().filter(|f| f.root.is_none()).count();
+        out.refused = skipped;
+        let items: Vec<Arc<Item>> = {
+            let n = lock(node);
+            n.check_mapped(folder)?;
+            n.replica(folder).map(|r| r.items().cloned().collect()).unwrap_or_default()
+        };
+        let plan = plan(items.iter().map(|i| i.as_ref()), &files, &base, Platform::current());
+        out.refused.extend(plan.refused.iter().map(ToString::to_string));
+        out.waiting.clear();
+        let mut acted = false;
+        for action in plan.actions {
+            acted |= carry_out(node, folder, dir, &files, &mut base, action, &mut out)?;
+        }
+        save_base(dir, &base)?;
+        if !acted {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Carries out one action; false when it could not (content to fetch).
+fn carry_out(
+    node: &Shared,
+    folder: &FolderId,
+    dir: &Path,
+    files: &BTreeMap<FilePath, DiskFile>,
+    base: &mut BTreeMap<FilePath, Synced>,
+    action: Action,
+    out: &mut Pass,
+) -> anyhow::Result<bool> {
+    let write = |id: &FilePath, edit: Edit| -> anyhow::Result<()> {
+        lock(node).write(folder, id.item_id().as_str(), edit).map(|_| ())
+    };
+    match action {
+        Action::Publish(entry) => {
+            write(&entry.path, Edit { content: Some(entry.to_content()), ..Edit::default() })?;
+            base.insert(entry.path.clone(), Synced::of(&entry, None));
+            out.published += 1;
+        }
+        Action::PublishDelete(path) => {
+            write(&path, Edit { delete: true, ..Edit::default() })?;
+            base.remove(&path);
+            out.deleted += 1;
+        }
+        Action::Resolve { path, copy } => {
+            write(&path, Edit { resolve: true, ..Edit::default() })?;
+            base.remove(&copy);
+            out.resolved += 1;
+        }
+        Action::Write { at, entry, local, copy_of } => {
+            let Some(local) = local else {
+                out.waiting.push(at.to_string());
+                return Ok(false);
+            };
+            // The source was scanned with this root; it may have changed since: hash the copy.
+            let source = dir.join(local.as_str());
+            let tmp = tmp_path(dir, &entry.root)?;
+            std::fs::copy(&source, &tmp).with_context(|| format!("copying {}", source.display()))?;
+            if hash_file(&tmp)? != entry.root {
+                let _ = std::fs::remove_file(&tmp);
+                return Ok(false);
+            }
+            set_mode_and_mtime(&tmp, entry.executable, entry.mtime_ns)?;
+            if let Some(old) = files.get(&at).and_then(|f| f.root) {
+                stash(dir, &at, &old)?;
+            }
+            place(dir, &at, &tmp)?;
+            base.insert(at, Synced::of(&entry, copy_of));
+            out.written += 1;
+        }
+        Action::Touch { at, entry } => {
+            set_mode_and_mtime(&dir.join(at.as_str()), entry.executable, entry.mtime_ns)?;
+            base.insert(at, Synced::of(&entry, None));
+        }
+        Action::Adopt { at, synced } => {
+            base.insert(at, synced);
+        }
+        Action::Remove { path } => {
+            if let Some(root) = files.get(&path).and_then(|f| f.root) {
+                stash(dir, &path, &root)?;
+            }
+            base.remove(&path);
+            out.removed += 1;
+        }
+        Action::Forget { path } => {
+            base.remove(&path);
+        }
+    }
+    Ok(true)
+}
+
+/// Scans `dir`: every regular file under it but the folder's own directory, with its root (read
+/// from the base when size, mtime and mode are unchanged; `None` while the file is being written).
+/// Symlinks, names that are not UTF-8 and paths the engine refuses are skipped, with the reason.
+pub fn scan(
+    dir: &Path,
+    base: &BTreeMap<FilePath, Synced>,
+) -> anyhow::Result<(BTreeMap<FilePath, DiskFile>, Vec<String>)> {
+    let mut files = BTreeMap::new();
+    let mut skipped = Vec::new();
+    let mut pending = vec![(dir.to_path_buf(), String::new())];
+    let now = SystemTime::now();
+    // Bound: FILES_MAX entries, each directory read once.
+    while let Some((at, prefix)) = pending.pop() {
+        let entries = std::fs::read_dir(&at).with_context(|| format!("reading {}", at.display()))?;
+        for entry in entries {
+            let entry = entry.with_context(|| format!("reading {}", at.display()))?;
+            if files.len() + skipped.len() >= FILES_MAX {
+                bail!("{} holds more than {FILES_MAX} files", dir.display());
+            }
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                skipped.push(format!("{}: a name that is not UTF-8", entry.path().display()));
+                continue;
+            };
+            let rel = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
+            if prefix.is_empty() && name == RESERVED_DIR {
+                continue;
+            }
+            let meta = entry.path().symlink_metadata().with_context(|| format!("reading {rel}"))?;
+            if meta.file_type().is_symlink() {
+                skipped.push(format!("{rel}: a symlink (not synced)"));
+                continue;
+            }
+            if meta.is_dir() {
+                pending.push((entry.path(), rel));
+                continue;
+            }
+            if !meta.is_file() {
+                continue;
+            }
+            let path = match FilePath::new(&rel) {
+                Ok(path) => path,
+                Err(e) => {
+                    skipped.push(format!("{rel}: {e}"));
+                    continue;
+                }
+            };
+            let file = disk_file(&entry.path(), &meta, base.get(&path), now)?;
+            files.insert(path, file);
+        }
+    }
+    Ok((files, skipped))
+}
+
+fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+#[cfg(unix)]
+fn executable(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    meta.permissions().mode() & 0o111 != 0
+}
+
+#[cfg(not(unix))]
+fn executable(_: &std::fs::Metadata) -> bool {
+    false
+}
+
+fn disk_file(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    base: Option<&Synced>,
+    now: SystemTime,
+) -> anyhow::Result<DiskFile> {
+    let (size, mtime_ns, executable) = (meta.len(), mtime_ns(meta), executable(meta));
+    let known = base.filter(|b| b.size == size && b.mtime_ns == mtime_ns && b.executable == executable);
+    let root = match known {
+        Some(b) => Some(b.root),
+        None => {
+            let recent =
+                meta.modified().ok().and_then(|m| now.duration_since(m).ok()).is_none_or(|age| age < STABLE);
+            if recent {
+                None
+            } else {
+                let root = hash_file(path)?;
+                // Changed while it was read: still being written.
+                let again = path.symlink_metadata()?;
+                (again.len() == size && self::mtime_ns(&again) == mtime_ns).then_some(root)
+            }
+        }
+    };
+    Ok(DiskFile { size, mtime_ns, executable, root })
+}
+
+fn hash_file(path: &Path) -> anyhow::Result<ContentHash> {
+    let mut file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(ContentHash(*hasher.finalize().as_bytes()))
+}
+
+fn set_mode_and_mtime(path: &Path, executable: bool, mtime_ns: i64) -> anyhow::Result<()> {
+    let file = std::fs::File::options()
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    if let Ok(ns) = u64::try_from(mtime_ns) {
+        file.set_modified(UNIX_EPOCH + Duration::from_nanos(ns))
+            .with_context(|| format!("setting the mtime of {}", path.display()))?;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mut perms = file.metadata()?.permissions();
+        let mode = perms.mode();
+        perms.set_mode(if executable { mode | ((mode & 0o444) >> 2) } else { mode & !0o111 });
+        file.set_permissions(perms)?;
+    }
+    #[cfg(not(unix))]
+    let _ = executable;
+    Ok(())
+}
+
+fn tmp_path(dir: &Path, root: &ContentHash) -> anyhow::Result<PathBuf> {
+    let tmp = dir.join(RESERVED_DIR).join("tmp");
+    std::fs::create_dir_all(&tmp)?;
+    Ok(tmp.join(root.to_hex()))
+}
+
+/// Moves the file at `at` into the trash (by root): a peer's delete or replacement never
+/// destroys content outright.
+fn stash(dir: &Path, at: &FilePath, root: &ContentHash) -> anyhow::Result<()> {
+    let trash = dir.join(RESERVED_DIR).join("trash");
+    std::fs::create_dir_all(&trash)?;
+    let from = safe_target(dir, at)?;
+    match std::fs::rename(&from, trash.join(root.to_hex())) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("moving {at} to the trash")),
+    }
+}
+
+/// Renames the whole file `tmp` to `at` (never a partial file under the final name).
+fn place(dir: &Path, at: &FilePath, tmp: &Path) -> anyhow::Result<()> {
+    let target = safe_target(dir, at)?;
+    std::fs::rename(tmp, &target).with_context(|| format!("placing {at}"))
+}
+
+/// `dir/at`, with its parent directories created; refused when a component on the way is a
+/// symlink or a file (a path must not lead out of the folder).
+fn safe_target(dir: &Path, at: &FilePath) -> anyhow::Result<PathBuf> {
+    let mut here = dir.to_path_buf();
+    let components: Vec<&str> = at.components().collect();
+    let Some((name, parents)) = components.split_last() else { bail!("an empty path") };
+    for part in parents {
+        here.push(part);
+        match here.symlink_metadata() {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                bail!("{at}: {} is a symlink; not followed", here.display())
+            }
+            Ok(meta) if !meta.is_dir() => bail!("{at}: {} is a file, not a directory", here.display()),
+            Ok(_) => {}
+            Err(_) => std::fs::create_dir(&here).with_context(|| format!("creating {}", here.display()))?,
+        }
+    }
+    here.push(name);
+    if here.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()) {
+        bail!("{at}: a symlink is in its place; not replaced");
+    }
+    Ok(here)
+}
+
+#[derive(Serialize, Deserialize)]
+struct BaseRow {
+    root: String,
+    size: u64,
+    mtime_ns: i64,
+    executable: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    copy_of: Option<String>,
+}
+
+fn base_file(dir: &Path) -> PathBuf {
+    dir.join(RESERVED_DIR).join("base.json")
+}
+
+fn load_base(dir: &Path) -> anyhow::Result<BTreeMap<FilePath, Synced>> {
+    let path = base_file(dir);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let rows: BTreeMap<String, BaseRow> =
+        serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
+    let mut base = BTreeMap::new();
+    for (path, row) in rows {
+        let (Ok(path), Some(root)) = (FilePath::new(&path), ContentHash::from_hex(&row.root)) else {
+            continue;
+        };
+        let copy_of = row.copy_of.and_then(|id| engine::feedsync::ItemId::new(&id).ok());
+        base.insert(
+            path,
+            Synced { root, size: row.size, mtime_ns: row.mtime_ns, executable: row.executable, copy_of },
+        );
+    }
+    Ok(base)
+}
+
+fn save_base(dir: &Path, base: &BTreeMap<FilePath, Synced>) -> anyhow::Result<()> {
+    let rows: BTreeMap<&str, BaseRow> = base
+        .iter()
+        .map(|(p, s)| {
+            (
+                p.as_str(),
+                BaseRow {
+                    root: s.root.to_hex(),
+                    size: s.size,
+                    mtime_ns: s.mtime_ns,
+                    executable: s.executable,
+                    copy_of: s.copy_of.as_ref().map(|id| id.to_string()),
+                },
+            )
+        })
+        .collect();
+    write_atomically(&base_file(dir), serde_json::to_string(&rows)?.as_bytes())
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
