@@ -46,6 +46,25 @@ pub enum Open {
     Sync,
     /// One control request; one response follows.
     Control(Request),
+    /// Chunk groups `start..end` of the content `root` (`size` bytes) of a file of `folder`
+    /// (Live Folders): the peer answers one [`ContentReply`], then, with `Ok`, the bao response
+    /// for those groups (`engine::folder::blob`), and finishes the stream.
+    Content { folder: FolderId, root: [u8; 32], size: u64, start: u64, end: u64 },
+}
+
+/// A peer's answer to [`Open::Content`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ContentReply {
+    /// The response follows.
+    Ok,
+    /// This device does not hold that content (or not whole, or it changed on disk).
+    NotHeld,
+    /// The asking device may not sync this folder with this one.
+    NotAllowed,
+    /// No live file of the folder has that content: it is not served.
+    NotInFolder,
+    /// Too large for this version to serve.
+    TooLarge,
 }
 
 /// Requests a device makes of the cloud.
@@ -228,11 +247,24 @@ impl Bounded for Request {
     }
 }
 
+impl Bounded for ContentReply {
+    fn check_bounds(&self) -> Result<(), &'static str> {
+        Ok(())
+    }
+}
+
 impl Bounded for Open {
     fn check_bounds(&self) -> Result<(), &'static str> {
         match self {
             Open::Sync => Ok(()),
             Open::Control(request) => request.check_bounds(),
+            Open::Content { size, start, end, .. } => {
+                let groups = size.div_ceil(crate::folder::fetch::GROUP_BYTES);
+                if *size > crate::folder::entry::FILE_BYTES_MAX || start >= end || *end > groups {
+                    return Err("content groups");
+                }
+                Ok(())
+            }
         }
     }
 }

@@ -727,8 +727,29 @@ async fn folder_cmd(ctx: &Ctx, command: FolderCmd) -> anyhow::Result<String> {
             .ok_or_else(|| anyhow!("the folder is not mapped to a directory here (`folder map NAME DIR`)"))?
             .to_path_buf();
         let shared = node.clone();
-        let pass =
-            tokio::task::spawn_blocking(move || crate::folders::pass(&shared, &folder, &dir)).await??;
+        let (scan_dir, first) = (dir.clone(), folder);
+        let mut pass =
+            tokio::task::spawn_blocking(move || crate::folders::pass(&shared, &first, &scan_dir)).await??;
+        if !pass.wants.is_empty() {
+            // Fetch what it waits for from the folder's other devices, then place it.
+            let net = ctx.net().await?;
+            if net
+                .fetch_waiting(folder, dir.clone(), std::mem::take(&mut pass.wants), Duration::from_secs(30))
+                .await
+                > 0
+            {
+                let (shared, fetched) = (node.clone(), pass);
+                let mut again =
+                    tokio::task::spawn_blocking(move || crate::folders::pass(&shared, &folder, &dir))
+                        .await??;
+                again.published += fetched.published;
+                again.deleted += fetched.deleted;
+                again.resolved += fetched.resolved;
+                again.written += fetched.written;
+                again.removed += fetched.removed;
+                pass = again;
+            }
+        }
         ctx.changed();
         return Ok(pass.summary());
     }

@@ -89,8 +89,11 @@ pub struct Pass {
     pub resolved: usize,
     pub written: usize,
     pub removed: usize,
-    /// Files whose content must come from another device (not built yet), by path.
+    /// Files whose content must come from another device, by path.
     pub waiting: Vec<String>,
+    /// Their entries (what to fetch), one per content.
+    #[serde(skip)]
+    pub wants: Vec<engine::folder::FileEntry>,
     /// Items refused and files skipped, each with its reason.
     pub refused: Vec<String>,
     /// Files still being written (left for the next pass).
@@ -104,7 +107,7 @@ impl Pass {
             self.published, self.deleted, self.resolved, self.written, self.removed, self.unstable, self.waiting.len()
         );
         for w in &self.waiting {
-            out.push_str(&format!("  waiting: {w}: its content is on another device (fetching between devices is not built yet)\n"));
+            out.push_str(&format!("  waiting: {w}: its content is on another device, not reached yet\n"));
         }
         for r in &self.refused {
             out.push_str(&format!("  refused: {r}\n"));
@@ -119,7 +122,7 @@ static PASSES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// A pass over every mapped directory of folders still mapped on this device (the daemon's
 /// round); errors are per folder.
-pub fn pass_all(node: &Shared) -> Vec<(FolderId, anyhow::Result<Pass>)> {
+pub fn pass_all(node: &Shared) -> Vec<(FolderId, PathBuf, anyhow::Result<Pass>)> {
     let data_dir = lock(node).dir_path.clone();
     let Ok(mappings) = Mappings::load(&data_dir) else { return Vec::new() };
     let mut out = Vec::new();
@@ -128,7 +131,7 @@ pub fn pass_all(node: &Shared) -> Vec<(FolderId, anyhow::Result<Pass>)> {
         if lock(node).check_mapped(&folder).is_err() {
             continue;
         }
-        out.push((folder, pass(node, &folder, dir)));
+        out.push((folder, dir.clone(), pass(node, &folder, dir)));
     }
     out
 }
@@ -152,6 +155,7 @@ pub fn pass(node: &Shared, folder: &FolderId, dir: &Path) -> anyhow::Result<Pass
         let plan = plan(items.iter().map(|i| i.as_ref()), &files, &base, Platform::current());
         out.refused.extend(plan.refused.iter().map(ToString::to_string));
         out.waiting.clear();
+        out.wants.clear();
         let mut acted = false;
         for action in plan.actions {
             acted |= carry_out(node, folder, dir, &files, &mut base, action, &mut out)?;
@@ -194,12 +198,20 @@ fn carry_out(
             out.resolved += 1;
         }
         Action::Write { at, entry, local, copy_of } => {
-            let Some(local) = local else {
-                out.waiting.push(at.to_string());
-                return Ok(false);
+            // A local file with that root, else content fetched from a peer (verified as it came).
+            let fetched = object_path(dir, &entry.root);
+            let source = match local {
+                Some(local) => dir.join(local.as_str()),
+                None if fetched.exists() => fetched.clone(),
+                None => {
+                    out.waiting.push(at.to_string());
+                    if out.wants.iter().all(|w| w.root != entry.root) {
+                        out.wants.push(entry);
+                    }
+                    return Ok(false);
+                }
             };
             // The source was scanned with this root; it may have changed since: hash the copy.
-            let source = dir.join(local.as_str());
             let tmp = tmp_path(dir, &entry.root)?;
             std::fs::copy(&source, &tmp).with_context(|| format!("copying {}", source.display()))?;
             if hash_file(&tmp)? != entry.root {
@@ -211,6 +223,9 @@ fn carry_out(
                 stash(dir, &at, &old)?;
             }
             place(dir, &at, &tmp)?;
+            if source == fetched {
+                let _ = std::fs::remove_file(&fetched);
+            }
             base.insert(at, Synced::of(&entry, copy_of));
             out.written += 1;
         }
@@ -366,6 +381,85 @@ fn set_mode_and_mtime(path: &Path, executable: bool, mtime_ns: i64) -> anyhow::R
     #[cfg(not(unix))]
     let _ = executable;
     Ok(())
+}
+
+/// Where fetched content waits, whole and verified, to be written into place.
+pub fn object_path(dir: &Path, root: &ContentHash) -> PathBuf {
+    dir.join(RESERVED_DIR).join("objects").join(root.to_hex())
+}
+
+/// Where content being fetched is written, group by group, and the runs of groups it holds.
+pub fn partial_paths(dir: &Path, root: &ContentHash) -> (PathBuf, PathBuf) {
+    let partial = dir.join(RESERVED_DIR).join("partial");
+    (partial.join(root.to_hex()), partial.join(format!("{}.have", root.to_hex())))
+}
+
+/// The verified runs of groups of a partial file (empty when there is none or it is unreadable:
+/// then everything is fetched again).
+pub fn partial_have(dir: &Path, root: &ContentHash) -> Vec<std::ops::Range<u64>> {
+    let (data, have) = partial_paths(dir, root);
+    if !data.exists() {
+        return Vec::new();
+    }
+    std::fs::read_to_string(have)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Vec<(u64, u64)>>(&t).ok())
+        .map(|runs| runs.into_iter().map(|(a, b)| a..b).collect())
+        .unwrap_or_default()
+}
+
+/// Writes verified groups into the partial file, then records the runs held (after the data is
+/// on disk: a crash loses at most the groups not yet recorded, which are fetched again).
+pub fn write_groups(
+    dir: &Path,
+    root: &ContentHash,
+    groups: &[(u64, bytes::Bytes)],
+    runs: &[std::ops::Range<u64>],
+) -> anyhow::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let (data, have) = partial_paths(dir, root);
+    std::fs::create_dir_all(data.parent().expect("a partial file has a folder"))?;
+    let mut file = std::fs::File::options().create(true).truncate(false).write(true).open(&data)?;
+    for (group, bytes) in groups {
+        file.seek(SeekFrom::Start(group * engine::folder::fetch::GROUP_BYTES))?;
+        file.write_all(bytes)?;
+    }
+    file.sync_data()?;
+    let runs: Vec<(u64, u64)> = runs.iter().map(|r| (r.start, r.end)).collect();
+    write_atomically(&have, serde_json::to_string(&runs)?.as_bytes())
+}
+
+/// A finished partial file becomes an object (whole and verified), for the next pass to place.
+pub fn finish_partial(dir: &Path, root: &ContentHash) -> anyhow::Result<()> {
+    let (data, have) = partial_paths(dir, root);
+    let object = object_path(dir, root);
+    std::fs::create_dir_all(object.parent().expect("an object has a folder"))?;
+    std::fs::rename(&data, &object)?;
+    let _ = std::fs::remove_file(have);
+    Ok(())
+}
+
+/// The content `root` of `size` bytes, if this device holds it in the mapped directory `dir`
+/// (a file whose base says so and that did not change since, or a fetched object, or the
+/// trash). Read whole: the caller checks it against the root.
+pub fn read_content(dir: &Path, root: &ContentHash, size: u64) -> anyhow::Result<Option<Vec<u8>>> {
+    let base = load_base(dir)?;
+    for (path, synced) in &base {
+        if synced.root != *root || synced.size != size {
+            continue;
+        }
+        let full = dir.join(path.as_str());
+        let Ok(meta) = full.symlink_metadata() else { continue };
+        if meta.is_file() && meta.len() == size && mtime_ns(&meta) == synced.mtime_ns {
+            return Ok(Some(std::fs::read(&full)?));
+        }
+    }
+    for candidate in [object_path(dir, root), dir.join(RESERVED_DIR).join("trash").join(root.to_hex())] {
+        if candidate.symlink_metadata().is_ok_and(|m| m.is_file() && m.len() == size) {
+            return Ok(Some(std::fs::read(&candidate)?));
+        }
+    }
+    Ok(None)
 }
 
 fn tmp_path(dir: &Path, root: &ContentHash) -> anyhow::Result<PathBuf> {

@@ -29,6 +29,8 @@ use transport::{frame, Open, Request, Response, SessionClock, FRAME_MAX};
 
 use crate::state::Node;
 
+mod content;
+
 pub type Shared = Arc<Mutex<Node>>;
 
 /// Locks the node (a panic elsewhere does not stop the device).
@@ -561,6 +563,11 @@ impl Net {
         let mut recv = frame::Reader::new(recv);
         match recv.read_value::<Open>(1 << 16, "stream opening").await? {
             Some(Open::Sync) => {}
+            Some(Open::Content { folder, root, size, start, end }) => {
+                let peer = transport::device_of(remote);
+                let root = engine::folder::ContentHash(root);
+                return self.serve_content(peer, folder, root, size, start..end, send).await;
+            }
             Some(Open::Control(_)) => {
                 frame::write_value(&mut send, &Response::Refused(transport::ControlError::NotCloud)).await?;
                 let _ = send.finish();
@@ -894,9 +901,23 @@ impl Net {
                     let node = self.node.clone();
                     let passes = tokio::task::spawn_blocking(move || crate::folders::pass_all(&node)).await;
                     let mut wrote = false;
-                    for (folder, pass) in passes.unwrap_or_default() {
+                    for (folder, dir, pass) in passes.unwrap_or_default() {
                         match pass {
-                            Ok(p) => wrote |= p.published + p.deleted + p.resolved > 0,
+                            Ok(p) => {
+                                wrote |= p.published + p.deleted + p.resolved > 0;
+                                // Content a pass waits for: fetch it, then place it.
+                                if self
+                                    .fetch_waiting(folder, dir.clone(), p.wants, Duration::from_secs(60))
+                                    .await
+                                    > 0
+                                {
+                                    let node = self.node.clone();
+                                    let _ = tokio::task::spawn_blocking(move || {
+                                        crate::folders::pass(&node, &folder, &dir)
+                                    })
+                                    .await;
+                                }
+                            }
                             Err(e) => round.errors.push(format!("mapped directory of {folder:?}: {e:#}")),
                         }
                     }

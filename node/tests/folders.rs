@@ -2,9 +2,9 @@
 //! real `feedmesh` daemons of two users sharing a folder, each folder mapped to a directory.
 //! Local files are published, a bad name is skipped with its reason, a file the other side holds
 //! already is adopted, a rename moves no content (the other side copies its own file and trashes
-//! the old name), a delete removes the file there (into the trash, still retrievable), and a file
-//! whose content only the other device has waits for it, saying so (content does not move between
-//! devices yet).
+//! the old name), a delete removes the file there (into the trash, still retrievable), a file
+//! only the other device has is fetched from it (verified, written whole), and concurrent edits
+//! leave the same conflict copy on both sides.
 
 mod common;
 
@@ -33,7 +33,7 @@ fn scan(dev: &Dev) -> String {
 }
 
 #[test]
-fn a_mapped_directory_publishes_renames_and_deletes_without_moving_content() {
+fn two_users_mapped_directories_converge_on_disk() {
     let relay = Relay::start();
     let root = tempfile::tempdir().unwrap();
     let (mut a, mut b) = (Dev::new(root.path(), "a1"), Dev::new(root.path(), "b1"));
@@ -58,12 +58,63 @@ fn a_mapped_directory_publishes_renames_and_deletes_without_moving_content() {
     wait_for(WITHIN, || export(&b, "docs").contains("only-a.txt"), "alice's entries at bob");
 
     // Bob maps his directory: his copy of shared.txt is what the folder says already; only-a.txt
-    // must come from Alice's device, which the node cannot fetch yet: it waits, saying so.
+    // comes from Alice's device, verified group by group, and is written whole.
     b.ok(&["folder", "map", "docs", db.to_str().unwrap()]);
-    let out = scan(&b);
-    assert!(out.contains("waiting: only-a.txt"), "{out}");
-    assert!(!db.join("only-a.txt").exists(), "no partial or empty file under the final name");
+    wait_for(
+        WITHIN,
+        || {
+            scan(&b);
+            db.join("only-a.txt").exists()
+        },
+        "only-a.txt fetched from alice",
+    );
+    assert_eq!(std::fs::read_to_string(db.join("only-a.txt")).unwrap(), "alice's alone");
     assert_eq!(std::fs::read_to_string(db.join("shared.txt")).unwrap(), "the same on both sides");
+
+    // Concurrent edits of one file: the winner at its name and the loser beside it, on both
+    // sides, both contents kept.
+    put(&da, "notes.txt", "first");
+    scan(&a);
+    wait_for(
+        WITHIN,
+        || {
+            scan(&b);
+            db.join("notes.txt").exists()
+        },
+        "notes.txt at bob",
+    );
+    put(&da, "notes.txt", "alice's edit");
+    put(&db, "notes.txt", "bob's edit");
+    scan(&a);
+    scan(&b);
+    let both = |d: &Path| {
+        let mut texts: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.ok()?.file_name().into_string().ok()?;
+                name.starts_with("notes").then(|| std::fs::read_to_string(d.join(&name)).unwrap())
+            })
+            .collect();
+        texts.sort();
+        texts
+    };
+    let want = vec!["alice's edit".to_string(), "bob's edit".to_string()];
+    wait_for(
+        WITHIN,
+        || {
+            scan(&a);
+            scan(&b);
+            both(&da) == want && both(&db) == want
+        },
+        "a conflict copy on both sides",
+    );
+    let copy = |d: &Path| {
+        std::fs::read_dir(d)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .find(|n| n.contains("(conflict, "))
+    };
+    assert_eq!(copy(&da), copy(&db), "the same conflict copy name on both sides");
 
     // Alice renames shared.txt into a subdirectory: Bob copies his own file, trashes the old name.
     std::fs::create_dir_all(da.join("sub")).unwrap();
@@ -79,7 +130,8 @@ fn a_mapped_directory_publishes_renames_and_deletes_without_moving_content() {
     );
     assert_eq!(std::fs::read_to_string(db.join("sub/moved.txt")).unwrap(), "the same on both sides");
     let trash = db.join(".feedmesh/trash");
-    assert_eq!(std::fs::read_dir(&trash).unwrap().count(), 1, "the old name's content is in the trash");
+    let kept = trash.join(blake3::hash(b"the same on both sides").to_hex().as_str());
+    assert!(kept.exists(), "the old name's content is in the trash, by root");
 
     // Alice deletes it: gone at Bob's too, its content still in his trash.
     std::fs::remove_file(da.join("sub/moved.txt")).unwrap();
@@ -92,7 +144,7 @@ fn a_mapped_directory_publishes_renames_and_deletes_without_moving_content() {
         },
         "the delete at bob",
     );
-    assert!(std::fs::read_dir(&trash).unwrap().count() >= 1);
+    assert_eq!(std::fs::read_to_string(&kept).unwrap(), "the same on both sides");
 
     // Unmapping leaves the files in place.
     let out = b.ok(&["folder", "unmap", "docs"]);

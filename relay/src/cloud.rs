@@ -532,6 +532,12 @@ impl Cloud {
                 Ok(())
             }
             Some(Open::Sync) => self.serve_sync(device, channel, send, recv).await,
+            // The cloud keeps no file content yet (issue 14: cloud folders come later).
+            Some(Open::Content { .. }) => {
+                frame::write_value(&mut send, &engine::control::ContentReply::NotHeld).await?;
+                let _ = send.finish();
+                Ok(())
+            }
         }
     }
 
