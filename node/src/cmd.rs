@@ -896,10 +896,24 @@ pub fn status_text(n: &crate::state::Node) -> String {
     }
     if let Ok(mappings) = crate::folders::Mappings::load(&n.dir_path) {
         for (folder, dir) in &mappings.folders {
-            let name = crate::state::parse_folder_hex(folder)
+            let id = crate::state::parse_folder_hex(folder);
+            let name = id
                 .and_then(|f| n.dir().folder(&f).map(|f| f.name.clone()))
                 .unwrap_or_else(|| folder[..8].to_string());
             out.push_str(&format!("  {name} is mapped to {}\n", dir.display()));
+            let needs = id.and_then(|f| n.needs.get(&f)).map(Vec::as_slice).unwrap_or_default();
+            if !needs.is_empty() {
+                let (have, size) = needs.iter().fold((0, 0), |(h, s), f| (h + f.have_bytes, s + f.size));
+                out.push_str(&format!(
+                    "    {} files still needed here ({:.1} of {:.1} MiB):\n",
+                    needs.len(),
+                    have as f64 / f64::from(1u32 << 20),
+                    size as f64 / f64::from(1u32 << 20)
+                ));
+                for need in needs {
+                    out.push_str(&format!("    {}\n", need.line()));
+                }
+            }
         }
     }
     if !n.last_errors.is_empty() {
@@ -952,6 +966,7 @@ pub fn status_json(n: &crate::state::Node) -> serde_json::Value {
                 "name": n.dir().folder(&f).map(|x| x.name.clone()),
                 "items": n.replica(&f).map_or(0, |r| r.len()),
                 "pending": n.pending(&f),
+                "needed": n.needs.get(&f).cloned().unwrap_or_default(),
             })
         })
         .collect();

@@ -81,6 +81,47 @@ pub fn unmap(data_dir: &Path, folder: &FolderId) -> anyhow::Result<Option<PathBu
     Ok(dir)
 }
 
+/// A file a mapped folder still needs here, for `status` and the local API.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileNeed {
+    pub path: String,
+    pub size: u64,
+    /// Bytes verified and written so far (a partial file).
+    pub have_bytes: u64,
+    /// The devices it is being fetched from now: short id, route, measured bytes per second.
+    pub sources: Vec<(String, String, u64)>,
+    /// Why nothing is being fetched, when nothing is.
+    pub waiting: Option<String>,
+}
+
+impl FileNeed {
+    /// One line for `status`: a bar, the share held, the path, and where from or why not.
+    pub fn line(&self) -> String {
+        let share = if self.size == 0 { 1.0 } else { self.have_bytes as f64 / self.size as f64 };
+        let filled = (share * 20.0).floor() as usize;
+        let bar: String = "#".repeat(filled.min(20)) + &".".repeat(20 - filled.min(20));
+        let whence = if self.sources.is_empty() {
+            format!("waiting: {}", self.waiting.as_deref().unwrap_or("not started yet"))
+        } else {
+            let from: Vec<String> = self
+                .sources
+                .iter()
+                .map(|(d, route, rate)| {
+                    format!("{d} ({route}, {:.1} MiB/s)", *rate as f64 / f64::from(1u32 << 20))
+                })
+                .collect();
+            format!("from {}", from.join(", "))
+        };
+        format!(
+            "[{bar}] {:>3}% {} ({:.1} of {:.1} MiB) {whence}",
+            (share * 100.0).floor() as u64,
+            self.path,
+            self.have_bytes as f64 / f64::from(1u32 << 20),
+            self.size as f64 / f64::from(1u32 << 20)
+        )
+    }
+}
+
 /// What one pass over a mapped folder did.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Pass {
@@ -165,6 +206,35 @@ pub fn pass(node: &Shared, folder: &FolderId, dir: &Path) -> anyhow::Result<Pass
             break;
         }
     }
+    // What is still needed, for `status` (a fetch fills in sources and progress).
+    let needs: Vec<FileNeed> = out
+        .wants
+        .iter()
+        .map(|w| {
+            let have = partial_have(dir, &w.root);
+            let have_bytes = have
+                .iter()
+                .map(|r| {
+                    (r.end * engine::folder::fetch::GROUP_BYTES).min(w.size)
+                        - r.start * engine::folder::fetch::GROUP_BYTES
+                })
+                .sum();
+            FileNeed {
+                path: w.path.to_string(),
+                size: w.size,
+                have_bytes,
+                sources: Vec::new(),
+                waiting: None,
+            }
+        })
+        .collect();
+    let mut n = lock(node);
+    if needs.is_empty() {
+        n.needs.remove(folder);
+    } else {
+        n.needs.insert(*folder, needs);
+    }
+    drop(n);
     Ok(out)
 }
 
@@ -574,4 +644,31 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .and_then(|f| f.sync_all())
         .with_context(|| format!("syncing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_need_reads_as_a_bar_with_where_from_or_why_not() {
+        let mut need = FileNeed {
+            path: "video.mp4".into(),
+            size: 10 << 20,
+            have_bytes: 4 << 20,
+            sources: vec![("ab12cd34".into(), "lan".into(), 3 << 20)],
+            waiting: None,
+        };
+        assert_eq!(
+            need.line(),
+            "[########............]  40% video.mp4 (4.0 of 10.0 MiB) from ab12cd34 (lan, 3.0 MiB/s)"
+        );
+        need.sources.clear();
+        need.waiting = Some("the devices that have it are not reachable now".into());
+        assert!(
+            need.line().ends_with("waiting: the devices that have it are not reachable now"),
+            "{}",
+            need.line()
+        );
+    }
 }

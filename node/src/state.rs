@@ -104,6 +104,8 @@ pub struct Node {
     pub outbox: BTreeMap<FolderId, BTreeSet<String>>,
     /// Errors of the last sync round.
     pub last_errors: Vec<String>,
+    /// Mapped folders' files still needed here, for `status` (runtime only).
+    pub needs: BTreeMap<FolderId, Vec<crate::folders::FileNeed>>,
     /// The outbox's fingerprints when each running session with the cloud started, by session
     /// id: what a finished session acknowledges.
     at_start: BTreeMap<u64, (FolderId, BTreeMap<String, u64>)>,
@@ -230,6 +232,7 @@ impl Node {
             cloud_online: false,
             outbox,
             last_errors: Vec::new(),
+            needs: BTreeMap::new(),
             cloud_why: "this process has not reached it (is `feedmesh run` running?)".into(),
             at_start: BTreeMap::new(),
             merged: BTreeMap::new(),

@@ -14,7 +14,9 @@ use anyhow::anyhow;
 use engine::control::ContentReply;
 use engine::directory::FolderId;
 use engine::folder::blob::{encode, Decoder, Groups, Outboard};
-use engine::folder::fetch::{Command, Event, Failure, FetchConfig, Fetcher, RequestId, Route, GROUP_BYTES};
+use engine::folder::fetch::{
+    Command, Event, Failure, FetchConfig, Fetcher, RequestId, Route, Waiting, GROUP_BYTES,
+};
 use engine::folder::{ContentHash, FileEntry};
 use engine::signing::DeviceId;
 use iroh::endpoint::SendStream;
@@ -185,6 +187,8 @@ impl Net {
                 sizes.insert(want.root, want.size);
             }
         }
+        let paths: BTreeMap<ContentHash, String> =
+            wants.iter().map(|w| (w.root, w.path.to_string())).collect();
         let (tx, mut rx) = mpsc::channel::<Fetched>(64);
         let mut running: BTreeMap<RequestId, tokio::task::JoinHandle<()>> = BTreeMap::new();
         let mut done = 0;
@@ -216,11 +220,16 @@ impl Net {
                     }
                 }
             }
+            self.show_progress(folder, &fetcher, now(), &paths);
             if fetcher.wanted().next().is_none() || started.elapsed() >= within {
                 break;
             }
-            if running.is_empty() && fetcher.poll_timeout().is_none() {
-                break; // Nothing in flight and nothing to wait for: no holder reachable now.
+            // Nothing in flight and nothing to wait for soon (no holder, or every one backing
+            // off): the next round tries again, and `status` says why meanwhile.
+            if running.is_empty()
+                && fetcher.poll_timeout().is_none_or(|t| t.saturating_sub(now()) > 3_000_000)
+            {
+                break;
             }
             let wait =
                 fetcher.poll_timeout().map_or(within, |t| Duration::from_micros(t.saturating_sub(now())));
@@ -255,6 +264,57 @@ impl Net {
             task.abort();
         }
         done
+    }
+}
+
+impl Net {
+    /// What `status` shows of a fetch: per file still needed, the share held, the sources and
+    /// their rates, or why nothing is in flight.
+    fn show_progress(
+        &self,
+        folder: FolderId,
+        fetcher: &Fetcher<DeviceId>,
+        now: u64,
+        paths: &BTreeMap<ContentHash, String>,
+    ) {
+        let needs: Vec<folders::FileNeed> = fetcher
+            .wanted()
+            .filter_map(|hash| {
+                let p = fetcher.progress(now, hash)?;
+                let waiting = p.waiting.map(|w| match w {
+                    Waiting::NoHolder => {
+                        "no device that has it is known (or those that said so did not)".to_string()
+                    }
+                    Waiting::Unreachable => "the devices that have it are not reachable now".to_string(),
+                    Waiting::BackingOff { until } => format!(
+                        "its sources stalled or refused; trying again in {} s",
+                        until.saturating_sub(now).div_ceil(1_000_000)
+                    ),
+                    Waiting::Policy => "only routes the policy excludes reach its holders".to_string(),
+                    Waiting::Busy => "its sources are busy with other files".to_string(),
+                });
+                let sources = p
+                    .sources
+                    .iter()
+                    .map(|(d, route, rate)| {
+                        (engine::signing::hex(&d.0[..4]), format!("{route:?}").to_lowercase(), *rate)
+                    })
+                    .collect();
+                Some(folders::FileNeed {
+                    path: paths.get(hash).cloned().unwrap_or_else(|| hash.to_hex()),
+                    size: p.size,
+                    have_bytes: p.have_bytes,
+                    sources,
+                    waiting,
+                })
+            })
+            .collect();
+        let mut n = lock(&self.node);
+        if needs.is_empty() {
+            n.needs.remove(&folder);
+        } else {
+            n.needs.insert(folder, needs);
+        }
     }
 }
 
