@@ -895,6 +895,9 @@ pub fn status_text(n: &crate::state::Node) -> String {
         ));
     }
     if let Ok(mappings) = crate::folders::Mappings::load(&n.dir_path) {
+        if !mappings.folders.is_empty() {
+            out.push_str(&format!("content: {} chunk groups fetched since start\n", n.groups_fetched));
+        }
         for (folder, dir) in &mappings.folders {
             let id = crate::state::parse_folder_hex(folder);
             let name = id
@@ -975,6 +978,7 @@ pub fn status_json(n: &crate::state::Node) -> serde_json::Value {
         "cloud": { "online": n.cloud_online, "why": n.cloud_why },
         "folders": folders,
         "peers": n.peers.values().collect::<Vec<_>>(),
+        "groups_fetched": n.groups_fetched,
     })
 }
 

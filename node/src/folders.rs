@@ -17,7 +17,7 @@ use anyhow::{bail, Context};
 use engine::directory::FolderId;
 use engine::feedsync::{Edit, Item};
 use engine::folder::path::RESERVED_DIR;
-use engine::folder::{plan, Action, ContentHash, DiskFile, FilePath, Platform, Synced};
+use engine::folder::{plan, Action, ContentHash, DiskFile, FilePath, Outboard, Platform, Synced};
 use engine::signing::hex;
 use serde::{Deserialize, Serialize};
 
@@ -494,14 +494,20 @@ pub fn write_groups(
         file.seek(SeekFrom::Start(group * engine::folder::fetch::GROUP_BYTES))?;
         file.write_all(bytes)?;
     }
-    file.sync_data()?;
+    // No sync per group: a killed process loses nothing the kernel has; the whole file is
+    // synced when it is finished (and a power cut costs at most a refetch: the runs file is
+    // replaced only after the data was written).
     let runs: Vec<(u64, u64)> = runs.iter().map(|r| (r.start, r.end)).collect();
-    write_atomically(&have, serde_json::to_string(&runs)?.as_bytes())
+    let tmp = have.with_extension("have.tmp");
+    std::fs::write(&tmp, serde_json::to_string(&runs)?)?;
+    std::fs::rename(&tmp, &have)?;
+    Ok(())
 }
 
 /// A finished partial file becomes an object (whole and verified), for the next pass to place.
 pub fn finish_partial(dir: &Path, root: &ContentHash) -> anyhow::Result<()> {
     let (data, have) = partial_paths(dir, root);
+    std::fs::File::open(&data).and_then(|f| f.sync_all())?;
     let object = object_path(dir, root);
     std::fs::create_dir_all(object.parent().expect("an object has a folder"))?;
     std::fs::rename(&data, &object)?;
@@ -509,11 +515,17 @@ pub fn finish_partial(dir: &Path, root: &ContentHash) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The content `root` of `size` bytes, if this device holds it in the mapped directory `dir`
-/// (a file whose base says so and that did not change since, or a fetched object, or the
-/// trash). Read whole: the caller checks it against the root.
-pub fn read_content(dir: &Path, root: &ContentHash, size: u64) -> anyhow::Result<Option<Vec<u8>>> {
+/// Where this device holds the content `root` of `size` bytes in the mapped directory `dir` (a
+/// file whose base says so and that did not change since, a fetched object, or the trash), with
+/// its outboard (computed once and kept in `.feedmesh/outboards/`). `None` when it does not hold
+/// it, or the file's content is not `root` after all.
+pub fn content_source(
+    dir: &Path,
+    root: &ContentHash,
+    size: u64,
+) -> anyhow::Result<Option<(PathBuf, Outboard)>> {
     let base = load_base(dir)?;
+    let mut found = None;
     for (path, synced) in &base {
         if synced.root != *root || synced.size != size {
             continue;
@@ -521,15 +533,34 @@ pub fn read_content(dir: &Path, root: &ContentHash, size: u64) -> anyhow::Result
         let full = dir.join(path.as_str());
         let Ok(meta) = full.symlink_metadata() else { continue };
         if meta.is_file() && meta.len() == size && mtime_ns(&meta) == synced.mtime_ns {
-            return Ok(Some(std::fs::read(&full)?));
+            found = Some(full);
+            break;
         }
     }
-    for candidate in [object_path(dir, root), dir.join(RESERVED_DIR).join("trash").join(root.to_hex())] {
-        if candidate.symlink_metadata().is_ok_and(|m| m.is_file() && m.len() == size) {
-            return Ok(Some(std::fs::read(&candidate)?));
+    if found.is_none() {
+        for candidate in [object_path(dir, root), dir.join(RESERVED_DIR).join("trash").join(root.to_hex())] {
+            if candidate.symlink_metadata().is_ok_and(|m| m.is_file() && m.len() == size) {
+                found = Some(candidate);
+                break;
+            }
         }
     }
-    Ok(None)
+    let Some(path) = found else { return Ok(None) };
+    let cache = dir.join(RESERVED_DIR).join("outboards").join(root.to_hex());
+    if let Ok(bytes) = std::fs::read(&cache) {
+        if let Ok(outboard) = Outboard::from_bytes(*root, size, bytes) {
+            return Ok(Some((path, outboard)));
+        }
+    }
+    let file = std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
+    let outboard =
+        Outboard::of_reader(std::io::BufReader::new(file), size).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if outboard.root != *root {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(cache.parent().expect("the cache has a folder"))?;
+    write_atomically(&cache, outboard.as_bytes())?;
+    Ok(Some((path, outboard)))
 }
 
 fn tmp_path(dir: &Path, root: &ContentHash) -> anyhow::Result<PathBuf> {

@@ -85,6 +85,8 @@ pub struct Net {
     peers: tokio::sync::Mutex<BTreeMap<DeviceId, Connection>>,
     /// Where peers were last said to be (the cloud's answers to peers requests).
     addrs: Mutex<BTreeMap<DeviceId, EndpointAddr>>,
+    /// Folders whose content a background fetch is getting (one at a time per folder).
+    fetching: Mutex<std::collections::BTreeSet<FolderId>>,
     routes: Mutex<Routes>,
     /// Woken by local writes and cloud notices (the daemon's next round).
     pub wake: Notify,
@@ -144,6 +146,7 @@ impl Net {
             cloud: tokio::sync::Mutex::new(None),
             peers: tokio::sync::Mutex::new(BTreeMap::new()),
             addrs: Mutex::new(BTreeMap::new()),
+            fetching: Mutex::new(std::collections::BTreeSet::new()),
             routes: Mutex::new(Routes::default()),
             wake: Notify::new(),
             timer: Arc::new(Notify::new()),
@@ -905,17 +908,10 @@ impl Net {
                         match pass {
                             Ok(p) => {
                                 wrote |= p.published + p.deleted + p.resolved > 0;
-                                // Content a pass waits for: fetch it, then place it.
-                                if self
-                                    .fetch_waiting(folder, dir.clone(), p.wants, Duration::from_secs(60))
-                                    .await
-                                    > 0
-                                {
-                                    let node = self.node.clone();
-                                    let _ = tokio::task::spawn_blocking(move || {
-                                        crate::folders::pass(&node, &folder, &dir)
-                                    })
-                                    .await;
+                                // Content a pass waits for: fetched in the background (the
+                                // rounds go on), then placed by a pass.
+                                if !p.wants.is_empty() {
+                                    self.clone().fetch_in_background(folder, dir, p.wants);
                                 }
                             }
                             Err(e) => round.errors.push(format!("mapped directory of {folder:?}: {e:#}")),

@@ -106,6 +106,8 @@ pub struct Node {
     pub last_errors: Vec<String>,
     /// Mapped folders' files still needed here, for `status` (runtime only).
     pub needs: BTreeMap<FolderId, Vec<crate::folders::FileNeed>>,
+    /// Chunk groups of content fetched and written since this process started.
+    pub groups_fetched: u64,
     /// The outbox's fingerprints when each running session with the cloud started, by session
     /// id: what a finished session acknowledges.
     at_start: BTreeMap<u64, (FolderId, BTreeMap<String, u64>)>,
@@ -233,6 +235,7 @@ impl Node {
             outbox,
             last_errors: Vec::new(),
             needs: BTreeMap::new(),
+            groups_fetched: 0,
             cloud_why: "this process has not reached it (is `feedmesh run` running?)".into(),
             at_start: BTreeMap::new(),
             merged: BTreeMap::new(),

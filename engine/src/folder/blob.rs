@@ -59,6 +59,22 @@ impl Outboard {
         Self { root: ContentHash(*outboard.root.as_bytes()), size: data.len() as u64, hashes: outboard.data }
     }
 
+    /// Hashes `size` bytes read from `data` (a file, without holding it in memory).
+    pub fn of_reader(data: impl Read, size: u64) -> Result<Self, BlobError> {
+        if size > FILE_BYTES_MAX {
+            return Err(BlobError::TooLarge { size });
+        }
+        let tree = BaoTree::new(size, BLOCK);
+        let mut outboard = PreOrderMemOutboard {
+            root: blake3::Hash::from_bytes([0; 32]),
+            tree,
+            data: vec![0u8; tree.outboard_size() as usize],
+        };
+        let root = bao_tree::io::sync::outboard(data.take(size), tree, &mut outboard)
+            .map_err(|e| BlobError::Io(e.to_string()))?;
+        Ok(Self { root: ContentHash(*root.as_bytes()), size, hashes: outboard.data })
+    }
+
     /// The outboard as stored (its root and size are stored beside it).
     pub fn as_bytes(&self) -> &[u8] {
         &self.hashes
@@ -128,6 +144,36 @@ impl Groups {
         }
         let ranges = chunk_ranges(&groups, size)?;
         Ok(Self { groups, size, ranges })
+    }
+}
+
+/// The response for one group, from that group's bytes alone (`bytes` is the whole group, the
+/// last one shorter): what a holder serving a large file reads from disk per group.
+pub fn encode_group(bytes: &[u8], group: u64, outboard: &Outboard) -> Result<Vec<u8>, BlobError> {
+    let ranges = chunk_ranges(&(group..group + 1), outboard.size)?;
+    let start = group * GROUP_BYTES;
+    let expected = (outboard.size - start).min(GROUP_BYTES);
+    if bytes.len() as u64 != expected {
+        return Err(BlobError::Mismatch);
+    }
+    let window = Window { offset: start, bytes };
+    let mut out = Vec::with_capacity(bytes.len() + 64 * 48);
+    encode_ranges_validated(window, outboard.mem(), &ranges, &mut out).map_err(|_| BlobError::Mismatch)?;
+    Ok(out)
+}
+
+/// A slice of a file at its offset, read where the encoder reads it.
+struct Window<'a> {
+    offset: u64,
+    bytes: &'a [u8],
+}
+
+impl positioned_io::ReadAt for Window<'_> {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        let Some(at) = pos.checked_sub(self.offset) else {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "before the window"));
+        };
+        positioned_io::ReadAt::read_at(&self.bytes, at, buf)
     }
 }
 
@@ -248,6 +294,30 @@ mod tests {
             BlobError::Range { start: 11, end: 12, groups: 11 }
         );
         assert_eq!(encode(&d[1..], &outboard, 0..1), Err(BlobError::Mismatch), "a holder whose file changed");
+    }
+
+    #[test]
+    fn one_group_is_encoded_from_its_own_bytes_and_a_stream_outboard_is_the_same() {
+        let d = data(5 * GROUP_BYTES as usize + 999, 6);
+        let outboard = Outboard::of(&d);
+        assert_eq!(Outboard::of_reader(d.as_slice(), d.len() as u64).unwrap(), outboard);
+        for g in 0..groups_of(d.len() as u64) {
+            let response = encode_group(slice(&d, g), g, &outboard).unwrap();
+            assert_eq!(response, encode(&d, &outboard, g..g + 1).unwrap());
+            let wanted = Groups::new(g..g + 1, outboard.size).unwrap();
+            assert_eq!(
+                decode_all(outboard.root, &wanted, &response),
+                (vec![(g, slice(&d, g).to_vec())], None)
+            );
+        }
+        let mut changed = slice(&d, 2).to_vec();
+        changed[0] ^= 1;
+        assert_eq!(
+            encode_group(&changed, 2, &outboard),
+            Err(BlobError::Mismatch),
+            "a file changed under its holder"
+        );
+        assert_eq!(encode_group(&changed[1..], 2, &outboard), Err(BlobError::Mismatch));
     }
 
     #[test]

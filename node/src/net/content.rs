@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use engine::control::ContentReply;
 use engine::directory::FolderId;
-use engine::folder::blob::{encode, Decoder, Groups, Outboard};
+use engine::folder::blob::{encode_group, Decoder, Groups};
 use engine::folder::fetch::{
     Command, Event, Failure, FetchConfig, Fetcher, RequestId, Route, Waiting, GROUP_BYTES,
 };
@@ -21,22 +21,44 @@ use engine::folder::{ContentHash, FileEntry};
 use engine::signing::DeviceId;
 use iroh::endpoint::SendStream;
 use tokio::sync::mpsc;
-use transport::{frame, Open, FRAME_MAX};
+use transport::{frame, Open};
 
 use super::{lock, Net};
 use crate::folders;
 
 /// Largest file this version serves (read whole to answer).
 pub const SERVE_BYTES_MAX: u64 = 1 << 30;
-/// Frames of a response are at most this long.
-const CHUNK: usize = 256 << 10;
+/// Test hook: `FEEDMESH_TEST_SERVE_DELAY_US` slows serving by that much per group, so a test can
+/// kill a device in the middle of a transfer. Read once; unset in normal use.
+fn serve_delay() -> Duration {
+    static DELAY: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        let us = std::env::var("FEEDMESH_TEST_SERVE_DELAY_US").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+        Duration::from_micros(us)
+    })
+}
 
-/// What one request brought: verified groups, and why it ended early.
-struct Fetched {
-    id: RequestId,
-    root: ContentHash,
-    groups: Vec<(u64, bytes::Bytes)>,
-    failure: Option<Failure>,
+/// Most groups one request may ask for (4 MiB).
+pub const GROUPS_PER_REQUEST_MAX: u64 = 256;
+
+/// What a request brings, as it comes: each verified group, then its end.
+enum Piece {
+    Group { id: RequestId, root: ContentHash, group: u64, bytes: bytes::Bytes },
+    End { id: RequestId, failure: Option<Failure> },
+}
+
+fn read_exact_at(file: &std::fs::File, buf: &mut [u8], at: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::FileExt::read_exact_at(file, buf, at)
+    }
+    #[cfg(not(unix))]
+    {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = file;
+        file.seek(SeekFrom::Start(at))?;
+        file.read_exact(buf)
+    }
 }
 
 impl Net {
@@ -78,77 +100,131 @@ impl Net {
         let Some(dir) = folders::Mappings::load(&data_dir)?.dir_of(&folder).map(Path::to_path_buf) else {
             return refuse(send, ContentReply::NotHeld).await;
         };
-        let response = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Vec<u8>>> {
-            let Some(data) = folders::read_content(&dir, &root, size)? else { return Ok(None) };
-            let outboard = Outboard::of(&data);
-            if outboard.root != root {
-                return Ok(None);
+        if groups.end - groups.start > GROUPS_PER_REQUEST_MAX {
+            return refuse(send, ContentReply::TooLarge).await;
+        }
+        // Each group encoded from its own bytes (read at its offset) and the file's outboard
+        // (computed once, kept in .feedmesh/outboards): a frame per group, so the asking device
+        // verifies and keeps each as it comes.
+        let frames = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Vec<Vec<u8>>>> {
+            let Some((path, outboard)) = folders::content_source(&dir, &root, size)? else { return Ok(None) };
+            let file = std::fs::File::open(&path)?;
+            let mut frames = Vec::new();
+            for group in groups {
+                let start = group * GROUP_BYTES;
+                let len = (size - start).min(GROUP_BYTES) as usize;
+                let mut bytes = vec![0u8; len];
+                read_exact_at(&file, &mut bytes, start)?;
+                match encode_group(&bytes, group, &outboard) {
+                    Ok(frame) => frames.push(frame),
+                    Err(_) => return Ok(None), // Changed on disk: not held any more.
+                }
             }
-            Ok(encode(&data, &outboard, groups).ok())
+            Ok(Some(frames))
         })
         .await??;
-        let Some(response) = response else { return refuse(send, ContentReply::NotHeld).await };
+        let Some(frames) = frames else { return refuse(send, ContentReply::NotHeld).await };
         frame::write_value(&mut send, &ContentReply::Ok).await?;
-        for chunk in response.chunks(CHUNK) {
-            frame::write(&mut send, chunk).await?;
+        for f in &frames {
+            if !serve_delay().is_zero() {
+                tokio::time::sleep(serve_delay()).await;
+            }
+            frame::write(&mut send, f).await?;
         }
         let _ = send.finish();
         Ok(())
     }
 
-    /// Asks `peer` for `groups` of `root`; the groups that verified, and why it stopped early.
+    /// Asks `peer` for `groups` of `root` and sends each group to `out` as soon as it verified;
+    /// the last message says why the request ended early, if it did.
+    #[allow(clippy::too_many_arguments)] // one request's fields, passed into its task
     async fn fetch_groups(
         self: Arc<Self>,
+        id: RequestId,
         peer: DeviceId,
         folder: FolderId,
         root: ContentHash,
         size: u64,
         groups: Range<u64>,
-    ) -> (Vec<(u64, bytes::Bytes)>, Option<Failure>) {
-        let asked = async {
-            let conn = self.peer(peer).await?;
-            let (mut send, recv) = conn.open_bi().await?;
+        out: mpsc::Sender<Piece>,
+    ) {
+        let failure = async {
+            let conn = match self.peer(peer).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(peer = %engine::signing::hex(&peer.0[..4]), error = %format!("{e:#}"), "content: no connection");
+                    return Some(Failure::Closed);
+                }
+            };
+            // A connection to a device that went away can hang until its idle timeout: bounded,
+            // and dropped from the cache so the next request dials its current address.
+            let opened = tokio::time::timeout(Duration::from_secs(5), conn.open_bi()).await;
+            let Ok(Ok((mut send, recv))) = opened else {
+                self.peers.lock().await.remove(&peer);
+                return Some(Failure::Closed);
+            };
             let open = Open::Content { folder, root: root.0, size, start: groups.start, end: groups.end };
-            frame::write_value(&mut send, &open).await?;
+            if frame::write_value(&mut send, &open).await.is_err() {
+                return Some(Failure::Closed);
+            }
             let _ = send.finish();
             let mut recv = frame::Reader::new(recv);
-            let reply: Option<ContentReply> = recv.read_value(1024, "content reply").await?;
+            let reply = tokio::time::timeout(Duration::from_secs(10), recv.read_value::<ContentReply>(1024, "content reply")).await;
             match reply {
-                Some(ContentReply::Ok) => {}
-                Some(ContentReply::NotAllowed) => return anyhow::Ok(Err(Failure::Refused)),
-                Some(_) => return anyhow::Ok(Err(Failure::NotHeld)),
-                None => return anyhow::Ok(Err(Failure::Closed)),
-            }
-            // Bound: the groups' bytes and the parents that prove them, no more.
-            let bound = (groups.end - groups.start) * (GROUP_BYTES + 128) + 64 * 128;
-            let mut response = Vec::new();
-            while let Some(chunk) = recv.read(FRAME_MAX).await? {
-                if (response.len() + chunk.len()) as u64 > bound {
-                    break;
+                Ok(Ok(Some(ContentReply::Ok))) => {}
+                Ok(Ok(Some(ContentReply::NotAllowed))) => return Some(Failure::Refused),
+                Ok(Ok(Some(_))) => return Some(Failure::NotHeld),
+                other => {
+                    tracing::debug!(peer = %engine::signing::hex(&peer.0[..4]), reply = ?other.map(|r| r.map_err(|e| e.to_string())), "content: no reply");
+                    self.peers.lock().await.remove(&peer);
+                    return Some(Failure::Closed);
                 }
-                response.extend_from_slice(&chunk);
             }
-            anyhow::Ok(Ok(response))
+            // Bound: one frame per group asked for, each one group and the parents proving it.
+            for group in groups.clone() {
+                let frame = match recv.read(GROUP_BYTES as usize + 64 * 64).await {
+                    Ok(Some(frame)) => frame,
+                    _ => return Some(Failure::Closed),
+                };
+                let Ok(wanted) = Groups::new(group..group + 1, size) else { return Some(Failure::NotHeld) };
+                let verified = Decoder::new(root, &wanted, &frame[..]).next();
+                match verified {
+                    Some(Ok((g, bytes))) if g == group => {
+                        if out.send(Piece::Group { id, root, group, bytes }).await.is_err() {
+                            return None;
+                        }
+                    }
+                    Some(Err(engine::folder::BlobError::Truncated { .. })) | None => {
+                        return Some(Failure::Closed)
+                    }
+                    _ => return Some(Failure::Corrupt),
+                }
+            }
+            None
         }
         .await;
-        let response = match asked {
-            Ok(Ok(r)) => r,
-            Ok(Err(failure)) => return (Vec::new(), Some(failure)),
-            Err(_) => return (Vec::new(), Some(Failure::Closed)),
-        };
-        let Ok(wanted) = Groups::new(groups.clone(), size) else {
-            return (Vec::new(), Some(Failure::NotHeld));
-        };
-        let mut good = Vec::new();
-        for item in Decoder::new(root, &wanted, response.as_slice()) {
-            match item {
-                Ok(group) => good.push(group),
-                Err(engine::folder::BlobError::Corrupt { .. }) => return (good, Some(Failure::Corrupt)),
-                Err(_) => return (good, Some(Failure::Closed)),
-            }
+        let _ = out.send(Piece::End { id, failure }).await;
+    }
+
+    /// [`Net::fetch_waiting`] in a task of its own, then a pass to place what came; nothing when
+    /// one is running for the folder already.
+    pub(super) fn fetch_in_background(
+        self: Arc<Self>,
+        folder: FolderId,
+        dir: PathBuf,
+        wants: Vec<FileEntry>,
+    ) {
+        if !self.fetching.lock().unwrap_or_else(|p| p.into_inner()).insert(folder) {
+            return;
         }
-        let failure = (good.len() as u64) < groups.end - groups.start;
-        (good, failure.then_some(Failure::Closed))
+        tokio::spawn(async move {
+            if self.fetch_waiting(folder, dir.clone(), wants, Duration::from_secs(60)).await > 0 {
+                let node = self.node.clone();
+                let _ = tokio::task::spawn_blocking(move || folders::pass(&node, &folder, &dir)).await;
+                self.wake.notify_one();
+            }
+            self.fetching.lock().unwrap_or_else(|p| p.into_inner()).remove(&folder);
+        });
     }
 
     /// Fetches the content of `wants` (files a pass of `dir` is waiting for) from the devices
@@ -173,6 +249,8 @@ impl Net {
                 .unwrap_or_default();
             (n.id, holders)
         };
+        // Where the folder's devices are now (a device that restarted listens elsewhere).
+        let _ = self.request(transport::Request::Peers { folder }).await;
         let started = Instant::now();
         let now = || started.elapsed().as_micros() as u64;
         let spread = u64::from_le_bytes(me.0[..8].try_into().unwrap_or([0; 8]));
@@ -189,21 +267,18 @@ impl Net {
         }
         let paths: BTreeMap<ContentHash, String> =
             wants.iter().map(|w| (w.root, w.path.to_string())).collect();
-        let (tx, mut rx) = mpsc::channel::<Fetched>(64);
+        let (tx, mut rx) = mpsc::channel::<Piece>(256);
         let mut running: BTreeMap<RequestId, tokio::task::JoinHandle<()>> = BTreeMap::new();
         let mut done = 0;
-        // Bound: `within` of wall time; every turn handles a result, a timer or ends.
+        // Bound: `within` of wall time; every turn handles a piece, a timer or ends.
         loop {
             while let Some(command) = fetcher.poll_command() {
                 match command {
                     Command::Request(r) => {
                         let (me, tx) = (self.clone(), tx.clone());
                         let size = sizes.get(&r.hash).copied().unwrap_or(0);
-                        let task = tokio::spawn(async move {
-                            let (groups, failure) =
-                                me.fetch_groups(r.peer, folder, r.hash, size, r.groups).await;
-                            let _ = tx.send(Fetched { id: r.id, root: r.hash, groups, failure }).await;
-                        });
+                        let task =
+                            tokio::spawn(me.fetch_groups(r.id, r.peer, folder, r.hash, size, r.groups, tx));
                         running.insert(r.id, task);
                     }
                     Command::Cancel(id) => {
@@ -234,29 +309,27 @@ impl Net {
             let wait =
                 fetcher.poll_timeout().map_or(within, |t| Duration::from_micros(t.saturating_sub(now())));
             tokio::select! {
-                fetched = rx.recv() => {
-                    let Some(f) = fetched else { break };
-                    running.remove(&f.id);
-                    if !f.groups.is_empty() {
-                        let mut runs = fetcher.have(&f.root).unwrap_or_default();
-                        for (g, _) in &f.groups {
-                            runs.push(*g..*g + 1);
-                        }
-                        let merged = merge_runs(runs);
-                        let (dir, root, groups) = (dir.clone(), f.root, f.groups.clone());
-                        let written = tokio::task::spawn_blocking(move || folders::write_groups(&dir, &root, &groups, &merged)).await;
-                        if !matches!(written, Ok(Ok(()))) {
-                            fetcher.handle_failure(now(), f.id, Failure::Closed);
+                piece = rx.recv() => match piece {
+                    None => break,
+                    Some(Piece::Group { id, root, group, bytes }) => {
+                        // Written, then recorded: a crash loses at most this group.
+                        let mut runs = fetcher.have(&root).unwrap_or_default();
+                        runs.push(group..group + 1);
+                        let runs = merge_runs(runs);
+                        if folders::write_groups(&dir, &root, &[(group, bytes)], &runs).is_err() {
+                            fetcher.handle_failure(now(), id, Failure::Closed);
                             continue;
                         }
-                        for (g, _) in &f.groups {
-                            fetcher.handle_groups(now(), f.id, *g..*g + 1);
+                        fetcher.handle_groups(now(), id, group..group + 1);
+                        lock(&self.node).groups_fetched += 1;
+                    }
+                    Some(Piece::End { id, failure }) => {
+                        running.remove(&id);
+                        if let Some(failure) = failure {
+                            fetcher.handle_failure(now(), id, failure);
                         }
                     }
-                    if let Some(failure) = f.failure {
-                        fetcher.handle_failure(now(), f.id, failure);
-                    }
-                }
+                },
                 _ = tokio::time::sleep(wait) => fetcher.handle_timeout(now()),
             }
         }

@@ -144,8 +144,17 @@ impl Dev {
         self.start_args(&[]);
     }
 
+    /// Starts the daemon with extra environment variables.
+    pub fn start_env(&mut self, env: &[(&str, &str)]) {
+        self.start_with(&[], env);
+    }
+
     /// Starts the daemon with extra `run` flags.
     pub fn start_args(&mut self, extra: &[&str]) {
+        self.start_with(extra, &[]);
+    }
+
+    fn start_with(&mut self, extra: &[&str], env: &[(&str, &str)]) {
         assert!(self.daemon.is_none());
         let _ = std::fs::remove_file(self.dir.join("api.json"));
         let child = self
@@ -154,6 +163,7 @@ impl Dev {
             .arg(&self.dir)
             .args(["run", "--interval", "1"])
             .args(extra)
+            .envs(env.iter().copied())
             .env(
                 "FEEDMESH_LOG",
                 std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "warn,noq_proto=error,iroh=error".into()),
