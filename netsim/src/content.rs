@@ -18,11 +18,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use engine::folder::fetch::{Command, Event, FetchConfig, Fetcher, Policy, RequestId, Route, GROUP_BYTES};
 use engine::folder::ContentHash;
-use rand::{Rng as _, SeedableRng as _};
+use rand::SeedableRng as _;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::net::{Nat, Net, PathKind};
+use crate::net::{Net, PathKind};
 use crate::queue::CalendarQueue;
 use crate::scenario::{self, Network};
 
@@ -266,12 +266,7 @@ pub fn table(report: &ContentReport) -> String {
 fn network(sc: &ContentScenario, devices: u32) -> Net {
     let mut rng = ChaCha8Rng::seed_from_u64(sc.seed);
     let groups = devices.div_ceil(sc.lan_group);
-    let nats: Vec<(Nat, bool)> = (0..groups)
-        .map(|_| {
-            let nat = Nat::pick(&sc.nat, rng.random_range(0..1_000_000));
-            (nat, rng.random_range(0..1_000_000) < sc.nat.hairpin_ppm)
-        })
-        .collect();
+    let nats = crate::net::group_nats(&sc.nat, groups, &mut rng);
     Net::new(sc.network.clone(), devices, sc.lan_group, nats, false, sc.nat.mapping_timeout_ms)
 }
 

@@ -55,6 +55,17 @@ impl Nat {
     }
 }
 
+/// One NAT per LAN group, and whether it hairpins, drawn by the scenario's shares (two draws per
+/// group, in group order).
+pub fn group_nats(shares: &scenario::Nat, groups: u32, rng: &mut ChaCha8Rng) -> Vec<(Nat, bool)> {
+    (0..groups)
+        .map(|_| {
+            let nat = Nat::pick(shares, rng.random_range(0..1_000_000));
+            (nat, rng.random_range(0..1_000_000) < shares.hairpin_ppm)
+        })
+        .collect()
+}
+
 /// Whether UDP hole punching, coordinated through the relay (each side sends to the other's
 /// address as the relay saw it), opens a two-way path. Packets from `a` reach `b` when `a`'s
 /// mapping is endpoint-independent (they come from the address `b` sent to) or `b` does not filter

@@ -399,12 +399,7 @@ impl Sim {
         let mut epochs: Vec<u64> = Vec::with_capacity(devices as usize + 1);
         // One NAT per LAN group, shared by its devices.
         let groups = devices.div_ceil(sc.lan_group);
-        let group_nats: Vec<(Nat, bool)> = (0..groups)
-            .map(|_| {
-                let nat = Nat::pick(&sc.nat, rng.random_range(0..1_000_000));
-                (nat, rng.random_range(0..1_000_000) < sc.nat.hairpin_ppm)
-            })
-            .collect();
+        let group_nats: Vec<(Nat, bool)> = crate::net::group_nats(&sc.nat, groups, &mut rng);
         for i in 0..=devices {
             // Drawn only when a share is set, so that runs without one replay unchanged.
             let skewed = i != CLOUD

@@ -375,13 +375,7 @@ impl<P: Ord + Clone> Fetcher<P> {
     /// Stop fetching `hash` (deleted, replaced, or fetched by other means); its requests are
     /// cancelled.
     pub fn unwant(&mut self, now: Micros, hash: &ContentHash) {
-        if let Some(fetch) = self.fetches.remove(hash) {
-            self.order.remove(&fetch.seq);
-            let ids: Vec<RequestId> =
-                self.requests.iter().filter(|(_, r)| r.hash == *hash).map(|(id, _)| *id).collect();
-            for id in ids {
-                self.end_request(id, true);
-            }
+        if self.drop_fetch(hash) {
             self.schedule(now);
         }
     }
@@ -668,6 +662,18 @@ impl<P: Ord + Clone> Fetcher<P> {
         }
     }
 
+    /// Forgets the fetch of `hash` and cancels its requests; whether there was one.
+    fn drop_fetch(&mut self, hash: &ContentHash) -> bool {
+        let Some(fetch) = self.fetches.remove(hash) else { return false };
+        self.order.remove(&fetch.seq);
+        let ids: Vec<RequestId> =
+            self.requests.iter().filter(|(_, r)| r.hash == *hash).map(|(id, _)| *id).collect();
+        for id in ids {
+            self.end_request(id, true);
+        }
+        true
+    }
+
     /// Ends the requests of `hash` whose groups are all held (cancelling those that did not
     /// deliver them all themselves: endgame twins), and the fetch when the file is complete.
     fn settle(&mut self, hash: &ContentHash) {
@@ -683,14 +689,7 @@ impl<P: Ord + Clone> Fetcher<P> {
             self.end_request(id, cancel);
         }
         if complete {
-            if let Some(fetch) = self.fetches.remove(hash) {
-                self.order.remove(&fetch.seq);
-            }
-            let ids: Vec<RequestId> =
-                self.requests.iter().filter(|(_, r)| r.hash == *hash).map(|(id, _)| *id).collect();
-            for id in ids {
-                self.end_request(id, true);
-            }
+            self.drop_fetch(hash);
             self.events.push_back(Event::Done { hash: *hash });
         }
     }
