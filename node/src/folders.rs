@@ -286,6 +286,10 @@ fn carry_out(
             std::fs::copy(&source, &tmp).with_context(|| format!("copying {}", source.display()))?;
             if hash_file(&tmp)? != entry.root {
                 let _ = std::fs::remove_file(&tmp);
+                if source == fetched {
+                    // A fetched object that is not what it should be is fetched again.
+                    let _ = std::fs::remove_file(&fetched);
+                }
                 return Ok(false);
             }
             set_mode_and_mtime(&tmp, entry.executable, entry.mtime_ns)?;

@@ -214,7 +214,7 @@ impl Net {
         dir: PathBuf,
         wants: Vec<FileEntry>,
     ) {
-        if !self.fetching.lock().unwrap_or_else(|p| p.into_inner()).insert(folder) {
+        if self.fetching.lock().unwrap_or_else(|p| p.into_inner()).contains(&folder) {
             return;
         }
         tokio::spawn(async move {
@@ -223,7 +223,6 @@ impl Net {
                 let _ = tokio::task::spawn_blocking(move || folders::pass(&node, &folder, &dir)).await;
                 self.wake.notify_one();
             }
-            self.fetching.lock().unwrap_or_else(|p| p.into_inner()).remove(&folder);
         });
     }
 
@@ -240,6 +239,18 @@ impl Net {
         if wants.is_empty() {
             return 0;
         }
+        // One fetch per folder at a time (the daemon's and a `folder scan`'s would write the same
+        // partial files).
+        if !self.fetching.lock().unwrap_or_else(|p| p.into_inner()).insert(folder) {
+            return 0;
+        }
+        struct Done<'a>(&'a Net, FolderId);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.fetching.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.1);
+            }
+        }
+        let _done = Done(self, folder);
         let (me, holders) = {
             let n = lock(&self.node);
             let holders: Vec<DeviceId> = n
