@@ -28,6 +28,20 @@ fn age(path: &Path) {
     file.set_modified(SystemTime::now() - Duration::from_secs(3600)).unwrap();
 }
 
+/// Alice and Bob, two users with a running daemon each (Alice's with `alice_env`), share the
+/// folder `docs` (Alice owns it, Bob accepted it).
+fn alice_shares_docs_with_bob(relay: &Relay, root: &Path, alice_env: &[(&str, &str)]) -> (Dev, Dev) {
+    let (mut a, mut b) = (Dev::new(root, "a1"), Dev::new(root, "b1"));
+    a.ok(&["init", "--relay", &relay.url, "--name", "alice", "--account", "alice"]);
+    a.start_env(alice_env);
+    b.ok(&["init", "--relay", &relay.url, "--name", "bob"]);
+    b.start();
+    a.ok(&["folder", "create", "docs"]);
+    a.ok_eventually(&["folder", "share", "docs", "bob"], WITHIN);
+    b.ok_eventually(&["folder", "accept", "docs"], WITHIN);
+    (a, b)
+}
+
 fn scan(dev: &Dev) -> String {
     dev.ok(&["folder", "scan", "docs"])
 }
@@ -36,14 +50,7 @@ fn scan(dev: &Dev) -> String {
 fn two_users_mapped_directories_converge_on_disk() {
     let relay = Relay::start();
     let root = tempfile::tempdir().unwrap();
-    let (mut a, mut b) = (Dev::new(root.path(), "a1"), Dev::new(root.path(), "b1"));
-    a.ok(&["init", "--relay", &relay.url, "--name", "alice", "--account", "alice"]);
-    a.start();
-    b.ok(&["init", "--relay", &relay.url, "--name", "bob"]);
-    b.start();
-    a.ok(&["folder", "create", "docs"]);
-    a.ok_eventually(&["folder", "share", "docs", "bob"], WITHIN);
-    b.ok_eventually(&["folder", "accept", "docs"], WITHIN);
+    let (mut a, mut b) = alice_shares_docs_with_bob(&relay, root.path(), &[]);
 
     let (da, db) = (root.path().join("alice-docs"), root.path().join("bob-docs"));
     put(&da, "shared.txt", "the same on both sides");
@@ -197,15 +204,9 @@ fn a_transfer_killed_midway_resumes_where_it_stopped() {
     const GROUPS: u64 = 400;
     let relay = Relay::start();
     let root = tempfile::tempdir().unwrap();
-    let (mut a, mut b) = (Dev::new(root.path(), "a1"), Dev::new(root.path(), "b1"));
-    a.ok(&["init", "--relay", &relay.url, "--name", "alice", "--account", "alice"]);
     // Alice serves slowly (2 ms a group), so Bob can be killed in the middle.
-    a.start_env(&[("FEEDMESH_TEST_SERVE_DELAY_US", "2000")]);
-    b.ok(&["init", "--relay", &relay.url, "--name", "bob"]);
-    b.start();
-    a.ok(&["folder", "create", "docs"]);
-    a.ok_eventually(&["folder", "share", "docs", "bob"], WITHIN);
-    b.ok_eventually(&["folder", "accept", "docs"], WITHIN);
+    let (mut a, mut b) =
+        alice_shares_docs_with_bob(&relay, root.path(), &[("FEEDMESH_TEST_SERVE_DELAY_US", "2000")]);
     let (da, db) = (root.path().join("alice-docs"), root.path().join("bob-docs"));
     let big: Vec<u8> = (0..GROUPS * 16 * 1024).map(|i| (i % 251) as u8 ^ (i >> 14) as u8).collect();
     std::fs::create_dir_all(&da).unwrap();
