@@ -50,7 +50,46 @@ pub enum Open {
     /// (Live Folders): the peer answers one [`ContentReply`], then, with `Ok`, the bao response
     /// for those groups (`engine::folder::blob`), and finishes the stream.
     Content { folder: FolderId, root: [u8; 32], size: u64, start: u64, end: u64 },
+    /// Stores the content `root` (`size` bytes) of a file of a `cloud` folder at the cloud,
+    /// sealed with the folder's key of `epoch`: the cloud answers one [`UploadReply`]; with
+    /// `Need`, the device sends a frame per missing group (the group's index, 8 bytes little
+    /// endian, then `ContentKey::seal_group` of its bao frame), finishes the stream, and the
+    /// cloud answers a last [`UploadReply`] saying what it stored. Resumable: a new upload asks
+    /// only for the groups still missing.
+    Upload { folder: FolderId, root: [u8; 32], size: u64, epoch: u32 },
 }
+
+/// What the cloud says of an upload (and of the user's storage).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadReply {
+    pub state: UploadState,
+    /// Bytes of sealed content the folder owner's user keeps at the cloud.
+    pub used: u64,
+    /// That user's quota, in bytes.
+    pub quota: u64,
+}
+
+/// Where an upload stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UploadState {
+    /// Send these groups (sorted, disjoint runs).
+    Need(Vec<(u64, u64)>),
+    /// The cloud holds the whole content.
+    Have,
+    /// The owner's user is past its quota: this content stays peer to peer.
+    OverQuota,
+    /// The folder keeps its content between devices only.
+    P2p,
+    /// This device may not read the folder, or the key epoch is unknown.
+    NotAllowed,
+    /// No live file of the folder has that content.
+    NotInFolder,
+    /// Larger than this version stores.
+    TooLarge,
+}
+
+/// Most runs in an [`UploadState::Need`].
+pub const UPLOAD_RUNS_MAX: usize = 4096;
 
 /// A peer's answer to [`Open::Content`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +104,11 @@ pub enum ContentReply {
     NotInFolder,
     /// Too large for this version to serve.
     TooLarge,
+    /// Too many requests from this device now: ask again later.
+    Busy,
+    /// The cloud's copy: the response follows with every frame sealed with the folder's
+    /// content key of this epoch (`ContentKey::open_group`, then as with `Ok`).
+    Sealed { epoch: u32 },
 }
 
 /// Requests a device makes of the cloud.
@@ -253,6 +297,16 @@ impl Bounded for ContentReply {
     }
 }
 
+impl Bounded for UploadReply {
+    fn check_bounds(&self) -> Result<(), &'static str> {
+        match &self.state {
+            UploadState::Need(runs) if runs.len() > UPLOAD_RUNS_MAX => Err("upload runs"),
+            UploadState::Need(runs) if runs.iter().any(|(a, b)| a >= b) => Err("upload runs"),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Bounded for Open {
     fn check_bounds(&self) -> Result<(), &'static str> {
         match self {
@@ -265,6 +319,8 @@ impl Bounded for Open {
                 }
                 Ok(())
             }
+            Open::Upload { size, .. } if *size > crate::folder::entry::FILE_BYTES_MAX => Err("upload size"),
+            Open::Upload { .. } => Ok(()),
         }
     }
 }

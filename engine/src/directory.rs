@@ -51,6 +51,10 @@ pub const DEPS_MAX: usize = 4096;
 pub const NAME_BYTES_MAX: usize = 256;
 /// Short codes have this many decimal digits.
 pub const SHORT_CODE_DIGITS: u32 = 6;
+/// Most wrapped keys one [`Op::FolderKeys`] carries (more readers take several changes).
+pub const KEYS_PER_CHANGE_MAX: usize = 256;
+/// Most content-key epochs a folder keeps (one per rotation, i.e. per removal).
+pub const KEY_EPOCHS_MAX: usize = 4096;
 
 /// An invitation: the first 16 bytes of the id of the change that made it.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -62,6 +66,17 @@ pub struct ChangeId(pub [u8; 32]);
 
 short_debug!(InviteId, "invite");
 short_debug!(ChangeId, "change");
+
+/// Where a folder's file content may be kept (Live Folders).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Default, Serialize, Deserialize)]
+pub enum Storage {
+    /// Also at the cloud (sealed with the folder's content key, within the owner's quota), so a
+    /// device can fetch while every other device is off. The default, as in Live Mesh.
+    #[default]
+    Cloud,
+    /// Between devices only: the cloud keeps the metadata and never a byte of content.
+    P2p,
+}
 
 /// A member's role: admins (and the owner) may change membership.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Serialize, Deserialize)]
@@ -107,6 +122,13 @@ pub enum Op {
     Map { folder: FolderId },
     /// By a device of the same user as `device`.
     Unmap { folder: FolderId, device: DeviceId },
+    /// Where the folder's content may be kept; by a device of the owner or an admin.
+    SetStorage { folder: FolderId, storage: Storage },
+    /// The folder's content key of `epoch`, wrapped for some of the devices that may read the
+    /// folder (`engine::folder::keys`); by an active device of the owner or a member. A new
+    /// epoch (the next one) only by a device of the owner; `check` commits to the key, and every
+    /// later change of the same epoch must carry the same one.
+    FolderKeys { folder: FolderId, epoch: u32, check: [u8; 32], keys: Vec<crate::folder::WrappedKey> },
 }
 
 /// What a change says, as signed.
@@ -188,6 +210,17 @@ impl SignedChange {
                 if name.chars().any(|c| c.is_control() || xml_forbids(c)) =>
             {
                 return Err(bad("name holds a control character or one XML forbids"))
+            }
+            Op::FolderKeys { folder, epoch, keys, .. } => {
+                if keys.is_empty() || keys.len() > KEYS_PER_CHANGE_MAX {
+                    return Err(bad("no wrapped keys, or too many"));
+                }
+                if keys.iter().any(|k| k.folder != *folder || k.epoch != *epoch || k.sealed.len() != 48) {
+                    return Err(bad("a wrapped key of another folder or epoch, or malformed"));
+                }
+                if keys.windows(2).any(|w| w[0].device >= w[1].device) {
+                    return Err(bad("wrapped keys not sorted by device and unique"));
+                }
             }
             _ => {}
         }
@@ -330,6 +363,31 @@ pub struct Folder {
     pub members: BTreeMap<UserId, Member>,
     /// Devices the folder is mapped on.
     pub mapped: BTreeSet<DeviceId>,
+    pub storage: Storage,
+    /// The content keys by epoch (the newest is the one new content is sealed with).
+    pub keys: BTreeMap<u32, EpochKeys>,
+}
+
+/// One epoch of a folder's content key, as the directory holds it: never the key itself.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct EpochKeys {
+    /// The device (of the owner) that made the key.
+    pub by: DeviceId,
+    /// `ContentKey::check` of the key.
+    pub check: [u8; 32],
+    /// The key wrapped for each device that may open it.
+    pub wrapped: BTreeMap<DeviceId, crate::folder::WrappedKey>,
+}
+
+impl Folder {
+    /// The active devices of the owner and the active members: who may read the folder's files.
+    pub fn readers(&self, state: &State) -> BTreeSet<DeviceId> {
+        std::iter::once(&self.owner)
+            .chain(self.members.iter().filter(|(_, m)| m.state == MemberState::Active).map(|(u, _)| u))
+            .filter_map(|u| state.users.get(u))
+            .flat_map(|u| u.devices.iter().filter(|(_, active)| **active).map(|(d, _)| *d))
+            .collect()
+    }
 }
 
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -422,8 +480,14 @@ impl State {
             Op::CreateFolder { name } => {
                 let owner = self.active_user(&author).ok_or("create a folder without an active device")?;
                 let folder = FolderId(first16(&id));
-                let value =
-                    Folder { owner, name: name.clone(), members: BTreeMap::new(), mapped: BTreeSet::new() };
+                let value = Folder {
+                    owner,
+                    name: name.clone(),
+                    members: BTreeMap::new(),
+                    mapped: BTreeSet::new(),
+                    storage: Storage::Cloud,
+                    keys: BTreeMap::new(),
+                };
                 self.folders.insert(folder, value);
                 ("folder created", format!("{folder} ({name}) owned by {owner}"))
             }
@@ -554,6 +618,55 @@ impl State {
                 let folder = self.folders.get_mut(fid).ok_or("unmap an unknown folder")?;
                 folder.mapped.remove(device);
                 ("folder unmapped", format!("{fid} from {device}"))
+            }
+            Op::SetStorage { folder: fid, storage } => {
+                let by = self.active_user(&author).ok_or("set storage without an active device")?;
+                let folder = self.folders.get(fid).ok_or("set the storage of an unknown folder")?;
+                if !self.is_admin(folder, &by) {
+                    return Err("set the storage of a folder it does not own or administer");
+                }
+                if let Some(f) = self.folders.get_mut(fid) {
+                    f.storage = *storage;
+                }
+                ("folder storage set", format!("{fid} keeps content {storage:?}"))
+            }
+            Op::FolderKeys { folder: fid, epoch, check, keys } => {
+                let by = self.active_user(&author).ok_or("share a key without an active device")?;
+                let folder = self.folders.get(fid).ok_or("share a key of an unknown folder")?;
+                if !self.is_participant(folder, &by) {
+                    return Err("share a key of a folder it does not own or belong to");
+                }
+                match folder.keys.get(epoch) {
+                    Some(known) if known.check != *check => {
+                        return Err("share a key of an epoch that has another key")
+                    }
+                    Some(_) => {}
+                    None => {
+                        let next = folder.keys.keys().next_back().map_or(0, |e| e.saturating_add(1));
+                        if *epoch != next || folder.owner != by {
+                            return Err("make a key epoch other than the next, or not as the owner");
+                        }
+                        if folder.keys.len() >= KEY_EPOCHS_MAX {
+                            return Err("make more key epochs than a folder keeps");
+                        }
+                    }
+                }
+                // Wraps for devices that may not read the folder (any more) are left out.
+                let readers = folder.readers(self);
+                let Some(f) = self.folders.get_mut(fid) else {
+                    return Err("share a key of an unknown folder");
+                };
+                let entry = f.keys.entry(*epoch).or_insert_with(|| EpochKeys {
+                    by: author,
+                    check: *check,
+                    wrapped: BTreeMap::new(),
+                });
+                let mut shared = 0;
+                for k in keys.iter().filter(|k| readers.contains(&k.device)) {
+                    entry.wrapped.insert(k.device, k.clone());
+                    shared += 1;
+                }
+                ("content key shared", format!("{fid} epoch {epoch} with {shared} devices by {author}"))
             }
         };
         self.news.push(NewsEvent { change: id, author, when: body.when, title, detail });

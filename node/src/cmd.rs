@@ -156,6 +156,20 @@ pub enum FolderCmd {
     Create {
         /// The folder's name.
         name: String,
+        /// Keep the files' content between devices only: the cloud keeps the metadata and never
+        /// a byte of content (default: content is also kept at the cloud, sealed, within quota).
+        #[arg(long)]
+        p2p: bool,
+    },
+    /// Where a folder's file content is kept: `cloud` (also at the cloud, sealed with the
+    /// folder's key, so a device can fetch while every other one is off) or `p2p` (between
+    /// devices only). By the owner or an admin.
+    Storage {
+        /// Folder name or id.
+        folder: String,
+        /// `cloud` or `p2p`.
+        #[arg(value_parser = ["cloud", "p2p"])]
+        storage: String,
     },
     /// Folders this user can see, and open invitations.
     Ls,
@@ -755,14 +769,35 @@ async fn folder_cmd(ctx: &Ctx, command: FolderCmd) -> anyhow::Result<String> {
     }
     let mut n = lock(node);
     let out = match command {
-        FolderCmd::Create { name } => {
+        FolderCmd::Create { name, p2p } => {
             if n.user().is_none() {
                 bail!("this device is not active in a user yet");
             }
             let change = n.make(Op::CreateFolder { name: name.clone() })?;
             let folder = change.folder_id();
+            if p2p {
+                n.make(Op::SetStorage { folder, storage: engine::directory::Storage::P2p })?;
+            }
             n.make(Op::Map { folder })?;
-            format!("created folder {name} {}\n", hex(&folder.0))
+            let kept = if p2p { "content between devices only" } else { "content also at the cloud, sealed" };
+            format!("created folder {name} {} ({kept})\n", hex(&folder.0))
+        }
+        FolderCmd::Storage { folder, storage } => {
+            let folder = n.folder(&folder)?;
+            let storage = match storage.as_str() {
+                "p2p" => engine::directory::Storage::P2p,
+                _ => engine::directory::Storage::Cloud,
+            };
+            n.make(Op::SetStorage { folder, storage })?;
+            match storage {
+                engine::directory::Storage::P2p => {
+                    "content now stays between devices; the cloud drops what it kept at its next sweep\n"
+                        .to_string()
+                }
+                engine::directory::Storage::Cloud => {
+                    "content is now also kept at the cloud, sealed, within the owner's quota\n".to_string()
+                }
+            }
         }
         FolderCmd::Ls => {
             let me = n.user();
@@ -786,7 +821,19 @@ async fn folder_cmd(ctx: &Ctx, command: FolderCmd) -> anyhow::Result<String> {
                     format!("{:?}", f.members.get(&u).map(|m| m.role).unwrap_or(Role::Member)).to_lowercase()
                 };
                 let items = n.replica(id).map_or(0, |r| r.items().filter(|i| !i.version.deleted).count());
-                out.push_str(&format!("{} {}\t{role}, {mapped}, {items} items\n", hex(&id.0), f.name));
+                let storage = match f.storage {
+                    engine::directory::Storage::Cloud => "cloud",
+                    engine::directory::Storage::P2p => "p2p",
+                };
+                let key = match engine::folder::ring_of(st, id, &n.key).current() {
+                    Some(k) => format!("content key {}", k.epoch),
+                    None => "no content key yet".to_string(),
+                };
+                out.push_str(&format!(
+                    "{} {}\t{role}, {mapped}, {items} items, {storage}, {key}\n",
+                    hex(&id.0),
+                    f.name
+                ));
             }
             out
         }
@@ -917,6 +964,9 @@ pub fn status_text(n: &crate::state::Node) -> String {
                     out.push_str(&format!("    {}\n", need.line()));
                 }
             }
+            if let Some(line) = id.and_then(|f| cloud_line(n, &f)) {
+                out.push_str(&format!("    {line}\n"));
+            }
         }
     }
     if !n.last_errors.is_empty() {
@@ -957,6 +1007,36 @@ fn peer_name(n: &crate::state::Node, device_hex: &str) -> String {
     format!("{}'s device {index} ({short_id})", u.name)
 }
 
+/// How a folder's content stands at the cloud, in a line of `status`.
+fn cloud_line(n: &crate::state::Node, folder: &engine::directory::FolderId) -> Option<String> {
+    let f = n.dir().folder(folder)?;
+    let mb = |b: u64| b as f64 / 1e6;
+    Some(match (f.storage, n.cloud_content.get(folder)) {
+        (engine::directory::Storage::P2p, _) => {
+            "content: between devices only (p2p folder; the cloud keeps the metadata)".to_string()
+        }
+        (_, None) => "content at the cloud: not checked yet".to_string(),
+        (_, Some(c)) if c.over_quota => format!(
+            "content at the cloud: OVER QUOTA ({:.1} of {:.1} MB used): new content goes peer to peer only",
+            mb(c.used),
+            mb(c.quota)
+        ),
+        (_, Some(c)) => {
+            let mut line = format!(
+                "content at the cloud: {} of {} files stored, sealed; owner's quota {:.1} of {:.1} MB used",
+                c.stored_files,
+                c.files,
+                mb(c.used),
+                mb(c.quota)
+            );
+            if let Some(why) = &c.waiting {
+                line.push_str(&format!(" ({why})"));
+            }
+            line
+        }
+    })
+}
+
 /// `status` as JSON (local API).
 pub fn status_json(n: &crate::state::Node) -> serde_json::Value {
     let folders: Vec<_> = n
@@ -970,6 +1050,11 @@ pub fn status_json(n: &crate::state::Node) -> serde_json::Value {
                 "items": n.replica(&f).map_or(0, |r| r.len()),
                 "pending": n.pending(&f),
                 "needed": n.needs.get(&f).cloned().unwrap_or_default(),
+                "storage": n.dir().folder(&f).map(|x| match x.storage {
+                    engine::directory::Storage::Cloud => "cloud",
+                    engine::directory::Storage::P2p => "p2p",
+                }),
+                "cloud_content": n.cloud_content.get(&f),
             })
         })
         .collect();

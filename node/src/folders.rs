@@ -529,8 +529,36 @@ pub fn content_source(
     size: u64,
 ) -> anyhow::Result<Option<(PathBuf, Outboard)>> {
     let base = load_base(dir)?;
-    let mut found = None;
+    let Some(path) = find_source(dir, &base, root, size) else { return Ok(None) };
+    outboard_for(dir, &path, root, size)
+}
+
+/// Every content the mapped directory holds whole now, as the base last saw it (a file changed
+/// since is left out): (root, size) -> where to read it. For uploads: one read of the base.
+pub fn held_contents(dir: &Path) -> anyhow::Result<BTreeMap<(ContentHash, u64), PathBuf>> {
+    let base = load_base(dir)?;
+    let mut out = BTreeMap::new();
+    // Bound: the base's entries (this device's own record of the directory).
     for (path, synced) in &base {
+        let full = dir.join(path.as_str());
+        let Ok(meta) = full.symlink_metadata() else { continue };
+        if meta.is_file() && meta.len() == synced.size && mtime_ns(&meta) == synced.mtime_ns {
+            out.entry((synced.root, synced.size)).or_insert(full);
+        }
+    }
+    Ok(out)
+}
+
+/// Where the directory holds the content `root` whole: a synced file unchanged since, a fetched
+/// object, or the trash.
+fn find_source(
+    dir: &Path,
+    base: &BTreeMap<FilePath, Synced>,
+    root: &ContentHash,
+    size: u64,
+) -> Option<PathBuf> {
+    let mut found = None;
+    for (path, synced) in base {
         if synced.root != *root || synced.size != size {
             continue;
         }
@@ -549,7 +577,18 @@ pub fn content_source(
             }
         }
     }
-    let Some(path) = found else { return Ok(None) };
+    found
+}
+
+/// The outboard of the file at `path` (which should have `root`): from the cache in
+/// `.feedmesh/outboards`, or computed and cached; `None` if the file does not have that root.
+pub fn outboard_for(
+    dir: &Path,
+    path: &Path,
+    root: &ContentHash,
+    size: u64,
+) -> anyhow::Result<Option<(PathBuf, Outboard)>> {
+    let path = path.to_path_buf();
     let cache = dir.join(RESERVED_DIR).join("outboards").join(root.to_hex());
     if let Ok(bytes) = std::fs::read(&cache) {
         if let Ok(outboard) = Outboard::from_bytes(*root, size, bytes) {

@@ -30,6 +30,7 @@ use transport::{frame, Open, Request, Response, SessionClock, FRAME_MAX};
 use crate::state::Node;
 
 mod content;
+mod upload;
 
 pub type Shared = Arc<Mutex<Node>>;
 
@@ -87,6 +88,8 @@ pub struct Net {
     addrs: Mutex<BTreeMap<DeviceId, EndpointAddr>>,
     /// Folders whose content a background fetch is getting (one at a time per folder).
     fetching: Mutex<std::collections::BTreeSet<FolderId>>,
+    /// Uploads of `cloud` folders' content ([`upload`]).
+    uploads: Mutex<upload::Uploads>,
     routes: Mutex<Routes>,
     /// Woken by local writes and cloud notices (the daemon's next round).
     pub wake: Notify,
@@ -147,6 +150,7 @@ impl Net {
             peers: tokio::sync::Mutex::new(BTreeMap::new()),
             addrs: Mutex::new(BTreeMap::new()),
             fetching: Mutex::new(std::collections::BTreeSet::new()),
+            uploads: Mutex::new(upload::Uploads::default()),
             routes: Mutex::new(Routes::default()),
             wake: Notify::new(),
             timer: Arc::new(Notify::new()),
@@ -571,6 +575,13 @@ impl Net {
                 let root = engine::folder::ContentHash(root);
                 return self.serve_content(peer, folder, root, size, start..end, send).await;
             }
+            Some(Open::Upload { .. }) => {
+                let refused =
+                    control::UploadReply { state: control::UploadState::NotAllowed, used: 0, quota: 0 };
+                frame::write_value(&mut send, &refused).await?;
+                let _ = send.finish();
+                return Ok(());
+            }
             Some(Open::Control(_)) => {
                 frame::write_value(&mut send, &Response::Refused(transport::ControlError::NotCloud)).await?;
                 let _ = send.finish();
@@ -911,12 +922,21 @@ impl Net {
                                 // Content a pass waits for: fetched in the background (the
                                 // rounds go on), then placed by a pass.
                                 if !p.wants.is_empty() {
-                                    self.clone().fetch_in_background(folder, dir, p.wants);
+                                    self.clone().fetch_in_background(folder, dir.clone(), p.wants);
+                                }
+                                let cloud = lock(&self.node)
+                                    .dir()
+                                    .folder(&folder)
+                                    .is_some_and(|f| f.storage == engine::directory::Storage::Cloud);
+                                if cloud {
+                                    self.clone().upload_in_background(folder, dir);
                                 }
                             }
                             Err(e) => round.errors.push(format!("mapped directory of {folder:?}: {e:#}")),
                         }
                     }
+                    // Content keys through the directory (pushed by the next round).
+                    wrote |= self.share_keys() > 0;
                     if wrote {
                         self.wake.notify_one();
                     }

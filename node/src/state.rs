@@ -108,6 +108,8 @@ pub struct Node {
     pub needs: BTreeMap<FolderId, Vec<crate::folders::FileNeed>>,
     /// Chunk groups of content fetched and written since this process started.
     pub groups_fetched: u64,
+    /// Per `cloud` folder, how its content stands at the cloud (last upload round).
+    pub cloud_content: BTreeMap<FolderId, CloudContent>,
     /// The outbox's fingerprints when each running session with the cloud started, by session
     /// id: what a finished session acknowledges.
     at_start: BTreeMap<u64, (FolderId, BTreeMap<String, u64>)>,
@@ -130,7 +132,7 @@ pub const KEY_FILE: &str = "device.key";
 pub const DB_FILE: &str = "node.redb";
 pub const API_FILE: &str = "api.json";
 
-fn random32() -> [u8; 32] {
+pub fn random32() -> [u8; 32] {
     let mut b = [0u8; 32];
     rand::fill(&mut b);
     b
@@ -236,6 +238,7 @@ impl Node {
             last_errors: Vec::new(),
             needs: BTreeMap::new(),
             groups_fetched: 0,
+            cloud_content: BTreeMap::new(),
             cloud_why: "this process has not reached it (is `feedmesh run` running?)".into(),
             at_start: BTreeMap::new(),
             merged: BTreeMap::new(),
@@ -616,4 +619,19 @@ mod tests {
         let stored = n.replica(&folder).and_then(|r| r.item(&id)).cloned().unwrap();
         assert_eq!(stored.version, new.version);
     }
+}
+
+/// How a `cloud` folder's content stands at the cloud, as the last upload round found it.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct CloudContent {
+    /// Live files whose content the cloud holds whole, of those this device has.
+    pub stored_files: usize,
+    pub files: usize,
+    /// The folder owner's usage and quota at the cloud, in bytes (as the cloud last said).
+    pub used: u64,
+    pub quota: u64,
+    /// Past the quota: new content goes peer to peer only.
+    pub over_quota: bool,
+    /// Why uploads do not run, if they do not (no content key yet, cloud unreachable, ...).
+    pub waiting: Option<String>,
 }

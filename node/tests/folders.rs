@@ -31,12 +31,22 @@ fn age(path: &Path) {
 /// Alice and Bob, two users with a running daemon each (Alice's with `alice_env`), share the
 /// folder `docs` (Alice owns it, Bob accepted it).
 fn alice_shares_docs_with_bob(relay: &Relay, root: &Path, alice_env: &[(&str, &str)]) -> (Dev, Dev) {
+    alice_shares_with_bob(relay, root, alice_env, &[])
+}
+
+/// [`alice_shares_docs_with_bob`], `docs` created with `create_args` (`--p2p`).
+fn alice_shares_with_bob(
+    relay: &Relay,
+    root: &Path,
+    alice_env: &[(&str, &str)],
+    create_args: &[&str],
+) -> (Dev, Dev) {
     let (mut a, mut b) = (Dev::new(root, "a1"), Dev::new(root, "b1"));
     a.ok(&["init", "--relay", &relay.url, "--name", "alice", "--account", "alice"]);
     a.start_env(alice_env);
     b.ok(&["init", "--relay", &relay.url, "--name", "bob"]);
     b.start();
-    a.ok(&["folder", "create", "docs"]);
+    a.ok(&[&["folder", "create", "docs"][..], create_args].concat());
     a.ok_eventually(&["folder", "share", "docs", "bob"], WITHIN);
     b.ok_eventually(&["folder", "accept", "docs"], WITHIN);
     (a, b)
@@ -246,4 +256,133 @@ fn a_transfer_killed_midway_resumes_where_it_stopped() {
     assert!(after >= GROUPS - at_kill, "every missing group was fetched");
     a.kill();
     b.kill();
+}
+
+/// Every file under `dir`, read whole: what a store holds at rest.
+fn files_under(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                out.push((p, bytes));
+            }
+        }
+    }
+    out
+}
+
+fn holds(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Issue 14, items 3 and 4: a `cloud` folder's files are uploaded sealed with the folder's key
+/// (which reached Bob's device through the signed directory); with Alice's device off, Bob's
+/// device fetches them from the cloud; the canary in the file is nowhere in the relay's store at
+/// rest nor in any frame the cloud received or sent.
+#[test]
+fn a_cloud_folder_is_fetched_from_a_cloud_that_cannot_read_it() {
+    const CANARY: &str = "CANARY-3c1f-cloud-never-reads-this";
+    transport::frame::tap::start();
+    let relay = Relay::start();
+    let root = tempfile::tempdir().unwrap();
+    let (mut a, b) = alice_shares_docs_with_bob(&relay, root.path(), &[]);
+    let (da, db) = (root.path().join("alice-docs"), root.path().join("bob-docs"));
+    let text = format!("{CANARY} ").repeat(2500); // 90 KB: 6 chunk groups
+    put(&da, "secret.txt", &text);
+    a.ok(&["folder", "map", "docs", da.to_str().unwrap()]);
+    wait_for_showing(
+        WITHIN,
+        || {
+            scan(&a);
+            a.ok(&["status"]).contains("1 of 1 files stored")
+        },
+        "alice's file stored at the cloud",
+        || a.ok(&["status"]),
+    );
+    wait_for(WITHIN, || b.ok(&["folder", "ls"]).contains("cloud, content key 0"), "the key at bob");
+    assert!(a.ok(&["folder", "ls"]).contains("cloud, content key 0"));
+    a.kill();
+
+    b.ok(&["folder", "map", "docs", db.to_str().unwrap()]);
+    wait_for_showing(
+        WITHIN,
+        || {
+            scan(&b);
+            db.join("secret.txt").exists()
+        },
+        "secret.txt from the cloud while alice is off",
+        || b.ok(&["status"]),
+    );
+    assert_eq!(std::fs::read_to_string(db.join("secret.txt")).unwrap(), text);
+    let metrics = &relay.cloud().metrics;
+    assert!(metrics.content_groups_stored.get() >= 6, "stored {}", metrics.content_groups_stored.get());
+    assert!(metrics.content_groups_served.get() >= 6, "served {}", metrics.content_groups_served.get());
+    assert!(transport::frame::tap::len() > text.len(), "the sealed content went through the cloud");
+    assert!(!transport::frame::tap::contains(CANARY.as_bytes()), "plaintext in the cloud's traffic");
+    let store = files_under(relay._dir.path());
+    assert!(store.iter().map(|(_, b)| b.len()).sum::<usize>() > text.len());
+    for (path, bytes) in &store {
+        assert!(!holds(bytes, CANARY.as_bytes()), "plaintext in {}", path.display());
+    }
+}
+
+/// Issue 14, item 3: a `p2p` folder's content never reaches the relay; a user past the quota
+/// still syncs peer to peer, and `status` says why the cloud keeps nothing.
+#[test]
+fn p2p_and_over_quota_content_goes_peer_to_peer_only() {
+    const P2P: &str = "CANARY-77aa-p2p-folder-content";
+    const OVER: &str = "CANARY-91be-over-quota-content";
+    transport::frame::tap::start();
+    let relay = Relay::start_with(|cfg| cfg.limits.content_quota_bytes_per_user = 50_000);
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = alice_shares_with_bob(&relay, root.path(), &[], &["--p2p"]);
+    a.ok(&["folder", "create", "big"]);
+    a.ok_eventually(&["folder", "share", "big", "bob"], WITHIN);
+    b.ok_eventually(&["folder", "accept", "big"], WITHIN);
+    let (da, db) = (root.path().join("alice-docs"), root.path().join("bob-docs"));
+    let (ba, bb) = (root.path().join("alice-big"), root.path().join("bob-big"));
+    let p2p_text = format!("{P2P} ").repeat(1000);
+    let over_text = format!("{OVER} ").repeat(4000); // 124 KB, past the 50 KB quota
+    put(&da, "p2p.txt", &p2p_text);
+    put(&ba, "big.txt", &over_text);
+    a.ok(&["folder", "map", "docs", da.to_str().unwrap()]);
+    a.ok(&["folder", "map", "big", ba.to_str().unwrap()]);
+    b.ok(&["folder", "map", "docs", db.to_str().unwrap()]);
+    b.ok(&["folder", "map", "big", bb.to_str().unwrap()]);
+    wait_for_showing(
+        WITHIN,
+        || {
+            a.ok(&["folder", "scan", "big"]);
+            a.ok(&["status"]).contains("OVER QUOTA")
+        },
+        "alice's status says the quota is reached",
+        || a.ok(&["status"]),
+    );
+    let status = a.ok(&["status"]);
+    assert!(status.contains("new content goes peer to peer only"), "{status}");
+    assert!(status.contains("content: between devices only (p2p folder"), "{status}");
+    wait_for_showing(
+        WITHIN,
+        || {
+            scan(&a);
+            scan(&b);
+            b.ok(&["folder", "scan", "big"]);
+            db.join("p2p.txt").exists() && bb.join("big.txt").exists()
+        },
+        "both files at bob, from alice's device",
+        || b.ok(&["status"]),
+    );
+    assert_eq!(std::fs::read_to_string(db.join("p2p.txt")).unwrap(), p2p_text);
+    assert_eq!(std::fs::read_to_string(bb.join("big.txt")).unwrap(), over_text);
+    assert_eq!(relay.cloud().metrics.content_groups_stored.get(), 0, "nothing stored at the cloud");
+    for canary in [P2P, OVER] {
+        assert!(!transport::frame::tap::contains(canary.as_bytes()), "{canary} in the cloud's traffic");
+        for (path, bytes) in files_under(relay._dir.path()) {
+            assert!(!holds(&bytes, canary.as_bytes()), "{canary} in {}", path.display());
+        }
+    }
 }

@@ -8,6 +8,7 @@
 //! feeds with the devices that may hold them (engine rule `Directory::may_hold`), and devices
 //! verify every version it passes on.
 
+mod content;
 mod driver;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -45,6 +46,10 @@ pub struct Limits {
     pub message_burst: u32,
     /// Bytes of feed data one device may add to the cloud's replicas.
     pub storage_bytes_per_device: u64,
+    /// Bytes of sealed file content (Live Folders) each user's `cloud` folders may keep at the
+    /// cloud; past it, new content of that user's folders goes peer to peer only. 5 GB by
+    /// default, as Live Mesh gave.
+    pub content_quota_bytes_per_user: u64,
     /// Pending pairings per user.
     pub pairings_per_user: usize,
     /// HTTP API: sustained requests per second from one client address (token bucket).
@@ -101,6 +106,7 @@ impl Default for Limits {
             messages_per_second: 2_000,
             message_burst: 20_000,
             storage_bytes_per_device: 1 << 30,
+            content_quota_bytes_per_user: 5_000_000_000,
             pairings_per_user: 16,
             http_requests_per_second: 50,
             http_burst: 200,
@@ -294,6 +300,8 @@ pub struct Cloud {
     pub events_changed: Notify,
     /// Wakes the timer task when the engine's next deadline comes earlier ([`driver`]).
     timer: Arc<Notify>,
+    /// Live Folders' content index and sweeps ([`content`]); taken after `state`, never before.
+    content: Mutex<content::ContentState>,
 }
 
 impl Cloud {
@@ -370,6 +378,7 @@ impl Cloud {
             notices,
             events_changed: Notify::new(),
             timer: Arc::new(Notify::new()),
+            content: Mutex::new(content::ContentState::default()),
         })
     }
 
@@ -532,11 +541,22 @@ impl Cloud {
                 Ok(())
             }
             Some(Open::Sync) => self.serve_sync(device, channel, send, recv).await,
-            // The cloud keeps no file content yet (issue 14: cloud folders come later).
-            Some(Open::Content { .. }) => {
-                frame::write_value(&mut send, &engine::control::ContentReply::NotHeld).await?;
-                let _ = send.finish();
-                Ok(())
+            Some(Open::Content { folder, root, size, start, end }) => {
+                if !self.admit_frame(&device) {
+                    frame::write_value(&mut send, &engine::control::ContentReply::Busy).await?;
+                    let _ = send.finish();
+                    return Ok(());
+                }
+                let root = engine::folder::ContentHash(root);
+                self.serve_content(device, folder, root, size, start..end, send).await
+            }
+            Some(Open::Upload { folder, root, size, epoch }) => {
+                if !self.admit_frame(&device) {
+                    let _ = send.reset(0u32.into());
+                    return Ok(());
+                }
+                let root = engine::folder::ContentHash(root);
+                self.serve_upload(device, folder, root, size, epoch, send, recv).await
             }
         }
     }
@@ -777,6 +797,11 @@ impl Cloud {
         Ok((merged, changed, refused))
     }
 
+    /// Bytes of sealed file content `user` keeps at the cloud (its quota's count).
+    pub fn content_usage(&self, user: &UserId) -> u64 {
+        self.store.content_usage(&user.0).unwrap_or(0)
+    }
+
     /// Bytes of feed data a device added to the cloud's replicas.
     pub fn usage(&self, device: &DeviceId) -> u64 {
         self.store.usage(&device.0).unwrap_or(0)
@@ -905,6 +930,9 @@ pub fn directory_audience(dir: &Directory, changes: &[engine::directory::SignedC
             }
             Op::Unmap { folder, device } => {
                 users.extend(state.device_user.get(device).copied());
+                folders.insert(*folder);
+            }
+            Op::SetStorage { folder, .. } | Op::FolderKeys { folder, .. } => {
                 folders.insert(*folder);
             }
         }

@@ -572,13 +572,15 @@ fn may_see(st: &crate::cloud::State, who: &Principal, folder: &FolderId) -> Resu
     }
 }
 
-fn user_json(st: &crate::cloud::State, id: &UserId) -> Value {
+fn user_json(cloud: &crate::cloud::Cloud, st: &crate::cloud::State, id: &UserId) -> Value {
     let u = st.dir().state().users.get(id);
     json!({
         "id": hex(&id.0),
         "name": u.map(|u| u.name.clone()),
         "account": st.accounts.values().find(|a| a.user == *id).map(|a| a.name.clone()),
         "devices": u.map(|u| u.devices.iter().filter(|(_, active)| **active).count()).unwrap_or(0),
+        "content_bytes": cloud.content_usage(id),
+        "content_quota": cloud.limits.content_quota_bytes_per_user,
     })
 }
 
@@ -592,7 +594,7 @@ async fn users(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>
         .users
         .keys()
         .filter(|u| who == Principal::Admin || who == Principal::User(**u))
-        .map(|u| user_json(&st, u))
+        .map(|u| user_json(&app.cloud, &st, u))
         .collect();
     Ok(Json(json!({ "users": list })))
 }
@@ -609,7 +611,7 @@ async fn user(
     if !st.dir().state().users.contains_key(&id) || !(who == Principal::Admin || who == Principal::User(id)) {
         return Err(not_found("user"));
     }
-    Ok(Json(user_json(&st, &id)))
+    Ok(Json(user_json(&app.cloud, &st, &id)))
 }
 
 async fn devices(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
@@ -642,6 +644,7 @@ fn folder_json(st: &crate::cloud::State, id: &FolderId) -> Value {
         "name": f.map(|f| f.name.clone()),
         "owner": f.map(|f| hex(&f.owner.0)),
         "mapped_on": f.map(|f| f.mapped.iter().map(|d| hex(&d.0)).collect::<Vec<_>>()),
+        "storage": f.map(|f| match f.storage { engine::directory::Storage::Cloud => "cloud", engine::directory::Storage::P2p => "p2p" }),
         "items": replica.map_or(0, |r| r.len()),
         "head": replica.map_or(0, |r| r.head().0),
     })

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub notices_sent: Counter,
     pub long_polls: Gauge,
     pub http_connections: Gauge,
+    pub content_groups_stored: Counter,
+    pub content_groups_served: Counter,
 }
 
 impl Metrics {
@@ -61,6 +63,16 @@ impl Metrics {
         registry.register("notices_sent", "Change notices pushed to devices", self.notices_sent.clone());
         registry.register("long_polls", "Long-poll requests waiting", self.long_polls.clone());
         registry.register("http_connections", "Open HTTP API connections", self.http_connections.clone());
+        registry.register(
+            "content_groups_stored",
+            "Sealed chunk groups of cloud folders stored",
+            self.content_groups_stored.clone(),
+        );
+        registry.register(
+            "content_groups_served",
+            "Sealed chunk groups served from the cloud's copy",
+            self.content_groups_served.clone(),
+        );
         let relay = Gauge::<i64>::default();
         relay.set(relay_clients);
         registry.register("relay_clients", "Endpoints connected to the embedded iroh relay", relay);

@@ -250,6 +250,43 @@ pub mod frame {
     /// costs what arrived and at most this beside the reader's first 8 KiB, not what it claims.
     pub const FRAME_PREALLOC: usize = 64 << 10;
 
+    /// Every frame this process reads or writes, kept while [`tap::start`] is on (off unless a
+    /// test turns it on): a test that runs the relay in its own process looks for plaintext in
+    /// what the cloud received and sent, after QUIC's decryption.
+    pub mod tap {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Mutex;
+
+        static ON: AtomicBool = AtomicBool::new(false);
+        static BYTES: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+        pub fn start() {
+            ON.store(true, Ordering::SeqCst);
+        }
+
+        /// What was recorded since the last call.
+        pub fn take() -> Vec<u8> {
+            std::mem::take(&mut *BYTES.lock().unwrap_or_else(|p| p.into_inner()))
+        }
+
+        /// Whether `needle` is anywhere in what was recorded (or across two frames' seam).
+        pub fn contains(needle: &[u8]) -> bool {
+            let bytes = BYTES.lock().unwrap_or_else(|p| p.into_inner());
+            !needle.is_empty() && bytes.windows(needle.len()).any(|w| w == needle)
+        }
+
+        /// Bytes recorded so far.
+        pub fn len() -> usize {
+            BYTES.lock().unwrap_or_else(|p| p.into_inner()).len()
+        }
+
+        pub(super) fn record(frame: &[u8]) {
+            if ON.load(Ordering::Relaxed) {
+                BYTES.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(frame);
+            }
+        }
+    }
+
     /// The frame format as a tokio-util codec, for frames of at most `max` bytes.
     ///
     /// Not `LengthDelimitedCodec` itself, though it reads and writes the same bytes: once a
@@ -285,6 +322,7 @@ pub mod frame {
             src.advance(HEAD);
             let frame = src.split_to(len);
             debug_assert_eq!(frame.len(), len);
+            tap::record(&frame);
             Ok(Some(frame))
         }
 
@@ -308,6 +346,7 @@ pub mod frame {
                 return Err(too_large);
             }
             let len = u32::try_from(bytes.len()).map_err(|_| too_large)?;
+            tap::record(bytes);
             dst.reserve(HEAD + bytes.len());
             dst.put_u32(len);
             dst.extend_from_slice(bytes);

@@ -19,7 +19,7 @@ use crate::stored;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: u64 = 5;
+pub const SCHEMA_VERSION: u64 = 6;
 
 /// Blob set by the migration to schema 4 and cleared by [`Store::migrate_signatures`]: the stored
 /// items carry version signatures of the old form (not bound to their folder).
@@ -43,6 +43,13 @@ const ITEMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("items");
 const USAGE: TableDefinition<&[u8], u64> = TableDefinition::new("usage");
 /// Added in schema 3: the relay's HTTP bearer tokens, by hash.
 const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
+/// Sealed chunk groups of cloud folders' files: folder (16) || root (32) || group (8, big
+/// endian, so a file's groups sort in order) -> the sealed frame.
+const CONTENT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("content");
+/// Per stored file: folder (16) || root (32) -> [`ObjectRecord`] (postcard).
+const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
+/// Bytes of sealed content each user keeps at the cloud (the quota's count): user -> bytes.
+const CONTENT_USAGE: TableDefinition<&[u8], u64> = TableDefinition::new("content_usage");
 
 /// A stored token record (encoded by its owner) under the token's hash.
 pub type TokenRow = ([u8; 32], Vec<u8>);
@@ -215,6 +222,12 @@ impl Store {
                             row.extend_from_slice(&value);
                             table.insert(key.as_slice(), row.as_slice())?;
                         }
+                    }
+                    // 5 -> 6: file content of cloud folders (Live Folders).
+                    5 => {
+                        txn.open_table(CONTENT)?;
+                        txn.open_table(OBJECTS)?;
+                        txn.open_table(CONTENT_USAGE)?;
                     }
                     _ => unreachable!("versions below SCHEMA_VERSION all have a step"),
                 }
@@ -666,5 +679,211 @@ mod tests {
         let path = dir.path().join("db.redb");
         let _first = Store::open(&path, "node").unwrap();
         assert!(matches!(Store::open(&path, "node"), Err(StoreError::Locked)));
+    }
+}
+
+/// What the cloud keeps of one file's content.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ObjectRecord {
+    /// The user whose quota it counts against (the folder's owner).
+    pub user: [u8; 32],
+    pub size: u64,
+    /// The content key epoch every stored group is sealed with.
+    pub epoch: u32,
+    /// Groups stored so far, and their bytes.
+    pub groups: u64,
+    pub bytes: u64,
+}
+
+/// What [`Store::put_groups`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutGroups {
+    /// Stored (groups already present are skipped); the user's usage after.
+    Stored { used: u64 },
+    /// Nothing stored: the groups would take the user past `quota`.
+    OverQuota { used: u64 },
+}
+
+fn object_key(folder: &FolderId, root: &[u8; 32]) -> [u8; 48] {
+    let mut key = [0u8; 48];
+    key[..16].copy_from_slice(&folder.0);
+    key[16..].copy_from_slice(root);
+    key
+}
+
+fn group_key(folder: &FolderId, root: &[u8; 32], group: u64) -> [u8; 56] {
+    let mut key = [0u8; 56];
+    key[..48].copy_from_slice(&object_key(folder, root));
+    key[48..].copy_from_slice(&group.to_be_bytes());
+    key
+}
+
+fn decode_object(bytes: &[u8]) -> Result<ObjectRecord, StoreError> {
+    postcard::from_bytes(bytes).map_err(|_| StoreError::Corrupt("content object record"))
+}
+
+/// Cloud folders' content (the relay's side of Live Folders): sealed groups the cloud cannot
+/// read, by folder, file root and group, with a per-user byte count for the quota.
+impl Store {
+    pub fn object(&self, folder: &FolderId, root: &[u8; 32]) -> Result<Option<ObjectRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(OBJECTS)?;
+        let row = table.get(object_key(folder, root).as_slice())?;
+        row.map(|v| decode_object(v.value())).transpose()
+    }
+
+    /// The groups of `root` stored, as sorted disjoint runs.
+    pub fn stored_runs(
+        &self,
+        folder: &FolderId,
+        root: &[u8; 32],
+    ) -> Result<Vec<std::ops::Range<u64>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(CONTENT)?;
+        let (lo, hi) = (group_key(folder, root, 0), group_key(folder, root, u64::MAX));
+        let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+        // Bound: the groups of one file (its size / 16 KiB, checked when they were stored).
+        for row in table.range(lo.as_slice()..=hi.as_slice())? {
+            let (k, _) = row?;
+            let k = k.value();
+            let group =
+                u64::from_be_bytes(k[48..56].try_into().map_err(|_| StoreError::Corrupt("content key"))?);
+            match runs.last_mut() {
+                Some(last) if last.end == group => last.end += 1,
+                _ => runs.push(group..group + 1),
+            }
+        }
+        Ok(runs)
+    }
+
+    /// Sealed groups `groups` of `root`, or `None` if any is missing.
+    pub fn get_groups(
+        &self,
+        folder: &FolderId,
+        root: &[u8; 32],
+        groups: std::ops::Range<u64>,
+    ) -> Result<Option<Vec<Vec<u8>>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(CONTENT)?;
+        let mut out = Vec::new();
+        // Bound: the caller's range (a request's groups, bounded by the protocol).
+        for group in groups {
+            match table.get(group_key(folder, root, group).as_slice())? {
+                Some(v) => out.push(v.value().to_vec()),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Stores sealed groups of `root` for `user` in one transaction, unless they would take the
+    /// user's usage past `quota`. A record with another epoch is replaced (its groups dropped
+    /// first): a file's groups are all sealed under one key.
+    pub fn put_groups(
+        &self,
+        folder: &FolderId,
+        root: &[u8; 32],
+        fresh: &ObjectRecord,
+        groups: &[(u64, Vec<u8>)],
+        quota: u64,
+    ) -> Result<PutGroups, StoreError> {
+        let txn = self.db.begin_write()?;
+        let outcome;
+        {
+            let mut objects = txn.open_table(OBJECTS)?;
+            let mut content = txn.open_table(CONTENT)?;
+            let mut usage = txn.open_table(CONTENT_USAGE)?;
+            let okey = object_key(folder, root);
+            let mut record = match objects.get(okey.as_slice())? {
+                Some(v) => decode_object(v.value())?,
+                None => ObjectRecord { groups: 0, bytes: 0, ..fresh.clone() },
+            };
+            let mut used = usage.get(fresh.user.as_slice())?.map_or(0, |v| v.value());
+            if record.epoch != fresh.epoch {
+                let (lo, hi) = (group_key(folder, root, 0), group_key(folder, root, u64::MAX));
+                content.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)?;
+                let owner = record.user;
+                let was = usage.get(owner.as_slice())?.map_or(0, |v| v.value());
+                usage.insert(owner.as_slice(), was.saturating_sub(record.bytes))?;
+                if owner == fresh.user {
+                    used = was.saturating_sub(record.bytes);
+                }
+                record = ObjectRecord { groups: 0, bytes: 0, ..fresh.clone() };
+            }
+            let mut added = 0u64;
+            let mut new = Vec::new();
+            for (group, sealed) in groups {
+                let key = group_key(folder, root, *group);
+                if content.get(key.as_slice())?.is_none() {
+                    added += sealed.len() as u64;
+                    new.push((key, sealed));
+                }
+            }
+            if used.saturating_add(added) > quota && added > 0 {
+                outcome = PutGroups::OverQuota { used };
+            } else {
+                for (key, sealed) in &new {
+                    content.insert(key.as_slice(), sealed.as_slice())?;
+                }
+                record.groups += new.len() as u64;
+                record.bytes += added;
+                used = used.saturating_add(added);
+                usage.insert(fresh.user.as_slice(), used)?;
+                let bytes = postcard::to_allocvec(&record)
+                    .map_err(|_| StoreError::Corrupt("content object record"))?;
+                objects.insert(okey.as_slice(), bytes.as_slice())?;
+                outcome = PutGroups::Stored { used };
+            }
+        }
+        txn.commit()?;
+        Ok(outcome)
+    }
+
+    /// Drops a stored file's content and gives its bytes back to its user's quota.
+    pub fn delete_object(&self, folder: &FolderId, root: &[u8; 32]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut objects = txn.open_table(OBJECTS)?;
+            let okey = object_key(folder, root);
+            let record = match objects.remove(okey.as_slice())? {
+                Some(v) => decode_object(v.value())?,
+                None => return Ok(()),
+            };
+            let mut content = txn.open_table(CONTENT)?;
+            let (lo, hi) = (group_key(folder, root, 0), group_key(folder, root, u64::MAX));
+            content.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)?;
+            let mut usage = txn.open_table(CONTENT_USAGE)?;
+            let was = usage.get(record.user.as_slice())?.map_or(0, |v| v.value());
+            usage.insert(record.user.as_slice(), was.saturating_sub(record.bytes))?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Every stored file: (folder, root, record), in key order.
+    pub fn objects(&self) -> Result<Vec<(FolderId, [u8; 32], ObjectRecord)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(OBJECTS)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (k, v) = row?;
+            let k = k.value();
+            if k.len() != 48 {
+                return Err(StoreError::Corrupt("content object key"));
+            }
+            let mut folder = [0u8; 16];
+            folder.copy_from_slice(&k[..16]);
+            let mut root = [0u8; 32];
+            root.copy_from_slice(&k[16..48]);
+            out.push((FolderId(folder), root, decode_object(v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Bytes of sealed content `user` keeps at the cloud.
+    pub fn content_usage(&self, user: &[u8; 32]) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(CONTENT_USAGE)?;
+        Ok(table.get(user.as_slice())?.map_or(0, |v| v.value()))
     }
 }

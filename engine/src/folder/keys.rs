@@ -24,6 +24,7 @@ use hkdf::Hkdf;
 use sha2::Sha256;
 
 use super::entry::ContentHash;
+use crate::directory::{Op, State as DirState, KEYS_PER_CHANGE_MAX};
 use crate::ids::FolderId;
 use crate::signing::{DeviceId, DeviceKey};
 
@@ -34,6 +35,7 @@ pub const EPOCHS_MAX: usize = 4096;
 
 const WRAP_INFO: &[u8] = b"feedmesh 2026 content key wrap v1";
 const NONCE_CONTEXT: &str = "feedmesh 2026 content group nonce v1";
+const CHECK_CONTEXT: &str = "feedmesh 2026 content key check v1";
 
 /// Why a key or a sealed group was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -86,6 +88,16 @@ impl ContentKey {
         let mut nonce = [0u8; 24];
         nonce.copy_from_slice(&hasher.finalize().as_bytes()[..24]);
         nonce
+    }
+
+    /// What the directory keeps to commit to this key (`Op::FolderKeys::check`): a keyed hash,
+    /// which tells nothing of the key.
+    pub fn check(&self) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new_derive_key(CHECK_CONTEXT);
+        hasher.update(&self.folder.0);
+        hasher.update(&self.epoch.to_le_bytes());
+        hasher.update(&self.key);
+        *hasher.finalize().as_bytes()
     }
 
     /// Seals chunk group `group` of the file `root` (what a device uploads to the cloud).
@@ -238,6 +250,74 @@ impl KeyRing {
     }
 }
 
+/// The keys of `folder` that `me` holds in the directory: each epoch's key wrapped for it that
+/// unwraps and matches the epoch's check (a wrap that does not is skipped: someone else's bug or
+/// malice must not stop the rest).
+pub fn ring_of(dir: &DirState, folder: &FolderId, me: &DeviceKey) -> KeyRing {
+    let id = DeviceId::of(me);
+    let mut ring = KeyRing::default();
+    let Some(f) = dir.folders.get(folder) else { return ring };
+    for (epoch, keys) in &f.keys {
+        let Some(wrapped) = keys.wrapped.get(&id) else { continue };
+        if let Ok(key) = wrapped.unwrap_with(me) {
+            if key.epoch == *epoch && key.folder == *folder && key.check() == keys.check {
+                let _ = ring.insert(key);
+            }
+        }
+    }
+    ring
+}
+
+/// What a device does about `folder`'s content keys now, if anything (the daemon asks every
+/// round): the owner's device makes the first key, and a new one when a device that holds the
+/// newest may no longer read the folder (a member or device was removed); any device holding the
+/// newest key wraps it for readers that lack it. `random` draws 32 bytes (a key, an ephemeral
+/// secret). At most [`KEYS_PER_CHANGE_MAX`] wraps per change; the next round does the rest.
+pub fn key_op(
+    dir: &DirState,
+    folder: &FolderId,
+    me: &DeviceKey,
+    mut random: impl FnMut() -> [u8; 32],
+) -> Result<Option<Op>, KeyError> {
+    let id = DeviceId::of(me);
+    let Some(f) = dir.folders.get(folder) else { return Ok(None) };
+    let Some(user) = dir.active_user(&id) else { return Ok(None) };
+    let readers = f.readers(dir);
+    if !readers.contains(&id) {
+        return Ok(None);
+    }
+    let newest = f.keys.iter().next_back();
+    let stale = newest.is_none_or(|(_, k)| k.wrapped.keys().any(|d| !readers.contains(d)));
+    let (key, missing): (ContentKey, Vec<DeviceId>) = if stale {
+        if f.owner != user {
+            return Ok(None);
+        }
+        let epoch = newest.map_or(0, |(e, _)| e.saturating_add(1));
+        (ContentKey::new(*folder, epoch, random()), readers.iter().copied().collect())
+    } else {
+        // Every epoch, oldest first: a reader that joins after a rotation still reads what the
+        // cloud keeps under the older keys (it could fetch those files from any peer anyway).
+        let ring = ring_of(dir, folder, me);
+        let lacking = f.keys.iter().find_map(|(epoch, keys)| {
+            let key = ring.epoch(*epoch).ok()?;
+            let missing: Vec<DeviceId> =
+                readers.iter().filter(|d| !keys.wrapped.contains_key(d)).copied().collect();
+            (!missing.is_empty()).then(|| (key.clone(), missing))
+        });
+        let Some(lacking) = lacking else { return Ok(None) };
+        lacking
+    };
+    if missing.is_empty() {
+        return Ok(None);
+    }
+    let keys = missing
+        .iter()
+        .take(KEYS_PER_CHANGE_MAX)
+        .map(|d| key.wrap_for(d, random()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(Op::FolderKeys { folder: *folder, epoch: key.epoch, check: key.check(), keys }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -357,5 +437,111 @@ mod tests {
             alices.current().unwrap().open_group(&after, 0, &new).unwrap(),
             b"written after the removal"
         );
+    }
+}
+
+#[cfg(test)]
+mod directory_tests {
+    use super::*;
+    use crate::directory::{Directory, Role, UserId};
+
+    fn key(n: u8) -> DeviceKey {
+        DeviceKey::from_bytes(&[n; 32])
+    }
+
+    /// A counter as randomness: deterministic and never twice the same.
+    fn draws() -> impl FnMut() -> [u8; 32] {
+        let mut n = 0u8;
+        move || {
+            n = n.wrapping_add(1);
+            [n; 32]
+        }
+    }
+
+    fn apply(
+        dir: &mut Directory,
+        k: &DeviceKey,
+        folder: &FolderId,
+        random: &mut impl FnMut() -> [u8; 32],
+    ) -> bool {
+        match key_op(dir.state(), folder, k, &mut *random).unwrap() {
+            Some(op) => {
+                dir.make(k, 10, op).unwrap();
+                true
+            }
+            None => false,
+        }
+    }
+
+    #[test]
+    fn keys_reach_every_reader_through_the_directory_and_a_removal_rotates_them() {
+        let (a1, b1, b2) = (key(1), key(2), key(3));
+        let mut dir = Directory::new();
+        dir.make(&a1, 1, Op::CreateUser { name: "alice".into() }).unwrap();
+        dir.make(&b1, 2, Op::CreateUser { name: "bob".into() }).unwrap();
+        let folder = dir.make(&a1, 3, Op::CreateFolder { name: "f".into() }).unwrap().folder_id();
+        let bob = UserId::of_first_device(DeviceId::of(&b1));
+        let invite =
+            dir.make(&a1, 4, Op::Invite { folder, invitee: bob, role: Role::Member }).unwrap().invite_id();
+        dir.make(&b1, 5, Op::Accept { invitation: invite }).unwrap();
+        let mut random = draws();
+        // A member does not make the first key; the owner's device does, for every reader.
+        assert!(!apply(&mut dir, &b1, &folder, &mut random));
+        assert!(apply(&mut dir, &a1, &folder, &mut random));
+        assert!(!apply(&mut dir, &a1, &folder, &mut random), "nothing left to do");
+        let (ra, rb) = (ring_of(dir.state(), &folder, &a1), ring_of(dir.state(), &folder, &b1));
+        let (ka, kb) = (ra.current().unwrap(), rb.current().unwrap());
+        assert_eq!((ka.epoch, ka), (0, kb));
+        // Bob's new device gets the key from Bob's other device (the owner is not needed).
+        {
+            use crate::directory::{pair_new_device, pairing_commitment, short_code};
+            let (ne, nn) = ([7u8; 32], [9u8; 32]);
+            let new_id = DeviceId::of(&b2);
+            let code = short_code(&DeviceId::of(&b1), &new_id, &ne, &nn);
+            let pairing = pair_new_device(&b2, bob, DeviceId::of(&b1), ne, nn, code).unwrap();
+            dir.add_paired_device(&b1, bob, pairing_commitment(&new_id, &nn), pairing, code, 6).unwrap();
+        }
+        assert!(ring_of(dir.state(), &folder, &b2).current().is_none());
+        assert!(apply(&mut dir, &b1, &folder, &mut random));
+        assert_eq!(ring_of(dir.state(), &folder, &b2).current(), Some(kb));
+        // Content sealed before the removal ...
+        let old = b"written while bob was a member".to_vec();
+        let old_root = ContentHash::of(&old);
+        let sealed_old = ka.seal_group(&old_root, 0, &old);
+        dir.make(&a1, 20, Op::RemoveMember { folder, user: bob }).unwrap();
+        // Bob's devices cannot make a new epoch, and may not share keys any more.
+        assert!(!apply(&mut dir, &b1, &folder, &mut random));
+        assert!(apply(&mut dir, &a1, &folder, &mut random), "the owner rotates");
+        let ring = ring_of(dir.state(), &folder, &a1);
+        let new = ring.current().unwrap();
+        assert_eq!(new.epoch, 1);
+        let secret = b"written after bob left".to_vec();
+        let root = ContentHash::of(&secret);
+        let sealed = new.seal_group(&root, 0, &secret);
+        for bob_device in [&b1, &b2] {
+            let ring = ring_of(dir.state(), &folder, bob_device);
+            assert!(matches!(ring.epoch(1), Err(KeyError::NoEpoch { epoch: 1 })));
+            for k in ring.keys.values() {
+                assert_eq!(k.open_group(&root, 0, &sealed), Err(KeyError::Open));
+            }
+            // What it could read as a member, it still can (the threat model says so).
+            assert_eq!(ring.epoch(0).unwrap().open_group(&old_root, 0, &sealed_old).unwrap(), old);
+        }
+        // A key change that names another key for an existing epoch is refused.
+        let Some(Op::FolderKeys { keys, .. }) = key_op(
+            &{
+                let mut s = dir.state().clone();
+                s.folders.get_mut(&folder).unwrap().keys.remove(&1);
+                s
+            },
+            &folder,
+            &a1,
+            &mut random,
+        )
+        .unwrap() else {
+            panic!("the owner would rotate a ring without epoch 1")
+        };
+        let forged = Op::FolderKeys { folder, epoch: 1, check: [9; 32], keys };
+        assert!(dir.make(&a1, 30, forged).is_err());
     }
 }

@@ -9,6 +9,7 @@ pub mod blob;
 pub mod entry;
 pub mod fetch;
 pub mod keys;
+pub mod live;
 pub mod path;
 pub mod plan;
 
@@ -18,6 +19,7 @@ pub use fetch::{
     Command, Event, Failure, FetchConfig, FetchError, Fetcher, Policy, Progress, Request, RequestId, Route,
     Waiting,
 };
-pub use keys::{ContentKey, KeyError, KeyRing, WrappedKey};
+pub use keys::{key_op, ring_of, ContentKey, KeyError, KeyRing, WrappedKey};
+pub use live::{live_contents, LiveRoots};
 pub use path::{FilePath, PathError, Platform};
 pub use plan::{plan, Action, DiskFile, Plan, Refused, Synced};

@@ -47,7 +47,7 @@ enum Piece {
     End { id: RequestId, failure: Option<Failure> },
 }
 
-fn read_exact_at(file: &std::fs::File, buf: &mut [u8], at: u64) -> std::io::Result<()> {
+pub(super) fn read_exact_at(file: &std::fs::File, buf: &mut [u8], at: u64) -> std::io::Result<()> {
     #[cfg(unix)]
     {
         std::os::unix::fs::FileExt::read_exact_at(file, buf, at)
@@ -149,7 +149,9 @@ impl Net {
         out: mpsc::Sender<Piece>,
     ) {
         let failure = async {
-            let conn = match self.peer(peer).await {
+            let from_cloud = peer == self.cloud_id;
+            let conn = if from_cloud { self.cloud().await } else { self.peer(peer).await };
+            let conn = match conn {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(peer = %engine::signing::hex(&peer.0[..4]), error = %format!("{e:#}"), "content: no connection");
@@ -170,8 +172,18 @@ impl Net {
             let _ = send.finish();
             let mut recv = frame::Reader::new(recv);
             let reply = tokio::time::timeout(Duration::from_secs(10), recv.read_value::<ContentReply>(1024, "content reply")).await;
+            let mut key = None;
             match reply {
-                Ok(Ok(Some(ContentReply::Ok))) => {}
+                Ok(Ok(Some(ContentReply::Ok))) if !from_cloud => {}
+                Ok(Ok(Some(ContentReply::Sealed { epoch }))) if from_cloud => {
+                    let n = lock(&self.node);
+                    match engine::folder::ring_of(n.dir().state(), &folder, &n.key).epoch(epoch) {
+                        Ok(k) => key = Some(k.clone()),
+                        // A key this device was not given: the cloud's copy is of no use to it.
+                        Err(_) => return Some(Failure::NotHeld),
+                    }
+                }
+                Ok(Ok(Some(ContentReply::Busy))) => return Some(Failure::Closed),
                 Ok(Ok(Some(ContentReply::NotAllowed))) => return Some(Failure::Refused),
                 Ok(Ok(Some(_))) => return Some(Failure::NotHeld),
                 other => {
@@ -182,9 +194,19 @@ impl Net {
             }
             // Bound: one frame per group asked for, each one group and the parents proving it.
             for group in groups.clone() {
-                let frame = match recv.read(GROUP_BYTES as usize + 64 * 64).await {
+                let bound = GROUP_BYTES as usize + 64 * 64 + engine::folder::keys::SEAL_OVERHEAD;
+                let frame = match recv.read(bound).await {
                     Ok(Some(frame)) => frame,
                     _ => return Some(Failure::Closed),
+                };
+                // The cloud's copy: opened with the folder's key first (it proves a member sealed
+                // this group for this file and place), then verified like any peer's.
+                let frame = match &key {
+                    None => frame,
+                    Some(k) => match k.open_group(&root, group, &frame) {
+                        Ok(plain) => bytes::BytesMut::from(&plain[..]),
+                        Err(_) => return Some(Failure::Corrupt),
+                    },
                 };
                 let Ok(wanted) = Groups::new(group..group + 1, size) else { return Some(Failure::NotHeld) };
                 let verified = Decoder::new(root, &wanted, &frame[..]).next();
@@ -251,15 +273,18 @@ impl Net {
             }
         }
         let _done = Done(self, folder);
-        let (me, holders) = {
+        let (me, mut holders, cloud) = {
             let n = lock(&self.node);
-            let holders: Vec<DeviceId> = n
-                .dir()
-                .folder(&folder)
-                .map(|f| f.mapped.iter().copied().filter(|d| *d != n.id).collect())
-                .unwrap_or_default();
-            (n.id, holders)
+            let f = n.dir().folder(&folder);
+            let holders: Vec<DeviceId> =
+                f.map(|f| f.mapped.iter().copied().filter(|d| *d != n.id).collect()).unwrap_or_default();
+            (n.id, holders, f.is_some_and(|f| f.storage == engine::directory::Storage::Cloud))
         };
+        // A `cloud` folder's content may also be at the cloud: the last route, asked when no
+        // device that has a file answers (or none is on).
+        if cloud {
+            holders.push(self.cloud_id);
+        }
         // Where the folder's devices are now (a device that restarted listens elsewhere).
         let _ = self.request(transport::Request::Peers { folder }).await;
         let started = Instant::now();
@@ -267,7 +292,8 @@ impl Net {
         let spread = u64::from_le_bytes(me.0[..8].try_into().unwrap_or([0; 8]));
         let mut fetcher: Fetcher<DeviceId> = Fetcher::new(FetchConfig { spread, ..FetchConfig::default() });
         for holder in &holders {
-            let _ = fetcher.handle_route(now(), *holder, Some(Route::Direct));
+            let route = if *holder == self.cloud_id { Route::Cloud } else { Route::Direct };
+            let _ = fetcher.handle_route(now(), *holder, Some(route));
         }
         let mut sizes: BTreeMap<ContentHash, u64> = BTreeMap::new();
         for want in &wants {
@@ -381,7 +407,12 @@ impl Net {
                     .sources
                     .iter()
                     .map(|(d, route, rate)| {
-                        (engine::signing::hex(&d.0[..4]), format!("{route:?}").to_lowercase(), *rate)
+                        let name = if *d == self.cloud_id {
+                            "cloud".to_string()
+                        } else {
+                            engine::signing::hex(&d.0[..4])
+                        };
+                        (name, format!("{route:?}").to_lowercase(), *rate)
                     })
                     .collect();
                 Some(folders::FileNeed {
