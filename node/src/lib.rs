@@ -6,6 +6,7 @@ pub mod cmd;
 pub mod folders;
 pub mod net;
 pub mod state;
+pub mod watch;
 
 use std::path::{Path, PathBuf};
 

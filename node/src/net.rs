@@ -90,6 +90,8 @@ pub struct Net {
     fetching: Mutex<std::collections::BTreeSet<FolderId>>,
     /// Uploads of `cloud` folders' content ([`upload`]).
     uploads: Mutex<upload::Uploads>,
+    /// File watchers on the mapped directories (`crate::watch`).
+    watchers: crate::watch::Watchers,
     routes: Mutex<Routes>,
     /// Woken by local writes and cloud notices (the daemon's next round).
     pub wake: Notify,
@@ -151,6 +153,7 @@ impl Net {
             addrs: Mutex::new(BTreeMap::new()),
             fetching: Mutex::new(std::collections::BTreeSet::new()),
             uploads: Mutex::new(upload::Uploads::default()),
+            watchers: crate::watch::Watchers::default(),
             routes: Mutex::new(Routes::default()),
             wake: Notify::new(),
             timer: Arc::new(Notify::new()),
@@ -913,6 +916,7 @@ impl Net {
                     // Mapped directories: publish what changed on disk, write what the folders
                     // brought (off the async threads: it reads and hashes files).
                     let node = self.node.clone();
+                    self.watch_mapped();
                     let passes = tokio::task::spawn_blocking(move || crate::folders::pass_all(&node)).await;
                     let mut wrote = false;
                     for (folder, dir, pass) in passes.unwrap_or_default() {
@@ -961,6 +965,21 @@ impl Net {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+    }
+
+    /// Watches the mapped directories (changes wake the next round, see `crate::watch`).
+    fn watch_mapped(self: &Arc<Self>) {
+        let data_dir = lock(&self.node).dir_path.clone();
+        let dirs: Vec<std::path::PathBuf> = crate::folders::Mappings::load(&data_dir)
+            .map(|m| m.folders.values().cloned().collect())
+            .unwrap_or_default();
+        let me = Arc::downgrade(self);
+        let wake = move || {
+            if let Some(net) = me.upgrade() {
+                net.wake.notify_one();
+            }
+        };
+        self.watchers.sync(&dirs, wake, crate::folders::STABLE + Duration::from_millis(500));
     }
 
     /// Drops every connection (tests use this to take a device offline without stopping it).

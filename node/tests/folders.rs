@@ -31,21 +31,23 @@ fn age(path: &Path) {
 /// Alice and Bob, two users with a running daemon each (Alice's with `alice_env`), share the
 /// folder `docs` (Alice owns it, Bob accepted it).
 fn alice_shares_docs_with_bob(relay: &Relay, root: &Path, alice_env: &[(&str, &str)]) -> (Dev, Dev) {
-    alice_shares_with_bob(relay, root, alice_env, &[])
+    alice_shares_with_bob(relay, root, alice_env, &[], &[])
 }
 
-/// [`alice_shares_docs_with_bob`], `docs` created with `create_args` (`--p2p`).
+/// [`alice_shares_docs_with_bob`], `docs` created with `create_args` (`--p2p`), both daemons
+/// run with `daemon_args`.
 fn alice_shares_with_bob(
     relay: &Relay,
     root: &Path,
     alice_env: &[(&str, &str)],
     create_args: &[&str],
+    daemon_args: &[&str],
 ) -> (Dev, Dev) {
     let (mut a, mut b) = (Dev::new(root, "a1"), Dev::new(root, "b1"));
     a.ok(&["init", "--relay", &relay.url, "--name", "alice", "--account", "alice"]);
-    a.start_env(alice_env);
+    a.start_with(daemon_args, alice_env);
     b.ok(&["init", "--relay", &relay.url, "--name", "bob"]);
-    b.start();
+    b.start_with(daemon_args, &[]);
     a.ok(&[&["folder", "create", "docs"][..], create_args].concat());
     a.ok_eventually(&["folder", "share", "docs", "bob"], WITHIN);
     b.ok_eventually(&["folder", "accept", "docs"], WITHIN);
@@ -339,7 +341,7 @@ fn p2p_and_over_quota_content_goes_peer_to_peer_only() {
     transport::frame::tap::start();
     let relay = Relay::start_with(|cfg| cfg.limits.content_quota_bytes_per_user = 50_000);
     let root = tempfile::tempdir().unwrap();
-    let (a, b) = alice_shares_with_bob(&relay, root.path(), &[], &["--p2p"]);
+    let (a, b) = alice_shares_with_bob(&relay, root.path(), &[], &["--p2p"], &[]);
     a.ok(&["folder", "create", "big"]);
     a.ok_eventually(&["folder", "share", "big", "bob"], WITHIN);
     b.ok_eventually(&["folder", "accept", "big"], WITHIN);
@@ -385,4 +387,25 @@ fn p2p_and_over_quota_content_goes_peer_to_peer_only() {
             assert!(!holds(&bytes, canary.as_bytes()), "{canary} in {}", path.display());
         }
     }
+}
+
+/// Issue 14, item 1: changes are found by the watcher, not only by the periodic rescan: with
+/// rounds an hour apart, a new file, a file written just now (published once stable) and a
+/// delete on Alice's side reach Bob's directory without anyone asking for a scan.
+#[test]
+fn the_watcher_finds_local_changes_between_rounds() {
+    let relay = Relay::start();
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = alice_shares_with_bob(&relay, root.path(), &[], &[], &["--interval", "3600"]);
+    let (da, db) = (root.path().join("alice-docs"), root.path().join("bob-docs"));
+    std::fs::create_dir_all(&da).unwrap();
+    a.ok(&["folder", "map", "docs", da.to_str().unwrap()]);
+    b.ok(&["folder", "map", "docs", db.to_str().unwrap()]);
+    put(&da, "old.txt", "written an hour ago");
+    wait_for(WITHIN, || db.join("old.txt").exists(), "old.txt at bob without a scan");
+    std::fs::write(da.join("fresh.txt"), "written just now").unwrap();
+    wait_for(WITHIN, || db.join("fresh.txt").exists(), "fresh.txt at bob once stable, without a scan");
+    assert_eq!(std::fs::read_to_string(db.join("fresh.txt")).unwrap(), "written just now");
+    std::fs::remove_file(da.join("old.txt")).unwrap();
+    wait_for(WITHIN, || !db.join("old.txt").exists(), "the delete at bob without a scan");
 }

@@ -154,14 +154,15 @@ impl Dev {
         self.start_with(extra, &[]);
     }
 
-    fn start_with(&mut self, extra: &[&str], env: &[(&str, &str)]) {
+    pub fn start_with(&mut self, extra: &[&str], env: &[(&str, &str)]) {
         assert!(self.daemon.is_none());
         let _ = std::fs::remove_file(self.dir.join("api.json"));
         let child = self
             .command()
             .arg("--dir")
             .arg(&self.dir)
-            .args(["run", "--interval", "1"])
+            .arg("run")
+            .args(if extra.contains(&"--interval") { &[][..] } else { &["--interval", "1"][..] })
             .args(extra)
             .envs(env.iter().copied())
             .env(
