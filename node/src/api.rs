@@ -6,6 +6,10 @@
 //!   (PUT takes `{"title": ..., "text": ...}`);
 //! - `GET /v1/folders/{folder}/feed.atom` and `feed.json` (Atom with FeedSync, JSON Feed 1.1);
 //!   `GET /v1/news.atom`, `news.rss`, `news.json` (the directory's news);
+//! - `GET /v1/folders/{folder}/files` (a mapped folder's files: path, size, mtime, BLAKE3 root,
+//!   and whether the content is here yet) and `GET /v1/folders/{folder}/files/{path}` (the
+//!   file's bytes as the folder says them, from the mapped directory; `409 not-here-yet` while
+//!   its content is still being fetched; the ETag is its BLAKE3 root);
 //! - `POST /v1/exec` with a CLI command as JSON (what the `feedmesh` CLI uses while the daemon
 //!   holds the database).
 //!
@@ -140,6 +144,8 @@ pub async fn serve(ctx: Arc<Ctx>, listener: tokio::net::TcpListener, token: Stri
         .route("/v1/exec", post(exec_route))
         .route("/v1/folders", get(folders))
         .route("/v1/folders/{folder}/items", get(items))
+        .route("/v1/folders/{folder}/files", get(files))
+        .route("/v1/folders/{folder}/files/{*path}", get(file))
         .route("/v1/folders/{folder}/items/{id}", get(get_item).put(put_item).delete(delete_item))
         .route("/v1/folders/{folder}/feed.atom", get(feed))
         .route("/v1/folders/{folder}/feed.json", get(feed_json))
@@ -185,6 +191,103 @@ async fn folders(State(app): State<App>, headers: HeaderMap) -> Result<Json<Valu
         })
         .collect();
     Ok(Json(json!({ "folders": list })))
+}
+
+/// A mapped folder's directory and its live file entries (winners only), sorted by path.
+fn mapped_entries(
+    app: &App,
+    folder: &str,
+) -> Result<(std::path::PathBuf, Vec<engine::folder::FileEntry>), ApiError> {
+    let n = lock(&app.ctx.node);
+    let folder = n.folder(folder)?;
+    let dir = crate::folders::Mappings::load(&n.dir_path)?
+        .dir_of(&folder)
+        .map(std::path::Path::to_path_buf)
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                "the folder is not mapped to a directory here".into(),
+                Some("not-mapped"),
+            )
+        })?;
+    let mut entries: Vec<engine::folder::FileEntry> = n
+        .replica(&folder)
+        .map(|r| {
+            r.items()
+                .filter(|i| !i.version.deleted)
+                .filter_map(|i| engine::folder::FileEntry::from_version(&i.version).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok((dir, entries))
+}
+
+async fn files(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(folder): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    check(&app, &headers)?;
+    let (dir, entries) = mapped_entries(&app, &folder)?;
+    let list = tokio::task::spawn_blocking(move || {
+        let held = crate::folders::held_contents(&dir).unwrap_or_default();
+        entries
+            .iter()
+            .map(|e| {
+                json!({
+                    "path": e.path.as_str(),
+                    "size": e.size,
+                    "mtime_ns": e.mtime_ns,
+                    "executable": e.executable,
+                    "blake3": e.root.to_hex(),
+                    "here": held.contains_key(&(e.root, e.size)),
+                })
+            })
+            .collect::<Vec<Value>>()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(Json(json!({ "files": list })))
+}
+
+/// A file's bytes, streamed from the mapped directory: only the content the folder says the
+/// path has (a local edit not yet published, or content still being fetched, is not served).
+async fn file(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path((folder, path)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    check(&app, &headers)?;
+    let path = engine::folder::FilePath::new(&path)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("path: {e}"), None))?;
+    let (dir, entries) = mapped_entries(&app, &folder)?;
+    let entry = entries
+        .into_iter()
+        .find(|e| e.path == path)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no file {}", path.as_str()), None))?;
+    let (root, size) = (entry.root, entry.size);
+    let held = tokio::task::spawn_blocking(move || crate::folders::held_path(&dir, &root, size))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))??;
+    let Some(held) = held else {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("{} is not here yet: its content is still being fetched (see status)", path.as_str()),
+            Some("not-here-yet"),
+        ));
+    };
+    let file = tokio::fs::File::open(&held).await.map_err(|e| anyhow::anyhow!("{}: {e}", held.display()))?;
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, size.to_string()),
+            (header::ETAG, format!("\"{}\"", root.to_hex())),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 async fn items(

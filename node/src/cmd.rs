@@ -106,8 +106,15 @@ pub enum Cmd {
         #[arg(long, value_enum, default_value = "atom")]
         format: Format,
     },
-    /// Cloud connection, peers (LAN, direct or relayed, and why) and pending changes.
-    Status,
+    /// Cloud connection, peers (LAN, direct or relayed, and why), pending changes, and per
+    /// mapped folder the files still needed (from where, how fast, or why not) and how its
+    /// content stands at the cloud.
+    Status {
+        /// Follow the transfers live, a progress bar per file on a terminal, until nothing is
+        /// needed any more (needs the daemon).
+        #[arg(long)]
+        watch: bool,
+    },
     /// One sync round now (directory, ticket, every folder with the cloud and peers).
     Sync,
     /// Write a folder as a feed: Atom (RFC 4287) or RSS 2.0 with FeedSync's `sx:sync` in every
@@ -668,7 +675,7 @@ async fn exec_once(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<String> {
             }
             Ok(out)
         }
-        Cmd::Status => Ok(status_text(&lock(node))),
+        Cmd::Status { .. } => Ok(status_text(&lock(node))),
         Cmd::Sync => {
             let net = ctx.net().await?;
             let round = net.sync_all().await?;

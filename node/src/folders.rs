@@ -533,6 +533,11 @@ pub fn content_source(
     outboard_for(dir, &path, root, size)
 }
 
+/// Where the directory holds the content `root` whole now (no outboard: for reading it as is).
+pub fn held_path(dir: &Path, root: &ContentHash, size: u64) -> anyhow::Result<Option<PathBuf>> {
+    Ok(find_source(dir, &load_base(dir)?, root, size))
+}
+
 /// Every content the mapped directory holds whole now, as the base last saw it (a file changed
 /// since is left out): (root, size) -> where to read it. For uploads: one read of the base.
 pub fn held_contents(dir: &Path) -> anyhow::Result<BTreeMap<(ContentHash, u64), PathBuf>> {

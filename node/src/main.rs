@@ -5,6 +5,7 @@
 
 mod feedsync_cli;
 
+use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -345,6 +346,7 @@ fn run(dir: &Path, top: Top) -> anyhow::Result<()> {
                 anyhow::Ok(())
             })
         }
+        Top::Cmd(Cmd::Status { watch: true }) => watch_status(dir),
         Top::Cmd(cmd) => {
             let cmd = fill(cmd)?;
             match Node::open(dir) {
@@ -437,6 +439,97 @@ fn run_here(node: Node, cmd: Cmd) -> anyhow::Result<()> {
     })?;
     print!("{}", transport::view::terminal_text(&out));
     Ok(())
+}
+
+/// `status --watch`: polls the daemon's `/v1/status` and draws a progress bar per file still
+/// needed (indicatif; plain lines when stderr is not a terminal), with its sources and rate or
+/// why it waits, until nothing is needed.
+fn watch_status(dir: &Path) -> anyhow::Result<()> {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    let path = dir.join(state::API_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!("status --watch follows a running daemon ({} is missing)", path.display())
+    })?;
+    let file: ApiFile =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid", path.display()))?;
+    let style = ProgressStyle::with_template("{prefix:30!} [{bar:30}] {bytes:>10}/{total_bytes:10} {msg}")
+        .map_err(|e| anyhow!("{e}"))?
+        .progress_chars("#>.");
+    let multi = MultiProgress::new();
+    let mut bars: BTreeMap<String, ProgressBar> = BTreeMap::new();
+    let rt = runtime()?;
+    let client = reqwest::Client::new();
+    let mut quiet_polls = 0;
+    // Bound: until nothing is needed for two polls in a row (or the daemon goes away).
+    loop {
+        let status: serde_json::Value = rt.block_on(async {
+            client
+                .get(format!("http://{}/v1/status", file.addr))
+                .bearer_auth(&file.token)
+                .send()
+                .await
+                .with_context(|| format!("reaching the daemon at {}", file.addr))?
+                .json()
+                .await
+                .context("the daemon's status")
+        })?;
+        let mut seen = std::collections::BTreeSet::new();
+        for folder in status["folders"].as_array().into_iter().flatten() {
+            let name = folder["name"].as_str().unwrap_or("?");
+            for need in folder["needed"].as_array().into_iter().flatten() {
+                let key = format!("{name}/{}", need["path"].as_str().unwrap_or("?"));
+                let bar = bars.entry(key.clone()).or_insert_with(|| {
+                    let bar = multi.add(ProgressBar::new(0).with_style(style.clone()));
+                    bar.set_prefix(key.clone());
+                    bar
+                });
+                bar.set_length(need["size"].as_u64().unwrap_or(0));
+                bar.set_position(need["have_bytes"].as_u64().unwrap_or(0));
+                let sources: Vec<String> = need["sources"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|s| {
+                        format!(
+                            "{} ({}, {:.1} MiB/s)",
+                            s[0].as_str().unwrap_or("?"),
+                            s[1].as_str().unwrap_or("?"),
+                            s[2].as_f64().unwrap_or(0.0) / f64::from(1u32 << 20)
+                        )
+                    })
+                    .collect();
+                let msg = match need["waiting"].as_str() {
+                    Some(why) if sources.is_empty() => format!("waiting: {why}"),
+                    _ => format!("from {}", sources.join(", ")),
+                };
+                bar.set_message(msg);
+                if multi.is_hidden() {
+                    println!(
+                        "{key}: {} of {} bytes, {}",
+                        bar.position(),
+                        bar.length().unwrap_or(0),
+                        bar.message()
+                    );
+                }
+                seen.insert(key);
+            }
+        }
+        let gone: Vec<String> = bars.keys().filter(|k| !seen.contains(*k)).cloned().collect();
+        for key in gone {
+            if let Some(bar) = bars.remove(&key) {
+                if let Some(len) = bar.length() {
+                    bar.set_position(len);
+                }
+                bar.finish_with_message("here");
+            }
+        }
+        quiet_polls = if seen.is_empty() { quiet_polls + 1 } else { 0 };
+        if quiet_polls >= 2 {
+            println!("nothing is needed: every mapped folder's files are here");
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// Sends a command to the running daemon's local API.

@@ -216,9 +216,10 @@ fn a_transfer_killed_midway_resumes_where_it_stopped() {
     const GROUPS: u64 = 400;
     let relay = Relay::start();
     let root = tempfile::tempdir().unwrap();
-    // Alice serves slowly (2 ms a group), so Bob can be killed in the middle.
-    let (mut a, mut b) =
-        alice_shares_docs_with_bob(&relay, root.path(), &[("FEEDMESH_TEST_SERVE_DELAY_US", "2000")]);
+    // Alice serves slowly (2 ms a group), so Bob can be killed in the middle; a `p2p` folder, so
+    // Alice's device is the only source (the cloud's copy would be a faster one).
+    let slow = [("FEEDMESH_TEST_SERVE_DELAY_US", "2000")];
+    let (mut a, mut b) = alice_shares_with_bob(&relay, root.path(), &slow, &["--p2p"], &[]);
     let (da, db) = (root.path().join("alice-docs"), root.path().join("bob-docs"));
     let big: Vec<u8> = (0..GROUPS * 16 * 1024).map(|i| (i % 251) as u8 ^ (i >> 14) as u8).collect();
     std::fs::create_dir_all(&da).unwrap();
@@ -245,6 +246,10 @@ fn a_transfer_killed_midway_resumes_where_it_stopped() {
     assert!(!db.join("big.bin").exists(), "a partial file never appears under its final name");
 
     b.start();
+    // `status --watch` follows the transfer (plain lines without a terminal) and ends when
+    // nothing is needed.
+    let watched = b.ok(&["status", "--watch"]);
+    assert!(watched.ends_with("nothing is needed: every mapped folder's files are here\n"), "{watched}");
     wait_for(
         WITHIN,
         || std::fs::read(db.join("big.bin")).is_ok_and(|got| got == big),
@@ -320,6 +325,27 @@ fn a_cloud_folder_is_fetched_from_a_cloud_that_cannot_read_it() {
         || b.ok(&["status"]),
     );
     assert_eq!(std::fs::read_to_string(db.join("secret.txt")).unwrap(), text);
+    // Item 5: local applications read the files through the API.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (base, token) = b.api();
+    let get = |path: &str| {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let r =
+                reqwest::Client::new().get(format!("{base}{path}")).bearer_auth(&token).send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.headers().get("etag").map(|v| v.to_str().unwrap().to_string()),
+                r.bytes().await.unwrap(),
+            )
+        })
+    };
+    let (status, etag, body) = get("/v1/folders/docs/files/secret.txt");
+    assert_eq!((status, body.as_ref()), (200, text.as_bytes()));
+    let listed = String::from_utf8(get("/v1/folders/docs/files").2.to_vec()).unwrap();
+    assert!(listed.contains("\"here\":true") && listed.contains(etag.unwrap().trim_matches('"')), "{listed}");
+    assert_eq!(get("/v1/folders/docs/files/missing.txt").0, 404);
+    assert_eq!(get("/v1/folders/docs/files/a%2F..%2Fsecret.txt").0, 400, "a path with .. is refused");
     let metrics = &relay.cloud().metrics;
     assert!(metrics.content_groups_stored.get() >= 6, "stored {}", metrics.content_groups_stored.get());
     assert!(metrics.content_groups_served.get() >= 6, "served {}", metrics.content_groups_served.get());
