@@ -435,3 +435,101 @@ fn the_watcher_finds_local_changes_between_rounds() {
     std::fs::remove_file(da.join("old.txt")).unwrap();
     wait_for(WITHIN, || !db.join("old.txt").exists(), "the delete at bob without a scan");
 }
+
+/// A mapped directory's files (not `.feedmesh`), path -> bytes.
+fn tree(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    files_under(dir)
+        .into_iter()
+        .filter_map(|(p, bytes)| {
+            let rel = p.strip_prefix(dir).ok()?.to_string_lossy().into_owned();
+            (!rel.starts_with(".feedmesh")).then_some((rel, bytes))
+        })
+        .collect()
+}
+
+type Tree = std::collections::BTreeMap<String, Vec<u8>>;
+
+/// Waits until the devices' directories are the same and `check` holds of them (scanning each
+/// every turn); returns that tree.
+fn converged(devs: &[&Dev], dirs: &[std::path::PathBuf], what: &str, check: &dyn Fn(&Tree) -> bool) -> Tree {
+    let last = std::cell::RefCell::new(Vec::<Tree>::new());
+    wait_for_showing(
+        WITHIN,
+        || {
+            for d in devs {
+                scan(d);
+            }
+            let trees: Vec<Tree> = dirs.iter().map(|d| tree(d)).collect();
+            let done = trees.windows(2).all(|w| w[0] == w[1]) && check(&trees[0]);
+            *last.borrow_mut() = trees;
+            done
+        },
+        what,
+        || {
+            format!(
+                "{:?}",
+                last.borrow().iter().map(|t| t.keys().cloned().collect::<Vec<_>>()).collect::<Vec<_>>()
+            )
+        },
+    );
+    last.into_inner().swap_remove(0)
+}
+
+/// Issue 14's end-to-end line: a relay and three nodes of two users (Alice's two devices and
+/// Bob's) sharing a mapped folder. Files created, edited, renamed and deleted on different
+/// sides converge byte for byte in all three directories; concurrent edits (Bob's made while
+/// his device was off) leave the same conflict copy everywhere, and deleting the copy on one
+/// device resolves it everywhere, the winner staying.
+#[test]
+fn three_devices_of_two_users_converge_and_a_conflict_resolves() {
+    let relay = Relay::start();
+    let root = tempfile::tempdir().unwrap();
+    let (mut a1, mut b1) = alice_shares_docs_with_bob(&relay, root.path(), &[]);
+    let mut a2 = Dev::new(root.path(), "a2");
+    a2.ok(&["init", "--relay", &relay.url]);
+    let (code, mut pairing) = a2.pair("alice");
+    a1.ok(&["device", "approve", &code]);
+    assert!(pairing.wait().unwrap().success(), "a2 paired");
+    a2.start();
+    let dirs: Vec<std::path::PathBuf> =
+        ["a1", "a2", "b1"].iter().map(|d| root.path().join(format!("{d}-docs"))).collect();
+    for (dev, dir) in [&a1, &a2, &b1].into_iter().zip(&dirs) {
+        std::fs::create_dir_all(dir).unwrap();
+        dev.ok_eventually(&["folder", "map", "docs", dir.to_str().unwrap()], WITHIN);
+    }
+    put(&dirs[0], "from-a1.txt", "one");
+    put(&dirs[1], "from-a2.txt", "two");
+    put(&dirs[2], "sub/from-b1.txt", "three");
+    converged(&[&a1, &a2, &b1], &dirs, "three new files everywhere", &|t| t.len() == 3);
+    // An edit on a2, a rename on b1, a delete on a1.
+    put(&dirs[1], "from-a1.txt", "one, edited on a2");
+    std::fs::rename(dirs[2].join("sub/from-b1.txt"), dirs[2].join("renamed.txt")).unwrap();
+    std::fs::remove_file(dirs[0].join("from-a2.txt")).unwrap();
+    let t = converged(&[&a1, &a2, &b1], &dirs, "edit, rename and delete everywhere", &|t| {
+        t.len() == 2
+            && t.contains_key("renamed.txt")
+            && t.get("from-a1.txt").is_some_and(|b| b == b"one, edited on a2")
+    });
+    assert_eq!(t["renamed.txt"], b"three");
+
+    // Concurrent edits: Bob edits while his device is off, Alice edits on a1.
+    b1.kill();
+    put(&dirs[2], "renamed.txt", "bob's offline edit");
+    scan(&b1);
+    put(&dirs[0], "renamed.txt", "alice's edit");
+    scan(&a1);
+    b1.start();
+    let t = converged(&[&a1, &a2, &b1], &dirs, "one conflict copy everywhere", &|t| t.len() == 3);
+    let copy = t.keys().find(|k| k.contains("(conflict, ")).cloned().expect("a conflict copy");
+    let mut texts = vec![t["renamed.txt"].clone(), t[&copy].clone()];
+    texts.sort();
+    assert_eq!(texts, vec![b"alice's edit".to_vec(), b"bob's offline edit".to_vec()], "both edits kept");
+    let winner = t["renamed.txt"].clone();
+    // Resolving: a2 deletes the copy; it goes everywhere, the winner stays.
+    std::fs::remove_file(dirs[1].join(&copy)).unwrap();
+    let t = converged(&[&a1, &a2, &b1], &dirs, "the copy resolved everywhere", &|t| t.len() == 2);
+    assert_eq!(t["renamed.txt"], winner);
+    for dev in [&mut a1, &mut a2, &mut b1] {
+        dev.kill();
+    }
+}
