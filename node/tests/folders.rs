@@ -533,3 +533,66 @@ fn three_devices_of_two_users_converge_and_a_conflict_resolves() {
         dev.kill();
     }
 }
+
+/// Waits until `dev`'s status says the cloud stores all `n` files of `docs`.
+fn stored_at_cloud(dev: &Dev, n: usize) {
+    let want = format!("{n} of {n} files stored");
+    wait_for_showing(
+        WITHIN,
+        || {
+            scan(dev);
+            dev.ok(&["status"]).contains(&want)
+        },
+        &want,
+        || dev.ok(&["status"]),
+    );
+}
+
+/// Issue 14's hostile peers, end to end: Alice's device answers for a file of a `cloud` folder
+/// with wrong bytes (every group altered), then, restarted, endlessly slowly. Bob's device
+/// prefers her direct route, finds each out, routes around her to the cloud's sealed copy, and
+/// never has a wrong byte on disk: the file is whole and right, no partial holds another byte.
+#[test]
+fn a_lying_or_endlessly_slow_peer_is_routed_around() {
+    let relay = Relay::start();
+    let root = tempfile::tempdir().unwrap();
+    let lying = [("FEEDMESH_TEST_SERVE_CORRUPT", "1")];
+    let (mut a, b) = alice_shares_with_bob(&relay, root.path(), &lying, &[], &[]);
+    let (da, db) = (root.path().join("alice-docs"), root.path().join("bob-docs"));
+    let one: Vec<u8> = (0..40 * 16 * 1024).map(|i| (i % 241) as u8).collect();
+    let two: Vec<u8> = (0..40 * 16 * 1024).map(|i| (i % 239) as u8 ^ 0x5a).collect();
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::write(da.join("one.bin"), &one).unwrap();
+    age(&da.join("one.bin"));
+    a.ok(&["folder", "map", "docs", da.to_str().unwrap()]);
+    stored_at_cloud(&a, 1);
+    wait_for(WITHIN, || b.ok(&["folder", "ls"]).contains("content key 0"), "the key at bob");
+    b.ok(&["folder", "map", "docs", db.to_str().unwrap()]);
+    let whole = |name: &str, want: &[u8]| {
+        wait_for_showing(
+            WITHIN,
+            || {
+                scan(&b);
+                std::fs::read(db.join(name)).is_ok_and(|got| got == want)
+            },
+            &format!("{name} right at bob"),
+            || b.ok(&["status"]),
+        )
+    };
+    whole("one.bin", &one);
+    let served = relay.cloud().metrics.content_groups_served.get();
+    assert!(served >= 40, "the groups came from the cloud, not the lying peer ({served})");
+
+    // Now endlessly slow: 2 s a group, and no wrong bytes.
+    a.kill();
+    a.start_env(&[("FEEDMESH_TEST_SERVE_DELAY_US", "2000000")]);
+    std::fs::write(da.join("two.bin"), &two).unwrap();
+    age(&da.join("two.bin"));
+    stored_at_cloud(&a, 2);
+    whole("two.bin", &two);
+    assert!(relay.cloud().metrics.content_groups_served.get() >= served + 40, "two.bin came from the cloud");
+    // Nothing partial or wrong left behind.
+    let partial = db.join(".feedmesh/partial");
+    assert!(std::fs::read_dir(&partial).map_or(true, |d| d.count() == 0), "no partial file left");
+    assert_eq!(std::fs::read(db.join("one.bin")).unwrap(), one);
+}

@@ -38,6 +38,13 @@ fn serve_delay() -> Duration {
     })
 }
 
+/// Test hook: `FEEDMESH_TEST_SERVE_CORRUPT=1` makes this device serve every group with one
+/// byte changed (a hostile peer, for the end-to-end tests). Read once; unset in normal use.
+fn serve_corrupt() -> bool {
+    static CORRUPT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CORRUPT.get_or_init(|| std::env::var("FEEDMESH_TEST_SERVE_CORRUPT").is_ok_and(|v| v == "1"))
+}
+
 /// Most groups one request may ask for (4 MiB).
 pub const GROUPS_PER_REQUEST_MAX: u64 = 256;
 
@@ -128,6 +135,14 @@ impl Net {
         for f in &frames {
             if !serve_delay().is_zero() {
                 tokio::time::sleep(serve_delay()).await;
+            }
+            if serve_corrupt() {
+                let mut bad = f.clone();
+                if let Some(last) = bad.last_mut() {
+                    *last ^= 0x20;
+                }
+                frame::write(&mut send, &bad).await?;
+                continue;
             }
             frame::write(&mut send, f).await?;
         }
