@@ -281,10 +281,16 @@ fn carry_out(
                     return Ok(false);
                 }
             };
-            // The source was scanned with this root; it may have changed since: hash the copy.
             let tmp = tmp_path(dir, &entry.root)?;
-            std::fs::copy(&source, &tmp).with_context(|| format!("copying {}", source.display()))?;
-            if hash_file(&tmp)? != entry.root {
+            // A fetched object was verified group by group as it came and synced when whole: it
+            // is moved into place. A local source was scanned with this root and may have
+            // changed since: its copy is hashed again.
+            if source == fetched {
+                std::fs::rename(&source, &tmp).with_context(|| format!("moving {}", source.display()))?;
+            } else {
+                std::fs::copy(&source, &tmp).with_context(|| format!("copying {}", source.display()))?;
+            }
+            if source != fetched && hash_file(&tmp)? != entry.root {
                 let _ = std::fs::remove_file(&tmp);
                 if source == fetched {
                     // A fetched object that is not what it should be is fetched again.
@@ -297,9 +303,6 @@ fn carry_out(
                 stash(dir, &at, &old)?;
             }
             place(dir, &at, &tmp)?;
-            if source == fetched {
-                let _ = std::fs::remove_file(&fetched);
-            }
             base.insert(at, Synced::of(&entry, copy_of));
             out.written += 1;
         }
@@ -475,37 +478,64 @@ pub fn partial_have(dir: &Path, root: &ContentHash) -> Vec<std::ops::Range<u64>>
     if !data.exists() {
         return Vec::new();
     }
-    std::fs::read_to_string(have)
-        .ok()
-        .and_then(|t| serde_json::from_str::<Vec<(u64, u64)>>(&t).ok())
-        .map(|runs| runs.into_iter().map(|(a, b)| a..b).collect())
-        .unwrap_or_default()
+    let bytes = std::fs::read(have).unwrap_or_default();
+    // The log: one little-endian u64 group index per verified group written, appended after
+    // the group's bytes. A torn last record (a crash inside the append) is ignored.
+    let mut groups: Vec<u64> =
+        bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+    groups.sort_unstable();
+    groups.dedup();
+    let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+    for g in groups {
+        match runs.last_mut() {
+            Some(last) if last.end == g => last.end += 1,
+            _ => runs.push(g..g + 1),
+        }
+    }
+    runs
 }
 
 /// Writes verified groups into the partial file, then records the runs held (after the data is
 /// on disk: a crash loses at most the groups not yet recorded, which are fetched again).
-pub fn write_groups(
-    dir: &Path,
-    root: &ContentHash,
-    groups: &[(u64, bytes::Bytes)],
-    runs: &[std::ops::Range<u64>],
-) -> anyhow::Result<()> {
-    use std::io::{Seek, SeekFrom, Write};
-    let (data, have) = partial_paths(dir, root);
-    std::fs::create_dir_all(data.parent().expect("a partial file has a folder"))?;
-    let mut file = std::fs::File::options().create(true).truncate(false).write(true).open(&data)?;
-    for (group, bytes) in groups {
-        file.seek(SeekFrom::Start(group * engine::folder::fetch::GROUP_BYTES))?;
-        file.write_all(bytes)?;
+/// A partial file being fetched, open for writing: its data and its log of groups written.
+#[derive(Debug)]
+pub struct Partial {
+    data: std::fs::File,
+    log: std::fs::File,
+}
+
+impl Partial {
+    pub fn open(dir: &Path, root: &ContentHash) -> anyhow::Result<Self> {
+        let (data, have) = partial_paths(dir, root);
+        std::fs::create_dir_all(data.parent().expect("a partial file has a folder"))?;
+        let data = std::fs::File::options().create(true).truncate(false).write(true).open(&data)?;
+        let log = std::fs::File::options().create(true).append(true).open(&have)?;
+        Ok(Self { data, log })
     }
-    // No sync per group: a killed process loses nothing the kernel has; the whole file is
-    // synced when it is finished (and a power cut costs at most a refetch: the runs file is
-    // replaced only after the data was written).
-    let runs: Vec<(u64, u64)> = runs.iter().map(|r| (r.start, r.end)).collect();
-    let tmp = have.with_extension("have.tmp");
-    std::fs::write(&tmp, serde_json::to_string(&runs)?)?;
-    std::fs::rename(&tmp, &have)?;
-    Ok(())
+
+    /// Writes a verified group at its offset, then logs it. No sync per group: a killed process
+    /// loses nothing the kernel has; the whole file is synced when it is finished (and a power
+    /// cut costs at most a refetch: a group is logged only after its bytes were written).
+    pub fn write(&mut self, group: u64, bytes: &[u8]) -> anyhow::Result<()> {
+        use std::io::Write;
+        write_all_at(&self.data, bytes, group * engine::folder::fetch::GROUP_BYTES)?;
+        self.log.write_all(&group.to_le_bytes())?;
+        Ok(())
+    }
+}
+
+fn write_all_at(file: &std::fs::File, bytes: &[u8], at: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::FileExt::write_all_at(file, bytes, at)
+    }
+    #[cfg(not(unix))]
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut file = file;
+        file.seek(SeekFrom::Start(at))?;
+        file.write_all(bytes)
+    }
 }
 
 /// A finished partial file becomes an object (whole and verified), for the next pass to place.
@@ -532,6 +562,10 @@ pub fn content_source(
     let Some(path) = find_source(dir, &base, root, size) else { return Ok(None) };
     outboard_for(dir, &path, root, size)
 }
+
+/// Files up to this size have their outboard computed when served; larger ones keep it in
+/// `.feedmesh/outboards`.
+pub const OUTBOARD_CACHE_FROM: u64 = 1 << 20;
 
 /// Where the directory holds the content `root` whole now (no outboard: for reading it as is).
 pub fn held_path(dir: &Path, root: &ContentHash, size: u64) -> anyhow::Result<Option<PathBuf>> {
@@ -594,6 +628,12 @@ pub fn outboard_for(
     size: u64,
 ) -> anyhow::Result<Option<(PathBuf, Outboard)>> {
     let path = path.to_path_buf();
+    // A small file's outboard is cheaper to compute than to keep (a few parent hashes).
+    if size <= OUTBOARD_CACHE_FROM {
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let outboard = Outboard::of(&bytes);
+        return Ok((outboard.root == *root && bytes.len() as u64 == size).then_some((path, outboard)));
+    }
     let cache = dir.join(RESERVED_DIR).join("outboards").join(root.to_hex());
     if let Ok(bytes) = std::fs::read(&cache) {
         if let Ok(outboard) = Outboard::from_bytes(*root, size, bytes) {
@@ -607,7 +647,11 @@ pub fn outboard_for(
         return Ok(None);
     }
     std::fs::create_dir_all(cache.parent().expect("the cache has a folder"))?;
-    write_atomically(&cache, outboard.as_bytes())?;
+    // A cache: renamed into place whole, not synced (a torn one does not load and is computed
+    // again).
+    let tmp = cache.with_extension("tmp");
+    std::fs::write(&tmp, outboard.as_bytes())?;
+    std::fs::rename(&tmp, &cache)?;
     Ok(Some((path, outboard)))
 }
 

@@ -92,6 +92,11 @@ pub struct Net {
     uploads: Mutex<upload::Uploads>,
     /// File watchers on the mapped directories (`crate::watch`).
     watchers: crate::watch::Watchers,
+    /// Per folder, the contents its live files have (kept from the replica's change log): what
+    /// serving and uploading check.
+    live: Mutex<BTreeMap<FolderId, engine::folder::LiveRoots>>,
+    /// Per mapped directory, what it holds whole (rebuilt when its base changes).
+    held: Mutex<BTreeMap<std::path::PathBuf, content::Held>>,
     routes: Mutex<Routes>,
     /// Woken by local writes and cloud notices (the daemon's next round).
     pub wake: Notify,
@@ -154,6 +159,8 @@ impl Net {
             fetching: Mutex::new(std::collections::BTreeSet::new()),
             uploads: Mutex::new(upload::Uploads::default()),
             watchers: crate::watch::Watchers::default(),
+            live: Mutex::new(BTreeMap::new()),
+            held: Mutex::new(BTreeMap::new()),
             routes: Mutex::new(Routes::default()),
             wake: Notify::new(),
             timer: Arc::new(Notify::new()),

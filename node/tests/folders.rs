@@ -197,12 +197,20 @@ fn a_file_still_being_written_is_not_published() {
     assert!(export(&a, "docs").contains("fresh.txt"));
 }
 
-/// The runs of groups a partial file holds (its `.have`), as a count of groups.
-fn held(dir: &Path, root: &str) -> u64 {
+/// The groups a partial file logged as written (its `.have`: a little-endian u64 per group).
+fn logged(dir: &Path, root: &str) -> Vec<u64> {
     let have = dir.join(".feedmesh/partial").join(format!("{root}.have"));
-    let Ok(text) = std::fs::read_to_string(have) else { return 0 };
-    let runs: Vec<(u64, u64)> = serde_json::from_str(&text).unwrap_or_default();
-    runs.iter().map(|(a, b)| b - a).sum()
+    let bytes = std::fs::read(have).unwrap_or_default();
+    let mut groups: Vec<u64> =
+        bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+    groups.sort_unstable();
+    groups.dedup();
+    groups
+}
+
+/// How many groups a partial file holds.
+fn held(dir: &Path, root: &str) -> u64 {
+    logged(dir, root).len() as u64
 }
 
 fn fetched_since_start(dev: &Dev) -> u64 {
@@ -237,11 +245,9 @@ fn a_transfer_killed_midway_resumes_where_it_stopped() {
     assert!(at_kill < GROUPS, "killed before the end ({at_kill} of {GROUPS} groups)");
     // What the partial file holds is the file's own bytes (no corrupt data on disk).
     let partial = std::fs::read(db.join(".feedmesh/partial").join(&hex)).unwrap();
-    let text = std::fs::read_to_string(db.join(".feedmesh/partial").join(format!("{hex}.have"))).unwrap();
-    let runs: Vec<(u64, u64)> = serde_json::from_str(&text).unwrap();
-    for (start, end) in runs {
-        let (s, e) = ((start * 16384) as usize, (end * 16384) as usize);
-        assert!(partial[s..e] == big[s..e], "held groups {start}..{end} are the file's own");
+    for group in logged(&db, &hex) {
+        let (s, e) = ((group * 16384) as usize, ((group + 1) * 16384) as usize);
+        assert!(partial[s..e] == big[s..e], "held group {group} is the file's own");
     }
     assert!(!db.join("big.bin").exists(), "a partial file never appears under its final name");
 

@@ -19,8 +19,8 @@
 //! Usage (from the workspace root): `cargo build --release -p feedmesh-node && cargo run
 //! --release -p feedmesh-benches --bin files -- [--quick] [--json papers/results/files.json]`.
 
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -131,9 +131,11 @@ fn round(x: f64) -> f64 {
 }
 
 fn machine() -> Value {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()));
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| {
+        c.lines()
+            .find(|l| l.starts_with("model name"))
+            .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+    });
     json!({ "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), "cpu": cpu })
 }
 
@@ -219,7 +221,10 @@ fn complete(data: &Data, dir: &Path) -> bool {
 /// Checks every file byte for byte (after a run, untimed).
 fn check_same(data: &Data, dir: &Path, who: &str) -> anyhow::Result<()> {
     for (rel, _) in &data.files {
-        let (a, b) = (std::fs::read(data.root.join(rel))?, std::fs::read(dir.join(rel)).with_context(|| format!("{who}: {rel}"))?);
+        let (a, b) = (
+            std::fs::read(data.root.join(rel))?,
+            std::fs::read(dir.join(rel)).with_context(|| format!("{who}: {rel}"))?,
+        );
         if a != b {
             bail!("{who}: {rel} differs from the source");
         }
@@ -259,7 +264,10 @@ async fn bare_iroh(data: &Data, work: &Path) -> anyhow::Result<f64> {
     };
     let server = transport::endpoint(&key(), &opts).await?;
     let client = transport::endpoint(&key(), &opts).await?;
-    let addr = iroh::EndpointAddr::from_parts(server.id(), server.bound_sockets().into_iter().map(iroh::TransportAddr::Ip));
+    let addr = iroh::EndpointAddr::from_parts(
+        server.id(),
+        server.bound_sockets().into_iter().map(iroh::TransportAddr::Ip),
+    );
     let sink = work.join("bare.out");
     let receiver = {
         let (server, sink) = (server.clone(), sink.clone());
@@ -322,9 +330,19 @@ impl Drop for Daemon {
 }
 
 fn fm(bin: &Path, dir: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(bin).arg("--dir").arg(dir).args(args).env("FEEDMESH_PASSWORD", PASSWORD).stdin(Stdio::null()).output()?;
+    let out = Command::new(bin)
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .env("FEEDMESH_PASSWORD", PASSWORD)
+        .stdin(Stdio::null())
+        .output()?;
     if !out.status.success() {
-        bail!("feedmesh {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "feedmesh {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -412,14 +430,20 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// Generates a home, turns off everything that reaches beyond loopback, and starts it.
 fn syncthing(home: &Path, listen: u16) -> anyhow::Result<Syncthing> {
-    let out = Command::new("syncthing").args(["generate", "--no-default-folder"]).arg(format!("--home={}", home.display())).output()?;
+    let out = Command::new("syncthing")
+        .args(["generate", "--no-default-folder"])
+        .arg(format!("--home={}", home.display()))
+        .output()?;
     if !out.status.success() {
         bail!("syncthing generate: {}", String::from_utf8_lossy(&out.stderr));
     }
     let config = home.join("config.xml");
     let mut xml = std::fs::read_to_string(&config)?;
     for (from, to) in [
-        ("<listenAddress>default</listenAddress>".to_string(), format!("<listenAddress>tcp://127.0.0.1:{listen}</listenAddress>")),
+        (
+            "<listenAddress>default</listenAddress>".to_string(),
+            format!("<listenAddress>tcp://127.0.0.1:{listen}</listenAddress>"),
+        ),
         ("<globalAnnounceEnabled>true".into(), "<globalAnnounceEnabled>false".into()),
         ("<localAnnounceEnabled>true".into(), "<localAnnounceEnabled>false".into()),
         ("<relaysEnabled>true".into(), "<relaysEnabled>false".into()),
@@ -432,11 +456,26 @@ fn syncthing(home: &Path, listen: u16) -> anyhow::Result<Syncthing> {
         xml = xml.replace(&from, &to);
     }
     std::fs::write(&config, xml)?;
-    let id = String::from_utf8(Command::new("syncthing").args(["serve", "--device-id"]).arg(format!("--home={}", home.display())).output()?.stdout)?.trim().to_string();
+    let id = String::from_utf8(
+        Command::new("syncthing")
+            .args(["serve", "--device-id"])
+            .arg(format!("--home={}", home.display()))
+            .output()?
+            .stdout,
+    )?
+    .trim()
+    .to_string();
     let gui = format!("127.0.0.1:{}", free_port()?);
     let key = format!("bench{}", rand::rng().random::<u64>());
     let child = Command::new("syncthing")
-        .args(["serve", "--no-browser", "--no-restart", "--no-upgrade", "--no-default-folder", "--skip-port-probing"])
+        .args([
+            "serve",
+            "--no-browser",
+            "--no-restart",
+            "--no-upgrade",
+            "--no-default-folder",
+            "--skip-port-probing",
+        ])
         .arg(format!("--home={}", home.display()))
         .arg(format!("--gui-address=http://{gui}"))
         .arg(format!("--gui-apikey={key}"))
@@ -456,7 +495,8 @@ impl Syncthing {
     }
 
     fn get(&self, path: &str) -> anyhow::Result<Value> {
-        let r = Self::client().get(format!("http://{}{path}", self.gui)).header("X-API-Key", &self.key).send()?;
+        let r =
+            Self::client().get(format!("http://{}{path}", self.gui)).header("X-API-Key", &self.key).send()?;
         if !r.status().is_success() {
             bail!("syncthing GET {path}: {}", r.status());
         }
@@ -464,7 +504,11 @@ impl Syncthing {
     }
 
     fn post(&self, path: &str, body: Value) -> anyhow::Result<()> {
-        let r = Self::client().post(format!("http://{}{path}", self.gui)).header("X-API-Key", &self.key).json(&body).send()?;
+        let r = Self::client()
+            .post(format!("http://{}{path}", self.gui))
+            .header("X-API-Key", &self.key)
+            .json(&body)
+            .send()?;
         if !r.status().is_success() {
             bail!("syncthing POST {path}: {} {}", r.status(), r.text().unwrap_or_default());
         }
@@ -472,7 +516,10 @@ impl Syncthing {
     }
 
     fn add_device(&self, other: &Syncthing, port: u16) -> anyhow::Result<()> {
-        self.post("/rest/config/devices", json!({ "deviceID": other.id, "name": "peer", "addresses": [format!("tcp://127.0.0.1:{port}")] }))
+        self.post(
+            "/rest/config/devices",
+            json!({ "deviceID": other.id, "name": "peer", "addresses": [format!("tcp://127.0.0.1:{port}")] }),
+        )
     }
 
     fn add_folder(&self, path: &Path, other: &Syncthing) -> anyhow::Result<()> {
@@ -493,7 +540,9 @@ impl Syncthing {
             Ok(s) => s,
             Err(_) => return Ok(false),
         };
-        Ok(s["state"] == "idle" && s["localFiles"].as_u64() == Some(files as u64) && s["needBytes"].as_u64() == Some(0))
+        Ok(s["state"] == "idle"
+            && s["localFiles"].as_u64() == Some(files as u64)
+            && s["needBytes"].as_u64() == Some(0))
     }
 }
 

@@ -45,6 +45,12 @@ fn serve_corrupt() -> bool {
     *CORRUPT.get_or_init(|| std::env::var("FEEDMESH_TEST_SERVE_CORRUPT").is_ok_and(|v| v == "1"))
 }
 
+/// What a mapped directory holds whole, and the base's modification time it was built at.
+pub(super) type Held = (Option<std::time::SystemTime>, Arc<BTreeMap<(ContentHash, u64), PathBuf>>);
+
+/// Requests in flight to one source at once.
+pub const REQUESTS_PER_SOURCE: u32 = 32;
+
 /// Most groups one request may ask for (4 MiB).
 pub const GROUPS_PER_REQUEST_MAX: u64 = 256;
 
@@ -85,14 +91,7 @@ impl Net {
             let n = lock(&self.node);
             if n.dir().may_sync(&folder, &n.id, &peer).is_err() {
                 Err(ContentReply::NotAllowed)
-            } else if !n.replica(&folder).is_some_and(|r| {
-                r.items().any(|i| {
-                    std::iter::once(&i.version)
-                        .chain(i.conflicts.iter())
-                        .filter(|v| !v.deleted)
-                        .any(|v| FileEntry::from_version(v).is_ok_and(|e| e.root == root && e.size == size))
-                })
-            }) {
+            } else if !n.replica(&folder).is_some_and(|r| self.is_live(folder, r, &root, size)) {
                 Err(ContentReply::NotInFolder)
             } else if size > SERVE_BYTES_MAX {
                 Err(ContentReply::TooLarge)
@@ -113,8 +112,13 @@ impl Net {
         // Each group encoded from its own bytes (read at its offset) and the file's outboard
         // (computed once, kept in .feedmesh/outboards): a frame per group, so the asking device
         // verifies and keeps each as it comes.
+        let held = self.held_path(&dir, &root, size);
         let frames = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Vec<Vec<u8>>>> {
-            let Some((path, outboard)) = folders::content_source(&dir, &root, size)? else { return Ok(None) };
+            let found = match held {
+                Some(path) => folders::outboard_for(&dir, &path, &root, size)?,
+                None => folders::content_source(&dir, &root, size)?,
+            };
+            let Some((path, outboard)) = found else { return Ok(None) };
             let file = std::fs::File::open(&path)?;
             let mut frames = Vec::new();
             for group in groups {
@@ -305,7 +309,11 @@ impl Net {
         let started = Instant::now();
         let now = || started.elapsed().as_micros() as u64;
         let spread = u64::from_le_bytes(me.0[..8].try_into().unwrap_or([0; 8]));
-        let mut fetcher: Fetcher<DeviceId> = Fetcher::new(FetchConfig { spread, ..FetchConfig::default() });
+        // Many requests in flight per source: on a real link (unlike the simulator's) a request
+        // costs a stream and a round trip, and small files are a request each.
+        let config =
+            FetchConfig { spread, requests_per_source_max: REQUESTS_PER_SOURCE, ..FetchConfig::default() };
+        let mut fetcher: Fetcher<DeviceId> = Fetcher::new(config);
         for holder in &holders {
             let route = if *holder == self.cloud_id { Route::Cloud } else { Route::Direct };
             let _ = fetcher.handle_route(now(), *holder, Some(route));
@@ -321,7 +329,10 @@ impl Net {
             wants.iter().map(|w| (w.root, w.path.to_string())).collect();
         let (tx, mut rx) = mpsc::channel::<Piece>(256);
         let mut running: BTreeMap<RequestId, tokio::task::JoinHandle<()>> = BTreeMap::new();
+        // Partial files open for writing, by content (closed when whole).
+        let mut open: BTreeMap<ContentHash, folders::Partial> = BTreeMap::new();
         let mut done = 0;
+        let (mut shown, mut fetched) = (started, 0u64);
         // Bound: `within` of wall time; every turn handles a piece, a timer or ends.
         loop {
             while let Some(command) = fetcher.poll_command() {
@@ -342,12 +353,19 @@ impl Net {
             }
             while let Some(event) = fetcher.poll_event() {
                 if let Event::Done { hash } = event {
+                    open.remove(&hash);
                     if folders::finish_partial(&dir, &hash).is_ok() {
                         done += 1;
                     }
                 }
             }
-            self.show_progress(folder, &fetcher, now(), &paths);
+            // What `status` shows, at most every 200 ms (and at the end): not per group.
+            let finished = fetcher.wanted().next().is_none() || started.elapsed() >= within;
+            if finished || shown.elapsed() >= Duration::from_millis(200) {
+                self.show_progress(folder, &fetcher, now(), &paths);
+                lock(&self.node).groups_fetched += std::mem::take(&mut fetched);
+                shown = Instant::now();
+            }
             if fetcher.wanted().next().is_none() || started.elapsed() >= within {
                 break;
             }
@@ -364,16 +382,20 @@ impl Net {
                 piece = rx.recv() => match piece {
                     None => break,
                     Some(Piece::Group { id, root, group, bytes }) => {
-                        // Written, then recorded: a crash loses at most this group.
-                        let mut runs = fetcher.have(&root).unwrap_or_default();
-                        runs.push(group..group + 1);
-                        let runs = merge_runs(runs);
-                        if folders::write_groups(&dir, &root, &[(group, bytes)], &runs).is_err() {
+                        // Written, then logged: a crash loses at most this group.
+                        let written = match open.entry(root) {
+                            std::collections::btree_map::Entry::Occupied(e) => Ok(e.into_mut()),
+                            std::collections::btree_map::Entry::Vacant(e) => {
+                                folders::Partial::open(&dir, &root).map(|p| e.insert(p))
+                            }
+                        }
+                        .and_then(|p| p.write(group, &bytes));
+                        if written.is_err() {
                             fetcher.handle_failure(now(), id, Failure::Closed);
                             continue;
                         }
                         fetcher.handle_groups(now(), id, group..group + 1);
-                        lock(&self.node).groups_fetched += 1;
+                        fetched += 1;
                     }
                     Some(Piece::End { id, failure }) => {
                         running.remove(&id);
@@ -388,11 +410,42 @@ impl Net {
         for (_, task) in running {
             task.abort();
         }
+        lock(&self.node).groups_fetched += fetched;
+        self.show_progress(folder, &fetcher, now(), &paths);
         done
     }
 }
 
 impl Net {
+    /// Whether a live file of `folder` has this content (the folder's index caught up first).
+    pub(super) fn is_live(
+        &self,
+        folder: FolderId,
+        replica: &engine::replica::Replica,
+        root: &ContentHash,
+        size: u64,
+    ) -> bool {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let index = live.entry(folder).or_default();
+        index.update(replica);
+        index.contains(root, size)
+    }
+
+    /// Where the mapped directory `dir` holds `root` whole, from a map rebuilt when its base
+    /// changes (so serving many files reads the base once, not once per request).
+    fn held_path(&self, dir: &Path, root: &ContentHash, size: u64) -> Option<PathBuf> {
+        let stamp = std::fs::metadata(dir.join(engine::folder::path::RESERVED_DIR).join("base.json"))
+            .and_then(|m| m.modified())
+            .ok();
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = held.get(dir).is_some_and(|(s, _)| *s == stamp && stamp.is_some());
+        if !fresh {
+            let map = folders::held_contents(dir).ok()?;
+            held.insert(dir.to_path_buf(), (stamp, Arc::new(map)));
+        }
+        held.get(dir).and_then(|(_, map)| map.get(&(*root, size)).cloned())
+    }
+
     /// What `status` shows of a fetch: per file still needed, the share held, the sources and
     /// their rates, or why nothing is in flight.
     fn show_progress(
@@ -452,17 +505,4 @@ async fn refuse(mut send: SendStream, reply: ContentReply) -> anyhow::Result<()>
     frame::write_value(&mut send, &reply).await.map_err(|e| anyhow!("{e}"))?;
     let _ = send.finish();
     Ok(())
-}
-
-/// Sorted, merged runs.
-fn merge_runs(mut runs: Vec<Range<u64>>) -> Vec<Range<u64>> {
-    runs.sort_by_key(|r| r.start);
-    let mut out: Vec<Range<u64>> = Vec::new();
-    for run in runs {
-        match out.last_mut() {
-            Some(last) if run.start <= last.end => last.end = last.end.max(run.end),
-            _ => out.push(run),
-        }
-    }
-    out
 }

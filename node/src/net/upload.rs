@@ -16,7 +16,7 @@ use engine::control::{UploadReply, UploadState};
 use engine::directory::{FolderId, Storage};
 use engine::folder::blob::encode_group;
 use engine::folder::fetch::GROUP_BYTES;
-use engine::folder::{key_op, ring_of, ContentHash, ContentKey, LiveRoots};
+use engine::folder::{key_op, ring_of, ContentHash, ContentKey};
 use transport::{frame, Open};
 
 use super::{lock, Net};
@@ -37,8 +37,6 @@ pub struct Uploads {
     running: BTreeSet<FolderId>,
     /// Folders past quota, and since when.
     over: std::collections::BTreeMap<FolderId, Instant>,
-    /// Per folder, the contents of its live files (kept from the replica's log).
-    live: std::collections::BTreeMap<FolderId, LiveRoots>,
 }
 
 impl Net {
@@ -107,10 +105,10 @@ impl Net {
             }
             let key = ring_of(n.dir().state(), &folder, &n.key).current().cloned();
             let Some(replica) = n.replica(&folder) else { return Ok(()) };
-            let mut up = self.uploads();
-            let live = up.live.entry(folder).or_default();
-            live.update(replica);
-            (key, live.iter().copied().collect::<Vec<_>>())
+            let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            let index = live.entry(folder).or_default();
+            index.update(replica);
+            (key, index.iter().copied().collect::<Vec<_>>())
         };
         let Some(key) = key else {
             let mut n = lock(&self.node);
