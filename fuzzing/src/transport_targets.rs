@@ -22,10 +22,25 @@ fn round_trip<T: Serialize + DeserializeOwned + Bounded>(bytes: &[u8]) -> Option
 }
 
 /// The control protocol: the first byte picks the type (`Open`, `Request`, `Response`,
-/// `Notice`), the rest is its encoding (version byte, postcard), as the node and the relay read
-/// it from a frame.
+/// `Notice`; 4 and 5: Live Folders' `ContentReply` and `UploadReply`), the rest is its encoding
+/// (version byte, postcard), as the node and the relay read it from a frame.
 pub fn control(data: &[u8]) {
     let Some((&kind, rest)) = data.split_first() else { return };
+    match kind {
+        4 => {
+            let _ = round_trip::<control::ContentReply>(rest);
+            return;
+        }
+        5 => {
+            if let Some(reply) = round_trip::<control::UploadReply>(rest) {
+                if let control::UploadState::Need(runs) = &reply.state {
+                    assert!(runs.len() <= control::UPLOAD_RUNS_MAX && runs.iter().all(|(a, b)| a < b));
+                }
+            }
+            return;
+        }
+        _ => {}
+    }
     match kind % 4 {
         0 => {
             if let Some(Open::Control(request)) = round_trip::<Open>(rest) {

@@ -201,10 +201,12 @@ pub fn pass(node: &Shared, folder: &FolderId, dir: &Path) -> anyhow::Result<Pass
         for action in plan.actions {
             acted |= carry_out(node, folder, dir, &files, &mut base, action, &mut out)?;
         }
-        save_base(dir, &base)?;
+        // Only an action changes the base (a file waiting for its content does not): a pass
+        // that did nothing leaves base.json as it was (serving keys its cache on it).
         if !acted {
             break;
         }
+        save_base(dir, &base)?;
     }
     // What is still needed, for `status` (a fetch fills in sources and progress).
     let needs: Vec<FileNeed> = out
@@ -373,7 +375,7 @@ pub fn scan(
                     continue;
                 }
             };
-            let file = disk_file(&entry.path(), &meta, base.get(&path), now)?;
+            let file = disk_file(dir, &entry.path(), &meta, base.get(&path), now)?;
             files.insert(path, file);
         }
     }
@@ -399,6 +401,7 @@ fn executable(_: &std::fs::Metadata) -> bool {
 }
 
 fn disk_file(
+    dir: &Path,
     path: &Path,
     meta: &std::fs::Metadata,
     base: Option<&Synced>,
@@ -414,7 +417,7 @@ fn disk_file(
             if recent {
                 None
             } else {
-                let root = hash_file(path)?;
+                let root = hash_and_keep_outboard(dir, path, size)?;
                 // Changed while it was read: still being written.
                 let again = path.symlink_metadata()?;
                 (again.len() == size && self::mtime_ns(&again) == mtime_ns).then_some(root)
@@ -422,6 +425,30 @@ fn disk_file(
         }
     };
     Ok(DiskFile { size, mtime_ns, executable, root })
+}
+
+/// The root of a file found changed; a large one's outboard is computed in the same read and
+/// kept in `.feedmesh/outboards`, so the first peer that asks for it is served at once.
+fn hash_and_keep_outboard(dir: &Path, path: &Path, size: u64) -> anyhow::Result<ContentHash> {
+    if size <= OUTBOARD_CACHE_FROM {
+        return hash_file(path);
+    }
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let outboard = Outboard::of_reader(std::io::BufReader::with_capacity(1 << 20, file), size)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    keep_outboard(dir, &outboard)?;
+    Ok(outboard.root)
+}
+
+/// Writes an outboard to the cache: renamed into place whole, not synced (a torn one does not
+/// load and is computed again).
+fn keep_outboard(dir: &Path, outboard: &Outboard) -> anyhow::Result<()> {
+    let cache = dir.join(RESERVED_DIR).join("outboards").join(outboard.root.to_hex());
+    std::fs::create_dir_all(cache.parent().expect("the cache has a folder"))?;
+    let tmp = cache.with_extension("tmp");
+    std::fs::write(&tmp, outboard.as_bytes())?;
+    std::fs::rename(&tmp, &cache)?;
+    Ok(())
 }
 
 fn hash_file(path: &Path) -> anyhow::Result<ContentHash> {
@@ -646,12 +673,7 @@ pub fn outboard_for(
     if outboard.root != *root {
         return Ok(None);
     }
-    std::fs::create_dir_all(cache.parent().expect("the cache has a folder"))?;
-    // A cache: renamed into place whole, not synced (a torn one does not load and is computed
-    // again).
-    let tmp = cache.with_extension("tmp");
-    std::fs::write(&tmp, outboard.as_bytes())?;
-    std::fs::rename(&tmp, &cache)?;
+    keep_outboard(dir, &outboard)?;
     Ok(Some((path, outboard)))
 }
 

@@ -97,6 +97,8 @@ pub struct Net {
     live: Mutex<BTreeMap<FolderId, engine::folder::LiveRoots>>,
     /// Per mapped directory, what it holds whole (rebuilt when its base changes).
     held: Mutex<BTreeMap<std::path::PathBuf, content::Held>>,
+    /// Outboards of the large files being served (`content::Outboards`).
+    outboards: Mutex<content::Outboards>,
     routes: Mutex<Routes>,
     /// Woken by local writes and cloud notices (the daemon's next round).
     pub wake: Notify,
@@ -161,6 +163,7 @@ impl Net {
             watchers: crate::watch::Watchers::default(),
             live: Mutex::new(BTreeMap::new()),
             held: Mutex::new(BTreeMap::new()),
+            outboards: Mutex::new(BTreeMap::new()),
             routes: Mutex::new(Routes::default()),
             wake: Notify::new(),
             timer: Arc::new(Notify::new()),
@@ -917,14 +920,19 @@ impl Net {
         tokio::spawn(self.clone().serve_incoming());
         let mut backoff = Duration::from_secs(1);
         loop {
-            let wait = match self.sync_all().await {
+            let t = std::time::Instant::now();
+            let synced = self.sync_all().await;
+            tracing::info!(seconds = t.elapsed().as_secs_f64(), "sync round");
+            let wait = match synced {
                 Ok(mut round) => {
                     backoff = Duration::from_secs(1);
                     // Mapped directories: publish what changed on disk, write what the folders
                     // brought (off the async threads: it reads and hashes files).
                     let node = self.node.clone();
                     self.watch_mapped();
+                    let t = std::time::Instant::now();
                     let passes = tokio::task::spawn_blocking(move || crate::folders::pass_all(&node)).await;
+                    tracing::info!(seconds = t.elapsed().as_secs_f64(), "passes");
                     let mut wrote = false;
                     for (folder, dir, pass) in passes.unwrap_or_default() {
                         match pass {

@@ -56,7 +56,11 @@ impl Watchers {
                     wake();
                     return;
                 };
-                if !event.paths.is_empty() && event.paths.iter().all(|p| ours(&root, p)) {
+                // Reads (serving a file to a peer opens it) change nothing; nor does the daemon's
+                // own bookkeeping.
+                if matches!(event.kind, notify::EventKind::Access(_))
+                    || (!event.paths.is_empty() && event.paths.iter().all(|p| ours(&root, p)))
+                {
                     return;
                 }
                 wake();

@@ -44,6 +44,9 @@ struct Args {
     /// Leave Syncthing out even when it is installed.
     #[arg(long)]
     no_syncthing: bool,
+    /// Only one data set: `large` or `small`.
+    #[arg(long, value_parser = ["large", "small"])]
+    only: Option<String>,
 }
 
 const PASSWORD: &str = "benchmark password";
@@ -79,10 +82,16 @@ fn main() -> anyhow::Result<()> {
     };
     let (big, count) = if args.quick { (64u64 << 20, 500) } else { (1u64 << 30, 10_000) };
     eprintln!("generating data in {} ...", work.display());
-    let sets = [large(&work.join("large"), big)?, tree(&work.join("tree"), count)?];
+    let mut sets = Vec::new();
+    if args.only.as_deref() != Some("small") {
+        sets.push(large(&work.join("large"), big)?);
+    }
+    if args.only.as_deref() != Some("large") {
+        sets.push(tree(&work.join("tree"), count)?);
+    }
     let syncthing = !args.no_syncthing && Command::new("syncthing").arg("--version").output().is_ok();
     if !syncthing {
-        eprintln!("syncthing is not installed (apt-get install syncthing): its column is left out");
+        eprintln!("Syncthing left out (--no-syncthing, or not installed: apt-get install syncthing)");
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut results = Vec::new();
@@ -363,7 +372,7 @@ fn daemon(bin: &Path, dir: &Path) -> anyhow::Result<Daemon> {
         .arg("--dir")
         .arg(dir)
         .args(["run", "--interval", "1"])
-        .env("FEEDMESH_LOG", "error")
+        .env("FEEDMESH_LOG", std::env::var("FEEDMESH_BENCH_LOG").unwrap_or_else(|_| "error".into()))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()?;

@@ -778,10 +778,18 @@ impl<P: Ord + Clone> Fetcher<P> {
     /// Issues requests while some wanted file has a missing run and a usable source with room;
     /// then, with what room is left, endgame twins.
     fn schedule(&mut self, now: Micros) {
-        let hashes: Vec<ContentHash> = self.order.values().copied().collect();
         for endgame in [false, true] {
+            // Walked by key, not copied: this runs after every event, and with thousands of
+            // files wanted a copy of the order per event cost more than the scheduling.
+            let mut after: Option<u64> = None;
             // Bound: FETCHES_MAX files, each looked at once per pass.
-            for hash in &hashes {
+            loop {
+                let next = match after {
+                    None => self.order.iter().next(),
+                    Some(seq) => self.order.range(seq.saturating_add(1)..).next(),
+                };
+                let Some((&seq, &hash)) = next else { break };
+                after = Some(seq);
                 if !self
                     .sources
                     .values()
@@ -789,7 +797,7 @@ impl<P: Ord + Clone> Fetcher<P> {
                 {
                     return;
                 }
-                self.schedule_fetch(now, *hash, endgame);
+                self.schedule_fetch(now, hash, endgame);
             }
         }
     }

@@ -48,6 +48,15 @@ fn serve_corrupt() -> bool {
 /// What a mapped directory holds whole, and the base's modification time it was built at.
 pub(super) type Held = (Option<std::time::SystemTime>, Arc<BTreeMap<(ContentHash, u64), PathBuf>>);
 
+/// Large files whose outboards are kept in memory while they are served.
+pub const OUTBOARDS_KEPT: usize = 16;
+
+/// Outboards of large files being served, each read or computed once for all the requests.
+pub(super) type Outboards = BTreeMap<
+    (ContentHash, u64),
+    Arc<tokio::sync::OnceCell<Option<(PathBuf, Arc<engine::folder::Outboard>)>>>,
+>;
+
 /// Requests in flight to one source at once.
 pub const REQUESTS_PER_SOURCE: u32 = 32;
 
@@ -113,12 +122,10 @@ impl Net {
         // (computed once, kept in .feedmesh/outboards): a frame per group, so the asking device
         // verifies and keeps each as it comes.
         let held = self.held_path(&dir, &root, size);
+        let Some((path, outboard)) = self.source_of(&dir, held, root, size).await? else {
+            return refuse(send, ContentReply::NotHeld).await;
+        };
         let frames = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Vec<Vec<u8>>>> {
-            let found = match held {
-                Some(path) => folders::outboard_for(&dir, &path, &root, size)?,
-                None => folders::content_source(&dir, &root, size)?,
-            };
-            let Some((path, outboard)) = found else { return Ok(None) };
             let file = std::fs::File::open(&path)?;
             let mut frames = Vec::new();
             for group in groups {
@@ -134,7 +141,11 @@ impl Net {
             Ok(Some(frames))
         })
         .await??;
-        let Some(frames) = frames else { return refuse(send, ContentReply::NotHeld).await };
+        let Some(frames) = frames else {
+            // Changed on disk: what is kept of it is stale.
+            self.outboards.lock().unwrap_or_else(|p| p.into_inner()).remove(&(root, size));
+            return refuse(send, ContentReply::NotHeld).await;
+        };
         frame::write_value(&mut send, &ContentReply::Ok).await?;
         for f in &frames {
             if !serve_delay().is_zero() {
@@ -319,12 +330,21 @@ impl Net {
             let _ = fetcher.handle_route(now(), *holder, Some(route));
         }
         let mut sizes: BTreeMap<ContentHash, u64> = BTreeMap::new();
-        for want in &wants {
-            let have = folders::partial_have(&dir, &want.root);
-            if fetcher.want(now(), want.root, want.size, &have, &holders).is_ok() {
-                sizes.insert(want.root, want.size);
+        // The scheduler holds at most FETCHES_MAX files: the rest wait here and go in as
+        // files finish, so one fetch runs through any number of files without a pause.
+        let mut queue: std::collections::VecDeque<&FileEntry> = wants.iter().collect();
+        let mut top_up = |fetcher: &mut Fetcher<DeviceId>, sizes: &mut BTreeMap<ContentHash, u64>| {
+            // Bound: the queue, each entry taken once.
+            while sizes.len() < engine::folder::fetch::FETCHES_MAX {
+                let Some(want) = queue.pop_front() else { break };
+                let have = folders::partial_have(&dir, &want.root);
+                if fetcher.want(now(), want.root, want.size, &have, &holders).is_ok() {
+                    sizes.insert(want.root, want.size);
+                }
             }
-        }
+            !queue.is_empty()
+        };
+        let mut queued = top_up(&mut fetcher, &mut sizes);
         let paths: BTreeMap<ContentHash, String> =
             wants.iter().map(|w| (w.root, w.path.to_string())).collect();
         let (tx, mut rx) = mpsc::channel::<Piece>(256);
@@ -332,6 +352,7 @@ impl Net {
         // Partial files open for writing, by content (closed when whole).
         let mut open: BTreeMap<ContentHash, folders::Partial> = BTreeMap::new();
         let mut done = 0;
+        let mut finishing: Vec<tokio::task::JoinHandle<anyhow::Result<()>>> = Vec::new();
         let (mut shown, mut fetched) = (started, 0u64);
         // Bound: `within` of wall time; every turn handles a piece, a timer or ends.
         loop {
@@ -354,19 +375,24 @@ impl Net {
             while let Some(event) = fetcher.poll_event() {
                 if let Event::Done { hash } = event {
                     open.remove(&hash);
-                    if folders::finish_partial(&dir, &hash).is_ok() {
-                        done += 1;
-                    }
+                    sizes.remove(&hash);
+                    // Synced and moved off this loop, many at once: a file system commits
+                    // concurrent syncs together (one journal commit for many small files).
+                    let dir = dir.clone();
+                    finishing.push(tokio::task::spawn_blocking(move || folders::finish_partial(&dir, &hash)));
                 }
             }
+            if queued {
+                queued = top_up(&mut fetcher, &mut sizes);
+            }
             // What `status` shows, at most every 200 ms (and at the end): not per group.
-            let finished = fetcher.wanted().next().is_none() || started.elapsed() >= within;
+            let finished = (fetcher.wanted().next().is_none() && !queued) || started.elapsed() >= within;
             if finished || shown.elapsed() >= Duration::from_millis(200) {
                 self.show_progress(folder, &fetcher, now(), &paths);
                 lock(&self.node).groups_fetched += std::mem::take(&mut fetched);
                 shown = Instant::now();
             }
-            if fetcher.wanted().next().is_none() || started.elapsed() >= within {
+            if finished {
                 break;
             }
             // Nothing in flight and nothing to wait for soon (no holder, or every one backing
@@ -410,6 +436,12 @@ impl Net {
         for (_, task) in running {
             task.abort();
         }
+        for finish in finishing {
+            if matches!(finish.await, Ok(Ok(()))) {
+                done += 1;
+            }
+        }
+        tracing::info!(%folder, wanted = wants.len(), done, seconds = started.elapsed().as_secs_f64(), "content fetch ended");
         lock(&self.node).groups_fetched += fetched;
         self.show_progress(folder, &fetcher, now(), &paths);
         done
@@ -444,6 +476,44 @@ impl Net {
             held.insert(dir.to_path_buf(), (stamp, Arc::new(map)));
         }
         held.get(dir).and_then(|(_, map)| map.get(&(*root, size)).cloned())
+    }
+
+    /// Where `root` is read from and its outboard. A large file's outboard is read (or computed)
+    /// once and shared by every request for it while it is served ([`OUTBOARDS_KEPT`] files);
+    /// a small file's is computed from its bytes.
+    async fn source_of(
+        &self,
+        dir: &Path,
+        held: Option<PathBuf>,
+        root: ContentHash,
+        size: u64,
+    ) -> anyhow::Result<Option<(PathBuf, Arc<engine::folder::Outboard>)>> {
+        let lookup = {
+            let dir = dir.to_path_buf();
+            move || -> anyhow::Result<Option<(PathBuf, Arc<engine::folder::Outboard>)>> {
+                let found = match held {
+                    Some(path) => folders::outboard_for(&dir, &path, &root, size)?,
+                    None => folders::content_source(&dir, &root, size)?,
+                };
+                Ok(found.map(|(p, o)| (p, Arc::new(o))))
+            }
+        };
+        if size <= folders::OUTBOARD_CACHE_FROM {
+            return tokio::task::spawn_blocking(lookup).await?;
+        }
+        let cell = {
+            let mut kept = self.outboards.lock().unwrap_or_else(|p| p.into_inner());
+            if kept.len() >= OUTBOARDS_KEPT && !kept.contains_key(&(root, size)) {
+                kept.pop_first();
+            }
+            kept.entry((root, size)).or_default().clone()
+        };
+        let found =
+            cell.get_or_try_init(|| async { tokio::task::spawn_blocking(lookup).await? }).await?.clone();
+        if found.is_none() {
+            self.outboards.lock().unwrap_or_else(|p| p.into_inner()).remove(&(root, size));
+        }
+        Ok(found)
     }
 
     /// What `status` shows of a fetch: per file still needed, the share held, the sources and
