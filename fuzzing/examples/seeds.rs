@@ -442,6 +442,20 @@ fn control_and_frame_seeds(out: &mut Out, messages: &[Vec<u8>]) {
         }
     }
     out.put("control", "open-sync", &with_mode(0, engine::control::encode(&Open::Sync)));
+    // Live Folders: a content request and an upload as they open streams, and the replies.
+    let folder = engine::directory::FolderId([7; 16]);
+    let content = Open::Content { folder, root: [9; 32], size: 100_000, start: 0, end: 7 };
+    out.put("control", "open-content", &with_mode(0, engine::control::encode(&content)));
+    let upload = Open::Upload { folder, root: [9; 32], size: 100_000, epoch: 1 };
+    out.put("control", "open-upload", &with_mode(0, engine::control::encode(&upload)));
+    let sealed = engine::control::ContentReply::Sealed { epoch: 1 };
+    out.put("control", "content-reply-sealed", &with_mode(4, engine::control::encode(&sealed)));
+    let need = engine::control::UploadReply {
+        state: engine::control::UploadState::Need(vec![(0, 3), (5, 7)]),
+        used: 1 << 20,
+        quota: 5_000_000_000,
+    };
+    out.put("control", "upload-reply-need", &with_mode(5, engine::control::encode(&need)));
     for (label, response) in &responses {
         out.put("control", &format!("response-{label}"), &with_mode(2, engine::control::encode(response)));
     }

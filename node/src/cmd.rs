@@ -786,8 +786,16 @@ async fn folder_cmd(ctx: &Ctx, command: FolderCmd) -> anyhow::Result<String> {
                 n.make(Op::SetStorage { folder, storage: engine::directory::Storage::P2p })?;
             }
             n.make(Op::Map { folder })?;
-            let kept = if p2p { "content between devices only" } else { "content also at the cloud, sealed" };
-            format!("created folder {name} {} ({kept})\n", hex(&folder.0))
+            // The folder's first content key, with the folder (the daemon shares it with the
+            // readers who join later).
+            if let Ok(Some(op)) =
+                engine::folder::key_op(n.dir().state(), &folder, &n.key, crate::state::random32)
+            {
+                n.make(op)?;
+            }
+            // The id stays the last word (scripts take it from there).
+            let kind = if p2p { "p2p" } else { "cloud" };
+            format!("created {kind} folder {name} {}\n", hex(&folder.0))
         }
         FolderCmd::Storage { folder, storage } => {
             let folder = n.folder(&folder)?;

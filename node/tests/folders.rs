@@ -352,6 +352,19 @@ fn a_cloud_folder_is_fetched_from_a_cloud_that_cannot_read_it() {
     assert!(listed.contains("\"here\":true") && listed.contains(etag.unwrap().trim_matches('"')), "{listed}");
     assert_eq!(get("/v1/folders/docs/files/missing.txt").0, 404);
     assert_eq!(get("/v1/folders/docs/files/a%2F..%2Fsecret.txt").0, 400, "a path with .. is refused");
+    // The relay's HTTP API shows the usage against the quota.
+    let users = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let r = reqwest::Client::new()
+            .get(format!("{}/v1/users", relay.url))
+            .bearer_auth(relay.admin_token())
+            .send()
+            .await
+            .unwrap();
+        r.json::<serde_json::Value>().await.unwrap()
+    });
+    let alice = users["users"].as_array().unwrap().iter().find(|u| u["name"] == "alice").unwrap();
+    assert!(alice["content_bytes"].as_u64().unwrap() > text.len() as u64, "{users}");
+    assert_eq!(alice["content_quota"].as_u64(), Some(5_000_000_000), "{users}");
     let metrics = &relay.cloud().metrics;
     assert!(metrics.content_groups_stored.get() >= 6, "stored {}", metrics.content_groups_stored.get());
     assert!(metrics.content_groups_served.get() >= 6, "served {}", metrics.content_groups_served.get());
