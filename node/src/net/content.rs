@@ -69,20 +69,6 @@ enum Piece {
     End { id: RequestId, failure: Option<Failure> },
 }
 
-pub(super) fn read_exact_at(file: &std::fs::File, buf: &mut [u8], at: u64) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        std::os::unix::fs::FileExt::read_exact_at(file, buf, at)
-    }
-    #[cfg(not(unix))]
-    {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut file = file;
-        file.seek(SeekFrom::Start(at))?;
-        file.read_exact(buf)
-    }
-}
-
 impl Net {
     /// Answers a peer's `Open::Content`: checks it may sync the folder with this device and that
     /// a live file of the folder has that content, then sends the groups from the mapped
@@ -132,7 +118,7 @@ impl Net {
                 let start = group * GROUP_BYTES;
                 let len = (size - start).min(GROUP_BYTES) as usize;
                 let mut bytes = vec![0u8; len];
-                read_exact_at(&file, &mut bytes, start)?;
+                folders::read_exact_at(&file, &mut bytes, start)?;
                 match encode_group(&bytes, group, &outboard) {
                     Ok(frame) => frames.push(frame),
                     Err(_) => return Ok(None), // Changed on disk: not held any more.

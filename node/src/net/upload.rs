@@ -207,7 +207,7 @@ impl Net {
                         let offset = group * GROUP_BYTES;
                         let len = (size.saturating_sub(offset)).min(GROUP_BYTES) as usize;
                         let mut bytes = vec![0u8; len];
-                        super::content::read_exact_at(&file, &mut bytes, offset)?;
+                        folders::read_exact_at(&file, &mut bytes, offset)?;
                         let plain = encode_group(&bytes, group, &outboard)
                             .map_err(|_| anyhow!("{} changed on disk", path.display()))?;
                         let mut frame = group.to_le_bytes().to_vec();
