@@ -97,10 +97,15 @@ fn main() -> anyhow::Result<()> {
     let mut results = Vec::new();
     for data in &sets {
         eprintln!("{}: {} files, {:.1} MiB", data.name, data.files.len(), data.bytes() as f64 / 1048576.0);
+        // Every run starts with nothing dirty in the page cache: the data just generated, or
+        // what the run before wrote, would otherwise be written back during the next one.
+        settle();
         let bare = rt.block_on(bare_iroh(data, &work))?;
+        settle();
         eprintln!("  bare iroh stream: {bare:.2} s");
         let ours = run_feedmesh(&rt, &feedmesh, data, &work)?;
         eprintln!("  feedmesh: {ours:.2} s");
+        settle();
         let theirs = if syncthing { Some(run_syncthing(data, &work)?) } else { None };
         if let Some(s) = theirs {
             eprintln!("  syncthing: {s:.2} s");
@@ -133,6 +138,11 @@ fn main() -> anyhow::Result<()> {
     println!("{}", table(&out));
     println!("written to {}", args.json.display());
     Ok(())
+}
+
+/// Flushes what is dirty (sync(1)) so a run does not pay for the one before.
+fn settle() {
+    let _ = Command::new("sync").status();
 }
 
 fn round(x: f64) -> f64 {
