@@ -922,7 +922,7 @@ impl Net {
         loop {
             let t = std::time::Instant::now();
             let synced = self.sync_all().await;
-            tracing::info!(seconds = t.elapsed().as_secs_f64(), "sync round");
+            tracing::debug!(seconds = t.elapsed().as_secs_f64(), "sync round");
             let wait = match synced {
                 Ok(mut round) => {
                     backoff = Duration::from_secs(1);
@@ -932,7 +932,7 @@ impl Net {
                     self.watch_mapped();
                     let t = std::time::Instant::now();
                     let passes = tokio::task::spawn_blocking(move || crate::folders::pass_all(&node)).await;
-                    tracing::info!(seconds = t.elapsed().as_secs_f64(), "passes");
+                    tracing::debug!(seconds = t.elapsed().as_secs_f64(), "passes");
                     let mut wrote = false;
                     for (folder, dir, pass) in passes.unwrap_or_default() {
                         match pass {
