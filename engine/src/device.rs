@@ -15,6 +15,15 @@
 //! device's skew (the simulator). Randomness (session ids, the replica epoch) comes from the
 //! caller.
 //!
+//! File content (Live Folders) goes through the same device: per folder, the content scheduler
+//! ([`crate::folder::Fetcher`]) that chooses which peer each range of a wanted file comes from.
+//! The driver says what the device wants ([`Device::want_content`]) and what it learnt about
+//! holders and routes, carries out the scheduler's requests ([`Device::poll_content`]), feeds back
+//! each verified group or failure, and sees completions ([`Device::poll_content_event`]); the
+//! scheduler's timers are the device's ([`Device::poll_timeout`], [`Device::handle_timeout`]).
+//! Content is not in [`Event`] because its events belong to the driver's per-folder transfer
+//! loop, not to the session driver.
+//!
 //! Persistence and crashes: each [`Persist`] is what the driver must commit before it sends any
 //! transmit polled after it. A crash loses everything not committed: sessions, cursors, pending
 //! requests, and merges whose commit did not happen. The driver restarts the device from its
@@ -31,6 +40,8 @@ use crate::authz::{Credentials, Policy};
 use crate::control::{self, ControlError, Notice, PeerAddr, Request, Response};
 use crate::directory::{Directory, FolderId, SignedChange, CHANGES_PER_BATCH_MAX};
 use crate::feedsync::{Edit, Endpoint, FeedsyncError, Item, ItemId, When};
+use crate::folder::fetch::{self, Failure, FetchConfig, FetchError, Fetcher, RequestId, Route};
+use crate::folder::ContentHash;
 use crate::replica::Replica;
 use crate::sessions::{Commit, Ended, Peer, Sessions, Stream, Transmit};
 use crate::signing::{DeviceId, DeviceKey};
@@ -65,6 +76,8 @@ pub struct DeviceConfig {
     pub request_rto_max_us: Micros,
     /// Refresh the ticket when half of its lifetime is over.
     pub refresh_tickets: bool,
+    /// The content scheduler's configuration (each folder's [`Fetcher`] starts from it).
+    pub content: std::sync::Arc<FetchConfig>,
 }
 
 impl Default for DeviceConfig {
@@ -74,6 +87,7 @@ impl Default for DeviceConfig {
             request_rto_us: 1_000_000,
             request_rto_max_us: 30_000_000,
             refresh_tickets: true,
+            content: Default::default(),
         }
     }
 }
@@ -197,6 +211,10 @@ pub struct Device<P: Peer> {
     next_request: u64,
     events: VecDeque<Event<P>>,
     persist: VecDeque<Persist<P>>,
+    content_cfg: std::sync::Arc<FetchConfig>,
+    /// Per folder with a transfer under way, its content scheduler. Bound: one per folder of
+    /// the directory the driver asked content for (the driver ends it, [`Device::end_content`]).
+    content: std::collections::BTreeMap<FolderId, Box<Fetcher<P>>>,
 }
 
 impl<P: Peer> Device<P> {
@@ -238,11 +256,13 @@ impl<P: Peer> Device<P> {
                 request_rto_max_us: cfg.request_rto_max_us,
                 refresh_tickets: cfg.refresh_tickets,
             },
+            content_cfg: cfg.content,
             sessions: Sessions::new(cfg.sync),
             requests: Vec::new(),
             next_request: 1,
             events: VecDeque::new(),
             persist: VecDeque::new(),
+            content: Default::default(),
         };
         for (folder, replica) in replicas {
             device.install(folder, replica);
@@ -268,6 +288,7 @@ impl<P: Peer> Device<P> {
             request_rto_us: self.cfg.request_rto_us,
             request_rto_max_us: self.cfg.request_rto_max_us,
             refresh_tickets: self.cfg.refresh_tickets,
+            content: self.content_cfg.clone(),
         }
     }
 
@@ -719,6 +740,9 @@ impl<P: Peer> Device<P> {
                 let _ = self.request(now, Request::Ticket);
             }
         }
+        for fetcher in self.content.values_mut() {
+            fetcher.handle_timeout(now);
+        }
         self.drain();
     }
 
@@ -731,6 +755,8 @@ impl<P: Peer> Device<P> {
         self.requests.clear();
         self.events.clear();
         self.persist.clear();
+        // Transfers in flight are lost with the process; the driver wants again what it lacks.
+        self.content.clear();
         self.epoch = epoch;
         if let Some(state) = self.dir.as_mut() {
             state.cloud_heads.clear();
@@ -742,6 +768,125 @@ impl<P: Peer> Device<P> {
             // A ticket from before the crash may be near its end: refresh at once.
             k.ticket_due = self.cfg.refresh_tickets.then_some(0);
         }
+    }
+
+    // ------------------------------------------------------------------ content
+
+    /// Fetch `hash` (`size` bytes, of which the groups `have` are held already) for `folder`
+    /// from `holders` (for a keyed device, [`Device::content_holders`] names them). Wanting it
+    /// again adds holders. Starts the folder's scheduler if none runs.
+    pub fn want_content(
+        &mut self,
+        now: Micros,
+        folder: FolderId,
+        hash: ContentHash,
+        size: u64,
+        have: &[std::ops::Range<u64>],
+        holders: &[P],
+    ) -> Result<(), FetchError> {
+        let cfg = &self.content_cfg;
+        let fetcher = self.content.entry(folder).or_insert_with(|| Box::new(Fetcher::new((**cfg).clone())));
+        fetcher.want(now, hash, size, have, holders)
+    }
+
+    /// The devices that may hold a file of `folder`: its other mapping devices, by the directory
+    /// (the driver adds the cloud for a `cloud` folder, under the cloud's handle).
+    pub fn content_holders(&self, folder: &FolderId) -> Vec<DeviceId> {
+        let me = self.id();
+        self.directory()
+            .folder(folder)
+            .map(|f| f.mapped.iter().copied().filter(|d| Some(*d) != me).collect())
+            .unwrap_or_default()
+    }
+
+    /// Stop fetching `hash` for `folder` (deleted, replaced, or found elsewhere).
+    pub fn unwant_content(&mut self, now: Micros, folder: FolderId, hash: &ContentHash) {
+        if let Some(f) = self.content.get_mut(&folder) {
+            f.unwant(now, hash);
+        }
+    }
+
+    /// How `peer` is reached now (`None`: not at all), for `folder`'s transfers (told before
+    /// the first want, it starts the folder's scheduler).
+    pub fn handle_content_route(
+        &mut self,
+        now: Micros,
+        folder: FolderId,
+        peer: P,
+        route: Option<Route>,
+    ) -> Result<(), FetchError> {
+        let cfg = &self.content_cfg;
+        let fetcher = self.content.entry(folder).or_insert_with(|| Box::new(Fetcher::new((**cfg).clone())));
+        fetcher.handle_route(now, peer, route)
+    }
+
+    /// `peer` holds `hash` whole (it said so, or wrote it).
+    pub fn handle_content_holder(&mut self, now: Micros, folder: FolderId, peer: P, hash: ContentHash) {
+        if let Some(f) = self.content.get_mut(&folder) {
+            f.handle_holder(now, peer, hash);
+        }
+    }
+
+    /// `peer` holds the groups `runs` of `hash` (a device fetching it too).
+    pub fn handle_content_holder_runs(
+        &mut self,
+        now: Micros,
+        folder: FolderId,
+        peer: P,
+        hash: ContentHash,
+        runs: &[std::ops::Range<u64>],
+    ) -> Result<(), FetchError> {
+        match self.content.get_mut(&folder) {
+            Some(f) => f.handle_holder_runs(now, peer, hash, runs),
+            None => Ok(()),
+        }
+    }
+
+    /// Request `id` of `folder` brought the verified (and stored) groups `groups`.
+    pub fn handle_content_groups(
+        &mut self,
+        now: Micros,
+        folder: FolderId,
+        id: RequestId,
+        groups: std::ops::Range<u64>,
+    ) {
+        if let Some(f) = self.content.get_mut(&folder) {
+            f.handle_groups(now, id, groups);
+        }
+    }
+
+    /// Request `id` of `folder` ended before all its groups came, for `why`.
+    pub fn handle_content_failure(&mut self, now: Micros, folder: FolderId, id: RequestId, why: Failure) {
+        if let Some(f) = self.content.get_mut(&folder) {
+            f.handle_failure(now, id, why);
+        }
+    }
+
+    /// The next request (or cancel) `folder`'s scheduler asks the driver to carry out.
+    pub fn poll_content(&mut self, folder: FolderId) -> Option<fetch::Command<P>> {
+        self.content.get_mut(&folder)?.poll_command()
+    }
+
+    /// The next completion, stall or corrupt source of `folder`'s transfers.
+    pub fn poll_content_event(&mut self, folder: FolderId) -> Option<fetch::Event<P>> {
+        self.content.get_mut(&folder)?.poll_event()
+    }
+
+    /// The next deadline of `folder`'s transfers alone (a driver's per-folder loop sleeps to it;
+    /// [`Device::poll_timeout`] includes it).
+    pub fn content_timeout(&self, folder: FolderId) -> Option<Micros> {
+        self.content.get(&folder)?.poll_timeout()
+    }
+
+    /// `folder`'s scheduler, to read progress, what is held and what is wanted.
+    pub fn content(&self, folder: FolderId) -> Option<&Fetcher<P>> {
+        self.content.get(&folder).map(|f| &**f)
+    }
+
+    /// The driver's transfer loop for `folder` ended (its requests are gone): the scheduler goes
+    /// with it, and the next transfer starts from what the driver holds then.
+    pub fn end_content(&mut self, folder: FolderId) {
+        self.content.remove(&folder);
     }
 
     // ------------------------------------------------------------------ output
@@ -760,11 +905,13 @@ impl<P: Peer> Device<P> {
         pop(&mut self.events)
     }
 
-    /// The earliest deadline: a session's, a request retry's, or the ticket refresh.
+    /// The earliest deadline: a session's, a request retry's, the ticket refresh, or a content
+    /// transfer's (a stalled request, a back-off's end).
     pub fn poll_timeout(&self) -> Option<Micros> {
         let requests = self.requests.iter().map(|p| p.deadline).min();
         let ticket_due = self.keys.as_ref().and_then(|k| k.ticket_due);
-        [self.sessions.poll_timeout(), requests, ticket_due].into_iter().flatten().min()
+        let content = self.content.values().filter_map(|f| f.poll_timeout()).min();
+        [self.sessions.poll_timeout(), requests, ticket_due, content].into_iter().flatten().min()
     }
 
     /// Moves the session table's output into the device's queues.
@@ -800,6 +947,10 @@ impl<P: Peer> Device<P> {
         }
         for (_, r) in &self.replicas {
             r.check_structure()?;
+        }
+        for fetcher in self.content.values() {
+            // Panics on a broken invariant (its own tests' contract), like the simulator's checks.
+            fetcher.check_invariants();
         }
         Ok(())
     }

@@ -246,3 +246,54 @@ fn a_directory_push_carries_only_what_the_cloud_lacks() {
     assert_eq!(push(&mut d, &mut c, 4), 2, "after a restart, everything once");
     assert_eq!(push(&mut d, &mut c, 5), 0);
 }
+
+/// Live Folders' content through the device: the folder's scheduler starts with a want, its
+/// requests come out of `poll_content`, verified groups finish the file, a silent source stalls
+/// at the device's own deadline (`poll_timeout`, `handle_timeout`) and the file goes to the
+/// other holder, and a restart or the driver's end of the transfer forgets it.
+#[test]
+fn content_is_fetched_through_the_device_and_its_timers() {
+    use engine::folder::fetch::{Command, Event as Fetched, Route, GROUP_BYTES};
+    use engine::folder::ContentHash;
+    let folder = OPEN_FOLDER;
+    let hash = ContentHash::of(b"a file");
+    let size = 3 * GROUP_BYTES;
+    let (slow, honest) = (1u8, 2u8);
+    let mut d = device("a", 1);
+    assert!(d.poll_content(folder).is_none() && d.content(folder).is_none());
+    d.handle_content_route(0, folder, slow, Some(Route::Lan)).unwrap();
+    d.handle_content_route(0, folder, honest, Some(Route::Relayed)).unwrap();
+    let held = vec![0..1u64];
+    d.want_content(0, folder, hash, size, &held, &[slow]).unwrap();
+    // Group 0 is held: the request asks the nearest holder for the rest.
+    let Some(Command::Request(first)) = d.poll_content(folder) else { panic!("no request") };
+    assert_eq!((first.peer, first.hash, first.groups.clone()), (slow, hash, 1..3));
+    assert!(d.poll_content(folder).is_none());
+    // The device's next deadline is the request's stall; nothing happens before it.
+    let stall = d.poll_timeout().expect("a stall deadline");
+    d.handle_timeout(stall - 1);
+    assert!(d.poll_content_event(folder).is_none());
+    d.handle_content_holder(1, folder, honest, hash);
+    d.handle_timeout(stall);
+    assert!(matches!(d.poll_content_event(folder), Some(Fetched::Stalled { peer, .. }) if peer == slow));
+    // The stalled request is cancelled and the other holder asked.
+    let mut asked = None;
+    while let Some(c) = d.poll_content(folder) {
+        if let Command::Request(r) = c {
+            asked = Some(r);
+        }
+    }
+    let again = asked.expect("the other holder is asked");
+    assert_eq!((again.peer, again.groups.clone()), (honest, 1..3));
+    d.handle_content_groups(stall + 1, folder, again.id, 1..3);
+    assert_eq!(d.poll_content_event(folder), Some(Fetched::Done { hash }));
+    assert!(d.content(folder).is_some_and(|f| f.wanted().next().is_none()));
+    d.check_invariants().unwrap();
+    // A restart forgets transfers (the driver wants again what it lacks); so does their end.
+    d.want_content(stall + 2, folder, ContentHash::of(b"another"), size, &[], &[honest]).unwrap();
+    d.restart(2);
+    assert!(d.content(folder).is_none() && d.poll_content(folder).is_none());
+    d.want_content(stall + 3, folder, hash, size, &[], &[honest]).unwrap();
+    d.end_content(folder);
+    assert!(d.content(folder).is_none() && d.poll_timeout().is_none());
+}

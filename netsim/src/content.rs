@@ -1,6 +1,8 @@
 //! Live Folders' content in the simulator: one file written on one device and fetched by every
-//! other device and by the cloud (a `cloud` folder), each running the engine's content scheduler
-//! ([`engine::folder::Fetcher`]) over the network model: LAN groups behind NATs, hole punching or
+//! other device and by the cloud (a `cloud` folder), each an engine [`Device`] whose content
+//! scheduler ([`engine::folder::Fetcher`], driven through [`Device::want_content`],
+//! [`Device::poll_content`] and the device's timers, as the node drives it) runs over the network
+//! model: LAN groups behind NATs, hole punching or
 //! the relay, uplinks with bandwidth and queues, the cloud's uplink.
 //!
 //! The experiment of issue 14 (item 6): how long until a large file written on one device is on
@@ -16,7 +18,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use engine::folder::fetch::{Command, Event, FetchConfig, Fetcher, Policy, RequestId, Route, GROUP_BYTES};
+use engine::device::{Device, DeviceConfig, Identity, OPEN_FOLDER};
+use engine::directory::Directory;
+use engine::feedsync::Endpoint;
+use engine::folder::fetch::{Command, Event, FetchConfig, Policy, RequestId, Route, GROUP_BYTES};
 use engine::folder::ContentHash;
 use rand::SeedableRng as _;
 use rand_chacha::ChaCha8Rng;
@@ -347,8 +352,9 @@ struct World {
     queue: CalendarQueue<Ev>,
     seq: u64,
     now: u64,
-    /// Node 0 is the cloud; the writer (1) has none.
-    fetchers: Vec<Option<Fetcher<u32>>>,
+    /// Node 0 is the cloud; the writer (1) has none (it only serves). Each fetches into the
+    /// open folder.
+    roles: Vec<Option<Device<u32>>>,
     timer_at: Vec<Option<u64>>,
     done_at: Vec<Option<u64>>,
     /// Cancels that reached their source before the request did.
@@ -381,16 +387,19 @@ impl World {
     fn new(sc: &ContentScenario, devices: u32, policy: PolicyName) -> Self {
         let net = network(sc, devices);
         let size = sc.file_mib << 20;
-        let mut fetchers: Vec<Option<Fetcher<u32>>> = Vec::with_capacity(devices as usize + 1);
+        let mut roles: Vec<Option<Device<u32>>> = Vec::with_capacity(devices as usize + 1);
         for node in 0..=devices {
             if node == WRITER {
-                fetchers.push(None);
+                roles.push(None);
                 continue;
             }
             // The cloud takes the file from whoever has it; devices by the policy.
             let policy = if node == CLOUD { Policy::Any } else { policy.policy() };
-            let mut fetcher =
-                Fetcher::new(FetchConfig { policy, spread: u64::from(node), ..FetchConfig::default() });
+            let content = FetchConfig { policy, spread: u64::from(node), ..FetchConfig::default() };
+            let cfg = DeviceConfig { content: content.into(), ..DeviceConfig::default() };
+            // Invariant: a name of digits is a valid endpoint.
+            let name = Endpoint::new(&format!("n{node}")).expect("a valid endpoint name");
+            let mut device = Device::new(Identity::Open(name), None, Directory::new(), Vec::new(), 0, cfg);
             for peer in 0..=devices {
                 if peer == node {
                     continue;
@@ -404,9 +413,9 @@ impl World {
                     None => None,
                 };
                 // Invariant: fewer peers than SOURCES_MAX (DEVICES_MAX is below it).
-                let _ = fetcher.handle_route(0, peer, route);
+                let _ = device.handle_content_route(0, OPEN_FOLDER, peer, route);
             }
-            fetchers.push(Some(fetcher));
+            roles.push(Some(device));
         }
         let mut done_at = vec![None; devices as usize + 1];
         done_at[WRITER as usize] = Some(0);
@@ -422,7 +431,7 @@ impl World {
             queue: CalendarQueue::new(),
             seq: 0,
             now: 0,
-            fetchers,
+            roles,
             timer_at: vec![None; devices as usize + 1],
             done_at,
             cancelled: BTreeSet::new(),
@@ -471,9 +480,9 @@ impl World {
         match ev {
             Ev::Want { device } => {
                 let (hash, size) = (self.hash, self.size);
-                if let Some(f) = self.fetcher(device) {
+                if let Some(d) = self.role(device) {
                     // Invariant: one file, under FILE_BYTES_MAX (FILE_MIB_MAX is below it).
-                    let _ = f.want(now, hash, size, &[], &[WRITER]);
+                    let _ = d.want_content(now, OPEN_FOLDER, hash, size, &[], &[WRITER]);
                 }
                 self.drain(device);
             }
@@ -535,8 +544,8 @@ impl World {
                     _ => "relayed",
                 };
                 *self.bytes_by_route.entry(route.to_string()).or_default() += self.group_len(group) as u64;
-                if let Some(f) = self.fetcher(client) {
-                    f.handle_groups(now, id, group..group + 1);
+                if let Some(d) = self.role(client) {
+                    d.handle_content_groups(now, OPEN_FOLDER, id, group..group + 1);
                 }
                 self.drain(client);
             }
@@ -555,14 +564,16 @@ impl World {
             }
             Ev::Holder { device, holder } => {
                 let hash = self.hash;
-                if let Some(f) = self.fetcher(device) {
-                    f.handle_holder(now, holder, hash);
+                if let Some(d) = self.role(device) {
+                    d.handle_content_holder(now, OPEN_FOLDER, holder, hash);
                 }
                 self.drain(device);
             }
             Ev::Announce { device } => {
                 let hash = self.hash;
-                let Some(runs) = self.fetcher(device).and_then(|f| f.have(&hash)) else { return };
+                let Some(runs) = self.role(device).and_then(|d| d.content(OPEN_FOLDER)?.have(&hash)) else {
+                    return;
+                };
                 if !runs.is_empty() {
                     let runs: std::sync::Arc<[std::ops::Range<u64>]> = runs.into();
                     let at = now + self.sc.notice_ms * 1_000;
@@ -579,24 +590,24 @@ impl World {
             }
             Ev::HolderRuns { device, holder, runs } => {
                 let hash = self.hash;
-                if let Some(f) = self.fetcher(device) {
-                    // Invariant: the runs are a fetcher's own (ascending, inside the file).
-                    let _ = f.handle_holder_runs(now, holder, hash, &runs);
+                if let Some(d) = self.role(device) {
+                    // Invariant: the runs are a scheduler's own (ascending, inside the file).
+                    let _ = d.handle_content_holder_runs(now, OPEN_FOLDER, holder, hash, &runs);
                 }
                 self.drain(device);
             }
             Ev::Timer { device } => {
                 self.timer_at[device as usize] = None;
-                if let Some(f) = self.fetcher(device) {
-                    f.handle_timeout(now);
+                if let Some(d) = self.role(device) {
+                    d.handle_timeout(now);
                 }
                 self.drain(device);
             }
         }
     }
 
-    fn fetcher(&mut self, device: u32) -> Option<&mut Fetcher<u32>> {
-        self.fetchers.get_mut(device as usize).and_then(Option::as_mut)
+    fn role(&mut self, device: u32) -> Option<&mut Device<u32>> {
+        self.roles.get_mut(device as usize).and_then(Option::as_mut)
     }
 
     /// Whether `from` sends to `to` on its LAN link (else its uplink).
@@ -630,14 +641,14 @@ impl World {
         let mut commands = Vec::new();
         let mut events = Vec::new();
         let mut timeout = None;
-        if let Some(f) = self.fetcher(device) {
-            while let Some(command) = f.poll_command() {
+        if let Some(d) = self.role(device) {
+            while let Some(command) = d.poll_content(OPEN_FOLDER) {
                 commands.push(command);
             }
-            while let Some(event) = f.poll_event() {
+            while let Some(event) = d.poll_content_event(OPEN_FOLDER) {
                 events.push(event);
             }
-            timeout = f.poll_timeout();
+            timeout = d.poll_timeout();
         }
         for command in commands {
             match command {

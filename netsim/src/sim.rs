@@ -458,11 +458,14 @@ impl Sim {
         // meets the same session, whose responder must still be lingering.
         let auth_cfg = Arc::new(Config { linger_after_hello: true, ..plain_cfg.clone() });
         let plain_cfg = Arc::new(plain_cfg);
+        // One content configuration for every device (the plain model holds 100,000).
+        let content_cfg: Arc<engine::folder::fetch::FetchConfig> = Default::default();
         let device_cfg = |sync: Arc<Config>| DeviceConfig {
             sync,
             request_rto_us: 600_000,
             request_rto_max_us: 4_800_000,
             refresh_tickets: true,
+            content: content_cfg.clone(),
         };
         for &(d, ms) in &sc.faults.device_skews_ms {
             nodes[d as usize].skew_ms = ms;

@@ -30,6 +30,7 @@ use transport::{frame, Open, Request, Response, SessionClock, FRAME_MAX};
 use crate::state::Node;
 
 mod content;
+pub use content::fetch_config;
 mod upload;
 
 pub type Shared = Arc<Mutex<Node>>;

@@ -221,6 +221,7 @@ impl Node {
                 request_rto_us: 10_000_000,
                 request_rto_max_us: 60_000_000,
                 refresh_tickets: true,
+                content: std::sync::Arc::new(crate::net::fetch_config(&DeviceId::of(&key))),
             },
         );
         let id = DeviceId::of(&key);

@@ -1,6 +1,7 @@
 //! File content between devices (Live Folders): serving chunk groups of files a mapped folder
-//! holds, and fetching the ones a pass is waiting for, with the engine's scheduler choosing the
-//! peers (`engine::folder::Fetcher`) and bao verifying every group before it is written
+//! holds, and fetching the ones a pass is waiting for, with the device's content scheduler
+//! choosing the peers (`engine::device::Device::want_content`, the same state machine the
+//! simulator drives) and bao verifying every group before it is written
 //! (`engine::folder::blob`). One QUIC stream per request: `Open::Content`, then a
 //! `ContentReply`, then the bao response in frames.
 
@@ -14,9 +15,7 @@ use anyhow::anyhow;
 use engine::control::ContentReply;
 use engine::directory::FolderId;
 use engine::folder::blob::{encode_group, Decoder, Groups};
-use engine::folder::fetch::{
-    Command, Event, Failure, FetchConfig, Fetcher, RequestId, Route, Waiting, GROUP_BYTES,
-};
+use engine::folder::fetch::{Command, Event, Failure, RequestId, Route, Waiting, GROUP_BYTES};
 use engine::folder::{ContentHash, FileEntry};
 use engine::signing::DeviceId;
 use iroh::endpoint::SendStream;
@@ -59,6 +58,18 @@ pub(super) type Outboards = BTreeMap<
 
 /// Requests in flight to one source at once.
 pub const REQUESTS_PER_SOURCE: u32 = 32;
+
+/// The device's content scheduler: many requests in flight per source (on a real link, unlike
+/// the simulator's, a request costs a stream and a round trip, and small files are a request
+/// each), and a starting point in each file drawn from the device's id.
+pub fn fetch_config(me: &DeviceId) -> engine::folder::fetch::FetchConfig {
+    let spread = u64::from_le_bytes(me.0[..8].try_into().unwrap_or([0; 8]));
+    engine::folder::fetch::FetchConfig {
+        spread,
+        requests_per_source_max: REQUESTS_PER_SOURCE,
+        ..Default::default()
+    }
+}
 
 /// Most groups one request may ask for (4 MiB).
 pub const GROUPS_PER_REQUEST_MAX: u64 = 256;
@@ -282,19 +293,23 @@ impl Net {
         if !self.fetching.lock().unwrap_or_else(|p| p.into_inner()).insert(folder) {
             return 0;
         }
+        // However this ends (or is dropped), the folder's scheduler ends with it: its requests
+        // die with this task.
         struct Done<'a>(&'a Net, FolderId);
         impl Drop for Done<'_> {
             fn drop(&mut self) {
+                lock(&self.0.node).device.end_content(self.1);
                 self.0.fetching.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.1);
             }
         }
         let _done = Done(self, folder);
-        let (me, mut holders, cloud) = {
+        let (mut holders, cloud) = {
             let n = lock(&self.node);
             let f = n.dir().folder(&folder);
-            let holders: Vec<DeviceId> =
-                f.map(|f| f.mapped.iter().copied().filter(|d| *d != n.id).collect()).unwrap_or_default();
-            (n.id, holders, f.is_some_and(|f| f.storage == engine::directory::Storage::Cloud))
+            (
+                n.device.content_holders(&folder),
+                f.is_some_and(|f| f.storage == engine::directory::Storage::Cloud),
+            )
         };
         // A `cloud` folder's content may also be at the cloud: the last route, asked when no
         // device that has a file answers (or none is on).
@@ -304,33 +319,46 @@ impl Net {
         // Where the folder's devices are now (a device that restarted listens elsewhere).
         let _ = self.request(transport::Request::Peers { folder }).await;
         let started = Instant::now();
-        let now = || started.elapsed().as_micros() as u64;
-        let spread = u64::from_le_bytes(me.0[..8].try_into().unwrap_or([0; 8]));
-        // Many requests in flight per source: on a real link (unlike the simulator's) a request
-        // costs a stream and a round trip, and small files are a request each.
-        let config =
-            FetchConfig { spread, requests_per_source_max: REQUESTS_PER_SOURCE, ..FetchConfig::default() };
-        let mut fetcher: Fetcher<DeviceId> = Fetcher::new(config);
-        for holder in &holders {
-            let route = if *holder == self.cloud_id { Route::Cloud } else { Route::Direct };
-            let _ = fetcher.handle_route(now(), *holder, Some(route));
+        let now = || self.now_us();
+        {
+            let mut n = lock(&self.node);
+            for holder in &holders {
+                let route = if *holder == self.cloud_id { Route::Cloud } else { Route::Direct };
+                let _ = n.device.handle_content_route(now(), folder, *holder, Some(route));
+            }
         }
         let mut sizes: BTreeMap<ContentHash, u64> = BTreeMap::new();
         // The scheduler holds at most FETCHES_MAX files: the rest wait here and go in as
         // files finish, so one fetch runs through any number of files without a pause.
         let mut queue: std::collections::VecDeque<&FileEntry> = wants.iter().collect();
-        let mut top_up = |fetcher: &mut Fetcher<DeviceId>, sizes: &mut BTreeMap<ContentHash, u64>| {
-            // Bound: the queue, each entry taken once.
+        let mut top_up = |sizes: &mut BTreeMap<ContentHash, u64>| {
+            // Bound: the queue, each entry taken once (or put back once when the scheduler is
+            // full, which ends the turn).
             while sizes.len() < engine::folder::fetch::FETCHES_MAX {
                 let Some(want) = queue.pop_front() else { break };
                 let have = folders::partial_have(&dir, &want.root);
-                if fetcher.want(now(), want.root, want.size, &have, &holders).is_ok() {
-                    sizes.insert(want.root, want.size);
+                let wanted = lock(&self.node).device.want_content(
+                    now(),
+                    folder,
+                    want.root,
+                    want.size,
+                    &have,
+                    &holders,
+                );
+                match wanted {
+                    Ok(()) => {
+                        sizes.insert(want.root, want.size);
+                    }
+                    Err(engine::folder::FetchError::Full) => {
+                        queue.push_front(want);
+                        break;
+                    }
+                    Err(_) => {}
                 }
             }
             !queue.is_empty()
         };
-        let mut queued = top_up(&mut fetcher, &mut sizes);
+        let mut queued = top_up(&mut sizes);
         let paths: BTreeMap<ContentHash, String> =
             wants.iter().map(|w| (w.root, w.path.to_string())).collect();
         let (tx, mut rx) = mpsc::channel::<Piece>(256);
@@ -342,7 +370,16 @@ impl Net {
         let (mut shown, mut fetched) = (started, 0u64);
         // Bound: `within` of wall time; every turn handles a piece, a timer or ends.
         loop {
-            while let Some(command) = fetcher.poll_command() {
+            let (commands, events, idle, deadline) = {
+                let mut n = lock(&self.node);
+                let commands: Vec<Command<DeviceId>> =
+                    std::iter::from_fn(|| n.device.poll_content(folder)).collect();
+                let events: Vec<Event<DeviceId>> =
+                    std::iter::from_fn(|| n.device.poll_content_event(folder)).collect();
+                let idle = n.device.content(folder).is_none_or(|f| f.wanted().next().is_none());
+                (commands, events, idle, n.device.content_timeout(folder))
+            };
+            for command in commands {
                 match command {
                     Command::Request(r) => {
                         let (me, tx) = (self.clone(), tx.clone());
@@ -358,7 +395,7 @@ impl Net {
                     }
                 }
             }
-            while let Some(event) = fetcher.poll_event() {
+            for event in events {
                 if let Event::Done { hash } = event {
                     open.remove(&hash);
                     sizes.remove(&hash);
@@ -369,12 +406,12 @@ impl Net {
                 }
             }
             if queued {
-                queued = top_up(&mut fetcher, &mut sizes);
+                queued = top_up(&mut sizes);
             }
             // What `status` shows, at most every 200 ms (and at the end): not per group.
-            let finished = (fetcher.wanted().next().is_none() && !queued) || started.elapsed() >= within;
+            let finished = (idle && !queued) || started.elapsed() >= within;
             if finished || shown.elapsed() >= Duration::from_millis(200) {
-                self.show_progress(folder, &fetcher, now(), &paths);
+                self.show_progress(folder, &paths);
                 lock(&self.node).groups_fetched += std::mem::take(&mut fetched);
                 shown = Instant::now();
             }
@@ -383,13 +420,10 @@ impl Net {
             }
             // Nothing in flight and nothing to wait for soon (no holder, or every one backing
             // off): the next round tries again, and `status` says why meanwhile.
-            if running.is_empty()
-                && fetcher.poll_timeout().is_none_or(|t| t.saturating_sub(now()) > 3_000_000)
-            {
+            if running.is_empty() && deadline.is_none_or(|t| t.saturating_sub(now()) > 3_000_000) {
                 break;
             }
-            let wait =
-                fetcher.poll_timeout().map_or(within, |t| Duration::from_micros(t.saturating_sub(now())));
+            let wait = deadline.map_or(within, |t| Duration::from_micros(t.saturating_sub(now())));
             tokio::select! {
                 piece = rx.recv() => match piece {
                     None => break,
@@ -402,21 +436,23 @@ impl Net {
                             }
                         }
                         .and_then(|p| p.write(group, &bytes));
+                        let mut n = lock(&self.node);
                         if written.is_err() {
-                            fetcher.handle_failure(now(), id, Failure::Closed);
+                            n.device.handle_content_failure(now(), folder, id, Failure::Closed);
                             continue;
                         }
-                        fetcher.handle_groups(now(), id, group..group + 1);
+                        n.device.handle_content_groups(now(), folder, id, group..group + 1);
                         fetched += 1;
                     }
                     Some(Piece::End { id, failure }) => {
                         running.remove(&id);
                         if let Some(failure) = failure {
-                            fetcher.handle_failure(now(), id, failure);
+                            lock(&self.node).device.handle_content_failure(now(), folder, id, failure);
                         }
                     }
                 },
-                _ = tokio::time::sleep(wait) => fetcher.handle_timeout(now()),
+                // The device's timers (this folder's stalls and back-offs among them).
+                _ = tokio::time::sleep(wait) => self.input(|n, now| n.device.handle_timeout(now)),
             }
         }
         for (_, task) in running {
@@ -429,7 +465,7 @@ impl Net {
         }
         tracing::info!(%folder, wanted = wants.len(), done, seconds = started.elapsed().as_secs_f64(), "content fetch ended");
         lock(&self.node).groups_fetched += fetched;
-        self.show_progress(folder, &fetcher, now(), &paths);
+        self.show_progress(folder, &paths);
         done
     }
 }
@@ -504,13 +540,14 @@ impl Net {
 
     /// What `status` shows of a fetch: per file still needed, the share held, the sources and
     /// their rates, or why nothing is in flight.
-    fn show_progress(
-        &self,
-        folder: FolderId,
-        fetcher: &Fetcher<DeviceId>,
-        now: u64,
-        paths: &BTreeMap<ContentHash, String>,
-    ) {
+    fn show_progress(&self, folder: FolderId, paths: &BTreeMap<ContentHash, String>) {
+        let now = self.now_us();
+        let mut guard = lock(&self.node);
+        let n = &mut *guard;
+        let Some(fetcher) = n.device.content(folder) else {
+            n.needs.remove(&folder);
+            return;
+        };
         let needs: Vec<folders::FileNeed> = fetcher
             .wanted()
             .filter_map(|hash| {
@@ -548,7 +585,6 @@ impl Net {
                 })
             })
             .collect();
-        let mut n = lock(&self.node);
         if needs.is_empty() {
             n.needs.remove(&folder);
         } else {
