@@ -43,6 +43,20 @@ pub fn lock(node: &Shared) -> MutexGuard<'_, Node> {
 /// Messages queued for one session's stream before it counts as stuck (the session's own window
 /// keeps far fewer in flight).
 const STREAM_QUEUE: usize = 256;
+/// A mapped folder is scanned at least this often, even when its watcher saw nothing (the
+/// backstop for lost events and file systems that send none).
+pub const RESCAN_EVERY: Duration = Duration::from_secs(60);
+
+/// What a round's pass over a mapped folder saw: the replica's cursor and the watcher's count
+/// of changes before it ran, when, and whether it left files pending (not stable yet, or
+/// content to fetch).
+#[derive(Clone, Copy, Debug)]
+struct Passed {
+    cursor: Option<engine::replica::Cursor>,
+    changes: Option<u64>,
+    at: std::time::Instant,
+    pending: bool,
+}
 /// How long a command waits for the cloud's answer to a control request.
 const ANSWER_WAIT: Duration = Duration::from_secs(60);
 /// How long a sync round waits for its sessions.
@@ -93,6 +107,8 @@ pub struct Net {
     uploads: Mutex<upload::Uploads>,
     /// File watchers on the mapped directories (`crate::watch`).
     watchers: crate::watch::Watchers,
+    /// What each mapped folder's last pass in a round saw (to skip passes with nothing to do).
+    passed: Mutex<BTreeMap<FolderId, Passed>>,
     /// Per folder, the contents its live files have (kept from the replica's change log): what
     /// serving and uploading check.
     live: Mutex<BTreeMap<FolderId, engine::folder::LiveRoots>>,
@@ -162,6 +178,7 @@ impl Net {
             fetching: Mutex::new(std::collections::BTreeSet::new()),
             uploads: Mutex::new(upload::Uploads::default()),
             watchers: crate::watch::Watchers::default(),
+            passed: Mutex::new(BTreeMap::new()),
             live: Mutex::new(BTreeMap::new()),
             held: Mutex::new(BTreeMap::new()),
             outboards: Mutex::new(BTreeMap::new()),
@@ -932,11 +949,12 @@ impl Net {
                     let node = self.node.clone();
                     self.watch_mapped();
                     let t = std::time::Instant::now();
-                    let passes = tokio::task::spawn_blocking(move || crate::folders::pass_all(&node)).await;
+                    let me = self.clone();
+                    let passes = tokio::task::spawn_blocking(move || me.due_passes(&node)).await;
                     tracing::debug!(seconds = t.elapsed().as_secs_f64(), "passes");
                     let mut wrote = false;
                     for (folder, dir, pass) in passes.unwrap_or_default() {
-                        match pass {
+                        match pass.unwrap_or_else(|| Ok(Default::default())) {
                             Ok(p) => {
                                 wrote |= p.published + p.deleted + p.resolved > 0;
                                 // Content a pass waits for: fetched in the background (the
@@ -981,6 +999,54 @@ impl Net {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+    }
+
+    /// The round's passes over mapped directories, skipping a folder whose last pass left nothing
+    /// pending and that has seen no local change (its watcher), no new item (its replica's
+    /// cursor) and no rescan for [`RESCAN_EVERY`]: a scan is a stat per file, and a plan a look
+    /// at every item, which a round a second over a large folder would repeat for nothing.
+    /// A skipped folder comes with no pass.
+    #[allow(clippy::type_complexity)] // one row per mapped folder
+    fn due_passes(
+        &self,
+        node: &Shared,
+    ) -> Vec<(FolderId, std::path::PathBuf, Option<anyhow::Result<crate::folders::Pass>>)> {
+        let mut out = Vec::new();
+        for (folder, dir) in crate::folders::mapped(node) {
+            let now = Passed {
+                cursor: lock(node).replica(&folder).map(|r| r.cursor()),
+                changes: self.watchers.changes(&dir),
+                at: std::time::Instant::now(),
+                pending: false,
+            };
+            let fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner()).contains(&folder);
+            let due = match self.passed.lock().unwrap_or_else(|p| p.into_inner()).get(&folder) {
+                None => true,
+                Some(last) => {
+                    now.changes.is_none()
+                        || now.changes != last.changes
+                        || now.cursor != last.cursor
+                        || last.at.elapsed() >= RESCAN_EVERY
+                        // Files not stable yet, or content to fetch once the fetch under way
+                        // (which passes itself when it ends) is over.
+                        || (last.pending && !fetching)
+                }
+            };
+            if !due {
+                out.push((folder, dir, None));
+                continue;
+            }
+            let pass = crate::folders::pass(node, &folder, &dir);
+            if let Ok(p) = &pass {
+                let pending = p.unstable > 0 || !p.wants.is_empty();
+                self.passed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(folder, Passed { pending, ..now });
+            }
+            out.push((folder, dir, Some(pass)));
+        }
+        out
     }
 
     /// Watches the mapped directories (changes wake the next round, see `crate::watch`).

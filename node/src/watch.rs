@@ -3,21 +3,23 @@
 //! little after the stability window (a file still being written is published only once it has
 //! not changed for `folders::STABLE_FOR`, so the round that sees it stable has to come). The
 //! periodic round stays the backstop: events can be lost (inotify's queue overflows, network file
-//! systems send none), and nothing depends on them but latency.
+//! systems send none), and nothing depends on them but latency. Each watched directory counts its
+//! changes ([`Watchers::changes`]): a round whose folder saw no change, no new item and no
+//! pending file skips that folder's scan until the backstop (`crate::net::RESCAN_EVERY`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use engine::folder::path::RESERVED_DIR;
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 
-/// The watchers, by mapped directory.
+/// The watchers, by mapped directory, each with the count of changes it saw.
 #[derive(Default)]
 pub struct Watchers {
-    by_dir: Mutex<BTreeMap<PathBuf, RecommendedWatcher>>,
+    by_dir: Mutex<BTreeMap<PathBuf, (RecommendedWatcher, Arc<AtomicU64>)>>,
 }
 
 impl std::fmt::Debug for Watchers {
@@ -37,6 +39,13 @@ fn ours(dir: &Path, path: &Path) -> bool {
 }
 
 impl Watchers {
+    /// How many changes (or lost events) the watcher of `dir` has seen; `None` when `dir` is not
+    /// watched (then every round rescans it).
+    pub fn changes(&self, dir: &Path) -> Option<u64> {
+        let by_dir = self.by_dir.lock().unwrap_or_else(|p| p.into_inner());
+        by_dir.get(dir).map(|(_, changes)| changes.load(Ordering::SeqCst))
+    }
+
     /// Watches exactly `dirs` (starting the new ones, dropping the ones no longer mapped).
     /// `wake` wakes the daemon; `later` is how long after an event it is woken again. A
     /// directory that cannot be watched is left to the periodic round (and said so in the log).
@@ -50,9 +59,12 @@ impl Watchers {
             let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
             let (wake, root) = (wake.clone(), dir.clone());
             let pending = Arc::new(AtomicBool::new(false));
+            let changes = Arc::new(AtomicU64::new(0));
+            let counted = changes.clone();
             let handler = move |event: notify::Result<notify::Event>| {
                 let Ok(event) = event else {
                     // An overflow or an error: wake anyway, the round rescans.
+                    counted.fetch_add(1, Ordering::SeqCst);
                     wake();
                     return;
                 };
@@ -63,6 +75,7 @@ impl Watchers {
                 {
                     return;
                 }
+                counted.fetch_add(1, Ordering::SeqCst);
                 wake();
                 // One delayed wake at a time per directory, for the round that sees it stable.
                 if !pending.swap(true, Ordering::SeqCst) {
@@ -77,7 +90,7 @@ impl Watchers {
             match notify::recommended_watcher(handler) {
                 Ok(mut watcher) => match watcher.watch(dir, RecursiveMode::Recursive) {
                     Ok(()) => {
-                        by_dir.insert(dir.clone(), watcher);
+                        by_dir.insert(dir.clone(), (watcher, changes));
                     }
                     Err(e) => {
                         tracing::warn!(dir = %dir.display(), error = %e, "not watched; the periodic rescan finds its changes")
