@@ -561,9 +561,19 @@ impl Partial {
     /// loses nothing the kernel has; the whole file is synced when it is finished (and a power
     /// cut costs at most a refetch: a group is logged only after its bytes were written).
     pub fn write(&mut self, group: u64, bytes: &[u8]) -> anyhow::Result<()> {
+        self.write_groups(&[(group, bytes)])
+    }
+
+    /// [`Partial::write`] for several groups: each written at its offset, then all logged with
+    /// one write.
+    pub fn write_groups(&mut self, groups: &[(u64, &[u8])]) -> anyhow::Result<()> {
         use std::io::Write;
-        write_all_at(&self.data, bytes, group * engine::folder::fetch::GROUP_BYTES)?;
-        self.log.write_all(&group.to_le_bytes())?;
+        let mut log = Vec::with_capacity(groups.len() * 8);
+        for (group, bytes) in groups {
+            write_all_at(&self.data, bytes, group * engine::folder::fetch::GROUP_BYTES)?;
+            log.extend_from_slice(&group.to_le_bytes());
+        }
+        self.log.write_all(&log)?;
         Ok(())
     }
 }

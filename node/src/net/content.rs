@@ -71,6 +71,9 @@ pub fn fetch_config(me: &DeviceId) -> engine::folder::fetch::FetchConfig {
     }
 }
 
+/// Most pieces (verified groups, ends) the fetch loop takes from its channel in one turn.
+const PIECES_PER_TURN: usize = 64;
+
 /// Most groups one request may ask for (4 MiB).
 pub const GROUPS_PER_REQUEST_MAX: u64 = 256;
 
@@ -124,13 +127,15 @@ impl Net {
         };
         let frames = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Vec<Vec<u8>>>> {
             let file = std::fs::File::open(&path)?;
-            let mut frames = Vec::new();
-            for group in groups {
-                let start = group * GROUP_BYTES;
-                let len = (size - start).min(GROUP_BYTES) as usize;
-                let mut bytes = vec![0u8; len];
-                folders::read_exact_at(&file, &mut bytes, start)?;
-                match encode_group(&bytes, group, &outboard) {
+            // One read for the request's groups (at most GROUPS_PER_REQUEST_MAX of them, checked
+            // above), then a frame per group from its slice.
+            let from = (groups.start * GROUP_BYTES).min(size);
+            let to = (groups.end * GROUP_BYTES).min(size);
+            let mut bytes = vec![0u8; (to - from) as usize];
+            folders::read_exact_at(&file, &mut bytes, from)?;
+            let mut frames = Vec::with_capacity((groups.end - groups.start) as usize);
+            for (group, chunk) in groups.zip(bytes.chunks(GROUP_BYTES as usize)) {
+                match encode_group(chunk, group, &outboard) {
                     Ok(frame) => frames.push(frame),
                     Err(_) => return Ok(None), // Changed on disk: not held any more.
                 }
@@ -144,6 +149,11 @@ impl Net {
             return refuse(send, ContentReply::NotHeld).await;
         };
         frame::write_value(&mut send, &ContentReply::Ok).await?;
+        if serve_delay().is_zero() && !serve_corrupt() {
+            frame::write_frames(&mut send, frames).await?;
+            let _ = send.finish();
+            return Ok(());
+        }
         for f in &frames {
             if !serve_delay().is_zero() {
                 tokio::time::sleep(serve_delay()).await;
@@ -362,6 +372,7 @@ impl Net {
         let paths: BTreeMap<ContentHash, String> =
             wants.iter().map(|w| (w.root, w.path.to_string())).collect();
         let (tx, mut rx) = mpsc::channel::<Piece>(256);
+        let mut batch: Vec<Piece> = Vec::with_capacity(PIECES_PER_TURN);
         let mut running: BTreeMap<RequestId, tokio::task::JoinHandle<()>> = BTreeMap::new();
         // Partial files open for writing, by content (closed when whole).
         let mut open: BTreeMap<ContentHash, folders::Partial> = BTreeMap::new();
@@ -425,30 +436,78 @@ impl Net {
             }
             let wait = deadline.map_or(within, |t| Duration::from_micros(t.saturating_sub(now())));
             tokio::select! {
-                piece = rx.recv() => match piece {
-                    None => break,
-                    Some(Piece::Group { id, root, group, bytes }) => {
-                        // Written, then logged: a crash loses at most this group.
+                // What has come, up to PIECES_PER_TURN pieces: written, logged, and told to the
+                // scheduler a run of groups at a time (not a lock and a scheduling per group).
+                got = rx.recv_many(&mut batch, PIECES_PER_TURN) => {
+                    if got == 0 {
+                        break;
+                    }
+                    // Per request, the groups written (consecutive ones merged) or its failure.
+                    let mut runs: Vec<(RequestId, Range<u64>)> = Vec::new();
+                    let mut failed: Vec<(RequestId, Failure)> = Vec::new();
+                    let mut ended: Vec<RequestId> = Vec::new();
+                    let pieces = std::mem::take(&mut batch);
+                    // Bound: PIECES_PER_TURN pieces.
+                    let mut i = 0;
+                    while i < pieces.len() {
+                        let Piece::Group { root, .. } = &pieces[i] else {
+                            if let Piece::End { id, failure } = &pieces[i] {
+                                ended.push(*id);
+                                failed.extend(failure.map(|f| (*id, f)));
+                            }
+                            i += 1;
+                            continue;
+                        };
+                        // The groups of one file that came in a row: written, then logged (a
+                        // crash loses at most these, and never logs one not written).
+                        let root = *root;
+                        let same = pieces[i..]
+                            .iter()
+                            .take_while(|p| matches!(p, Piece::Group { root: r, .. } if *r == root))
+                            .count();
+                        let groups: Vec<(RequestId, u64, &[u8])> = pieces[i..i + same]
+                            .iter()
+                            .filter_map(|p| match p {
+                                Piece::Group { id, group, bytes, .. } => Some((*id, *group, &bytes[..])),
+                                Piece::End { .. } => None,
+                            })
+                            .collect();
+                        i += same;
                         let written = match open.entry(root) {
                             std::collections::btree_map::Entry::Occupied(e) => Ok(e.into_mut()),
                             std::collections::btree_map::Entry::Vacant(e) => {
                                 folders::Partial::open(&dir, &root).map(|p| e.insert(p))
                             }
                         }
-                        .and_then(|p| p.write(group, &bytes));
-                        let mut n = lock(&self.node);
-                        if written.is_err() {
-                            n.device.handle_content_failure(now(), folder, id, Failure::Closed);
-                            continue;
+                        .and_then(|p| {
+                            let data: Vec<(u64, &[u8])> = groups.iter().map(|(_, g, b)| (*g, *b)).collect();
+                            p.write_groups(&data)
+                        });
+                        for (id, group, _) in groups {
+                            if written.is_err() {
+                                failed.push((id, Failure::Closed));
+                                continue;
+                            }
+                            fetched += 1;
+                            match runs.last_mut() {
+                                Some((last, run)) if *last == id && run.end == group => run.end += 1,
+                                _ => runs.push((id, group..group + 1)),
+                            }
                         }
-                        n.device.handle_content_groups(now(), folder, id, group..group + 1);
-                        fetched += 1;
                     }
-                    Some(Piece::End { id, failure }) => {
+                    batch = pieces;
+                    batch.clear();
+                    let at = now();
+                    let mut n = lock(&self.node);
+                    for (id, run) in runs {
+                        n.device.handle_content_groups(at, folder, id, run);
+                    }
+                    for (id, why) in failed {
+                        n.device.handle_content_failure(at, folder, id, why);
+                    }
+                    drop(n);
+                    for id in ended {
                         running.remove(&id);
-                        if let Some(failure) = failure {
-                            lock(&self.node).device.handle_content_failure(now(), folder, id, failure);
-                        }
                     }
                 },
                 // The device's timers (this folder's stalls and back-offs among them).
