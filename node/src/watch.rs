@@ -3,7 +3,13 @@
 //! little after the stability window (a file still being written is published only once it has
 //! not changed for `folders::STABLE_FOR`, so the round that sees it stable has to come). The
 //! periodic round stays the backstop: events can be lost (inotify's queue overflows, network file
-//! systems send none), and nothing depends on them but latency. Each watched directory counts its
+//! systems send none), and nothing depends on them but latency.
+//!
+//! The daemon's own directory (`.feedmesh`: partial files written a group at a time) is not
+//! watched at all, not merely ignored: the mapped directory itself is watched without recursion
+//! and each of its other subdirectories recursively (new ones are added by the next round, which
+//! their creation wakes). Otherwise every 16 KiB written by a transfer would wake the watcher's
+//! thread, which cost a large transfer about a tenth of its time. Each watched directory counts its
 //! changes ([`Watchers::changes`]): a round whose folder saw no change, no new item and no
 //! pending file skips that folder's scan until the backstop (`crate::net::RESCAN_EVERY`).
 
@@ -19,7 +25,39 @@ use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 /// The watchers, by mapped directory, each with the count of changes it saw.
 #[derive(Default)]
 pub struct Watchers {
-    by_dir: Mutex<BTreeMap<PathBuf, (RecommendedWatcher, Arc<AtomicU64>)>>,
+    by_dir: Mutex<BTreeMap<PathBuf, Watched>>,
+}
+
+/// One mapped directory's watcher.
+struct Watched {
+    watcher: RecommendedWatcher,
+    changes: Arc<AtomicU64>,
+    /// The subdirectories watched recursively (every one but `.feedmesh`).
+    subdirs: std::collections::BTreeSet<PathBuf>,
+}
+
+impl Watched {
+    /// Watches the subdirectories of `root` not watched yet (and forgets the ones gone). Bound:
+    /// `root`'s entries, one listing per round.
+    fn refresh(&mut self, root: &Path) {
+        self.subdirs.retain(|d| d.is_dir());
+        let Ok(entries) = std::fs::read_dir(root) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            if !is_dir || ours(root, &path) || self.subdirs.contains(&path) {
+                continue;
+            }
+            match self.watcher.watch(&path, RecursiveMode::Recursive) {
+                Ok(()) => {
+                    self.subdirs.insert(path);
+                }
+                Err(e) => {
+                    tracing::debug!(dir = %path.display(), error = %e, "not watched; the periodic rescan finds its changes")
+                }
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Watchers {
@@ -43,7 +81,7 @@ impl Watchers {
     /// watched (then every round rescans it).
     pub fn changes(&self, dir: &Path) -> Option<u64> {
         let by_dir = self.by_dir.lock().unwrap_or_else(|p| p.into_inner());
-        by_dir.get(dir).map(|(_, changes)| changes.load(Ordering::SeqCst))
+        by_dir.get(dir).map(|w| w.changes.load(Ordering::SeqCst))
     }
 
     /// Watches exactly `dirs` (starting the new ones, dropping the ones no longer mapped).
@@ -53,7 +91,8 @@ impl Watchers {
         let mut by_dir = self.by_dir.lock().unwrap_or_else(|p| p.into_inner());
         by_dir.retain(|d, _| dirs.contains(d));
         for dir in dirs {
-            if by_dir.contains_key(dir) {
+            if let Some(watched) = by_dir.get_mut(dir) {
+                watched.refresh(dir);
                 continue;
             }
             let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
@@ -88,9 +127,11 @@ impl Watchers {
                 }
             };
             match notify::recommended_watcher(handler) {
-                Ok(mut watcher) => match watcher.watch(dir, RecursiveMode::Recursive) {
+                Ok(mut watcher) => match watcher.watch(dir, RecursiveMode::NonRecursive) {
                     Ok(()) => {
-                        by_dir.insert(dir.clone(), (watcher, changes));
+                        let mut watched = Watched { watcher, changes, subdirs: Default::default() };
+                        watched.refresh(dir);
+                        by_dir.insert(dir.clone(), watched);
                     }
                     Err(e) => {
                         tracing::warn!(dir = %dir.display(), error = %e, "not watched; the periodic rescan finds its changes")

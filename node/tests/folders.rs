@@ -453,6 +453,18 @@ fn the_watcher_finds_local_changes_between_rounds() {
     assert_eq!(std::fs::read_to_string(db.join("fresh.txt")).unwrap(), "written just now");
     std::fs::remove_file(da.join("old.txt")).unwrap();
     wait_for(WITHIN, || !db.join("old.txt").exists(), "the delete at bob without a scan");
+    // A directory made after the watcher started (subdirectories are watched one by one, to
+    // leave `.feedmesh` out), then an edit inside it.
+    std::fs::create_dir_all(da.join("notes/deep")).unwrap();
+    std::fs::write(da.join("notes/deep/new.txt"), "in a new directory").unwrap();
+    let new = db.join("notes/deep/new.txt");
+    wait_for(WITHIN, || new.exists(), "a file in a new directory at bob without a scan");
+    std::fs::write(da.join("notes/deep/new.txt"), "edited in the new directory").unwrap();
+    wait_for(
+        WITHIN,
+        || std::fs::read_to_string(&new).is_ok_and(|t| t == "edited in the new directory"),
+        "the edit inside the new directory at bob without a scan",
+    );
 }
 
 /// A mapped directory's files (not `.feedmesh`), path -> bytes.
