@@ -223,7 +223,7 @@ pub fn pass(node: &Shared, folder: &FolderId, dir: &Path) -> anyhow::Result<Pass
         .wants
         .iter()
         .map(|w| {
-            let have = partial_have(dir, &w.root);
+            let have = partial_have(dir, &w.root, w.size);
             let have_bytes = have
                 .iter()
                 .map(|r| {
@@ -502,24 +502,40 @@ pub fn object_path(dir: &Path, root: &ContentHash) -> PathBuf {
     dir.join(RESERVED_DIR).join("objects").join(root.to_hex())
 }
 
-/// Where content being fetched is written, group by group, and the runs of groups it holds.
-pub fn partial_paths(dir: &Path, root: &ContentHash) -> (PathBuf, PathBuf) {
-    let partial = dir.join(RESERVED_DIR).join("partial");
-    (partial.join(root.to_hex()), partial.join(format!("{}.have", root.to_hex())))
+/// Where content being fetched is written, group by group. One file: the content's bytes at
+/// their offsets, and past the content's size the log of groups written (a little-endian u64
+/// per group, each appended after the group's bytes were written), cut off when the file is
+/// whole. One file, not two, per file fetched: creating files is what a tree of small files
+/// costs most (on ext4 without a journal, just after many deletes, each creation scans for an
+/// inode not recently freed).
+pub fn partial_path(dir: &Path, root: &ContentHash) -> PathBuf {
+    dir.join(RESERVED_DIR).join("partial").join(root.to_hex())
 }
 
-/// The verified runs of groups of a partial file (empty when there is none or it is unreadable:
-/// then everything is fetched again).
-pub fn partial_have(dir: &Path, root: &ContentHash) -> Vec<std::ops::Range<u64>> {
-    let (data, have) = partial_paths(dir, root);
-    if !data.exists() {
+/// Most log records a partial file may hold per group (twins can write a group twice); a
+/// longer log is not ours and is ignored (everything is fetched again).
+const LOG_RECORDS_PER_GROUP_MAX: u64 = 4;
+
+/// The verified runs of groups of a partial file of content `size` bytes long (empty when there
+/// is none or its log is unreadable: then everything is fetched again).
+pub fn partial_have(dir: &Path, root: &ContentHash, size: u64) -> Vec<std::ops::Range<u64>> {
+    let groups_max = size.div_ceil(engine::folder::fetch::GROUP_BYTES);
+    let Ok(file) = std::fs::File::open(partial_path(dir, root)) else { return Vec::new() };
+    let len = file.metadata().map_or(0, |m| m.len());
+    let log_len = len.saturating_sub(size);
+    if log_len == 0 || log_len > groups_max * LOG_RECORDS_PER_GROUP_MAX * 8 {
         return Vec::new();
     }
-    let bytes = std::fs::read(have).unwrap_or_default();
-    // The log: one little-endian u64 group index per verified group written, appended after
-    // the group's bytes. A torn last record (a crash inside the append) is ignored.
-    let mut groups: Vec<u64> =
-        bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+    let mut bytes = vec![0u8; log_len as usize];
+    if read_exact_at(&file, &mut bytes, size).is_err() {
+        return Vec::new();
+    }
+    // A torn last record (a crash inside the append) is ignored, and so is a group past the end.
+    let mut groups: Vec<u64> = bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .filter(|g| *g < groups_max)
+        .collect();
     groups.sort_unstable();
     groups.dedup();
     let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
@@ -534,16 +550,17 @@ pub fn partial_have(dir: &Path, root: &ContentHash) -> Vec<std::ops::Range<u64>>
 
 /// Writes verified groups into the partial file, then records the runs held (after the data is
 /// on disk: a crash loses at most the groups not yet recorded, which are fetched again).
-/// A partial file being fetched, open for writing: its data and its log of groups written.
+/// A partial file being fetched, open for writing, and where its next log record goes.
 #[derive(Debug)]
 pub struct Partial {
     data: std::fs::File,
-    log: std::fs::File,
+    log_at: u64,
 }
 
 impl Partial {
-    pub fn open(dir: &Path, root: &ContentHash) -> anyhow::Result<Self> {
-        let (data, have) = partial_paths(dir, root);
+    /// Opens (or starts) the partial file of content `root` of `size` bytes.
+    pub fn open(dir: &Path, root: &ContentHash, size: u64) -> anyhow::Result<Self> {
+        let data = partial_path(dir, root);
         let open = || std::fs::File::options().create(true).truncate(false).write(true).open(&data);
         // The folder is made once, when the first open finds it missing (not a mkdir per file).
         let data = match open() {
@@ -553,8 +570,10 @@ impl Partial {
             }
             other => other?,
         };
-        let log = std::fs::File::options().create(true).append(true).open(&have)?;
-        Ok(Self { data, log })
+        // After the records already there (a torn last one is written over).
+        let len = data.metadata()?.len();
+        let log_at = size + len.saturating_sub(size) / 8 * 8;
+        Ok(Self { data, log_at })
     }
 
     /// Writes a verified group at its offset, then logs it. No sync per group: a killed process
@@ -567,13 +586,13 @@ impl Partial {
     /// [`Partial::write`] for several groups: each written at its offset, then all logged with
     /// one write.
     pub fn write_groups(&mut self, groups: &[(u64, &[u8])]) -> anyhow::Result<()> {
-        use std::io::Write;
         let mut log = Vec::with_capacity(groups.len() * 8);
         for (group, bytes) in groups {
             write_all_at(&self.data, bytes, group * engine::folder::fetch::GROUP_BYTES)?;
             log.extend_from_slice(&group.to_le_bytes());
         }
-        self.log.write_all(&log)?;
+        write_all_at(&self.data, &log, self.log_at)?;
+        self.log_at += log.len() as u64;
         Ok(())
     }
 }
@@ -612,10 +631,14 @@ pub fn write_all_at(file: &std::fs::File, bytes: &[u8], at: u64) -> std::io::Res
 /// On Linux it is not synced here: the pass that places it syncs the file system once before
 /// its base records the file ([`durable`]), one flush for any number of files instead of one
 /// per file (on ext4 without a journal, each fsync is an inode write and a device flush).
-pub fn finish_partial(dir: &Path, root: &ContentHash) -> anyhow::Result<()> {
-    let (data, have) = partial_paths(dir, root);
+pub fn finish_partial(dir: &Path, root: &ContentHash, size: u64) -> anyhow::Result<()> {
+    let data = partial_path(dir, root);
+    // The log goes: what is left is the content.
+    let file = std::fs::File::options().write(true).open(&data)?;
+    file.set_len(size)?;
     #[cfg(not(target_os = "linux"))]
-    std::fs::File::open(&data).and_then(|f| f.sync_all())?;
+    file.sync_all()?;
+    drop(file);
     let object = object_path(dir, root);
     if let Err(e) = std::fs::rename(&data, &object) {
         if e.kind() != std::io::ErrorKind::NotFound || !data.exists() {
@@ -624,7 +647,6 @@ pub fn finish_partial(dir: &Path, root: &ContentHash) -> anyhow::Result<()> {
         std::fs::create_dir_all(object.parent().expect("an object has a folder"))?;
         std::fs::rename(&data, &object)?;
     }
-    let _ = std::fs::remove_file(have);
     Ok(())
 }
 

@@ -197,10 +197,11 @@ fn a_file_still_being_written_is_not_published() {
     assert!(export(&a, "docs").contains("fresh.txt"));
 }
 
-/// The groups a partial file logged as written (its `.have`: a little-endian u64 per group).
-fn logged(dir: &Path, root: &str) -> Vec<u64> {
-    let have = dir.join(".feedmesh/partial").join(format!("{root}.have"));
-    let bytes = std::fs::read(have).unwrap_or_default();
+/// The groups a partial file of content `size` bytes long logged as written (past the content,
+/// a little-endian u64 per group).
+fn logged(dir: &Path, root: &str, size: u64) -> Vec<u64> {
+    let partial = std::fs::read(dir.join(".feedmesh/partial").join(root)).unwrap_or_default();
+    let bytes = partial.get(size as usize..).unwrap_or_default();
     let mut groups: Vec<u64> =
         bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
     groups.sort_unstable();
@@ -208,9 +209,9 @@ fn logged(dir: &Path, root: &str) -> Vec<u64> {
     groups
 }
 
-/// How many groups a partial file holds.
-fn held(dir: &Path, root: &str) -> u64 {
-    logged(dir, root).len() as u64
+/// How many groups a partial file of content `size` bytes long holds.
+fn held(dir: &Path, root: &str, size: u64) -> u64 {
+    logged(dir, root, size).len() as u64
 }
 
 fn fetched_since_start(dev: &Dev) -> u64 {
@@ -239,13 +240,13 @@ fn a_transfer_killed_midway_resumes_where_it_stopped() {
     wait_for(WITHIN, || export(&b, "docs").contains("big.bin"), "the entry at bob");
     b.ok(&["folder", "map", "docs", db.to_str().unwrap()]);
     // Bob's daemon fetches in its rounds; kill it once a part is held.
-    wait_for(WITHIN, || held(&db, &hex) >= GROUPS / 4, "a quarter of the file at bob");
+    wait_for(WITHIN, || held(&db, &hex, big.len() as u64) >= GROUPS / 4, "a quarter of the file at bob");
     b.kill();
-    let at_kill = held(&db, &hex);
+    let at_kill = held(&db, &hex, big.len() as u64);
     assert!(at_kill < GROUPS, "killed before the end ({at_kill} of {GROUPS} groups)");
     // What the partial file holds is the file's own bytes (no corrupt data on disk).
     let partial = std::fs::read(db.join(".feedmesh/partial").join(&hex)).unwrap();
-    for group in logged(&db, &hex) {
+    for group in logged(&db, &hex, big.len() as u64) {
         let (s, e) = ((group * 16384) as usize, ((group + 1) * 16384) as usize);
         assert!(partial[s..e] == big[s..e], "held group {group} is the file's own");
     }

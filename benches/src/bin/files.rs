@@ -16,6 +16,11 @@
 //! of 1-64 KiB in 100 directories; `--quick`: 500), generated from a fixed seed. Every
 //! receiver's copy is checked byte for byte after its run (outside the timing).
 //!
+//! Each data set runs `--runs` times (default 3), the three ways taking turns within each round
+//! so that the machine's noise (a shared VM's disk and CPU vary by a third between runs) falls on
+//! all of them alike; the table shows each one's best run and the JSON every run. Rounds keep
+//! their directories until the end (the work directory needs about 4 GiB per round).
+//!
 //! Usage (from the workspace root): `cargo build --release -p feedmesh-node && cargo run
 //! --release -p feedmesh-benches --bin files -- [--quick] [--json papers/results/files.json]`.
 
@@ -47,6 +52,9 @@ struct Args {
     /// Only one data set: `large` or `small`.
     #[arg(long, value_parser = ["large", "small"])]
     only: Option<String>,
+    /// Rounds per data set (each runs all three ways); the best of each is reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    runs: u32,
 }
 
 const PASSWORD: &str = "benchmark password";
@@ -97,19 +105,36 @@ fn main() -> anyhow::Result<()> {
     let mut results = Vec::new();
     for data in &sets {
         eprintln!("{}: {} files, {:.1} MiB", data.name, data.files.len(), data.bytes() as f64 / 1048576.0);
-        // Every run starts with nothing dirty in the page cache: the data just generated, or
-        // what the run before wrote, would otherwise be written back during the next one.
-        settle();
-        let bare = rt.block_on(bare_iroh(data, &work))?;
-        settle();
-        eprintln!("  bare iroh stream: {bare:.2} s");
-        let ours = run_feedmesh(&rt, &feedmesh, data, &work)?;
-        eprintln!("  feedmesh: {ours:.2} s");
-        settle();
-        let theirs = if syncthing { Some(run_syncthing(data, &work)?) } else { None };
-        if let Some(s) = theirs {
-            eprintln!("  syncthing: {s:.2} s");
+        let (mut bares, mut ourses, mut theirses) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 1..=args.runs {
+            eprintln!("  round {round} of {}", args.runs);
+            // Each round in a directory of its own, all removed at the end: deleting a round's
+            // tens of thousands of files just before the next one made file creation in it
+            // several times slower on this machine's file system (ext4 without a journal scans
+            // for inodes not recently freed), falling hardest on whichever tool creates most.
+            let work = work.join(format!("{}-round-{round}", data.name.replace(' ', "-")));
+            std::fs::create_dir_all(&work)?;
+            // Every run starts with nothing dirty in the page cache: the data just generated,
+            // or what the run before wrote, would otherwise be written back during the next one.
+            settle();
+            let bare = rt.block_on(bare_iroh(data, &work))?;
+            eprintln!("    bare iroh stream: {bare:.2} s");
+            bares.push(bare);
+            settle();
+            let ours = run_feedmesh(&rt, &feedmesh, data, &work)?;
+            eprintln!("    feedmesh: {ours:.2} s");
+            ourses.push(ours);
+            settle();
+            if syncthing {
+                let s = run_syncthing(data, &work)?;
+                eprintln!("    syncthing: {s:.2} s");
+                theirses.push(s);
+            }
         }
+        let best =
+            |v: &[f64]| v.iter().copied().fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.min(x))));
+        let (bare, ours, theirs) =
+            (best(&bares).unwrap_or(f64::NAN), best(&ourses).unwrap_or(f64::NAN), best(&theirses));
         let mib = data.bytes() as f64 / 1048576.0;
         results.push(json!({
             "data": data.name,
@@ -123,12 +148,21 @@ fn main() -> anyhow::Result<()> {
             "syncthing_mib_per_s": theirs.map(|s| round(mib / s)),
             "feedmesh_vs_bare": round(bare / ours),
             "feedmesh_vs_syncthing": theirs.map(|s| round(s / ours)),
+            "runs": {
+                "bare_iroh_seconds": bares.iter().map(|x| round(*x)).collect::<Vec<_>>(),
+                "feedmesh_seconds": ourses.iter().map(|x| round(*x)).collect::<Vec<_>>(),
+                "syncthing_seconds": theirses.iter().map(|x| round(*x)).collect::<Vec<_>>(),
+            },
         }));
     }
     let out = json!({
-        "command": format!("cargo run --release -p feedmesh-benches --bin files --{}", if args.quick { " --quick" } else { "" }),
+        "command": format!(
+            "cargo run --release -p feedmesh-benches --bin files --{}{}",
+            if args.quick { " --quick" } else { "" },
+            if args.runs == 3 { String::new() } else { format!(" --runs {}", args.runs) }
+        ),
         "machine": machine(),
-        "note": "loopback, one machine: sender, receiver and (for feedmesh) the relay share the cores; ratios: *_vs_bare = bare seconds / feedmesh seconds (goal >= 0.8 for the large file), *_vs_syncthing = syncthing seconds / feedmesh seconds (goal > 1)",
+        "note": "loopback, one machine: sender, receiver and (for feedmesh) the relay share the cores; each figure the best of the runs (all in \"runs\"); ratios: *_vs_bare = bare seconds / feedmesh seconds (goal >= 0.8 for the large file), *_vs_syncthing = syncthing seconds / feedmesh seconds (goal > 1)",
         "results": results,
     });
     if let Some(parent) = args.json.parent() {
@@ -175,6 +209,8 @@ fn table(out: &Value) -> String {
             ratio("feedmesh_vs_syncthing"),
         ));
     }
+    let runs = out["results"][0]["runs"]["feedmesh_seconds"].as_array().map_or(0, Vec::len);
+    s.push_str(&format!("\nEach figure is the best of {runs} runs (every run is in the JSON).\n"));
     s
 }
 
@@ -422,7 +458,6 @@ fn run_feedmesh(rt: &tokio::runtime::Runtime, bin: &Path, data: &Data, work: &Pa
     check_same(data, &dst, "feedmesh")?;
     drop((_da, _db));
     rt.block_on(relay.shutdown());
-    let _ = std::fs::remove_dir_all(&root);
     Ok(seconds)
 }
 
@@ -589,6 +624,5 @@ fn run_syncthing(data: &Data, work: &Path) -> anyhow::Result<f64> {
     let seconds = started.elapsed().as_secs_f64();
     check_same(data, &dst, "syncthing")?;
     drop((s, r));
-    let _ = std::fs::remove_dir_all(&root);
     Ok(seconds)
 }

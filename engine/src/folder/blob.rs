@@ -13,7 +13,7 @@ use std::io::Read;
 use std::ops::Range;
 
 use bao_tree::io::outboard::PreOrderMemOutboard;
-use bao_tree::io::sync::{encode_ranges_validated, DecodeResponseIter};
+use bao_tree::io::sync::{encode_ranges, encode_ranges_validated, DecodeResponseIter};
 use bao_tree::io::{BaoContentItem, DecodeError};
 use bao_tree::{BaoTree, BlockSize, ChunkNum, ChunkRanges};
 
@@ -162,6 +162,23 @@ pub fn encode_group(bytes: &[u8], group: u64, outboard: &Outboard) -> Result<Vec
     Ok(out)
 }
 
+/// [`encode_group`] without hashing the group's bytes against the outboard: for a holder that
+/// knows by other means that its file is unchanged since the outboard was made (its size and
+/// modification time, as its scanner trusts them). Wrong bytes still fail at the receiver, which
+/// verifies every group; a group of the wrong length is refused here.
+pub fn encode_group_unchecked(bytes: &[u8], group: u64, outboard: &Outboard) -> Result<Vec<u8>, BlobError> {
+    let ranges = chunk_ranges(&(group..group + 1), outboard.size)?;
+    let start = group * GROUP_BYTES;
+    let expected = (outboard.size - start).min(GROUP_BYTES);
+    if bytes.len() as u64 != expected {
+        return Err(BlobError::Mismatch);
+    }
+    let window = Window { offset: start, bytes };
+    let mut out = Vec::with_capacity(bytes.len() + 64 * 48);
+    encode_ranges(window, outboard.mem(), &ranges, &mut out).map_err(|_| BlobError::Mismatch)?;
+    Ok(out)
+}
+
 /// A slice of a file at its offset, read where the encoder reads it.
 struct Window<'a> {
     offset: u64,
@@ -174,6 +191,13 @@ impl positioned_io::ReadAt for Window<'_> {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "before the window"));
         };
         positioned_io::ReadAt::read_at(&self.bytes, at, buf)
+    }
+}
+
+/// The end of the window (the encoder asks for a size but reads only inside the window).
+impl positioned_io::Size for Window<'_> {
+    fn size(&self) -> std::io::Result<Option<u64>> {
+        Ok(Some(self.offset + self.bytes.len() as u64))
     }
 }
 
@@ -318,6 +342,21 @@ mod tests {
             "a file changed under its holder"
         );
         assert_eq!(encode_group(&changed[1..], 2, &outboard), Err(BlobError::Mismatch));
+        // Unchecked: the same response for the right bytes; for changed bytes the receiver
+        // refuses the group instead.
+        for g in 0..groups_of(d.len() as u64) {
+            assert_eq!(
+                encode_group_unchecked(slice(&d, g), g, &outboard).unwrap(),
+                encode_group(slice(&d, g), g, &outboard).unwrap()
+            );
+        }
+        let response = encode_group_unchecked(&changed, 2, &outboard).unwrap();
+        let wanted = Groups::new(2..3, outboard.size).unwrap();
+        assert_eq!(
+            decode_all(outboard.root, &wanted, &response),
+            (vec![], Some(BlobError::Corrupt { group: 2 }))
+        );
+        assert_eq!(encode_group_unchecked(&changed[1..], 2, &outboard), Err(BlobError::Mismatch));
     }
 
     #[test]

@@ -9,12 +9,12 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::anyhow;
 use engine::control::ContentReply;
 use engine::directory::FolderId;
-use engine::folder::blob::{encode_group, Decoder, Groups};
+use engine::folder::blob::{encode_group, encode_group_unchecked, Decoder, Groups};
 use engine::folder::fetch::{Command, Event, Failure, RequestId, Route, Waiting, GROUP_BYTES};
 use engine::folder::{ContentHash, FileEntry};
 use engine::signing::DeviceId;
@@ -44,17 +44,24 @@ fn serve_corrupt() -> bool {
     *CORRUPT.get_or_init(|| std::env::var("FEEDMESH_TEST_SERVE_CORRUPT").is_ok_and(|v| v == "1"))
 }
 
-/// What a mapped directory holds whole, and the base's modification time it was built at.
-pub(super) type Held = (Option<std::time::SystemTime>, Arc<BTreeMap<(ContentHash, u64), PathBuf>>);
+/// What a mapped directory holds whole, the base's modification time it was built at, and when
+/// it was built (each file in it was checked against the base then).
+pub(super) type Held =
+    (Option<std::time::SystemTime>, SystemTime, Arc<BTreeMap<(ContentHash, u64), PathBuf>>);
+
+/// A file served with its outboard, and when it was last checked against the base (or, for
+/// fetched objects and the trash, found).
+type Source = (PathBuf, Arc<engine::folder::Outboard>, SystemTime);
+
+/// Modification times closer than this to the moment a file was checked are not trusted to
+/// prove it unchanged since (file systems with coarse timestamps).
+const MTIME_SLACK: Duration = Duration::from_secs(2);
 
 /// Large files whose outboards are kept in memory while they are served.
 pub const OUTBOARDS_KEPT: usize = 16;
 
 /// Outboards of large files being served, each read or computed once for all the requests.
-pub(super) type Outboards = BTreeMap<
-    (ContentHash, u64),
-    Arc<tokio::sync::OnceCell<Option<(PathBuf, Arc<engine::folder::Outboard>)>>>,
->;
+pub(super) type Outboards = BTreeMap<(ContentHash, u64), Arc<tokio::sync::OnceCell<Option<Source>>>>;
 
 /// Requests in flight to one source at once.
 pub const REQUESTS_PER_SOURCE: u32 = 32;
@@ -122,20 +129,43 @@ impl Net {
         // (computed once, kept in .feedmesh/outboards): a frame per group, so the asking device
         // verifies and keeps each as it comes.
         let held = self.held_path(&dir, &root, size);
-        let Some((path, outboard)) = self.source_of(&dir, held, root, size).await? else {
+        let Some((path, outboard, checked)) = self.source_of(&dir, held, root, size).await? else {
             return refuse(send, ContentReply::NotHeld).await;
         };
         let frames = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Vec<Vec<u8>>>> {
             let file = std::fs::File::open(&path)?;
+            let stamp = |f: &std::fs::File| f.metadata().map(|m| (m.len(), m.modified().ok()));
+            let before = stamp(&file)?;
             // One read for the request's groups (at most GROUPS_PER_REQUEST_MAX of them, checked
-            // above), then a frame per group from its slice.
+            // above), then a frame per group from its slice. Not zeroed first: read_to_end
+            // fills spare capacity.
             let from = (groups.start * GROUP_BYTES).min(size);
             let to = (groups.end * GROUP_BYTES).min(size);
-            let mut bytes = vec![0u8; (to - from) as usize];
-            folders::read_exact_at(&file, &mut bytes, from)?;
+            let mut bytes = Vec::with_capacity((to - from) as usize);
+            {
+                use std::io::{Read, Seek};
+                let mut reader = &file;
+                reader.seek(std::io::SeekFrom::Start(from))?;
+                reader.take(to - from).read_to_end(&mut bytes)?;
+            }
+            if bytes.len() as u64 != to - from {
+                return Ok(None); // Shorter on disk: changed, not held any more.
+            }
+            // Unchanged since it was checked against the base (same size and modification
+            // time before and after this read, and that time older than the check): its bytes
+            // are the outboard's and need not be hashed again here (the asking device verifies
+            // every group anyway). Otherwise each group is checked as it is encoded.
+            let unchanged = before.0 == size
+                && stamp(&file)? == before
+                && before.1.is_some_and(|m| m + MTIME_SLACK <= checked);
             let mut frames = Vec::with_capacity((groups.end - groups.start) as usize);
             for (group, chunk) in groups.zip(bytes.chunks(GROUP_BYTES as usize)) {
-                match encode_group(chunk, group, &outboard) {
+                let encoded = if unchanged {
+                    encode_group_unchecked(chunk, group, &outboard)
+                } else {
+                    encode_group(chunk, group, &outboard)
+                };
+                match encoded {
                     Ok(frame) => frames.push(frame),
                     Err(_) => return Ok(None), // Changed on disk: not held any more.
                 }
@@ -346,7 +376,7 @@ impl Net {
             // full, which ends the turn).
             while sizes.len() < engine::folder::fetch::FETCHES_MAX {
                 let Some(want) = queue.pop_front() else { break };
-                let have = folders::partial_have(&dir, &want.root);
+                let have = folders::partial_have(&dir, &want.root, want.size);
                 let wanted = lock(&self.node).device.want_content(
                     now(),
                     folder,
@@ -409,11 +439,13 @@ impl Net {
             for event in events {
                 if let Event::Done { hash } = event {
                     open.remove(&hash);
-                    sizes.remove(&hash);
-                    // Synced and moved off this loop, many at once: a file system commits
-                    // concurrent syncs together (one journal commit for many small files).
+                    // Invariant: every file wanted has its size here until it is done.
+                    let Some(size) = sizes.remove(&hash) else { continue };
+                    // Its log cut off and moved off this loop, many at once.
                     let dir = dir.clone();
-                    finishing.push(tokio::task::spawn_blocking(move || folders::finish_partial(&dir, &hash)));
+                    finishing.push(tokio::task::spawn_blocking(move || {
+                        folders::finish_partial(&dir, &hash, size)
+                    }));
                 }
             }
             if queued {
@@ -476,7 +508,13 @@ impl Net {
                         let written = match open.entry(root) {
                             std::collections::btree_map::Entry::Occupied(e) => Ok(e.into_mut()),
                             std::collections::btree_map::Entry::Vacant(e) => {
-                                folders::Partial::open(&dir, &root).map(|p| e.insert(p))
+                                // A piece of a file not wanted (any more) is not written.
+                                sizes
+                                    .get(&root)
+                                    .copied()
+                                    .ok_or_else(|| anyhow!("a group of a file not being fetched"))
+                                    .and_then(|size| folders::Partial::open(&dir, &root, size))
+                                    .map(|p| e.insert(p))
                             }
                         }
                         .and_then(|p| {
@@ -546,17 +584,18 @@ impl Net {
 
     /// Where the mapped directory `dir` holds `root` whole, from a map rebuilt when its base
     /// changes (so serving many files reads the base once, not once per request).
-    fn held_path(&self, dir: &Path, root: &ContentHash, size: u64) -> Option<PathBuf> {
+    fn held_path(&self, dir: &Path, root: &ContentHash, size: u64) -> Option<(PathBuf, SystemTime)> {
         let stamp = std::fs::metadata(dir.join(engine::folder::path::RESERVED_DIR).join("base.json"))
             .and_then(|m| m.modified())
             .ok();
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        let fresh = held.get(dir).is_some_and(|(s, _)| *s == stamp && stamp.is_some());
+        let fresh = held.get(dir).is_some_and(|(s, _, _)| *s == stamp && stamp.is_some());
         if !fresh {
+            let built = SystemTime::now();
             let map = folders::held_contents(dir).ok()?;
-            held.insert(dir.to_path_buf(), (stamp, Arc::new(map)));
+            held.insert(dir.to_path_buf(), (stamp, built, Arc::new(map)));
         }
-        held.get(dir).and_then(|(_, map)| map.get(&(*root, size)).cloned())
+        held.get(dir).and_then(|(_, built, map)| Some((map.get(&(*root, size))?.clone(), *built)))
     }
 
     /// Where `root` is read from and its outboard. A large file's outboard is read (or computed)
@@ -565,18 +604,23 @@ impl Net {
     async fn source_of(
         &self,
         dir: &Path,
-        held: Option<PathBuf>,
+        held: Option<(PathBuf, SystemTime)>,
         root: ContentHash,
         size: u64,
-    ) -> anyhow::Result<Option<(PathBuf, Arc<engine::folder::Outboard>)>> {
+    ) -> anyhow::Result<Option<Source>> {
         let lookup = {
             let dir = dir.to_path_buf();
-            move || -> anyhow::Result<Option<(PathBuf, Arc<engine::folder::Outboard>)>> {
-                let found = match held {
-                    Some(path) => folders::outboard_for(&dir, &path, &root, size)?,
-                    None => folders::content_source(&dir, &root, size)?,
+            move || -> anyhow::Result<Option<Source>> {
+                // When the file found was last checked: the held map's build, or now (a lookup
+                // in the base checks the file's size and time as it finds it).
+                let (found, checked) = match held {
+                    Some((path, built)) => (folders::outboard_for(&dir, &path, &root, size)?, built),
+                    None => {
+                        let now = SystemTime::now();
+                        (folders::content_source(&dir, &root, size)?, now)
+                    }
                 };
-                Ok(found.map(|(p, o)| (p, Arc::new(o))))
+                Ok(found.map(|(p, o)| (p, Arc::new(o), checked)))
             }
         };
         if size <= folders::OUTBOARD_CACHE_FROM {
