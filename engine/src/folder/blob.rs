@@ -150,16 +150,7 @@ impl Groups {
 /// The response for one group, from that group's bytes alone (`bytes` is the whole group, the
 /// last one shorter): what a holder serving a large file reads from disk per group.
 pub fn encode_group(bytes: &[u8], group: u64, outboard: &Outboard) -> Result<Vec<u8>, BlobError> {
-    let ranges = chunk_ranges(&(group..group + 1), outboard.size)?;
-    let start = group * GROUP_BYTES;
-    let expected = (outboard.size - start).min(GROUP_BYTES);
-    if bytes.len() as u64 != expected {
-        return Err(BlobError::Mismatch);
-    }
-    let window = Window { offset: start, bytes };
-    let mut out = Vec::with_capacity(bytes.len() + 64 * 48);
-    encode_ranges_validated(window, outboard.mem(), &ranges, &mut out).map_err(|_| BlobError::Mismatch)?;
-    Ok(out)
+    encode_one(bytes, group, outboard, true)
 }
 
 /// [`encode_group`] without hashing the group's bytes against the outboard: for a holder that
@@ -167,6 +158,10 @@ pub fn encode_group(bytes: &[u8], group: u64, outboard: &Outboard) -> Result<Vec
 /// modification time, as its scanner trusts them). Wrong bytes still fail at the receiver, which
 /// verifies every group; a group of the wrong length is refused here.
 pub fn encode_group_unchecked(bytes: &[u8], group: u64, outboard: &Outboard) -> Result<Vec<u8>, BlobError> {
+    encode_one(bytes, group, outboard, false)
+}
+
+fn encode_one(bytes: &[u8], group: u64, outboard: &Outboard, check: bool) -> Result<Vec<u8>, BlobError> {
     let ranges = chunk_ranges(&(group..group + 1), outboard.size)?;
     let start = group * GROUP_BYTES;
     let expected = (outboard.size - start).min(GROUP_BYTES);
@@ -175,7 +170,12 @@ pub fn encode_group_unchecked(bytes: &[u8], group: u64, outboard: &Outboard) -> 
     }
     let window = Window { offset: start, bytes };
     let mut out = Vec::with_capacity(bytes.len() + 64 * 48);
-    encode_ranges(window, outboard.mem(), &ranges, &mut out).map_err(|_| BlobError::Mismatch)?;
+    let encoded = if check {
+        encode_ranges_validated(window, outboard.mem(), &ranges, &mut out)
+    } else {
+        encode_ranges(window, outboard.mem(), &ranges, &mut out)
+    };
+    encoded.map_err(|_| BlobError::Mismatch)?;
     Ok(out)
 }
 
