@@ -106,6 +106,28 @@ pub fn groups_of(size: u64) -> u64 {
     size.div_ceil(GROUP_BYTES)
 }
 
+/// Why a peer's request for groups is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AskError {
+    /// Empty, backwards, or past the end of the file (or the file is larger than any served).
+    OutOfFile,
+    /// More groups than one request may ask for.
+    TooMany,
+}
+
+/// The groups `start..end` a peer asked for of a file of `size` bytes, checked before any
+/// arithmetic is done on them: a non-empty run inside the file (of at most [`FILE_BYTES_MAX`]),
+/// at most `max` groups long. Both the node and the cloud answer requests through this.
+pub fn asked_groups(start: u64, end: u64, size: u64, max: u64) -> Result<Range<u64>, AskError> {
+    if size > FILE_BYTES_MAX || start >= end || end > groups_of(size) {
+        return Err(AskError::OutOfFile);
+    }
+    if end - start > max {
+        return Err(AskError::TooMany);
+    }
+    Ok(start..end)
+}
+
 fn chunk_ranges(groups: &Range<u64>, size: u64) -> Result<ChunkRanges, BlobError> {
     let total = groups_of(size);
     if groups.start >= groups.end || groups.end > total {
@@ -318,6 +340,20 @@ mod tests {
             BlobError::Range { start: 11, end: 12, groups: 11 }
         );
         assert_eq!(encode(&d[1..], &outboard, 0..1), Err(BlobError::Mismatch), "a holder whose file changed");
+    }
+
+    #[test]
+    fn a_request_for_groups_is_checked_before_any_arithmetic() {
+        let size = 10 * GROUP_BYTES + 1; // 11 groups
+        assert_eq!(asked_groups(0, 11, size, 256), Ok(0..11));
+        assert_eq!(asked_groups(10, 11, size, 1), Ok(10..11));
+        assert_eq!(asked_groups(0, 12, size, 256), Err(AskError::OutOfFile));
+        assert_eq!(asked_groups(5, 5, size, 256), Err(AskError::OutOfFile));
+        assert_eq!(asked_groups(6, 5, size, 256), Err(AskError::OutOfFile), "backwards");
+        assert_eq!(asked_groups(u64::MAX - 1, u64::MAX, size, 256), Err(AskError::OutOfFile));
+        assert_eq!(asked_groups(0, 11, size, 10), Err(AskError::TooMany));
+        assert_eq!(asked_groups(0, 1, FILE_BYTES_MAX + 1, 256), Err(AskError::OutOfFile));
+        assert_eq!(asked_groups(0, 1, 0, 256), Err(AskError::OutOfFile), "an empty file has no groups");
     }
 
     #[test]

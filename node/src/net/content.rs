@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::anyhow;
 use engine::control::ContentReply;
 use engine::directory::FolderId;
-use engine::folder::blob::{encode_group, encode_group_unchecked, Decoder, Groups};
+use engine::folder::blob::{asked_groups, encode_group, encode_group_unchecked, AskError, Decoder, Groups};
 use engine::folder::fetch::{Command, Event, Failure, RequestId, Route, Waiting, GROUP_BYTES};
 use engine::folder::{ContentHash, FileEntry};
 use engine::signing::DeviceId;
@@ -122,9 +122,11 @@ impl Net {
         let Some(dir) = folders::Mappings::load(&data_dir)?.dir_of(&folder).map(Path::to_path_buf) else {
             return refuse(send, ContentReply::NotHeld).await;
         };
-        if groups.end - groups.start > GROUPS_PER_REQUEST_MAX {
-            return refuse(send, ContentReply::TooLarge).await;
-        }
+        let groups = match asked_groups(groups.start, groups.end, size, GROUPS_PER_REQUEST_MAX) {
+            Ok(groups) => groups,
+            Err(AskError::TooMany) => return refuse(send, ContentReply::TooLarge).await,
+            Err(AskError::OutOfFile) => return refuse(send, ContentReply::NotHeld).await,
+        };
         // Each group encoded from its own bytes (read at its offset) and the file's outboard
         // (computed once, kept in .feedmesh/outboards): a frame per group, so the asking device
         // verifies and keeps each as it comes.

@@ -132,13 +132,14 @@ impl Cloud {
         groups: Range<u64>,
         mut send: SendStream,
     ) -> anyhow::Result<()> {
-        let reply = match self.check_reader(&device, &folder) {
-            Check::NotAllowed => Err(ContentReply::NotAllowed),
-            Check::Ok { storage: Storage::P2p, .. } => Err(ContentReply::NotHeld),
-            Check::Ok { .. } if groups.end - groups.start > GROUPS_PER_REQUEST_MAX => {
-                Err(ContentReply::TooLarge)
-            }
-            Check::Ok { .. } => Ok(()),
+        let asked =
+            engine::folder::blob::asked_groups(groups.start, groups.end, size, GROUPS_PER_REQUEST_MAX);
+        let reply = match (self.check_reader(&device, &folder), asked) {
+            (Check::NotAllowed, _) => Err(ContentReply::NotAllowed),
+            (Check::Ok { storage: Storage::P2p, .. }, _) => Err(ContentReply::NotHeld),
+            (Check::Ok { .. }, Err(engine::folder::blob::AskError::TooMany)) => Err(ContentReply::TooLarge),
+            (Check::Ok { .. }, Err(engine::folder::blob::AskError::OutOfFile)) => Err(ContentReply::NotHeld),
+            (Check::Ok { .. }, Ok(_)) => Ok(()),
         };
         let found = match reply {
             Err(r) => Err(r),
