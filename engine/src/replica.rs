@@ -160,6 +160,10 @@ pub struct Replica {
     log: BTreeMap<Seq, ItemId>,
     /// Fingerprint to item, for answering a peer's "send me these".
     by_fp: BTreeMap<Fingerprint, ItemId>,
+    /// The [`version_hash`]es (64 bits) of the versions of items with conflicts whose per-version
+    /// state is known (not restored ones), counted: which versions a peer's `wire::Body::Hello::held`
+    /// names this replica holds too (a version without conflicts is its item's fingerprint).
+    by_version: BTreeMap<u64, u32>,
     digest: u64,
     signing: Signing,
     /// What this replica's signatures are bound to (see [`FeedScope`]).
@@ -187,6 +191,7 @@ impl Replica {
             items: BTreeMap::new(),
             log: BTreeMap::new(),
             by_fp: BTreeMap::new(),
+            by_version: BTreeMap::new(),
             digest: 0,
             signing: Signing::Off,
             scope: None,
@@ -472,17 +477,29 @@ impl Replica {
     /// two replicas differ in that item, as it could with whole items, where such a pair of
     /// states sends nothing either.) A subset led by a `noconflicts` winner with others, which
     /// is not a valid item, goes whole.
-    pub fn item_since(&self, id: &ItemId, since: Seq, skip: &[(Seq, Seq)]) -> Option<Arc<Item>> {
+    ///
+    /// `held` (sorted) names versions the peer said it holds, by [`version_hash`] truncated to 64
+    /// bits (`wire::Body::Hello::held`): they are left out too, by the same argument (the peer's state
+    /// holds each of them or a version of its own that subsumes it).
+    pub fn item_since(
+        &self,
+        id: &ItemId,
+        since: Seq,
+        skip: &[(Seq, Seq)],
+        held: &[u64],
+    ) -> Option<Arc<Item>> {
         let entry = self.items.get(id)?;
         if entry.versions.is_none() {
             return (entry.seq > since).then(|| entry.item.clone());
         }
-        let wanted = |a: Seq| a > since && !skip.iter().any(|&(from, to)| a > from && a <= to);
-        let picked: Vec<&feedsync::Version> = versions(&entry.item)
-            .enumerate()
-            .filter(|(k, _)| wanted(entry.arrival(*k)))
-            .map(|(_, v)| v)
-            .collect();
+        let wanted = |k: usize| {
+            let a = entry.arrival(k);
+            a > since
+                && !skip.iter().any(|&(from, to)| a > from && a <= to)
+                && (held.is_empty() || held.binary_search(&(entry.hash(k) as u64)).is_err())
+        };
+        let picked: Vec<&feedsync::Version> =
+            versions(&entry.item).enumerate().filter(|(k, _)| wanted(*k)).map(|(_, v)| v).collect();
         match picked.split_first() {
             None => None,
             Some(_) if picked.len() == entry.item.conflicts.len() + 1 => Some(entry.item.clone()),
@@ -492,6 +509,36 @@ impl Replica {
                 conflicts: rest.iter().map(|v| (*v).clone()).collect(),
             })),
         }
+    }
+
+    /// Whether this replica holds a version whose [`version_hash`] truncated to 64 bits is `h`, as
+    /// far as it knows cheaply: versions of items with conflicts (not restored ones) and items of
+    /// one version. A `false` only costs a peer bytes (it sends the version).
+    pub fn holds_version(&self, h: u64) -> bool {
+        self.by_version.contains_key(&h)
+            || self
+                .by_fp
+                .get(&h)
+                .and_then(|id| self.items.get(id))
+                .is_some_and(|e| e.item.conflicts.is_empty())
+    }
+
+    /// The [`version_hash`]es (64 bits) of the versions of this replica's items with conflicts
+    /// (not restored ones), ascending, each once.
+    pub fn held_versions(&self) -> impl Iterator<Item = u64> + '_ {
+        self.by_version.keys().copied()
+    }
+
+    /// For an item with conflicts, the [`version_hash`]es (truncated to 64 bits) of its versions
+    /// that entered this replica after `since` (what `wire::Body::Hello::held` names); none for an item
+    /// without conflicts, whose fingerprint is its one version's hash already.
+    pub fn held_since(&self, id: &ItemId, since: Seq) -> impl Iterator<Item = u64> + '_ {
+        let entry = self.items.get(id).filter(|e| e.versions.is_some());
+        let n = entry.map_or(0, |e| e.item.conflicts.len() + 1);
+        (0..n).filter_map(move |k| {
+            let e = entry?;
+            (e.arrival(k) > since).then(|| e.hash(k) as u64)
+        })
     }
 
     /// Where each version of an item entered this replica (see [`Replica::item_since`]), for a
@@ -506,8 +553,22 @@ impl Replica {
         self.head = Seq(self.head.0 + 1);
         let seq = self.head;
         let (fp, versions) = entry_state(self.items.get(&id), &item, seq);
+        if let Some(v) = &versions {
+            for h in &v.hashes {
+                *self.by_version.entry(*h as u64).or_default() += 1;
+            }
+        }
         let entry = Entry { item, fp, seq, local, versions };
         if let Some(old) = self.items.insert(id.clone(), entry) {
+            for h in old.versions.iter().flat_map(|v| v.hashes.iter()) {
+                if let std::collections::btree_map::Entry::Occupied(mut e) = self.by_version.entry(*h as u64)
+                {
+                    *e.get_mut() -= 1;
+                    if *e.get() == 0 {
+                        e.remove();
+                    }
+                }
+            }
             self.log.remove(&old.seq);
             self.by_fp.remove(&old.fp);
             self.digest = self.digest.wrapping_sub(old.fp);

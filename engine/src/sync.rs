@@ -238,6 +238,15 @@ pub struct Session {
     /// versions they brought are the peer's, not sent back. Coalesced; at most
     /// [`BROUGHT_RANGES_MAX`] (past it, more is sent back, never less).
     brought: Vec<(Seq, Seq)>,
+    /// The versions the peer said it holds (responder: the `Hello`'s `held`; initiator: the
+    /// `held` of `Changes` or `Diff`), sorted and deduplicated: left out of the items I send
+    /// ([`Replica::item_since`]).
+    held: Vec<u64>,
+    /// Responder (incremental): of the initiator's `held`, the versions I hold too, sent with my
+    /// `want` in the first `Changes`.
+    held_back: Vec<u64>,
+    /// Initiator: how many versions my `Hello` named as held (the most `Changes::held` may).
+    held_sent: usize,
     stats: Stats,
     outcome: Outcome,
 }
@@ -256,7 +265,7 @@ impl Session {
         (self.symbols_sent, &self.outbox, self.my_log_at_start, self.peer_log, self.acked).hash(h);
         (&self.pushed, &self.announced, &self.want, self.awaiting_items, self.sending_mine).hash(h);
         (self.served_log, self.changed_at_serve, self.stats.items_changed).hash(h);
-        (self.delta_since, &self.brought).hash(h);
+        (self.delta_since, &self.brought, &self.held, &self.held_back, self.held_sent).hash(h);
         hash_outcome(&self.outcome, h);
     }
 }
@@ -304,6 +313,9 @@ impl Session {
             changed_at_serve: 0,
             delta_since: None,
             brought: Vec::new(),
+            held: Vec::new(),
+            held_back: Vec::new(),
+            held_sent: 0,
             stats: Stats::default(),
             outcome: Outcome::Running,
         }
@@ -320,6 +332,7 @@ impl Session {
         };
         let mut push = None;
         let mut symbols = Vec::new();
+        let mut held = Vec::new();
         if incremental {
             // My own changes go as items (the peer can hardly have them); what I merged from
             // others is announced by fingerprint, and the peer asks for what it lacks.
@@ -328,29 +341,62 @@ impl Session {
             let mut have = Vec::new();
             for change in replica.log_since(from) {
                 if change.local {
-                    // The versions the peer lacks: a local change brought at least one.
-                    if let Some(item) = replica.item_since(change.item.id(), from, &[]) {
-                        items.push(wire::to_wire(&item));
+                    // The versions the peer lacks: a local change brought at least one. Of an
+                    // item with conflicts only what the change itself brought goes inline; the
+                    // versions merged from others before it are announced like merged changes
+                    // (the peer most likely has them already; it asks for the item if not).
+                    let id = change.item.id();
+                    let merged_before = replica.item_since(id, from, &[], &[]).zip(replica.item_since(
+                        id,
+                        Seq(change.seq.0 - 1),
+                        &[],
+                        &[],
+                    ));
+                    match merged_before {
+                        Some((all, own))
+                            if !Arc::ptr_eq(&all, &own) && all.conflicts.len() > own.conflicts.len() =>
+                        {
+                            items.push(wire::to_wire(&own));
+                            have.push(Fixed64::from(change.fp));
+                            s.announced.push((change.fp, id.clone()));
+                            held.extend(replica.held_since(id, from).map(Fixed64::from));
+                        }
+                        Some((all, _)) => items.push(wire::to_wire(&all)),
+                        None => {
+                            if let Some(item) = replica.item_since(id, from, &[], &[]) {
+                                items.push(wire::to_wire(&item));
+                            }
+                        }
                     }
                 } else {
                     have.push(Fixed64::from(change.fp));
                     s.announced.push((change.fp, change.item.id().clone()));
+                    held.extend(replica.held_since(change.item.id(), from).map(Fixed64::from));
                 }
             }
             let bytes: usize = items.iter().map(wire::encoded_len).sum();
             if bytes + have.len() * 8 + 256 <= s.cfg.max_message_bytes {
+                // `held` only saves the peer bytes: what does not fit is left out.
+                let room = ((s.cfg.max_message_bytes - bytes - have.len() * 8 - 256) / 9).min(HELD_MAX);
+                held.truncate(room);
                 s.stats.payload_bytes_sent += bytes as u64;
                 s.stats.items_sent += items.len() as u64;
                 s.announced.sort_unstable_by_key(|(fp, _)| *fp);
                 s.delta_since = Some(from);
+                s.held_sent = held.len();
                 push = Some(Push { epoch: mine.epoch, from: from.0, items, have });
             } else {
                 s.announced.clear();
+                held.clear();
             }
         }
         if push.is_none() {
             s.take_snapshot(replica);
             symbols = s.next_symbols(s.cfg.initial_symbols);
+            // Full reconciliation: every version of my items with conflicts, as far as they fit.
+            let room = (s.cfg.max_message_bytes.saturating_sub(256 + symbols.len() * 24) / 9).min(HELD_MAX);
+            held = replica.held_versions().take(room).map(Fixed64::from).collect();
+            s.held_sent = held.len();
         }
         let body = Body::Hello {
             log: wire_cursor(mine),
@@ -359,6 +405,7 @@ impl Session {
             cursor: if push.is_some() { retained.peer_log.map(wire_cursor) } else { None },
             push,
             symbols,
+            held,
         };
         s.send(now, body);
         s
@@ -474,11 +521,20 @@ impl Session {
 
     fn initiator(&mut self, now: Micros, replica: &mut Replica, body: Body) -> Result<(), SyncError> {
         match body {
-            Body::Changes { log, items, more, want } => {
+            Body::Changes { log, items, more, want, held } => {
                 self.merge_all(replica, &items)?;
                 self.peer_log = Some(cursor(log));
                 if want.len() > self.announced.len() {
                     return Err(SyncError::Protocol("peer wants more than we announced".into()));
+                }
+                if held.len() > self.held_sent {
+                    return Err(SyncError::Protocol("peer holds more versions than we named".into()));
+                }
+                if !held.is_empty() {
+                    // What the wanted items leave out (the peer holds those versions).
+                    self.held = held.into_iter().map(u64::from).collect();
+                    self.held.sort_unstable();
+                    self.held.dedup();
                 }
                 for fp in want {
                     let fp = u64::from(fp);
@@ -514,9 +570,15 @@ impl Session {
                 let symbols = self.next_symbols(want);
                 self.send(now, Body::Symbols { from, symbols });
             }
-            Body::Diff { log, want, items, more } => {
+            Body::Diff { log, want, items, more, held } => {
                 self.merge_all(replica, &items)?;
                 self.peer_log = Some(cursor(log));
+                if held.len() > self.cfg.max_message_bytes / 8 {
+                    return Err(SyncError::Protocol("more held versions than a message holds".into()));
+                }
+                self.held = held.into_iter().map(u64::from).collect();
+                self.held.sort_unstable();
+                self.held.dedup();
                 let mut ids = Vec::with_capacity(want.len());
                 for fp in want {
                     let fp = u64::from(fp);
@@ -566,7 +628,14 @@ impl Session {
 
     fn responder(&mut self, now: Micros, replica: &mut Replica, body: Body) -> Result<(), SyncError> {
         match body {
-            Body::Hello { log, count, digest, cursor: their_cursor, push, symbols } => {
+            Body::Hello { log, count, digest, cursor: their_cursor, push, symbols, held } => {
+                // Bounded by the message's size already; named here too (it is sorted below).
+                if held.len() > self.cfg.max_message_bytes / 8 {
+                    return Err(SyncError::Protocol("more held versions than a message holds".into()));
+                }
+                let mut held: Vec<u64> = held.into_iter().map(u64::from).collect();
+                held.sort_unstable();
+                held.dedup();
                 let initiator_log = cursor(log);
                 self.peer_log = Some(initiator_log);
                 // The initiator's changes since our acknowledgement. We acknowledged them in this
@@ -598,6 +667,12 @@ impl Session {
                     self.want.dedup();
                     self.awaiting_items = !self.want.is_empty();
                     self.delta_since = Some(since.seq);
+                    // Of the named versions, those I hold, for the initiator to leave out of the
+                    // items I want (a hot item's state never matches by fingerprint).
+                    if !self.want.is_empty() {
+                        self.held_back = held.iter().copied().filter(|&h| replica.holds_version(h)).collect();
+                    }
+                    self.held = held;
                     self.pushed.extend(announced);
                     self.pushed.sort_unstable();
                     let skip = usize::from(self.cfg.planted_bug == Some(PlantedBug::CursorSkipsOneChange));
@@ -628,6 +703,9 @@ impl Session {
                     self.send_diff(now, replica, Vec::new(), ids)?;
                     return Ok(());
                 }
+                // Full reconciliation: the initiator's versions of its items with conflicts are
+                // left out of the items I send it.
+                self.held = held;
                 self.take_snapshot(replica);
                 self.absorb_symbols(now, replica, 0, &symbols)?;
             }
@@ -701,13 +779,23 @@ impl Session {
         if want.len() * 9 + 256 > self.cfg.max_message_bytes {
             return Err(SyncError::Protocol("difference too large for one message".into()));
         }
+        // The versions of my items with conflicts that go to the initiator: it leaves them out
+        // of the items I want (a hot item differs on both sides, each holding most versions).
+        let room = (self.cfg.max_message_bytes.saturating_sub(want.len() * 9 + 256) / 18).min(HELD_MAX);
+        let mut held = Vec::new();
+        for id in &ids {
+            if held.len() >= room {
+                break;
+            }
+            held.extend(replica.held_since(id, Seq(0)).take(room - held.len()).map(Fixed64::from));
+        }
         self.queue_in_log_order(replica, ids);
-        let budget = self.cfg.max_message_bytes.saturating_sub(want.len() * 9 + 256);
+        let budget = self.cfg.max_message_bytes.saturating_sub(want.len() * 9 + held.len() * 9 + 256);
         let items = self.take_chunk(replica, budget);
         let more = !self.outbox.is_empty();
         self.sending_mine = more;
         let log = wire_cursor(self.served_log.unwrap_or(replica.cursor()));
-        self.send(now, Body::Diff { log, want, items, more });
+        self.send(now, Body::Diff { log, want, items, more, held });
         Ok(())
     }
 
@@ -720,12 +808,13 @@ impl Session {
     fn send_changes_or_items(&mut self, now: Micros, replica: &Replica) {
         let incremental = self.snapshot.is_empty() && self.decoder.is_empty();
         let want: Vec<Fixed64> = std::mem::take(&mut self.want).into_iter().map(Fixed64::from).collect();
-        let budget = self.cfg.max_message_bytes.saturating_sub(256 + want.len() * 9);
+        let held: Vec<Fixed64> = std::mem::take(&mut self.held_back).into_iter().map(Fixed64::from).collect();
+        let budget = self.cfg.max_message_bytes.saturating_sub(256 + want.len() * 9 + held.len() * 9);
         let items = self.take_chunk(replica, budget);
         let more = !self.outbox.is_empty();
         if incremental {
             let log = wire_cursor(self.served_log.unwrap_or(replica.cursor()));
-            self.send(now, Body::Changes { log, items, more, want });
+            self.send(now, Body::Changes { log, items, more, want, held });
             if !more && !self.awaiting_items {
                 self.linger(now);
             }
@@ -848,7 +937,8 @@ impl Session {
         let whole = self.cfg.max_message_bytes.saturating_sub(256);
         while let Some(id) = self.outbox.front() {
             let item = match self.delta_since {
-                Some(since) => replica.item_since(id, since, &self.brought),
+                Some(since) => replica.item_since(id, since, &self.brought, &self.held),
+                None if !self.held.is_empty() => replica.item_since(id, Seq(0), &[], &self.held),
                 None => replica.item(id).cloned(),
             };
             let Some(item) = item else {
@@ -964,3 +1054,7 @@ fn wire_cursor(c: Cursor) -> WireCursor {
 fn cursor(c: WireCursor) -> Cursor {
     Cursor { epoch: c.epoch, seq: Seq(c.seq) }
 }
+
+/// Most versions a `Hello` or `Diff` names as held (`Body::Hello::held`, 8 bytes each; a
+/// message's room bounds it too): a hot item holds a conflict per concurrent writer.
+const HELD_MAX: usize = 4096;

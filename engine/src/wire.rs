@@ -15,8 +15,10 @@ use crate::riblt::Symbol;
 /// peer's signatures would not verify; it is refused by version instead. 5: an item names its id
 /// once and its endpoints once, in a table its history entries index: a FeedSync history holds an
 /// entry per endpoint that wrote the item, a 64-hex-digit device id each, which made most of the
-/// bytes of an item many devices write).
-pub const WIRE_VERSION: u8 = 5;
+/// bytes of an item many devices write. 6: the initiator names, by hash, versions of its items
+/// with conflicts (`Body::Hello::held`), so that the responder does not send them back, and the
+/// responder likewise in `Changes` and `Diff`).
+pub const WIRE_VERSION: u8 = 6;
 
 /// Most endpoints one item's table may name. An item within [`feedsync::limits::ITEM_ENCODED_MAX`]
 /// cannot name more (every history entry with an endpoint counts at least 64 bytes there).
@@ -194,18 +196,27 @@ pub enum Body {
         cursor: Option<WireCursor>,
         push: Option<Push>,
         symbols: Vec<WireSymbol>,
+        /// Versions of the initiator's items with conflicts, each as its `replica::version_hash`
+        /// truncated to 64 bits, that the responder leaves out of what it sends (a hot item's
+        /// state differs between any two replicas, so fingerprints never match it, while most
+        /// of its versions reached both already): with a push, those that entered the
+        /// initiator's log after `from` in the changes it announces; without, all of them. May
+        /// be empty or partial (it only saves bytes).
+        held: Vec<Fixed64>,
     },
     /// Responder: its changes since the initiator's cursor (`more`: another chunk follows), and
-    /// (first chunk only) the pushed fingerprints it lacks; the initiator then sends those as
-    /// `Items` and the responder closes with `Done`.
-    Changes { log: WireCursor, items: Vec<WireItem>, more: bool, want: Vec<Fixed64> },
+    /// (first chunk only) the pushed fingerprints it lacks, with those of the pushed `held`
+    /// versions it holds (the initiator leaves them out of the wanted items); the initiator then
+    /// sends those as `Items` and the responder closes with `Done`.
+    Changes { log: WireCursor, items: Vec<WireItem>, more: bool, want: Vec<Fixed64>, held: Vec<Fixed64> },
     /// Responder: send coded symbols until there are `upto` in all.
     More { upto: u64 },
     /// Initiator: coded symbols starting at index `from`.
     Symbols { from: u64, symbols: Vec<WireSymbol> },
     /// Responder: decoded. The fingerprints of the initiator's items it wants, and a first chunk of
-    /// its own items the initiator lacks.
-    Diff { log: WireCursor, want: Vec<Fixed64>, items: Vec<WireItem>, more: bool },
+    /// its own items the initiator lacks; `held`: the version hashes of those of its items that
+    /// have conflicts (all chunks), which the initiator leaves out of the items it sends back.
+    Diff { log: WireCursor, want: Vec<Fixed64>, items: Vec<WireItem>, more: bool, held: Vec<Fixed64> },
     /// Either: a further chunk of items.
     Items { items: Vec<WireItem>, more: bool },
     /// Either: go on (answers a chunk with `more`).

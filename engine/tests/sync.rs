@@ -348,27 +348,36 @@ mod adversary {
                 any::<u64>(),
                 proptest::option::of(cursor.clone()),
                 proptest::option::of((0u64..3, 0u64..9, items.clone(), fingerprints.clone())),
-                symbols.clone()
+                symbols.clone(),
+                fingerprints.clone()
             )
-                .prop_map(|(log, digest, cursor, push, symbols)| Body::Hello {
+                .prop_map(|(log, digest, cursor, push, symbols, held)| Body::Hello {
                     log,
                     count: 3,
                     digest: Fixed64::from(digest),
                     cursor,
                     push: push.map(|(epoch, from, items, have)| Push { epoch, from, items, have }),
                     symbols,
+                    held,
                 }),
-            (cursor.clone(), items.clone(), any::<bool>(), fingerprints.clone())
-                .prop_map(|(log, items, more, want)| Body::Changes { log, items, more, want }),
+            (cursor.clone(), items.clone(), any::<bool>(), fingerprints.clone(), fingerprints.clone())
+                .prop_map(|(log, items, more, want, held)| Body::Changes { log, items, more, want, held }),
             any::<u64>().prop_map(|upto| Body::More { upto }),
             (0u64..40, symbols).prop_map(|(from, symbols)| Body::Symbols { from, symbols }),
             (
                 cursor.clone(),
                 prop::collection::vec(any::<u64>().prop_map(Fixed64::from), 0..4),
                 items.clone(),
-                any::<bool>()
+                any::<bool>(),
+                fingerprints
             )
-                .prop_map(|(log, want, items, more)| Body::Diff { log, want, items, more }),
+                .prop_map(|(log, want, items, more, held)| Body::Diff {
+                    log,
+                    want,
+                    items,
+                    more,
+                    held
+                }),
             (items, any::<bool>()).prop_map(|(items, more)| Body::Items { items, more }),
             Just(Body::Continue),
             (cursor, any::<u64>()).prop_map(|(log, d)| Body::Done { log, digest: Fixed64::from(d) }),
@@ -422,9 +431,11 @@ fn a_hello_with_self_repeating_symbols_is_refused() {
         (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
     // The report calls it a 46-byte Hello; the hex it gives is the 44-byte engine message.
     assert_eq!(bytes.len(), 44);
-    // Recorded at wire version 2; the message is otherwise unchanged since.
+    // Recorded at wire version 2; the message is otherwise unchanged since but for version 6's
+    // `held` list, last in a Hello: empty here.
     assert_eq!(bytes[0], 2);
     bytes[0] = engine::wire::WIRE_VERSION;
+    bytes.push(0);
     let mut replica = Replica::new(1);
     let id = Session::session_of(&bytes, Config::default().max_message_bytes).expect("the Hello decodes");
     let mut session = Session::respond(id, &replica, Config::default());
@@ -522,6 +533,63 @@ fn a_hot_item_sends_only_the_versions_the_peer_lacks() {
     let r = run(&mut a, &mut b, retained, CLEAN, 3, Config::default());
     assert_eq!(a.digest(), b.digest());
     assert!(r.a.payload_bytes_sent + r.b.payload_bytes_sent < whole / 5);
+}
+
+/// Wire version 6: versions of a hot item that both sides got from third devices do not travel
+/// between them, on retained cursors (the `Hello` names the versions the initiator merged since
+/// the last session, `Changes` those of them the responder holds too) and in a full
+/// reconciliation (the `Hello` names all of the initiator's, `Diff` the responder's). Without
+/// that, each side sent the other the ten shared versions it got after the last session.
+#[test]
+fn versions_both_sides_got_elsewhere_do_not_travel_between_them() {
+    let id = ItemId::new("hot").unwrap();
+    let t = When::from_unix_secs(1_700_000_000).unwrap();
+    let versions = |who: &str| {
+        let mut w = Replica::new(100);
+        w.change(&id, &Endpoint::new(who).unwrap(), &t, &content(who)).unwrap();
+        w.item(&id).unwrap().clone()
+    };
+    let (mut a, mut b, mut c) = (Replica::new(1), Replica::new(2), Replica::new(3));
+    for k in 0..20 {
+        let v = versions(&format!("writer{k}"));
+        for r in [&mut a, &mut b, &mut c] {
+            r.merge(&v).unwrap();
+        }
+    }
+    let whole = {
+        let mut empty = Replica::new(9);
+        let r = run(&mut a, &mut empty, Retained::default(), CLEAN, 1, Config::default());
+        r.a.payload_bytes_sent + r.b.payload_bytes_sent
+    };
+    let first = run(&mut a, &mut b, Retained::default(), CLEAN, 2, Config::default());
+    let Outcome::Done { retained, .. } = first.a_outcome else { panic!("first session failed") };
+    // Ten more writers reach all three from elsewhere; each side also gets one of its own.
+    for k in 0..10 {
+        let v = versions(&format!("late{k}"));
+        for r in [&mut a, &mut b, &mut c] {
+            r.merge(&v).unwrap();
+        }
+    }
+    a.merge(&versions("only-a")).unwrap();
+    b.merge(&versions("only-b")).unwrap();
+    c.merge(&versions("only-c")).unwrap();
+    assert_ne!(a.digest(), b.digest());
+    let r = run(&mut a, &mut b, retained, CLEAN, 3, Config::default());
+    assert!(matches!(r.a_outcome, Outcome::Done { .. }), "{:?}", r.a_outcome);
+    assert_eq!(a.digest(), b.digest());
+    assert!(item_sets_equal(&a, &b));
+    assert_eq!(a.item(&id).unwrap().conflicts.len(), 31);
+    let sent = r.a.payload_bytes_sent + r.b.payload_bytes_sent;
+    println!("retained cursors: 2 of 32 versions, {sent} bytes (the 20-version item whole: {whole})");
+    assert!(sent * 5 < whole, "{sent} bytes for the two versions each side lacked (whole: {whole})");
+    // a and c never synced: a full reconciliation, the same two-version exchange.
+    let r = run(&mut c, &mut a, Retained::default(), CLEAN, 4, Config::default());
+    assert!(matches!(r.a_outcome, Outcome::Done { .. }), "{:?}", r.a_outcome);
+    assert_eq!(a.digest(), c.digest());
+    assert!(item_sets_equal(&a, &c));
+    let sent = r.a.payload_bytes_sent + r.b.payload_bytes_sent;
+    println!("full reconciliation: 3 of 33 versions, {sent} bytes");
+    assert!(sent * 3 < whole, "{sent} bytes for the versions each side lacked (whole: {whole})");
 }
 
 proptest! {

@@ -295,11 +295,11 @@ mod tests {
 
     use crate::fixture::{self, SESSION, T0};
 
-    /// The committed peel-loop regression (`regressions/session_responder/riblt-peel-loop-*-v5`)
+    /// The committed peel-loop regression (`regressions/session_responder/riblt-peel-loop-*-v6`)
     /// still reaches the coded-symbol decoder at the current wire version, and is refused there.
     #[test]
     fn the_peel_loop_hello_reaches_the_decoder_and_is_refused() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/regressions/wire_message/riblt-peel-loop-hello-v5");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/regressions/wire_message/riblt-peel-loop-hello-v6");
         let hello = std::fs::read(path).expect("the committed regression");
         assert_eq!(
             hello[0],
