@@ -7,6 +7,16 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+/// A status line on stdout. A relay outlives whoever reads its stdout (a terminal closed, a
+/// supervisor that stopped reading): a write that fails is dropped, where `println!` would panic
+/// and skip the clean stop.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// jemalloc returns freed memory to the system (glibc's malloc kept what connection churn had
 /// freed resident: issue 11, defect 9); the library does not choose an allocator.
 #[global_allocator]
@@ -137,28 +147,28 @@ fn main() -> ExitCode {
             }
         };
         let info = running.connect_info();
-        println!("feedmesh-relay is up");
-        println!("  HTTP API:   http://{}", running.http_addr);
-        println!("  relay:      {}", running.relay_url);
-        println!("  cloud id:   {}", info.cloud);
-        println!("  cloud UDP:  {}", info.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "));
+        say!("feedmesh-relay is up");
+        say!("  HTTP API:   http://{}", running.http_addr);
+        say!("  relay:      {}", running.relay_url);
+        say!("  cloud id:   {}", info.cloud);
+        say!("  cloud UDP:  {}", info.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "));
         match running.qad_addr {
-            Some(a) if running.qad_port != Some(a.port()) => println!(
+            Some(a) if running.qad_port != Some(a.port()) => say!(
                 "  address discovery (QUIC): {a}, devices told port {}",
                 running.qad_port.unwrap_or_default()
             ),
-            Some(a) => println!("  address discovery (QUIC): {a}"),
-            None => println!(
-                "  address discovery: off (it needs TLS; hole punching behind NATs will rarely work)"
-            ),
+            Some(a) => say!("  address discovery (QUIC): {a}"),
+            None => {
+                say!("  address discovery: off (it needs TLS; hole punching behind NATs will rarely work)")
+            }
         }
-        println!("  devices join with: feedmesh init --relay http://{}", running.http_addr);
+        say!("  devices join with: feedmesh init --relay http://{}", running.http_addr);
         let signal = transport::shutdown_signal().await;
         // Every change is committed when it is accepted; stopping closes connections, waits for
         // them to let go of the store, and releases the data directory's lock.
-        println!("feedmesh-relay: {signal}: stopping");
+        say!("feedmesh-relay: {signal}: stopping");
         running.shutdown().await;
-        println!("feedmesh-relay: stopped");
+        say!("feedmesh-relay: stopped");
         ExitCode::SUCCESS
     })
 }

@@ -107,3 +107,34 @@ fn a_second_relay_on_one_directory_fails_at_once_and_sigterm_stops_cleanly() {
     // The directory is free again.
     relay::lock_data_dir(dir.path()).expect("the lock was released");
 }
+
+/// A relay whose stdout nobody reads any more (the terminal or supervisor that started it went
+/// away) still stops cleanly on SIGTERM: its status lines are dropped instead of panicking on the
+/// closed pipe, which skipped the clean stop (found while profiling the idle-devices benchmark).
+#[test]
+fn a_relay_whose_stdout_was_closed_stops_cleanly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = relay()
+        .args(["--data-dir", dir.path().to_str().unwrap()])
+        .args(["--http", "127.0.0.1:0", "--relay", "127.0.0.1:0", "--quic", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(relay.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "feedmesh-relay is up");
+    // Read up to the last start-up line, then let go of the pipe.
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("  devices join with:") {
+            break;
+        }
+    }
+    drop(lines);
+    let killed = Command::new("kill").args(["-TERM", &relay.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let status = relay.wait().unwrap();
+    assert!(status.success(), "SIGTERM with stdout closed: {status:?}");
+    relay::lock_data_dir(dir.path()).expect("the lock was released");
+}
