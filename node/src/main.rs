@@ -109,6 +109,16 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
+/// A daemon status line on stdout. The daemon outlives whoever reads its stdout (a terminal
+/// closed, a supervisor that stopped reading): a write that fails is dropped, where `println!`
+/// would panic and skip the clean stop (and the save of what sessions merged).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
@@ -321,20 +331,13 @@ fn run(dir: &Path, top: Top) -> anyhow::Result<()> {
                 state::write_private(&dir.join(state::API_FILE), serde_json::to_string(&file)?.as_bytes())?;
                 let net = ctx.net().await?;
                 net.peer_sync.store(!cloud_only, std::sync::atomic::Ordering::Relaxed);
-                println!(
-                    "feedmesh device {} running",
-                    &engine::signing::hex(&node::net::lock(&node).id.0)[..16]
-                );
-                println!(
-                    "local API on http://{} (token in {})",
-                    file.addr,
-                    dir.join(state::API_FILE).display()
-                );
+                say!("feedmesh device {} running", &engine::signing::hex(&node::net::lock(&node).id.0)[..16]);
+                say!("local API on http://{} (token in {})", file.addr, dir.join(state::API_FILE).display());
                 tokio::spawn(net.clone().run(Duration::from_secs(interval.max(1))));
                 let signal = transport::shutdown_signal().await;
                 // Writes are committed before they are acknowledged; what sessions merged is
                 // saved as they end. Stopping: no new commands, then leave the mesh.
-                println!("feedmesh: {signal}: stopping");
+                say!("feedmesh: {signal}: stopping");
                 let _ = std::fs::remove_file(dir.join(state::API_FILE));
                 net.disconnect().await;
                 net.endpoint.close().await;
@@ -342,7 +345,7 @@ fn run(dir: &Path, top: Top) -> anyhow::Result<()> {
                 if let Err(e) = node::net::lock(&node).sync_store() {
                     eprintln!("feedmesh: saving merged items: {e:#}");
                 }
-                println!("feedmesh: stopped");
+                say!("feedmesh: stopped");
                 anyhow::Ok(())
             })
         }

@@ -59,3 +59,36 @@ fn sigterm_stops_the_daemon_cleanly_and_a_second_daemon_fails_at_once() {
     assert!(a.ok(&["ls", "notes"]).starts_with("n1\t"));
     a.kill();
 }
+
+/// A daemon whose stdout nobody reads any more still stops cleanly on SIGTERM and keeps what it
+/// wrote: before, its "stopping" line panicked on the closed pipe and skipped the clean stop.
+#[test]
+fn a_daemon_whose_stdout_was_closed_stops_cleanly() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let relay = Relay::start();
+    let root = tempfile::tempdir().unwrap();
+    let mut a = Dev::new(root.path(), "a");
+    a.ok(&["init", "--relay", &relay.url, "--name", "alice"]);
+    a.ok(&["folder", "create", "notes"]);
+    let mut daemon = a
+        .command()
+        .arg("--dir")
+        .arg(&a.dir)
+        .args(["run", "--interval", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(daemon.stdout.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().ends_with(" running"));
+    assert!(lines.next().unwrap().unwrap().starts_with("local API on "));
+    a.ok(&["put", "notes", "n1", "kept"]);
+    drop(lines);
+    let killed =
+        std::process::Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let status = daemon.wait().unwrap();
+    assert!(status.success(), "SIGTERM with stdout closed: {status:?}");
+    assert!(!a.dir.join("api.json").exists(), "api.json is removed");
+    assert!(a.ok(&["ls", "notes"]).starts_with("n1\t"));
+}
