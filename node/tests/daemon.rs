@@ -67,7 +67,7 @@ fn a_daemon_whose_stdout_was_closed_stops_cleanly() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let relay = Relay::start();
     let root = tempfile::tempdir().unwrap();
-    let mut a = Dev::new(root.path(), "a");
+    let a = Dev::new(root.path(), "a");
     a.ok(&["init", "--relay", &relay.url, "--name", "alice"]);
     a.ok(&["folder", "create", "notes"]);
     let mut daemon = a
