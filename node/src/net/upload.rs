@@ -27,16 +27,42 @@ use crate::state::CloudContent;
 pub const OVER_QUOTA_RETRY: Duration = Duration::from_secs(300);
 /// Groups read and sealed per blocking step of an upload (1 MiB).
 const SEAL_BATCH: u64 = 64;
+/// How long the cloud's word that it holds a folder's contents is trusted before each is asked
+/// again: the cloud sweeps contents no live file has, and a content can leave a folder and come
+/// back between two of this device's rounds (or be swept in a view of the folder the cloud had
+/// while this device's did not change), so the cache must not hide that for ever.
+pub const STORED_RECHECK: Duration = Duration::from_secs(15 * 60);
 
 /// What the upload side keeps between rounds.
 #[derive(Debug, Default)]
 pub struct Uploads {
-    /// Contents the cloud said it holds whole, per folder.
+    /// Contents the cloud said it holds whole, per folder (see [`Uploads::keep_stored`]).
     stored: BTreeSet<(FolderId, ContentHash)>,
+    /// Per folder, since when its `stored` entries are trusted.
+    stored_since: std::collections::BTreeMap<FolderId, Instant>,
     /// Folders running an upload now.
     running: BTreeSet<FolderId>,
     /// Folders past quota, and since when.
     over: std::collections::BTreeMap<FolderId, Instant>,
+}
+
+impl Uploads {
+    /// Forgets what the cloud said it holds of `folder` that is no live content of it now (`live`,
+    /// sorted; none when the folder is no longer `cloud`): the cloud sweeps such content, so a
+    /// content that comes back is asked about again. All of it once [`STORED_RECHECK`] has passed.
+    pub fn keep_stored(&mut self, folder: FolderId, live: &[ContentHash], now: Instant) {
+        let since = *self.stored_since.entry(folder).or_insert(now);
+        let recheck = now.saturating_duration_since(since) >= STORED_RECHECK;
+        if recheck {
+            self.stored_since.insert(folder, now);
+        }
+        self.stored.retain(|(f, root)| *f != folder || (!recheck && live.binary_search(root).is_ok()));
+    }
+
+    /// Whether the cloud said it holds `root` of `folder` (and that is still trusted).
+    pub fn is_stored(&self, folder: FolderId, root: ContentHash) -> bool {
+        self.stored.contains(&(folder, root))
+    }
 }
 
 impl Net {
@@ -101,6 +127,7 @@ impl Net {
             if f.storage != Storage::Cloud {
                 drop(n);
                 lock(&self.node).cloud_content.remove(&folder);
+                self.uploads().keep_stored(folder, &[], Instant::now());
                 return Ok(());
             }
             let key = ring_of(n.dir().state(), &folder, &n.key).current().cloned();
@@ -121,11 +148,16 @@ impl Net {
             tokio::task::spawn_blocking(move || folders::held_contents(&dir)).await??
         };
         let mut status = CloudContent::default();
+        {
+            let mut roots: Vec<ContentHash> = live.iter().map(|(root, _)| *root).collect();
+            roots.sort_unstable();
+            self.uploads().keep_stored(folder, &roots, Instant::now());
+        }
         // Bound: the folder's live contents, one upload each.
         for (root, size) in live {
             let Some(path) = held.get(&(root, size)) else { continue };
             status.files += 1;
-            if self.uploads().stored.contains(&(folder, root)) {
+            if self.uploads().is_stored(folder, root) {
                 status.stored_files += 1;
                 continue;
             }
@@ -230,5 +262,42 @@ impl Net {
                 .map_err(|_| anyhow!("the cloud did not confirm an upload within 60 s"))??
                 .ok_or_else(|| anyhow!("the cloud closed the upload before confirming it"))?;
         Ok(last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cloud's word that it holds a content is dropped when the content stops being live in
+    /// the folder (the cloud sweeps it; if it comes back it is asked about again), when the folder
+    /// stops being `cloud`, and for everything once `STORED_RECHECK` has passed; other folders'
+    /// entries are untouched. Before, an entry lived as long as the daemon, so a content swept
+    /// after leaving the folder and then written again was never uploaded again.
+    #[test]
+    fn what_the_cloud_holds_is_asked_again_once_it_may_have_been_swept() {
+        let (a, b) = (FolderId([1; 16]), FolderId([2; 16]));
+        let (x, y) = (ContentHash([1; 32]), ContentHash([2; 32]));
+        let t0 = Instant::now();
+        let mut up = Uploads::default();
+        up.keep_stored(a, &[x, y], t0);
+        for (f, c) in [(a, x), (a, y), (b, x)] {
+            up.stored.insert((f, c));
+        }
+        // y leaves folder a: forgotten there, kept in b.
+        up.keep_stored(a, &[x], t0 + Duration::from_secs(1));
+        assert!(up.is_stored(a, x) && !up.is_stored(a, y) && up.is_stored(b, x));
+        // Before the recheck, what is live stays trusted.
+        up.keep_stored(a, &[x, y], t0 + STORED_RECHECK - Duration::from_secs(1));
+        assert!(up.is_stored(a, x));
+        // At the recheck, everything of a is asked again (and trusted anew from then on).
+        up.keep_stored(a, &[x, y], t0 + STORED_RECHECK);
+        assert!(!up.is_stored(a, x) && up.is_stored(b, x));
+        up.stored.insert((a, x));
+        up.keep_stored(a, &[x], t0 + STORED_RECHECK + Duration::from_secs(1));
+        assert!(up.is_stored(a, x));
+        // The folder turned p2p: nothing of it is trusted.
+        up.keep_stored(b, &[], t0 + Duration::from_secs(2));
+        assert!(!up.is_stored(b, x));
     }
 }
