@@ -511,6 +511,17 @@ impl Replica {
         }
     }
 
+    /// The [`version_hash`]es of `item`'s versions (winner first) if this replica holds exactly
+    /// that state of it and keeps them (an item with conflicts, not restored), for a caller that
+    /// would hash them again (the simulator's checker).
+    pub fn version_hashes_of(&self, item: &Arc<Item>) -> Option<&[u128]> {
+        let entry = self.items.get(item.id())?;
+        if !Arc::ptr_eq(&entry.item, item) {
+            return None;
+        }
+        entry.versions.as_ref().map(|v| v.hashes.as_slice())
+    }
+
     /// Whether this replica holds a version whose [`version_hash`] truncated to 64 bits is `h`, as
     /// far as it knows cheaply: versions of items with conflicts (not restored ones) and items of
     /// one version. A `false` only costs a peer bytes (it sends the version).

@@ -9,14 +9,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use engine::feedsync::{self, Item, Version};
+use engine::feedsync::{Item, Version};
 
-/// A version's identity: a hash of its canonical encoding.
+/// A version's identity: a hash of its canonical encoding, the replica's own
+/// ([`engine::replica::version_hash`]), so that the hashes a replica keeps can stand in for it.
 fn key(version: &Version) -> [u8; 16] {
-    let hash = blake3::hash(&feedsync::encode_version(version));
-    let mut out = [0u8; 16];
-    out.copy_from_slice(&hash.as_bytes()[..16]);
-    out
+    engine::replica::version_hash(version).to_le_bytes()
 }
 
 #[derive(Debug)]
@@ -149,13 +147,15 @@ impl Checker {
         self.note(node, state, &learned, now);
     }
 
-    /// As [`Checker::absorb`], for a state whose replica fingerprint is `fp` (cached).
-    pub fn absorb_state(&mut self, node: u32, state: &Item, fp: u64, now: u64) {
+    /// As [`Checker::absorb`], for a state whose replica fingerprint is `fp` (cached). `hashes`:
+    /// the replica's version hashes of `state` (winner first), if it keeps them, saving their
+    /// computation (a hot item's state holds a version per concurrent writer).
+    pub fn absorb_state(&mut self, node: u32, state: &Item, fp: u64, hashes: Option<&[u128]>, now: u64) {
         let learned = match self.learned.get(&fp) {
             Some(learned) => learned.clone(),
             None => {
                 let unknown = self.unknown_versions;
-                let learned = Arc::new(self.learn(state));
+                let learned = Arc::new(self.learn_with(state, hashes));
                 // Only a state whose versions are all known is cached.
                 if self.unknown_versions == unknown {
                     self.learned.insert(fp, learned.clone());
@@ -168,9 +168,19 @@ impl Checker {
 
     /// The writes holding `state` implies having seen, sorted.
     fn learn(&mut self, state: &Item) -> Vec<u32> {
+        self.learn_with(state, None)
+    }
+
+    /// [`Checker::learn`], with the versions' hashes when the caller has them.
+    fn learn_with(&mut self, state: &Item, hashes: Option<&[u128]>) -> Vec<u32> {
+        let hashes = hashes.filter(|h| h.len() == 1 + state.conflicts.len());
         let mut found: Vec<(u32, &Arc<[u32]>)> = Vec::with_capacity(1 + state.conflicts.len());
-        for version in std::iter::once(&state.version).chain(&state.conflicts) {
-            match self.versions.get(&key(version)) {
+        for (k, version) in std::iter::once(&state.version).chain(&state.conflicts).enumerate() {
+            let id = match hashes {
+                Some(h) => h[k].to_le_bytes(),
+                None => key(version),
+            };
+            match self.versions.get(&id) {
                 Some((id, past)) => found.push((*id, past)),
                 None => self.unknown_versions += 1,
             }

@@ -1404,7 +1404,13 @@ impl Sim {
                     fp,
                     "merged"
                 );
-                self.checker.absorb_state(node, &item, fp, self.now);
+                let hashes = match &self.nodes[node as usize].host {
+                    Host::Device(d) => d.replica(&self.folder),
+                    Host::Cloud(c) => c.replica(&self.folder),
+                    Host::Injected | Host::Noop => None,
+                }
+                .and_then(|r| r.version_hashes_of(&item));
+                self.checker.absorb_state(node, &item, fp, hashes, self.now);
             }
         }
     }
