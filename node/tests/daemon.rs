@@ -10,6 +10,24 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// Starts `a`'s daemon (a round a second), its stdout piped as lines, its stderr to `stderr`.
+fn run_daemon(
+    a: &Dev,
+    stderr: Stdio,
+) -> (std::process::Child, std::io::Lines<BufReader<std::process::ChildStdout>>) {
+    let mut daemon = a
+        .command()
+        .arg("--dir")
+        .arg(&a.dir)
+        .args(["run", "--interval", "1"])
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(daemon.stdout.take().unwrap()).lines();
+    (daemon, lines)
+}
+
 #[test]
 fn sigterm_stops_the_daemon_cleanly_and_a_second_daemon_fails_at_once() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -18,16 +36,7 @@ fn sigterm_stops_the_daemon_cleanly_and_a_second_daemon_fails_at_once() {
     let mut a = Dev::new(root.path(), "a");
     a.ok(&["init", "--relay", &relay.url, "--name", "alice"]);
     a.ok(&["folder", "create", "notes"]);
-    let mut daemon = a
-        .command()
-        .arg("--dir")
-        .arg(&a.dir)
-        .args(["run", "--interval", "1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(daemon.stdout.take().unwrap()).lines();
+    let (mut daemon, mut lines) = run_daemon(&a, Stdio::inherit());
     let running = lines.next().unwrap().unwrap();
     assert!(running.starts_with("feedmesh device ") && running.ends_with(" running"), "{running}");
     assert!(a.dir.join("api.json").exists());
@@ -70,16 +79,7 @@ fn a_daemon_whose_stdout_was_closed_stops_cleanly() {
     let a = Dev::new(root.path(), "a");
     a.ok(&["init", "--relay", &relay.url, "--name", "alice"]);
     a.ok(&["folder", "create", "notes"]);
-    let mut daemon = a
-        .command()
-        .arg("--dir")
-        .arg(&a.dir)
-        .args(["run", "--interval", "1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(daemon.stdout.take().unwrap()).lines();
+    let (mut daemon, mut lines) = run_daemon(&a, Stdio::null());
     assert!(lines.next().unwrap().unwrap().ends_with(" running"));
     assert!(lines.next().unwrap().unwrap().starts_with("local API on "));
     a.ok(&["put", "notes", "n1", "kept"]);
