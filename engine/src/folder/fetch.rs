@@ -72,6 +72,11 @@ pub struct FetchConfig {
     pub groups_per_request_max: u64,
     /// Most requests in flight to one source (pipelining).
     pub requests_per_source_max: u32,
+    /// Most groups in flight to one source, over all its requests (a source with nothing in
+    /// flight is always asked). Many small files want many requests in flight (each costs a
+    /// round trip); a large file wants few, long ones: on a real QUIC connection each request is
+    /// a stream, and many streams sharing the sender's window each wait for it.
+    pub groups_per_source_max: u64,
     /// Most sources one file is fetched from at once.
     pub sources_per_fetch_max: u32,
     /// A request that verifies no group for this long is stalled.
@@ -95,6 +100,7 @@ impl Default for FetchConfig {
             policy: Policy::Nearest,
             groups_per_request_max: 64,
             requests_per_source_max: 2,
+            groups_per_source_max: u64::MAX,
             sources_per_fetch_max: 3,
             stall_us: 10_000_000,
             rate_floor_bytes_per_s: 16 * 1024,
@@ -288,6 +294,8 @@ struct Fetch<P> {
 struct Source {
     route: Option<Route>,
     inflight: u32,
+    /// Groups asked for by the requests in flight.
+    inflight_groups: u64,
     rate_bytes_per_s: u64,
     strikes: u32,
     backoff_until: Micros,
@@ -452,6 +460,7 @@ impl<P: Ord + Clone> Fetcher<P> {
                 Source {
                     route: None,
                     inflight: 0,
+                    inflight_groups: 0,
                     rate_bytes_per_s: 0,
                     strikes: 0,
                     backoff_until: 0,
@@ -597,9 +606,11 @@ impl<P: Ord + Clone> Fetcher<P> {
     /// Checks the scheduler's invariants (tests and the simulator call it after every event).
     pub fn check_invariants(&self) {
         assert_eq!(self.order.len(), self.fetches.len());
-        let mut inflight: BTreeMap<&P, u32> = BTreeMap::new();
+        let mut inflight: BTreeMap<&P, (u32, u64)> = BTreeMap::new();
         for (id, request) in &self.requests {
-            *inflight.entry(&request.peer).or_default() += 1;
+            let counts = inflight.entry(&request.peer).or_default();
+            counts.0 += 1;
+            counts.1 += request.groups.end - request.groups.start;
             let fetch = self.fetches.get(&request.hash).expect("a request belongs to a wanted file");
             assert!(request.groups.start < request.groups.end && request.groups.end <= fetch.groups);
             assert!(!fetch.have.covers(&request.groups), "a request for groups all held lives on");
@@ -619,8 +630,20 @@ impl<P: Ord + Clone> Fetcher<P> {
             }
         }
         for (peer, source) in &self.sources {
-            assert_eq!(source.inflight, inflight.get(peer).copied().unwrap_or(0));
+            assert_eq!(
+                (source.inflight, source.inflight_groups),
+                inflight.get(peer).copied().unwrap_or((0, 0))
+            );
             assert!(source.inflight <= self.config.requests_per_source_max);
+            // Past the groups' cap only by the last request issued (one that found room under it).
+            assert!(
+                source.inflight <= 1
+                    || source.inflight_groups
+                        < self
+                            .config
+                            .groups_per_source_max
+                            .saturating_add(self.config.groups_per_request_max)
+            );
         }
         for fetch in self.fetches.values() {
             assert!(fetch.have.count() < fetch.groups, "a finished fetch is done, not wanted");
@@ -653,6 +676,8 @@ impl<P: Ord + Clone> Fetcher<P> {
         let Some(request) = self.requests.remove(&id) else { return };
         if let Some(source) = self.sources.get_mut(&request.peer) {
             source.inflight = source.inflight.saturating_sub(1);
+            source.inflight_groups =
+                source.inflight_groups.saturating_sub(request.groups.end - request.groups.start);
         }
         if let Some(twin) = request.twin.and_then(|t| self.requests.get_mut(&t)) {
             twin.twin = None;
@@ -790,16 +815,19 @@ impl<P: Ord + Clone> Fetcher<P> {
                 };
                 let Some((&seq, &hash)) = next else { break };
                 after = Some(seq);
-                if !self
-                    .sources
-                    .values()
-                    .any(|s| s.route.is_some() && s.inflight < self.config.requests_per_source_max)
-                {
+                if !self.sources.values().any(|s| s.route.is_some() && self.has_room(s)) {
                     return;
                 }
                 self.schedule_fetch(now, hash, endgame);
             }
         }
+    }
+
+    /// Whether another request may go to this source: under the requests' cap, and under the
+    /// groups' cap unless nothing is in flight to it.
+    fn has_room(&self, s: &Source) -> bool {
+        s.inflight < self.config.requests_per_source_max
+            && (s.inflight == 0 || s.inflight_groups < self.config.groups_per_source_max)
     }
 
     fn schedule_fetch(&mut self, now: Micros, hash: ContentHash, endgame: bool) {
@@ -813,7 +841,7 @@ impl<P: Ord + Clone> Fetcher<P> {
             serving.sort();
             serving.dedup();
             let room = |peer: &P| {
-                self.sources.get(peer).is_some_and(|s| s.inflight < self.config.requests_per_source_max)
+                self.sources.get(peer).is_some_and(|s| self.has_room(s))
                     && (serving.contains(&peer)
                         || (serving.len() as u64) < u64::from(self.config.sources_per_fetch_max))
             };
@@ -914,6 +942,7 @@ impl<P: Ord + Clone> Fetcher<P> {
         self.next_request += 1;
         if let Some(source) = self.sources.get_mut(&peer) {
             source.inflight += 1;
+            source.inflight_groups += groups.end - groups.start;
         }
         if let Some(of) = twin.and_then(|t| self.requests.get_mut(&t)) {
             of.twin = Some(id);

@@ -66,6 +66,10 @@ pub(super) type Outboards = BTreeMap<(ContentHash, u64), Arc<tokio::sync::OnceCe
 /// Requests in flight to one source at once.
 pub const REQUESTS_PER_SOURCE: u32 = 32;
 
+/// Groups in flight to one source at once (4 MiB): a large file goes as a few long requests, not
+/// 32 streams sharing the sender's window.
+pub const GROUPS_PER_SOURCE: u64 = 256;
+
 /// The device's content scheduler: many requests in flight per source (on a real link, unlike
 /// the simulator's, a request costs a stream and a round trip, and small files are a request
 /// each), and a starting point in each file drawn from the device's id.
@@ -74,6 +78,7 @@ pub fn fetch_config(me: &DeviceId) -> engine::folder::fetch::FetchConfig {
     engine::folder::fetch::FetchConfig {
         spread,
         requests_per_source_max: REQUESTS_PER_SOURCE,
+        groups_per_source_max: GROUPS_PER_SOURCE,
         ..Default::default()
     }
 }

@@ -82,6 +82,41 @@ fn several_sources_take_different_runs() {
 }
 
 #[test]
+fn a_large_file_goes_as_a_few_long_requests_and_small_files_as_many() {
+    let config = FetchConfig {
+        groups_per_request_max: 64,
+        requests_per_source_max: 32,
+        groups_per_source_max: 256,
+        ..Default::default()
+    };
+    let mut f = fetcher(config.clone());
+    f.handle_route(0, 1, Some(Route::Direct)).unwrap();
+    f.want(0, hash(10), 10_000 * GROUP_BYTES, &[], &[1]).unwrap();
+    let sent = requests(&mut f);
+    f.check_invariants();
+    assert_eq!(sent.len(), 4, "256 groups in flight, 64 a request: {sent:?}");
+    // One request done: one more goes, and no more.
+    f.handle_groups(MS, sent[0].id, sent[0].groups.clone());
+    f.check_invariants();
+    assert_eq!(requests(&mut f).len(), 1);
+    // Small files: a request each, up to the requests' cap (their groups are under the other).
+    let mut g = fetcher(config);
+    g.handle_route(0, 1, Some(Route::Direct)).unwrap();
+    for n in 0..40u8 {
+        g.want(0, hash(100 + n), 2 * GROUP_BYTES, &[], &[1]).unwrap();
+    }
+    let sent = requests(&mut g);
+    g.check_invariants();
+    assert_eq!(sent.len(), 32, "{sent:?}");
+    // A source with nothing in flight is asked whatever the request's size.
+    let mut h = fetcher(FetchConfig { groups_per_source_max: 1, ..Default::default() });
+    h.handle_route(0, 1, Some(Route::Direct)).unwrap();
+    h.want(0, hash(11), 1_000 * GROUP_BYTES, &[], &[1]).unwrap();
+    let sent = requests(&mut h);
+    assert_eq!(sent.iter().map(|r| r.groups.end - r.groups.start).collect::<Vec<_>>(), vec![64]);
+}
+
+#[test]
 fn a_resumed_fetch_asks_only_for_what_it_lacks() {
     let mut f = fetcher(FetchConfig::default());
     let h = hash(3);
@@ -305,10 +340,16 @@ fn run_world(
     have: &[Range<u64>],
     policy: Policy,
     spread: u64,
+    pipelining: Option<(u32, u64)>,
     limit_ms: u64,
 ) -> (Option<u64>, BTreeMap<Route, u64>) {
     let h = hash(42);
-    let mut f = fetcher(FetchConfig { policy, spread, ..Default::default() });
+    let mut config = FetchConfig { policy, spread, ..Default::default() };
+    if let Some((requests, groups)) = pipelining {
+        config.requests_per_source_max = requests;
+        config.groups_per_source_max = groups;
+    }
+    let mut f = fetcher(config);
     for (peer, spec) in specs.iter().enumerate() {
         f.handle_route(0, peer as u32, Some(spec.route)).unwrap();
     }
@@ -444,6 +485,7 @@ proptest! {
         resumed in proptest::option::of((0u64..200, 1u64..50)),
         policy in prop_oneof![Just(Policy::Nearest), Just(Policy::Any), Just(Policy::CloudOnly)],
         spread in 0u64..6,
+        pipelining in proptest::option::of((1u32..40, 1u64..300)),
     ) {
         let honest_route = if policy == Policy::CloudOnly { Route::Cloud } else { honest_route };
         specs.push(PeerSpec { route: honest_route, bytes_per_ms: 1_000, behaviour: Behaviour::Honest, prefix: None });
@@ -452,7 +494,7 @@ proptest! {
             Some((start, len)) if start < groups => vec![start..(start + len).min(groups)],
             _ => vec![],
         };
-        let (done, delivered) = run_world(&specs, size, &have, policy, spread, 600_000);
+        let (done, delivered) = run_world(&specs, size, &have, policy, spread, pipelining, 600_000);
         let delivered: u64 = delivered.values().sum();
         prop_assert!(done.is_some(), "not done in 600 s of simulated time");
         // Endgame twins deliver some groups twice, never more.
@@ -468,7 +510,7 @@ fn the_nearest_honest_peer_serves_a_file_alone_when_it_is_fast() {
         PeerSpec { route: Route::Cloud, bytes_per_ms: 5_000, behaviour: Behaviour::Honest, prefix: None },
     ];
     let size = 100 * 1024 * 1024;
-    let (done, delivered) = run_world(&specs, size, &[], Policy::Nearest, 0, 60_000);
+    let (done, delivered) = run_world(&specs, size, &[], Policy::Nearest, 0, None, 60_000);
     let done = done.expect("done");
     assert_eq!(
         delivered,
@@ -477,10 +519,10 @@ fn the_nearest_honest_peer_serves_a_file_alone_when_it_is_fast() {
     );
     assert!(done <= 100 * 1024 * 1024 / 50_000 + 100, "{done} ms at LAN speed");
     // The comparisons load the links the nearest choice spares.
-    let (any_done, any) = run_world(&specs, size, &[], Policy::Any, 0, 60_000);
+    let (any_done, any) = run_world(&specs, size, &[], Policy::Any, 0, None, 60_000);
     assert!(any_done.is_some());
     assert!(any[&Route::Relayed] > 0 && any[&Route::Cloud] > 0, "{any:?}");
-    let (cloud_done, cloud) = run_world(&specs, size, &[], Policy::CloudOnly, 0, 60_000);
+    let (cloud_done, cloud) = run_world(&specs, size, &[], Policy::CloudOnly, 0, None, 60_000);
     assert_eq!(cloud, BTreeMap::from([(Route::Cloud, size)]));
     assert!(cloud_done.expect("done") > 9 * done, "{cloud_done:?} against {done}");
 }
