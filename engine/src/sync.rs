@@ -57,6 +57,11 @@ pub struct Config {
     /// Threads that verify a signed message's items (1: on the caller's thread). Results do not
     /// depend on it; a driver on a multi-core machine raises it, the simulator keeps 1.
     pub verify_threads: usize,
+    /// Chunks a side sends before the peer's `Continue` for the ones before them (0: one chunk,
+    /// then wait, as over a lossy channel: a retransmission repeats only the last message). A
+    /// driver on a reliable, ordered stream raises it so that the next chunk is on its way while
+    /// the peer checks, merges and stores this one.
+    pub send_ahead: u32,
     /// Deliberately wrong behaviour, for showing that the simulator's swarm finds a bug and
     /// shrinks it (`netsim/tests/swarm.rs`). No driver sets it; `None` by default.
     #[doc(hidden)]
@@ -85,6 +90,7 @@ impl Default for Config {
             linger_us: 60_000_000,
             linger_after_hello: true,
             verify_threads: 1,
+            send_ahead: 0,
             planted_bug: None,
         }
     }
@@ -247,6 +253,11 @@ pub struct Session {
     held_back: Vec<u64>,
     /// Initiator: how many versions my `Hello` named as held (the most `Changes::held` may).
     held_sent: usize,
+    /// My chunks (`Changes`, `Diff`, `Items` saying `more`) the peer has not answered with
+    /// `Continue` yet: at most `1 + Config::send_ahead`.
+    unanswered: u32,
+    /// Whether my last chunk said `more` (my part goes on).
+    streaming: bool,
     stats: Stats,
     outcome: Outcome,
 }
@@ -266,6 +277,7 @@ impl Session {
         (&self.pushed, &self.announced, &self.want, self.awaiting_items, self.sending_mine).hash(h);
         (self.served_log, self.changed_at_serve, self.stats.items_changed).hash(h);
         (self.delta_since, &self.brought, &self.held, &self.held_back, self.held_sent).hash(h);
+        (self.unanswered, self.streaming).hash(h);
         hash_outcome(&self.outcome, h);
     }
 }
@@ -316,6 +328,8 @@ impl Session {
             held: Vec::new(),
             held_back: Vec::new(),
             held_sent: 0,
+            unanswered: 0,
+            streaming: false,
             stats: Stats::default(),
             outcome: Outcome::Running,
         }
@@ -512,6 +526,9 @@ impl Session {
             Role::Initiator => self.initiator(now, replica, message.body),
             Role::Responder => self.responder(now, replica, message.body),
         };
+        if result.is_ok() {
+            self.send_ahead(now, replica);
+        }
         if let Err(err) = &result {
             self.send(now, Body::Abort { reason: err.code() });
             self.fail(err.clone());
@@ -610,10 +627,12 @@ impl Session {
                 }
             }
             Body::Continue => {
-                if !self.sending_mine {
+                if !self.sending_mine || !self.answered(now) {
                     return Err(SyncError::Protocol("continue out of turn".into()));
                 }
-                self.send_chunk(now, replica);
+                if self.streaming {
+                    self.send_chunk(now, replica);
+                }
             }
             Body::Done { log, digest } => {
                 self.peer_log = Some(cursor(log));
@@ -711,10 +730,10 @@ impl Session {
             }
             Body::Symbols { from, symbols } => self.absorb_symbols(now, replica, from, &symbols)?,
             Body::Continue => {
-                if self.outbox.is_empty() && !self.sending_mine {
+                if !self.answered(now) {
                     return Err(SyncError::Protocol("continue with nothing to send".into()));
                 }
-                if self.sending_mine {
+                if self.sending_mine && self.streaming {
                     self.send_changes_or_items(now, replica);
                 }
             }
@@ -829,6 +848,41 @@ impl Session {
         let items = self.take_chunk(replica, self.cfg.max_message_bytes.saturating_sub(256));
         let more = !self.outbox.is_empty();
         self.send(now, Body::Items { items, more });
+    }
+
+    /// A `Continue` came: one chunk fewer unanswered. False when none was (out of turn). One
+    /// that answers a chunk sent ahead asks for nothing new once my part has ended; the peer is
+    /// alive, so my timer starts again.
+    fn answered(&mut self, now: Micros) -> bool {
+        if self.unanswered == 0 {
+            return false;
+        }
+        self.unanswered -= 1;
+        if !self.streaming {
+            self.deadline = Some(now + self.cfg.rto_us);
+        }
+        true
+    }
+
+    /// While my part goes on and fewer than `1 + send_ahead` chunks are unanswered, the next
+    /// chunk now (a `Continue` for it would only ask for it). Bound: each chunk sent saying
+    /// `more` takes one of the `1 + send_ahead` places; the last one ends the part.
+    fn send_ahead(&mut self, now: Micros, replica: &Replica) {
+        while self.streaming
+            && self.unanswered <= self.cfg.send_ahead
+            && self.phase == Phase::Waiting
+            && self.outcome == Outcome::Running
+        {
+            let before = self.unanswered;
+            match self.role {
+                Role::Initiator if self.sending_mine => self.send_chunk(now, replica),
+                Role::Responder if self.sending_mine => self.send_changes_or_items(now, replica),
+                _ => return,
+            }
+            if self.unanswered == before && self.streaming {
+                return; // No progress (cannot happen: a chunk saying `more` counts).
+            }
+        }
     }
 
     fn send_done(&mut self, now: Micros, replica: &Replica) {
@@ -1021,6 +1075,10 @@ impl Session {
     }
 
     fn send(&mut self, now: Micros, body: Body) {
+        if let Body::Changes { more, .. } | Body::Diff { more, .. } | Body::Items { more, .. } = &body {
+            self.unanswered += u32::from(*more);
+            self.streaming = *more;
+        }
         let message = Message { version: WIRE_VERSION, session: self.id, step: self.next_step, body };
         self.next_step += 2;
         let bytes = wire::encode(&message);

@@ -95,6 +95,8 @@ pub fn stream_config() -> Config {
         linger_us: 0,
         linger_after_hello: false,
         verify_threads: verify_threads(),
+        // Reliable and ordered: the next chunks travel while the peer stores this one.
+        send_ahead: 1,
         ..Config::default()
     }
 }
