@@ -258,6 +258,9 @@ pub struct Session {
     unanswered: u32,
     /// Whether my last chunk said `more` (my part goes on).
     streaming: bool,
+    /// My part ended with chunks sent ahead still unanswered: I linger once they are answered
+    /// (ending before would drop the stream the peer still writes those `Continue`s on).
+    linger_when_answered: bool,
     stats: Stats,
     outcome: Outcome,
 }
@@ -277,7 +280,7 @@ impl Session {
         (&self.pushed, &self.announced, &self.want, self.awaiting_items, self.sending_mine).hash(h);
         (self.served_log, self.changed_at_serve, self.stats.items_changed).hash(h);
         (self.delta_since, &self.brought, &self.held, &self.held_back, self.held_sent).hash(h);
-        (self.unanswered, self.streaming).hash(h);
+        (self.unanswered, self.streaming, self.linger_when_answered).hash(h);
         hash_outcome(&self.outcome, h);
     }
 }
@@ -330,6 +333,7 @@ impl Session {
             held_sent: 0,
             unanswered: 0,
             streaming: false,
+            linger_when_answered: false,
             stats: Stats::default(),
             outcome: Outcome::Running,
         }
@@ -858,7 +862,10 @@ impl Session {
             return false;
         }
         self.unanswered -= 1;
-        if !self.streaming {
+        if self.unanswered == 0 && self.linger_when_answered {
+            self.linger_when_answered = false;
+            self.linger(now);
+        } else if !self.streaming {
             self.deadline = Some(now + self.cfg.rto_us);
         }
         true
@@ -907,6 +914,11 @@ impl Session {
     }
 
     fn linger(&mut self, now: Micros) {
+        if self.unanswered > 0 {
+            // Chunks sent ahead are still to be answered: the peer is writing to me yet.
+            self.linger_when_answered = true;
+            return;
+        }
         self.phase = Phase::Lingering;
         self.deadline = Some(now + self.cfg.linger_us);
         // A responder whose whole part was one reply to the Hello need not linger when its caller

@@ -200,6 +200,49 @@ fn chunks_sent_ahead_do_not_wait_for_each_continue() {
     assert!(times[1].0 * 2 < times[0].0, "{times:?}");
 }
 
+/// A responder whose last `Changes` went while chunks sent ahead were unanswered ends only once
+/// the initiator's `Continue`s for them came: over a stream, ending earlier drops the stream the
+/// initiator is still writing them on, and the initiator's session then fails.
+#[test]
+fn a_responder_ends_only_after_its_chunks_sent_ahead_are_answered() {
+    use engine::loopback::{End, Plain};
+    let cfg = Config { max_message_bytes: 4 * 1024, send_ahead: 1, ..Config::default() };
+    let (mut a, mut b) = pair(10, 0, 0, 0);
+    let first = run(&mut a, &mut b, Retained::default(), CLEAN, 1, cfg.clone());
+    let Outcome::Done { retained, .. } = first.a_outcome else { panic!("{:?}", first.a_outcome) };
+    let eb = Endpoint::new("b").unwrap();
+    let t2 = When::from_unix_secs(1_600_000_200).unwrap();
+    for i in 0..300 {
+        b.change(&ItemId::new(&format!("m{i}")).unwrap(), &eb, &t2, &content("new")).unwrap();
+    }
+    let mut sa = Plain::initiate(8, 0, &mut a, cfg.clone(), retained);
+    let mut sb = Plain::respond(8, &mut b, cfg);
+    let (mut to_a, mut to_b) = (std::collections::VecDeque::new(), std::collections::VecDeque::new());
+    let mut chunks = 0;
+    // The responder's messages are all handled first (a fast link), the initiator's answers
+    // then one at a time.
+    loop {
+        to_b.extend(std::iter::from_fn(|| sa.poll_transmit()));
+        let sent: Vec<Vec<u8>> = std::iter::from_fn(|| sb.poll_transmit()).collect();
+        chunks += sent.len();
+        to_a.extend(sent);
+        if let Some(m) = to_a.pop_front() {
+            sa.handle_message(1, &m);
+            continue;
+        }
+        let Some(m) = to_b.pop_front() else { break };
+        sb.handle_message(1, &m);
+        if sb.outcome() != Outcome::Running {
+            assert!(to_b.is_empty(), "the responder ended with {} answers still to come", to_b.len());
+        }
+    }
+    assert!(chunks > 3, "several chunks: {chunks}");
+    assert!(matches!(sa.outcome(), Outcome::Done { .. }), "{:?}", sa.outcome());
+    assert!(matches!(sb.outcome(), Outcome::Done { .. }), "{:?}", sb.outcome());
+    drop((sa, sb));
+    assert_eq!(a.digest(), b.digest());
+}
+
 fn round_trips(r: &Run) -> u64 {
     r.messages.div_ceil(2)
 }
